@@ -1,0 +1,34 @@
+# Two entry points do everything on a fresh clone: `make bench` and `make test`.
+# Both create (or refresh, when pyproject.toml changes) the virtual environment first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Pinned to the local CPU build: an unpinned `torch` would pull several GB of CUDA packages.
+TORCH  ?= torch==2.13.0
+
+.PHONY: env bench test quick reports clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e '.[test]'
+	touch $@
+
+# The main job: `losscheck bench` on the embedded default config -> reports/default.{json,md}
+bench: env
+	$(BIN)/losscheck bench
+
+# The whole test suite.
+test: env
+	$(BIN)/python -m pytest
+
+# The CI-sized sweep (about 5 s).
+quick: env
+	$(BIN)/losscheck bench configs/quick.yaml --out reports
+
+# Regenerate the committed reports in reports/ from fresh runs.
+reports: bench quick
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,122 @@
+"""The command line: each command parses, calls one core function, renders, maps to an exit code.
+
+Exit codes: 0 success, 2 usage/config/input error (one line on stderr, no traceback).
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import torch
+from tabulate import tabulate
+
+from . import __version__, environment, report, results, sweep
+from .config import BUILTIN_IMPLS, load_config
+from .dtypes import FORMATS
+from .errors import LosscheckError
+from .inputs import DESCRIPTIONS, DISTRIBUTIONS
+from .losses import LOSSES
+
+
+class _Group(click.Group):
+    """Maps every LosscheckError to one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LosscheckError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="losscheck")
+def main() -> None:
+    """Benchmark and audit the numerical stability of loss functions."""
+
+
+@main.command()
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for <name>.json and <name>.md.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the config's `threads`, else torch's default).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None) -> None:
+    """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
+    config = load_config(config_path)
+    threads = threads or config.threads or torch.get_num_threads()
+    out = Path(out_dir)
+    json_path, md_path = out / f"{config.name}.json", out / f"{config.name}.md"
+    total = sweep.count_points(config)
+    show = sys.stderr.isatty() if progress is None else progress
+    env = environment.capture(threads)
+    command = "losscheck bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]) \
+        if sys.argv and Path(sys.argv[0]).name in ("losscheck", "__main__.py") else "losscheck bench"
+    records: list[dict] = []
+    complete = False
+    with click.progressbar(length=total, label=f"{config.name}: {total} points", file=sys.stderr,
+                           show_pos=True, show_eta=True) if show else _NoBar() as bar:
+        try:
+            sweep.run(config, threads, on_record=lambda r: (records.append(r), bar.update(1)))
+            complete = True
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: writing the {len(records)} finished points", err=True)
+        finally:
+            data = results.make_results(config.as_dict(), env, records, command, complete)
+            results.save(data, json_path)
+            results.write_atomic(md_path, report.render(results.load(json_path)))
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
+    click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
+               f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
+    if not complete:
+        sys.exit(130)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+@main.command("report")
+@click.argument("results_path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Markdown file to write (default: next to the results, .md).")
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file.")
+def report_cmd(results_path: str, output: str | None, to_stdout: bool) -> None:
+    """Re-render the Markdown report from a results file alone."""
+    data = results.load(results_path)
+    text = report.render(data)
+    if to_stdout:
+        click.echo(text, nl=False)
+        return
+    target = Path(output) if output else Path(results_path).with_suffix(".md")
+    results.write_atomic(target, text)
+    click.echo(f"wrote {target}")
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """Losses, implementations, dtypes, distributions and devices available here."""
+    rows = [[name, loss.summary, ", ".join(f"{i} ({impl.kind})" for i, impl in loss.implementations.items())]
+            for name, loss in LOSSES.items()]
+    click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
+    click.echo()
+    click.echo(tabulate([[f.name, f.significand_bits, f"{f.default_threshold_bits:g}"] for f in FORMATS.values()],
+                        headers=["dtype", "significand bits", "default threshold (bits)"], tablefmt="simple"))
+    click.echo()
+    click.echo(tabulate([[d, DESCRIPTIONS[d]] for d in DISTRIBUTIONS], headers=["distribution", "inputs"],
+                        tablefmt="simple"))
+    click.echo()
+    devices = ["cpu", "cuda", "mps"]
+    click.echo(tabulate([[d, environment.device_problem(d) or "available"] for d in devices],
+                        headers=["device", "status"], tablefmt="simple"))
+    click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}")

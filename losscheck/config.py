@@ -1,0 +1,282 @@
+"""YAML config -> a frozen, validated `Config`. Everything is checked here, once.
+
+Every problem raises `ConfigError` naming the file, the key, the bad value and what is
+allowed; after this module the core trusts its inputs.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .dtypes import FORMATS
+from .errors import ConfigError
+from .inputs import DISTRIBUTIONS
+from .losses import LOSSES
+
+BUILTIN_IMPLS = ("naive", "stable", "torch")
+DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    enabled: bool = True
+    # Seconds of measurement per timed callable (forward, and forward+backward).
+    min_run_time: float = 0.02
+    # Timing hardly depends on the values, so by default only these points are timed;
+    # an empty tuple means "all".
+    distributions: tuple[str, ...] = ("normal",)
+    scales: tuple[float, ...] = ()
+
+    def applies(self, distribution: str, scale: float) -> bool:
+        return (
+            self.enabled
+            and (not self.distributions or distribution in self.distributions)
+            and (not self.scales or scale in self.scales)
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    losses: tuple[str, ...]
+    implementations: tuple[str, ...]
+    scales: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    classes: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    devices: tuple[str, ...]
+    distributions: tuple[str, ...]
+    seed: int = 0
+    description: str = ""
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    # Breakdown threshold per dtype, in bits lost (METRICS.md: default half the significand).
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threads: int | None = None
+    source: str = "<config>"
+
+    def threshold_bits(self, dtype: str) -> float:
+        return self.thresholds.get(dtype, FORMATS[dtype].default_threshold_bits)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+KEYS = {
+    "name": "a name for the run (used for the output file names)",
+    "description": "free text shown in the report",
+    "losses": "list of losses",
+    "implementations": "list of implementations",
+    "scales": "list of positive logit magnitudes",
+    "batch_sizes": "list of positive integers",
+    "classes": "list of integers >= 2 (multi-class losses only)",
+    "dtypes": "list of dtypes",
+    "devices": "list of devices",
+    "distributions": "list of input distributions",
+    "seed": "integer",
+    "timing": "mapping with enabled, min_run_time, distributions, scales",
+    "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
+    "threads": "positive integer: CPU threads for the implementations and timing",
+}
+TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
+DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
+
+
+def default_config_text() -> str:
+    return resources.files("losscheck").joinpath("configs/default.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate a YAML config; `None` means the embedded default."""
+    if path is None:
+        return parse_config(default_config_text(), "<embedded default.yaml>")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), "", f"cannot read: {e.__class__.__name__}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise ConfigError(source, "", f"invalid YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", f"expected a mapping of keys at top level, got {_typename(data)}",
+                          ", ".join(KEYS))
+    return _build(data, source)
+
+
+def _build(data: dict, source: str) -> Config:
+    unknown = [k for k in data if k not in KEYS]
+    if unknown:
+        raise ConfigError(source, str(unknown[0]), "unknown key", ", ".join(KEYS))
+    for required in ("name", "losses", "scales", "batch_sizes", "dtypes", "distributions"):
+        if required not in data:
+            raise ConfigError(source, required, "missing", KEYS[required])
+    v = _Validator(source)
+    name = v.string(data, "name")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(source, "name", f"{name!r} is not usable as a file name",
+                          "letters, digits, '_', '.', '-'")
+    cfg = Config(
+        name=name,
+        description=v.string(data, "description", ""),
+        losses=v.choices(data, "losses", tuple(LOSSES)),
+        implementations=v.choices(data, "implementations", BUILTIN_IMPLS, DEFAULTS["implementations"]),
+        scales=v.numbers(data, "scales", positive=True),
+        batch_sizes=v.ints(data, "batch_sizes", minimum=1),
+        classes=v.ints(data, "classes", minimum=2, default=DEFAULTS["classes"]),
+        dtypes=v.choices(data, "dtypes", tuple(FORMATS)),
+        devices=v.devices(data),
+        distributions=v.choices(data, "distributions", DISTRIBUTIONS),
+        seed=v.integer(data, "seed", DEFAULTS["seed"]),
+        timing=v.timing(data),
+        thresholds=v.thresholds(data),
+        threads=v.integer(data, "threads", None, minimum=1),
+        source=source,
+    )
+    return cfg
+
+
+def _typename(x) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(x), type(x).__name__)
+
+
+class _Validator:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key, problem, allowed=None):
+        raise ConfigError(self.source, key, problem, allowed)
+
+    def _list(self, data, key, default=None):
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, list) or not value:
+            self.fail(key, f"expected a non-empty list, got {_typename(value)} {value!r}", KEYS[key])
+        return value
+
+    def string(self, data, key, default=None):
+        value = data.get(key, default)
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_typename(value)} {value!r}")
+        return value
+
+    def integer(self, data, key, default, minimum=None):
+        value = data.get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected an integer, got {_typename(value)} {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"{value} is below the minimum {minimum}")
+        return value
+
+    def choices(self, data, key, allowed, default=None):
+        values = self._list(data, key, default)
+        for value in values:
+            if value not in allowed:
+                self.fail(key, f"unknown value {value!r}", ", ".join(allowed))
+        if len(set(values)) != len(values):
+            self.fail(key, f"duplicate values in {values!r}")
+        return tuple(values)
+
+    def numbers(self, data, key, positive=False):
+        out = []
+        for value in self._list(data, key):
+            number = _as_number(value)
+            if number is None or not math.isfinite(number) or (positive and number <= 0):
+                self.fail(key, f"bad value {value!r}", "positive finite numbers (e.g. 10, 1e4)")
+            out.append(number)
+        if len(set(out)) != len(out):
+            self.fail(key, f"duplicate values in {data[key]!r}")
+        return tuple(sorted(out))
+
+    def ints(self, data, key, minimum, default=None):
+        values = self._list(data, key, default)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                self.fail(key, f"bad value {value!r}", f"integers >= {minimum}")
+        if len(set(values)) != len(values):
+            self.fail(key, f"duplicate values in {values!r}")
+        return tuple(values)
+
+    def devices(self, data):
+        values = self._list(data, "devices", DEFAULTS["devices"])
+        for value in values:
+            if not isinstance(value, str) or not DEVICE_RE.match(value):
+                self.fail("devices", f"unknown device {value!r}", "cpu, cuda, cuda:N, mps")
+        return tuple(values)
+
+    def timing(self, data):
+        t = data.get("timing", {})
+        if isinstance(t, bool):
+            return TimingConfig(enabled=t)
+        if not isinstance(t, dict):
+            self.fail("timing", f"expected a mapping or true/false, got {_typename(t)}", ", ".join(TIMING_KEYS))
+        for k in t:
+            if k not in TIMING_KEYS:
+                self.fail(f"timing.{k}", "unknown key", ", ".join(TIMING_KEYS))
+        base = TimingConfig()
+        enabled = t.get("enabled", base.enabled)
+        if not isinstance(enabled, bool):
+            self.fail("timing.enabled", f"expected true or false, got {enabled!r}")
+        mrt = _as_number(t.get("min_run_time", base.min_run_time))
+        if mrt is None or not (0 < mrt <= 60):
+            self.fail("timing.min_run_time", f"bad value {t.get('min_run_time')!r}", "seconds in (0, 60]")
+        dists = tuple(t.get("distributions", base.distributions) or ())
+        for d in dists:
+            if d not in DISTRIBUTIONS:
+                self.fail("timing.distributions", f"unknown value {d!r}", ", ".join(DISTRIBUTIONS))
+        scales = []
+        for s in t.get("scales", base.scales) or ():
+            n = _as_number(s)
+            if n is None or n <= 0:
+                self.fail("timing.scales", f"bad value {s!r}", "positive numbers from `scales`")
+            scales.append(n)
+        return TimingConfig(enabled=enabled, min_run_time=mrt, distributions=dists, scales=tuple(scales))
+
+    def thresholds(self, data):
+        t = data.get("thresholds", {})
+        if not isinstance(t, dict):
+            self.fail("thresholds", f"expected a mapping dtype -> bits, got {_typename(t)}")
+        out = {}
+        for k, value in t.items():
+            if k not in FORMATS:
+                self.fail(f"thresholds.{k}", "unknown dtype", ", ".join(FORMATS))
+            n = _as_number(value)
+            if n is None or not (0 < n <= FORMATS[k].significand_bits):
+                self.fail(f"thresholds.{k}", f"bad value {value!r}",
+                          f"bits in (0, {FORMATS[k].significand_bits}]")
+            out[k] = n
+        return out
+
+
+def _as_number(value) -> float | None:
+    # PyYAML reads `1e4` (no dot) as a string; accept numeric strings for convenience.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,78 @@
+"""What a results file records about the machine it was measured on."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_problem(device: str) -> str | None:
+    """None if `device` can run here, else why not (the points are then `skipped`)."""
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available here"
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"{device}: only {torch.cuda.device_count()} CUDA device(s) here"
+        return None
+    if device == "mps":
+        return None if torch.backends.mps.is_available() else "MPS is not available here"
+    return f"unknown device {device}"
+
+
+def capture(threads: int) -> dict:
+    devices = {"cpu": cpu_name()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices[f"cuda:{i}"] = torch.cuda.get_device_name(i)
+    if torch.backends.mps.is_available():
+        devices["mps"] = "Apple MPS"
+    return {
+        "losscheck": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": _cpu_count(),
+        "threads": threads,
+        "devices": devices,
+        "cuda": torch.version.cuda,
+        "git_revision": git_revision(),
+    }
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()

@@ -1,0 +1,82 @@
+"""Binary cross entropy computed from logits, with hard 0/1 targets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import reference as R
+from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive
+
+
+def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """−[y·log σ(x) + (1−y)·log(1−σ(x))] with σ(x) = 1/(1+exp(−x)), as printed."""
+    s = 1 / (1 + torch.exp(-x))
+    loss = -(y * torch.log(s) + (1 - y) * torch.log(1 - s))
+    return reduce_naive(loss, reduction)
+
+
+class _Stable(torch.autograd.Function):
+    # loss = max(x, 0) − x·y + log1p(exp(−|x|)): no overflow, and for hard targets the
+    # first two terms cancel exactly (x − x or 0 − 0), so tiny losses keep every bit.
+    # The gradient σ(x) − y is formed without cancellation: for x ≥ 0 as (1 − y) − σ(−x).
+    @staticmethod
+    def forward(ctx, x, y, reduction):
+        c = compute_dtype(x.dtype)
+        xc, yc = x.to(c), y.to(c)
+        loss = torch.relu(xc) - xc * yc + torch.log1p(torch.exp(-xc.abs()))
+        ctx.save_for_backward(x, y)
+        ctx.reduction = reduction
+        return reduce_accurate(loss, reduction, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, y = ctx.saved_tensors
+        c = compute_dtype(x.dtype)
+        xc, yc = x.to(c), y.to(c)
+        # σ(−|x|) as e/(1 + e), e = exp(−|x|): 1/(1 + exp(|x|)) would overflow to 0 where
+        # the true value is still a (subnormal) number.
+        e = torch.exp(-xc.abs())
+        small = e / (1 + e)
+        g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
+        g = g * grad_scale(grad_output, ctx.reduction, x.shape[0], c)
+        return g.to(x.dtype), None, None
+
+
+def stable(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """softplus form in float32 (or the dtype, if wider), reduced in float64, rounded once."""
+    return _Stable.apply(x, y, reduction)
+
+
+def framework(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+
+
+def reference_chunk(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Hard targets: loss = softplus(z) with z = x (y = 0) or −x (y = 1), and
+    # σ(x) − y = ±σ(z). Both are evaluated without cancellation, so the working
+    # precision's rounding errors are all that remain.
+    positive = y > 0.5
+    z = np.where(positive, -x, x)
+    sign = np.where(positive, -1, 1).astype(x.dtype)
+    return R.softplus(z), sign * R.sigmoid(z)
+
+
+LOSS = Loss(
+    name="bce_with_logits",
+    summary="binary cross entropy from logits, hard 0/1 targets",
+    multiclass=False,
+    input_kind="logits",
+    implementations={
+        "naive": Impl("naive", "naive", naive, "−[y·log σ(x) + (1−y)·log(1−σ(x))], σ = 1/(1+e^−x)"),
+        "stable": Impl("stable", "stable", stable, "max(x,0) − x·y + log1p(e^−|x|), gradient σ(x) − y without cancellation"),
+        "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy_with_logits"),
+    },
+    reference_chunk=reference_chunk,
+    formulas=Formulas(
+        loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
+        naive=r"\sigma(x) = \frac{1}{1+e^{-x}},\ \ell = -\left[y\log\sigma(x) + (1-y)\log(1-\sigma(x))\right]",
+        stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
+        gradient=r"\partial\ell/\partial x = \sigma(x) - y",
+    ),
+)

@@ -1,0 +1,302 @@
+"""Results -> Markdown (GitHub flavour). Renders from the results file alone.
+
+The first screen answers "which implementation can I trust, at which logit size and
+dtype": the breakdown table and the findings come first; details, configuration and
+environment follow.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+import yaml
+from tabulate import tabulate
+
+from . import analysis as A
+from .dtypes import FORMATS
+from .losses import LOSSES
+
+IMPL_ORDER = ("naive", "stable", "torch")
+MAX_DETAIL_ROWS = 5000
+
+
+def fmt_scale(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if abs(s) < 1e4:
+        return str(int(s)) if float(s).is_integer() else f"{s:g}"
+    mantissa, exponent = f"{s:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def fmt_num(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if float(v).is_integer() and abs(v) < 1e6:
+        return f"{int(v)}"
+    return f"{v:.{digits}g}"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    for unit, f in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= f:
+            return f"{s / f:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _impls(records) -> list[str]:
+    seen = list(dict.fromkeys(r["impl"] for r in records))
+    return sorted(seen, key=lambda i: (IMPL_ORDER.index(i) if i in IMPL_ORDER else len(IMPL_ORDER), i))
+
+
+def _order(values, order):
+    return sorted(set(values), key=lambda v: order.index(v) if v in order else len(order))
+
+
+def render(results: dict) -> str:
+    cfg = results.get("config", {})
+    # Tables show what was run; points skipped as a whole device (or a platform without
+    # a reference) are summarised in one line each under the header instead.
+    all_records = results["records"]
+    records = [r for r in all_records if r["status"] != "skipped"]
+    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records)]
+    for loss in _order((r["loss"] for r in records), list(LOSSES)):
+        recs = [r for r in records if r["loss"] == loss]
+        parts.append(_loss_section(loss, recs))
+    parts += [_timing(records), _problems(records), _all_points(records), _footer(results)]
+    return "\n\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def _header(results: dict) -> str:
+    cfg, env, recs = results.get("config", {}), results.get("environment", {}), results["records"]
+    counts = defaultdict(int)
+    for r in recs:
+        counts[r["status"]] += 1
+    status = ", ".join(f"{counts[s]} {s}" for s in ("ok", "error", "skipped") if counts[s])
+    lines = [f"# losscheck report: {cfg.get('name', '?')}"]
+    if cfg.get("description"):
+        lines.append(cfg["description"].strip())
+    lines.append(
+        f"{len(recs)} points ({status}) · torch {env.get('torch', '?')} · {env.get('cpu', '?')} · "
+        f"{env.get('threads', '?')} threads · seed {cfg.get('seed', '?')} · {results.get('created', '')}")
+    if not results.get("complete", True):
+        lines.append("> **Incomplete run**: the sweep was interrupted; only the finished points are shown.")
+    return "\n\n".join(lines)
+
+
+def _skipped_summary(records: list[dict]) -> str:
+    skipped = defaultdict(int)
+    for r in records:
+        if r["status"] == "skipped":
+            skipped[(r["device"], r["message"])] += 1
+    return "\n".join(f"> Not run on **{device}**: {msg} ({n} points skipped)."
+                     for (device, msg), n in sorted(skipped.items()))
+
+
+def _breakdown(records: list[dict], cfg: dict) -> str:
+    bd = A.breakdown_scales(records)
+    impls = _impls(records)
+    scales = sorted({r["scale"] for r in records})
+    rows = []
+    keys = sorted({(k[0], k[3], k[2]) for k in bd},
+                  key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 99, k[1],
+                                 list(FORMATS).index(k[2]) if k[2] in FORMATS else 99))
+    for loss, device, dtype in keys:
+        row = [loss, device, dtype]
+        for impl in impls:
+            b = bd.get((loss, impl, dtype, device))
+            if b is None:
+                row.append("")
+            elif b.status != "measured":
+                row.append(b.status)
+            elif b.scale is None:
+                row.append("none")
+            else:
+                row.append(f"**{fmt_scale(b.scale)}** ({b.reason})")
+        rows.append(row)
+    thresholds = ", ".join(
+        f"{d} {cfg.get('thresholds', {}).get(d, FORMATS[d].default_threshold_bits):g}"
+        for d in _order((r["dtype"] for r in records), list(FORMATS)))
+    intro = (
+        "## Breakdown scale\n\n"
+        f"The smallest swept logit scale (of {', '.join(fmt_scale(s) for s in scales)}) at which an "
+        "implementation produces a non-finite value where the reference is finite, or a mean loss "
+        f"more bits off than the threshold (bits: {thresholds}). `none`: it never breaks within the sweep.")
+    return intro + "\n\n" + tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github")
+
+
+def _findings(records: list[dict]) -> str:
+    """Sentences computed from the records; each is backed by the tables below."""
+    bd = A.breakdown_scales(records)
+    lines = []
+    for loss in _order((r["loss"] for r in records), list(LOSSES)):
+        for impl in _impls(records):
+            entries = {k[2] + ("" if k[3] == "cpu" else f"@{k[3]}"): v for k, v in bd.items()
+                       if k[0] == loss and k[1] == impl and v.status == "measured"}
+            if not entries:
+                continue
+            broken = {d: b for d, b in entries.items() if b.scale is not None}
+            if not broken:
+                lines.append(f"- **{loss} / {impl}** never breaks ({', '.join(entries)}).")
+            else:
+                where = ", ".join(f"{d} from {fmt_scale(b.scale)}" for d, b in broken.items())
+                tail = "" if len(broken) == len(entries) else \
+                    f"; holds in {', '.join(d for d in entries if d not in broken)}"
+                lines.append(f"- **{loss} / {impl}** breaks in {where}{tail}.")
+        sat = sorted({(r["impl"], r["dtype"]) for r in records
+                      if r["loss"] == loss and A.silently_saturated(r)
+                      and not A.nonfinite(r["forward"]) and not A.reduced_nonfinite(r)})
+        if sat:
+            by_impl = defaultdict(list)
+            for impl, dtype in sat:
+                by_impl[impl].append(dtype)
+            lines.append(f"- {loss}: silent saturation (finite results more than the threshold off) by "
+                         + "; ".join(f"{i} in {', '.join(ds)}" for i, ds in by_impl.items()) + ".")
+    return "## Findings\n\n" + "\n".join(lines) if lines else ""
+
+
+def _loss_section(loss: str, recs: list[dict]) -> str:
+    impls = _impls(recs)
+    head = [f"## {loss}"]
+    spec = LOSSES.get(loss)
+    if spec:
+        head.append(f"{spec.summary}.\n\nnaive: ${spec.formulas.naive}$\n\nstable: ${spec.formulas.stable}$")
+    acc_rows, ovf_rows = [], []
+    groups = defaultdict(list)
+    for r in recs:
+        groups[(r["device"], r["dtype"], r["scale"])].append(r)
+    for (device, dtype, scale) in sorted(groups, key=lambda k: (k[0], list(FORMATS).index(k[1]) if k[1] in FORMATS else 9, k[2])):
+        g = groups[(device, dtype, scale)]
+        acc, ovf = [device, dtype, fmt_scale(scale)], [device, dtype, fmt_scale(scale)]
+        for impl in impls:
+            ok = [r for r in g if r["impl"] == impl and r["status"] == "ok"]
+            if not ok:
+                st = {r["status"] for r in g if r["impl"] == impl}
+                acc.append("/".join(sorted(st)) or "")
+                ovf.append("/".join(sorted(st)) or "")
+                continue
+            fb = A.worst(r["forward"]["max_bits"] for r in ok)
+            red = A.worst(r["forward"]["reduced_ulp"] for r in ok)
+            bb = A.worst(r["backward"]["max_bits"] for r in ok)
+            acc.append(f"{fmt_num(fb, 3)} / {fmt_num(red)} / {fmt_num(bb, 3)}")
+            n_f = sum(r["forward"]["n"] for r in ok)
+            n_b = sum(r["backward"]["n"] for r in ok)
+            nf = sum(A.nonfinite(r["forward"]) for r in ok)
+            nb = sum(A.nonfinite(r["backward"]) for r in ok)
+            sat = sum(r["forward"]["saturated"] + r["backward"]["saturated"] for r in ok)
+            cell = f"{_share(nf, n_f)} / {_share(nb, n_b)}"
+            if sat:
+                cell += f" · {sat} saturated"
+            ovf.append(cell)
+        acc_rows.append(acc)
+        ovf_rows.append(ovf)
+    headers = ["device", "dtype", "scale", *impls]
+    head.append(
+        "**Accuracy** — worst over distributions, batch sizes and classes: forward max bits of error "
+        "per element / mean-loss error in ULPs / gradient max bits (0 = correctly rounded; "
+        "the dtype's significand width = no correct bit).\n\n"
+        + tabulate(acc_rows, headers=headers, tablefmt="github"))
+    head.append(
+        "**Overflow** — share of elements that are NaN or ±inf where the reference is finite, forward / "
+        "gradient, and the number of finite values more than the threshold off (silent saturation).\n\n"
+        + tabulate(ovf_rows, headers=headers, tablefmt="github"))
+    return "\n\n".join(head)
+
+
+def _share(k: int, n: int) -> str:
+    if k == 0:
+        return "0"
+    return f"{100 * k / n:.3g}%" if n else "—"
+
+
+def _timing(records: list[dict]) -> str:
+    timed = [r for r in records if r["status"] == "ok" and r.get("timing")]
+    if not timed:
+        return ""
+    impls = _impls(timed)
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in timed:
+        key = (r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])
+        groups[key][r["impl"]].append(r["timing"])
+    rows = []
+    for key in sorted(groups, key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 9, k[1],
+                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9,
+                                             k[3], k[4] or 0)):
+        g = groups[key]
+        med = {i: (statistics.median(t["forward_median_s"] for t in ts),
+                   statistics.median(t["backward_median_s"] for t in ts),
+                   statistics.median(t["forward_iqr_s"] for t in ts)) for i, ts in g.items()}
+        base = med.get("torch")
+        row = [key[0], key[1], key[2], key[3], key[4] if key[4] is not None else "—"]
+        for impl in impls:
+            if impl not in med:
+                row.append("")
+                continue
+            f, b, iqr = med[impl]
+            cell = f"{fmt_time(f)} ±{fmt_time(iqr)} / {fmt_time(b)}"
+            if base and impl != "torch":
+                cell += f" (×{f / base[0]:.2f} / ×{b / base[1]:.2f})"
+            row.append(cell)
+        rows.append(row)
+    threads = sorted({r["timing"].get("threads") for r in timed})
+    return ("## Timing\n\n"
+            f"Median forward ±IQR / forward+backward time of the mean loss (torch.utils.benchmark, "
+            f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `torch` measured in the "
+            "same run.\n\n"
+            + tabulate(rows, headers=["loss", "device", "dtype", "batch", "classes", *impls], tablefmt="github"))
+
+
+def _problems(records: list[dict]) -> str:
+    msgs = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        if r["status"] == "error":
+            msgs[(r["status"], r["message"])][(r["loss"], r["impl"], r["dtype"], r["device"])] += 1
+    if not msgs:
+        return ""
+    rows = []
+    for (status, msg), where in sorted(msgs.items()):
+        places = ", ".join(f"{l}/{i}/{d}/{dev}" for (l, i, d, dev) in list(where)[:6])
+        if len(where) > 6:
+            places += f", … ({len(where)} groups)"
+        rows.append([status, sum(where.values()), msg, places])
+    return "## Errors\n\n" + tabulate(
+        rows, headers=["status", "points", "message", "where (loss/impl/dtype/device)"], tablefmt="github")
+
+
+def _all_points(records: list[dict]) -> str:
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        return ""
+    if len(ok) > MAX_DETAIL_ROWS:
+        return f"_The per-point table is omitted above {MAX_DETAIL_ROWS} points; see the JSON results._"
+    rows = []
+    for r in ok:
+        f, b = r["forward"], r["backward"]
+        rows.append([r["loss"], r["impl"], r["dtype"], r["device"], r["batch"], r["classes"] or "—",
+                     r["distribution"], fmt_scale(r["scale"]), fmt_num(f["max_ulp"]), fmt_num(f["mean_bits"]),
+                     fmt_num(f["reduced_ulp"]), A.nonfinite(f), fmt_num(b["max_ulp"]), A.nonfinite(b)])
+    table = tabulate(rows, headers=["loss", "impl", "dtype", "device", "batch", "classes", "distribution",
+                                    "scale", "fwd max ulp", "fwd mean bits", "mean ulp", "fwd nan/inf",
+                                    "bwd max ulp", "bwd nan/inf"], tablefmt="github")
+    return f"<details><summary>All {len(ok)} measured points</summary>\n\n{table}\n\n</details>"
+
+
+def _footer(results: dict) -> str:
+    env = results.get("environment", {})
+    cfg = dict(results.get("config", {}))
+    env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a}: {b}" for a, b in v.items())]
+                for k, v in env.items()]
+    return "\n\n".join([
+        "## Configuration (as run)",
+        "```yaml\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None).rstrip() + "\n```",
+        "## Environment",
+        tabulate(env_rows, headers=["", ""], tablefmt="github"),
+        f"Reproduce: `{results.get('command', 'losscheck bench')}`",
+    ])

@@ -1,0 +1,106 @@
+"""The results file: versioned JSON, written so that it diffs cleanly and any JSON parser reads it.
+
+Format history (bump SCHEMA_VERSION and describe the change here):
+  1 — first version: {schema_version, created, command, complete, environment, config,
+      records: [...]}, one record per sweep point (see README, "Results file").
+
+Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
+they are written as the strings "inf", "-inf" and "nan" and turned back into floats
+when the file is loaded.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ResultsError
+
+SCHEMA_VERSION = 1
+NUMERIC_SECTIONS = ("forward", "backward", "timing")
+RECORD_KEYS = ("loss", "impl", "kind", "dtype", "device", "batch", "classes", "scale",
+               "distribution", "status", "message", "forward", "backward", "timing")
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def make_results(config: dict, environment: dict, records: list[dict], command: str,
+                 complete: bool = True) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "complete": complete,
+        "environment": environment,
+        "config": config,
+        "records": records,
+    }
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def dumps(results: dict) -> str:
+    return json.dumps(_encode(results), indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(results: dict, path: Path) -> None:
+    write_atomic(path, dumps(results))
+
+
+def load(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: cannot read: {e.__class__.__name__}") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ResultsError(f"{path}: not a losscheck results file (no schema_version)")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise ResultsError(f"{path}: schema_version {version!r} is not supported; "
+                           f"this losscheck reads version {SCHEMA_VERSION}")
+    for key in ("environment", "config", "records"):
+        if key not in data:
+            raise ResultsError(f"{path}: key '{key}' missing")
+    if not isinstance(data["records"], list):
+        raise ResultsError(f"{path}: key 'records' must be a list")
+    for i, rec in enumerate(data["records"]):
+        if not isinstance(rec, dict):
+            raise ResultsError(f"{path}: records[{i}] is not an object")
+        missing = [k for k in RECORD_KEYS if k not in rec]
+        if missing:
+            raise ResultsError(f"{path}: records[{i}] lacks key '{missing[0]}'")
+        for section in NUMERIC_SECTIONS:
+            values = rec.get(section)
+            if isinstance(values, dict):
+                rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v
+                                for k, v in values.items()}
+    return data

@@ -1,0 +1,589 @@
+"""Certify the references against mpmath at 60 decimal digits (METRICS.md, "Reference").
+
+For every loss, on random and extreme inputs, the exact per-element loss and gradient are
+computed with mpmath from the exact input values, and
+
+* the raw working-precision output of `reference_chunk` must be within 1/64 ULP of the
+  *target* dtype (relative) wherever the true value is a normal number of that dtype;
+* the rounded output of `losscheck.losses.reference` (per element, gradient of the mean,
+  mean and sum) must be the exact value correctly rounded to the dtype, except where the
+  exact value lies within 1/64 ULP of a rounding boundary, where either neighbour is allowed.
+
+Correct rounding of an mpmath value is done here with integers (`round_exact`), not with
+any code path of losscheck.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from losscheck import inputs
+from losscheck import reference as R
+from losscheck.dtypes import FORMATS
+from losscheck.losses import LOSSES, reference
+
+MP = mpmath.MPContext()
+MP.dps = 60
+
+LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
+needs_longdouble = pytest.mark.skipif(
+    not LONGDOUBLE_OK, reason="float64 references need x86 long double (64-bit significand)")
+
+
+def _dtype_params():
+    return [pytest.param(n, marks=needs_longdouble) if n == "float64" else n for n in FORMATS]
+
+
+DTYPES = _dtype_params()
+TIE = Fraction(1, 64)  # ULPs: the tie region and the working-precision error bound
+
+
+# ---- exact rounding of an mpmath value ------------------------------------------------------
+
+class Rounded(NamedTuple):
+    nearest: float  # correctly rounded, ties to even
+    tie: bool  # within 1/64 ULP of a rounding boundary
+    below: float  # the two neighbours around the exact value (toward 0, away from 0)
+    above: float
+
+
+def _limits(name: str) -> tuple[int, int, int, Fraction]:
+    """(significand bits p, emin, emax, largest finite) of a format."""
+    fi = torch.finfo(FORMATS[name].torch_dtype)
+    return (FORMATS[name].significand_bits, math.frexp(fi.tiny)[1] - 1,
+            math.frexp(fi.max)[1] - 1, Fraction(fi.max))
+
+
+def round_exact(v, name: str) -> Rounded:
+    """`v` (an mpf) rounded to nearest-even in format `name`, with subnormals and overflow."""
+    if MP.isnan(v):
+        return Rounded(math.nan, False, math.nan, math.nan)
+    if MP.isinf(v):
+        x = math.inf if v > 0 else -math.inf
+        return Rounded(x, False, x, x)
+    if v == 0:
+        return Rounded(0.0, False, 0.0, 0.0)
+    p, emin, emax, largest = _limits(name)
+    sign, man, exp, bc = v._mpf_
+    s = -1.0 if sign else 1.0
+    e = exp + bc - 1  # 2**e <= |v| < 2**(e+1)
+    if e > emax + 1:  # far beyond the largest finite value: inf, nowhere near a boundary
+        return Rounded(s * math.inf, False, s * math.inf, s * math.inf)
+    if e < emin - p - 1:  # below a quarter of the smallest subnormal: 0, not a tie
+        return Rounded(s * 0.0, False, s * 0.0, s * 0.0)
+    q = max(e, emin) - (p - 1)  # exponent of the ULP at |v|
+    n = Fraction(man) * Fraction(2) ** (exp - q)  # |v| in ULPs
+    lo = math.floor(n)
+
+    def value(k: int) -> float:
+        x = Fraction(k) * Fraction(2) ** q
+        return math.inf if x > largest else float(x)
+
+    return Rounded(s * value(round(n)), abs(n - lo - Fraction(1, 2)) <= TIE,
+                   s * value(lo), s * value(lo + 1))
+
+
+def to_mp(w):
+    """A float64 or long double numpy scalar, exactly, as an mpf."""
+    if np.isnan(w):
+        return MP.nan
+    if np.isinf(w):
+        return MP.inf if w > 0 else -MP.inf
+    m, e = np.frexp(w)
+    hi = float(m)
+    lo = float(m - type(m)(hi))  # exact: a long double significand is 53 + 11 bits
+    return MP.ldexp(MP.mpf(hi) + MP.mpf(lo), int(e))
+
+
+def test_round_exact_self_check():
+    # The oracle's own corner cases, against values known by construction.
+    assert round_exact(MP.mpf(1) + MP.mpf(2) ** -11, "float16") == (1.0, True, 1.0, 1 + 2**-10)
+    assert round_exact(MP.mpf(1) + 3 * MP.mpf(2) ** -11, "float16").nearest == 1 + 2**-9
+    assert round_exact(MP.mpf(65520), "float16").nearest == math.inf
+    assert round_exact(MP.mpf(65519), "float16").nearest == 65504.0
+    assert round_exact(MP.mpf(2) ** -25, "float16").nearest == 0.0
+    assert round_exact(MP.mpf(2) ** -25 * (1 + MP.mpf(2) ** -30), "float16").nearest == 2.0**-24
+    assert round_exact(MP.mpf(2) ** -1074, "float64").nearest == 5e-324
+    assert round_exact(MP.mpf(-0.1), "float64") == (-0.1, False, -0.1, -0.1 - 2.0**-56)
+    assert round_exact(MP.mpf(0.1) * (1 + MP.mpf(2) ** -60), "float64") == \
+        (0.1, False, 0.1, 0.1 + 2.0**-56)
+    assert round_exact(MP.mpf(0.1) + MP.mpf(2) ** -57, "float64").tie
+    assert round_exact(MP.mpf(1) / 3, "float32").nearest == float(np.float32(1 / 3))
+    assert round_exact(MP.mpf(1) / 3, "bfloat16").nearest == float(torch.tensor(1 / 3).bfloat16())
+    assert round_exact(MP.mpf(10) ** 400, "float64").nearest == math.inf
+    assert round_exact(-MP.mpf(10) ** -400, "float32").nearest == 0.0
+
+
+# ---- the exact losses -----------------------------------------------------------------------
+
+def exact_bce(p: float, y: float):
+    P = MP.mpf(p)
+    if y > 0.5:
+        if p == 0:
+            return MP.inf, -MP.inf
+        return -MP.log(P), -1 / P
+    if p == 1:
+        return MP.inf, MP.inf
+    return -MP.log1p(-P), 1 / (1 - P)
+
+
+def exact_bce_with_logits(x: float, y: float):
+    # loss = log(1 + exp(z)), z = x (y = 0) or −x (y = 1); d/dx = σ(x) − y = ±σ(z)
+    z = MP.mpf(-x if y > 0.5 else x)
+    sign = -1 if y > 0.5 else 1
+    if z > 0:
+        ez = MP.exp(-z)
+        return z + MP.log1p(ez), sign / (1 + ez)
+    ez = MP.exp(z)
+    return MP.log1p(ez), sign * ez / (1 + ez)
+
+
+def exact_cross_entropy(row, t: int):
+    X = [MP.mpf(v) for v in row]
+    k = max(range(len(X)), key=lambda j: X[j])
+    m = X[k]
+    e = [MP.exp(MP.fsub(xj, m, exact=True)) for xj in X]  # e[k] == 1
+    s = MP.fsum(e[j] for j in range(len(X)) if j != k)
+    total = 1 + s
+    loss = MP.fsub(m, X[t], exact=True) + MP.log1p(s)
+    grad = [ej / total for ej in e]
+    # softmax_t − 1 = −Σ_{j≠t} softmax_j, without cancellation
+    grad[t] = -MP.fsum(e[j] for j in range(len(X)) if j != t) / total
+    return loss, grad
+
+
+EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits,
+         "cross_entropy": exact_cross_entropy}
+
+
+# ---- certification --------------------------------------------------------------------------
+
+class Checker:
+    def __init__(self, name: str):
+        self.name = name
+        p, emin, _, largest = _limits(name)
+        self.rel = MP.mpf(2) ** -(p - 1) / 64
+        self.tiny = MP.ldexp(1, emin)
+        self.largest = MP.mpf(largest.numerator)
+        self.problems: list[str] = []
+        self.rounded = 0
+        self.ties = 0
+        self.raw_checked = 0
+
+    def raw(self, w, v, what: str) -> None:
+        """Working-precision value `w` against the exact `v`."""
+        if MP.isinf(v):
+            if not (np.isinf(w) and (w > 0) == (v > 0)):
+                self.problems.append(f"{what}: raw {w!r}, exact {v}")
+            return
+        if v == 0:
+            if w != 0:
+                self.problems.append(f"{what}: raw {w!r}, exact 0")
+            return
+        if not (self.tiny <= abs(v) <= self.largest):
+            return  # subnormal or beyond the range: compared as rounded only
+        self.raw_checked += 1
+        err = abs(to_mp(w) - v) / abs(v) if np.isfinite(w) else MP.inf
+        if not err < self.rel:
+            self.problems.append(
+                f"{what}: raw {w!r} exact {MP.nstr(v, 25)}: error {MP.nstr(err / self.rel / 64, 5)} ULP")
+
+    def rounded_(self, got: float, v, what: str) -> None:
+        """Value `got` of the target dtype against the exact `v`, correctly rounded."""
+        r = round_exact(v, self.name)
+        self.rounded += 1
+        if r.tie:
+            self.ties += 1
+            ok = got in (r.below, r.above)
+        else:
+            ok = got == r.nearest
+        if not ok:
+            self.problems.append(f"{what}: got {got!r}, exact {MP.nstr(v, 25)} rounds to {r}")
+
+    def done(self) -> None:
+        assert not self.problems, f"{len(self.problems)} problems:\n" + "\n".join(self.problems[:25])
+
+
+def certify(loss_name: str, inp: torch.Tensor, target: torch.Tensor) -> Checker:
+    loss = LOSSES[loss_name]
+    name = {f.torch_dtype: n for n, f in FORMATS.items()}[inp.dtype]
+    chk = Checker(name)
+    work = R.work_dtype(inp.dtype)
+    x = R.to_work(inp, work)
+    t = target.double().numpy() if target.is_floating_point() else target.numpy()
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        lw, gw = loss.reference_chunk(x, t)
+    assert lw.dtype == work and gw.dtype == work
+    assert lw.shape == (inp.shape[0],) and gw.shape == tuple(inp.shape)
+    ref = reference(loss, inp, target)
+    assert ref.loss.dtype == inp.dtype and ref.grad.dtype == inp.dtype
+    n = inp.shape[0]
+    xs = inp.double().numpy()
+    losses = []
+    for i in range(n):
+        lv, gv = EXACT[loss_name](xs[i].tolist() if loss.multiclass else float(xs[i]),
+                                  int(t[i]) if loss.multiclass else float(t[i]))
+        losses.append(lv)
+        chk.raw(lw[i], lv, f"loss[{i}] x={xs[i].tolist()} t={t[i]}")
+        chk.rounded_(float(ref.loss[i]), lv, f"rounded loss[{i}] x={xs[i].tolist()} t={t[i]}")
+        for j, g in (enumerate(gv) if loss.multiclass else [(None, gv)]):
+            idx = (i, j) if loss.multiclass else (i,)
+            chk.raw(gw[idx], g, f"grad{list(idx)} x={xs[i].tolist()} t={t[i]}")
+            chk.rounded_(float(ref.grad[idx]), g / n, f"rounded grad/N{list(idx)} x={xs[i].tolist()}")
+    total = MP.fsum(losses)
+    chk.rounded_(float(ref.mean), total / n, "mean")
+    chk.rounded_(float(ref.sum), total, "sum")
+    if math.isfinite(ref.mean_value) and abs(total / n) > 1e-300:
+        assert abs(MP.mpf(ref.mean_value) - total / n) <= abs(total / n) * MP.mpf(2) ** -50
+    chk.done()
+    return chk
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+N, C = 40, 6
+
+
+def _logits(loss_name: str, name: str, case: str, seed: int = 0):
+    loss = LOSSES[loss_name]
+    rng = np.random.default_rng([seed, len(case), sum(map(ord, case + loss_name + name))])
+    shape = (N, C) if loss.multiclass else (N,)
+    labels = rng.integers(0, C, N) if loss.multiclass else rng.integers(0, 2, N).astype(np.float64)
+    big = float(torch.finfo(FORMATS[name].torch_dtype).max)
+    if case.startswith("normal_"):
+        x = rng.standard_normal(shape) * float(case.split("_")[1])
+    elif case == "tiny":
+        x = rng.standard_normal(shape) * 1e-30
+    elif case == "huge":
+        x = np.where(rng.integers(0, 2, shape) == 1, 1.0, -1.0) * big * rng.uniform(0.5, 1.0, shape)
+        x.reshape(-1)[:4] = [big, -big, big, -big]
+    elif case.startswith("extreme_"):
+        x, labels = inputs.generate(loss_name, loss.multiclass, N, C, float(case.split("_")[1]),
+                                    "extreme", seed)
+    elif case == "confident_correct":  # target logit +50, others N(0, 1)
+        x, labels = inputs.generate(loss_name, loss.multiclass, N, C, 50.0, "confident_correct", seed)
+    elif case == "confident_wrong":
+        x, labels = inputs.generate(loss_name, loss.multiclass, N, C, 50.0, "confident_wrong", seed)
+    elif case == "ties":  # all logits equal (and huge): loss = log C
+        x = np.repeat(big * rng.uniform(0.25, 1.0, (N, 1)), C, axis=1)
+    elif case == "wide":
+        # max m and the others of very different magnitudes: x − m rounds in working
+        # precision, which two_diff must correct (for float64, m = 700: e^(x−m) stays normal).
+        # (uniform() has 53 random bits below 1, so it is scaled by a non-dyadic factor to
+        # fill the low bits of small x_j, which are the ones x − m loses.)
+        m = 700.0 if name == "float64" else 80.0
+        x = -rng.uniform(0.0, 0.3, shape) * 1.1
+        x[:, 0] = m
+        x[:, 1] = -0.1
+        labels[: N // 2] = 0  # half the rows: target on the max
+    else:
+        raise AssertionError(case)
+    return loss.make_input(np.asarray(x, dtype=np.float64), FORMATS[name].torch_dtype), \
+        loss.make_target(np.asarray(labels), FORMATS[name].torch_dtype)
+
+
+COMMON = ["normal_1", "normal_30", "normal_1000", "tiny", "huge", "extreme_100", "extreme_10000"]
+MULTICLASS_ONLY = ["confident_correct", "confident_wrong", "ties", "wide"]
+
+
+def _cases():
+    for loss_name, loss in LOSSES.items():
+        for case in COMMON + (MULTICLASS_ONLY if loss.multiclass else []):
+            yield loss_name, case
+
+
+@pytest.mark.parametrize("name", DTYPES)
+@pytest.mark.parametrize("loss_name,case", list(_cases()))
+def test_reference_matches_mpmath(loss_name, case, name):
+    inp, target = _logits(loss_name, name, case)
+    chk = certify(loss_name, inp, target)
+    assert chk.rounded > N  # every element was compared
+    # The tie allowance must stay an exception (random values: ~1/32), or the check says little.
+    assert chk.ties <= max(3, chk.rounded // 8), (chk.ties, chk.rounded)
+
+
+@needs_longdouble
+def test_wide_rows_need_the_two_diff_correction(monkeypatch):
+    # Guards the certification itself: without two_diff's error term, float64 rows with
+    # m = 700 and x_j ∈ (−1, 0) lose ~1/8 ULP in exp(x_j − m), and `certify` must see it.
+    inp, target = _logits("cross_entropy", "float64", "wide")
+    certify("cross_entropy", inp, target)
+    monkeypatch.setattr(R, "two_diff", lambda a, b: (a - b, np.zeros_like(a - b)))
+    with pytest.raises(AssertionError, match="raw"):
+        certify("cross_entropy", inp, target)
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_cross_entropy_ties_are_log_c(name):
+    inp, target = _logits("cross_entropy", name, "ties")
+    ref = reference(LOSSES["cross_entropy"], inp, target)
+    expected = round_exact(MP.log(C), name).nearest
+    assert ref.loss.double().tolist() == [expected] * N
+    # gradient: 1/C − [j = t], over N
+    g = ref.grad.double()
+    rows = torch.arange(N)
+    assert g[rows, target].tolist() == [round_exact(-MP.mpf(C - 1) / C / N, name).nearest] * N
+
+
+@needs_longdouble
+def test_confident_correct_float64_loss_is_the_tiny_sum():
+    # loss = log1p(Σ_{j≠t} e^{x_j − x_t}) ≈ Σ e^{x_j − 50}: nowhere near 0, nowhere near log C.
+    inp, target = _logits("cross_entropy", "float64", "confident_correct")
+    ref = reference(LOSSES["cross_entropy"], inp, target)
+    assert (ref.loss > 0).all() and (ref.loss < 1e-19).all()
+
+
+# ---- hypothesis: random float64/float32 inputs --------------------------------------------
+
+def _floats(width, **kw):
+    return st.floats(allow_nan=False, allow_infinity=False, width=width, **kw)
+
+
+HYP_DTYPES = [pytest.param("float64", 64, marks=needs_longdouble), ("float32", 32)]
+
+
+@pytest.mark.parametrize("name,width", HYP_DTYPES)
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_cross_entropy_reference_random(name, width, data):
+    c = data.draw(st.integers(1, 5), label="classes")
+    n = data.draw(st.integers(1, 4), label="rows")
+    scale = data.draw(st.sampled_from([None, 1.0, 30.0, 1000.0]), label="scale")
+    if scale is None:
+        elem = _floats(width)
+    else:
+        elem = _floats(width, min_value=-scale, max_value=scale)
+    rows = data.draw(st.lists(st.lists(elem, min_size=c, max_size=c), min_size=n, max_size=n))
+    t = data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n))
+    dt = FORMATS[name].torch_dtype
+    certify("cross_entropy", torch.tensor(rows, dtype=torch.float64).to(dt), torch.tensor(t))
+
+
+@pytest.mark.parametrize("name,width", HYP_DTYPES)
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_bce_with_logits_reference_random(name, width, data):
+    n = data.draw(st.integers(1, 8), label="n")
+    x = data.draw(st.lists(_floats(width), min_size=n, max_size=n))
+    y = data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n))
+    dt = FORMATS[name].torch_dtype
+    certify("bce_with_logits", torch.tensor(x, dtype=torch.float64).to(dt),
+            torch.tensor(y, dtype=torch.float64).to(dt))
+
+
+@pytest.mark.parametrize("name,width", HYP_DTYPES)
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_bce_reference_random(name, width, data):
+    n = data.draw(st.integers(1, 8), label="n")
+    p = data.draw(st.lists(_floats(width, min_value=0.0, max_value=1.0), min_size=n, max_size=n))
+    y = data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n))
+    dt = FORMATS[name].torch_dtype
+    certify("bce", torch.tensor(p, dtype=torch.float64).to(dt),
+            torch.tensor(y, dtype=torch.float64).to(dt))
+
+
+# ---- round_to -------------------------------------------------------------------------------
+
+HALF = ["float16", "bfloat16"]
+
+
+def _naive(values, dt):
+    return torch.from_numpy(np.asarray(values, dtype=np.float64)).float().to(dt)
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_exact_halfway_ties_to_even(name):
+    p = FORMATS[name].significand_bits
+    dt = FORMATS[name].torch_dtype
+    u = 2.0 ** -(p - 1)  # ULP at 1
+    halfway = [1 + u / 2, 1 + 3 * u / 2, 2 - u / 2, -(1 + u / 2), -(1 + 3 * u / 2)]
+    expected = [1.0, 1 + 2 * u, 2.0, -1.0, -(1 + 2 * u)]
+    assert R.round_to(np.array(halfway), dt).double().tolist() == expected
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_just_off_halfway_avoids_double_rounding(name):
+    # 1 + u/2 ± 2**-40 is not a tie, but float64 -> float32 rounds it to one (1 + u/2),
+    # and float32 -> half then ties to even: the wrong neighbour half of the time.
+    p = FORMATS[name].significand_bits
+    dt = FORMATS[name].torch_dtype
+    u = 2.0 ** -(p - 1)
+    eps = 2.0**-40
+    values = np.array([1 + u / 2 + eps, 1 + 3 * u / 2 - eps, -(1 + u / 2 + eps), -(1 + 3 * u / 2 - eps),
+                       1 + u / 2 - eps, 1 + 3 * u / 2 + eps])
+    expected = [1 + u, 1 + u, -(1 + u), -(1 + u), 1.0, 1 + 2 * u]
+    for v, e in zip(values, expected):
+        assert round_exact(MP.mpf(float(v)), name).nearest == e
+    assert R.round_to(values, dt).double().tolist() == expected
+    # the naive path really is wrong on the first four: the test is not vacuous
+    naive = _naive(values, dt).double().tolist()
+    assert naive[:4] != expected[:4]
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_subnormal_halfway(name):
+    dt = FORMATS[name].torch_dtype
+    smallest = float(torch.finfo(dt).smallest_normal) * 2.0 ** -(FORMATS[name].significand_bits - 1)
+    eps = smallest * 2.0**-30
+    values = np.array([smallest / 2, smallest / 2 + eps, 3 * smallest / 2, 3 * smallest / 2 - eps,
+                       -smallest / 2 - eps, smallest / 4])
+    expected = [0.0, smallest, 2 * smallest, smallest, -smallest, 0.0]
+    got = R.round_to(values, dt).double().tolist()
+    assert got == expected
+    assert _naive(values[[1, 3, 4]], dt).double().tolist() != [smallest, smallest, -smallest]
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_overflows_to_inf(name):
+    dt = FORMATS[name].torch_dtype
+    p = FORMATS[name].significand_bits
+    big = float(torch.finfo(dt).max)
+    half_ulp = big * 2.0 ** -p / (2 - 2.0 ** -(p - 1))  # ulp(max)/2
+    values = np.array([big, big + half_ulp * 0.999, big + half_ulp, big + 2 * half_ulp, -big - half_ulp,
+                       1e39, -1e300, math.inf, -math.inf])
+    expected = [big, big, math.inf, math.inf, -math.inf, math.inf, -math.inf, math.inf, -math.inf]
+    assert R.round_to(values, dt).double().tolist() == expected
+    assert math.isnan(float(R.round_to(np.array([math.nan]), dt)[0]))
+
+
+@pytest.mark.parametrize("name", HALF)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_round_to_is_correct_rounding(name, data):
+    dt = FORMATS[name].torch_dtype
+    p = FORMATS[name].significand_bits
+    kind = data.draw(st.sampled_from(["any", "near_halfway"]))
+    if kind == "any":
+        v = data.draw(_floats(64))
+    else:
+        # a representable value, half an ULP above it, nudged by a few float64 ULPs
+        base = float(torch.tensor(data.draw(_floats(64, min_value=-7e4, max_value=7e4))).to(dt))
+        if not math.isfinite(base) or base == 0:
+            return
+        ulp = 2.0 ** (math.frexp(abs(base))[1] - p)
+        v = base + math.copysign(ulp / 2, base)
+        v = float(np.nextafter(v, math.inf * data.draw(st.sampled_from([-1, 1])))) \
+            if data.draw(st.booleans()) else v
+    got = float(R.round_to(np.array([v]), dt)[0])
+    assert got == round_exact(MP.mpf(v), name).nearest, v
+
+
+@needs_longdouble
+def test_round_to_float64_from_long_double():
+    one = np.longdouble(1)
+    tiny = np.longdouble(2) ** -63
+    half = np.longdouble(2) ** -53
+    values = np.array([one + half, one + half + tiny, one + 3 * half, one + 3 * half - tiny,
+                       -(one + half + tiny)], dtype=np.longdouble)
+    expected = [1.0, 1 + 2**-52, 1 + 2**-51, 1 + 2**-52, -(1 + 2**-52)]
+    out = R.round_to(values, torch.float64)
+    assert out.dtype == torch.float64
+    assert out.tolist() == expected
+    huge = np.array([np.longdouble(np.finfo(np.float64).max) * 2], dtype=np.longdouble)
+    assert R.round_to(huge, torch.float64).tolist() == [math.inf]
+
+
+def test_round_to_float32_from_float64():
+    values = np.array([1 + 2.0**-24, 1 + 2.0**-24 + 2.0**-50, 1e39, -1e39, 2.0**-150, 2.0**-150 + 2.0**-170])
+    expected = [1.0, 1 + 2.0**-23, math.inf, -math.inf, 0.0, 2.0**-149]
+    out = R.round_to(values, torch.float32)
+    assert out.dtype == torch.float32
+    assert out.double().tolist() == expected
+
+
+# ---- ExactSum -------------------------------------------------------------------------------
+
+def test_exact_sum_catastrophic_float64():
+    s = R.ExactSum()
+    s.add(np.array([1e100, 1.0, -1e100]))
+    assert s.mean(1, np.float64) == 1.0
+    assert s.mean(3, np.float64) == np.float64(1.0) / 3
+    # in chunks, and with values whose naive sum is off by far more than 1 ULP
+    s = R.ExactSum()
+    for chunk in ([1e100], [1.0, 2.0**-60], [-1e100, 3e-17], [1e-300]):
+        s.add(np.array(chunk))
+    assert s.mean(1, np.float64) == math.fsum([1.0, 2.0**-60, 3e-17, 1e-300])
+    assert s.mean(1, np.float64) != float(np.sum([1e100, 1.0, 2.0**-60, -1e100, 3e-17, 1e-300]))
+
+
+@needs_longdouble
+def test_exact_sum_catastrophic_long_double():
+    ld = np.longdouble
+    s = R.ExactSum()
+    s.add(np.array([1e100, 1.0, -1e100], dtype=ld))
+    out = s.mean(1, ld)
+    assert isinstance(out, ld) and out == 1
+    # bits below float64's precision must survive: (1 + 2**-60) − 1 = 2**-60 exactly
+    s = R.ExactSum()
+    s.add(np.array([ld(1) + ld(2) ** -60, ld(1e100), -ld(1), -ld(1e100)], dtype=ld))
+    assert s.mean(1, ld) == ld(2) ** -60
+    # across chunks (non-negative values, as losses are: a chunk is kept to ~2**-106)
+    s = R.ExactSum()
+    s.add(np.array([ld(1) + ld(2) ** -60], dtype=ld))
+    s.add(np.array([ld(2) ** -62, ld(0)], dtype=ld))
+    s.add(np.array([ld(2) ** -62 * 3], dtype=ld))
+    assert s.mean(1, ld) == ld(1) + ld(2) ** -59
+    s = R.ExactSum()
+    s.add(np.array([ld(1) + ld(2) ** -62] * 3, dtype=ld))
+    assert s.mean(3, ld) == ld(1) + ld(2) ** -62
+
+
+def test_exact_sum_propagates_non_finite():
+    s = R.ExactSum()
+    s.add(np.array([1.0, 2.0]))
+    s.add(np.array([math.inf, 1.0]))
+    assert s.mean(2, np.float64) == math.inf
+    s = R.ExactSum()
+    s.add(np.array([math.inf, -math.inf]))
+    assert math.isnan(s.mean(1, np.float64))
+
+
+def test_exact_sum_overflowing_float64_is_inf_not_an_exception():
+    # Regression: math.fsum raised OverflowError ("intermediate overflow in fsum") on two
+    # float64 losses near 1e308, which crashed the float64 reference of bce_with_logits at
+    # logits near float64's max.
+    s = R.ExactSum()
+    s.add(np.array([1.7e308, 1.7e308, 1.0]))
+    assert s.mean(1, np.float64) == math.inf
+    s = R.ExactSum()
+    s.add(np.array([1.7e308]))
+    s.add(np.array([1.7e308]))
+    assert s.mean(1, np.float64) == math.inf
+    assert s.mean(4, np.float64) == math.inf  # the sum overflows float64 before the division
+
+
+@needs_longdouble
+def test_exact_sum_beyond_float64_range_in_long_double():
+    # Regression: a float64 cross entropy at logits ±max has m − x_t ≈ 3.6e308, finite in long
+    # double; the sum must stay finite there and the mean come back into float64's range.
+    ld = np.longdouble
+    big = ld(np.finfo(np.float64).max)
+    s = R.ExactSum()
+    s.add(np.array([2 * big, ld(0), big], dtype=ld))
+    s.add(np.array([ld(1)], dtype=ld))
+    mean = s.mean(4, ld)
+    assert np.isfinite(mean)
+    assert abs(mean / ((3 * big + 1) / 4) - 1) < ld(2) ** -60
+
+
+@needs_longdouble
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_float64_reference_at_the_largest_logits_does_not_raise(loss_name):
+    # Regression for the two bugs above, end to end, with numpy warnings as errors.
+    loss = LOSSES[loss_name]
+    big = np.finfo(np.float64).max
+    if loss.multiclass:
+        x, t = np.array([[big, -big, 1.0], [big, -big, 0.5]]), np.array([1, 0])
+    else:
+        x, t = np.array([big, big, -big, 1.0]), np.array([0.0, 0.0, 1.0, 0.0])
+    inp, target = loss.make_input(x, torch.float64), loss.make_target(t, torch.float64)
+    certify(loss_name, inp, target)
