@@ -32,8 +32,10 @@ def breaks(record: dict) -> str | None:
     if record.get("status") != "ok":
         return None
     f, b = record["forward"], record["backward"]
-    if nonfinite(f) or reduced_nonfinite(record):
+    if nonfinite(f):
         return "fwd non-finite"
+    if reduced_nonfinite(record):
+        return "mean non-finite"
     if nonfinite(b):
         return "bwd non-finite"
     r = f.get("reduced_ulp")
@@ -61,10 +63,18 @@ class Breakdown:
     status: str  # "measured", "error" (no ok point), "skipped"
 
 
+# Value sets whose points do not depend on the scale in a way a breakdown scale can
+# describe: infinite logits break an implementation at every scale or at none. They are
+# reported in a table of their own.
+SCALE_FREE = ("nonfinite",)
+
+
 def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
     """(loss, impl, dtype, device) -> the smallest swept scale at which any point breaks."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
+        if r["distribution"] in SCALE_FREE:
+            continue
         groups[(r["loss"], r["impl"], r["dtype"], r["device"])].append(r)
     out = {}
     for key, recs in groups.items():
@@ -87,3 +97,58 @@ def worst(values) -> float | None:
     if not vals:
         return None
     return max(vals, key=lambda v: (not math.isnan(v), v) if isinstance(v, float) else (True, v))
+
+
+@dataclass
+class Versus:
+    """How implementation `a` compares with `b` over the points both measured."""
+
+    points: int = 0
+    better: int = 0  # a strictly more accurate on at least one measure, worse on none
+    worse: int = 0  # a strictly less accurate on at least one measure
+    a_finite_b_not: int = 0  # b non-finite (or NaN error) where a is finite
+    max_gain_bits: float = 0.0  # largest (b − a) in max bits, forward or gradient, both finite
+    max_gain_where: str = ""
+    max_loss_bits: float = 0.0  # largest (a − b), when a is worse somewhere
+
+
+MEASURES = (("forward", "max_bits"), ("forward", "reduced_bits"), ("backward", "max_bits"))
+
+
+def _measure(record: dict, section: str, key: str) -> float:
+    s = record[section]
+    if key == "reduced_bits":
+        r = s.get("reduced_ulp")
+        return math.log2(1 + r) if r is not None else 0.0
+    return s[key]
+
+
+def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tuple, Versus]:
+    """(loss, dtype, device) -> Versus of implementation a against b, point by point."""
+    key = lambda r: (r["loss"], r["dtype"], r["device"], r["batch"], r["classes"], r["scale"], r["distribution"])
+    ok = [r for r in records if r["status"] == "ok"]
+    bs = {key(r): r for r in ok if r["impl"] == b}
+    out: dict[tuple, Versus] = defaultdict(Versus)
+    for ra in (r for r in ok if r["impl"] == a):
+        rb = bs.get(key(ra))
+        if rb is None:
+            continue
+        v = out[(ra["loss"], ra["dtype"], ra["device"])]
+        v.points += 1
+        diffs = []
+        for section, k in MEASURES:
+            x, y = _measure(ra, section, k), _measure(rb, section, k)
+            diffs.append(y - x if math.isfinite(x) and math.isfinite(y) else
+                         (math.inf if math.isfinite(x) else (-math.inf if math.isfinite(y) else 0.0)))
+        if any(d < 0 for d in diffs):
+            v.worse += 1
+            v.max_loss_bits = max(v.max_loss_bits, -min(diffs))
+        elif any(d > 0 for d in diffs):
+            v.better += 1
+        if any(math.isinf(d) and d > 0 for d in diffs):
+            v.a_finite_b_not += 1
+        finite_gain = max((d for d in diffs if math.isfinite(d)), default=0.0)
+        if finite_gain > v.max_gain_bits:
+            v.max_gain_bits = finite_gain
+            v.max_gain_where = f"{ra['distribution']}, scale {ra['scale']:g}"
+    return dict(out)

@@ -53,8 +53,8 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
     total = sweep.count_points(config)
     show = sys.stderr.isatty() if progress is None else progress
     env = environment.capture(threads)
-    command = "losscheck bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]) \
-        if sys.argv and Path(sys.argv[0]).name in ("losscheck", "__main__.py") else "losscheck bench"
+    command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
+                          "--threads", str(threads)])
     records: list[dict] = []
     complete = False
     with click.progressbar(length=total, label=f"{config.name}: {total} points", file=sys.stderr,

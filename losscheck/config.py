@@ -79,7 +79,7 @@ KEYS = {
     "dtypes": "list of dtypes",
     "devices": "list of devices",
     "distributions": "list of input distributions",
-    "seed": "integer",
+    "seed": "non-negative integer",
     "timing": "mapping with enabled, min_run_time, distributions, scales",
     "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
     "threads": "positive integer: CPU threads for the implementations and timing",
@@ -101,7 +101,8 @@ def load_config(path: str | Path | None = None) -> Config:
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(str(path), "", "file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    # Any OSError, not just these: e.g. NotADirectoryError ("file.yaml/x") escaped as a traceback.
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), "", f"cannot read: {e.__class__.__name__}") from None
     return parse_config(text, str(path))
 
@@ -143,7 +144,9 @@ def _build(data: dict, source: str) -> Config:
         dtypes=v.choices(data, "dtypes", tuple(FORMATS)),
         devices=v.devices(data),
         distributions=v.choices(data, "distributions", DISTRIBUTIONS),
-        seed=v.integer(data, "seed", DEFAULTS["seed"]),
+        # minimum 0: numpy's seeding rejects negative seeds, which used to crash the sweep
+        # with a traceback in inputs.rng_for instead of failing here (found by tests/test_config.py).
+        seed=v.integer(data, "seed", DEFAULTS["seed"], minimum=0),
         timing=v.timing(data),
         thresholds=v.thresholds(data),
         threads=v.integer(data, "threads", None, minimum=1),
@@ -162,7 +165,9 @@ class _Validator:
         self.source = source
 
     def fail(self, key, problem, allowed=None):
-        raise ConfigError(self.source, key, problem, allowed)
+        # Fall back to the key's description so that every message says what is allowed
+        # (the module's contract); `string`/`integer` failures used to omit it.
+        raise ConfigError(self.source, key, problem, allowed or KEYS.get(key))
 
     def _list(self, data, key, default=None):
         if key not in data:
@@ -194,7 +199,7 @@ class _Validator:
             if value not in allowed:
                 self.fail(key, f"unknown value {value!r}", ", ".join(allowed))
         if len(set(values)) != len(values):
-            self.fail(key, f"duplicate values in {values!r}")
+            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
     def numbers(self, data, key, positive=False):
@@ -205,7 +210,7 @@ class _Validator:
                 self.fail(key, f"bad value {value!r}", "positive finite numbers (e.g. 10, 1e4)")
             out.append(number)
         if len(set(out)) != len(out):
-            self.fail(key, f"duplicate values in {data[key]!r}")
+            self.fail(key, f"duplicate values in {data[key]!r}", "each value at most once")
         return tuple(sorted(out))
 
     def ints(self, data, key, minimum, default=None):
@@ -214,7 +219,7 @@ class _Validator:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 self.fail(key, f"bad value {value!r}", f"integers >= {minimum}")
         if len(set(values)) != len(values):
-            self.fail(key, f"duplicate values in {values!r}")
+            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
     def devices(self, data):
@@ -222,6 +227,9 @@ class _Validator:
         for value in values:
             if not isinstance(value, str) or not DEVICE_RE.match(value):
                 self.fail("devices", f"unknown device {value!r}", "cpu, cuda, cuda:N, mps")
+        # Duplicates were accepted here (unlike every other list) and ran each point twice.
+        if len(set(values)) != len(values):
+            self.fail("devices", f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
     def timing(self, data):
@@ -236,26 +244,36 @@ class _Validator:
         base = TimingConfig()
         enabled = t.get("enabled", base.enabled)
         if not isinstance(enabled, bool):
-            self.fail("timing.enabled", f"expected true or false, got {enabled!r}")
+            self.fail("timing.enabled", f"expected true or false, got {enabled!r}", "true, false")
         mrt = _as_number(t.get("min_run_time", base.min_run_time))
         if mrt is None or not (0 < mrt <= 60):
             self.fail("timing.min_run_time", f"bad value {t.get('min_run_time')!r}", "seconds in (0, 60]")
-        dists = tuple(t.get("distributions", base.distributions) or ())
+        # A non-list here (e.g. `distributions: 5`) used to escape as a TypeError.
+        dists = tuple(self._sublist(t, "distributions", base.distributions, ", ".join(DISTRIBUTIONS)))
         for d in dists:
             if d not in DISTRIBUTIONS:
                 self.fail("timing.distributions", f"unknown value {d!r}", ", ".join(DISTRIBUTIONS))
         scales = []
-        for s in t.get("scales", base.scales) or ():
+        for s in self._sublist(t, "scales", base.scales, "positive numbers from `scales`"):
             n = _as_number(s)
-            if n is None or n <= 0:
+            # not finite: `nan`/`inf` were accepted and then never matched a swept scale.
+            if n is None or not math.isfinite(n) or n <= 0:
                 self.fail("timing.scales", f"bad value {s!r}", "positive numbers from `scales`")
             scales.append(n)
         return TimingConfig(enabled=enabled, min_run_time=mrt, distributions=dists, scales=tuple(scales))
 
+    def _sublist(self, t, key, default, allowed):
+        value = t.get(key, default)
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)):
+            self.fail(f"timing.{key}", f"expected a list, got {_typename(value)} {value!r}", allowed)
+        return value
+
     def thresholds(self, data):
         t = data.get("thresholds", {})
         if not isinstance(t, dict):
-            self.fail("thresholds", f"expected a mapping dtype -> bits, got {_typename(t)}")
+            self.fail("thresholds", f"expected a mapping dtype -> bits, got {_typename(t)} {t!r}")
         out = {}
         for k, value in t.items():
             if k not in FORMATS:
@@ -273,7 +291,10 @@ def _as_number(value) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range (e.g. 400 digits) is not a usable number
+            return None
     if isinstance(value, str):
         try:
             return float(value)

@@ -9,8 +9,16 @@ import zlib
 
 import numpy as np
 
-BINARY_DISTRIBUTIONS = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong")
-DISTRIBUTIONS = BINARY_DISTRIBUTIONS
+# Every loss: random and extreme finite logits.
+COMMON_DISTRIBUTIONS = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong")
+# Multi-class losses only: value sets with no binary counterpart (as PyTorch's op tests use).
+MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min")
+# Losses taking logits only: ±inf logits. For probability inputs (bce) σ(±inf) is exactly
+# 0 or 1, which large scales already produce.
+LOGIT_DISTRIBUTIONS = ("nonfinite",)
+DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
+# What `generate` accepts for binary losses (bce: see `applies`, nonfinite does not apply).
+BINARY_DISTRIBUTIONS = COMMON_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
 DESCRIPTIONS = {
     "normal": "logits N(0, 1)·scale",
     "uniform": "logits U(−scale, scale)",
@@ -19,7 +27,36 @@ DESCRIPTIONS = {
     "multi-class: target logit +scale, others N(0, 1)",
     "confident_wrong": "binary: |x| = scale·U(½, 1) on the wrong side; "
     "multi-class: target logit −scale, one other +scale, others N(0, 1)",
+    "ties": "multi-class: every logit +scale (loss log C, gradient 1/C − onehot)",
+    "dominant": "multi-class: one non-target logit +scale, all others (the target included) 0 "
+    "(loss scale + log1p((C−1)·e^−scale))",
+    "target_min": "multi-class: target logit −scale, others N(0, 1); the target is the row "
+    "minimum (min(−scale, the others' minimum) where an N(0, 1) draw is below −scale)",
+    "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
+    "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
+    "a +inf target, a +inf non-target (at most one +inf per row)",
 }
+
+
+def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
+    """Whether `distribution` is a value set of a loss with these properties.
+
+    A distribution that does not apply produces no sweep points for that loss:
+    multi-class value sets (ties, dominant, target_min) have no binary counterpart, and
+    ±inf logits (nonfinite) are no input of a probability loss.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:
+        return False
+    if distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits":
+        return False
+    return True
+
+
+def distributions_for(multiclass: bool, input_kind: str) -> tuple[str, ...]:
+    """The distributions that apply to a loss, in `DISTRIBUTIONS` order."""
+    return tuple(d for d in DISTRIBUTIONS if applies(d, multiclass, input_kind))
 
 
 def rng_for(seed: int, *key: object) -> np.random.Generator:
@@ -49,6 +86,17 @@ def _binary(rng, n, scale, dist):
     elif dist in ("confident_correct", "confident_wrong"):
         side = 2 * y - 1 if dist == "confident_correct" else 1 - 2 * y
         x = side * scale * rng.uniform(0.5, 1.0, n)
+    elif dist == "nonfinite":
+        # Even elements: ±inf, cycling through (+inf, 0), (+inf, 1), (−inf, 0), (−inf, 1);
+        # odd elements: N(0, 1)·scale with a random label.
+        i = np.arange(n)
+        x = rng.standard_normal(n) * scale
+        special = i % 2 == 0
+        combo = (i // 2) % 4
+        x = np.where(special, np.where(combo < 2, np.inf, -np.inf), x)
+        y = np.where(special, (combo % 2).astype(np.float64), y)
+    elif dist in MULTICLASS_DISTRIBUTIONS:
+        raise ValueError(f"distribution {dist!r} applies to multi-class losses only")
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x, y
@@ -75,6 +123,51 @@ def _multiclass(rng, n, c, scale, dist):
             other = (t + rng.integers(1, c, n)) % c
             x[rows, other] = scale
         x[rows, t] = -scale
+    elif dist == "ties":
+        x = np.full((n, c), scale)
+    elif dist == "dominant":
+        # The target stays at 0 with the others: the loss is scale + log1p((C−1)·e^−scale),
+        # the target's gradient −(1 − p_t) with p_t ≈ e^−scale.
+        x = np.zeros((n, c))
+        if c > 1:
+            other = (t + rng.integers(1, c, n)) % c
+            x[rows, other] = scale
+    elif dist == "target_min":
+        # −scale, or the others' minimum where an N(0, 1) draw is below −scale (small
+        # scales): the target is always the row minimum.
+        x = rng.standard_normal((n, c))
+        x[rows, t] = np.inf
+        x[rows, t] = np.minimum(-scale, x.min(axis=1))
+    elif dist == "nonfinite":
+        x = _multiclass_nonfinite(rng, n, c, scale, t)
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x, t
+
+
+def _multiclass_nonfinite(rng, n, c, scale, t):
+    """N(0, 1)·scale logits with ±inf, row kind by row index mod 4:
+
+    0: some non-target logits −inf (masked), the target finite;
+    1: the target −inf, at least one other logit finite (loss +inf);
+    2: the target +inf, the only +inf of its row (loss 0 in the limit);
+    3: one non-target +inf, the target finite (loss +inf).
+
+    In every row each other non-target logit is also −inf with probability ¼. No row has
+    two +inf logits or only −inf ones: their limits are undefined (tested on their own).
+    """
+    rows = np.arange(n)
+    kind = rows % 4
+    x = rng.standard_normal((n, c)) * scale
+    if c == 1:  # only the target: a +inf target is the one defined non-finite row
+        x[kind == 2, 0] = np.inf
+        return x
+    other = (t + rng.integers(1, c, n)) % c
+    masked = rng.random((n, c)) < 0.25
+    masked[rows, t] = False
+    masked[rows, other] = kind == 0  # masked in kind 0, finite (or +inf) in the others
+    x[masked] = -np.inf
+    x[rows[kind == 1], t[kind == 1]] = -np.inf
+    x[rows[kind == 2], t[kind == 2]] = np.inf
+    x[rows[kind == 3], other[kind == 3]] = np.inf
+    return x

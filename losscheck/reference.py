@@ -54,9 +54,10 @@ def to_work(t: torch.Tensor, work: type) -> np.ndarray:
 def round_to(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """Correctly round working-precision values to `dtype` (round to nearest, ties to even).
 
-    bfloat16 goes through float32 with round-to-odd: rounding first to odd in a format
-    with at least 2 more bits, then to nearest, equals one rounding to nearest, whereas
-    the plain float64 -> float32 -> bfloat16 path can double-round.
+    float16 and bfloat16 go through float32 with round-to-odd: rounding first to odd in a
+    format with at least 2 more bits, then to nearest, equals one rounding to nearest,
+    whereas the plain float64 -> float32 -> half path can double-round. (numpy's direct
+    float64 -> float16 cast is also correct, but five times slower.)
     """
     # Overflow to ±inf is the correct rounding of a value beyond the dtype's range, not an
     # error: without errstate numpy warns ("overflow encountered in cast") on long double ->
@@ -69,85 +70,80 @@ def round_to(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         with np.errstate(over="ignore"):
             return torch.from_numpy(np.asarray(a, dtype=np.float64).astype(np.float32))
     a64 = np.asarray(a, dtype=np.float64)
-    if dtype == torch.float16:
-        # numpy converts float64 -> float16 directly with one correct rounding
-        # (npy_double_to_half), unlike torch, which goes through float32.
-        with np.errstate(over="ignore"):
-            return torch.from_numpy(a64.astype(np.float16))
     with np.errstate(over="ignore", invalid="ignore"):
-        f = a64.astype(np.float32)
-        finite = np.isfinite(a64)
-        # Beyond float32's largest finite value, truncation gives that value (which is odd).
-        f = np.where(np.isinf(f) & finite, np.copysign(np.finfo(np.float32).max, a64), f).astype(np.float32)
-        fix = (f != a64) & finite & ((f.view(np.int32) & 1) == 0)
-        if fix.any():
-            toward = np.where(a64 > f, np.float32(np.inf), np.float32(-np.inf))
-            f = np.where(fix, np.nextafter(f, toward), f)
-    return torch.from_numpy(f).to(dtype)
+        f = a64.astype(np.float32)  # round to nearest
+        back = f.astype(np.float64)
+        # Round to odd on the bits: step back toward zero where rounding went away from
+        # zero (sign-magnitude: bits − 1 shrinks the magnitude for either sign; a finite
+        # value beyond float32's range lands on its largest finite value, which is odd),
+        # then set the last bit where the value was inexact. NaN stays NaN.
+        away = (np.abs(back) > np.abs(a64)).view(np.int8).astype(np.int32)
+        inexact = (back != a64).view(np.int8).astype(np.int32)
+        bits = (f.view(np.int32) - away) | inexact
+    return torch.from_numpy(bits.view(np.float32)).to(dtype)
 
 
-class ExactSum:
-    """Sum of many working-precision values, exact up to a final rounding.
+class CompensatedSum:
+    """Sum of many working-precision values with every rounding error recovered.
 
-    Each value is split into a float64 head and tail, and math.fsum sums them without
-    rounding error; a chunk's exact sum is kept as two floats (sum and residual), so
-    chunks can be combined with a relative error of about 2**-106.
+    Each chunk is summed by a pairwise tree of TwoSums (vectorised: log2(n) numpy steps);
+    the exact rounding errors are added up separately, and chunk sums are combined with
+    one more TwoSum. The result (head + tail) carries the sum to about twice the working
+    precision, far below 1/64 ULP of the target dtype. inf/NaN terms, or partial sums
+    beyond the working format's range, fall back to plain IEEE summation.
     """
 
     def __init__(self) -> None:
-        self._parts: list[float] = []
-        self._fallback: list[float] = []
+        self._hi = None
+        self._lo = None
+        self._plain: list = []  # sums that are not finite (or left the range)
 
     def add(self, values: np.ndarray) -> None:
         values = values.reshape(-1)
         if values.size == 0:
             return
-        if not np.all(np.isfinite(values)):
-            # inf/nan propagate as IEEE arithmetic says; exactness is moot then.
-            with np.errstate(over="ignore", invalid="ignore"):
-                self._fallback.append(np.sum(values))
-            return
-        with np.errstate(over="ignore"):
-            hi = values.astype(np.float64)
-        try:
-            if not np.all(np.isfinite(hi)):
-                # Finite long double values beyond float64's range (a float64 cross entropy at
-                # logits near ±max has m − x_t ≈ 3.6e308): the head/tail split cannot hold them.
-                raise OverflowError
-            parts = hi.tolist()
-            if values.dtype != np.float64:
-                parts += (values - hi.astype(values.dtype)).astype(np.float64).tolist()
-            # fsum raises OverflowError ("intermediate overflow") when a partial sum leaves
-            # float64's range, e.g. two float64 losses near 1e308.
-            s = math.fsum(parts)
-            parts.append(-s)
-            self._parts += [s, math.fsum(parts)]
-        except OverflowError:
-            # Sum in working precision instead (long double keeps such sums finite; in
-            # float64 the sum overflows to inf, as the exact sum rounded would).
-            with np.errstate(over="ignore"):
-                self._fallback.append(np.sum(values))
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite(values).all():
+                self._plain.append(np.sum(values))
+                return
+            hi, lo = _tree_sum(values)
+            if self._hi is None:
+                self._hi, self._lo = values.dtype.type(0), values.dtype.type(0)
+            total, err = _two_sum(self._hi, hi)
+            if np.isfinite(total) and np.isfinite(err):
+                self._hi, self._lo = total, self._lo + lo + err
+            else:
+                # A partial sum left the working format's range (float64 losses near
+                # 1e308): IEEE summation gives the rounded answer, inf.
+                self._plain.append(np.sum(values))
 
     def mean(self, count: int, work: type):
         """The sum divided by `count`, in working precision."""
         with np.errstate(over="ignore", invalid="ignore"):
-            try:
-                s = math.fsum(self._parts)
-                self._parts.append(-s)
-                try:
-                    residual = math.fsum(self._parts)
-                finally:
-                    self._parts.pop()
-                total = work(s) + work(residual)
-            except OverflowError:
-                # Chunk sums whose total leaves float64's range: add them in working precision
-                # (inf in float64, as the exact sum rounded; finite in long double).
-                total = np.sum(np.asarray(self._parts, dtype=work))
-            if self._fallback:
-                # The fallback sums are kept in working precision: a long double sum beyond
-                # float64's range may still have a mean within it.
-                total = total + sum(work(f) for f in self._fallback)
+            total = work(0) if self._hi is None else work(self._hi) + work(self._lo)
+            for extra in self._plain:
+                total = total + work(extra)
             return total / work(count)
+
+
+def _two_sum(a, b):
+    """a + b = s + e exactly (Knuth), elementwise."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _tree_sum(x: np.ndarray):
+    err = x.dtype.type(0)
+    while x.size > 1:
+        if x.size % 2:
+            x = np.append(x, x.dtype.type(0))
+        half = x.size // 2
+        x, e = _two_sum(x[:half], x[half:])
+        if not np.isfinite(x).all():
+            return np.sum(x), x.dtype.type(0)
+        err = err + e.sum()
+    return x[0], err
 
 
 def two_diff(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,8 @@ def render(results: dict) -> str:
     # a reference) are summarised in one line each under the header instead.
     all_records = results["records"]
     records = [r for r in all_records if r["status"] != "skipped"]
-    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records)]
+    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records),
+             _nonfinite_inputs(records), _versus(records)]
     for loss in _order((r["loss"] for r in records), list(LOSSES)):
         recs = [r for r in records if r["loss"] == loss]
         parts.append(_loss_section(loss, recs))
@@ -96,7 +97,7 @@ def _skipped_summary(records: list[dict]) -> str:
     for r in records:
         if r["status"] == "skipped":
             skipped[(r["device"], r["message"])] += 1
-    return "\n".join(f"> Not run on **{device}**: {msg} ({n} points skipped)."
+    return "\n".join(f"> Not run on **{device}**: {msg} ({n} point{'s' if n != 1 else ''} skipped)."
                      for (device, msg), n in sorted(skipped.items()))
 
 
@@ -159,7 +160,65 @@ def _findings(records: list[dict]) -> str:
                 by_impl[impl].append(dtype)
             lines.append(f"- {loss}: silent saturation (finite results more than the threshold off) by "
                          + "; ".join(f"{i} in {', '.join(ds)}" for i, ds in by_impl.items()) + ".")
+    nan_at_limits = defaultdict(set)
+    for r in records:
+        if r["distribution"] in A.SCALE_FREE and r["status"] == "ok" and (
+                A.nonfinite(r["forward"]) or A.nonfinite(r["backward"])):
+            nan_at_limits[(r["loss"], r["impl"])].add(r["dtype"])
+    for (loss, impl), dtypes in sorted(nan_at_limits.items()):
+        lines.append(f"- {loss} / {impl} returns NaN or ±inf at infinite logits where the limit is finite "
+                     f"({', '.join(_order(dtypes, list(FORMATS)))}).")
     return "## Findings\n\n" + "\n".join(lines) if lines else ""
+
+
+def _nonfinite_inputs(records: list[dict]) -> str:
+    recs = [r for r in records if r["distribution"] in A.SCALE_FREE and r["status"] == "ok"]
+    if not recs:
+        return ""
+    impls = _impls(recs)
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
+    rows = []
+    for key in sorted(groups, key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 9, k[1],
+                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+        row = list(key)
+        for impl in impls:
+            rs = groups[key].get(impl, [])
+            n_f = sum(r["forward"]["n"] for r in rs)
+            n_b = sum(r["backward"]["n"] for r in rs)
+            bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
+            bad_b = sum(A.nonfinite(r["backward"]) for r in rs)
+            worst = A.worst(r["forward"]["max_bits"] for r in rs)
+            row.append("" if not rs else f"{_share(bad_f, n_f)} · {_share(bad_b, n_b)} · {fmt_num(worst)} bits")
+        rows.append(row)
+    return ("## Infinite logits\n\n"
+            "Inputs with ±inf logits (as masking with −inf produces), where the reference is the limit "
+            "value (e.g. BCE-with-logits at x = −inf, y = 0 is 0; a −inf non-target logit has probability "
+            "0). Per implementation: share of elements that are NaN/±inf although the limit is finite, "
+            "forward · gradient, and the worst forward error in bits.\n\n"
+            + tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github"))
+
+
+def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
+    vs = A.versus(records, a, b)
+    if not vs:
+        return ""
+    rows = []
+    for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: (
+            list(LOSSES).index(kv[0][0]) if kv[0][0] in LOSSES else 9, kv[0][2],
+            list(FORMATS).index(kv[0][1]) if kv[0][1] in FORMATS else 9)):
+        gain = f"{v.max_gain_bits:.1f} ({v.max_gain_where})" if v.max_gain_bits > 0 else "0"
+        rows.append([loss, device, dtype, v.points, v.better, v.points - v.better - v.worse, v.worse,
+                     v.a_finite_b_not, gain, f"{v.max_loss_bits:.1f}" if v.worse else "—"])
+    return (f"## `{a}` against `{b}`\n\n"
+            f"Point by point, on forward max bits, mean-loss bits (log2(1 + ULP)) and gradient max bits: "
+            f"`better` = more accurate on one measure and worse on none; `{b} non-finite` = points where "
+            f"`{b}` returns NaN/inf and `{a}` does not; gain = the largest difference in bits where both "
+            "are finite.\n\n"
+            + tabulate(rows, headers=["loss", "device", "dtype", "points", "better", "same", "worse",
+                                      f"{b} non-finite", "largest gain, bits (where)", "largest loss, bits"],
+                       tablefmt="github"))
 
 
 def _loss_section(loss: str, recs: list[dict]) -> str:
@@ -207,7 +266,29 @@ def _loss_section(loss: str, recs: list[dict]) -> str:
         "**Overflow** — share of elements that are NaN or ±inf where the reference is finite, forward / "
         "gradient, and the number of finite values more than the threshold off (silent saturation).\n\n"
         + tabulate(ovf_rows, headers=headers, tablefmt="github"))
+    if len({r["batch"] for r in recs}) > 1:
+        head.append(_reduction_table(recs, impls))
     return "\n\n".join(head)
+
+
+def _reduction_table(recs: list[dict], impls: list[str]) -> str:
+    groups = defaultdict(list)
+    for r in recs:
+        if r["status"] == "ok":
+            groups[(r["device"], r["dtype"], r["batch"])].append(r)
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], list(FORMATS).index(k[1]) if k[1] in FORMATS else 9, k[2])):
+        g = groups[key]
+        row = list(key)
+        for impl in impls:
+            mine = [r for r in g if r["impl"] == impl]
+            worst = A.worst(r["forward"]["reduced_ulp"] for r in mine)
+            bad = sum(A.reduced_nonfinite(r) for r in mine)
+            row.append("" if not mine else fmt_num(worst) + (f" ({bad} non-finite)" if bad else ""))
+        rows.append(row)
+    return ("**Mean loss by batch size** — worst mean-loss error in ULPs over scales and distributions, "
+            "and how many points returned a non-finite mean (the reduction overflowing).\n\n"
+            + tabulate(rows, headers=["device", "dtype", "batch", *impls], tablefmt="github"))
 
 
 def _share(k: int, n: int) -> str:

@@ -103,4 +103,41 @@ def load(path: str | Path) -> dict:
             if isinstance(values, dict):
                 rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v
                                 for k, v in values.items()}
+        problem = _record_problem(rec)
+        if problem:
+            raise ResultsError(f"{path}: records[{i}]: {problem}")
     return data
+
+
+STATUSES = ("ok", "error", "skipped")
+METRIC_KEYS = ("n", "max_ulp", "max_bits", "mean_bits", "reduced_ulp", "nan", "inf", "saturated")
+TIMING_KEYS = ("forward_median_s", "forward_iqr_s", "backward_median_s", "backward_iqr_s")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _record_problem(rec: dict) -> str | None:
+    """What the report and the gate rely on, checked once here (None when fine)."""
+    if rec["status"] not in STATUSES:
+        return f"status {rec['status']!r} is not one of {', '.join(STATUSES)}"
+    if not _is_number(rec["scale"]) or not _is_number(rec["batch"]):
+        return "scale and batch must be numbers"
+    if rec["status"] != "ok":
+        return None
+    if not _is_number(rec.get("threshold_bits")):
+        return "key 'threshold_bits' missing or not a number"
+    for section in ("forward", "backward"):
+        values = rec[section]
+        if not isinstance(values, dict):
+            return f"'{section}' must be an object for status ok"
+        for key in METRIC_KEYS:
+            v = values.get(key)
+            if not (v is None or _is_number(v)) or (v is None and key in ("n", "nan", "inf", "saturated")):
+                return f"'{section}.{key}' missing or not a number"
+    timing = rec["timing"]
+    if timing is not None:
+        if not isinstance(timing, dict) or not all(_is_number(timing.get(k)) for k in TIMING_KEYS):
+            return f"'timing' must be null or an object with numbers {', '.join(TIMING_KEYS)}"
+    return None

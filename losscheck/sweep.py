@@ -49,7 +49,10 @@ def cases(config: Config) -> Iterator[Case]:
             config.batch_sizes, classes, config.distributions, config.scales,
             config.devices, config.dtypes,
         ):
-            yield Case(loss_name, device, dtype, batch, c, dist, scale)
+            # A distribution that does not apply to this loss (ties for a binary loss,
+            # infinite logits for probabilities) yields no points for it.
+            if inputs.applies(dist, loss.multiclass, loss.input_kind):
+                yield Case(loss_name, device, dtype, batch, c, dist, scale)
 
 
 def count_points(config: Config) -> int:

@@ -147,6 +147,48 @@ def exact_bce_with_logits(x: float, y: float):
 
 
 def exact_cross_entropy(row, t: int):
+    if all(math.isfinite(v) for v in row):
+        return _exact_cross_entropy(row, t)
+    return _exact_cross_entropy_limit(row, t)
+
+
+# ±inf logits: the loss and gradient are limits. They are found here without any case
+# analysis: ±inf is replaced by ±BIG·r_j along several paths (growth rates r_j: all equal,
+# increasing, decreasing with j), BIG beyond every dtype's range and e^−BIG below every
+# subnormal. A component is +inf (−inf) where every path gives more than HUGE (less than
+# −HUGE), 0 where every path is below NEGLIGIBLE in magnitude, the common value where the
+# paths agree to 40 digits, and undefined (NaN) where the paths disagree. Finite logits
+# give values within (NEGLIGIBLE, HUGE): at most |m − x_t| ≈ 3.6e308, at least e^−3.6e308.
+BIG = MP.mpf(10) ** 400
+HUGE = MP.ldexp(1, 1200)  # ≈ 1e361: above every finite logit's loss, below BIG
+NEGLIGIBLE = MP.ldexp(1, -3 * 10**399)  # ≈ 10**−9e398: above e^−BIG, below e^−3.6e308
+
+
+def _exact_cross_entropy_limit(row, t: int):
+    c = len(row)
+    paths = [[1] * c, [1 + j for j in range(c)], [c - j for j in range(c)]]
+    results = []
+    for rates in paths:
+        sub = [v if math.isfinite(v) else MP.mpf(math.copysign(1, v)) * BIG * r for v, r in zip(row, rates)]
+        results.append(_exact_cross_entropy(sub, t))
+    loss = _agree([r[0] for r in results])
+    grad = [_agree([r[1][j] for r in results]) for j in range(c)]
+    return loss, grad
+
+
+def _agree(values):
+    if all(v > HUGE for v in values):
+        return MP.inf
+    if all(v < -HUGE for v in values):
+        return -MP.inf
+    if all(abs(v) < NEGLIGIBLE for v in values):
+        return MP.mpf(0)
+    if all(abs(v - values[0]) <= abs(values[0]) * MP.mpf(10) ** -40 for v in values):
+        return values[0]
+    return MP.nan
+
+
+def _exact_cross_entropy(row, t: int):
     X = [MP.mpf(v) for v in row]
     k = max(range(len(X)), key=lambda j: X[j])
     m = X[k]
@@ -180,6 +222,10 @@ class Checker:
 
     def raw(self, w, v, what: str) -> None:
         """Working-precision value `w` against the exact `v`."""
+        if MP.isnan(v):  # undefined (a limit that depends on the path): NaN
+            if not np.isnan(w):
+                self.problems.append(f"{what}: raw {w!r}, exact undefined (NaN)")
+            return
         if MP.isinf(v):
             if not (np.isinf(w) and (w > 0) == (v > 0)):
                 self.problems.append(f"{what}: raw {w!r}, exact {v}")
@@ -200,7 +246,9 @@ class Checker:
         """Value `got` of the target dtype against the exact `v`, correctly rounded."""
         r = round_exact(v, self.name)
         self.rounded += 1
-        if r.tie:
+        if MP.isnan(v):
+            ok = math.isnan(got)
+        elif r.tie:
             self.ties += 1
             ok = got in (r.below, r.above)
         else:
@@ -284,6 +332,27 @@ def _logits(loss_name: str, name: str, case: str, seed: int = 0):
         x[:, 0] = m
         x[:, 1] = -0.1
         labels[: N // 2] = 0  # half the rows: target on the max
+    elif "_" in case and case.rsplit("_", 1)[0] in inputs.DISTRIBUTIONS:
+        # the value sets of inputs.py: ties, dominant, target_min, nonfinite at a scale
+        dist, scale = case.rsplit("_", 1)
+        x, labels = inputs.generate(loss_name, loss.multiclass, N, C, float(scale), dist, seed)
+    elif case == "undefined":
+        # Rows whose limits are partly or wholly undefined (NaN in the reference), which
+        # the `nonfinite` value set leaves out, next to defined ones, by row index mod 4:
+        # two +inf non-targets (loss +inf), two +inf with the target (undefined), every
+        # logit −inf (undefined), a +inf non-target with a −inf target and a −inf other.
+        rows = np.arange(N)
+        x = rng.standard_normal(shape) * 10
+        other, third = (labels + 1) % C, (labels + 2) % C
+        kind = rows % 4
+        x[rows[kind == 0], other[kind == 0]] = np.inf
+        x[rows[kind == 0], third[kind == 0]] = np.inf
+        x[rows[kind == 1], labels[kind == 1]] = np.inf
+        x[rows[kind == 1], other[kind == 1]] = np.inf
+        x[kind == 2] = -np.inf
+        x[rows[kind == 3], other[kind == 3]] = np.inf
+        x[rows[kind == 3], labels[kind == 3]] = -np.inf
+        x[rows[kind == 3], third[kind == 3]] = -np.inf
     else:
         raise AssertionError(case)
     return loss.make_input(np.asarray(x, dtype=np.float64), FORMATS[name].torch_dtype), \
@@ -291,12 +360,16 @@ def _logits(loss_name: str, name: str, case: str, seed: int = 0):
 
 
 COMMON = ["normal_1", "normal_30", "normal_1000", "tiny", "huge", "extreme_100", "extreme_10000"]
-MULTICLASS_ONLY = ["confident_correct", "confident_wrong", "ties", "wide"]
+MULTICLASS_ONLY = ["confident_correct", "confident_wrong", "ties", "wide",
+                   "ties_1e8", "dominant_30", "dominant_10000", "target_min_1", "target_min_10000",
+                   "undefined"]
+LOGITS_ONLY = ["nonfinite_1", "nonfinite_10000"]  # ±inf logits: the reference's limits
 
 
 def _cases():
     for loss_name, loss in LOSSES.items():
-        for case in COMMON + (MULTICLASS_ONLY if loss.multiclass else []):
+        for case in COMMON + (MULTICLASS_ONLY if loss.multiclass else []) + \
+                (LOGITS_ONLY if loss.input_kind == "logits" else []):
             yield loss_name, case
 
 
@@ -368,11 +441,29 @@ def test_cross_entropy_reference_random(name, width, data):
 
 
 @pytest.mark.parametrize("name,width", HYP_DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_cross_entropy_reference_random_with_infinities(name, width, data):
+    # ±inf logits in any number and place: the limits (and NaN where there is none) of
+    # `reference_chunk` against the path oracle of `_exact_cross_entropy_limit`.
+    c = data.draw(st.integers(1, 5), label="classes")
+    n = data.draw(st.integers(1, 4), label="rows")
+    elem = st.one_of(st.sampled_from([math.inf, -math.inf]),
+                     _floats(width, min_value=-100.0, max_value=100.0), _floats(width))
+    rows = data.draw(st.lists(st.lists(elem, min_size=c, max_size=c), min_size=n, max_size=n))
+    t = data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n))
+    dt = FORMATS[name].torch_dtype
+    certify("cross_entropy", torch.tensor(rows, dtype=torch.float64).to(dt), torch.tensor(t))
+
+
+@pytest.mark.parametrize("name,width", HYP_DTYPES)
 @settings(max_examples=50, deadline=None)
 @given(data=st.data())
 def test_bce_with_logits_reference_random(name, width, data):
     n = data.draw(st.integers(1, 8), label="n")
-    x = data.draw(st.lists(_floats(width), min_size=n, max_size=n))
+    # ±inf included: the limits (loss 0 or +inf, gradient σ − y ∈ {0, ±1})
+    x = data.draw(st.lists(st.one_of(_floats(width), st.sampled_from([math.inf, -math.inf])),
+                           min_size=n, max_size=n))
     y = data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n))
     dt = FORMATS[name].torch_dtype
     certify("bce_with_logits", torch.tensor(x, dtype=torch.float64).to(dt),
@@ -500,15 +591,15 @@ def test_round_to_float32_from_float64():
     assert out.double().tolist() == expected
 
 
-# ---- ExactSum -------------------------------------------------------------------------------
+# ---- CompensatedSum -------------------------------------------------------------------------------
 
-def test_exact_sum_catastrophic_float64():
-    s = R.ExactSum()
+def test_compensated_sum_catastrophic_float64():
+    s = R.CompensatedSum()
     s.add(np.array([1e100, 1.0, -1e100]))
     assert s.mean(1, np.float64) == 1.0
     assert s.mean(3, np.float64) == np.float64(1.0) / 3
     # in chunks, and with values whose naive sum is off by far more than 1 ULP
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     for chunk in ([1e100], [1.0, 2.0**-60], [-1e100, 3e-17], [1e-300]):
         s.add(np.array(chunk))
     assert s.mean(1, np.float64) == math.fsum([1.0, 2.0**-60, 3e-17, 1e-300])
@@ -516,45 +607,45 @@ def test_exact_sum_catastrophic_float64():
 
 
 @needs_longdouble
-def test_exact_sum_catastrophic_long_double():
+def test_compensated_sum_catastrophic_long_double():
     ld = np.longdouble
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([1e100, 1.0, -1e100], dtype=ld))
     out = s.mean(1, ld)
     assert isinstance(out, ld) and out == 1
     # bits below float64's precision must survive: (1 + 2**-60) − 1 = 2**-60 exactly
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([ld(1) + ld(2) ** -60, ld(1e100), -ld(1), -ld(1e100)], dtype=ld))
     assert s.mean(1, ld) == ld(2) ** -60
     # across chunks (non-negative values, as losses are: a chunk is kept to ~2**-106)
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([ld(1) + ld(2) ** -60], dtype=ld))
     s.add(np.array([ld(2) ** -62, ld(0)], dtype=ld))
     s.add(np.array([ld(2) ** -62 * 3], dtype=ld))
     assert s.mean(1, ld) == ld(1) + ld(2) ** -59
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([ld(1) + ld(2) ** -62] * 3, dtype=ld))
     assert s.mean(3, ld) == ld(1) + ld(2) ** -62
 
 
-def test_exact_sum_propagates_non_finite():
-    s = R.ExactSum()
+def test_compensated_sum_propagates_non_finite():
+    s = R.CompensatedSum()
     s.add(np.array([1.0, 2.0]))
     s.add(np.array([math.inf, 1.0]))
     assert s.mean(2, np.float64) == math.inf
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([math.inf, -math.inf]))
     assert math.isnan(s.mean(1, np.float64))
 
 
-def test_exact_sum_overflowing_float64_is_inf_not_an_exception():
+def test_compensated_sum_overflowing_float64_is_inf_not_an_exception():
     # Regression: math.fsum raised OverflowError ("intermediate overflow in fsum") on two
     # float64 losses near 1e308, which crashed the float64 reference of bce_with_logits at
     # logits near float64's max.
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([1.7e308, 1.7e308, 1.0]))
     assert s.mean(1, np.float64) == math.inf
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([1.7e308]))
     s.add(np.array([1.7e308]))
     assert s.mean(1, np.float64) == math.inf
@@ -562,12 +653,12 @@ def test_exact_sum_overflowing_float64_is_inf_not_an_exception():
 
 
 @needs_longdouble
-def test_exact_sum_beyond_float64_range_in_long_double():
+def test_compensated_sum_beyond_float64_range_in_long_double():
     # Regression: a float64 cross entropy at logits ±max has m − x_t ≈ 3.6e308, finite in long
     # double; the sum must stay finite there and the mean come back into float64's range.
     ld = np.longdouble
     big = ld(np.finfo(np.float64).max)
-    s = R.ExactSum()
+    s = R.CompensatedSum()
     s.add(np.array([2 * big, ld(0), big], dtype=ld))
     s.add(np.array([ld(1)], dtype=ld))
     mean = s.mean(4, ld)

@@ -72,9 +72,11 @@ class Loss:
         if self.input_kind == "probabilities":
             return R.round_to(R.sigmoid(logits), dtype)
         limit = torch.finfo(dtype).max
-        # Logits beyond the dtype's range are saturated to its largest finite value:
-        # the sweep audits finite inputs; infinite logits are a value set of their own.
-        return R.round_to(np.clip(logits, -limit, limit), dtype)
+        # Finite logits beyond the dtype's range are saturated to its largest finite value
+        # (a scale of 1e8 is a large logit in float16 too, not an infinite one); genuine
+        # ±inf logits (the `nonfinite` value set: masking with −inf) stay infinite.
+        clipped = np.clip(logits, -limit, limit)
+        return R.round_to(np.where(np.isinf(logits), logits, clipped), dtype)
 
     def make_target(self, labels: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if self.multiclass:
@@ -101,7 +103,7 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> Reference:
     row_elems = inp[0].numel() if n else 1
     loss_out = torch.empty(n, dtype=dtype)
     grad_out = torch.empty(inp.shape, dtype=dtype)
-    total = R.ExactSum()
+    total = R.CompensatedSum()
     for rows in R.row_chunks(n, row_elems):
         x = R.to_work(inp[rows], work)
         t = target[rows].detach().cpu()
@@ -147,10 +149,39 @@ def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> t
     """Reduce in a wide accumulator and round once to `dtype`."""
     if reduction == "none":
         return loss.to(dtype)
-    acc = loss.to(accumulate_dtype(loss.device)).sum()
+    wide = loss.to(accumulate_dtype(loss.device))
+    if wide.dtype == dtype:
+        # No wider type to accumulate in (float64, or float32 on MPS): sum with every
+        # rounding error recovered (TwoSum), so only the elements' own errors remain.
+        acc = compensated_sum(wide)
+    else:
+        acc = wide.sum()
     if reduction == "mean":
         acc = acc / loss.shape[0]
     return acc.to(dtype)
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a + b = s + e exactly (Knuth), elementwise."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def compensated_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor, nearly exact: a pairwise tree of TwoSums whose rounding errors
+    are collected and added back at the end (log2(N) vectorised steps, any device)."""
+    plain = x.sum()
+    err = x.new_zeros(())
+    while x.numel() > 1:
+        if x.numel() % 2:
+            x = torch.cat([x, x.new_zeros(1)])
+        x, e = _two_sum(x[0::2], x[1::2])
+        err = err + e.sum()
+    total = (x.sum() if x.numel() else x.new_zeros(())) + err
+    # With an inf or NaN among the terms TwoSum yields NaN; IEEE's plain sum is the answer
+    # then (torch.where rather than a branch: no device synchronisation).
+    return torch.where(plain.isfinite(), total, plain)
 
 
 def grad_scale(grad_output: torch.Tensor, reduction: str, n: int, dtype: torch.dtype) -> torch.Tensor:

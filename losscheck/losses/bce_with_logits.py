@@ -17,14 +17,19 @@ def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Te
 
 
 class _Stable(torch.autograd.Function):
-    # loss = max(x, 0) − x·y + log1p(exp(−|x|)): no overflow, and for hard targets the
-    # first two terms cancel exactly (x − x or 0 − 0), so tiny losses keep every bit.
-    # The gradient σ(x) − y is formed without cancellation: for x ≥ 0 as (1 − y) − σ(−x).
+    # loss = max(x, 0) − x·y + log1p(exp(−|x|)): no overflow. For hard targets the first
+    # two terms are max(z, 0) with z = x (y = 0) or −x (y = 1), which is how they are
+    # computed: bit for bit the same for finite x (x − x and 0 − 0 cancel exactly, so tiny
+    # losses keep every bit), and without x·y = ±inf·0 = NaN at ±inf logits, where it gives
+    # the limits: 0 on the target's side, +inf on the wrong side.
+    # The gradient σ(x) − y is formed without cancellation: for x ≥ 0 as (1 − y) − σ(−x);
+    # at ±inf, σ(−|x|) = 0 gives the limits 1 − y and −y.
     @staticmethod
     def forward(ctx, x, y, reduction):
         c = compute_dtype(x.dtype)
         xc, yc = x.to(c), y.to(c)
-        loss = torch.relu(xc) - xc * yc + torch.log1p(torch.exp(-xc.abs()))
+        z = torch.where(yc > 0.5, -xc, xc)
+        loss = torch.relu(z) + torch.log1p(torch.exp(-xc.abs()))
         ctx.save_for_backward(x, y)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, x.dtype)
@@ -69,7 +74,7 @@ LOSS = Loss(
     input_kind="logits",
     implementations={
         "naive": Impl("naive", "naive", naive, "−[y·log σ(x) + (1−y)·log(1−σ(x))], σ = 1/(1+e^−x)"),
-        "stable": Impl("stable", "stable", stable, "max(x,0) − x·y + log1p(e^−|x|), gradient σ(x) − y without cancellation"),
+        "stable": Impl("stable", "stable", stable, "max(x,0) − x·y + log1p(e^−|x|), gradient σ(x) − y without cancellation, limits at ±inf"),
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy_with_logits"),
     },
     reference_chunk=reference_chunk,

@@ -1,0 +1,79 @@
+"""Throughput and memory of the accuracy reference (issue: "Accuracy you can trust").
+
+Targets on the 2-core development machine: >= 20 M elements/s for float32/float16/bfloat16
+targets (float64 working precision) and >= 3 M elements/s for float64 targets (x86 long
+double). "Elements" are input values: N for the binary losses, N·C logits for cross entropy.
+The reference works in chunks of reference.CHUNK_ELEMENTS values, so its peak extra memory
+stays bounded whatever the input size; the peak traced by tracemalloc (numpy registers its
+buffers there) is reported next to the size of one full working-precision copy of the input.
+
+Usage:  python benchmarks/reference_throughput.py [--elements 8388608] [--repeat 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tracemalloc
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from losscheck import inputs
+from losscheck.losses import LOSSES, reference
+
+TARGETS = {"float64": 3e6, "float32": 20e6, "float16": 20e6, "bfloat16": 20e6}
+
+
+def measure(loss_name: str, dtype_name: str, elements: int, repeat: int) -> dict:
+    loss = LOSSES[loss_name]
+    dtype = getattr(torch, dtype_name)
+    classes = 1000 if loss.multiclass else None
+    batch = elements // (classes or 1)
+    logits, labels = inputs.generate(loss_name, loss.multiclass, batch, classes, 10.0, "normal", 0)
+    inp, target = loss.make_input(logits, dtype), loss.make_target(labels, dtype)
+    del logits, labels
+    n = inp.numel()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        reference(loss, inp, target)
+        best = min(best, time.perf_counter() - t0)
+    tracemalloc.start()
+    reference(loss, inp, target)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    work_bytes = np.dtype(np.longdouble if dtype == torch.float64 else np.float64).itemsize
+    rate = n / best
+    return {"loss": loss_name, "dtype": dtype_name, "elements": n, "seconds": best,
+            "elements_per_s": rate, "target_per_s": TARGETS[dtype_name],
+            "meets_target": rate >= TARGETS[dtype_name], "peak_traced_bytes": peak,
+            "full_copy_bytes": n * work_bytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=1 << 23)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(l, d, args.elements, args.repeat) for l in LOSSES for d in TARGETS]
+    print(tabulate([[r["loss"], r["dtype"], r["elements"], f"{r['seconds']:.3f}",
+                     f"{r['elements_per_s'] / 1e6:.1f}", f"{r['target_per_s'] / 1e6:.0f}",
+                     "yes" if r["meets_target"] else "NO",
+                     f"{r['peak_traced_bytes'] / 2**20:.0f}", f"{r['full_copy_bytes'] / 2**20:.0f}"]
+                    for r in rows],
+                   headers=["loss", "target dtype", "elements", "best s", "M elem/s", "target M/s",
+                            "meets", "peak MiB (traced)", "one full copy MiB"], tablefmt="github"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if not all(r["meets_target"] for r in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The Markdown report, rendered from stored results (the tiny sweep, and a handcrafted file)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from losscheck import analysis, report, results
+from losscheck.cli import main
+from losscheck.dtypes import FORMATS
+from losscheck.losses import LOSSES
+
+DATA = Path(__file__).parent / "data"
+SMALL = DATA / "small_results.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_md(tiny_results) -> str:
+    return report.render(tiny_results)
+
+
+def tables(md: str) -> list[tuple[int, list[str], list[list[str]]]]:
+    """Every GitHub table in `md`: (line index, header cells, rows of cells)."""
+    lines = md.splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            start = i
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            assert set("".join(block[1])) <= set("-:"), block[1]  # the separator line
+            out.append((start, block[0], block[2:]))
+        else:
+            i += 1
+    return out
+
+
+def section(md: str, title: str) -> str:
+    head = f"## {title}\n"
+    assert head in md, title
+    return md.split(head, 1)[1].split("\n## ", 1)[0].split("\n<details>", 1)[0]
+
+
+def details(md: str) -> str:
+    return md.split("<details>", 1)[1].split("</details>", 1)[0]
+
+
+def run_records(res: dict) -> list[dict]:
+    return [r for r in res["records"] if r["status"] != "skipped"]
+
+
+def label(dtype: str, device: str) -> str:
+    return dtype if device == "cpu" else f"{dtype}@{device}"
+
+
+# ---- the breakdown table --------------------------------------------------------------------
+
+def test_breakdown_table_is_the_first_table_and_precedes_the_accuracy_tables(tiny_md):
+    first_line, header, _ = tables(tiny_md)[0]
+    lines = tiny_md.splitlines()
+    assert lines.index("## Breakdown scale") < first_line
+    assert header == ["loss", "device", "dtype", "naive", "stable", "torch"]
+    assert tiny_md.index("## Breakdown scale") < tiny_md.index("## Findings") < tiny_md.index("**Accuracy**")
+    assert "## Breakdown scale" not in tiny_md.split("**Accuracy**", 1)[1]
+
+
+def test_breakdown_lists_every_loss_device_dtype_that_was_run(tiny_results, tiny_md):
+    _, header, rows = tables(tiny_md)[0]
+    ran = {(r["loss"], r["device"], r["dtype"]) for r in run_records(tiny_results)}
+    assert [tuple(row[:3]) for row in rows] == sorted(
+        ran, key=lambda k: (list(LOSSES).index(k[0]), k[1], list(FORMATS).index(k[2])))
+    assert len(rows) == len(ran) == 6 * (2 if torch.cuda.is_available() else 1)
+    assert all(len(row) == len(header) for row in rows)
+
+
+def test_breakdown_cells_match_analysis(tiny_results, tiny_md):
+    _, header, rows = tables(tiny_md)[0]
+    bd = analysis.breakdown_scales(run_records(tiny_results))
+    for row in rows:
+        loss, device, dtype = row[:3]
+        for impl, cell in zip(header[3:], row[3:]):
+            b = bd[(loss, impl, dtype, device)]
+            assert b.status == "measured"
+            expected = "none" if b.scale is None else f"**{report.fmt_scale(b.scale)}** ({b.reason})"
+            assert cell == expected, (loss, impl, dtype, device)
+
+
+def test_naive_bce_with_logits_breaks_at_100_where_stable_holds(tiny_md):
+    _, header, rows = tables(tiny_md)[0]
+    by_key = {(r[0], r[1], r[2]): dict(zip(header[3:], r[3:])) for r in rows}
+    for dtype in ("float32", "float16"):
+        cells = by_key[("bce_with_logits", "cpu", dtype)]
+        assert re.fullmatch(r"\*\*100\*\* \(fwd non-finite\)", cells["naive"]), cells
+        assert cells["stable"] == "none"
+    findings = section(tiny_md, "Findings")
+    assert "- **bce_with_logits / naive** breaks in float32 from 100, float16 from 100" in findings
+    assert "- **bce_with_logits / stable** never breaks (float32, float16" in findings
+
+
+def test_skipped_cuda_points_are_one_line_not_rows(tiny_results, tiny_md):
+    before_config = tiny_md.split("## Configuration", 1)[0]
+    device_cells = [row[header.index("device")] for _, header, rows in tables(before_config)
+                    if "device" in header for row in rows]
+    assert "cpu" in device_cells
+    notes = [line for line in tiny_md.splitlines() if line.startswith("> Not run on")]
+    if torch.cuda.is_available():
+        assert notes == [] and "cuda" in device_cells
+    else:
+        n = sum(r["device"] == "cuda" for r in tiny_results["records"])
+        assert notes == [f"> Not run on **cuda**: CUDA is not available here ({n} points skipped)."]
+        assert "cuda" not in device_cells
+        assert "@cuda" not in section(tiny_md, "Findings")
+
+
+# ---- findings: every sentence agrees with analysis.breakdown_scales --------------------------
+
+NEVER = re.compile(r"- \*\*(\w+) / (\w+)\*\* never breaks \((.+)\)\.")
+BREAKS = re.compile(r"- \*\*(\w+) / (\w+)\*\* breaks in (.+?)(?:; holds in (.+))?\.")
+
+
+def parse_findings(md: str) -> dict[tuple[str, str], dict[str, float | None]]:
+    """(loss, impl) -> {dtype label: breakdown scale or None} read back from the sentences."""
+    out = {}
+    for line in section(md, "Findings").strip().splitlines():
+        if m := NEVER.fullmatch(line):
+            out[(m[1], m[2])] = {d: None for d in m[3].split(", ")}
+        elif m := BREAKS.fullmatch(line):
+            entry = {}
+            for part in m[3].split(", "):
+                dtype, scale = part.split(" from ")
+                entry[dtype] = float(scale)
+            for dtype in (m[4].split(", ") if m[4] else []):
+                entry[dtype] = None
+            out[(m[1], m[2])] = entry
+        else:
+            # Other findings (silent saturation, ...) are not about breakdown scales.
+            assert not line.startswith("- **"), f"unparsed breakdown sentence: {line}"
+    return out
+
+
+def expected_findings(records: list[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
+    out = defaultdict(dict)
+    for (loss, impl, dtype, device), b in analysis.breakdown_scales(records).items():
+        if b.status == "measured":
+            out[(loss, impl)][label(dtype, device)] = b.scale
+    return dict(out)
+
+
+def test_findings_agree_with_breakdown_scales(tiny_results, tiny_md):
+    parsed = parse_findings(tiny_md)
+    expected = expected_findings(run_records(tiny_results))
+    assert parsed == expected
+    assert len(parsed) == 9  # three losses x three implementations
+
+
+def test_findings_agree_with_breakdown_scales_on_the_handcrafted_file():
+    res = results.load(SMALL)
+    assert parse_findings(report.render(res)) == expected_findings(run_records(res)) == {
+        ("bce_with_logits", "naive"): {"float32": 1000.0},
+        ("bce_with_logits", "stable"): {"float32": None},
+    }
+
+
+def test_findings_hold_in_and_device_labels():
+    # A made-up mix: breaks in one dtype only, and a cuda group, to cover the other sentence forms.
+    res = results.load(SMALL)
+    extra = []
+    for r in res["records"]:
+        if r["status"] == "ok":
+            g = copy.deepcopy(r)
+            g["device"] = "cuda"
+            extra.append(g)
+            h = copy.deepcopy(r)
+            h["dtype"] = "float16"
+            h["forward"].update(nan=0, inf=0, value=1.0, reduced_ulp=0)
+            h["backward"].update(nan=0, inf=0)
+            extra.append(h)
+    res["records"] += extra
+    md = report.render(res)
+    parsed = parse_findings(md)
+    assert parsed == expected_findings(run_records(res))
+    assert parsed[("bce_with_logits", "naive")] == {"float32": 1000.0, "float16": None, "float32@cuda": 1000.0}
+    assert "- **bce_with_logits / naive** breaks in float32 from 1000, float32@cuda from 1000; holds in float16." \
+        in md
+
+
+# ---- timing, non-finite values, determinism -----------------------------------------------
+
+def test_timing_table_has_ratios_to_torch(tiny_results, tiny_md):
+    timing = section(tiny_md, "Timing")
+    [(_, header, rows)] = tables(timing)
+    assert header == ["loss", "device", "dtype", "batch", "classes", "naive", "stable", "torch"]
+    timed = [r for r in tiny_results["records"] if r["status"] == "ok" and r["timing"]]
+    assert len(rows) == len({(r["loss"], r["device"], r["dtype"]) for r in timed})
+    for row in rows:
+        loss, device, dtype = row[:3]
+        med = {impl: [r["timing"] for r in timed if (r["loss"], r["device"], r["dtype"], r["impl"]) ==
+                      (loss, device, dtype, impl)] for impl in ("naive", "stable", "torch")}
+        base_f = statistics.median(t["forward_median_s"] for t in med["torch"])
+        base_b = statistics.median(t["backward_median_s"] for t in med["torch"])
+        for impl, cell in zip(header[5:], row[5:]):
+            if impl == "torch":
+                assert "×" not in cell and cell
+                continue
+            f = statistics.median(t["forward_median_s"] for t in med[impl])
+            b = statistics.median(t["backward_median_s"] for t in med[impl])
+            assert cell.endswith(f"(×{f / base_f:.2f} / ×{b / base_b:.2f})"), cell
+
+
+def test_nonfinite_values_render_as_inf_and_nan(tiny_results):
+    res = copy.deepcopy(tiny_results)
+    ok = [r for r in res["records"] if r["status"] == "ok"]
+    ok[0]["forward"].update(max_ulp=math.nan, mean_bits=math.nan, reduced_ulp=math.inf, max_bits=math.inf)
+    ok[0]["backward"].update(max_ulp=-math.inf, max_bits=math.nan)
+    md = report.render(res)
+    points = details(md)
+    [(_, header, rows)] = tables(points)
+    row = dict(zip(header, rows[0]))
+    assert (row["fwd max ulp"], row["fwd mean bits"], row["mean ulp"], row["bwd max ulp"]) == \
+        ("nan", "nan", "inf", "-inf")
+    # The naive overflow of the sweep itself shows as inf in the accuracy table.
+    acc = section(report.render(tiny_results), "bce_with_logits").split("**Overflow**")[0]
+    assert "inf / inf" in acc
+
+
+@pytest.mark.parametrize("value, text", [(math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan"), (None, "—"),
+                                         (3.0, "3"), (7, "7"), (0.123456, "0.123"), (1e7, "1e+07")])
+def test_fmt_num(value, text):
+    assert report.fmt_num(value) == text
+
+
+@pytest.mark.parametrize("value, text", [(1.0, "1"), (100.0, "100"), (2.5, "2.5"), (1e4, "1e4"), (3e5, "3e5"),
+                                         (12345.0, "1.2345e4"), (None, "—")])
+def test_fmt_scale(value, text):
+    assert report.fmt_scale(value) == text
+
+
+def test_rendering_is_deterministic_and_leaves_the_results_alone(tiny_results):
+    before = results.dumps(tiny_results)
+    first = report.render(tiny_results)
+    assert report.render(tiny_results) == first
+    assert report.render(copy.deepcopy(tiny_results)) == first
+    assert results.dumps(tiny_results) == before
+    assert first.endswith("\n") and not first.endswith("\n\n")
+
+
+def test_incomplete_results_are_marked(tiny_results):
+    res = {**tiny_results, "complete": False}
+    assert "**Incomplete run**" in report.render(res)
+    assert "**Incomplete run**" not in report.render(tiny_results)
+
+
+def test_only_skipped_points_still_render(tiny_results):
+    res = {**tiny_results, "records": [{**r, "status": "skipped", "message": "not here", "forward": None,
+                                        "backward": None, "timing": None} for r in tiny_results["records"][:6]]}
+    md = report.render(res)
+    assert md.startswith("# losscheck report: tiny")
+    assert "(6 points skipped)" in md and "## Findings" not in md and "## Timing" not in md
+
+
+# ---- the handcrafted results file ------------------------------------------------------------
+
+def test_handcrafted_file_is_strict_json():
+    def no_constant(name):
+        raise ValueError(name)
+    data = json.loads(SMALL.read_text(), parse_constant=no_constant)
+    assert data["schema_version"] == 1
+    assert {r["status"] for r in data["records"]} == {"ok", "error", "skipped"}
+
+
+def test_cli_report_renders_the_handcrafted_file(runner, tmp_path):
+    result = runner.invoke(main, ["report", str(SMALL), "--stdout"])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    md = result.stdout
+    assert md == report.render(results.load(SMALL))
+    assert md.startswith("# losscheck report: small\n")
+    assert "7 points (4 ok, 2 error, 1 skipped)" in md
+    assert "> Not run on **cuda**: CUDA is not available here (1 point skipped)." in md
+    _, header, rows = tables(md)[0]
+    assert rows == [["bce_with_logits", "cpu", "float32", "**1000** (fwd non-finite)", "none", "error"]]
+    errors = section(md, "Errors")
+    [(_, eh, erows)] = tables(errors)
+    assert erows == [["error", "2", "RuntimeError: handcrafted failure (at fake.py:7)",
+                      "bce_with_logits/torch/float32/cpu"]]
+    # max_ulp stored as the string "inf" comes back as inf in the accuracy and per-point tables.
+    acc = section(md, "bce_with_logits").split("**Overflow**")[0]
+    assert "| inf / inf / inf" in acc
+    assert "50% / 50%" in section(md, "bce_with_logits")
+    points = details(md)
+    [(_, dh, drows)] = tables(points)
+    broken = [dict(zip(dh, r)) for r in drows if r[dh.index("scale")] == "1000" and r[1] == "naive"]
+    assert broken[0]["fwd max ulp"] == "inf" and broken[0]["mean ulp"] == "inf"
+    # Timing: no torch measurement, so no ratio.
+    assert "×" not in section(md, "Timing")
+    # Writing the file instead of printing it gives the same text.
+    out = tmp_path / "small.md"
+    assert runner.invoke(main, ["report", str(SMALL), "-o", str(out)]).exit_code == 0
+    assert out.read_text() == md
+
+
+# ---- what the findings are checked against: analysis.breaks / breakdown_scales ---------------
+
+def _ok_record(scale=1.0, **forward):
+    rec = copy.deepcopy(next(r for r in results.load(SMALL)["records"]
+                             if r["impl"] == "stable" and r["scale"] == 1.0))
+    rec["scale"] = scale
+    rec["forward"].update(forward)
+    return rec
+
+
+def test_breaks_follows_the_metrics_definition():
+    threshold_ulp = 2.0 ** 12 - 1  # float32: half of 24 bits
+    assert analysis.breaks(_ok_record()) is None
+    # Any non-finite element counts, even when the mean happens to be finite.
+    assert analysis.breaks(_ok_record(inf=1)) == "fwd non-finite"
+    assert analysis.breaks(_ok_record(nan=1)) == "fwd non-finite"
+    assert analysis.breaks(_ok_record(value=math.inf)) == "mean non-finite"
+    # ... but an infinite mean where the reference is infinite too is exact.
+    assert analysis.breaks(_ok_record(value=math.inf, reference=math.inf)) is None
+    bwd = _ok_record()
+    bwd["backward"]["nan"] = 3
+    assert analysis.breaks(bwd) == "bwd non-finite"
+    assert analysis.breaks(_ok_record(reduced_ulp=threshold_ulp)) is None
+    assert analysis.breaks(_ok_record(reduced_ulp=threshold_ulp + 1)) == "mean 12 bits off"
+    assert analysis.breaks({**_ok_record(inf=1), "status": "error"}) is None
+
+
+def test_breakdown_scale_is_the_smallest_breaking_scale():
+    recs = [_ok_record(1.0), _ok_record(1000.0, inf=1), _ok_record(30.0, reduced_ulp=1e6), _ok_record(10.0)]
+    [(key, b)] = analysis.breakdown_scales(recs).items()
+    assert key == ("bce_with_logits", "stable", "float32", "cpu")
+    assert (b.scale, b.reason, b.status) == (30.0, "mean 20 bits off", "measured")
+    assert analysis.breakdown_scales(recs[:1] + recs[3:])[key].scale is None
+    err = {**recs[0], "status": "error", "message": "boom"}
+    assert analysis.breakdown_scales([err])[key] == analysis.Breakdown(None, "boom", "error")
