@@ -16,8 +16,8 @@ import torch
 from .dtypes import fmt
 from .errors import ReferenceUnavailable
 
-# Values held in working precision at once (8 MiB in float64, 16 MiB in long double).
-CHUNK_ELEMENTS = 1 << 20
+# Values held in working precision at once (2 MiB per array in float64, 4 MiB in long double).
+CHUNK_ELEMENTS = 1 << 18
 
 _LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
 

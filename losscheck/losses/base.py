@@ -127,9 +127,19 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> Reference:
 
 # ---- helpers shared by the implementations --------------------------------------------
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32 and rounded once at the end."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def compute_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """The precision `stable` computes in before rounding once to `dtype`.
+
+    Half precision in float32, float32 in float64 (except on MPS, which has no float64):
+    then each result is rounded once, and is correctly rounded but for rare ties, where
+    computing natively would leave each exp/log/division's own error of up to an ULP.
+    float64 has no wider type: it is computed natively, with compensations.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype == torch.float32 and (device is None or device.type != "mps"):
+        return torch.float64
+    return dtype
 
 
 def accumulate_dtype(device: torch.device) -> torch.dtype:
@@ -145,38 +155,49 @@ def reduce_naive(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return total if reduction == "sum" else total / loss.shape[0]
 
 
-def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """Reduce in a wide accumulator and round once to `dtype`."""
+def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype,
+                    low: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce in a wide accumulator and round once to `dtype`.
+
+    `low`, when given, holds each element's rounding error (loss + low is the element to
+    about twice the compute precision, from TwoSum); the reduction includes it, so that
+    errors that repeat over the batch (the same rounding in every element) do not add up.
+    """
     if reduction == "none":
         return loss.to(dtype)
-    wide = loss.to(accumulate_dtype(loss.device))
+    if low is not None:
+        # Non-finite elements have a meaningless (NaN) error term.
+        low = torch.where(loss.isfinite(), low, 0.0)
+    acc_dtype = accumulate_dtype(loss.device)
+    wide = loss.to(acc_dtype)
     if wide.dtype == dtype:
         # No wider type to accumulate in (float64, or float32 on MPS): sum with every
         # rounding error recovered (TwoSum), so only the elements' own errors remain.
-        acc = compensated_sum(wide)
+        acc = compensated_sum(wide, low)
     else:
-        acc = wide.sum()
+        acc = (wide + low.to(acc_dtype)).sum() if low is not None else wide.sum()
     if reduction == "mean":
         acc = acc / loss.shape[0]
     return acc.to(dtype)
 
 
-def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a + b = s + e exactly (Knuth), elementwise."""
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
-def compensated_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a 1-D tensor, nearly exact: a pairwise tree of TwoSums whose rounding errors
-    are collected and added back at the end (log2(N) vectorised steps, any device)."""
+def compensated_sum(x: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of a 1-D tensor (plus the small corrections `low`), nearly exact: a pairwise tree
+    of TwoSums whose rounding errors are collected and added back with one final rounding
+    (log2(N) vectorised steps, any device)."""
     plain = x.sum()
-    err = x.new_zeros(())
+    err = low.sum() if low is not None else x.new_zeros(())
     while x.numel() > 1:
         if x.numel() % 2:
             x = torch.cat([x, x.new_zeros(1)])
-        x, e = _two_sum(x[0::2], x[1::2])
+        x, e = two_sum(x[0::2], x[1::2])
         err = err + e.sum()
     total = (x.sum() if x.numel() else x.new_zeros(())) + err
     # With an inf or NaN among the terms TwoSum yields NaN; IEEE's plain sum is the answer
@@ -190,3 +211,13 @@ def grad_scale(grad_output: torch.Tensor, reduction: str, n: int, dtype: torch.d
     if reduction == "mean":
         return g / n
     return g
+
+
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
+    """grad · upstream gradient (/ n for the mean), dividing last: (g·u)/n rounds once
+    where g·(u/n) rounds twice (u = 1, as for a loss, makes the product exact)."""
+    u = grad_output.to(grad.dtype)
+    if u.dim() == 1 and grad.dim() == 2:
+        u = u[:, None]
+    out = grad * u
+    return out / n if reduction == "mean" else out

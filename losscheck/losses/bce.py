@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive
+from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive, scale_grad
 
 
 def naive(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -24,7 +24,7 @@ class _Stable(torch.autograd.Function):
     # and the target disagrees, the true loss is +inf and that is what we return.
     @staticmethod
     def forward(ctx, p, y, reduction):
-        c = compute_dtype(p.dtype)
+        c = compute_dtype(p.dtype, p.device)
         pc, yc = p.to(c), y.to(c)
         loss = -(torch.special.xlogy(yc, pc) + torch.special.xlog1py(1 - yc, -pc))
         ctx.save_for_backward(p, y)
@@ -34,18 +34,21 @@ class _Stable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         p, y = ctx.saved_tensors
-        c = compute_dtype(p.dtype)
+        c = compute_dtype(p.dtype, p.device)
         pc, yc = p.to(c), y.to(c)
         # (p − y)/(p(1 − p)) written as (1−y)/(1−p) − y/p: one division per hard target,
-        # with the 1/N of the mean applied before it, so that −1/p for a tiny p does not
-        # overflow where −1/(N·p) is finite.
-        s = grad_scale(grad_output, ctx.reduction, p.shape[0], c)
-        g = _xdivy((1 - yc) * s, 1 - pc) - _xdivy(yc * s, pc)
+        # then the upstream gradient and the 1/N of the mean (two roundings in all). Where
+        # −1/p overflows but −1/(N·p) is finite (p tiny), 1/N is applied first instead.
+        n = p.shape[0]
+        g = scale_grad(_xdivy(1 - yc, 1 - pc) - _xdivy(yc, pc), grad_output, ctx.reduction, n)
+        s = grad_scale(grad_output, ctx.reduction, n, c)
+        g_small_p = _xdivy((1 - yc) * s, 1 - pc) - _xdivy(yc * s, pc)
+        g = torch.where(g.isfinite(), g, g_small_p)
         return g.to(p.dtype), None, None
 
 
 def stable(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """xlogy/xlog1py form in float32 (or the dtype, if wider), reduced in float64, no clamp."""
+    """xlogy/xlog1py form computed one precision up, rounded once, no clamp."""
     return _Stable.apply(p, y, reduction)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive
+from .base import Formulas, Impl, Loss, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
 
 
 def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -26,30 +26,30 @@ class _Stable(torch.autograd.Function):
     # at ±inf, σ(−|x|) = 0 gives the limits 1 − y and −y.
     @staticmethod
     def forward(ctx, x, y, reduction):
-        c = compute_dtype(x.dtype)
+        c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
         z = torch.where(yc > 0.5, -xc, xc)
-        loss = torch.relu(z) + torch.log1p(torch.exp(-xc.abs()))
+        loss, low = two_sum(torch.relu(z), torch.log1p(torch.exp(-xc.abs())))
         ctx.save_for_backward(x, y)
         ctx.reduction = reduction
-        return reduce_accurate(loss, reduction, x.dtype)
+        return reduce_accurate(loss, reduction, x.dtype, low)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, y = ctx.saved_tensors
-        c = compute_dtype(x.dtype)
+        c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
         # σ(−|x|) as e/(1 + e), e = exp(−|x|): 1/(1 + exp(|x|)) would overflow to 0 where
         # the true value is still a (subnormal) number.
         e = torch.exp(-xc.abs())
         small = e / (1 + e)
         g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
-        g = g * grad_scale(grad_output, ctx.reduction, x.shape[0], c)
+        g = scale_grad(g, grad_output, ctx.reduction, x.shape[0])
         return g.to(x.dtype), None, None
 
 
 def stable(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """softplus form in float32 (or the dtype, if wider), reduced in float64, rounded once."""
+    """softplus form computed one precision up (float32 for halves, float64 for float32), rounded once."""
     return _Stable.apply(x, y, reduction)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive
+from .base import Formulas, Impl, Loss, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
 
 
 def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -34,7 +34,7 @@ class _Stable(torch.autograd.Function):
     # finite target's loss +inf; see the backward for the gradient.
     @staticmethod
     def forward(ctx, x, t, reduction):
-        c = compute_dtype(x.dtype)
+        c = compute_dtype(x.dtype, x.device)
         xc = x.to(c)
         t1 = t[:, None]
         m = xc.amax(1, keepdim=True)
@@ -46,8 +46,9 @@ class _Stable(torch.autograd.Function):
             # x − m rounds when x and m differ in magnitude, and exp turns that absolute
             # error into a relative one of |x − m|·eps (hundreds of ULPs): carry the
             # rounding error of the subtraction (TwoSum), exp(d + err) ≈ exp(d)·(1 + err).
-            # Half inputs computed in float32 do not need it: the terms that survive
-            # rounding to float16/bfloat16 have |x − m| < 92, i.e. an error < 2**-17.
+            # Inputs computed in a wider type do not need it: the terms that survive
+            # rounding to the dtype have |x − m| < 104 (float32, in float64: an error
+            # < 2**-46) or < 92 (half, in float32: < 2**-17).
             bb = d - xc
             err = (xc - (d - bb)) + (-m - bb)
             # err is NaN where d is infinite (−inf logits, x − m overflowing): exp(d) is 0
@@ -61,13 +62,16 @@ class _Stable(torch.autograd.Function):
         e = e.scatter(1, k, 0.0)
         s = e.sum(1, keepdim=True)
         lse = torch.log1p(s)
-        gap = m - xt
+        gap, gap_low = two_sum(m, -xt)
+        total, total_low = two_sum(gap, lse)
         # x_t = m: the loss is log1p(s) (0 − 0 is 0 anyway; inf − inf would be NaN).
         # m = +inf above x_t: +inf, whatever s (NaN when several logits are +inf).
-        loss = torch.where(on_max, lse, torch.where(m == math.inf, gap, gap + lse)).squeeze(1)
+        loss = torch.where(on_max, lse, torch.where(m == math.inf, gap, total)).squeeze(1)
+        # The rounding errors of both additions, for the reduction (see reduce_accurate).
+        low = torch.where(on_max, 0.0, gap_low + total_low).squeeze(1)
         ctx.save_for_backward(e, s, k, t1, m)
         ctx.meta = (reduction, x.dtype)
-        return reduce_accurate(loss, reduction, x.dtype)
+        return reduce_accurate(loss, reduction, x.dtype, low)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -81,13 +85,12 @@ class _Stable(torch.autograd.Function):
         g = (e / denom).scatter(1, k, 1 / total)
         rest = torch.where(t1 == k, s, denom - e.gather(1, t1))
         g = g.scatter(1, t1, -rest / denom)
-        scale = grad_scale(grad_output, reduction, e.shape[0], e.dtype)
-        g = g * (scale[:, None] if scale.dim() == 1 else scale)
+        g = scale_grad(g, grad_output, reduction, e.shape[0])
         return g.to(dtype), None, None
 
 
 def stable(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Max-shifted log1p form (no cancellation), float32 compute for half inputs, float64 reduction."""
+    """Max-shifted log1p form (no cancellation), computed one precision up, rounded once."""
     return _Stable.apply(x, t, reduction)
 
 
