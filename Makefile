@@ -27,8 +27,9 @@ test: env
 quick: env
 	$(BIN)/losscheck bench configs/quick.yaml --out reports
 
-# Regenerate the committed reports in reports/ from fresh runs.
+# Regenerate the committed reports in reports/ from fresh runs (default, quick, reduction).
 reports: bench quick
+	$(BIN)/losscheck bench configs/reduction.yaml --out reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
