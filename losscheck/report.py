@@ -18,7 +18,7 @@ from .dtypes import FORMATS
 from .losses import LOSSES
 
 IMPL_ORDER = ("naive", "stable", "torch")
-MAX_DETAIL_ROWS = 5000
+MAX_DETAIL_ROWS = 2000  # beyond this the per-point table would dominate the file (GitHub renders ~1 MB)
 
 
 def fmt_scale(s: float | None) -> str:
