@@ -7,7 +7,6 @@ once, and are rounded to the target dtype exactly once (correct rounding, see `r
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np

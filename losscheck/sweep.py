@@ -95,12 +95,14 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
     if problem:
         return [_record(config, case, i, "skipped", problem) for i in impls]
     dtype = FORMATS[case.dtype].torch_dtype
-    logits, labels = (cache or _InputCache(config.seed)).get(loss, case)
-    inp, target = loss.make_input(logits, dtype), loss.make_target(labels, dtype)
     try:
+        logits, labels = (cache or _InputCache(config.seed)).get(loss, case)
+        inp, target = loss.make_input(logits, dtype), loss.make_target(labels, dtype)
         ref = reference(loss, inp, target)
     except ReferenceUnavailable as e:
         return [_record(config, case, i, "skipped", str(e)) for i in impls]
+    except Exception as e:  # a bug of ours at one point must not lose the rest of the sweep
+        return [_record(config, case, i, "error", f"reference: {_one_line(e)}") for i in impls]
     out = []
     for impl in impls:
         out.append(evaluate(config, case, loss, impl, inp, target, ref, threads))

@@ -353,3 +353,26 @@ def test_interrupted_sweep_writes_the_finished_points(runner, tmp_path, monkeypa
     assert len(data["records"]) == 6 and all(r["status"] == "ok" for r in data["records"])
     assert results.load(out / "small.json")["complete"] is False
     assert "**Incomplete run**" in (out / "small.md").read_text()
+
+
+def test_a_failing_reference_is_an_error_at_its_points_and_the_sweep_goes_on(runner, tmp_path, monkeypatch, tiny_config_text):
+    # Regression guard: an exception in our own reference (a bug) must be recorded at the
+    # points it concerns, not abort the sweep and lose what was measured.
+    import dataclasses
+
+    from losscheck import losses
+    from losscheck.losses import bce
+
+    def broken(x, t):
+        raise FloatingPointError("boom in reference")
+
+    monkeypatch.setitem(losses.LOSSES, "bce", dataclasses.replace(bce.LOSS, reference_chunk=broken))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_config_text)
+    result = runner.invoke(main, ["bench", str(cfg), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    cpu = [r for r in data["records"] if r["device"] == "cpu"]
+    bad = [r for r in cpu if r["loss"] == "bce"]
+    assert bad and all(r["status"] == "error" and "boom in reference" in r["message"] for r in bad)
+    assert all(r["status"] == "ok" for r in cpu if r["loss"] != "bce")
