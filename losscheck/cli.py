@@ -12,10 +12,11 @@ import click
 import torch
 from tabulate import tabulate
 
-from . import __version__, environment, report, results, sweep
+from . import __version__, ci, environment, report, results, sweep
 from .config import BUILTIN_IMPLS, load_config
 from .dtypes import FORMATS
 from .errors import LosscheckError
+from .gate import TIMING_MODES
 from .inputs import DESCRIPTIONS, DISTRIBUTIONS
 from .losses import LOSSES
 
@@ -37,6 +38,39 @@ def main() -> None:
     """Benchmark and audit the numerical stability of loss functions."""
 
 
+def _gate_options(f):
+    """Thresholds and outputs of the regression gate, shared by `bench --baseline` and `compare`."""
+    options = [
+        click.option("--bits", type=click.FloatRange(min=0), default=None,
+                     help="Allowed increase of forward/gradient max bits (default: the config's gate.bits, 0)."),
+        click.option("--ulp", type=click.FloatRange(min=0), default=None,
+                     help="Allowed increase of the mean loss's ULP error (default: gate.ulp, 0)."),
+        click.option("--time-factor", type=click.FloatRange(min=1), default=None,
+                     help="Allowed slowdown factor, beyond the noise (default: gate.time_factor, 1.25)."),
+        click.option("--timing", "timing_mode", type=click.Choice(TIMING_MODES), default=None,
+                     help="Timing gate: relative to torch in the same run, absolute, or off (default: gate.timing, relative)."),
+        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write JUnit XML, one test case per compared point."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _overrides(bits, ulp, time_factor, timing_mode) -> dict:
+    return {"bits": bits, "ulp": ulp, "time_factor": time_factor, "timing": timing_mode}
+
+
+def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path) -> None:
+    """Compare, print the Markdown, exit 1 on regression."""
+    markdown_path = current_path.with_suffix(".compare.md")
+    comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path)
+    click.echo(markdown, nl=False)
+    click.echo(f"comparison written to {markdown_path}", err=True)
+    if comparison.failed:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
@@ -44,9 +78,15 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the config's `threads`, else torch's default).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None) -> None:
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Gate the run against this results file: exit 1 on regression.")
+@_gate_options
+def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
+          baseline: str | None, bits, ulp, time_factor, timing_mode, junit_path) -> None:
     """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
     config = load_config(config_path)
+    if baseline:
+        results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
     threads = threads or config.threads or torch.get_num_threads()
     out = Path(out_dir)
     json_path, md_path = out / f"{config.name}.json", out / f"{config.name}.md"
@@ -73,6 +113,32 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
                f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
     if not complete:
         sys.exit(130)
+    if baseline:
+        _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
+              junit_path)
+
+
+@main.command("compare")
+@click.argument("baseline_path", type=click.Path(dir_okay=False))
+@click.argument("current_path", type=click.Path(dir_okay=False))
+@_gate_options
+def compare_cmd(baseline_path: str, current_path: str, bits, ulp, time_factor, timing_mode, junit_path) -> None:
+    """Gate CURRENT_PATH against BASELINE_PATH: exit 0 no regression, 1 regression, 2 bad input.
+
+    The Markdown comparison goes to stdout, next to CURRENT_PATH (.compare.md) and, when
+    GITHUB_STEP_SUMMARY is set, to the job summary."""
+    current = results.load(current_path)
+    _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode), junit_path)
+
+
+@main.command("baseline")
+@click.argument("results_path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the baseline (e.g. reports/baseline.json).")
+def baseline_cmd(results_path: str, output: str) -> None:
+    """Accept RESULTS_PATH as the baseline the gate compares against."""
+    data = ci.accept(results_path, output)
+    click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
 
 
 class _NoBar:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import yaml
 
 from .dtypes import FORMATS
 from .errors import ConfigError
+from .gate import TIMING_MODES, GatePolicy, Thresholds
 from .inputs import DISTRIBUTIONS
 from .losses import LOSSES
 
@@ -57,6 +58,7 @@ class Config:
     # Breakdown threshold per dtype, in bits lost (METRICS.md: default half the significand).
     thresholds: dict[str, float] = field(default_factory=dict)
     threads: int | None = None
+    gate: GatePolicy = field(default_factory=GatePolicy)
     source: str = "<config>"
 
     def threshold_bits(self, dtype: str) -> float:
@@ -83,7 +85,9 @@ KEYS = {
     "timing": "mapping with enabled, min_run_time, distributions, scales",
     "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
     "threads": "positive integer: CPU threads for the implementations and timing",
+    "gate": "mapping with bits, ulp, time_factor, timing, losses (per-loss overrides)",
 }
+GATE_KEYS = ("bits", "ulp", "time_factor", "timing")
 TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
 
@@ -150,6 +154,7 @@ def _build(data: dict, source: str) -> Config:
         timing=v.timing(data),
         thresholds=v.thresholds(data),
         threads=v.integer(data, "threads", None, minimum=1),
+        gate=v.gate(data),
         source=source,
     )
     return cfg
@@ -269,6 +274,41 @@ class _Validator:
         if not isinstance(value, (list, tuple)):
             self.fail(f"timing.{key}", f"expected a list, got {_typename(value)} {value!r}", allowed)
         return value
+
+    def gate(self, data):
+        g = data.get("gate", {})
+        if not isinstance(g, dict):
+            self.fail("gate", f"expected a mapping, got {_typename(g)}", ", ".join(GATE_KEYS + ("losses",)))
+        default = self._thresholds_of(g, "gate", Thresholds(), extra=("losses",))
+        per_loss = {}
+        losses = g.get("losses", {})
+        if not isinstance(losses, dict):
+            self.fail("gate.losses", f"expected a mapping loss -> thresholds, got {_typename(losses)}")
+        for loss, overrides in losses.items():
+            if loss not in LOSSES:
+                self.fail(f"gate.losses.{loss}", "unknown loss", ", ".join(LOSSES))
+            if not isinstance(overrides, dict):
+                self.fail(f"gate.losses.{loss}", f"expected a mapping, got {_typename(overrides)}",
+                          ", ".join(GATE_KEYS))
+            per_loss[loss] = self._thresholds_of(overrides, f"gate.losses.{loss}", default)
+        return GatePolicy(default, per_loss)
+
+    def _thresholds_of(self, g: dict, where: str, base: Thresholds, extra=()) -> Thresholds:
+        for k in g:
+            if k not in GATE_KEYS + extra:
+                self.fail(f"{where}.{k}", "unknown key", ", ".join(GATE_KEYS + extra))
+        values = {}
+        for k, lo in (("bits", 0.0), ("ulp", 0.0), ("time_factor", 1.0)):
+            if k in g:
+                n = _as_number(g[k])
+                if n is None or not math.isfinite(n) or n < lo:
+                    self.fail(f"{where}.{k}", f"bad value {g[k]!r}", f"a finite number >= {lo:g}")
+                values[k] = n
+        if "timing" in g:
+            if g["timing"] not in TIMING_MODES:
+                self.fail(f"{where}.timing", f"unknown value {g['timing']!r}", ", ".join(TIMING_MODES))
+            values["timing"] = g["timing"]
+        return replace(base, **values)
 
     def thresholds(self, data):
         t = data.get("thresholds", {})

@@ -103,9 +103,19 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
         return [_record(config, case, i, "skipped", str(e)) for i in impls]
     except Exception as e:  # a bug of ours at one point must not lose the rest of the sweep
         return [_record(config, case, i, "error", f"reference: {_one_line(e)}") for i in impls]
-    out = []
-    for impl in impls:
-        out.append(evaluate(config, case, loss, impl, inp, target, ref, threads))
+    out = [evaluate(config, case, loss, impl, inp, target, ref) for impl in impls]
+    if config.timing.applies(case.distribution, case.scale):
+        ok = {impl.name: impl.fn for impl, r in zip(impls, out) if r["status"] == "ok"}
+        if ok:
+            x, t = inp.to(case.device), target.to(case.device)
+            timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads)
+            for r in out:
+                result = timed.get(r["impl"])
+                if isinstance(result, Exception):
+                    r["status"], r["message"] = "error", f"while timing: {_one_line(result)}"
+                    r["forward"] = r["backward"] = None
+                elif result is not None:
+                    r["timing"] = result
     return out
 
 
@@ -117,8 +127,8 @@ def _record(config: Config, case: Case, impl, status: str, message: str = "") ->
 
 
 def evaluate(config: Config, case: Case, loss: Loss, impl, inp: torch.Tensor,
-             target: torch.Tensor, ref: Reference, threads: int) -> dict:
-    """Accuracy, overflow and (where configured) timing of one implementation at one point."""
+             target: torch.Tensor, ref: Reference) -> dict:
+    """Accuracy and overflow of one implementation at one point (timing: see `run_case`)."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
     try:
@@ -139,8 +149,6 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, inp: torch.Tensor,
         bwd.add(xg.grad, ref.grad)
         record["forward"], record["backward"] = fwd.as_dict(), bwd.as_dict()
         record["forward"]["reference_value"] = ref.mean_value
-        if config.timing.applies(case.distribution, case.scale):
-            record["timing"] = timing.time_point(impl.fn, x, t, config.timing.min_run_time, threads)
     except Exception as e:  # an implementation failing is a result, not a crash
         record["status"] = "error"
         record["message"] = _one_line(e)

@@ -1,8 +1,8 @@
 """Timing with torch.utils.benchmark: measurement only, no printing.
 
-`Timer.blocked_autorange` runs warm-up, picks a block size so that timer overhead is
-negligible, synchronises CUDA, and returns per-run times (block time / block size) from
-which we take the median and the interquartile range.
+`Timer.blocked_autorange` runs warm-up and picks a block size so that timer overhead is
+negligible; `Timer.timeit` then measures blocks (synchronising CUDA), and the per-run times
+(block time / block size) give the median and the interquartile range.
 """
 from __future__ import annotations
 
@@ -14,49 +14,80 @@ import torch
 from torch.utils import benchmark
 
 
-# A median and an IQR need several blocks; blocked_autorange stops after one block when a
-# single block already exceeds min_run_time (slow points), so we add blocks up to this.
-MIN_BLOCKS = 5
+# Blocks per timed callable. They are taken in rounds across all the implementations of a
+# point (naive, stable, torch, naive, stable, torch, ...), so that a burst of load on a
+# shared machine slows every implementation alike instead of one of them: the ratios to
+# torch, and the gate's relative timing, then stay put.
+ROUNDS = 7
 
 
 @dataclass(frozen=True)
 class Timing:
     median_s: float
     iqr_s: float
+    q1_s: float
+    q3_s: float
     runs: int  # number of blocks measured
 
-
-def measure(fn: Callable[[], object], min_run_time: float, threads: int) -> Timing:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = list(m.times)
-    while len(times) < MIN_BLOCKS:
-        times.extend(timer.timeit(number=m.number_per_run).times)
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return Timing(median_s=float(median), iqr_s=float(q3 - q1), runs=len(times))
+    @classmethod
+    def of(cls, times: list[float]) -> "Timing":
+        q1, median, q3 = np.percentile(times, [25, 50, 75])
+        return cls(float(median), float(q3 - q1), float(q1), float(q3), len(times))
 
 
-def time_point(impl, x: torch.Tensor, target: torch.Tensor, min_run_time: float, threads: int) -> dict:
-    """Forward (no autograd graph) and forward+backward of the mean loss."""
+def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
+              min_run_time: float, threads: int) -> dict[str, dict | Exception]:
+    """Forward (no autograd graph) and forward+backward of the mean loss of each
+    implementation, interleaved; per implementation its timing dict, or the exception it
+    raised while being timed."""
+    timers: dict[tuple, tuple] = {}
+    out: dict[str, dict | Exception] = {}
+    for name, impl in impls.items():
+        try:
+            for part, fn in (("forward", _forward(impl, x, target)), ("backward", _backward(impl, x, target))):
+                timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+                # blocked_autorange warms up and sizes a block so that timer overhead is
+                # negligible; we then make each round's block last about min_run_time / ROUNDS.
+                m = timer.blocked_autorange(min_run_time=min_run_time / ROUNDS)
+                per_run = max(m.median, 1e-9)
+                number = max(m.number_per_run, int(min_run_time / ROUNDS / per_run))
+                timers[(name, part)] = (timer, number)
+        except Exception as e:  # an implementation failing here fails its own point only
+            out[name] = e
+    times: dict[tuple, list[float]] = {key: [] for key in timers}
+    for _ in range(ROUNDS):
+        for key, (timer, number) in list(timers.items()):
+            if key[0] in out:
+                continue
+            try:
+                times[key].extend(timer.timeit(number=number).times)
+            except Exception as e:
+                out[key[0]] = e
+    for name in impls:
+        if name in out:
+            continue
+        f, b = Timing.of(times[(name, "forward")]), Timing.of(times[(name, "backward")])
+        out[name] = {
+            "forward_median_s": f.median_s, "forward_iqr_s": f.iqr_s,
+            "forward_q1_s": f.q1_s, "forward_q3_s": f.q3_s, "forward_runs": f.runs,
+            "backward_median_s": b.median_s, "backward_iqr_s": b.iqr_s,
+            "backward_q1_s": b.q1_s, "backward_q3_s": b.q3_s, "backward_runs": b.runs,
+            "threads": threads,
+        }
+    return out
 
+
+def _forward(impl, x, target):
     def forward():
         with torch.no_grad():
             impl(x, target, "mean")
+    return forward
 
+
+def _backward(impl, x, target):
     xg = x.detach().clone().requires_grad_(True)
 
     def forward_backward():
         xg.grad = None
         impl(xg, target, "mean").backward()
-
-    f = measure(forward, min_run_time, threads)
-    b = measure(forward_backward, min_run_time, threads)
-    return {
-        "forward_median_s": f.median_s,
-        "forward_iqr_s": f.iqr_s,
-        "forward_runs": f.runs,
-        "backward_median_s": b.median_s,
-        "backward_iqr_s": b.iqr_s,
-        "backward_runs": b.runs,
-        "threads": threads,
-    }
+    return forward_backward

@@ -1,0 +1,736 @@
+"""The regression gate: `bench --baseline`, `compare`, `baseline`, and `gate.compare` itself.
+
+Planted regressions (a less accurate, a NaN-producing and a slow implementation, swapped
+into the registry with monkeypatch) must fail the gate with exit 1 and the right verdict;
+a file compared with itself, or differences within the thresholds, must pass; bad inputs
+are one `error:` line and exit 2.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from losscheck import gate as G
+from losscheck import results, sweep
+from losscheck.cli import main
+from losscheck.config import parse_config
+from losscheck.losses import LOSSES, Impl
+
+# The tiny sweep of conftest without timing: accuracy and overflow gates only (deterministic).
+TINY_TIMING = "timing:\n  min_run_time: 0.001\n  scales: [1]\n"
+
+# Two timed points (stable and torch at one input): the timing gates, kept fast.
+TIMED_CONFIG = """\
+name: timed
+losses: [bce_with_logits]
+implementations: [stable, torch]
+scales: [1]
+batch_sizes: [64]
+dtypes: [float32]
+devices: [cpu]
+distributions: [normal]
+timing:
+  min_run_time: 0.002
+  scales: [1]
+  distributions: [normal]
+"""
+
+SLEEP_S = 0.003
+
+
+def untimed(tiny_config_text: str, extra: str = "") -> str:
+    assert TINY_TIMING in tiny_config_text  # the fixture's shape, so that the replace below bites
+    return tiny_config_text.replace(TINY_TIMING, "timing: false\n") + extra
+
+
+def assert_one_error_line(result, *fragments):
+    """Exit 2, exactly one line on stderr starting with `error:`, no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def _replace_impl(monkeypatch, loss, name, fn):
+    old = LOSSES[loss].implementations[name]
+    monkeypatch.setitem(LOSSES[loss].implementations, name, Impl(old.name, old.kind, fn, old.summary))
+    return old.fn
+
+
+def _reduce(elements, reduction):
+    if reduction == "none":
+        return elements
+    return elements.mean() if reduction == "mean" else elements.sum()
+
+
+def plant_inaccurate(monkeypatch, loss="bce_with_logits", impl="stable"):
+    real = LOSSES[loss].implementations[impl].fn
+
+    def worse(x, y, reduction="mean"):
+        # A relative error of 2**-8: many bits lost in float32, a few ULPs in float16.
+        return _reduce(real(x, y, "none") * (1 + 2 ** -8), reduction)
+
+    _replace_impl(monkeypatch, loss, impl, worse)
+
+
+def plant_nan(monkeypatch, loss="bce_with_logits", impl="stable"):
+    real = LOSSES[loss].implementations[impl].fn
+
+    def nan_at_first(x, y, reduction="mean"):
+        elements = real(x, y, "none")
+        mask = torch.zeros(elements.shape, dtype=torch.bool, device=elements.device)
+        mask[0] = True
+        return _reduce(torch.where(mask, torch.full_like(elements, math.nan), elements), reduction)
+
+    _replace_impl(monkeypatch, loss, impl, nan_at_first)
+
+
+def plant_sleep(monkeypatch, loss="bce_with_logits", impl="stable"):
+    real = LOSSES[loss].implementations[impl].fn
+
+    def slow(x, y, reduction="mean"):
+        time.sleep(SLEEP_S)
+        return real(x, y, reduction)
+
+    _replace_impl(monkeypatch, loss, impl, slow)
+
+
+def bench(runner, cfg_path, out, *args):
+    return runner.invoke(main, ["bench", str(cfg_path), "--out", str(out), "--no-progress", *args])
+
+
+def regression_rows(markdown: str) -> list[list[str]]:
+    """Rows of the '## Regressions' table as cells (loss, impl, dtype, ..., gate, ...)."""
+    assert "## Regressions" in markdown, markdown
+    section = markdown.split("## Regressions", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # past header + rule
+    return [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
+
+
+GATE_COL = len(G.KEY_FIELDS)
+
+
+def gates_of(markdown: str, loss: str, impl: str) -> set[str]:
+    return {r[GATE_COL] for r in regression_rows(markdown) if r[0] == loss and r[1] == impl}
+
+
+# ---- shared runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_baseline(tmp_path_factory, tiny_config_text):
+    """The untimed tiny sweep through `bench`, accepted with `losscheck baseline`."""
+    tmp = tmp_path_factory.mktemp("gate")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text))
+    runner = CliRunner()
+    ran = bench(runner, cfg, tmp / "run")
+    assert ran.exit_code == 0, (ran.output, ran.stderr)
+    accepted = runner.invoke(main, ["baseline", str(tmp / "run" / "tiny.json"), "-o", str(tmp / "base.json")])
+    assert accepted.exit_code == 0, (accepted.output, accepted.stderr)
+    assert accepted.stdout.startswith("baseline: 144 points")
+    return {"dir": tmp, "config": cfg, "run": tmp / "run" / "tiny.json", "base": tmp / "base.json"}
+
+
+@pytest.fixture(scope="module")
+def regressed_run(tiny_baseline, tmp_path_factory):
+    """The tiny sweep with bce_with_logits/stable made less accurate, gated by `bench --baseline`."""
+    mp = pytest.MonkeyPatch()
+    try:
+        plant_inaccurate(mp)
+        out = tmp_path_factory.mktemp("regressed")
+        result = bench(CliRunner(), tiny_baseline["config"], out, "--baseline", str(tiny_baseline["base"]))
+    finally:
+        mp.undo()
+    return result, out / "tiny.json"
+
+
+@pytest.fixture(scope="module")
+def timed_runs(tmp_path_factory):
+    """A timed baseline of TIMED_CONFIG and a current run whose stable implementation sleeps."""
+    tmp = tmp_path_factory.mktemp("timed")
+    cfg = tmp / "timed.yaml"
+    cfg.write_text(TIMED_CONFIG)
+    runner = CliRunner()
+    ran = bench(runner, cfg, tmp / "base")
+    assert ran.exit_code == 0, (ran.output, ran.stderr)
+    mp = pytest.MonkeyPatch()
+    try:
+        plant_sleep(mp)
+        slow = bench(runner, cfg, tmp / "slow")
+    finally:
+        mp.undo()
+    assert slow.exit_code == 0, (slow.output, slow.stderr)
+    base, cur = tmp / "base" / "timed.json", tmp / "slow" / "timed.json"
+    timed = [r for r in results.load(cur)["records"] if r["timing"]]
+    assert len(timed) == 2
+    return {"dir": tmp, "config": cfg, "base": base, "slow": cur}
+
+
+# ---- 1. determinism -----------------------------------------------------------------------------
+
+def _without_timing(records) -> str:
+    return json.dumps([{k: v for k, v in r.items() if k != "timing"} for r in records], sort_keys=True)
+
+
+def test_same_config_and_seed_give_bit_identical_records(tiny_config_text, tiny_results):
+    """A second in-process run of the tiny sweep against the session's first one (`tiny_results`,
+    the same `sweep.run` on the same config, read back through the file format)."""
+    cfg = parse_config(tiny_config_text, "tiny.yaml")
+    records = sweep.run(cfg, torch.get_num_threads())
+    assert any(r["timing"] for r in records)  # the config times some points: they are dropped below
+    assert any(r["timing"] for r in tiny_results["records"])
+    again = _without_timing(records)
+    assert again == _without_timing(tiny_results["records"])
+    assert '"status": "ok"' in again and "Infinity" in again  # non-finite values compared as well
+
+
+# ---- 2. a file against itself ----------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["--timing", "absolute"]])
+def test_a_results_file_compared_with_itself_passes(runner, tiny_results, tmp_path, args):
+    path = tmp_path / "a.json"
+    results.save(tiny_results, path)
+    result = runner.invoke(main, ["compare", str(path), str(path), *args])
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert result.stdout.startswith("# losscheck compare")
+    assert "**PASS**" in result.stdout and "**FAIL**" not in result.stdout
+    n = len(tiny_results["records"])
+    assert f"0 regression(s) at 0 point(s), 0 improvement(s), {n} of {n} matched points unchanged" in result.stdout
+    assert "## Regressions" not in result.stdout and "Environments differ" not in result.stdout
+    assert result.stderr.strip() == f"comparison written to {tmp_path / 'a.compare.md'}"
+    assert (tmp_path / "a.compare.md").read_text() == result.stdout
+
+
+# ---- 3. planted accuracy and overflow regressions -----------------------------------------------
+
+def test_planted_accuracy_regression_fails_bench_with_baseline(regressed_run):
+    result, current = regressed_run
+    assert result.exit_code == 1, (result.output, result.stderr)
+    first, markdown = result.stdout.split("\n", 1)
+    assert first.startswith("144 points")  # the bench summary line, then the comparison
+    assert markdown.startswith("# losscheck compare")
+    assert "**FAIL**" in markdown and "**PASS**" not in markdown
+    assert "accuracy" in gates_of(markdown, "bce_with_logits", "stable")
+    # Only the planted implementation regressed.
+    assert {(r[0], r[1]) for r in regression_rows(markdown)} == {("bce_with_logits", "stable")}
+    assert "forward max bits up by" in markdown
+    compare_md = current.with_suffix(".compare.md")
+    assert compare_md.is_file() and compare_md.read_text() == markdown
+    assert f"comparison written to {compare_md}" in result.stderr
+
+
+def test_planted_nan_fails_the_overflow_gate(runner, tiny_baseline, tmp_path, monkeypatch):
+    plant_nan(monkeypatch)
+    result = bench(runner, tiny_baseline["config"], tmp_path, "--baseline", str(tiny_baseline["base"]))
+    assert result.exit_code == 1, (result.output, result.stderr)
+    assert "**FAIL**" in result.stdout
+    assert "overflow" in gates_of(result.stdout, "bce_with_logits", "stable")
+    assert "new non-finite value(s)" in result.stdout
+
+
+def test_compare_of_the_regressed_run_gives_the_same_verdicts(runner, tiny_baseline, regressed_run):
+    result, current = regressed_run
+    again = runner.invoke(main, ["compare", str(tiny_baseline["base"]), str(current)])
+    assert again.exit_code == 1
+    assert regression_rows(again.stdout) == regression_rows(result.stdout)
+
+
+# ---- 4. planted slowdown ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_planted_slowdown_fails_the_timing_gate(runner, timed_runs, tmp_path, monkeypatch, mode):
+    plant_sleep(monkeypatch)
+    result = bench(runner, timed_runs["config"], tmp_path, "--baseline", str(timed_runs["base"]), "--timing", mode)
+    assert result.exit_code == 1, (result.output, result.stderr)
+    assert "**FAIL**" in result.stdout
+    assert gates_of(result.stdout, "bce_with_logits", "stable") == {"timing"}
+    assert f"forward {mode} time" in result.stdout
+
+
+def test_timing_off_ignores_the_slowdown(runner, timed_runs, tmp_path, monkeypatch):
+    plant_sleep(monkeypatch)
+    result = bench(runner, timed_runs["config"], tmp_path, "--baseline", str(timed_runs["base"]),
+                   "--timing", "off")
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert "**PASS**" in result.stdout and "## Regressions" not in result.stdout
+
+
+def test_compare_timing_modes_on_the_slowed_run(runner, timed_runs):
+    base, slow = str(timed_runs["base"]), str(timed_runs["slow"])
+    for mode, code in (("absolute", 1), ("relative", 1), ("off", 0)):
+        result = runner.invoke(main, ["compare", base, slow, "--timing", mode])
+        assert result.exit_code == code, (mode, result.output, result.stderr)
+    # A huge factor tolerates the slowdown.
+    result = runner.invoke(main, ["compare", base, slow, "--timing", "absolute", "--time-factor", "1e9"])
+    assert result.exit_code == 0, result.output
+
+
+# ---- 5. JUnit ---------------------------------------------------------------------------------
+
+ALLOWED_CASE_CHILDREN = {"failure", "error", "skipped", "system-out", "system-err"}
+
+
+def check_junit(path) -> tuple[ET.Element, list[ET.Element]]:
+    """The usual JUnit schema rules, by hand; returns the suite and its test cases."""
+    text = path.read_text()
+    assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>')
+    root = ET.fromstring(text.encode())
+    assert root.tag == "testsuites"
+    suites = list(root)
+    assert len(suites) == 1 and suites[0].tag == "testsuite"
+    suite = suites[0]
+    assert suite.get("name")
+    cases = list(suite)
+    assert all(c.tag == "testcase" for c in cases)
+    for c in cases:
+        assert c.get("classname") and c.get("name"), c.attrib
+        children = [ch.tag for ch in c]
+        assert set(children) <= ALLOWED_CASE_CHILDREN, children
+        assert len([t for t in children if t in ("failure", "error", "skipped")]) <= 1, children
+        for ch in c:
+            if ch.tag == "failure":
+                assert ch.get("message"), ch.attrib
+    counts = {
+        "tests": len(cases),
+        "failures": sum(c.find("failure") is not None for c in cases),
+        "errors": sum(c.find("error") is not None for c in cases),
+        "skipped": sum(c.find("skipped") is not None for c in cases),
+    }
+    for attr, n in counts.items():
+        assert suite.get(attr) is not None and int(suite.get(attr)) == n, (attr, suite.attrib, counts)
+        if root.get(attr) is not None:
+            assert int(root.get(attr)) == n, (attr, root.attrib, counts)
+    # Test cases are unique points.
+    ids = [(c.get("classname"), c.get("name")) for c in cases]
+    assert len(set(ids)) == len(ids)
+    return suite, cases
+
+
+def test_junit_one_case_per_matched_point_failures_for_regressions(runner, tiny_baseline, regressed_run, tmp_path):
+    _, current = regressed_run
+    junit = tmp_path / "junit.xml"
+    result = runner.invoke(main, ["compare", str(tiny_baseline["base"]), str(current), "--junit", str(junit)])
+    assert result.exit_code == 1
+    suite, cases = check_junit(junit)
+    base = results.load(tiny_baseline["base"])["records"]
+    cur = results.load(current)["records"]
+    matched = {G.key_of(r) for r in base} & {G.key_of(r) for r in cur}
+    assert len(cases) == len(matched) == 144
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert failed and all(c.get("classname") == "losscheck.bce_with_logits.stable" for c in failed)
+    assert int(suite.get("failures")) == len(failed)
+    assert len(failed) == len({v.key for v in G.compare(results.load(tiny_baseline["base"]), results.load(current),
+                                                        G.GatePolicy()).regressions})
+    assert any("accuracy" in c.find("failure").get("message") for c in failed)
+
+
+def test_junit_of_a_passing_comparison_with_a_one_sided_point(runner, tiny_results, tmp_path):
+    base, cur = tmp_path / "base.json", tmp_path / "cur.json"
+    results.save(tiny_results, base)
+    fewer = copy.deepcopy(tiny_results)
+    dropped = fewer["records"].pop(0)
+    results.save(fewer, cur)
+    junit = tmp_path / "out" / "junit.xml"  # a directory that does not exist yet
+    result = runner.invoke(main, ["compare", str(base), str(cur), "--junit", str(junit)])
+    assert result.exit_code == 0, (result.output, result.stderr)
+    suite, cases = check_junit(junit)
+    assert int(suite.get("failures")) == 0
+    skipped = [c for c in cases if c.find("skipped") is not None]
+    assert len(skipped) == 1 and skipped[0].get("classname") == f"losscheck.{dropped['loss']}.{dropped['impl']}"
+    assert len(cases) - len(skipped) == len(fewer["records"])  # one case per matched point
+
+
+# ---- 6. GITHUB_STEP_SUMMARY -------------------------------------------------------------------
+
+def test_markdown_is_appended_to_the_github_step_summary(runner, tiny_results, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n\nkept\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    path = tmp_path / "a.json"
+    results.save(tiny_results, path)
+    result = runner.invoke(main, ["compare", str(path), str(path)])
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert summary.read_text() == "# earlier step\n\nkept\n" + result.stdout
+    runner.invoke(main, ["compare", str(path), str(path)])
+    assert summary.read_text() == "# earlier step\n\nkept\n" + 2 * result.stdout
+
+
+def test_no_step_summary_when_the_variable_is_unset(runner, tiny_results, tmp_path, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    path = tmp_path / "a.json"
+    results.save(tiny_results, path)
+    result = runner.invoke(main, ["compare", str(path), str(path)])
+    assert result.exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.compare.md", "a.json"]
+
+
+# ---- 7. points on one side only ---------------------------------------------------------------
+
+def test_points_on_one_side_only_are_listed_and_do_not_fail(runner, tiny_results, tmp_path):
+    base, cur = tmp_path / "base.json", tmp_path / "cur.json"
+    fewer = copy.deepcopy(tiny_results)
+    dropped = fewer["records"].pop(3)
+    results.save(fewer, base)
+    extra = copy.deepcopy(tiny_results)
+    added = copy.deepcopy(extra["records"][5])
+    added["scale"] = 12345.0
+    extra["records"].append(added)
+    results.save(extra, cur)
+    result = runner.invoke(main, ["compare", str(base), str(cur)])
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert "**PASS**" in result.stdout
+    assert "1 point(s) only in the baseline" not in result.stdout  # the dropped one is only in *current*
+    assert "0 point(s) only in the baseline, 2 only in the current run" in result.stdout
+    only_cur = result.stdout.split("## Only in the current run (2)", 1)[1].split("\n## ", 1)[0]
+    assert "12345" in only_cur and dropped["loss"] in only_cur
+    assert "## Only in the baseline" not in result.stdout
+
+    # The other way round.
+    back = runner.invoke(main, ["compare", str(cur), str(base)])
+    assert back.exit_code == 0
+    assert "2 point(s) only in the baseline, 0 only in the current run" in back.stdout
+    assert "## Only in the baseline (2)" in back.stdout and "12345" in back.stdout
+
+
+def test_an_extra_scale_in_the_current_config_is_only_in_the_current_run(runner, tiny_baseline, tmp_path,
+                                                                          tiny_config_text):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text).replace("scales: [1, 100]", "scales: [1, 100, 3]")
+                   .replace("losses: [bce, bce_with_logits, cross_entropy]", "losses: [bce]"))
+    result = bench(runner, cfg, tmp_path / "out", "--baseline", str(tiny_baseline["base"]))
+    assert result.exit_code == 0, (result.output, result.stderr)
+    # bce: 3 impls x 2 dtypes x 2 devices x 2 distributions at the new scale.
+    assert "## Only in the current run (24)" in result.stdout
+    # bce_with_logits and cross_entropy are only in the baseline.
+    assert "## Only in the baseline (96)" in result.stdout
+    assert "48 of 48 matched points unchanged" in result.stdout  # bce at scales 1 and 100
+
+
+# ---- 8. environments differ -------------------------------------------------------------------
+
+def test_different_environments_refuse_absolute_timing(runner, timed_runs, tmp_path):
+    base = results.load(timed_runs["base"])
+    base["environment"]["torch"] = "0.0.1-elsewhere"
+    path = tmp_path / "base.json"
+    results.save(base, path)
+    result = runner.invoke(main, ["compare", str(path), str(timed_runs["slow"]), "--timing", "absolute"])
+    # The slowdown is real, but absolute timings from another environment are not compared.
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert "**Environments differ**" in result.stdout
+    assert "0.0.1-elsewhere" in result.stdout
+    assert "absolute timings are not compared: the environments differ (torch)" in result.stdout
+    assert "## Regressions" not in result.stdout and "timing" not in "".join(
+        line for line in result.stdout.splitlines() if line.startswith("|"))
+    # Relative timing still gates across environments.
+    rel = runner.invoke(main, ["compare", str(path), str(timed_runs["slow"]), "--timing", "relative"])
+    assert rel.exit_code == 1
+    assert "absolute timings are not compared" not in rel.stdout
+    assert gates_of(rel.stdout, "bce_with_logits", "stable") == {"timing"}
+
+
+# ---- 9. input errors --------------------------------------------------------------------------
+
+def test_missing_baseline_is_an_input_error_before_the_sweep(runner, tmp_path, tiny_config_text):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text))
+    result = bench(runner, cfg, tmp_path / "out", "--baseline", str(tmp_path / "nope.json"))
+    assert_one_error_line(result, "nope.json", "file not found")
+    assert not (tmp_path / "out").exists()  # failed before running the sweep
+
+
+def test_compare_input_errors(runner, tiny_results, tmp_path):
+    good = tmp_path / "good.json"
+    results.save(tiny_results, good)
+    assert_one_error_line(runner.invoke(main, ["compare", str(tmp_path / "nope.json"), str(good)]),
+                          "nope.json", "file not found")
+    future = copy.deepcopy(tiny_results)
+    future["schema_version"] = 99
+    v99 = tmp_path / "v99.json"
+    results.save(future, v99)
+    assert_one_error_line(runner.invoke(main, ["compare", str(v99), str(good)]), "schema_version 99")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    assert_one_error_line(runner.invoke(main, ["compare", str(good), str(garbage)]), "garbage.json", "not valid JSON")
+    assert not (tmp_path / "garbage.compare.md").exists()
+
+
+def test_baseline_command_refuses_an_incomplete_run(runner, tiny_results, tmp_path):
+    partial = copy.deepcopy(tiny_results)
+    partial["complete"] = False
+    path = tmp_path / "partial.json"
+    results.save(partial, path)
+    result = runner.invoke(main, ["baseline", str(path), "-o", str(tmp_path / "base.json")])
+    assert_one_error_line(result, "partial.json", "complete: false")
+    assert not (tmp_path / "base.json").exists()
+
+
+def test_baseline_command_copies_a_complete_run(runner, tiny_results, tmp_path):
+    path = tmp_path / "run.json"
+    results.save(tiny_results, path)
+    result = runner.invoke(main, ["baseline", str(path), "-o", str(tmp_path / "ci" / "base.json")])
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert results.load(tmp_path / "ci" / "base.json") == results.load(path)
+
+
+@pytest.mark.parametrize("gate_yaml, fragments", [
+    ("gate:\n  bitz: 1\n", ("gate.bitz", "unknown key")),
+    ("gate:\n  bits: -1\n", ("gate.bits", "bad value -1")),
+    ("gate:\n  ulp: .nan\n", ("gate.ulp", "bad value")),
+    ("gate:\n  time_factor: 0.5\n", ("gate.time_factor", "bad value 0.5")),
+    ("gate:\n  timing: sometimes\n", ("gate.timing", "unknown value 'sometimes'")),
+    ("gate:\n  losses:\n    hinge: {bits: 1}\n", ("gate.losses.hinge", "unknown loss")),
+    ("gate:\n  losses:\n    bce: {losses: {}}\n", ("gate.losses.bce.losses", "unknown key")),
+    ("gate:\n  losses:\n    bce: {bits: -2}\n", ("gate.losses.bce.bits", "bad value -2")),
+    ("gate: [1]\n", ("gate", "expected a mapping")),
+])
+def test_bad_gate_config_is_an_input_error(runner, tmp_path, tiny_config_text, gate_yaml, fragments):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text, gate_yaml))
+    result = bench(runner, cfg, tmp_path / "out")
+    assert_one_error_line(result, "tiny.yaml", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 10. thresholds -----------------------------------------------------------------------------
+
+def test_per_loss_thresholds_in_the_config_let_the_planted_regression_pass(
+        runner, tiny_baseline, tmp_path, monkeypatch, tiny_config_text):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text,
+                           "gate:\n  losses:\n    bce_with_logits: {bits: 64, ulp: 1e12}\n"))
+    plant_inaccurate(monkeypatch)
+    result = bench(runner, cfg, tmp_path / "out", "--baseline", str(tiny_baseline["base"]))
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert "**PASS**" in result.stdout and "## Regressions" not in result.stdout
+    assert "Per loss: bce_with_logits: bits 64, ulp 1e+12" in result.stdout
+    # The command line replaces the configured thresholds, per-loss ones included.
+    strict = runner.invoke(main, ["compare", str(tiny_baseline["base"]), str(tmp_path / "out" / "tiny.json"),
+                                  "--bits", "0", "--ulp", "0"])
+    assert strict.exit_code == 1, strict.output
+    assert "accuracy" in gates_of(strict.stdout, "bce_with_logits", "stable")
+
+
+def test_per_loss_threshold_of_another_loss_does_not_help(runner, tiny_baseline, tmp_path, monkeypatch,
+                                                          tiny_config_text):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(untimed(tiny_config_text, "gate:\n  losses:\n    bce: {bits: 64, ulp: 1e12}\n"))
+    plant_inaccurate(monkeypatch)
+    result = bench(runner, cfg, tmp_path / "out", "--baseline", str(tiny_baseline["base"]))
+    assert result.exit_code == 1, (result.output, result.stderr)
+    assert "accuracy" in gates_of(result.stdout, "bce_with_logits", "stable")
+
+
+def test_command_line_thresholds_override_the_config(runner, tiny_baseline, regressed_run):
+    _, current = regressed_run
+    base = str(tiny_baseline["base"])
+    loose = runner.invoke(main, ["compare", base, str(current), "--bits", "64", "--ulp", "1e12"])
+    assert loose.exit_code == 0, loose.output
+    assert "**PASS**" in loose.stdout
+    assert "gradient max bits up by more than 64; mean-loss error up by more than 1e+12 ULP" in loose.stdout
+    # Loose bits alone: the mean-loss ULP gate still catches it.
+    bits_only = runner.invoke(main, ["compare", base, str(current), "--bits", "64"])
+    assert bits_only.exit_code == 1
+    whys = [row[-1] for row in regression_rows(bits_only.stdout)]
+    assert whys and all(w.startswith("mean-loss ULPs up by") for w in whys), whys
+
+
+# ---- gate.compare on hand-built records -------------------------------------------------------
+
+def _metrics(max_bits=1.0, reduced_ulp=0, nan=0, inf=0, value=1.0, reference=1.0):
+    return {"n": 4, "max_ulp": 1, "max_bits": max_bits, "mean_bits": 0.5, "reduced_ulp": reduced_ulp,
+            "value": value, "reference": reference, "nan": nan, "inf": inf, "saturated": 0}
+
+
+def record(status="ok", message="", impl="stable", scale=1.0, timing=None, **metrics):
+    rec = {"loss": "bce", "impl": impl, "kind": "stable", "dtype": "float32", "device": "cpu", "batch": 8,
+           "classes": None, "scale": scale, "distribution": "normal", "status": status, "message": message,
+           "threshold_bits": 12.0, "forward": None, "backward": None, "timing": timing}
+    if status == "ok":
+        rec["forward"], rec["backward"] = _metrics(**metrics), _metrics(max_bits=metrics.get("max_bits", 1.0))
+    return rec
+
+
+def run_file(*records, env=None):
+    return {"schema_version": 1, "environment": env or {"torch": "2"}, "config": {"seed": 0},
+            "records": list(records)}
+
+
+def compare(b, c, **thresholds):
+    return G.compare(run_file(b), run_file(c), G.GatePolicy(G.Thresholds(**thresholds)))
+
+
+def test_status_ok_to_error_is_a_regression_and_back_an_improvement():
+    c = compare(record(), record("error", "RuntimeError: boom"))
+    assert [(v.gate, v.outcome, v.baseline, v.current, v.why) for v in c.verdicts] == [
+        ("status", "regression", "ok", "error", "RuntimeError: boom")]
+    assert c.failed and c.compared == 1 and c.unchanged == 0
+    c = compare(record("error", "RuntimeError: boom"), record())
+    assert [(v.gate, v.outcome) for v in c.verdicts] == [("status", "improvement")]
+    assert not c.failed and c.improvements
+
+
+def test_skipped_points_are_not_compared():
+    for b, c in [(record("skipped", "no cuda"), record("skipped", "no cuda")),
+                 (record(), record("skipped", "no cuda")),
+                 (record("skipped", "no cuda"), record(max_bits=math.inf, nan=3))]:
+        cmp = compare(b, c)
+        assert cmp.verdicts == [] and not cmp.failed
+
+
+def test_error_on_both_sides_is_no_verdict():
+    assert compare(record("error", "a"), record("error", "b")).verdicts == []
+
+
+def test_inf_to_inf_is_unchanged_and_finite_to_inf_is_a_regression():
+    c = compare(record(max_bits=math.inf, reduced_ulp=math.inf), record(max_bits=math.inf, reduced_ulp=math.inf))
+    assert c.verdicts == [] and c.unchanged == 1
+    c = compare(record(max_bits=3.0), record(max_bits=math.inf))
+    assert {(v.gate, v.outcome, v.current) for v in c.verdicts} == {("accuracy", "regression", "inf")}
+    c = compare(record(max_bits=math.inf), record(max_bits=3.0), bits=100)
+    assert {(v.gate, v.outcome) for v in c.verdicts} == {("accuracy", "improvement")}
+
+
+@pytest.mark.parametrize("delta, outcome", [(0.5, None), (0.75, "regression"), (-0.5, None), (-0.75, "improvement")])
+def test_bits_tolerance_edges(delta, outcome):
+    c = compare(record(max_bits=2.0), record(max_bits=2.0 + delta), bits=0.5)
+    assert {v.outcome for v in c.verdicts} == ({outcome} if outcome else set())
+    assert c.failed == (outcome == "regression")
+
+
+@pytest.mark.parametrize("delta, outcome", [(3, None), (4, "regression"), (-3, None), (-4, "improvement")])
+def test_ulp_tolerance_edges(delta, outcome):
+    c = compare(record(reduced_ulp=5), record(reduced_ulp=5 + delta), ulp=3)
+    assert [(v.gate, v.outcome) for v in c.verdicts] == ([("accuracy", outcome)] if outcome else [])
+
+
+def test_zero_tolerance_any_increase_is_a_regression():
+    c = compare(record(max_bits=2.0), record(max_bits=2.0001))
+    assert [v.outcome for v in c.verdicts] == ["regression", "regression"]  # forward and gradient
+
+
+def test_new_nonfinite_values_are_an_overflow_regression():
+    c = compare(record(), record(nan=2, inf=1))
+    assert [(v.gate, v.outcome, v.baseline, v.current) for v in c.verdicts] == [("overflow", "regression", "0", "3")]
+    # A reduced loss gone non-finite where the reference is finite counts as well.
+    c = compare(record(), record(value=math.inf))
+    assert [(v.gate, v.outcome) for v in c.verdicts] == [("overflow", "regression")]
+
+
+def _timing(q1, m, q3):
+    return {"forward_median_s": m, "forward_iqr_s": q3 - q1, "forward_q1_s": q1, "forward_q3_s": q3,
+            "backward_median_s": m, "backward_iqr_s": q3 - q1, "backward_q1_s": q1, "backward_q3_s": q3}
+
+
+def test_timing_needs_the_whole_interquartile_range_above_the_factor():
+    base = _timing(1.0, 1.1, 1.2)
+    # 1.2 × 1.25 = 1.5: a current q1 at 1.5 is not above it; at 1.51 it is.
+    at_edge = G.compare(run_file(record(timing=base)), run_file(record(timing=_timing(1.5, 2.0, 3.0))),
+                        G.GatePolicy(G.Thresholds(timing="absolute")))
+    assert at_edge.verdicts == []
+    above = G.compare(run_file(record(timing=base)), run_file(record(timing=_timing(1.51, 2.0, 3.0))),
+                      G.GatePolicy(G.Thresholds(timing="absolute")))
+    assert [(v.gate, v.outcome) for v in above.verdicts] == [("timing", "regression")] * 2
+    # Different environments: absolute timing is refused, with a note.
+    refused = G.compare(run_file(record(timing=base)),
+                        run_file(record(timing=_timing(1.51, 2.0, 3.0)), env={"torch": "3"}),
+                        G.GatePolicy(G.Thresholds(timing="absolute")))
+    assert refused.verdicts == [] and "absolute timings are not compared" in refused.timing_note
+    assert refused.env_differences == {"torch": ("2", "3")}
+
+
+def test_relative_timing_is_against_torch_in_the_same_run():
+    fast, slow = _timing(1.0, 1.0, 1.0), _timing(3.0, 3.0, 3.0)
+    policy = G.GatePolicy(G.Thresholds(timing="relative"))
+    # Everything 3× slower (another machine): the ratio to torch is unchanged.
+    c = G.compare(run_file(record(timing=fast), record(impl="torch", timing=fast)),
+                  run_file(record(timing=slow), record(impl="torch", timing=slow)), policy)
+    assert c.verdicts == [] and c.compared == 2
+    # Only the implementation 3× slower: a regression of the implementation, torch never gated.
+    c = G.compare(run_file(record(timing=fast), record(impl="torch", timing=fast)),
+                  run_file(record(timing=slow), record(impl="torch", timing=fast)), policy)
+    assert {(v.key[1], v.gate, v.outcome) for v in c.verdicts} == {("stable", "timing", "regression")}
+
+
+def test_cli_options_replace_per_loss_thresholds():
+    policy = G.GatePolicy(G.Thresholds(bits=1), {"bce": G.Thresholds(bits=50, timing="off")})
+    assert policy.with_overrides(bits=None, ulp=None, time_factor=None, timing=None) is policy
+    new = policy.with_overrides(bits=2.0, ulp=None, time_factor=None, timing=None)
+    assert new.for_loss("bce") == G.Thresholds(bits=2.0, timing="off")
+    assert new.for_loss("cross_entropy") == G.Thresholds(bits=2.0)
+
+
+# ---- output files that cannot be written ------------------------------------------------------
+
+# Regression guard: an unwritable GITHUB_STEP_SUMMARY/--junit path escaped as an OSError
+# with exit 1, the regression exit code, instead of exit 2.
+@pytest.mark.parametrize("where", ["summary", "junit"])
+def test_an_unwritable_output_is_an_input_error_not_a_regression(runner, tiny_results, tmp_path, monkeypatch, where):
+    path = tmp_path / "a.json"
+    results.save(tiny_results, path)
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    args = ["compare", str(path), str(path)]
+    if where == "summary":
+        monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "missing-dir" / "summary.md"))
+    else:
+        args += ["--junit", str(a_file / "junit.xml")]
+    assert_one_error_line(runner.invoke(main, args))
+
+
+def test_a_point_skipped_on_one_side_is_listed_not_passed(runner, tiny_results, tmp_path):
+    # Regression guard: an ok point that became `skipped` (e.g. a CUDA baseline gated on a
+    # CPU-only runner) used to count as unchanged and pass silently.
+    import copy
+    import xml.etree.ElementTree as ET
+
+    base = tmp_path / "base.json"
+    results.save(tiny_results, base)
+    cur_data = copy.deepcopy(tiny_results)
+    rec = next(r for r in cur_data["records"] if r["status"] == "ok")
+    rec.update(status="skipped", message="device gone", forward=None, backward=None, timing=None)
+    cur = tmp_path / "cur.json"
+    results.save(cur_data, cur)
+    junit = tmp_path / "j.xml"
+    result = runner.invoke(main, ["compare", str(base), str(cur), "--junit", str(junit)])
+    assert result.exit_code == 0, result.output
+    assert "1 skipped on one side" in result.stdout and "## Skipped on one side (1)" in result.stdout
+    skipped = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("skipped") is not None
+               and c.find("skipped").get("message") == "skipped on one side"]
+    assert len(skipped) == 1
+
+
+@pytest.mark.parametrize("side", ["baseline", "current"])
+def test_an_interrupted_run_is_refused_by_the_gate(runner, tiny_results, tmp_path, side):
+    import copy
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    results.save(tiny_results, good)
+    partial = copy.deepcopy(tiny_results)
+    partial["complete"] = False
+    partial["records"] = partial["records"][:10]
+    results.save(partial, bad)
+    args = ["compare", str(bad), str(good)] if side == "baseline" else ["compare", str(good), str(bad)]
+    result = runner.invoke(main, args)
+    assert_one_error_line(result)
+    assert "interrupted" in result.stderr
+
+
+def test_step_summary_starts_on_its_own_line(runner, tiny_results, tmp_path, monkeypatch):
+    path = tmp_path / "a.json"
+    results.save(tiny_results, path)
+    summary = tmp_path / "summary.md"
+    summary.write_text("previous step without a final newline")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    assert runner.invoke(main, ["compare", str(path), str(path)]).exit_code == 0
+    assert "previous step without a final newline\n# losscheck compare\n" in summary.read_text()
