@@ -12,7 +12,7 @@ import click
 import torch
 from tabulate import tabulate
 
-from . import __version__, ci, environment, report, results, sweep
+from . import __version__, ci, environment, plots, report, results, sweep
 from .config import BUILTIN_IMPLS, load_config
 from .dtypes import FORMATS
 from .errors import LosscheckError
@@ -80,9 +80,11 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
               help="Gate the run against this results file: exit 1 on regression.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
 @_gate_options
 def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
-          baseline: str | None, bits, ulp, time_factor, timing_mode, junit_path) -> None:
+          baseline: str | None, plots: bool, bits, ulp, time_factor, timing_mode, junit_path) -> None:
     """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
     config = load_config(config_path)
     if baseline:
@@ -107,7 +109,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
         finally:
             data = results.make_results(config.as_dict(), env, records, command, complete)
             results.save(data, json_path)
-            results.write_atomic(md_path, report.render(results.load(json_path)))
+            _write_report(results.load(json_path), md_path, plots)
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
     click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
                f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
@@ -141,6 +143,14 @@ def baseline_cmd(results_path: str, output: str) -> None:
     click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
 
 
+def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:
+    figures = None
+    if with_plots:
+        figures = (plots.write_plots(data, md_path.parent, md_path.stem) if plots.available()
+                   else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only")
+    results.write_atomic(md_path, report.render(data, figures))
+
+
 class _NoBar:
     def __enter__(self):
         return self
@@ -156,16 +166,17 @@ class _NoBar:
 @click.argument("results_path", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Markdown file to write (default: next to the results, .md).")
-@click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file.")
-def report_cmd(results_path: str, output: str | None, to_stdout: bool) -> None:
-    """Re-render the Markdown report from a results file alone."""
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file (no plots).")
+@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
+              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
+def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plots: bool) -> None:
+    """Re-render the Markdown report (and its plots) from a results file alone."""
     data = results.load(results_path)
-    text = report.render(data)
     if to_stdout:
-        click.echo(text, nl=False)
+        click.echo(report.render(data), nl=False)
         return
     target = Path(output) if output else Path(results_path).with_suffix(".md")
-    results.write_atomic(target, text)
+    _write_report(data, target, with_plots)
     click.echo(f"wrote {target}")
 
 

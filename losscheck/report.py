@@ -60,14 +60,16 @@ def _order(values, order):
     return sorted(set(values), key=lambda v: order.index(v) if v in order else len(order))
 
 
-def render(results: dict) -> str:
+def render(results: dict, plots: list[tuple[str, str]] | str | None = None) -> str:
+    """The Markdown report. `plots`: (title, relative file name) of figures written next to
+    the report, or a note saying why there are none, or None for no plot section."""
     cfg = results.get("config", {})
     # Tables show what was run; points skipped as a whole device (or a platform without
     # a reference) are summarised in one line each under the header instead.
     all_records = results["records"]
     records = [r for r in all_records if r["status"] != "skipped"]
     parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records),
-             _nonfinite_inputs(records), _versus(records)]
+             _plots(plots), _nonfinite_inputs(records), _versus(records)]
     for loss in _order((r["loss"] for r in records), list(LOSSES)):
         recs = [r for r in records if r["loss"] == loss]
         parts.append(_loss_section(loss, recs))
@@ -168,7 +170,37 @@ def _findings(records: list[dict]) -> str:
     for (loss, impl), dtypes in sorted(nan_at_limits.items()):
         lines.append(f"- {loss} / {impl} returns NaN or ±inf at infinite logits where the limit is finite "
                      f"({', '.join(_order(dtypes, list(FORMATS)))}).")
+    lines += _cost_findings(records)
     return "## Findings\n\n" + "\n".join(lines) if lines else ""
+
+
+def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
+    """loss -> forward+backward time ratios impl/base over the points where both were timed."""
+    key = lambda r: (r["loss"], r["dtype"], r["device"], r["batch"], r["classes"], r["scale"], r["distribution"])
+    timed = {(key(r), r["impl"]): r["timing"]["backward_median_s"]
+             for r in records if r["status"] == "ok" and r.get("timing")}
+    out: dict[str, list[float]] = defaultdict(list)
+    for (k, i), t in timed.items():
+        if i == impl and (k, base) in timed and timed[(k, base)] > 0:
+            out[k[0]].append(t / timed[(k, base)])
+    return out
+
+
+def _cost_findings(records: list[dict]) -> list[str]:
+    lines = []
+    for loss, ratios in cost_ratios(records).items():
+        lines.append(f"- Stability costs, {loss}: `stable` forward+backward takes ×{min(ratios):.2f} to "
+                     f"×{max(ratios):.2f} the time of `torch` (median ×{statistics.median(ratios):.2f} over "
+                     f"{len(ratios)} timed points).")
+    return lines
+
+
+def _plots(plots) -> str:
+    if plots is None:
+        return ""
+    if isinstance(plots, str):
+        return f"_Plots: {plots}_"
+    return "## Plots\n\n" + "\n\n".join(f"![{title}]({name})" for title, name in plots)
 
 
 def _nonfinite_inputs(records: list[dict]) -> str:

@@ -61,7 +61,8 @@ def bench_run(tmp_path_factory, tiny_config_text):
     cfg_path = tmp / "tiny.yaml"
     cfg_path.write_text(tiny_config_text)
     out = tmp / "out"
-    result = CliRunner().invoke(main, ["bench", str(cfg_path), "--out", str(out), "--no-progress"])
+    # --no-plots: these tests are about the results and the Markdown; tests/test_plots.py covers plots.
+    result = CliRunner().invoke(main, ["bench", str(cfg_path), "--out", str(out), "--no-progress", "--no-plots"])
     return result, out, parse_config(tiny_config_text, str(cfg_path))
 
 
@@ -152,12 +153,12 @@ def test_results_json_is_strict_json_with_nonfinite_as_strings(bench_run):
 def test_report_rerenders_the_same_markdown(bench_run, runner, tmp_path):
     _, out, _ = bench_run
     shutil.copy(out / "tiny.json", tmp_path / "tiny.json")
-    result = runner.invoke(main, ["report", str(tmp_path / "tiny.json")])
+    result = runner.invoke(main, ["report", str(tmp_path / "tiny.json"), "--no-plots"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"wrote {tmp_path / 'tiny.md'}\n"
     assert (tmp_path / "tiny.md").read_text() == (out / "tiny.md").read_text()
     other = tmp_path / "sub" / "other.md"
-    result = runner.invoke(main, ["report", str(tmp_path / "tiny.json"), "-o", str(other)])
+    result = runner.invoke(main, ["report", str(tmp_path / "tiny.json"), "-o", str(other), "--no-plots"])
     assert result.exit_code == 0 and other.read_text() == (out / "tiny.md").read_text()
 
 

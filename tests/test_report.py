@@ -303,7 +303,7 @@ def test_cli_report_renders_the_handcrafted_file(runner, tmp_path):
     assert "×" not in section(md, "Timing")
     # Writing the file instead of printing it gives the same text.
     out = tmp_path / "small.md"
-    assert runner.invoke(main, ["report", str(SMALL), "-o", str(out)]).exit_code == 0
+    assert runner.invoke(main, ["report", str(SMALL), "-o", str(out), "--no-plots"]).exit_code == 0
     assert out.read_text() == md
 
 
@@ -342,3 +342,40 @@ def test_breakdown_scale_is_the_smallest_breaking_scale():
     assert analysis.breakdown_scales(recs[:1] + recs[3:])[key].scale is None
     err = {**recs[0], "status": "error", "message": "boom"}
     assert analysis.breakdown_scales([err])[key] == analysis.Breakdown(None, "boom", "error")
+
+
+@pytest.mark.parametrize("source", ["tiny", "committed quick report"])
+def test_saturation_and_infinite_logit_sentences_agree_with_the_records(tiny_results, source):
+    # The findings that are not breakdown scales: recomputed from the records by hand, on
+    # the tiny sweep and on the committed quick report (which has infinite logits).
+    from pathlib import Path
+
+    from losscheck.analysis import SCALE_FREE, nonfinite, reduced_nonfinite, silently_saturated
+
+    data = tiny_results if source == "tiny" else results.load(Path(__file__).parent.parent / "reports" / "quick.json")
+    md = report.render(data)
+    lines = section(md, "Findings").strip().splitlines()
+    recs = [r for r in data["records"] if r["status"] == "ok"]
+    if source != "tiny":
+        assert any(r["distribution"] in SCALE_FREE for r in recs)
+    for loss in {r["loss"] for r in recs}:
+        expected = {}
+        for r in recs:
+            if (r["loss"] == loss and silently_saturated(r) and not nonfinite(r["forward"])
+                    and not reduced_nonfinite(r)):
+                expected.setdefault(r["impl"], set()).add(r["dtype"])
+        sentence = [l for l in lines if l.startswith(f"- {loss}: silent saturation")]
+        if not expected:
+            assert not sentence
+            continue
+        [line] = sentence
+        got = dict(part.split(" in ") for part in line.split(" by ", 1)[1].rstrip(".").split("; "))
+        assert {i: set(d.split(", ")) for i, d in got.items()} == expected
+        nan_at_limits = {}
+        for r in recs:
+            if r["loss"] == loss and r["distribution"] in SCALE_FREE and (nonfinite(r["forward"]) or nonfinite(r["backward"])):
+                nan_at_limits.setdefault(r["impl"], set()).add(r["dtype"])
+        for impl, dtypes in nan_at_limits.items():
+            [line] = [l for l in lines if l.startswith(f"- {loss} / {impl} returns NaN or ±inf at infinite logits")]
+            assert set(line.split("(")[1].rstrip(").").split(", ")) == dtypes
+        assert not any(l.startswith(f"- {loss} / stable returns NaN") for l in lines)
