@@ -18,6 +18,7 @@ from .dtypes import FORMATS
 from .losses import LOSSES
 
 IMPL_ORDER = ("naive", "stable", "torch")
+MAX_OPEN_ROWS = 24  # longer per-loss tables are collapsed
 MAX_DETAIL_ROWS = 2000  # beyond this the per-point table would dominate the file (GitHub renders ~1 MB)
 
 
@@ -293,14 +294,21 @@ def _loss_section(loss: str, recs: list[dict]) -> str:
         "**Accuracy** — worst over distributions, batch sizes and classes: forward max bits of error "
         "per element / mean-loss error in ULPs / gradient max bits (0 = correctly rounded; "
         "the dtype's significand width = no correct bit).\n\n"
-        + tabulate(acc_rows, headers=headers, tablefmt="github"))
+        + _collapsible(tabulate(acc_rows, headers=headers, tablefmt="github"), len(acc_rows)))
     head.append(
         "**Overflow** — share of elements that are NaN or ±inf where the reference is finite, forward / "
         "gradient, and the number of finite values more than the threshold off (silent saturation).\n\n"
-        + tabulate(ovf_rows, headers=headers, tablefmt="github"))
+        + _collapsible(tabulate(ovf_rows, headers=headers, tablefmt="github"), len(ovf_rows)))
     if len({r["batch"] for r in recs}) > 1:
         head.append(_reduction_table(recs, impls))
     return "\n\n".join(head)
+
+
+def _collapsible(table: str, rows: int) -> str:
+    # Large sweeps: the breakdown and findings summarise; the full tables stay one click away.
+    if rows <= MAX_OPEN_ROWS:
+        return table
+    return f"<details><summary>{rows} rows</summary>\n\n{table}\n\n</details>"
 
 
 def _reduction_table(recs: list[dict], impls: list[str]) -> str:
