@@ -52,13 +52,26 @@ def _impls(recs):
     return sorted({r["impl"] for r in recs}, key=lambda i: (order.index(i) if i in order else 9, i))
 
 
+def _figure(plt, dtypes, draw, title, path) -> None:
+    """One panel per dtype, drawn by `draw(ax, dtype)`, legend on the first, saved as PNG."""
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        draw(ax, dtype)
+        ax.set_xscale("log")
+        ax.set_title(dtype)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _accuracy_figure(plt, loss, recs, path) -> bool:
     recs = [r for r in recs if r["distribution"] not in A.SCALE_FREE]
     if not recs:
         return False
-    dtypes = _dtypes(recs)
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.4), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+
+    def draw(ax, dtype):
         width = FORMATS[dtype].total_bits if dtype in FORMATS else 64
         for impl in _impls(recs):
             worst = defaultdict(float)
@@ -72,15 +85,10 @@ def _accuracy_figure(plt, loss, recs, path) -> bool:
                 ax.plot(xs, [worst[x] for x in xs], marker="o", label=impl)
         if dtype in FORMATS:
             ax.axhline(FORMATS[dtype].significand_bits, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log")
-        ax.set_title(dtype)
         ax.set_xlabel("logit scale")
         ax.set_ylabel("max bits of error (fwd, grad)")
-    axes[0][0].legend()
-    fig.suptitle(f"{loss}: worst error per scale (dashed: no correct bit left)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+    _figure(plt, _dtypes(recs), draw, f"{loss}: worst error per scale (dashed: no correct bit left)", path)
     return True
 
 
@@ -88,9 +96,8 @@ def _timing_figure(plt, loss, recs, path) -> bool:
     timed = [r for r in recs if r.get("timing")]
     if not timed:
         return False
-    dtypes = _dtypes(timed)
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.4), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+
+    def draw(ax, dtype):
         for impl in _impls(timed):
             points = defaultdict(list)
             for r in timed:
@@ -99,14 +106,9 @@ def _timing_figure(plt, loss, recs, path) -> bool:
             if points:
                 xs = sorted(points)
                 ax.plot(xs, [1e6 * sorted(points[x])[len(points[x]) // 2] for x in xs], marker="o", label=impl)
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(dtype)
         ax.set_xlabel("elements (batch × classes)")
         ax.set_ylabel("forward+backward, µs")
-    axes[0][0].legend()
-    fig.suptitle(f"{loss}: median time of the mean loss, forward+backward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+    _figure(plt, _dtypes(timed), draw, f"{loss}: median time of the mean loss, forward+backward", path)
     return True

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_one_error_line
 
 from losscheck import results, sweep
 from losscheck.cli import main
@@ -39,18 +40,6 @@ def _no_constant(name):
 
 def strict_json(text: str):
     return json.loads(text, parse_constant=_no_constant)
-
-
-def assert_one_error_line(result, *fragments):
-    """Exit 2, exactly one line on stderr starting with `error:`, no traceback anywhere."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 # ---- one bench run of the tiny sweep, shared by the tests that read what it wrote -------------

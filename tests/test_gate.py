@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_one_error_line
 
 from losscheck import gate as G
 from losscheck import results, sweep
@@ -48,18 +49,6 @@ SLEEP_S = 0.003
 def untimed(tiny_config_text: str, extra: str = "") -> str:
     assert TINY_TIMING in tiny_config_text  # the fixture's shape, so that the replace below bites
     return tiny_config_text.replace(TINY_TIMING, "timing: false\n") + extra
-
-
-def assert_one_error_line(result, *fragments):
-    """Exit 2, exactly one line on stderr starting with `error:`, no traceback anywhere."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def _replace_impl(monkeypatch, loss, name, fn):

@@ -1,0 +1,14 @@
+"""Assertions shared by the CLI tests."""
+from __future__ import annotations
+
+
+def assert_one_error_line(result, *fragments):
+    """Exit 2, exactly one line on stderr starting with `error:`, no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
