@@ -1,6 +1,7 @@
 """The command line: each command parses, calls one core function, renders, maps to an exit code.
 
-Exit codes: 0 success, 2 usage/config/input error (one line on stderr, no traceback).
+Exit codes: 0 success, 1 regression (the gate), 2 usage/config/input error (one line on
+stderr, no traceback), 130 interrupted (the finished points are written).
 """
 from __future__ import annotations
 
@@ -80,11 +81,11 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
               help="Gate the run against this results file: exit 1 on regression.")
-@click.option("--plots/--no-plots", default=True, show_default=True,
+@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
               help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
 @_gate_options
 def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
-          baseline: str | None, plots: bool, bits, ulp, time_factor, timing_mode, junit_path) -> None:
+          baseline: str | None, with_plots: bool, bits, ulp, time_factor, timing_mode, junit_path) -> None:
     """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
     config = load_config(config_path)
     if baseline:
@@ -109,7 +110,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
         finally:
             data = results.make_results(config.as_dict(), env, records, command, complete)
             results.save(data, json_path)
-            _write_report(results.load(json_path), md_path, plots)
+            _write_report(results.load(json_path), md_path, with_plots)
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
     click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
                f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
