@@ -150,7 +150,7 @@ def _findings(records: list[dict]) -> str:
             if not broken:
                 lines.append(f"- **{loss} / {impl}** never breaks ({', '.join(entries)}).")
             else:
-                where = ", ".join(f"{d} from {fmt_scale(b.scale)}" for d, b in broken.items())
+                where = ", ".join(f"{d} from {fmt_scale(b.scale)} ({b.reason})" for d, b in broken.items())
                 tail = "" if len(broken) == len(entries) else \
                     f"; holds in {', '.join(d for d in entries if d not in broken)}"
                 lines.append(f"- **{loss} / {impl}** breaks in {where}{tail}.")

@@ -102,7 +102,8 @@ def test_naive_bce_with_logits_breaks_at_100_where_stable_holds(tiny_md):
         assert re.fullmatch(r"\*\*100\*\* \(fwd non-finite\)", cells["naive"]), cells
         assert cells["stable"] == "none"
     findings = section(tiny_md, "Findings")
-    assert "- **bce_with_logits / naive** breaks in float32 from 100, float16 from 100" in findings
+    assert ("- **bce_with_logits / naive** breaks in float32 from 100 (fwd non-finite), float16 from 100 "
+            "(fwd non-finite)") in findings
     assert "- **bce_with_logits / stable** never breaks (float32, float16" in findings
 
 
@@ -136,8 +137,11 @@ def parse_findings(md: str) -> dict[tuple[str, str], dict[str, float | None]]:
         elif m := BREAKS.fullmatch(line):
             entry = {}
             for part in m[3].split(", "):
-                dtype, scale = part.split(" from ")
-                entry[dtype] = float(scale)
+                # "float32 from 1000 (fwd non-finite)": where, from which scale, and why
+                # (forward, gradient or mean), the reason checked against analysis too.
+                dtype, rest = part.split(" from ")
+                scale, reason = re.fullmatch(r"(\S+) \((.+)\)", rest).groups()
+                entry[dtype] = (float(scale), reason)
             for dtype in (m[4].split(", ") if m[4] else []):
                 entry[dtype] = None
             out[(m[1], m[2])] = entry
@@ -151,7 +155,7 @@ def expected_findings(records: list[dict]) -> dict[tuple[str, str], dict[str, fl
     out = defaultdict(dict)
     for (loss, impl, dtype, device), b in analysis.breakdown_scales(records).items():
         if b.status == "measured":
-            out[(loss, impl)][label(dtype, device)] = b.scale
+            out[(loss, impl)][label(dtype, device)] = None if b.scale is None else (b.scale, b.reason)
     return dict(out)
 
 
@@ -165,7 +169,7 @@ def test_findings_agree_with_breakdown_scales(tiny_results, tiny_md):
 def test_findings_agree_with_breakdown_scales_on_the_handcrafted_file():
     res = results.load(SMALL)
     assert parse_findings(report.render(res)) == expected_findings(run_records(res)) == {
-        ("bce_with_logits", "naive"): {"float32": 1000.0},
+        ("bce_with_logits", "naive"): {"float32": (1000.0, "fwd non-finite")},
         ("bce_with_logits", "stable"): {"float32": None},
     }
 
@@ -188,9 +192,10 @@ def test_findings_hold_in_and_device_labels():
     md = report.render(res)
     parsed = parse_findings(md)
     assert parsed == expected_findings(run_records(res))
-    assert parsed[("bce_with_logits", "naive")] == {"float32": 1000.0, "float16": None, "float32@cuda": 1000.0}
-    assert "- **bce_with_logits / naive** breaks in float32 from 1000, float32@cuda from 1000; holds in float16." \
-        in md
+    assert parsed[("bce_with_logits", "naive")] == {"float32": (1000.0, "fwd non-finite"), "float16": None,
+                                                   "float32@cuda": (1000.0, "fwd non-finite")}
+    assert ("- **bce_with_logits / naive** breaks in float32 from 1000 (fwd non-finite), float32@cuda from 1000 "
+            "(fwd non-finite); holds in float16.") in md
 
 
 # ---- timing, non-finite values, determinism -----------------------------------------------
