@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -62,6 +63,21 @@ def _overrides(bits, ulp, time_factor, timing_mode) -> dict:
     return {"bits": bits, "ulp": ulp, "time_factor": time_factor, "timing": timing_mode}
 
 
+class ShardType(click.ParamType):
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            i, n = (int(v) for v in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not I/N (e.g. 2/4)", param, ctx)
+        if not 1 <= i <= n:
+            self.fail(f"{value!r}: I must be between 1 and N", param, ctx)
+        return (i, n)
+
+
 def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path) -> None:
     """Compare, print the Markdown, exit 1 on regression."""
     markdown_path = current_path.with_suffix(".compare.md")
@@ -83,33 +99,42 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
               help="Gate the run against this results file: exit 1 on regression.")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
               help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its results file, without redoing its points.")
+@click.option("--shard", type=ShardType(), default=None, metavar="I/N",
+              help="Run a deterministic 1/N of the points (shard I of N); merge shards with `losscheck merge`.")
 @_gate_options
 def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
-          baseline: str | None, with_plots: bool, bits, ulp, time_factor, timing_mode, junit_path) -> None:
+          baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
+          bits, ulp, time_factor, timing_mode, junit_path) -> None:
     """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
     config = load_config(config_path)
     if baseline:
         results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
     threads = threads or config.threads or torch.get_num_threads()
     out = Path(out_dir)
-    json_path, md_path = out / f"{config.name}.json", out / f"{config.name}.md"
-    total = sweep.count_points(config)
+    stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    records: list[dict] = _resumed(json_path, config) if resume else []
+    done = {sweep.key_tuple(r) for r in records}
+    total = sweep.count_points(config, shard, done)
     show = sys.stderr.isatty() if progress is None else progress
     env = environment.capture(threads)
     command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                          "--threads", str(threads)])
-    records: list[dict] = []
+                          "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else [])])
+    saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
     complete = False
-    with click.progressbar(length=total, label=f"{config.name}: {total} points", file=sys.stderr,
+    with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
                            show_pos=True, show_eta=True) if show else _NoBar() as bar:
         try:
-            sweep.run(config, threads, on_record=lambda r: (records.append(r), bar.update(1)))
+            sweep.run(config, threads, shard=shard, done=done,
+                      on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
             complete = True
         except KeyboardInterrupt:
-            click.echo(f"\ninterrupted: writing the {len(records)} finished points", err=True)
+            click.echo(f"\ninterrupted: writing the {len(records)} finished points "
+                       "(continue with --resume)", err=True)
         finally:
-            data = results.make_results(config.as_dict(), env, records, command, complete)
-            results.save(data, json_path)
+            saver.save(complete)
             _write_report(results.load(json_path), md_path, with_plots)
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
     click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
@@ -134,6 +159,21 @@ def compare_cmd(baseline_path: str, current_path: str, bits, ulp, time_factor, t
     _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode), junit_path)
 
 
+@main.command("merge")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The merged results file.")
+@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
+              help="PNG plots next to the merged report.")
+def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
+    """Merge the results of shards of one config (bench --shard I/N) into one file and report."""
+    merged = results.merge([(p, results.load(p)) for p in paths])
+    out = Path(output)
+    results.save(merged, out)
+    _write_report(results.load(out), out.with_suffix(".md"), with_plots)
+    state = "complete" if merged["complete"] else "incomplete (shards missing or interrupted)"
+    click.echo(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}")
+
+
 @main.command("baseline")
 @click.argument("results_path", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -142,6 +182,41 @@ def baseline_cmd(results_path: str, output: str) -> None:
     """Accept RESULTS_PATH as the baseline the gate compares against."""
     data = ci.accept(results_path, output)
     click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
+
+
+def _results(config, env, records, command, complete, shard) -> dict:
+    data = results.make_results(config.as_dict(), env, sorted(records, key=lambda r: (r["index"], r["impl"])),
+                                command, complete)
+    if shard:
+        data["shard"] = list(shard)
+    return data
+
+
+class _Incremental:
+    """Writes the results file atomically as the sweep goes (at most every `every` seconds),
+    so that a kill leaves a valid file of all but the last seconds' points."""
+
+    def __init__(self, make, path: Path, every: float = 2.0):
+        self.make, self.path, self.every = make, path, every
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.save(False)
+
+    def save(self, complete: bool) -> None:
+        results.save(self.make(complete), self.path)
+        self.last = time.monotonic()
+
+
+def _resumed(json_path: Path, config) -> list[dict]:
+    """The records of an earlier run of the same config, to be kept and not redone."""
+    if not json_path.exists():
+        return []
+    data = results.load(json_path)
+    if not results.same_config(data["config"], config.as_dict()):
+        raise LosscheckError(f"{json_path}: made with another config; --resume continues a run of the same config")
+    return list(data["records"])
 
 
 def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:

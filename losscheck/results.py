@@ -145,3 +145,49 @@ def _record_problem(rec: dict) -> str | None:
         if not isinstance(timing, dict) or not all(_is_number(timing.get(k)) for k in TIMING_KEYS):
             return f"'timing' must be null or an object with numbers {', '.join(TIMING_KEYS)}"
     return None
+
+
+# Environment fields that must agree for shards to be merged: they change the numbers.
+MERGE_CHECKED = ("torch", "numpy", "python", "losscheck")
+
+
+def same_config(a: dict, b: dict) -> bool:
+    return json.dumps(_encode(a), sort_keys=True) == json.dumps(_encode(b), sort_keys=True)
+
+
+def merge(parts: list[tuple[str, dict]]) -> dict:
+    """Merge the results of shards (or of resumed pieces) of one config into one file.
+
+    Refuses results of different configs or of environments whose versions differ (the
+    numbers would not be comparable); a point measured twice is an error too. Records are
+    put back in sweep order, so merging every shard gives the file the unsharded run would.
+    """
+    (first_path, first), rest = parts[0], parts[1:]
+    for path, data in rest:
+        if not same_config(first["config"], data["config"]):
+            raise ResultsError(f"{path}: made with another config than {first_path}; "
+                               "only shards of one config can be merged")
+        for field in MERGE_CHECKED:
+            a, b = first["environment"].get(field), data["environment"].get(field)
+            if a != b:
+                raise ResultsError(f"{path}: environment '{field}' is {b!r}, {first_path} has {a!r}; "
+                                   "results of different versions cannot be merged")
+    seen: dict[tuple, str] = {}
+    records = []
+    for path, data in parts:
+        for r in data["records"]:
+            key = tuple(r[f] for f in ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution"))
+            if key in seen:
+                raise ResultsError(f"{path}: point {key} is also in {seen[key]}")
+            seen[key] = path
+            records.append(r)
+    records.sort(key=lambda r: (r.get("index", 0), r["impl"]))
+    merged = make_results(first["config"], first["environment"], records,
+                          " && ".join(d.get("command", "") for _, d in parts),
+                          complete=all(d.get("complete", True) for _, d in parts))
+    shards = [d.get("shard") for _, d in parts]
+    if all(shards):
+        n = shards[0][1]
+        merged["complete"] = merged["complete"] and sorted(s[0] for s in shards) == list(range(1, n + 1))
+    merged["environments"] = [d["environment"] for _, d in parts]
+    return merged

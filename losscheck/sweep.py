@@ -26,6 +26,7 @@ from .metrics import ErrorStats
 class Case:
     """One input of the sweep; every implementation is evaluated on it."""
 
+    index: int  # position in the config's sweep order: sharding and merging rely on it
     loss: str
     device: str
     dtype: str
@@ -42,6 +43,7 @@ class Case:
 
 def cases(config: Config) -> Iterator[Case]:
     # Devices and dtypes vary fastest: they share one float64 input (see `run`).
+    index = 0
     for loss_name in config.losses:
         loss = LOSSES[loss_name]
         classes = config.classes if loss.multiclass else (None,)
@@ -52,19 +54,37 @@ def cases(config: Config) -> Iterator[Case]:
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
             if inputs.applies(dist, loss.multiclass, loss.input_kind):
-                yield Case(loss_name, device, dtype, batch, c, dist, scale)
+                yield Case(index, loss_name, device, dtype, batch, c, dist, scale)
+                index += 1
 
 
-def count_points(config: Config) -> int:
-    return sum(1 for _ in cases(config)) * len(config.implementations)
+def selected(config: Config, shard: tuple[int, int] | None = None, done: set | None = None) -> Iterator[Case]:
+    """The cases to run: this shard's (every N-th case, a deterministic 1/N), less those
+    whose points are all in `done` (keys of records already measured, for --resume)."""
+    for case in cases(config):
+        if shard and case.index % shard[1] != shard[0] - 1:
+            continue
+        if done and all(key_tuple(case.key(i)) in done for i in config.implementations):
+            continue
+        yield case
 
 
-def run(config: Config, threads: int, on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every point of `config`; `on_record` sees each record as soon as it exists."""
+def key_tuple(record: dict) -> tuple:
+    return tuple(record[f] for f in ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution"))
+
+
+def count_points(config: Config, shard: tuple[int, int] | None = None, done: set | None = None) -> int:
+    return sum(1 for _ in selected(config, shard, done)) * len(config.implementations)
+
+
+def run(config: Config, threads: int, on_record: Callable[[dict], None] | None = None,
+        shard: tuple[int, int] | None = None, done: set | None = None) -> list[dict]:
+    """Run the points of `config` (of one shard, less those `done`); `on_record` sees each
+    record as soon as it exists."""
     records: list[dict] = []
     torch.set_num_threads(threads)
     inputs_cache = _InputCache(config.seed)
-    for case in cases(config):
+    for case in selected(config, shard, done):
         for record in run_case(config, case, threads, inputs_cache):
             records.append(record)
             if on_record:
@@ -120,7 +140,7 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
 
 
 def _record(config: Config, case: Case, impl, status: str, message: str = "") -> dict:
-    return {**case.key(impl.name), "kind": impl.kind, "reduction": "mean", "seed": config.seed,
+    return {**case.key(impl.name), "index": case.index, "kind": impl.kind, "reduction": "mean", "seed": config.seed,
             "threshold_bits": config.threshold_bits(case.dtype),
             "status": status, "message": message,
             "forward": None, "backward": None, "timing": None}
