@@ -216,6 +216,14 @@ def _resumed(json_path: Path, config) -> list[dict]:
     data = results.load(json_path)
     if not results.same_config(data["config"], config.as_dict()):
         raise LosscheckError(f"{json_path}: made with another config; --resume continues a run of the same config")
+    here = environment.capture(torch.get_num_threads())
+    for field in results.MERGE_CHECKED:
+        if data["environment"].get(field) != here.get(field):
+            raise LosscheckError(f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
+                                 f"{here.get(field)!r}; --resume does not mix versions (rerun without it)")
+    if any("index" not in r for r in data["records"]):
+        raise LosscheckError(f"{json_path}: written before --resume support (records lack 'index'); "
+                             "rerun without --resume")
     return list(data["records"])
 
 

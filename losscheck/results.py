@@ -85,10 +85,12 @@ def load(path: str | Path) -> dict:
         raise ResultsError(f"{path}: cannot read: {e.__class__.__name__}") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits, deep nesting
+        raise ResultsError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(data, dict) or "schema_version" not in data:
         raise ResultsError(f"{path}: not a losscheck results file (no schema_version)")
     version = data["schema_version"]
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise ResultsError(f"{path}: schema_version {version!r} is not supported; "
                            f"this losscheck reads version {SCHEMA_VERSION}")
     for key in ("environment", "config", "records"):
@@ -96,6 +98,11 @@ def load(path: str | Path) -> dict:
             raise ResultsError(f"{path}: key '{key}' missing")
     if not isinstance(data["records"], list):
         raise ResultsError(f"{path}: key 'records' must be a list")
+    for key in ("environment", "config"):
+        if not isinstance(data[key], dict):
+            raise ResultsError(f"{path}: key '{key}' must be an object")
+    if not isinstance(data["config"].get("gate") or {}, dict):
+        raise ResultsError(f"{path}: key 'config.gate' must be an object")
     for i, rec in enumerate(data["records"]):
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}: records[{i}] is not an object")
@@ -119,31 +126,66 @@ TIMING_KEYS = ("forward_median_s", "forward_iqr_s", "backward_median_s", "backwa
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number that is finite as a float (inf/nan come in as floats, allowed by callers)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        float(v)
+    except OverflowError:  # an integer beyond float range
+        return False
+    return True
+
+
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(float(v))
+
+
+KEY_TYPES = (("loss", str), ("impl", str), ("kind", str), ("dtype", str), ("device", str),
+             ("distribution", str), ("message", str))
+COUNT_KEYS = ("n", "nan", "inf", "saturated")
 
 
 def _record_problem(rec: dict) -> str | None:
     """What the report and the gate rely on, checked once here (None when fine)."""
     if rec["status"] not in STATUSES:
         return f"status {rec['status']!r} is not one of {', '.join(STATUSES)}"
-    if not _is_number(rec["scale"]) or not _is_number(rec["batch"]):
-        return "scale and batch must be numbers"
+    for key, kind in KEY_TYPES:
+        if not isinstance(rec[key], kind):
+            return f"'{key}' must be a {kind.__name__}"
+    if not (rec["classes"] is None or (type(rec["classes"]) is int and rec["classes"] > 0)):
+        return "'classes' must be a positive integer or null"
+    if not _is_finite(rec["scale"]) or type(rec["batch"]) is not int or rec["batch"] < 1:
+        return "'scale' must be a finite number and 'batch' a positive integer"
+    if "index" in rec and type(rec["index"]) is not int:
+        return "'index' must be an integer"
     if rec["status"] != "ok":
         return None
-    if not _is_number(rec.get("threshold_bits")):
+    if not _is_finite(rec.get("threshold_bits")):
         return "key 'threshold_bits' missing or not a number"
     for section in ("forward", "backward"):
         values = rec[section]
         if not isinstance(values, dict):
             return f"'{section}' must be an object for status ok"
         for key in METRIC_KEYS:
-            v = values.get(key)
-            if not (v is None or _is_number(v)) or (v is None and key in ("n", "nan", "inf", "saturated")):
-                return f"'{section}.{key}' missing or not a number"
+            if key not in values:
+                return f"'{section}.{key}' missing"
+            v = values[key]
+            required = key in COUNT_KEYS or key in ("max_ulp", "max_bits", "mean_bits")
+            if key in COUNT_KEYS and not (type(v) is int and v >= 0):
+                return f"'{section}.{key}' must be a count"
+            if (v is None and required) or not (v is None or _is_number(v)):
+                return f"'{section}.{key}' must be a number"
+        if section == "forward" and values["reduced_ulp"] is None:
+            return "'forward.reduced_ulp' must be a number"
     timing = rec["timing"]
     if timing is not None:
-        if not isinstance(timing, dict) or not all(_is_number(timing.get(k)) for k in TIMING_KEYS):
+        if not isinstance(timing, dict) or not all(_is_finite(timing.get(k)) for k in TIMING_KEYS):
             return f"'timing' must be null or an object with numbers {', '.join(TIMING_KEYS)}"
+        for k, v in timing.items():
+            if k.endswith("_s") and not _is_finite(v):
+                return f"'timing.{k}' must be a finite number"
+        if type(timing.get("threads")) is not int:
+            return "'timing.threads' must be an integer"
     return None
 
 

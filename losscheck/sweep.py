@@ -86,6 +86,8 @@ def run(config: Config, threads: int, on_record: Callable[[dict], None] | None =
     inputs_cache = _InputCache(config.seed)
     for case in selected(config, shard, done):
         for record in run_case(config, case, threads, inputs_cache):
+            if done and key_tuple(record) in done:
+                continue  # measured before an interruption in the middle of this case
             records.append(record)
             if on_record:
                 on_record(record)
