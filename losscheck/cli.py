@@ -193,20 +193,26 @@ def _results(config, env, records, command, complete, shard) -> dict:
 
 
 class _Incremental:
-    """Writes the results file atomically as the sweep goes (at most every `every` seconds),
-    so that a kill leaves a valid file of all but the last seconds' points."""
+    """Writes the results file atomically as the sweep goes (at most every `every` seconds,
+    and never more than about 5% of the time: a big file takes a while to write), so that a
+    kill leaves a valid file of all but the last seconds' points."""
+
+    DUTY = 20  # wait at least this many times the last write's duration
 
     def __init__(self, make, path: Path, every: float = 2.0):
         self.make, self.path, self.every = make, path, every
         self.last = time.monotonic()
+        self.wait = every
 
     def tick(self) -> None:
-        if time.monotonic() - self.last >= self.every:
+        if time.monotonic() - self.last >= self.wait:
             self.save(False)
 
     def save(self, complete: bool) -> None:
+        start = time.monotonic()
         results.save(self.make(complete), self.path)
         self.last = time.monotonic()
+        self.wait = max(self.every, self.DUTY * (self.last - start))
 
 
 def _resumed(json_path: Path, config) -> list[dict]:

@@ -385,6 +385,7 @@ def test_merge_function_directly(shards, reference):
 
 def test_incremental_writes_are_valid_files_during_the_run(runner, tmp_path, monkeypatch):
     monkeypatch.setattr(cli._Incremental.__init__, "__defaults__", (0.0,))  # every=0: save at each point
+    monkeypatch.setattr(cli._Incremental, "DUTY", 0)  # ...however long a write takes
     real_save = results.save
     seen = []
 
@@ -618,3 +619,26 @@ def test_merge_of_a_file_whose_environment_is_not_an_object(runner, tmp_path, sh
     data["environment"] = []
     bad = _write(tmp_path, "bad.json", json.dumps(data))
     assert_one_error_line(_merge(runner, tmp_path, shards[0], bad))
+
+
+def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatch):
+    # A write taking 0.5 s pushes the next one 20 x 0.5 = 10 s away (about 5% of the time).
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    saves = []
+
+    def slow_save(data, path):
+        clock[0] += 0.5
+        saves.append(data)
+
+    monkeypatch.setattr(results, "save", slow_save)
+    inc = cli._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
+    clock[0] += 2.0
+    inc.tick()
+    assert len(saves) == 1
+    clock[0] += 9.0
+    inc.tick()
+    assert len(saves) == 1
+    clock[0] += 1.1
+    inc.tick()
+    assert len(saves) == 2
