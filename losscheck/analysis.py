@@ -99,6 +99,13 @@ def worst(values) -> float | None:
     return max(vals, key=lambda v: (not math.isnan(v), v) if isinstance(v, float) else (True, v))
 
 
+def point_key(record: dict) -> tuple:
+    """The sweep point of a record, whatever the implementation: (loss, dtype, device, batch,
+    classes, scale, distribution)."""
+    return (record["loss"], record["dtype"], record["device"], record["batch"], record["classes"],
+            record["scale"], record["distribution"])
+
+
 @dataclass
 class Versus:
     """How implementation `a` compares with `b` over the points both measured."""
@@ -125,7 +132,7 @@ def _measure(record: dict, section: str, key: str) -> float:
 
 def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tuple, Versus]:
     """(loss, dtype, device) -> Versus of implementation a against b, point by point."""
-    key = lambda r: (r["loss"], r["dtype"], r["device"], r["batch"], r["classes"], r["scale"], r["distribution"])
+    key = point_key
     ok = [r for r in records if r["status"] == "ok"]
     bs = {key(r): r for r in ok if r["impl"] == b}
     out: dict[tuple, Versus] = defaultdict(Versus)

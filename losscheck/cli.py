@@ -116,7 +116,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
     stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     records: list[dict] = _resumed(json_path, config) if resume else []
-    done = {sweep.key_tuple(r) for r in records}
+    done = {results.record_key(r) for r in records}
     total = sweep.count_points(config, shard, done)
     show = sys.stderr.isatty() if progress is None else progress
     env = environment.capture(threads)

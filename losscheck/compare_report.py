@@ -5,7 +5,8 @@ import xml.etree.ElementTree as ET
 
 from tabulate import tabulate
 
-from .gate import KEY_FIELDS, Comparison, GatePolicy
+from .gate import Comparison, GatePolicy
+from .results import KEY_FIELDS
 
 MAX_ROWS = 200
 

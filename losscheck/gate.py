@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import analysis as A
+from .results import record_key
 
-KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution")
 TIMING_MODES = ("relative", "absolute", "off")
 # Environment fields whose difference makes absolute timings incomparable.
 ENV_FIELDS = ("torch", "python", "numpy", "platform", "cpu", "threads", "devices")
@@ -96,17 +96,13 @@ class Comparison:
         return out
 
 
-def key_of(record: dict) -> tuple:
-    return tuple(record[f] for f in KEY_FIELDS)
-
-
 def env_differences(a: dict, b: dict) -> dict[str, tuple]:
     return {f: (a.get(f), b.get(f)) for f in ENV_FIELDS if a.get(f) != b.get(f)}
 
 
 def compare(baseline: dict, current: dict, policy: GatePolicy) -> Comparison:
-    base = {key_of(r): r for r in baseline["records"]}
-    cur = {key_of(r): r for r in current["records"]}
+    base = {record_key(r): r for r in baseline["records"]}
+    cur = {record_key(r): r for r in current["records"]}
     diffs = env_differences(baseline.get("environment", {}), current.get("environment", {}))
     modes = {policy.for_loss(k[0]).timing for k in cur}
     timing_note = ""
@@ -149,7 +145,7 @@ def _sort_key(k: tuple) -> tuple:
 
 
 def _compare_point(b: dict, c: dict, t: Thresholds) -> list[Verdict]:
-    k = key_of(c)
+    k = record_key(c)
     if b["status"] != c["status"]:
         if b["status"] == "ok" and c["status"] == "error":
             return [Verdict(k, "status", "regression", "ok", "error", c["message"])]
@@ -207,7 +203,7 @@ def _times(r: dict) -> tuple | None:
 
 
 def _framework_times(records: list[dict]) -> dict[tuple, tuple]:
-    return {key_of(r): _times(r) for r in records if r["impl"] == FRAMEWORK_IMPL and _times(r)}
+    return {record_key(r): _times(r) for r in records if r["impl"] == FRAMEWORK_IMPL and _times(r)}
 
 
 def _relative(times: tuple | None, framework: tuple | None) -> tuple | None:

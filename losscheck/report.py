@@ -177,7 +177,7 @@ def _findings(records: list[dict]) -> str:
 
 def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
     """loss -> forward+backward time ratios impl/base over the points where both were timed."""
-    key = lambda r: (r["loss"], r["dtype"], r["device"], r["batch"], r["classes"], r["scale"], r["distribution"])
+    key = A.point_key
     timed = {(key(r), r["impl"]): r["timing"]["backward_median_s"]
              for r in records if r["status"] == "ok" and r.get("timing")}
     out: dict[str, list[float]] = defaultdict(list)

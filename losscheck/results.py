@@ -20,10 +20,16 @@ from pathlib import Path
 from .errors import ResultsError
 
 SCHEMA_VERSION = 1
+# A record's sweep key: what matches points across runs (gate), shards (merge), resumes.
+KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution")
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
 RECORD_KEYS = ("loss", "impl", "kind", "dtype", "device", "batch", "classes", "scale",
                "distribution", "status", "message", "forward", "backward", "timing")
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def record_key(record: dict) -> tuple:
+    return tuple(record[f] for f in KEY_FIELDS)
 
 
 def make_results(config: dict, environment: dict, records: list[dict], command: str,
@@ -218,7 +224,7 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
     records = []
     for path, data in parts:
         for r in data["records"]:
-            key = tuple(r[f] for f in ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution"))
+            key = record_key(r)
             if key in seen:
                 raise ResultsError(f"{path}: point {key} is also in {seen[key]}")
             seen[key] = path

@@ -20,6 +20,7 @@ from .environment import device_problem
 from .errors import ReferenceUnavailable
 from .losses import LOSSES, Loss, Reference, reference
 from .metrics import ErrorStats
+from .results import record_key
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,9 @@ def selected(config: Config, shard: tuple[int, int] | None = None, done: set | N
     for case in cases(config):
         if shard and case.index % shard[1] != shard[0] - 1:
             continue
-        if done and all(key_tuple(case.key(i)) in done for i in config.implementations):
+        if done and all(record_key(case.key(i)) in done for i in config.implementations):
             continue
         yield case
-
-
-def key_tuple(record: dict) -> tuple:
-    return tuple(record[f] for f in ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution"))
 
 
 def count_points(config: Config, shard: tuple[int, int] | None = None, done: set | None = None) -> int:
@@ -86,7 +83,7 @@ def run(config: Config, threads: int, on_record: Callable[[dict], None] | None =
     inputs_cache = _InputCache(config.seed)
     for case in selected(config, shard, done):
         for record in run_case(config, case, threads, inputs_cache):
-            if done and key_tuple(record) in done:
+            if done and record_key(record) in done:
                 continue  # measured before an interruption in the middle of this case
             records.append(record)
             if on_record:

@@ -107,7 +107,7 @@ def regression_rows(markdown: str) -> list[list[str]]:
     return [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
 
 
-GATE_COL = len(G.KEY_FIELDS)
+GATE_COL = len(results.KEY_FIELDS)
 
 
 def gates_of(markdown: str, loss: str, impl: str) -> set[str]:
@@ -314,7 +314,7 @@ def test_junit_one_case_per_matched_point_failures_for_regressions(runner, tiny_
     suite, cases = check_junit(junit)
     base = results.load(tiny_baseline["base"])["records"]
     cur = results.load(current)["records"]
-    matched = {G.key_of(r) for r in base} & {G.key_of(r) for r in cur}
+    matched = {results.record_key(r) for r in base} & {results.record_key(r) for r in cur}
     assert len(cases) == len(matched) == 144
     failed = [c for c in cases if c.find("failure") is not None]
     assert failed and all(c.get("classname") == "losscheck.bce_with_logits.stable" for c in failed)

@@ -62,7 +62,7 @@ def _untimed(records: list[dict]) -> str:
 
 
 def _keys(records) -> list[tuple]:
-    return [sweep.key_tuple(r) for r in records]
+    return [results.record_key(r) for r in records]
 
 
 def _counting_run_case(monkeypatch, interrupt_after: int | None = None) -> list:
@@ -253,7 +253,7 @@ def test_shards_are_disjoint_halves_whose_union_is_the_sweep(shards, reference):
     assert len(ka) == len(kb) == 3 * TINY_CASES // 2
     assert not ka & kb
     assert ka | kb == set(_keys(ref["records"]))
-    by_key = {sweep.key_tuple(r): r for r in ref["records"]}
+    by_key = {results.record_key(r): r for r in ref["records"]}
     assert _untimed(a["records"]) == _untimed([by_key[k] for k in _keys(a["records"])])
 
 
@@ -355,7 +355,7 @@ def test_merge_refuses_the_same_point_twice(runner, tmp_path, shards):
     shutil.copy(shards[0], copy_)
     result = _merge(runner, tmp_path, shards[0], copy_)
     first = _raw(shards[0])["records"][0]
-    assert_one_error_line(result, str(copy_), f"point {sweep.key_tuple(first)}", f"is also in {shards[0]}")
+    assert_one_error_line(result, str(copy_), f"point {results.record_key(first)}", f"is also in {shards[0]}")
     assert not (tmp_path / "m.json").exists()
 
 
