@@ -11,6 +11,35 @@ from dataclasses import dataclass
 from .metrics import ulp_threshold
 
 
+def variant(record: dict) -> str:
+    """What sets a point apart beyond (loss, shape, value set, scale): sequence length,
+    options and a reduction other than the mean, e.g. "label_smoothing=0.1, reduction=sum"."""
+    parts = [f"T={record['time']}"] if record.get("time") else []
+    for k, v in sorted((record.get("options") or {}).items()):
+        parts.append(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}")
+    if record.get("reduction", "mean") != "mean":
+        parts.append(f"reduction={record['reduction']}")
+    return ", ".join(parts)
+
+
+def loss_label(record: dict) -> str:
+    """The loss with its variant, as reports group by it: "cross_entropy [ignored=1]"."""
+    v = variant(record)
+    return f"{record['loss']} [{v}]" if v else record["loss"]
+
+
+def labelled(records: list[dict]) -> list[dict]:
+    """Copies of the records whose `loss` is their `loss_label` (the loss itself in
+    `base_loss`): every table grouped by loss then keeps variants apart."""
+    return [{**r, "loss": loss_label(r), "base_loss": r["loss"]} for r in records]
+
+
+def loss_rank(label: str, order: list[str]) -> tuple:
+    """Sort key of a loss label: the loss's place in `order`, then the label."""
+    base = label.split(" [", 1)[0]
+    return (order.index(base) if base in order else len(order), label)
+
+
 def nonfinite(section: dict | None) -> int:
     return 0 if not section else int(section.get("nan", 0)) + int(section.get("inf", 0))
 

@@ -5,6 +5,7 @@ import xml.etree.ElementTree as ET
 
 from tabulate import tabulate
 
+from . import analysis as A
 from .gate import Comparison, GatePolicy
 from .results import KEY_FIELDS
 
@@ -95,6 +96,8 @@ def render_junit(c: Comparison) -> str:
 
 
 def _case(suite, key: tuple):
-    loss, impl, dtype, device, batch, classes, scale, dist = key
-    name = f"{dtype}/{device}/batch={batch}/classes={classes}/scale={scale:g}/{dist}"
+    loss, impl, dtype, device, batch, classes, scale, dist, reduction, options, time = key
+    variant = A.variant({"options": dict(options), "time": time, "reduction": reduction})
+    name = f"{dtype}/{device}/batch={batch}/classes={classes}/scale={scale:g}/{dist}" + \
+        (f"/{variant.replace(', ', '/')}" if variant else "")
     return ET.SubElement(suite, "testcase", classname=f"losscheck.{loss}.{impl}", name=name)

@@ -5,6 +5,7 @@ allowed; after this module the core trusts its inputs.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -17,9 +18,16 @@ from .dtypes import FORMATS
 from .errors import ConfigError
 from .gate import TIMING_MODES, GatePolicy, Thresholds
 from .inputs import DISTRIBUTIONS
-from .losses import LOSSES
+from .losses import LOSSES, OPTION_DEFAULTS
+from .losses.base import REDUCTIONS
 
 BUILTIN_IMPLS = ("naive", "stable", "torch")
+CUSTOM_APIS = ("torch", "numpy")
+# Option of a loss (`Loss.options`) -> the config key sweeping it.
+OPTION_AXES = {"weight": "weights", "pos_weight": "pos_weights", "label_smoothing": "label_smoothing",
+               "ignored": "ignored", "targets": "targets"}
+WEIGHT_KINDS = ("none", "random")
+TARGET_KINDS = ("hard", "soft")
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -42,6 +50,19 @@ class TimingConfig:
 
 
 @dataclass(frozen=True)
+class CustomSpec:
+    """A user's implementation, named by a config (`custom:`) or `--impl`; imported only when run."""
+
+    name: str
+    function: str  # "package.module:function" or "path/to/file.py:function"
+    losses: tuple[str, ...] = ()  # empty: every loss of the config
+    api: str = "torch"  # "torch" or "numpy"
+
+    def applies(self, loss: str) -> bool:
+        return not self.losses or loss in self.losses
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     losses: tuple[str, ...]
@@ -59,10 +80,38 @@ class Config:
     thresholds: dict[str, float] = field(default_factory=dict)
     threads: int | None = None
     gate: GatePolicy = field(default_factory=GatePolicy)
+    # Option axes (each loss sweeps those it supports, see `option_sets`).
+    reductions: tuple[str, ...] = ("mean",)
+    weights: tuple[str, ...] = ("none",)
+    pos_weights: tuple[float, ...] = (1.0,)
+    label_smoothing: tuple[float, ...] = (0.0,)
+    ignored: tuple[float, ...] = (0.0,)
+    targets: tuple[str, ...] = ("hard",)
+    sequence_lengths: tuple[int, ...] = (64,)
+    custom: tuple[CustomSpec, ...] = ()
+    # Seconds one implementation may take at one point (evaluation, then timing); None: no limit.
+    timeout: float | None = 300.0
     source: str = "<config>"
 
     def threshold_bits(self, dtype: str) -> float:
         return self.thresholds.get(dtype, FORMATS[dtype].default_threshold_bits)
+
+    def impls_for(self, loss: str) -> tuple[str, ...]:
+        """The implementations run for `loss`: the built-in ones, then the custom ones for it."""
+        return self.implementations + tuple(c.name for c in self.custom if c.applies(loss))
+
+    def option_sets(self, loss: str) -> list[dict]:
+        """The option combinations swept for `loss`: the product of the axes of the options
+        it supports, each as a dict of the values that differ from the default (soft
+        targets with ignored ones are left out: torch ignores only class indices)."""
+        names = [o for o in LOSSES[loss].options if o in OPTION_AXES]
+        out = []
+        for values in itertools.product(*(getattr(self, OPTION_AXES[o]) for o in names)):
+            opts = {o: v for o, v in zip(names, values) if v != OPTION_DEFAULTS[o]}
+            if opts.get("targets") == "soft" and opts.get("ignored"):
+                continue
+            out.append(opts)
+        return out
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -86,7 +135,17 @@ KEYS = {
     "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
     "threads": "positive integer: CPU threads for the implementations and timing",
     "gate": "mapping with bits, ulp, time_factor, timing, losses (per-loss overrides)",
+    "reductions": "list of none, mean, sum",
+    "weights": "list of none, random (per-element weights for binary losses, per-class for cross entropy)",
+    "pos_weights": "list of positive numbers (binary losses; 1 means unset)",
+    "label_smoothing": "list of numbers in [0, 1] (cross entropy)",
+    "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
+    "targets": "list of hard, soft (cross_entropy: class indices or class probabilities)",
+    "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
+    "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
+    "timeout": "seconds one implementation may take at one point, or null for no limit",
 }
+CUSTOM_KEYS = ("name", "function", "losses", "api")
 GATE_KEYS = ("bits", "ulp", "time_factor", "timing")
 TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
@@ -155,6 +214,15 @@ def _build(data: dict, source: str) -> Config:
         thresholds=v.thresholds(data),
         threads=v.integer(data, "threads", None, minimum=1),
         gate=v.gate(data),
+        reductions=v.choices(data, "reductions", REDUCTIONS, ("mean",)),
+        weights=v.choices(data, "weights", WEIGHT_KINDS, ("none",)),
+        pos_weights=v.numbers(data, "pos_weights", positive=True, default=(1.0,)),
+        label_smoothing=v.numbers(data, "label_smoothing", default=(0.0,), maximum=1.0),
+        ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
+        targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
+        sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
+        custom=v.custom(data),
+        timeout=v.timeout(data),
         source=source,
     )
     return cfg
@@ -207,12 +275,19 @@ class _Validator:
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
-    def numbers(self, data, key, positive=False):
+    def numbers(self, data, key, positive=False, default=None, maximum=None):
+        if key not in data and default is not None:
+            return default
         out = []
+        if positive:
+            allowed = "positive finite numbers (e.g. 10, 1e4)"
+        else:
+            allowed = f"numbers in [0, {maximum:g}]" if maximum is not None else "finite numbers >= 0"
         for value in self._list(data, key):
             number = _as_number(value)
-            if number is None or not math.isfinite(number) or (positive and number <= 0):
-                self.fail(key, f"bad value {value!r}", "positive finite numbers (e.g. 10, 1e4)")
+            if (number is None or not math.isfinite(number) or (positive and number <= 0)
+                    or number < 0 or (maximum is not None and number > maximum)):
+                self.fail(key, f"bad value {value!r}", allowed)
             out.append(number)
         if len(set(out)) != len(out):
             self.fail(key, f"duplicate values in {data[key]!r}", "each value at most once")
@@ -236,6 +311,40 @@ class _Validator:
         if len(set(values)) != len(values):
             self.fail("devices", f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
+
+    def custom(self, data):
+        entries = data.get("custom", [])
+        if entries is None:
+            return ()
+        if not isinstance(entries, list):
+            self.fail("custom", f"expected a list of mappings, got {_typename(entries)}")
+        out = []
+        for i, e in enumerate(entries):
+            where = f"custom[{i}]"
+            if isinstance(e, str):
+                e = {"function": e}
+            if not isinstance(e, dict):
+                self.fail(where, f"expected a mapping or a 'module:function' string, got {_typename(e)}",
+                          ", ".join(CUSTOM_KEYS))
+            for k in e:
+                if k not in CUSTOM_KEYS:
+                    self.fail(f"{where}.{k}", "unknown key", ", ".join(CUSTOM_KEYS))
+            out.append(custom_spec(e.get("function"), e.get("name"), e.get("losses", []), e.get("api", "torch"),
+                                   self.source, where))
+        names = [c.name for c in out]
+        for n in names:
+            if names.count(n) > 1:
+                self.fail("custom", f"two custom implementations are named {n!r}", "distinct names")
+        return tuple(out)
+
+    def timeout(self, data):
+        value = data.get("timeout", 300.0)
+        if value is None:
+            return None
+        n = _as_number(value)
+        if n is None or not math.isfinite(n) or n <= 0:
+            self.fail("timeout", f"bad value {value!r}", "a positive number of seconds, or null for no limit")
+        return n
 
     def timing(self, data):
         t = data.get("timing", {})
@@ -324,6 +433,29 @@ class _Validator:
                           f"bits in (0, {FORMATS[k].significand_bits}]")
             out[k] = n
         return out
+
+
+def custom_spec(function, name=None, losses=(), api="torch", source="<command line>",
+                where="--impl") -> CustomSpec:
+    """Validate one custom implementation's description (config entry or --impl)."""
+    def fail(key, problem, allowed):
+        raise ConfigError(source, f"{where}.{key}" if where.startswith("custom") else where, problem, allowed)
+    spec_help = "'package.module:function' or 'path/to/file.py:function'"
+    if not isinstance(function, str) or function.count(":") < 1 or not all(function.rsplit(":", 1)):
+        fail("function", f"bad value {function!r}", spec_help)
+    attr = function.rsplit(":", 1)[1]
+    name = attr.rsplit(".", 1)[-1] if name is None else name
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        fail("name", f"bad value {name!r}", "a name of letters, digits, '_', '.', '-'")
+    if name in BUILTIN_IMPLS:
+        fail("name", f"{name!r} is a built-in implementation's name", "another name (e.g. my_" + name + ")")
+    if isinstance(losses, str):
+        losses = [losses]
+    if not isinstance(losses, (list, tuple)) or any(x not in LOSSES for x in losses):
+        fail("losses", f"bad value {losses!r}", "a list of " + ", ".join(LOSSES))
+    if api not in CUSTOM_APIS:
+        fail("api", f"unknown value {api!r}", ", ".join(CUSTOM_APIS))
+    return CustomSpec(name=name, function=function, losses=tuple(losses), api=api)
 
 
 def _as_number(value) -> float | None:

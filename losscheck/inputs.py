@@ -171,3 +171,77 @@ def _multiclass_nonfinite(rng, n, c, scale, t):
     x[rows[kind == 2], t[kind == 2]] = np.inf
     x[rows[kind == 3], other[kind == 3]] = np.inf
     return x
+
+
+# ---- options and sequences ---------------------------------------------------------------
+
+# Multi-class logits of more values than this are generated in blocks of rows, each from
+# its own stream (block 0 from the point's own), straight into the dtype under test: a
+# 512 × 128k point never exists in float64 at once.
+GENERATE_CHUNK = 1 << 22
+WEIGHT_RANGE = (0.25, 4.0)  # `weights: random`: log-uniform in this range
+SOFT_MIX = 0.9  # soft targets: 0.9·onehot(t) + 0.1·(a random distribution)
+
+
+def rows_blocks(rows: int, classes: int) -> list[slice]:
+    """Row blocks of at most GENERATE_CHUNK values, multiples of 4 rows (row kinds of the
+    `nonfinite` and `extreme` value sets cycle with period 4 and 2)."""
+    step = max(4, (GENERATE_CHUNK // max(1, classes)) // 4 * 4)
+    return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
+def generate_blocks(loss: str, batch: int, classes: int, scale: float, distribution: str, seed: int,
+                    time: int | None = None):
+    """(rows slice, float64 logits, labels) for each block of a multi-class point's rows
+    (batch·time rows for sequence losses). One block is exactly `generate`'s values."""
+    rows = batch * (time or 1)
+    key = (loss, batch, classes, float(scale), distribution) + ((time,) if time else ())
+    for i, block in enumerate(rows_blocks(rows, classes)):
+        rng = rng_for(seed, *key) if i == 0 else rng_for(seed, *key, i)
+        x, t = _multiclass(rng, block.stop - block.start, int(classes), float(scale), distribution)
+        yield block, x, t
+
+
+def sequence_padding(batch: int, time: int, seed: int) -> np.ndarray:
+    """Padding mask (batch, time): sequence b has a length uniform in [⌈time/2⌉, time] and
+    the positions after it are padding (ignore_index)."""
+    rng = rng_for(seed, "sequence_lengths", batch, time)
+    lengths = rng.integers((time + 1) // 2, time + 1, batch)
+    return np.arange(time)[None, :] >= lengths[:, None]
+
+
+def option_values(loss: str, multiclass: bool, options: dict, rows: int, classes: int | None,
+                  labels: np.ndarray, seed: int) -> dict:
+    """The arrays and numbers behind a point's options (METRICS.md "Inputs": generated in
+    float64 from the seed; rounded to the dtype by the caller):
+
+    * ``weight``: per element (binary) or per class, log-uniform in WEIGHT_RANGE;
+    * ``pos_weight``, ``label_smoothing``: the number;
+    * ``ignored``: a mask of exactly round(fraction·rows) ignored targets;
+    * ``soft``: target rows 0.9·onehot(t) + 0.1·Dirichlet(1) (for ``targets: soft``).
+
+    They do not depend on the scale or value set, so every scale sees the same weights.
+    """
+    out: dict = {}
+    if options.get("weight", "none") != "none":
+        rng = rng_for(seed, loss, "weight", rows, classes)
+        size = classes if multiclass else rows
+        lo, hi = np.log(WEIGHT_RANGE[0]), np.log(WEIGHT_RANGE[1])
+        out["weight"] = np.exp(rng.uniform(lo, hi, size))
+    if float(options.get("pos_weight", 1.0)) != 1.0:
+        out["pos_weight"] = float(options["pos_weight"])
+    if float(options.get("label_smoothing", 0.0)):
+        out["label_smoothing"] = float(options["label_smoothing"])
+    fraction = float(options.get("ignored", 0.0))
+    if fraction:
+        rng = rng_for(seed, loss, "ignored", rows, fraction)
+        mask = np.zeros(rows, dtype=bool)
+        mask[rng.permutation(rows)[:int(round(fraction * rows))]] = True
+        out["ignored"] = mask
+    if options.get("targets", "hard") == "soft":
+        rng = rng_for(seed, loss, "soft", rows, classes)
+        noise = rng.dirichlet(np.ones(int(classes)), rows)
+        onehot = np.zeros((rows, int(classes)))
+        onehot[np.arange(rows), labels] = 1.0
+        out["soft"] = SOFT_MIX * onehot + (1 - SOFT_MIX) * noise
+    return out

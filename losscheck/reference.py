@@ -165,3 +165,15 @@ def softplus(z: np.ndarray) -> np.ndarray:
     """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|)); exact limits at ±inf."""
     with np.errstate(over="ignore", invalid="ignore"):
         return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def binary_factor(positive: np.ndarray, weight, pos_weight, work: type):
+    """w·(pos_weight if y = 1 else 1) in working precision (exact for the dtypes under
+    test: a product of two of their values fits in float64/long double); None if unset."""
+    f = None
+    if pos_weight is not None:
+        f = np.where(positive, np.asarray(pos_weight, dtype=work).reshape(-1)[0], work(1))
+    if weight is not None:
+        w = np.asarray(weight, dtype=work)
+        f = w if f is None else f * w
+    return f

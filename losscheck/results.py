@@ -3,6 +3,12 @@
 Format history (bump SCHEMA_VERSION and describe the change here):
   1 — first version: {schema_version, created, command, complete, environment, config,
       records: [...]}, one record per sweep point (see README, "Results file").
+  2 — records gain `options` (the loss options set at the point, {} for none), `time`
+      (sequence length, null for other losses), `memory` (peak memory, or null) and an
+      optional `undefined` (why the reduced reference is undefined); `reduction` is part
+      of the sweep key; `backward` may be null for an `ok` record (a numpy implementation
+      without gradient) and `forward.reduced_ulp` is null for reduction "none". Version 1
+      files are read as version 2 with options {} and time null.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -19,17 +25,26 @@ from pathlib import Path
 
 from .errors import ResultsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # A record's sweep key: what matches points across runs (gate), shards (merge), resumes.
-KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution")
+KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution",
+              "reduction", "options", "time")
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
 RECORD_KEYS = ("loss", "impl", "kind", "dtype", "device", "batch", "classes", "scale",
-               "distribution", "status", "message", "forward", "backward", "timing")
+               "distribution", "reduction", "options", "time", "status", "message", "forward",
+               "backward", "timing")
+REDUCTIONS = ("none", "mean", "sum")
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 def record_key(record: dict) -> tuple:
-    return tuple(record[f] for f in KEY_FIELDS)
+    return tuple(_hashable(record.get(f)) for f in KEY_FIELDS)
+
+
+def _hashable(v):
+    # options: a dict of option -> value, compared as its sorted items
+    return tuple(sorted(v.items())) if isinstance(v, dict) else v
 
 
 def make_results(config: dict, environment: dict, records: list[dict], command: str,
@@ -96,9 +111,9 @@ def load(path: str | Path) -> dict:
     if not isinstance(data, dict) or "schema_version" not in data:
         raise ResultsError(f"{path}: not a losscheck results file (no schema_version)")
     version = data["schema_version"]
-    if type(version) is not int or version != SCHEMA_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ResultsError(f"{path}: schema_version {version!r} is not supported; "
-                           f"this losscheck reads version {SCHEMA_VERSION}")
+                           f"this losscheck reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     for key in ("environment", "config", "records"):
         if key not in data:
             raise ResultsError(f"{path}: key '{key}' missing")
@@ -112,6 +127,10 @@ def load(path: str | Path) -> dict:
     for i, rec in enumerate(data["records"]):
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}: records[{i}] is not an object")
+        if version == 1:
+            rec.setdefault("options", {})
+            rec.setdefault("time", None)
+            rec.setdefault("reduction", "mean")
         missing = [k for k in RECORD_KEYS if k not in rec]
         if missing:
             raise ResultsError(f"{path}: records[{i}] lacks key '{missing[0]}'")
@@ -123,6 +142,7 @@ def load(path: str | Path) -> dict:
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 
@@ -164,12 +184,25 @@ def _record_problem(rec: dict) -> str | None:
         return "'scale' must be a finite number and 'batch' a positive integer"
     if "index" in rec and type(rec["index"]) is not int:
         return "'index' must be an integer"
+    if rec["reduction"] not in REDUCTIONS:
+        return f"'reduction' must be one of {', '.join(REDUCTIONS)}"
+    if not isinstance(rec["options"], dict) or not all(
+            isinstance(k, str) and (isinstance(v, str) or _is_finite(v)) for k, v in rec["options"].items()):
+        return "'options' must be an object of option -> string or number"
+    if not (rec["time"] is None or (type(rec["time"]) is int and rec["time"] > 0)):
+        return "'time' must be a positive integer or null"
+    mem = rec.get("memory")
+    if mem is not None and not (isinstance(mem, dict) and type(mem.get("peak_bytes")) is int
+                                and isinstance(mem.get("measure"), str)):
+        return "'memory' must be null or an object with an integer 'peak_bytes' and a 'measure'"
     if rec["status"] != "ok":
         return None
     if not _is_finite(rec.get("threshold_bits")):
         return "key 'threshold_bits' missing or not a number"
     for section in ("forward", "backward"):
         values = rec[section]
+        if section == "backward" and values is None:
+            continue  # not measured: a numpy implementation that returned no gradient
         if not isinstance(values, dict):
             return f"'{section}' must be an object for status ok"
         for key in METRIC_KEYS:
@@ -181,7 +214,7 @@ def _record_problem(rec: dict) -> str | None:
                 return f"'{section}.{key}' must be a count"
             if (v is None and required) or not (v is None or _is_number(v)):
                 return f"'{section}.{key}' must be a number"
-        if section == "forward" and values["reduced_ulp"] is None:
+        if section == "forward" and values["reduced_ulp"] is None and rec["reduction"] != "none":
             return "'forward.reduced_ulp' must be a number"
     timing = rec["timing"]
     if timing is not None:

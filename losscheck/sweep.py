@@ -11,16 +11,24 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
-from . import inputs, timing
+from . import custom, inputs, memory, reference as R, timing
 from .config import Config
+from .custom import ImplementationError, NoGradient
 from .dtypes import FORMATS
 from .environment import device_problem
-from .errors import ReferenceUnavailable
-from .losses import LOSSES, Loss, Reference, reference
+from .errors import ConfigError, ReferenceUnavailable
+from .isolation import PointTimeout, deadline
+from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .metrics import ErrorStats
 from .results import record_key
+
+# The memory estimate of a point, in copies of its input (in the dtype under test): the
+# input, the reference's gradient, the implementation's gradient and two working copies
+# (naive and torch hold exp(x) or log_softmax(x) for the backward); see `estimate_bytes`.
+INPUT_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -35,27 +43,34 @@ class Case:
     classes: int | None
     distribution: str
     scale: float
+    reduction: str = "mean"
+    options: tuple = ()  # sorted (name, value) pairs of the options set (see Config.option_sets)
+    time: int | None = None  # sequence length (sequence losses)
 
     def key(self, impl: str) -> dict:
         return {"loss": self.loss, "impl": impl, "dtype": self.dtype, "device": self.device,
                 "batch": self.batch, "classes": self.classes, "scale": self.scale,
-                "distribution": self.distribution}
+                "distribution": self.distribution, "reduction": self.reduction,
+                "options": dict(self.options), "time": self.time}
 
 
 def cases(config: Config) -> Iterator[Case]:
-    # Devices and dtypes vary fastest: they share one float64 input (see `run`).
+    # Devices and dtypes vary fastest, then reductions and options: they share one float64
+    # input (see `run`).
     index = 0
     for loss_name in config.losses:
         loss = LOSSES[loss_name]
         classes = config.classes if loss.multiclass else (None,)
-        for batch, c, dist, scale, device, dtype in itertools.product(
-            config.batch_sizes, classes, config.distributions, config.scales,
-            config.devices, config.dtypes,
+        times = config.sequence_lengths if loss.sequence else (None,)
+        option_sets = [tuple(sorted(o.items())) for o in config.option_sets(loss_name)]
+        for batch, c, time, dist, scale, opts, reduction, device, dtype in itertools.product(
+            config.batch_sizes, classes, times, config.distributions, config.scales,
+            option_sets, config.reductions, config.devices, config.dtypes,
         ):
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
             if inputs.applies(dist, loss.multiclass, loss.input_kind):
-                yield Case(index, loss_name, device, dtype, batch, c, dist, scale)
+                yield Case(index, loss_name, device, dtype, batch, c, dist, scale, reduction, opts, time)
                 index += 1
 
 
@@ -65,24 +80,37 @@ def selected(config: Config, shard: tuple[int, int] | None = None, done: set | N
     for case in cases(config):
         if shard and case.index % shard[1] != shard[0] - 1:
             continue
-        if done and all(record_key(case.key(i)) in done for i in config.implementations):
+        if done and all(record_key(case.key(i)) in done for i in config.impls_for(case.loss)):
             continue
         yield case
 
 
 def count_points(config: Config, shard: tuple[int, int] | None = None, done: set | None = None) -> int:
-    return sum(1 for _ in selected(config, shard, done)) * len(config.implementations)
+    return sum(len(config.impls_for(c.loss)) for c in selected(config, shard, done))
+
+
+def resolve(config: Config) -> dict[str, dict[str, Impl]]:
+    """loss -> {name: Impl} for the config: built-in implementations, then custom ones
+    (imported here, once; an import failure is a ConfigError)."""
+    loaded = {spec.name: custom.load(spec, config.source) for spec in config.custom}
+    out = {}
+    for name in config.losses:
+        loss = LOSSES[name]
+        out[name] = {i: (loss.implementations[i] if i in loss.implementations else loaded[i])
+                     for i in config.impls_for(name)}
+    return out
 
 
 def run(config: Config, threads: int, on_record: Callable[[dict], None] | None = None,
         shard: tuple[int, int] | None = None, done: set | None = None) -> list[dict]:
     """Run the points of `config` (of one shard, less those `done`); `on_record` sees each
     record as soon as it exists."""
+    impls = resolve(config)
     records: list[dict] = []
     torch.set_num_threads(threads)
     inputs_cache = _InputCache(config.seed)
     for case in selected(config, shard, done):
-        for record in run_case(config, case, threads, inputs_cache):
+        for record in run_case(config, case, threads, inputs_cache, impls[case.loss]):
             if done and record_key(record) in done:
                 continue  # measured before an interruption in the middle of this case
             records.append(record)
@@ -92,42 +120,131 @@ def run(config: Config, threads: int, on_record: Callable[[dict], None] | None =
 
 
 class _InputCache:
-    """The float64 inputs of the last (loss, batch, classes, distribution, scale)."""
+    """The float64 inputs of the last (loss, batch, classes, time, distribution, scale),
+    for inputs small enough to be generated at once (see `inputs.GENERATE_CHUNK`)."""
 
     def __init__(self, seed: int):
         self.seed, self.key, self.value = seed, None, None
 
     def get(self, loss: Loss, case: Case):
-        key = (case.loss, case.batch, case.classes, case.distribution, case.scale)
+        key = (case.loss, case.batch, case.classes, case.time, case.distribution, case.scale)
         if key != self.key:
             self.value = None  # free the previous input before making the next
-            self.value = inputs.generate(case.loss, loss.multiclass, case.batch, case.classes,
-                                         case.scale, case.distribution, self.seed)
+            if loss.multiclass:
+                ((_, x, t),) = inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
+                                                      case.distribution, self.seed, case.time)
+                self.value = x, t
+            else:
+                self.value = inputs.generate(case.loss, False, case.batch, None, case.scale,
+                                             case.distribution, self.seed)
             self.key = key
         return self.value
 
 
-def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None = None) -> list[dict]:
+@dataclass
+class PointData:
+    """The tensors of one case in the dtype under test (CPU): what every implementation gets."""
+
+    inp: torch.Tensor
+    target: torch.Tensor
+    options: dict  # the implementations' keyword options (tensors and numbers)
+
+    def on(self, device: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        opts = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
+        return self.inp.to(device), self.target.to(device), opts
+
+
+def rows_of(case: Case) -> int:
+    return case.batch * (case.time or 1)
+
+
+def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = None) -> PointData:
+    """Inputs, targets and options of `case`, generated from the seed and rounded once to
+    the dtype (METRICS.md, "Inputs"). Large multi-class inputs go block by block straight
+    into the dtype: they never exist in float64 at once."""
+    dtype = FORMATS[case.dtype].torch_dtype
+    rows = rows_of(case)
+    if loss.multiclass and rows * case.classes > inputs.GENERATE_CHUNK:
+        inp = torch.empty((rows, case.classes), dtype=dtype)
+        labels = np.empty(rows, dtype=np.int64)
+        for block, x, t in inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
+                                                  case.distribution, seed, case.time):
+            inp[block] = loss.make_input(x, dtype)
+            labels[block] = t
+    else:
+        logits, labels = (cache or _InputCache(seed)).get(loss, case)
+        inp = loss.make_input(logits, dtype)
+    values = inputs.option_values(case.loss, loss.multiclass, dict(case.options), rows, case.classes,
+                                  labels, seed)
+    options: dict = {}
+    if "weight" in values:
+        options["weight"] = R.round_to(values["weight"], dtype)
+    if "pos_weight" in values:
+        options["pos_weight"] = R.round_to(np.array([values["pos_weight"]]), dtype)
+    if "label_smoothing" in values:
+        options["label_smoothing"] = values["label_smoothing"]
+    if "soft" in values:
+        target = R.round_to(values["soft"], dtype)
+    else:
+        target = loss.make_target(labels, dtype)
+    if "ignored" in values or loss.sequence:
+        target = target.clone()
+        mask = values.get("ignored")
+        if loss.sequence:
+            mask = inputs.sequence_padding(case.batch, case.time, seed).reshape(-1)
+        target[torch.from_numpy(mask)] = IGNORE_INDEX
+        options["ignore_index"] = IGNORE_INDEX
+    if loss.sequence:
+        inp = inp.reshape(case.batch, case.time, case.classes)
+        target = target.reshape(case.batch, case.time)
+    return PointData(inp, target, options)
+
+
+def estimate_bytes(case: Case) -> int:
+    """Memory one point needs beyond what the process holds already: INPUT_COPIES copies of
+    the input in its dtype (soft targets: one more), and the float64 input of a cached case."""
+    elements = rows_of(case) * (case.classes or 1)
+    copies = INPUT_COPIES + (1 if dict(case.options).get("targets") == "soft" else 0)
+    cached = 8 * elements if elements <= inputs.GENERATE_CHUNK else 0
+    return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + cached
+
+
+def memory_problem(case: Case) -> str | None:
+    """Why `case` cannot run in the memory available now, or None."""
+    need = estimate_bytes(case)
+    try:
+        available = memory.available_bytes(case.device)
+    except ValueError as e:  # a malformed LOSSCHECK_MEMORY_LIMIT
+        raise ConfigError("LOSSCHECK_MEMORY_LIMIT", "", str(e)) from None
+    if available is not None and need > available:
+        return (f"needs about {memory.format_bytes(need)} (estimate: {INPUT_COPIES} copies of the input), "
+                f"{memory.format_bytes(available)} available on {case.device}")
+    return None
+
+
+def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None = None,
+             impls: dict[str, Impl] | None = None) -> list[dict]:
     loss = LOSSES[case.loss]
-    impls = [loss.implementations[name] for name in config.implementations]
-    problem = device_problem(case.device)
+    impls = list((impls if impls is not None else resolve(config)[case.loss]).values())
+    problem = device_problem(case.device) or memory_problem(case)
     if problem:
         return [_record(config, case, i, "skipped", problem) for i in impls]
-    dtype = FORMATS[case.dtype].torch_dtype
     try:
-        logits, labels = (cache or _InputCache(config.seed)).get(loss, case)
-        inp, target = loss.make_input(logits, dtype), loss.make_target(labels, dtype)
-        ref = reference(loss, inp, target)
+        data = point_data(loss, case, config.seed, cache)
+        ref = reference(loss, data.inp, data.target, data.options, case.reduction)
     except ReferenceUnavailable as e:
         return [_record(config, case, i, "skipped", str(e)) for i in impls]
-    except Exception as e:  # a bug of ours at one point must not lose the rest of the sweep
-        return [_record(config, case, i, "error", f"reference: {_one_line(e)}") for i in impls]
-    out = [evaluate(config, case, loss, impl, inp, target, ref) for impl in impls]
+    except Exception as e:  # a bug of ours, or memory, at one point must not lose the rest of the sweep
+        what = "out of memory while building the point" if memory.is_oom(e) else "reference"
+        memory.release(case.device)
+        return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in impls]
+    out = [evaluate(config, case, loss, impl, data, ref) for impl in impls]
     if config.timing.applies(case.distribution, case.scale):
-        ok = {impl.name: impl.fn for impl, r in zip(impls, out) if r["status"] == "ok"}
+        ok = {impl.name: impl.fn for impl, r in zip(impls, out)
+              if r["status"] == "ok" and r["backward"] is not None}
         if ok:
-            x, t = inp.to(case.device), target.to(case.device)
-            timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads)
+            x, t, opts = data.on(case.device)
+            timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads, opts, case.reduction)
             for r in out:
                 result = timed.get(r["impl"])
                 if isinstance(result, Exception):
@@ -139,43 +256,64 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
 
 
 def _record(config: Config, case: Case, impl, status: str, message: str = "") -> dict:
-    return {**case.key(impl.name), "index": case.index, "kind": impl.kind, "reduction": "mean", "seed": config.seed,
+    return {**case.key(impl.name), "index": case.index, "kind": impl.kind, "seed": config.seed,
             "threshold_bits": config.threshold_bits(case.dtype),
             "status": status, "message": message,
-            "forward": None, "backward": None, "timing": None}
+            "forward": None, "backward": None, "timing": None, "memory": None}
 
 
-def evaluate(config: Config, case: Case, loss: Loss, impl, inp: torch.Tensor,
-             target: torch.Tensor, ref: Reference) -> dict:
-    """Accuracy and overflow of one implementation at one point (timing: see `run_case`)."""
+def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref: Reference) -> dict:
+    """Accuracy, overflow and peak memory of one implementation at one point (timing: see
+    `run_case`). Whatever the implementation does — raise, hang past the timeout, run out
+    of memory, return garbage — ends up in the record, not in the sweep."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
+    peak = memory.PeakMemory(case.device)
     try:
-        x = inp.to(case.device)
-        t = target.to(case.device)
-        with torch.no_grad():
-            elements = impl.fn(x, t, "none")
-        _check_output(elements, (inp.shape[0],), inp.dtype, x.device, "none")
-        xg = x.detach().clone().requires_grad_(True)
-        mean = impl.fn(xg, t, "mean")
-        _check_output(mean, (), inp.dtype, x.device, "mean")
-        mean.backward()
-        if xg.grad is None:
-            raise ImplementationError("the 'mean' result does not depend on the input (no gradient)")
-        fwd, bwd = ErrorStats(threshold), ErrorStats(threshold)
-        fwd.add(elements, ref.loss)
-        fwd.set_reduced(mean.detach(), ref.mean)
-        bwd.add(xg.grad, ref.grad)
-        record["forward"], record["backward"] = fwd.as_dict(), bwd.as_dict()
-        record["forward"]["reference_value"] = ref.mean_value
+        with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
+            fwd, bwd = _measure(impl, data, ref, case, threshold, record)
+        record["forward"], record["backward"] = fwd, bwd
+        record["forward"]["reference_value"] = ref.value
+        if ref.undefined:
+            record["undefined"] = ref.undefined
     except Exception as e:  # an implementation failing is a result, not a crash
         record["status"] = "error"
-        record["message"] = _one_line(e)
+        if isinstance(e, PointTimeout):
+            record["message"] = f"timeout: {e}"
+        elif memory.is_oom(e):
+            record["message"] = f"out of memory: {_one_line(e)}"
+        else:
+            record["message"] = _one_line(e)
+        memory.release(case.device)
+    record["memory"] = peak.result()
     return record
 
 
-class ImplementationError(Exception):
-    """An implementation returned something unusable (shape, dtype, device, no gradient)."""
+def _measure(impl, data: PointData, ref: Reference, case: Case, threshold: float, record: dict):
+    x, t, opts = data.on(case.device)
+    fwd, bwd = ErrorStats(threshold), ErrorStats(threshold)
+    with torch.no_grad():
+        elements = impl.fn(x, t, "none", **opts)
+    _check_output(elements, tuple(ref.loss.shape), x.dtype, x.device, "none")
+    fwd.add(elements, ref.loss)
+    del elements
+    # A view of the input that requires grad: no copy of it (large vocabularies).
+    xg = x.detach().requires_grad_(True)
+    out = impl.fn(xg, t, case.reduction, **opts)
+    shape = tuple(ref.loss.shape) if case.reduction == "none" else ()
+    _check_output(out, shape, x.dtype, x.device, case.reduction)
+    if ref.reduced is not None:
+        fwd.set_reduced(out.detach(), ref.reduced)
+    try:
+        out.backward(torch.ones_like(out) if case.reduction == "none" else None)
+    except NoGradient as e:
+        record["message"] = f"forward only: {e}"
+        return fwd.as_dict(), None
+    del out
+    if xg.grad is None:
+        raise ImplementationError(f"the {case.reduction!r} result does not depend on the input (no gradient)")
+    bwd.add(xg.grad, ref.grad)
+    return fwd.as_dict(), bwd.as_dict()
 
 
 def _check_output(out, shape, dtype, device, reduction) -> None:

@@ -36,15 +36,18 @@ class Timing:
 
 
 def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
-              min_run_time: float, threads: int) -> dict[str, dict | Exception]:
-    """Forward (no autograd graph) and forward+backward of the mean loss of each
-    implementation, interleaved; per implementation its timing dict, or the exception it
-    raised while being timed."""
+              min_run_time: float, threads: int, options: dict | None = None,
+              reduction: str = "mean") -> dict[str, dict | Exception]:
+    """Forward (no autograd graph) and forward+backward of the reduced loss of each
+    implementation (called with the point's `options`), interleaved; per implementation
+    its timing dict, or the exception it raised while being timed."""
+    options = options or {}
     timers: dict[tuple, tuple] = {}
     out: dict[str, dict | Exception] = {}
     for name, impl in impls.items():
         try:
-            for part, fn in (("forward", _forward(impl, x, target)), ("backward", _backward(impl, x, target))):
+            for part, fn in (("forward", _forward(impl, x, target, reduction, options)),
+                             ("backward", _backward(impl, x, target, reduction, options))):
                 timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
                 # blocked_autorange warms up and sizes a block so that timer overhead is
                 # negligible; we then make each round's block last about min_run_time / ROUNDS.
@@ -77,17 +80,18 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
     return out
 
 
-def _forward(impl, x, target):
+def _forward(impl, x, target, reduction, options):
     def forward():
         with torch.no_grad():
-            impl(x, target, "mean")
+            impl(x, target, reduction, **options)
     return forward
 
 
-def _backward(impl, x, target):
-    xg = x.detach().clone().requires_grad_(True)
+def _backward(impl, x, target, reduction, options):
+    xg = x.detach().requires_grad_(True)
 
     def forward_backward():
         xg.grad = None
-        impl(xg, target, "mean").backward()
+        out = impl(xg, target, reduction, **options)
+        out.backward(torch.ones_like(out) if reduction == "none" else None)
     return forward_backward

@@ -1,6 +1,11 @@
 """Assertions shared by the CLI tests."""
 from __future__ import annotations
 
+from losscheck.losses import LOSSES
+
+# Losses on (N,) or (N, C) rows; sequence losses (B, T, V) are tested in test_options.py.
+FLAT_LOSSES = {name: loss for name, loss in LOSSES.items() if not loss.sequence}
+
 
 def assert_one_error_line(result, *fragments):
     """Exit 2, exactly one line on stderr starting with `error:`, no traceback anywhere."""

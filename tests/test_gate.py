@@ -169,7 +169,7 @@ def timed_runs(tmp_path_factory):
 # ---- 1. determinism -----------------------------------------------------------------------------
 
 def _without_timing(records) -> str:
-    return json.dumps([{k: v for k, v in r.items() if k != "timing"} for r in records], sort_keys=True)
+    return json.dumps([{k: v for k, v in r.items() if k not in ("timing", "memory")} for r in records], sort_keys=True)
 
 
 def test_same_config_and_seed_give_bit_identical_records(tiny_config_text, tiny_results):

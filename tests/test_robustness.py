@@ -58,7 +58,7 @@ def _raw(path) -> dict:
 
 def _untimed(records: list[dict]) -> str:
     """The records without their `timing` sections, in file order, as one comparable text."""
-    return json.dumps([{k: v for k, v in r.items() if k != "timing"} for r in records], sort_keys=True)
+    return json.dumps([{k: v for k, v in r.items() if k not in ("timing", "memory")} for r in records], sort_keys=True)
 
 
 def _keys(records) -> list[tuple]:

@@ -3,22 +3,33 @@
 Every loss module builds one `Loss`: its implementations (plain functions of torch
 tensors, so they run on any device) and its reference (numpy, high precision).
 
-An implementation is called as ``fn(input, target, reduction)`` where
+An implementation is called as ``fn(input, target, reduction="mean", **options)`` — the
+signature of ``torch.nn.functional``'s losses — where
 
 * ``input`` is a floating tensor of the dtype under test: logits of shape ``(N,)`` for
-  binary losses, ``(N, C)`` for multi-class ones, or probabilities for ``bce``;
-* ``target`` is a tensor of hard 0/1 labels in the input's dtype (binary losses) or of
-  int64 class indices (multi-class losses);
+  binary losses, ``(N, C)`` for multi-class ones (``(B, T, V)`` for sequence losses), or
+  probabilities for ``bce``;
+* ``target`` is a tensor of hard 0/1 labels in the input's dtype (binary losses), of
+  int64 class indices of the input's shape less its last dimension (multi-class losses;
+  ``ignore_index`` marks an ignored position), or of class probabilities like the input
+  (soft targets);
 * ``reduction`` is ``"none"``, ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``;
+* ``options`` are the keyword options a sweep point sets, and only those: ``weight``
+  (a tensor in the input's dtype: per element for binary losses, per class for
+  multi-class ones), ``pos_weight`` (binary: a one-element tensor), ``label_smoothing``
+  (a float) and ``ignore_index`` (an int, -100 as in torch);
 
-and returns the loss in the input's dtype: shape ``(N,)`` for ``"none"``, a scalar
-otherwise. losscheck differentiates the ``"mean"`` result through autograd, so an
-implementation must be differentiable with respect to ``input``.
+and returns the loss in the input's dtype: shaped like the target's rows for
+``"none"``, a scalar otherwise. losscheck differentiates the result through autograd,
+so an implementation must be differentiable with respect to ``input``.
 
 A reference evaluates one chunk of rows in working precision (see `reference.py`):
-``reference_chunk(x, t) -> (loss, grad)`` with ``x`` the input values exactly, ``loss``
-of shape ``(rows,)`` and ``grad`` the gradient of the *summed* loss with respect to the
-input, same shape as ``x``; `reference()` below divides by N and rounds once.
+``reference_chunk(x, t, **options) -> (loss, grad)`` with ``x`` the input values exactly
+(2-D rows for multi-class losses), ``loss`` of shape ``(rows,)`` and ``grad`` the gradient
+of the *summed* loss with respect to the input; ``denominators(t, **options)`` gives each
+row's share of the mean's denominator (1 per element, the target's class weight for a
+weighted cross entropy, 0 for an ignored target). `reference()` below divides, and
+rounds once.
 """
 from __future__ import annotations
 
@@ -56,6 +67,13 @@ class Formulas:
     gradient: str
 
 
+IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
+
+# Options a loss may support (`Loss.options`), with the record value that means "not set".
+OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0,
+                   "targets": "hard"}
+
+
 @dataclass(frozen=True)
 class Loss:
     name: str
@@ -63,9 +81,14 @@ class Loss:
     multiclass: bool
     input_kind: str  # "logits" or "probabilities"
     implementations: dict[str, Impl]
-    reference_chunk: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    reference_chunk: Callable[..., tuple[np.ndarray, np.ndarray]]
     formulas: Formulas
+    # Sweep options this loss supports (keys of OPTION_DEFAULTS).
     options: tuple[str, ...] = field(default=())
+    # Each row's share of the mean's denominator; None: 1 per row.
+    denominators: Callable[..., np.ndarray] | None = None
+    # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
+    sequence: bool = False
 
     def make_input(self, logits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """The input under test from float64 logits, rounded once to `dtype`."""
@@ -88,40 +111,95 @@ class Loss:
 class Reference:
     """The reference of one sweep point, rounded to the dtype under test."""
 
-    loss: torch.Tensor  # (N,), per element
-    grad: torch.Tensor  # like the input: gradient of the mean loss
-    mean: torch.Tensor  # scalar
-    sum: torch.Tensor  # scalar
-    mean_value: float  # in float64, before rounding to the dtype (for display)
+    loss: torch.Tensor  # per element, shaped like the target's rows
+    grad: torch.Tensor  # like the input: gradient of the reduced loss (of the sum for "none")
+    reduced: torch.Tensor | None  # scalar; None for reduction "none"
+    value: float | None  # the reduced value in working precision, before rounding (for display)
+    reduction: str = "mean"
+    # Why the reduced value is undefined (e.g. 0/0: every target ignored), else None. The
+    # reduced value and gradient are then the sensible convention, 0 (nothing to learn).
+    undefined: str | None = None
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return self.reduced if self.reduction == "mean" else None
+
+    @property
+    def mean_value(self) -> float | None:
+        return self.value if self.reduction == "mean" else None
 
 
-def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> Reference:
-    """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory)."""
+def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary."""
+    if not loss.multiclass:
+        return inp.reshape(-1), target.reshape(-1)
+    c = inp.shape[-1]
+    x = inp.reshape(-1, c)
+    return x, (target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1))
+
+
+def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None,
+              reduction: str = "mean") -> Reference:
+    """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
+
+    `options` are the implementation's keyword options (tensors are read exactly in
+    working precision). The mean's denominator is summed first (it depends on the
+    targets and weights only), so that the gradient of the mean is divided once and
+    rounded once.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
     work = R.work_dtype(dtype)
-    n = inp.shape[0]
-    row_elems = inp[0].numel() if n else 1
+    x_rows, t_rows = rows_of(loss, inp, target)
+    n = x_rows.shape[0]
+    row_elems = x_rows[0].numel() if n else 1
+    opts = {k: (R.to_work(v, work) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
+    per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
+
+    def chunk_options(rows):
+        return {**opts, **{k: v[rows] for k, v in per_row.items()}}
+
+    def target_chunk(rows):
+        t = t_rows[rows].detach().cpu()
+        return R.to_work(t, work) if t.is_floating_point() else t.numpy()
+
+    denominator = work(n)
+    if loss.denominators is not None:
+        total_d = R.CompensatedSum()
+        for rows in R.row_chunks(n, row_elems):
+            total_d.add(np.asarray(loss.denominators(target_chunk(rows), **chunk_options(rows)), dtype=work))
+        denominator = total_d.mean(1, work)
+    undefined = None
+    if reduction == "mean" and denominator == 0:
+        undefined = ("every target is ignored: the mean is 0/0, undefined; "
+                     "the sensible answer is 0 with gradient 0 (nothing to learn from)")
+    divide = reduction == "mean" and not undefined
     loss_out = torch.empty(n, dtype=dtype)
-    grad_out = torch.empty(inp.shape, dtype=dtype)
+    grad_out = torch.empty(x_rows.shape, dtype=dtype)
     total = R.CompensatedSum()
     for rows in R.row_chunks(n, row_elems):
-        x = R.to_work(inp[rows], work)
-        t = target[rows].detach().cpu()
-        t = (t.double() if t.is_floating_point() else t).numpy()
+        x = R.to_work(x_rows[rows], work)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            lw, gw = loss.reference_chunk(x, t)
+            lw, gw = loss.reference_chunk(x, target_chunk(rows), **chunk_options(rows))
             loss_out[rows] = R.round_to(lw, dtype)
-            grad_out[rows] = R.round_to(gw / work(n), dtype)
+            if undefined:
+                gw = np.zeros_like(gw)
+            grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        mean = total.mean(max(n, 1), work)
-        summ = total.mean(1, work)
+    value = None
+    if reduction != "none":
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            value = work(0) if undefined else total.mean(1, work) / (denominator if divide else work(1))
+    reduced = None if value is None else R.round_to(np.asarray([value], dtype=work), dtype)[0]
     return Reference(
-        loss=loss_out,
-        grad=grad_out,
-        mean=R.round_to(np.asarray([mean], dtype=work), dtype)[0],
-        sum=R.round_to(np.asarray([summ], dtype=work), dtype)[0],
-        mean_value=float(mean),
+        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
+                              else target.shape),
+        grad=grad_out.reshape(inp.shape),
+        reduced=reduced,
+        value=None if value is None else float(value),
+        reduction=reduction,
+        undefined=undefined,
     )
 
 
@@ -147,27 +225,33 @@ def accumulate_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def reduce_naive(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The textbook reduction, -(1/N)·Σ, transcribed literally: sum in the dtype, then divide."""
+def reduce_naive(loss: torch.Tensor, reduction: str, denominator=None) -> torch.Tensor:
+    """The textbook reduction, -(1/N)·Σ, transcribed literally: sum in the dtype, then divide
+    (by N, or by `denominator`: the weight sum of a weighted cross entropy)."""
     if reduction == "none":
         return loss
     total = loss.sum()
-    return total if reduction == "sum" else total / loss.shape[0]
+    if reduction == "sum":
+        return total
+    return total / (loss.numel() if denominator is None else denominator)
 
 
 def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype,
-                    low: torch.Tensor | None = None) -> torch.Tensor:
+                    low: torch.Tensor | None = None, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce in a wide accumulator and round once to `dtype`.
 
     `low`, when given, holds each element's rounding error (loss + low is the element to
     about twice the compute precision, from TwoSum); the reduction includes it, so that
     errors that repeat over the batch (the same rounding in every element) do not add up.
+    `denominator` (default: the number of elements) divides the mean; a zero denominator
+    (every target ignored) gives 0, the sum's value, rather than 0/0.
     """
     if reduction == "none":
         return loss.to(dtype)
+    loss = loss.reshape(-1)
     if low is not None:
         # Non-finite elements have a meaningless (NaN) error term.
-        low = torch.where(loss.isfinite(), low, 0.0)
+        low = torch.where(loss.isfinite(), low.reshape(-1), 0.0)
     acc_dtype = accumulate_dtype(loss.device)
     wide = loss.to(acc_dtype)
     if wide.dtype == dtype:
@@ -177,8 +261,24 @@ def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype,
     else:
         acc = (wide + low.to(acc_dtype)).sum() if low is not None else wide.sum()
     if reduction == "mean":
-        acc = acc / loss.shape[0]
+        if denominator is None:
+            acc = acc / loss.shape[0]
+        else:
+            d = denominator.to(acc_dtype)
+            acc = torch.where(d == 0, 0.0, acc / torch.where(d == 0, 1.0, d))
     return acc.to(dtype)
+
+
+def binary_factor(y: torch.Tensor, weight=None, pos_weight=None) -> torch.Tensor | None:
+    """Each element's loss multiplier for a binary loss, w·(pos_weight if y = 1 else 1), in
+    `y`'s (compute) precision; None when neither option is set."""
+    f = None
+    if pos_weight is not None:
+        f = torch.where(y > 0.5, pos_weight.to(y.dtype), 1.0)
+    if weight is not None:
+        w = weight.to(y.dtype)
+        f = w if f is None else f * w
+    return f
 
 
 def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,19 +305,31 @@ def compensated_sum(x: torch.Tensor, low: torch.Tensor | None = None) -> torch.T
     return torch.where(plain.isfinite(), total, plain)
 
 
-def grad_scale(grad_output: torch.Tensor, reduction: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+def safe_denominator(n):
+    """The mean's denominator, with 0 (every target ignored) replaced by 1: the gradient
+    is 0 there anyway, and 0/1 is the convention `reduce_accurate` follows."""
+    if isinstance(n, torch.Tensor):
+        return torch.where(n == 0, torch.ones_like(n), n)
+    return n or 1
+
+
+def grad_scale(grad_output: torch.Tensor, reduction: str, n, dtype: torch.dtype) -> torch.Tensor:
     """d(reduced loss)/d(element loss) times the upstream gradient, in `dtype`."""
     g = grad_output.to(dtype)
     if reduction == "mean":
-        return g / n
+        return g / safe_denominator(n)
     return g
 
 
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, n) -> torch.Tensor:
     """grad · upstream gradient (/ n for the mean), dividing last: (g·u)/n rounds once
-    where g·(u/n) rounds twice (u = 1, as for a loss, makes the product exact)."""
+    where g·(u/n) rounds twice (u = 1, as for a loss, makes the product exact). `n` is
+    the element count or the mean's denominator (a tensor)."""
     u = grad_output.to(grad.dtype)
     if u.dim() == 1 and grad.dim() == 2:
         u = u[:, None]
     out = grad * u
-    return out / n if reduction == "mean" else out
+    if reduction != "mean":
+        return out
+    n = safe_denominator(n)
+    return out / (n.to(grad.dtype) if isinstance(n, torch.Tensor) else n)

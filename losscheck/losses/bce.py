@@ -1,16 +1,25 @@
-"""Binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets."""
+"""Binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets,
+per-element `weight` and `pos_weight` (the positive term multiplied by it, as in
+`binary_cross_entropy_with_logits`; torch's `binary_cross_entropy` has no pos_weight)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Formulas, Impl, Loss, compute_dtype, grad_scale, reduce_accurate, reduce_naive, scale_grad
+from .. import reference as R
+from .base import (Formulas, Impl, Loss, binary_factor, compute_dtype, grad_scale, reduce_accurate, reduce_naive,
+                   scale_grad)
 
 
-def naive(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """−[y·log p + (1−y)·log(1−p)], as printed."""
-    loss = -(y * torch.log(p) + (1 - y) * torch.log(1 - p))
+def naive(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
+    """−w·[pos_weight·y·log p + (1−y)·log(1−p)], as printed."""
+    positive = y * torch.log(p)
+    if pos_weight is not None:
+        positive = pos_weight * positive
+    loss = -(positive + (1 - y) * torch.log(1 - p))
+    if weight is not None:
+        loss = weight * loss
     return reduce_naive(loss, reduction)
 
 
@@ -22,41 +31,51 @@ class _Stable(torch.autograd.Function):
     # loss = −[xlogy(y, p) + xlog1py(1 − y, −p)]: log1p keeps the bits of 1 − p for small
     # p, and 0·log 0 is 0 instead of NaN. No clamping: where p rounded to exactly 0 or 1
     # and the target disagrees, the true loss is +inf and that is what we return.
+    # Weights multiply each element's loss and gradient by w·(pos_weight if y = 1 else 1).
     @staticmethod
-    def forward(ctx, p, y, reduction):
+    def forward(ctx, p, y, reduction, weight=None, pos_weight=None):
         c = compute_dtype(p.dtype, p.device)
         pc, yc = p.to(c), y.to(c)
         loss = -(torch.special.xlogy(yc, pc) + torch.special.xlog1py(1 - yc, -pc))
-        ctx.save_for_backward(p, y)
+        f = binary_factor(yc, weight, pos_weight)
+        if f is not None:
+            loss = loss * f
+        ctx.save_for_backward(p, y, f)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, p.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        p, y = ctx.saved_tensors
+        p, y, f = ctx.saved_tensors
         c = compute_dtype(p.dtype, p.device)
         pc, yc = p.to(c), y.to(c)
         # (p − y)/(p(1 − p)) written as (1−y)/(1−p) − y/p: one division per hard target,
         # then the upstream gradient and the 1/N of the mean (two roundings in all). Where
         # −1/p overflows but −1/(N·p) is finite (p tiny), 1/N is applied first instead.
         n = p.shape[0]
-        g = scale_grad(_xdivy(1 - yc, 1 - pc) - _xdivy(yc, pc), grad_output, ctx.reduction, n)
-        s = grad_scale(grad_output, ctx.reduction, n, c)
+        up = grad_output if f is None else grad_output * f
+        g = scale_grad(_xdivy(1 - yc, 1 - pc) - _xdivy(yc, pc), up, ctx.reduction, n)
+        s = grad_scale(up, ctx.reduction, n, c)
         g_small_p = _xdivy((1 - yc) * s, 1 - pc) - _xdivy(yc * s, pc)
         g = torch.where(g.isfinite(), g, g_small_p)
-        return g.to(p.dtype), None, None
+        return g.to(p.dtype), None, None, None, None
 
 
-def stable(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def stable(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
     """xlogy/xlog1py form computed one precision up, rounded once, no clamp."""
-    return _Stable.apply(p, y, reduction)
+    return _Stable.apply(p, y, reduction, weight, pos_weight)
 
 
-def framework(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.binary_cross_entropy(p, y, reduction=reduction)
+def framework(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
+    # binary_cross_entropy has no pos_weight: it is folded into the weight, in the dtype
+    # (the product rounds, which is part of what this implementation is measured for).
+    if pos_weight is not None:
+        w = torch.where(y > 0.5, pos_weight, torch.ones_like(y))
+        weight = w if weight is None else weight * w
+    return F.binary_cross_entropy(p, y, weight=weight, reduction=reduction)
 
 
-def reference_chunk(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_chunk(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) -> tuple[np.ndarray, np.ndarray]:
     # Hard targets: −log p (y = 1) or −log1p(−p) (y = 0); gradient −1/p or 1/(1 − p).
     # 1 − p is exact in working precision for p ≥ 1/2 and has a relative error of one
     # working-precision rounding below that. p = 0 (or 1) with a disagreeing target gives
@@ -65,18 +84,21 @@ def reference_chunk(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     one = p.dtype.type(1)
     loss = np.where(positive, -np.log(p), -np.log1p(-p))
     grad = np.where(positive, -one / p, one / (one - p))
-    return loss, grad
+    f = R.binary_factor(positive, weight, pos_weight, p.dtype)
+    return (loss, grad) if f is None else (loss * f, grad * f)
 
 
 LOSS = Loss(
     name="bce",
-    summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets",
+    summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets, "
+    "per-element weight, pos_weight",
     multiclass=False,
     input_kind="probabilities",
     implementations={
         "naive": Impl("naive", "naive", naive, "−[y·log p + (1−y)·log(1−p)]"),
         "stable": Impl("stable", "stable", stable, "−[xlogy(y,p) + xlog1py(1−y,−p)], no clamp, exact limits"),
-        "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy (clamps log at −100)"),
+        "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy (clamps log at "
+                      "−100; pos_weight folded into weight)"),
     },
     reference_chunk=reference_chunk,
     formulas=Formulas(
@@ -85,4 +107,5 @@ LOSS = Loss(
         stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
         gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
     ),
+    options=("weight", "pos_weight"),
 )

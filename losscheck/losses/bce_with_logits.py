@@ -1,4 +1,5 @@
-"""Binary cross entropy computed from logits, with hard 0/1 targets."""
+"""Binary cross entropy computed from logits, with hard 0/1 targets, per-element `weight`
+and `pos_weight` (torch's: the positive term is multiplied by it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import Formulas, Impl, Loss, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
+from .base import (Formulas, Impl, Loss, binary_factor, compute_dtype, reduce_accurate, reduce_naive,
+                   scale_grad, two_sum)
 
 
-def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """−[y·log σ(x) + (1−y)·log(1−σ(x))] with σ(x) = 1/(1+exp(−x)), as printed."""
+def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
+    """−w·[p·y·log σ(x) + (1−y)·log(1−σ(x))] with σ(x) = 1/(1+exp(−x)), as printed."""
     s = 1 / (1 + torch.exp(-x))
-    loss = -(y * torch.log(s) + (1 - y) * torch.log(1 - s))
+    positive = y * torch.log(s)
+    if pos_weight is not None:
+        positive = pos_weight * positive
+    loss = -(positive + (1 - y) * torch.log(1 - s))
+    if weight is not None:
+        loss = weight * loss
     return reduce_naive(loss, reduction)
 
 
@@ -24,19 +31,24 @@ class _Stable(torch.autograd.Function):
     # the limits: 0 on the target's side, +inf on the wrong side.
     # The gradient σ(x) − y is formed without cancellation: for x ≥ 0 as (1 − y) − σ(−x);
     # at ±inf, σ(−|x|) = 0 gives the limits 1 − y and −y.
+    # weight and pos_weight multiply each element's loss and gradient by one factor,
+    # w·(pos_weight if y = 1 else 1), formed in the compute precision.
     @staticmethod
-    def forward(ctx, x, y, reduction):
+    def forward(ctx, x, y, reduction, weight=None, pos_weight=None):
         c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
         z = torch.where(yc > 0.5, -xc, xc)
         loss, low = two_sum(torch.relu(z), torch.log1p(torch.exp(-xc.abs())))
-        ctx.save_for_backward(x, y)
+        f = binary_factor(yc, weight, pos_weight)
+        if f is not None:
+            loss, low = loss * f, low * f
+        ctx.save_for_backward(x, y, f)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, x.dtype, low)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, y = ctx.saved_tensors
+        x, y, f = ctx.saved_tensors
         c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
         # σ(−|x|) as e/(1 + e), e = exp(−|x|): 1/(1 + exp(|x|)) would overflow to 0 where
@@ -44,32 +56,37 @@ class _Stable(torch.autograd.Function):
         e = torch.exp(-xc.abs())
         small = e / (1 + e)
         g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
+        if f is not None:
+            g = g * f
         g = scale_grad(g, grad_output, ctx.reduction, x.shape[0])
-        return g.to(x.dtype), None, None
+        return g.to(x.dtype), None, None, None, None
 
 
-def stable(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def stable(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
     """softplus form computed one precision up (float32 for halves, float64 for float32), rounded once."""
-    return _Stable.apply(x, y, reduction)
+    return _Stable.apply(x, y, reduction, weight, pos_weight)
 
 
-def framework(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+def framework(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(x, y, weight=weight, pos_weight=pos_weight, reduction=reduction)
 
 
-def reference_chunk(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_chunk(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) -> tuple[np.ndarray, np.ndarray]:
     # Hard targets: loss = softplus(z) with z = x (y = 0) or −x (y = 1), and
     # σ(x) − y = ±σ(z). Both are evaluated without cancellation, so the working
-    # precision's rounding errors are all that remain.
+    # precision's rounding errors are all that remain; weights multiply both exactly
+    # enough (one working-precision rounding).
     positive = y > 0.5
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
-    return R.softplus(z), sign * R.sigmoid(z)
+    loss, grad = R.softplus(z), sign * R.sigmoid(z)
+    f = R.binary_factor(positive, weight, pos_weight, x.dtype)
+    return (loss, grad) if f is None else (loss * f, grad * f)
 
 
 LOSS = Loss(
     name="bce_with_logits",
-    summary="binary cross entropy from logits, hard 0/1 targets",
+    summary="binary cross entropy from logits, hard 0/1 targets, per-element weight, pos_weight",
     multiclass=False,
     input_kind="logits",
     implementations={
@@ -84,4 +101,5 @@ LOSS = Loss(
         stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
         gradient=r"\partial\ell/\partial x = \sigma(x) - y",
     ),
+    options=("weight", "pos_weight"),
 )

@@ -8,14 +8,96 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import Formulas, Impl, Loss, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
+from .base import (Formulas, Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive,
+                   scale_grad, two_sum)
 
 
-def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """−log(exp(x_t) / Σ_j exp(x_j)), as printed."""
+IGNORE_INDEX = -100
+# Rows per block of `stable`: at most this many values in the compute precision at once,
+# so that a 512 × 128k float32 point needs a few MiB of float64 work space, not 512 MiB.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _targets(t, ignore_index):
+    """(soft, ignored rows or None, class indices safe to gather with)."""
+    if t.is_floating_point():
+        return True, None, None
+    ignored = (t == ignore_index) if ignore_index is not None else None
+    safe = t if ignored is None else torch.where(ignored, 0, t)
+    return False, ignored, safe
+
+
+def _denominator(t, weight, ignore_index, n, dtype):
+    """The mean's denominator as torch defines it: Σ w_t over the kept targets (a count
+    without weights); N for soft targets."""
+    soft, ignored, safe = _targets(t, ignore_index)
+    if soft:
+        return None
+    keep = torch.ones_like(safe, dtype=dtype) if ignored is None else (~ignored).to(dtype)
+    if weight is not None:
+        keep = keep * weight.to(dtype)[safe]
+    if ignored is None and weight is None:
+        return None
+    return keep.sum()
+
+
+def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
+          label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
+    """−Σ_j w_j q_j log p_j with p = exp(x)/Σ exp(x) and q the one-hot (or soft, or
+    smoothed) target, as printed; the mean divided by Σ w_t."""
     e = torch.exp(x)
-    loss = -torch.log(e.gather(1, t[:, None]).squeeze(1) / e.sum(1))
-    return reduce_naive(loss, reduction)
+    p = e / e.sum(1, keepdim=True)
+    soft, ignored, safe = _targets(t, ignore_index)
+    c = x.shape[1]
+    if soft or label_smoothing:
+        q = t if soft else F.one_hot(safe, c).to(x.dtype)
+        if label_smoothing:
+            q = (1 - label_smoothing) * q + label_smoothing / c
+        wq = q if weight is None else q * weight
+        if not soft and weight is not None:
+            # torch weights the target term by w_t and the smoothing term by each w_j.
+            wq = (1 - label_smoothing) * weight[safe][:, None] * F.one_hot(safe, c) + \
+                label_smoothing / c * weight
+        loss = -(wq * torch.log(p)).sum(1)
+    else:
+        loss = -torch.log(p.gather(1, safe[:, None]).squeeze(1))
+        if weight is not None:
+            loss = weight[safe] * loss
+    if ignored is not None:
+        loss = torch.where(ignored, 0.0, loss)
+    return reduce_naive(loss, reduction, _denominator(t, weight, ignore_index, x.shape[0], x.dtype))
+
+
+def _shifted_exp(xc, m, native):
+    """exp(x − m), with the rounding error of x − m carried where x − m is computed in the
+    dtype itself (see `_Stable`)."""
+    d = xc - m
+    if not native:
+        return torch.exp(d)
+    # x − m rounds when x and m differ in magnitude, and exp turns that absolute error
+    # into a relative one of |x − m|·eps (hundreds of ULPs): carry the rounding error of
+    # the subtraction (TwoSum), exp(d + err) ≈ exp(d)·(1 + err). Inputs computed in a
+    # wider type do not need it: the terms that survive rounding to the dtype have
+    # |x − m| < 104 (float32, in float64: an error < 2**-46) or < 92 (half, in float32).
+    # err = (x − (d − bb)) + (−m − bb), bb = d − x, formed in place (this is the hot loop
+    # of float64 inputs: each (N, C) temporary costs a pass over memory).
+    bb = d - xc
+    err = d - bb
+    torch.sub(xc, err, out=err)
+    err.add_(bb.neg_().sub_(m))
+    # err is NaN where d is infinite (−inf logits, x − m overflowing): exp(d) is 0 or NaN
+    # there and the correction moot. Zeroed in place, and exp(d)·(1 + err) formed as one
+    # in-place exp(d) + exp(d)·err.
+    err.nan_to_num_(0.0, 0.0, 0.0)
+    e = torch.exp(d)
+    e.addcmul_(e, err)
+    return e
+
+
+def _blocks(n, c):
+    step = max(1, BLOCK_ELEMENTS // max(1, c))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 class _Stable(torch.autograd.Function):
@@ -26,88 +108,232 @@ class _Stable(torch.autograd.Function):
     # Gradient: p_j = exp(x_j − m)/(1 + s), and p_t − 1 = −(1 + s − exp(x_t − m))/(1 + s),
     # i.e. −Σ_{j≠t} p_j, again without cancellation.
     #
+    # Options: a class weight multiplies the row's loss and gradient by w_t (ignored rows:
+    # 0); soft or smoothed targets q give loss Σ_j c_j·nll_j with c_j = w_j·q_j and
+    # nll_j = −log p_j = (m − x_j) + log1p(s) ≥ 0 (a sum of non-negative terms), gradient
+    # (Σ_j c_j)·p − c. Label smoothing with hard targets is (1 − ε) times the hard row plus
+    # ε/C times the soft row of uniform q, as torch defines it.
+    #
     # ±inf logits give the limits of `reference_chunk` with no extra pass over the (N, C)
     # values: exp(−inf − m) = 0 already gives a −inf logit probability 0, and a +inf
     # maximum makes exp(x_j − m) 0 for the finite x_j and NaN (inf − inf) for any further
     # +inf logit, so s is 0 for one +inf and NaN (undefined) for several. Per-row
     # `torch.where`s on (N, 1) tensors then turn (m − x_t) = inf − inf into 0 and keep a
     # finite target's loss +inf; see the backward for the gradient.
+    #
+    # Memory: rows are processed in blocks of BLOCK_ELEMENTS values; only per-row numbers
+    # (m, s, k) are kept for the backward, which recomputes exp(x − m) block by block.
     @staticmethod
-    def forward(ctx, x, t, reduction):
+    def forward(ctx, x, t, reduction, weight=None, label_smoothing=0.0, ignore_index=None):
         c = compute_dtype(x.dtype, x.device)
-        xc = x.to(c)
-        t1 = t[:, None]
-        m = xc.amax(1, keepdim=True)
-        xt = xc.gather(1, t1)
-        on_max = xt == m
-        k = torch.where(on_max, t1, xc.argmax(1, keepdim=True))
-        d = xc - m
-        if c == x.dtype:
-            # x − m rounds when x and m differ in magnitude, and exp turns that absolute
-            # error into a relative one of |x − m|·eps (hundreds of ULPs): carry the
-            # rounding error of the subtraction (TwoSum), exp(d + err) ≈ exp(d)·(1 + err).
-            # Inputs computed in a wider type do not need it: the terms that survive
-            # rounding to the dtype have |x − m| < 104 (float32, in float64: an error
-            # < 2**-46) or < 92 (half, in float32: < 2**-17).
-            # err = (x − (d − bb)) + (−m − bb), bb = d − x, formed in place (this is the
-            # hot loop of float64 inputs: each (N, C) temporary costs a pass over memory).
-            bb = d - xc
-            err = d - bb
-            torch.sub(xc, err, out=err)
-            err.add_(bb.neg_().sub_(m))
-            # err is NaN where d is infinite (−inf logits, x − m overflowing): exp(d) is 0
-            # or NaN there and the correction moot. Zeroed in place, and exp(d)·(1 + err)
-            # formed as one in-place exp(d) + exp(d)·err.
-            err.nan_to_num_(0.0, 0.0, 0.0)
-            e = torch.exp(d)
-            e.addcmul_(e, err)
-        else:
-            e = torch.exp(d)
-        e.scatter_(1, k, 0.0)
-        s = e.sum(1, keepdim=True)
-        lse = torch.log1p(s)
-        gap, gap_low = two_sum(m, -xt)
-        total, total_low = two_sum(gap, lse)
-        # x_t = m: the loss is log1p(s) (0 − 0 is 0 anyway; inf − inf would be NaN).
-        # m = +inf above x_t: +inf, whatever s (NaN when several logits are +inf).
-        loss = torch.where(on_max, lse, torch.where(m == math.inf, gap, total)).squeeze(1)
-        # The rounding errors of both additions, for the reduction (see reduce_accurate).
-        low = torch.where(on_max, 0.0, gap_low + total_low).squeeze(1)
-        ctx.save_for_backward(e, s, k, t1, m)
-        ctx.meta = (reduction, x.dtype)
-        return reduce_accurate(loss, reduction, x.dtype, low)
+        n, classes = x.shape
+        soft, ignored, safe = _targets(t, ignore_index)
+        wc = None if weight is None else weight.to(c)
+        loss = torch.empty(n, dtype=c, device=x.device)
+        low = torch.zeros(n, dtype=c, device=x.device)
+        m_all = torch.empty(n, 1, dtype=c, device=x.device)
+        s_all = torch.empty(n, 1, dtype=c, device=x.device)
+        k_all = torch.empty(n, 1, dtype=torch.int64, device=x.device)
+        for rows in _blocks(n, classes):
+            xc = x[rows].to(c)
+            m = xc.amax(1, keepdim=True)
+            k = xc.argmax(1, keepdim=True)
+            if not soft:
+                t1 = safe[rows][:, None]
+                xt = xc.gather(1, t1)
+                on_max = xt == m
+                k = torch.where(on_max, t1, k)
+            e = _shifted_exp(xc, m, c == x.dtype)
+            e.scatter_(1, k, 0.0)
+            s = e.sum(1, keepdim=True)
+            lse = torch.log1p(s)
+            m_all[rows], s_all[rows], k_all[rows] = m, s, k
+            if not soft:
+                gap, gap_low = two_sum(m, -xt)
+                total, total_low = two_sum(gap, lse)
+                # x_t = m: the loss is log1p(s) (0 − 0 is 0 anyway; inf − inf would be NaN).
+                # m = +inf above x_t: +inf, whatever s (NaN when several logits are +inf).
+                hard = torch.where(on_max, lse, torch.where(m == math.inf, gap, total)).squeeze(1)
+                # The rounding errors of both additions, for the reduction (see reduce_accurate).
+                hard_low = torch.where(on_max, 0.0, gap_low + total_low).squeeze(1)
+                if wc is not None:
+                    wt = wc[safe[rows]]
+                    hard, hard_low = hard * wt, hard_low * wt
+                if label_smoothing:
+                    hard = (1 - label_smoothing) * hard + label_smoothing / classes * \
+                        _weighted_nll(xc, m, lse, wc)
+                    hard_low = (1 - label_smoothing) * hard_low
+                loss[rows], low[rows] = hard, hard_low
+            else:
+                q = t[rows].to(c)
+                if label_smoothing:
+                    q = (1 - label_smoothing) * q + label_smoothing / classes
+                loss[rows] = _weighted_nll(xc, m, lse, q if wc is None else q * wc)
+        if ignored is not None:
+            loss = torch.where(ignored, 0.0, loss)
+            low = torch.where(ignored, 0.0, low)
+        denominator = _denominator(t, weight, ignore_index, n, accumulate_dtype(x.device))
+        ctx.save_for_backward(x, t, m_all, s_all, k_all, weight, denominator)
+        ctx.meta = (reduction, label_smoothing, ignore_index)
+        return reduce_accurate(loss, reduction, x.dtype, low, denominator)
 
     @staticmethod
     def backward(ctx, grad_output):
-        e, s, k, t1, m = ctx.saved_tensors
-        reduction, dtype = ctx.meta
-        total = 1 + s
-        # A +inf maximum: the finite logits have probability 0 whatever the split between
-        # several +inf ones (s NaN), so divide the (0 or NaN) e_j by 1, not by NaN; p_k is
-        # 1/total, 1 for a unique +inf and NaN (undefined) for several.
-        denom = torch.where(m == math.inf, 1.0, total)
-        g = (e / denom).scatter(1, k, 1 / total)
-        rest = torch.where(t1 == k, s, denom - e.gather(1, t1))
-        g = g.scatter(1, t1, -rest / denom)
-        g = scale_grad(g, grad_output, reduction, e.shape[0])
-        return g.to(dtype), None, None
+        x, t, m_all, s_all, k_all, weight, denominator = ctx.saved_tensors
+        reduction, label_smoothing, ignore_index = ctx.meta
+        c = compute_dtype(x.dtype, x.device)
+        n, classes = x.shape
+        soft, ignored, safe = _targets(t, ignore_index)
+        wc = None if weight is None else weight.to(c)
+        grad = torch.empty_like(x)
+        scale = denominator if denominator is not None else n
+        for rows in _blocks(n, classes):
+            xc = x[rows].to(c)
+            m, s, k = m_all[rows], s_all[rows], k_all[rows]
+            e = _shifted_exp(xc, m, c == x.dtype)
+            e.scatter_(1, k, 0.0)
+            total = 1 + s
+            # A +inf maximum: the finite logits have probability 0 whatever the split between
+            # several +inf ones (s NaN), so divide the (0 or NaN) e_j by 1, not by NaN; p_k is
+            # 1/total, 1 for a unique +inf and NaN (undefined) for several.
+            denom = torch.where(m == math.inf, 1.0, total)
+            p = (e / denom).scatter(1, k, 1 / total)
+            if soft:
+                q = t[rows].to(c)
+                if label_smoothing:
+                    q = (1 - label_smoothing) * q + label_smoothing / classes
+                cw = q if wc is None else q * wc
+                g = cw.sum(1, keepdim=True) * p - cw
+            else:
+                t1 = safe[rows][:, None]
+                rest = torch.where(t1 == k, s, denom - e.gather(1, t1))
+                g = p.scatter(1, t1, -rest / denom)
+                if wc is not None:
+                    g = g * wc[safe[rows]][:, None]
+                if label_smoothing:
+                    w_all = wc if wc is not None else torch.ones(classes, dtype=c, device=x.device)
+                    smooth = w_all.sum() * p - w_all
+                    g = (1 - label_smoothing) * g + label_smoothing / classes * smooth
+                if ignored is not None:
+                    g = torch.where(ignored[rows][:, None], 0.0, g)
+            u = grad_output if grad_output.dim() == 0 else grad_output[rows]
+            grad[rows] = scale_grad(g, u, reduction, scale).to(x.dtype)
+        return grad, None, None, None, None, None
 
 
-def stable(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Max-shifted log1p form (no cancellation), computed one precision up, rounded once."""
-    return _Stable.apply(x, t, reduction)
+def _weighted_nll(xc, m, lse, cw):
+    """Σ_j c_j·(−log p_j), −log p_j = (m − x_j) + log1p(s) ≥ 0; c_j = 0 terms are left out
+    (0·inf would be NaN at a −inf logit); c_j is a row (N, C) or the class weights (C,)."""
+    nll = torch.where(xc == m, lse, (m - xc) + lse)
+    if cw is None:
+        return nll.sum(1)
+    cw = cw.expand_as(nll)
+    return torch.where(cw > 0, cw * nll, 0.0).sum(1)
 
 
-def framework(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(x, t, reduction=reduction)
+def stable(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
+           label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
+    """Max-shifted log1p form (no cancellation), computed one precision up in blocks of rows, rounded once."""
+    return _Stable.apply(x, t, reduction, weight, label_smoothing, ignore_index)
 
 
-def reference_chunk(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`)."""
+def framework(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
+              label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
+    return F.cross_entropy(x, t, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                           ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index)
+
+
+def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: float = 0.0,
+                    ignore_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`).
+
+    Options as torch defines them: the row of a hard target t is w_t·(−log p_t), with label
+    smoothing ε (1 − ε)·w_t·(−log p_t) + (ε/C)·Σ_j w_j·(−log p_j); an ignored row is 0;
+    soft targets q (rows of probabilities, smoothed to (1 − ε)q + ε/C) give
+    Σ_j w_j·q_j·(−log p_j). The gradient of Σ_j c_j·(−log p_j) is (Σ_j c_j)·p − c.
+    """
+    w = x.dtype.type
+    classes = x.shape[1]
+    if t.ndim == 2:  # soft targets
+        q = t.astype(x.dtype)
+        if label_smoothing:
+            q = (w(1) - w(label_smoothing)) * q + w(label_smoothing) / w(classes)
+        return _reference_weighted(x, q if weight is None else q * weight)
+    ignored = None if ignore_index is None else t == ignore_index
+    safe = t if ignored is None else np.where(ignored, 0, t)
     finite = np.isfinite(x)
-    if finite.all():
-        return _reference_finite(x, t)
-    return _reference_limits(x, t, finite)
+    loss, grad = _reference_finite(x, safe) if finite.all() else _reference_limits(x, safe, finite)
+    if weight is not None:
+        wt = np.asarray(weight, dtype=x.dtype)[safe]
+        loss, grad = loss * wt, grad * wt[:, None]
+    if label_smoothing:
+        eps = w(label_smoothing)
+        cw = np.ones(classes, dtype=x.dtype) if weight is None else np.asarray(weight, dtype=x.dtype)
+        s_loss, s_grad = _reference_weighted(x, np.broadcast_to(cw, x.shape))
+        loss = (w(1) - eps) * loss + eps / w(classes) * s_loss
+        grad = (w(1) - eps) * grad + eps / w(classes) * s_grad
+    if ignored is not None:
+        loss = np.where(ignored, w(0), loss)
+        grad = np.where(ignored[:, None], w(0), grad)
+    return loss, grad
+
+
+def denominators(t: np.ndarray, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None):
+    """Each row's share of the mean's denominator (torch): w_t, or 1, for a kept hard
+    target, 0 for an ignored one; 1 for soft targets."""
+    if t.ndim == 2:
+        return np.ones(t.shape[0])
+    keep = np.ones(t.shape[0]) if ignore_index is None else (t != ignore_index).astype(np.float64)
+    if weight is None:
+        return keep
+    safe = t if ignore_index is None else np.where(t == ignore_index, 0, t)
+    return keep * np.asarray(weight)[safe]
+
+
+def _reference_weighted(x, cw):
+    """Σ_j c_j·(−log p_j) and its gradient (Σ_j c_j)·p − c, with the limits at ±inf logits:
+    −log p_j is +inf for a logit of probability 0 (a −inf logit, or any finite one beside a
+    +inf), 0 for a unique +inf logit, undefined (NaN) where the split is undefined. Terms
+    with c_j = 0 are left out (0·inf)."""
+    nll, p = _nll_and_probabilities(x)
+    w = x.dtype.type
+    loss = np.where(cw > 0, cw * nll, w(0)).sum(axis=1)
+    grad = cw.sum(axis=1)[:, None] * p - cw
+    return loss, grad
+
+
+def _nll_and_probabilities(x):
+    """−log p_j and p_j = softmax(x)_j in working precision (x − m carried exactly, as in
+    `_reference_finite`), with their limits where logits are ±inf."""
+    w = x.dtype.type
+    rows = np.arange(x.shape[0])
+    pos, neg = x == np.inf, x == -np.inf
+    npos = pos.sum(axis=1)
+    special = (npos > 0) | neg.all(axis=1)  # rows whose maximum is not finite
+    xf = np.where(special[:, None], w(0), x)
+    masked = neg & ~special[:, None]
+    m = np.where(masked, -np.inf, xf).max(axis=1)
+    xs = np.where(masked, m[:, None], xf)
+    k = xs.argmax(axis=1)
+    if x.dtype == np.float64:
+        e = np.exp(xs - m[:, None])
+    else:
+        d, err = R.two_diff(xs, m[:, None])
+        e = np.exp(d) * (w(1) + err)
+    e[masked] = 0
+    e[rows, k] = 0
+    s = e.sum(axis=1)
+    lse = np.log1p(s)
+    e[rows, k] = 1
+    p = e / (w(1) + s)[:, None]
+    gap = m[:, None] - xs
+    gap[rows, k] = 0
+    nll = np.where(masked, w(np.inf), gap + lse[:, None])
+    # +inf rows: a unique +inf takes all the probability; several: undefined.
+    one = (npos == 1)[:, None]
+    p = np.where(special[:, None], np.where(one, pos.astype(x.dtype), w(np.nan)), p)
+    nll = np.where(special[:, None], np.where(one, np.where(pos, w(0), w(np.inf)), w(np.nan)), nll)
+    return nll, p
 
 
 def _reference_finite(x, t, masked=None):
@@ -187,7 +413,8 @@ def _reference_limits(x, t, finite):
 
 LOSS = Loss(
     name="cross_entropy",
-    summary="softmax cross entropy over `classes`, class-index targets",
+    summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
+    "label smoothing, ignore_index",
     multiclass=True,
     input_kind="logits",
     implementations={
@@ -202,4 +429,6 @@ LOSS = Loss(
         stable=r"m = \max_j x_j,\ \ell = (m - x_t) + \operatorname{log1p}\Big(\textstyle\sum_{j \ne k} e^{x_j - m}\Big)",
         gradient=r"\partial\ell/\partial x_j = \operatorname{softmax}(x)_j - [j = t]",
     ),
+    options=("weight", "label_smoothing", "ignored", "targets"),
+    denominators=denominators,
 )

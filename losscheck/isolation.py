@@ -1,0 +1,101 @@
+"""A per-point timeout: ``with deadline(seconds, what): run_point()``.
+
+`deadline` arms a real-time interval timer (``signal.setitimer(ITIMER_REAL, ...)``) whose
+SIGALRM handler raises `PointTimeout` in the main thread. On leaving the block, normally or by
+an exception, the timer is cancelled and the previous SIGALRM handler and timer are restored.
+
+Limitations:
+
+* The alarm interrupts Python code: loops, ``time.sleep``, Python-level waits. A single C or
+  CUDA call that runs long (one huge matmul, a blocking kernel launch or synchronize) is only
+  interrupted when it returns to Python, and one that never returns (a hung kernel) is never
+  interrupted; that needs the point to run in a subprocess that can be killed, which is not
+  done here.
+* Signals are delivered to the main thread only, so `deadline` is a no-op in other threads,
+  and where SIGALRM/setitimer does not exist (Windows). `enforceable()` says whether a
+  timeout can be enforced here.
+* The body can swallow the timeout by catching ``Exception`` broadly.
+
+Nesting: there is one ITIMER_REAL per process. If a timer is already running when a deadline
+is entered (an outer deadline, or anyone else's alarm), the earlier-expiring one is kept: if the
+outer timer expires first, the inner deadline arms nothing and the outer one fires as usual;
+otherwise the inner deadline takes the timer over and, on exit, restores the outer handler and
+re-arms the outer timer with the time it has left (at once, if that time has run out meanwhile).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+# Re-arm delay for an outer timer whose time ran out while an inner deadline held the timer.
+_EXPIRED_DELAY_S = 1e-4
+
+
+class PointTimeout(Exception):
+    """A sweep point ran longer than its timeout."""
+
+
+def enforceable() -> bool:
+    """Whether `deadline` can enforce a timeout here: SIGALRM and setitimer exist, and this is
+    the main thread of the main interpreter."""
+    return (
+        hasattr(signal, "SIGALRM")
+        and hasattr(signal, "setitimer")
+        and hasattr(signal, "ITIMER_REAL")
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+@contextmanager
+def deadline(seconds: float | None, what: str = "") -> Iterator[None]:
+    """Raise `PointTimeout` in the block if it runs longer than `seconds`.
+
+    A no-op when `seconds` is None, 0 or infinite, and where a timeout cannot be enforced (see
+    `enforceable`). Negative or NaN `seconds` raise ValueError. The message is
+    ``f"{what} took longer than the {seconds:g} s timeout"``.
+    """
+    if seconds is not None and (math.isnan(seconds) or seconds < 0):
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {seconds!r}")
+    if not seconds or math.isinf(seconds) or not enforceable():
+        yield
+        return
+
+    prev_remaining, prev_interval = signal.getitimer(signal.ITIMER_REAL)
+    if 0 < prev_remaining <= seconds:
+        # An earlier-expiring timer is already running: keep it, arm nothing.
+        yield
+        return
+
+    message = f"{what} took longer than the {seconds:g} s timeout".strip()
+    armed = [True]  # cleared on exit, so that a late alarm cannot raise outside the block
+
+    def on_alarm(signum, frame):
+        if armed[0]:
+            armed[0] = False
+            raise PointTimeout(message)
+
+    try:
+        prev_handler = signal.signal(signal.SIGALRM, on_alarm)
+    except ValueError:  # not the main interpreter after all
+        yield
+        return
+    start = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        # None: the previous handler was not installed from Python; the default is the best
+        # that can be restored.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if prev_handler is None else prev_handler)
+        if prev_remaining > 0:
+            left = prev_remaining - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, _EXPIRED_DELAY_S), prev_interval)
+
+
+deadline.enforceable = enforceable  # type: ignore[attr-defined]

@@ -1,0 +1,52 @@
+"""Token (sequence) cross entropy: (batch, time, vocab) logits, (batch, time) targets with
+padding, as language-model training uses it.
+
+Each implementation flattens the tokens to rows, (batch·time, vocab), and applies its
+`cross_entropy` counterpart with ignore_index marking the padding, which is how
+training code calls it; the mean is over the real (non-padding) tokens. Large
+vocabularies (32k, 128k) are the point: `stable` works in blocks of rows, and the
+reference in chunks, so their memory does not grow with batch·time·vocab.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cross_entropy as ce
+from .base import Formulas, Impl, Loss
+
+
+def _tokens(fn):
+    def impl(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", **options) -> torch.Tensor:
+        out = fn(x.reshape(-1, x.shape[-1]), t.reshape(-1), reduction, **options)
+        return out.reshape(t.shape) if reduction == "none" else out
+    impl.__name__ = impl.__qualname__ = fn.__name__
+    impl.__doc__ = fn.__doc__
+    return impl
+
+
+naive, stable, framework = _tokens(ce.naive), _tokens(ce.stable), _tokens(ce.framework)
+
+LOSS = Loss(
+    name="sequence_cross_entropy",
+    summary="token cross entropy over (batch, time, vocab = `classes`) with padded sequences "
+    "(ignore_index), per-class weight, label smoothing",
+    multiclass=True,
+    input_kind="logits",
+    implementations={
+        "naive": Impl("naive", "naive", naive, "cross_entropy naive on x.view(-1, V), padding masked"),
+        "stable": Impl("stable", "stable", stable, "cross_entropy stable on x.view(-1, V), blocks of rows"),
+        "torch": Impl("torch", "framework", framework,
+                      "torch.nn.functional.cross_entropy(x.view(-1, V), t.view(-1), ignore_index=-100)"),
+    },
+    reference_chunk=ce.reference_chunk,
+    formulas=Formulas(
+        loss=r"\ell = \frac{1}{|\{(b,\tau): t_{b\tau} \ne \text{pad}\}|}\sum_{t_{b\tau} \ne \text{pad}} "
+             r"-\log \operatorname{softmax}(x_{b\tau})_{t_{b\tau}}",
+        naive=ce.LOSS.formulas.naive,
+        stable=ce.LOSS.formulas.stable,
+        gradient=ce.LOSS.formulas.gradient,
+    ),
+    options=("weight", "label_smoothing"),
+    denominators=ce.denominators,
+    sequence=True,
+)

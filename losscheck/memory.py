@@ -1,0 +1,394 @@
+"""Per-point peak memory, the memory available to a sweep, and out-of-memory handling.
+
+Measurement only; no printing, no new dependencies (no psutil). Every measurement degrades to
+None instead of raising, so that a sweep never fails because memory could not be measured.
+
+* `PeakMemory(device)` measures the peak memory of one sweep point:
+
+  - ``cpu``: the process peak resident set size. On Linux >= 4.0, writing ``5`` to
+    ``/proc/self/clear_refs`` resets the peak (VmHWM) to the current RSS, so the peak read
+    from ``/proc/self/status`` afterwards is the peak *of the point*. Where the reset is
+    impossible, the peak since the process started (``getrusage``) is reported instead and
+    the ``measure`` string says so.
+  - ``cuda`` / ``cuda:N``: ``torch.cuda.max_memory_allocated`` after resetting the peak
+    statistics (memory held by tensors; the caching allocator's reserve is not counted).
+  - ``mps``: there is no peak counter; the driver allocation after the point (with the cache
+    emptied before it) approximates it.
+
+  The process RSS is process-wide: memory used by other threads during the point counts too.
+
+* `available_bytes(device)` is the memory a new allocation can use: on CPU the smaller of
+  ``MemAvailable`` and the cgroup (container) limit minus its usage; on CUDA the free device
+  memory. The environment variable ``LOSSCHECK_MEMORY_LIMIT`` (``"2G"``, ``"1.5GiB"``,
+  ``"512M"``, ``"1000000"``; K/M/G/T are powers of 1024) caps it, to simulate a small machine.
+
+* `is_oom(exc)` tells an out-of-memory error from the rest; `release(device)` frees what can
+  be freed after one; `format_bytes(n)` writes a byte count for people.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import re
+import sys
+from typing import Any
+
+import torch
+
+ENV_LIMIT = "LOSSCHECK_MEMORY_LIMIT"
+
+# Paths, as module attributes so that the tests can point them at fake files.
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+_MEMINFO = "/proc/meminfo"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+# A cgroup limit at or above this means "no limit" (cgroup v1 writes about 2**63 for that).
+_NO_LIMIT = 1 << 60
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# A number, then optionally K/M/G/T (alone or with "iB"), or "B".
+_LIMIT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:ib)?|b)?\s*$", re.IGNORECASE)
+
+MEASURE_CPU = "process peak RSS (VmHWM, reset before the point)"
+MEASURE_CPU_NO_RESET = "process peak RSS since start (could not reset)"
+MEASURE_CUDA = "cuda max_memory_allocated"
+MEASURE_MPS = "mps driver_allocated_memory after the point (cache emptied before; approximates the peak)"
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc and cgroup readers: each returns None when the value is not available.
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    return _kib_field(_read_text(_STATUS), field)
+
+
+def _kib_field(text: str | None, field: str) -> int | None:
+    """``field:  1234 kB`` in a /proc file, in bytes."""
+    if text is None:
+        return None
+    m = re.search(rf"^{re.escape(field)}:\s*(\d+)\s*kB", text, re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process peak RSS (VmHWM) to the current RSS; False where impossible."""
+    try:
+        with open(_CLEAR_REFS, "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _ru_maxrss_bytes() -> int | None:
+    """Peak RSS since the process started, from getrusage (KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except Exception:
+        return None
+    if peak <= 0:
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _read_int(path: str) -> int | None:
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:  # "max" (cgroup v2 for no limit) or garbage
+        return None
+
+
+def _stat_field(path: str, field: str) -> int:
+    """A ``field value`` line of a cgroup memory.stat file; 0 if absent."""
+    text = _read_text(path)
+    if text is not None:
+        m = re.search(rf"^{re.escape(field)}\s+(\d+)\s*$", text, re.MULTILINE)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
+def _cgroup_available() -> int | None:
+    """The cgroup memory limit minus the cgroup's usage, or None where there is no limit.
+
+    cgroup v2 (``memory.max``, ``memory.current``) is tried first, then v1
+    (``memory/memory.limit_in_bytes``, ``memory/memory.usage_in_bytes``). As in container
+    runtimes' "working set", reclaimable inactive page cache is not counted as used.
+    """
+    candidates = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+         "memory/memory.stat", "total_inactive_file"),
+    )
+    for limit_name, usage_name, stat_name, inactive in candidates:
+        limit = _read_int(os.path.join(_CGROUP_ROOT, limit_name))
+        usage = _read_int(os.path.join(_CGROUP_ROOT, usage_name))
+        if limit is None or usage is None or limit <= 0 or limit >= _NO_LIMIT:
+            continue
+        used = max(0, usage - _stat_field(os.path.join(_CGROUP_ROOT, stat_name), inactive))
+        return max(0, limit - used)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one point.
+
+
+def _cuda_device(device: str) -> torch.device | None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return dev
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of the block on `device`.
+
+    ::
+
+        with PeakMemory("cpu") as pm:
+            run_point()
+        pm.result()  # {"peak_bytes": ..., "baseline_bytes": ..., "measure": "..."} or None
+
+    ``peak_bytes`` is the peak during the block and ``baseline_bytes`` the usage when it
+    started (both in bytes, in the unit of ``measure``), so ``peak - baseline`` is what the
+    block added at its peak. Measurement problems never raise: `result` returns None instead.
+    Exceptions of the block propagate unchanged.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = str(device)
+        self._result: dict[str, Any] | None = None
+        self._state: dict[str, Any] = {}
+
+    def __enter__(self) -> PeakMemory:
+        self._result = None
+        try:
+            self._state = self._start()
+        except Exception:
+            self._state = {}
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._result = self._stop(self._state) if self._state else None
+        except Exception:
+            self._result = None
+        return False
+
+    def result(self) -> dict[str, Any] | None:
+        """The measurement after the block, or None if memory could not be measured."""
+        return None if self._result is None else dict(self._result)
+
+    # -- per device -----------------------------------------------------------------------
+
+    def _start(self) -> dict[str, Any]:
+        kind = self.device.split(":", 1)[0]
+        if kind == "cpu":
+            return self._start_cpu()
+        if kind == "cuda":
+            dev = _cuda_device(self.device)
+            if dev is None:
+                return {}
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            return {"kind": "cuda", "dev": dev, "baseline": int(torch.cuda.memory_allocated(dev))}
+        if kind == "mps":
+            mps = getattr(torch, "mps", None)
+            if (mps is None or not torch.backends.mps.is_available()
+                    or not hasattr(mps, "current_allocated_memory")
+                    or not hasattr(mps, "driver_allocated_memory")):
+                return {}
+            mps.synchronize()
+            mps.empty_cache()
+            return {"kind": "mps", "baseline": int(mps.current_allocated_memory())}
+        return {}
+
+    def _start_cpu(self) -> dict[str, Any]:
+        if _reset_peak_rss():
+            baseline = _proc_status_bytes("VmRSS")
+            if baseline is not None:
+                return {"kind": "cpu", "baseline": baseline}
+        # No reset: the peak since the process started. The baseline is the current RSS where
+        # it can be read, else the peak so far (then peak - baseline is what the block added
+        # above the earlier peak).
+        baseline = _proc_status_bytes("VmRSS")
+        if baseline is None:
+            baseline = _ru_maxrss_bytes()
+        if baseline is None:
+            return {}
+        return {"kind": "cpu-noreset", "baseline": baseline}
+
+    def _stop(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        kind = state["kind"]
+        if kind == "cpu":
+            peak, measure = _proc_status_bytes("VmHWM"), MEASURE_CPU
+        elif kind == "cpu-noreset":
+            peak, measure = _ru_maxrss_bytes(), MEASURE_CPU_NO_RESET
+        elif kind == "cuda":
+            torch.cuda.synchronize(state["dev"])
+            peak, measure = int(torch.cuda.max_memory_allocated(state["dev"])), MEASURE_CUDA
+        elif kind == "mps":
+            torch.mps.synchronize()
+            peak, measure = int(torch.mps.driver_allocated_memory()), MEASURE_MPS
+        else:
+            return None
+        if peak is None:
+            return None
+        baseline = int(state["baseline"])
+        return {"peak_bytes": max(int(peak), baseline), "baseline_bytes": baseline,
+                "measure": measure}
+
+
+# ---------------------------------------------------------------------------------------------
+# Available memory and the LOSSCHECK_MEMORY_LIMIT override.
+
+
+def parse_bytes(text: str) -> int:
+    """``"1.5G"`` -> 1610612736. Units K/M/G/T (alone or as KiB...TiB) are powers of 1024;
+    a bare number or a number with ``B`` is bytes.
+
+    Raises ValueError for anything else, zero or negative sizes included.
+    """
+    m = _LIMIT_RE.match(text)
+    if not m:
+        raise ValueError(f"not a byte size: {text!r}")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"not a positive byte size: {text!r}")
+    return int(value)
+
+
+def memory_limit_override() -> int | None:
+    """The cap set by ``LOSSCHECK_MEMORY_LIMIT`` in bytes, or None when unset or empty.
+
+    A malformed value raises ValueError with a one-line message.
+    """
+    raw = os.environ.get(ENV_LIMIT)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return parse_bytes(raw)
+    except ValueError:
+        raise ValueError(
+            f"{ENV_LIMIT}={raw!r} is not a memory size: use a positive number of bytes, "
+            f"optionally with a suffix K, M, G, T, KiB, MiB, GiB or TiB (powers of 1024), "
+            f"e.g. 1.5G or 512MiB"
+        ) from None
+
+
+def _measured_available(device: str) -> int | None:
+    kind = device.split(":", 1)[0]
+    if kind == "cpu":
+        found = [v for v in (_kib_field(_read_text(_MEMINFO), "MemAvailable"),
+                             _cgroup_available()) if v is not None]
+        return min(found) if found else None
+    if kind == "cuda":
+        dev = _cuda_device(device)
+        return None if dev is None else int(torch.cuda.mem_get_info(dev)[0])
+    if kind == "mps":
+        mps = getattr(torch, "mps", None)
+        if (mps is not None and torch.backends.mps.is_available()
+                and hasattr(mps, "recommended_max_memory")
+                and hasattr(mps, "driver_allocated_memory")):
+            return max(0, int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()))
+    return None
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Bytes a new allocation on `device` can use now, or None if unknown.
+
+    CPU: min(MemAvailable, cgroup limit - cgroup usage). CUDA: free device memory
+    (``torch.cuda.mem_get_info``). ``LOSSCHECK_MEMORY_LIMIT`` caps the result (and is the
+    result when nothing else is known); a malformed value raises ValueError.
+    """
+    limit = memory_limit_override()
+    try:
+        measured = _measured_available(str(device))
+    except Exception:
+        measured = None
+    if limit is None:
+        return measured
+    return limit if measured is None else min(limit, measured)
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-memory errors.
+
+_OOM_MESSAGES = ("out of memory", "defaultcpuallocator: can't allocate memory", "not enough memory")
+
+
+def _oom_classes() -> tuple[type, ...]:
+    classes: list[type] = [MemoryError]
+    for owner in (torch, getattr(torch, "cuda", None)):
+        cls = getattr(owner, "OutOfMemoryError", None)
+        if isinstance(cls, type) and cls not in classes:
+            classes.append(cls)
+    return tuple(classes)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for out-of-memory errors: MemoryError, torch's OutOfMemoryError, and the
+    RuntimeErrors that allocators raise ("out of memory", "DefaultCPUAllocator: can't
+    allocate memory", "not enough memory")."""
+    if isinstance(exc, _oom_classes()):
+        return True
+    if isinstance(exc, RuntimeError):
+        message = str(exc).lower()
+        return any(m in message for m in _OOM_MESSAGES)
+    return False
+
+
+def release(device: str | torch.device) -> None:
+    """Free what can be freed after an out-of-memory error: garbage, and the CUDA/MPS cache."""
+    gc.collect()
+    kind = str(device).split(":", 1)[0]
+    try:
+        if kind == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elif kind == "mps" and torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting.
+
+
+def format_bytes(n: float) -> str:
+    """``100 B``, ``12 KiB``, ``512 MiB``, ``1.23 GiB``: three significant digits at most."""
+    if n < 0:
+        return "-" + format_bytes(-n)
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1000 or unit == "PiB":
+            break
+    if value >= 100:
+        text = f"{value:.0f}"
+    else:
+        text = f"{value:.{2 if value < 10 else 1}f}".rstrip("0").rstrip(".")
+    return f"{text} {unit}"
