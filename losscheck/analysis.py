@@ -30,8 +30,10 @@ def loss_label(record: dict) -> str:
 
 def labelled(records: list[dict]) -> list[dict]:
     """Copies of the records whose `loss` is their `loss_label` (the loss itself in
-    `base_loss`): every table grouped by loss then keeps variants apart."""
-    return [{**r, "loss": loss_label(r), "base_loss": r["loss"]} for r in records]
+    `base_loss`), and whose `impl` says "(custom)" for a user's implementation: every table
+    grouped by loss then keeps variants apart, and shows which implementations are custom."""
+    return [{**r, "loss": loss_label(r), "base_loss": r["loss"],
+             "impl": f"{r['impl']} (custom)" if r.get("kind") == "custom" else r["impl"]} for r in records]
 
 
 def loss_rank(label: str, order: list[str]) -> tuple:
@@ -117,6 +119,40 @@ def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
             out[key] = Breakdown(broken[0][0], broken[0][1], "measured")
         else:
             out[key] = Breakdown(None, "", "measured")
+    return out
+
+
+# Value sets on which a correct formula is accurate at small logits in every dtype: a break
+# there at scale <= 1 is a formula error, not an instability.
+WELL_CONDITIONED = ("normal", "uniform")
+
+
+@dataclass(frozen=True)
+class FormulaError:
+    scale: float  # the smallest swept scale, where it is already wrong
+    reason: str
+    every_scale: bool  # wrong at every swept scale of the well-conditioned value sets
+
+
+def formula_errors(records: list[dict], max_scale: float = 1.0) -> dict[tuple, FormulaError]:
+    """(loss, impl, dtype, device) -> FormulaError for implementations that break on
+    well-conditioned inputs (WELL_CONDITIONED) already at the sweep's smallest scale, if
+    that is <= `max_scale`. An instability is exact there and breaks as the logits grow; a
+    wrong formula (a missing bracket, a wrong sign) is wrong everywhere."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "ok" and r["distribution"] in WELL_CONDITIONED:
+            groups[(r["loss"], r["impl"], r["dtype"], r["device"])].append(r)
+    out = {}
+    for key, recs in groups.items():
+        smallest = min(r["scale"] for r in recs)
+        if smallest > max_scale:
+            continue
+        first = [breaks(r) for r in recs if r["scale"] == smallest]
+        reasons = [x for x in first if x]
+        if reasons:
+            broken_scales = {r["scale"] for r in recs if breaks(r)}
+            out[key] = FormulaError(smallest, reasons[0], broken_scales == {r["scale"] for r in recs})
     return out
 
 

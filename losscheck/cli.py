@@ -5,6 +5,7 @@ stderr, no traceback), 130 interrupted (the finished points are written).
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -14,8 +15,8 @@ import click
 import torch
 from tabulate import tabulate
 
-from . import __version__, ci, environment, plots, report, results, sweep
-from .config import BUILTIN_IMPLS, load_config
+from . import __version__, ci, environment, explain, plots, report, results, sweep
+from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
 from .dtypes import FORMATS
 from .errors import LosscheckError
 from .gate import TIMING_MODES
@@ -103,14 +104,23 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
               help="Continue an interrupted run from its results file, without redoing its points.")
 @click.option("--shard", type=ShardType(), default=None, metavar="I/N",
               help="Run a deterministic 1/N of the points (shard I of N); merge shards with `losscheck merge`.")
+@click.option("--impl", "impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
+              help="Also audit your own implementation (torch tensors in and out): 'pkg.mod:fn' or "
+                   "'file.py:fn', for the config's losses or those named before '='. Runs that code.")
+@click.option("--numpy-impl", "numpy_impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
+              help="Like --impl for a numpy implementation (arrays in, loss or (loss, grad) out; CPU).")
+@click.option("--loss", "only_losses", multiple=True, type=click.Choice(list(LOSSES)),
+              help="Run only these losses of the config (repeatable).")
 @_gate_options
 def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
           baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
+          impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
           bits, ulp, time_factor, timing_mode, junit_path) -> None:
     """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
-    config = load_config(config_path)
+    config = _with_flags(load_config(config_path), impls, numpy_impls, only_losses)
     if baseline:
         results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
+    impl_table = sweep.resolve(config)  # imports custom code: a failure is an input error, before any file
     threads = threads or config.threads or torch.get_num_threads()
     out = Path(out_dir)
     stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
@@ -120,14 +130,17 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
     total = sweep.count_points(config, shard, done)
     show = sys.stderr.isatty() if progress is None else progress
     env = environment.capture(threads)
+    flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
+             *(f for loss in only_losses for f in ("--loss", loss))]
     command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                          "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else [])])
+                          "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
+                          *flags])
     saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
     complete = False
     with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
                            show_pos=True, show_eta=True) if show else _NoBar() as bar:
         try:
-            sweep.run(config, threads, shard=shard, done=done,
+            sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
                       on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
             complete = True
         except KeyboardInterrupt:
@@ -182,6 +195,32 @@ def baseline_cmd(results_path: str, output: str) -> None:
     """Accept RESULTS_PATH as the baseline the gate compares against."""
     data = ci.accept(results_path, output)
     click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
+
+
+def _with_flags(config, impls, numpy_impls, only_losses):
+    """The config with bench's --loss, --impl and --numpy-impl applied."""
+    if only_losses:
+        missing = [x for x in only_losses if x not in config.losses]
+        if missing:
+            raise LosscheckError(f"--loss {missing[0]}: not among the config's losses ({', '.join(config.losses)})")
+        config = dataclasses.replace(config, losses=tuple(x for x in config.losses if x in only_losses))
+    specs = [parse_impl_flag(i, "torch", "--impl") for i in impls] + \
+        [parse_impl_flag(i, "numpy", "--numpy-impl") for i in numpy_impls]
+    names = [c.name for c in config.custom]
+    for spec in specs:
+        if spec.name in names:
+            raise LosscheckError(f"{spec.function}: a custom implementation named {spec.name!r} is already in the run")
+        names.append(spec.name)
+    return dataclasses.replace(config, custom=config.custom + tuple(specs)) if specs else config
+
+
+def parse_impl_flag(value: str, api: str, flag: str):
+    """'[loss,...=]module:function' -> CustomSpec."""
+    losses: list[str] = []
+    head, sep, rest = value.partition("=")
+    if sep and ":" not in head:
+        losses, value = [x for x in head.split(",") if x], rest
+    return custom_spec(value, None, losses, api, "<command line>", flag)
 
 
 def _results(config, env, records, command, complete, shard) -> dict:
@@ -286,4 +325,27 @@ def list_cmd() -> None:
     devices = ["cpu", "cuda", "mps"]
     click.echo(tabulate([[d, environment.device_problem(d) or "available"] for d in devices],
                         headers=["device", "status"], tablefmt="simple"))
-    click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}")
+    click.echo()
+    option_rows = [[key, KEYS[key], ", ".join(n for n, loss in LOSSES.items() if option in loss.options)]
+                   for option, key in OPTION_AXES.items()]
+    option_rows += [["reductions", KEYS["reductions"], "every loss"],
+                    ["sequence_lengths", KEYS["sequence_lengths"],
+                     ", ".join(n for n, loss in LOSSES.items() if loss.sequence)]]
+    click.echo(tabulate(option_rows, headers=["config key", "values", "losses"], tablefmt="simple"))
+    click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
+               "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)")
+
+
+@main.command("explain")
+@click.argument("loss", type=click.Choice(list(LOSSES)))
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(list(FORMATS)),
+              help="Dtypes of the live breakdown measurement (default: all).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
+    """The formula of LOSS, its naive transcription, why it breaks (measured now), the stable
+    rewriting and the gradient."""
+    try:
+        text = explain.explain(loss, dtypes or None, threads)
+    except ValueError as e:
+        raise LosscheckError(str(e)) from None
+    click.echo(text)

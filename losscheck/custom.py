@@ -135,7 +135,8 @@ def _numpy_adapter(fn, function):
         args = (_to_numpy(x), _to_numpy(t), reduction)
         opts = {k: _to_numpy(v) for k, v in options.items()}
         check_signature(fn, function, args, opts)
-        out = fn(*args, **opts)
+        with np.errstate(all="ignore"):  # NaN and inf are what is measured, not news for the terminal
+            out = fn(*args, **opts)
         grad = None
         if isinstance(out, tuple):
             if len(out) != 2:
@@ -157,7 +158,7 @@ def _from_numpy(a, what, like: torch.Tensor) -> torch.Tensor:
     if a.dtype.kind != "f":
         raise ImplementationError(f"returned a {a.dtype} {what}, expected floating values")
     want = {torch.bfloat16: np.float32}.get(like.dtype)
-    out = torch.from_numpy(np.ascontiguousarray(a))
+    out = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
     if want is not None and a.dtype == want:
         return out.to(like.dtype)  # bfloat16 results come back as float32 holding bfloat16 values
     return out

@@ -16,8 +16,10 @@ from tabulate import tabulate
 from . import analysis as A
 from .dtypes import FORMATS
 from .losses import LOSSES
+from .memory import format_bytes
 
 IMPL_ORDER = ("naive", "stable", "torch")
+LOSS_ORDER = list(LOSSES)
 MAX_OPEN_ROWS = 24  # longer per-loss tables are collapsed
 MAX_DETAIL_ROWS = 2000  # beyond this the per-point table would dominate the file (GitHub renders ~1 MB)
 
@@ -61,20 +63,32 @@ def _order(values, order):
     return sorted(set(values), key=lambda v: order.index(v) if v in order else len(order))
 
 
+def _losses(records) -> list[str]:
+    """The loss labels of the records (a loss with its variant, see `analysis.loss_label`), in order."""
+    return sorted({r["loss"] for r in records}, key=lambda label: A.loss_rank(label, LOSS_ORDER))
+
+
+def _bwd(r: dict) -> dict:
+    """The gradient section, {} where it was not measured (a numpy implementation without gradient)."""
+    return r["backward"] or {}
+
+
 def render(results: dict, plots: list[tuple[str, str]] | str | None = None) -> str:
     """The Markdown report. `plots`: (title, relative file name) of figures written next to
     the report, or a note saying why there are none, or None for no plot section."""
     cfg = results.get("config", {})
     # Tables show what was run; points skipped as a whole device (or a platform without
     # a reference) are summarised in one line each under the header instead.
-    all_records = results["records"]
+    # Every table groups by loss label: a loss with its variant (options, sequence length,
+    # reduction) is a loss of its own in the report.
+    all_records = A.labelled(results["records"])
     records = [r for r in all_records if r["status"] != "skipped"]
     parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records),
-             _plots(plots), _nonfinite_inputs(records), _versus(records)]
-    for loss in _order((r["loss"] for r in records), list(LOSSES)):
+             _plots(plots), _undefined(records), _nonfinite_inputs(records), _versus(records)]
+    for loss in _losses(records):
         recs = [r for r in records if r["loss"] == loss]
         parts.append(_loss_section(loss, recs))
-    parts += [_timing(records), _problems(records), _all_points(records), _footer(results)]
+    parts += [_timing(records), _memory(records), _problems(records), _all_points(records), _footer(results)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -110,7 +124,7 @@ def _breakdown(records: list[dict], cfg: dict) -> str:
     scales = sorted({r["scale"] for r in records})
     rows = []
     keys = sorted({(k[0], k[3], k[2]) for k in bd},
-                  key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 99, k[1],
+                  key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
                                  list(FORMATS).index(k[2]) if k[2] in FORMATS else 99))
     for loss, device, dtype in keys:
         row = [loss, device, dtype]
@@ -140,15 +154,24 @@ def _findings(records: list[dict]) -> str:
     """Sentences computed from the records; each is backed by the tables below."""
     bd = A.breakdown_scales(records)
     lines = []
-    for loss in _order((r["loss"] for r in records), list(LOSSES)):
+    formula = A.formula_errors(records)
+    for loss in _losses(records):
         for impl in _impls(records):
             entries = {k[2] + ("" if k[3] == "cpu" else f"@{k[3]}"): v for k, v in bd.items()
                        if k[0] == loss and k[1] == impl and v.status == "measured"}
             if not entries:
                 continue
             broken = {d: b for d, b in entries.items() if b.scale is not None}
+            wrong = {k[2]: v for k, v in formula.items() if k[0] == loss and k[1] == impl}
             if not broken:
                 lines.append(f"- **{loss} / {impl}** never breaks ({', '.join(entries)}).")
+            elif wrong:
+                every = all(v.every_scale for v in wrong.values())
+                lines.append(
+                    f"- **{loss} / {impl}** is wrong {'at every swept scale' if every else 'already'} from "
+                    f"the smallest, scale {fmt_scale(min(v.scale for v in wrong.values()))} on well-conditioned "
+                    f"inputs ({', '.join(f'{d}: {v.reason}' for d, v in wrong.items())}): a **formula error**, "
+                    "not an instability (an instability is exact at small logits and breaks as they grow).")
             else:
                 where = ", ".join(f"{d} from {fmt_scale(b.scale)} ({b.reason})" for d, b in broken.items())
                 tail = "" if len(broken) == len(entries) else \
@@ -213,13 +236,13 @@ def _nonfinite_inputs(records: list[dict]) -> str:
     for r in recs:
         groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
     rows = []
-    for key in sorted(groups, key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 9, k[1],
+    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
                                              list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
         row = list(key)
         for impl in impls:
             rs = groups[key].get(impl, [])
             n_f = sum(r["forward"]["n"] for r in rs)
-            n_b = sum(r["backward"]["n"] for r in rs)
+            n_b = sum(_bwd(r).get("n", 0) for r in rs)
             bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
             bad_b = sum(A.nonfinite(r["backward"]) for r in rs)
             worst = A.worst(r["forward"]["max_bits"] for r in rs)
@@ -239,7 +262,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
         return ""
     rows = []
     for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: (
-            list(LOSSES).index(kv[0][0]) if kv[0][0] in LOSSES else 9, kv[0][2],
+            A.loss_rank(kv[0][0], LOSS_ORDER), kv[0][2],
             list(FORMATS).index(kv[0][1]) if kv[0][1] in FORMATS else 9)):
         gain = f"{v.max_gain_bits:.1f} ({v.max_gain_where})" if v.max_gain_bits > 0 else "0"
         rows.append([loss, device, dtype, v.points, v.better, v.points - v.better - v.worse, v.worse,
@@ -257,7 +280,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
 def _loss_section(loss: str, recs: list[dict]) -> str:
     impls = _impls(recs)
     head = [f"## {loss}"]
-    spec = LOSSES.get(loss)
+    spec = LOSSES.get(recs[0].get("base_loss", loss)) if recs else None
     if spec:
         head.append(f"{spec.summary}.\n\nnaive: ${spec.formulas.naive}$\n\nstable: ${spec.formulas.stable}$")
     acc_rows, ovf_rows = [], []
@@ -276,13 +299,13 @@ def _loss_section(loss: str, recs: list[dict]) -> str:
                 continue
             fb = A.worst(r["forward"]["max_bits"] for r in ok)
             red = A.worst(r["forward"]["reduced_ulp"] for r in ok)
-            bb = A.worst(r["backward"]["max_bits"] for r in ok)
+            bb = A.worst(_bwd(r).get("max_bits") for r in ok)
             acc.append(f"{fmt_num(fb, 3)} / {fmt_num(red)} / {fmt_num(bb, 3)}")
             n_f = sum(r["forward"]["n"] for r in ok)
-            n_b = sum(r["backward"]["n"] for r in ok)
+            n_b = sum(_bwd(r).get("n", 0) for r in ok)
             nf = sum(A.nonfinite(r["forward"]) for r in ok)
             nb = sum(A.nonfinite(r["backward"]) for r in ok)
-            sat = sum(r["forward"]["saturated"] + r["backward"]["saturated"] for r in ok)
+            sat = sum(r["forward"]["saturated"] + _bwd(r).get("saturated", 0) for r in ok)
             cell = f"{_share(nf, n_f)} / {_share(nb, n_b)}"
             if sat:
                 cell += f" · {sat} saturated"
@@ -347,7 +370,7 @@ def _timing(records: list[dict]) -> str:
         key = (r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])
         groups[key][r["impl"]].append(r["timing"])
     rows = []
-    for key in sorted(groups, key=lambda k: (list(LOSSES).index(k[0]) if k[0] in LOSSES else 9, k[1],
+    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
                                              list(FORMATS).index(k[2]) if k[2] in FORMATS else 9,
                                              k[3], k[4] or 0)):
         g = groups[key]
@@ -372,6 +395,63 @@ def _timing(records: list[dict]) -> str:
             f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `torch` measured in the "
             "same run.\n\n"
             + tabulate(rows, headers=["loss", "device", "dtype", "batch", "classes", *impls], tablefmt="github"))
+
+
+def _undefined(records: list[dict]) -> str:
+    """Points whose reduced reference is undefined (0/0: every target ignored): what each
+    implementation returned against the sensible answer."""
+    recs = [r for r in records if r.get("undefined") and r["status"] == "ok"]
+    if not recs:
+        return ""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
+    impls = _impls(recs)
+    rows = []
+    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
+                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+        row = list(key)
+        for impl in impls:
+            rs = groups[key].get(impl, [])
+            values = sorted({fmt_num(r["forward"]["value"]) for r in rs})
+            bad_grad = sum(A.nonfinite(r["backward"]) for r in rs)
+            grads = "gradient " + ("NaN/inf" if bad_grad else "finite")
+            row.append("" if not rs else f"{' / '.join(values)}, {grads}")
+        rows.append(row)
+    return ("## Undefined means\n\n"
+            f"{recs[0]['undefined'][0].upper()}{recs[0]['undefined'][1:]}. The reference of these points "
+            "(reduced value and gradient) is that convention, 0; each cell: the mean the implementation "
+            "returned, and whether its gradient is finite.\n\n"
+            + tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github"))
+
+
+def _memory(records: list[dict]) -> str:
+    """The largest peak memory per loss, implementation and dtype (from each point's record)."""
+    recs = [r for r in records if r.get("memory")]
+    if not recs:
+        return ""
+    groups = defaultdict(dict)
+    for r in recs:
+        m = r["memory"]
+        extra = m["peak_bytes"] - m.get("baseline_bytes", 0)
+        key = (r["loss"], r["device"], r["dtype"])
+        if extra > groups[key].get(r["impl"], (-1,))[0]:
+            groups[key][r["impl"]] = (extra, m["peak_bytes"], r)
+    impls = _impls(recs)
+    rows = []
+    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
+                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+        row = list(key)
+        for impl in impls:
+            v = groups[key].get(impl)
+            row.append("" if v is None else f"+{format_bytes(v[0])} (peak {format_bytes(v[1])})")
+        rows.append(row)
+    measures = sorted({r["memory"]["measure"] for r in recs})
+    return ("## Peak memory\n\n"
+            f"Largest peak per loss, dtype and implementation over its points: growth above the process's "
+            f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
+            + _collapsible(tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github"),
+                           len(rows)))
 
 
 def _problems(records: list[dict]) -> str:
@@ -399,10 +479,10 @@ def _all_points(records: list[dict]) -> str:
         return f"_The per-point table is omitted above {MAX_DETAIL_ROWS} points; see the JSON results._"
     rows = []
     for r in ok:
-        f, b = r["forward"], r["backward"]
+        f, b = r["forward"], _bwd(r)
         rows.append([r["loss"], r["impl"], r["dtype"], r["device"], r["batch"], r["classes"] or "—",
                      r["distribution"], fmt_scale(r["scale"]), fmt_num(f["max_ulp"]), fmt_num(f["mean_bits"]),
-                     fmt_num(f["reduced_ulp"]), A.nonfinite(f), fmt_num(b["max_ulp"]), A.nonfinite(b)])
+                     fmt_num(f["reduced_ulp"]), A.nonfinite(f), fmt_num(b.get("max_ulp")), A.nonfinite(b)])
     table = tabulate(rows, headers=["loss", "impl", "dtype", "device", "batch", "classes", "distribution",
                                     "scale", "fwd max ulp", "fwd mean bits", "mean ulp", "fwd nan/inf",
                                     "bwd max ulp", "bwd nan/inf"], tablefmt="github")

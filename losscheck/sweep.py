@@ -102,10 +102,11 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
 
 
 def run(config: Config, threads: int, on_record: Callable[[dict], None] | None = None,
-        shard: tuple[int, int] | None = None, done: set | None = None) -> list[dict]:
+        shard: tuple[int, int] | None = None, done: set | None = None,
+        impls: dict[str, dict[str, Impl]] | None = None) -> list[dict]:
     """Run the points of `config` (of one shard, less those `done`); `on_record` sees each
-    record as soon as it exists."""
-    impls = resolve(config)
+    record as soon as it exists. `impls`: `resolve(config)`, if already done."""
+    impls = impls if impls is not None else resolve(config)
     records: list[dict] = []
     torch.set_num_threads(threads)
     inputs_cache = _InputCache(config.seed)
@@ -229,9 +230,11 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
     problem = device_problem(case.device) or memory_problem(case)
     if problem:
         return [_record(config, case, i, "skipped", problem) for i in impls]
+    setup = memory.PeakMemory(case.device)
     try:
-        data = point_data(loss, case, config.seed, cache)
-        ref = reference(loss, data.inp, data.target, data.options, case.reduction)
+        with setup:
+            data = point_data(loss, case, config.seed, cache)
+            ref = reference(loss, data.inp, data.target, data.options, case.reduction)
     except ReferenceUnavailable as e:
         return [_record(config, case, i, "skipped", str(e)) for i in impls]
     except Exception as e:  # a bug of ours, or memory, at one point must not lose the rest of the sweep
@@ -239,6 +242,11 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
         memory.release(case.device)
         return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in impls]
     out = [evaluate(config, case, loss, impl, data, ref) for impl in impls]
+    built = setup.result()
+    for r in out:
+        if r["memory"] and built:
+            # The peak while the inputs and the reference were made (shared by the implementations).
+            r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
     if config.timing.applies(case.distribution, case.scale):
         ok = {impl.name: impl.fn for impl, r in zip(impls, out)
               if r["status"] == "ok" and r["backward"] is not None}

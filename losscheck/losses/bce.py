@@ -84,7 +84,7 @@ def reference_chunk(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     one = p.dtype.type(1)
     loss = np.where(positive, -np.log(p), -np.log1p(-p))
     grad = np.where(positive, -one / p, one / (one - p))
-    f = R.binary_factor(positive, weight, pos_weight, p.dtype)
+    f = R.binary_factor(positive, weight, pos_weight, p.dtype.type)
     return (loss, grad) if f is None else (loss * f, grad * f)
 
 

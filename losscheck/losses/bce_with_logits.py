@@ -80,7 +80,7 @@ def reference_chunk(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
     loss, grad = R.softplus(z), sign * R.sigmoid(z)
-    f = R.binary_factor(positive, weight, pos_weight, x.dtype)
+    f = R.binary_factor(positive, weight, pos_weight, x.dtype.type)
     return (loss, grad) if f is None else (loss * f, grad * f)
 
 

@@ -46,10 +46,10 @@ def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None
     """−Σ_j w_j q_j log p_j with p = exp(x)/Σ exp(x) and q the one-hot (or soft, or
     smoothed) target, as printed; the mean divided by Σ w_t."""
     e = torch.exp(x)
-    p = e / e.sum(1, keepdim=True)
     soft, ignored, safe = _targets(t, ignore_index)
     c = x.shape[1]
     if soft or label_smoothing:
+        p = e / e.sum(1, keepdim=True)
         q = t if soft else F.one_hot(safe, c).to(x.dtype)
         if label_smoothing:
             q = (1 - label_smoothing) * q + label_smoothing / c
@@ -60,7 +60,7 @@ def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None
                 label_smoothing / c * weight
         loss = -(wq * torch.log(p)).sum(1)
     else:
-        loss = -torch.log(p.gather(1, safe[:, None]).squeeze(1))
+        loss = -torch.log(e.gather(1, safe[:, None]).squeeze(1) / e.sum(1))
         if weight is not None:
             loss = weight[safe] * loss
     if ignored is not None:
@@ -312,9 +312,9 @@ def _nll_and_probabilities(x):
     special = (npos > 0) | neg.all(axis=1)  # rows whose maximum is not finite
     xf = np.where(special[:, None], w(0), x)
     masked = neg & ~special[:, None]
-    m = np.where(masked, -np.inf, xf).max(axis=1)
+    unmasked = np.where(masked, -np.inf, xf)
+    m, k = unmasked.max(axis=1), unmasked.argmax(axis=1)  # k: never a masked logit
     xs = np.where(masked, m[:, None], xf)
-    k = xs.argmax(axis=1)
     if x.dtype == np.float64:
         e = np.exp(xs - m[:, None])
     else:

@@ -1,0 +1,887 @@
+"""`losscheck explain LOSS`: what a loss is, how it is usually printed, why that breaks,
+the stable rewriting and the gradient — with every number computed live.
+
+`explain()` returns plain text (Markdown-ish, readable in a terminal, unicode math). The
+numbers in it are not typed in: the dtype limits come from `torch.finfo` and from
+evaluating the operations in each dtype (bisection over its representable values), the
+spot checks run the loss's implementations on a few inputs against the reference, and the
+breakdown scales come from a small losscheck sweep run on the spot (`sweep_config_text`),
+analysed with `analysis.breakdown_scales` exactly as a report does.
+
+Per-loss prose lives in `PROSE`, keyed by loss name; a loss without an entry (one added to
+`LOSSES` later) is explained from its own `summary`, its implementations' summaries and
+its formulas, with the same live numbers.
+"""
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from . import analysis, inputs, sweep
+from . import reference as R
+from .config import BUILTIN_IMPLS, parse_config
+from .dtypes import FORMATS
+from .losses import LOSSES, Loss, reference
+from .metrics import ulp_distance, ulp_threshold
+
+# The section headers, in order (the tests look for them).
+SECTIONS = (
+    "1. The loss",
+    "2. As usually printed (naive)",
+    "3. Why it breaks",
+    "4. The stable rewriting",
+    "5. The gradient",
+)
+
+# The live sweep: small enough to run in well under a second per dtype on 2 cores.
+SCALES = (1, 2, 3, 5, 10, 20, 30, 50, 100, 300, 1000, 10000)
+DISTRIBUTIONS = ("normal", "extreme", "confident_correct", "confident_wrong")
+BATCH = 256
+CLASSES = 10
+# Sequence losses (`Loss.sequence`): SEQUENCE_BATCH sequences of SEQUENCE_LENGTH tokens, as
+# many tokens as BATCH rows (the config's default of 64 tokens per sequence is 16 times slower).
+SEQUENCE_BATCH = 32
+SEQUENCE_LENGTH = 8
+SEED = 0
+PROBE_DTYPE = "float32"  # the dtype of the spot checks
+WIDTH = 100  # prose is wrapped to this many columns
+
+
+# ---- the live sweep -------------------------------------------------------------------
+
+def sweep_implementations(loss: Loss) -> tuple[str, ...]:
+    """The built-in implementations this loss has, in the usual order."""
+    return tuple(i for i in BUILTIN_IMPLS if i in loss.implementations)
+
+
+def is_sequence(loss: Loss) -> bool:
+    return bool(getattr(loss, "sequence", False))
+
+
+def sweep_batch(loss: Loss) -> int:
+    return SEQUENCE_BATCH if is_sequence(loss) else BATCH
+
+
+def sweep_config_text(loss_name: str, dtypes: tuple[str, ...]) -> str:
+    """The YAML of the sweep `explain` runs."""
+    loss = LOSSES[loss_name]
+    impls = sweep_implementations(loss)
+    return "\n".join([
+        "name: explain",
+        f"losses: [{loss_name}]",
+        f"implementations: [{', '.join(impls)}]",
+        f"scales: [{', '.join(str(s) for s in SCALES)}]",
+        f"batch_sizes: [{sweep_batch(loss)}]",
+        f"classes: [{CLASSES}]",
+        *([f"sequence_lengths: [{SEQUENCE_LENGTH}]"] if is_sequence(loss) else []),
+        f"dtypes: [{', '.join(dtypes)}]",
+        "devices: [cpu]",
+        f"distributions: [{', '.join(DISTRIBUTIONS)}]",
+        f"seed: {SEED}",
+        "timing: false",
+        "",
+    ])
+
+
+@dataclass
+class Live:
+    config: object
+    records: list[dict]
+    breakdowns: dict[tuple, analysis.Breakdown]
+    seconds: float
+
+
+def run_live(loss_name: str, dtypes: tuple[str, ...], threads: int = 1) -> Live:
+    """Run the explain sweep for one loss and compute its breakdown scales."""
+    config = parse_config(sweep_config_text(loss_name, dtypes), "<explain>")
+    before = torch.get_num_threads()
+    start = time.perf_counter()
+    try:
+        records = sweep.run(config, threads)
+    finally:
+        torch.set_num_threads(before)  # sweep.run sets the process-wide thread count
+    seconds = time.perf_counter() - start
+    return Live(config, records, analysis.breakdown_scales(records), seconds)
+
+
+# ---- dtype limits, computed from torch.finfo and by evaluating in the dtype ----------
+
+@dataclass(frozen=True)
+class DtypeLimits:
+    dtype: str
+    significand_bits: int
+    eps: float
+    max: float
+    log_max: float  # ln(finfo.max): exp(x) overflows above it
+    exp_overflow_at: float  # the smallest x of the dtype with exp(x) = inf, evaluated
+    log_min_subnormal: float  # ln of the smallest subnormal
+    exp_underflow_below: float  # exp(x) = 0 for x <= this (evaluated, negative)
+    sigmoid_one_at: float  # the smallest x with 1/(1 + exp(−x)) = 1, evaluated in the dtype
+    sigmoid_one_estimate: float  # ln(2/ε): e^−x below ε/2, half an ULP above 1
+    p_one_estimate: float  # ln(4/ε): 1 − e^−x within ε/4 (half an ULP below 1) of 1
+    p_one_at: float  # the smallest logit whose σ, correctly rounded to the dtype, is 1
+    p_zero_below: float  # σ(logit) correctly rounded to the dtype is 0 at and below it
+
+
+def _as_bits(value: float, dtype: str) -> int:
+    f = FORMATS[dtype]
+    return int(torch.tensor([value], dtype=f.torch_dtype).view(f.int_dtype).item())
+
+
+def _from_bits(bits: int, dtype: str) -> torch.Tensor:
+    f = FORMATS[dtype]
+    return torch.tensor([bits], dtype=f.int_dtype).view(f.torch_dtype)
+
+
+def first_where(dtype: str, predicate: Callable[[torch.Tensor], bool], lo: float, hi: float) -> float:
+    """The smallest representable x ≥ 0 of `dtype` in (lo, hi] with predicate(x) true.
+
+    `predicate` must be false at `lo`, true at `hi` and monotone in between; it gets a
+    one-element tensor of `dtype`. Bisection over the bit patterns (ordered like the
+    values for non-negative floats), so every representable value is a candidate.
+    """
+    a, b = _as_bits(lo, dtype), _as_bits(hi, dtype)
+    if predicate(_from_bits(a, dtype)) or not predicate(_from_bits(b, dtype)):
+        raise ValueError(f"no threshold in [{lo}, {hi}] for {dtype}")
+    while b - a > 1:
+        mid = (a + b) // 2
+        if predicate(_from_bits(mid, dtype)):
+            b = mid
+        else:
+            a = mid
+    return float(_from_bits(b, dtype).item())
+
+
+def _rounded_sigmoid(logit: float, dtype: str) -> float:
+    # As the sweep makes probabilities: σ in float64 without overflow, rounded once.
+    return float(R.round_to(R.sigmoid(np.array([logit], dtype=np.float64)), FORMATS[dtype].torch_dtype)[0])
+
+
+@lru_cache(maxsize=None)
+def dtype_limits(dtype: str) -> DtypeLimits:
+    """The thresholds of `dtype` that the naive formulas run into, computed now."""
+    f = FORMATS[dtype]
+    fi = torch.finfo(f.torch_dtype)
+    min_subnormal = fi.tiny * fi.eps
+    return DtypeLimits(
+        dtype=dtype,
+        significand_bits=f.significand_bits,
+        eps=fi.eps,
+        max=fi.max,
+        log_max=math.log(fi.max),
+        exp_overflow_at=first_where(dtype, lambda t: bool(torch.exp(t).isinf()), 0.0, fi.max),
+        log_min_subnormal=math.log(min_subnormal),
+        exp_underflow_below=-first_where(dtype, lambda t: bool(torch.exp(-t) == 0), 0.0, fi.max),
+        sigmoid_one_at=first_where(dtype, lambda t: bool(1 / (1 + torch.exp(-t)) == 1), 0.0, 1e4),
+        sigmoid_one_estimate=math.log(2 / fi.eps),
+        p_one_estimate=math.log(4 / fi.eps),
+        # The logit is a float64 (the sweep's inputs are), whatever the dtype under test.
+        p_one_at=first_where("float64", lambda t: _rounded_sigmoid(float(t), dtype) == 1, 0.0, 1e4),
+        p_zero_below=-first_where("float64", lambda t: _rounded_sigmoid(-float(t), dtype) == 0, 0.0, 1e4),
+    )
+
+
+def _num(x: float) -> str:
+    """Thresholds as printed: two decimals (log(65504) = 11.0899 -> '11.09')."""
+    return f"{x:.2f}"
+
+
+# Columns of the limits table: key -> (header, legend, value).
+LIMIT_COLUMNS: dict[str, tuple[str, str, Callable[[DtypeLimits], str]]] = {
+    "log_max": ("ln(max)", "ln(finfo.max): exp(x) overflows to inf above it",
+                lambda L: _num(L.log_max)),
+    "exp_overflow": ("exp = inf from", "the smallest x of the dtype with exp(x) = inf, evaluated in it",
+                     lambda L: _num(L.exp_overflow_at)),
+    "exp_underflow": ("exp = 0 at", "exp(x) = 0 at and below this x, evaluated "
+                      "(≈ ln(smallest subnormal / 2))", lambda L: _num(L.exp_underflow_below)),
+    "sigmoid_one": ("σ = 1 from", "the smallest x with 1/(1 + exp(−x)) = 1 exactly, evaluated in the dtype",
+                    lambda L: _num(L.sigmoid_one_at)),
+    "sigmoid_estimate": ("ln(2/ε)", "where e^−x drops below ε/2, half an ULP above 1 (ε = finfo.eps), "
+                         "so that 1 + e^−x rounds to 1: the estimate of “σ = 1 from”",
+                         lambda L: _num(L.sigmoid_one_estimate)),
+    "p_one": ("p = 1 from", "the smallest logit whose p = σ(logit), made as the sweep makes it (σ in "
+              "float64, rounded once to the dtype), is exactly 1 (float64: σ's own rounding, ≈ ln(2/ε))",
+              lambda L: _num(L.p_one_at)),
+    "p_one_estimate": ("ln(4/ε)", "where 1 − e^−x comes within ε/4, half an ULP below 1, of 1 "
+                       "(ε = finfo.eps): the estimate of “p = 1 from”", lambda L: _num(L.p_one_estimate)),
+    "p_zero": ("p = 0 at", "σ(logit) correctly rounded to the dtype is exactly 0 at and below this logit",
+               lambda L: _num(L.p_zero_below)),
+}
+DEFAULT_LIMIT_COLUMNS = ("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate")
+
+
+# ---- per-loss prose --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    """A spot-check input: logits (one row) and a target, as for the sweep."""
+
+    label: str
+    logits: tuple[float, ...]  # one logit (binary losses) or C logits (multi-class)
+    target: int
+
+
+@dataclass(frozen=True)
+class Prose:
+    loss: str
+    inputs: str
+    targets: str
+    naive: str
+    source: str | None
+    mechanism: tuple[str, ...]  # bullets
+    stable: str
+    stable_why: tuple[str, ...]
+    gradient: str
+    gradient_how: str
+    gradient_source: str | None = None
+    limit_columns: tuple[str, ...] = DEFAULT_LIMIT_COLUMNS
+    probes: tuple[Probe, ...] = ()
+    # The source page's misprinted formula, per element, for a live "formula error" check.
+    misprint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    misprint_label: str = ""
+    extras: tuple[str, ...] = field(default=())  # names of live demos (see _DEMOS)
+
+
+_BINARY_LOGIT_PROBES = (
+    Probe("confident correct, x = 20, y = 1", (20.0,), 1),
+    Probe("confident correct, x = −20, y = 0", (-20.0,), 0),
+    Probe("confident wrong, x = 20, y = 0", (20.0,), 0),
+    Probe("confident wrong, x = −100, y = 1", (-100.0,), 1),
+    Probe("confident correct, x = −100, y = 0", (-100.0,), 0),
+    Probe("moderate, x = 3, y = 0", (3.0,), 0),
+)
+_PROBABILITY_PROBES = (
+    Probe("confident correct, logit 20, y = 1", (20.0,), 1),
+    Probe("confident correct, logit −20, y = 0", (-20.0,), 0),
+    Probe("confident wrong, logit 20, y = 0", (20.0,), 0),
+    Probe("confident correct, logit −200, y = 0", (-200.0,), 0),
+    Probe("moderate, logit 3, y = 0", (3.0,), 0),
+)
+_MULTICLASS_PROBES = (
+    Probe("confident correct, x = (30, 0, 0), t = 0", (30.0, 0.0, 0.0), 0),
+    Probe("confident correct, x = (10, 0, 0), t = 0", (10.0, 0.0, 0.0), 0),
+    Probe("large logits, x = (100, 0, 0), t = 1", (100.0, 0.0, 0.0), 1),
+    Probe("large logits, x = (100, 0, 0), t = 0", (100.0, 0.0, 0.0), 0),
+    Probe("target far below, x = (−110, 0, 0), t = 0", (-110.0, 0.0, 0.0), 0),
+    Probe("moderate, x = (2, 1, 0.1), t = 1", (2.0, 1.0, 0.1), 1),
+)
+
+
+def _bce_misprint(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # −(1/N) Σᵢ yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ), per element: the bracket is missing.
+    return -y * torch.log(p) + (1 - y) * torch.log(1 - p)
+
+
+PROSE: dict[str, Prose] = {
+    "bce_with_logits": Prose(
+        loss="ℓ(x, y) = −[y·log σ(x) + (1−y)·log(1−σ(x))],  σ(x) = 1/(1 + e^−x);  "
+             "equivalently ℓ = log(1 + e^x) − x·y.  The mean loss is (1/N)·Σᵢ ℓ(xᵢ, yᵢ).",
+        inputs="logits x (any real number; ±inf where masked)",
+        targets="hard 0/1 labels y",
+        naive="σ = 1/(1 + exp(−x));  ℓ = −[y·log σ + (1−y)·log(1−σ)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
+        source="Page “BCEWithLogitsLoss 的具体数学公式” prints ℓ(x, y) = −(1/N) Σᵢ [yᵢ·log σ(xᵢ) + (1 − yᵢ)·"
+               "log(1 − σ(xᵢ))] and rightly says it takes the linear output, no sigmoid first. That is "
+               "correct as mathematics; transcribed literally it is exactly the naive form above — "
+               "unstable, not wrong.",
+        mechanism=(
+            "Large positive x: 1 + exp(−x) rounds to 1, so σ(x) is exactly 1 from the column "
+            "“σ = 1 from” below, and 1 − σ(x) = 0. With y = 0 the loss is −log 0 = +inf where the true "
+            "loss is ≈ x; with y = 1 it is −[log 1 + 0·log 0] = −(0·(−inf)) = NaN where the true loss "
+            "is a tiny e^−x. Before that, 1 − σ(x) cancels: only the few bits of e^−x that σ kept "
+            "survive, so the loss of a wrong prediction drifts off before anything is infinite.",
+            "Large negative x: exp(−x) overflows to inf for x < −ln(max) (column “ln(max)”), "
+            "σ = 1/inf = 0 and log σ = −inf: +inf loss with y = 1 (true loss ≈ |x|), NaN with y = 0.",
+            "The gradient through autograd multiplies (1−y) = 0 by −1/(1−σ) = −inf: one confident "
+            "correct prediction makes the whole gradient of the mean NaN.",
+            "torch's fused kernel never overflows, but (spot checks below) it does not keep the tiny "
+            "loss of every confident correct prediction: a batch of them can have a mean loss off by "
+            "most of its bits — finite and silent.",
+        ),
+        stable="ℓ = max(x, 0) − x·y + log1p(e^−|x|)",
+        stable_why=(
+            "e^−|x| ≤ 1 never overflows, and log1p keeps every bit of a tiny e^−|x| "
+            "(log1p(2e−9) = 2e−9 where log(1 + 2e−9) = 0 in float32).",
+            "For hard targets max(x, 0) − x·y is max(z, 0) with z = x (y = 0) or −x (y = 1): nothing "
+            "cancels, and ±inf logits give the limits (0 on the target's side, +inf on the wrong "
+            "side) instead of inf·0 = NaN.",
+            "losscheck's `stable` also computes one precision up (float32 for half precision, float64 "
+            "for float32), rounds once, and accumulates the mean in float64 with each element's "
+            "rounding error.",
+        ),
+        gradient="∂ℓ/∂x = σ(x) − y   (for the mean loss: (σ(xᵢ) − yᵢ)/N)",
+        gradient_how="With e = exp(−|x|) and σ(−|x|) = e/(1 + e) (small, and exact to its last bit), "
+                     "σ(x) − y is formed as (1 − y) − σ(−|x|) for x ≥ 0 and σ(−|x|) − y for x < 0: for "
+                     "y = 1 and large x that is −e/(1 + e) ≈ −e^−x to full precision, where σ(x) − 1 "
+                     "would be 1 − 1 = 0. e/(1 + e) rather than 1/(1 + exp(|x|)), which would "
+                     "overflow to 0 while the true value is still a (subnormal) number.",
+        gradient_source="Page “交叉熵损失的反向求导”: with y = σ(a), ∂L/∂a = y − t — correct (its "
+                        "∂L/∂y = −t/y + (1 − t)/(1 − y) times σ′(a) = y(1 − y)).",
+        limit_columns=("log_max", "exp_overflow", "sigmoid_one", "sigmoid_estimate"),
+        probes=_BINARY_LOGIT_PROBES,
+    ),
+    "bce": Prose(
+        loss="ℓ(p, y) = −[y·log p + (1−y)·log(1−p)] on a probability p ∈ [0, 1].  "
+             "The mean loss is (1/N)·Σᵢ ℓ(pᵢ, yᵢ).",
+        inputs="probabilities p = σ(logit), computed in high precision and rounded once to the dtype — "
+               "so p is exactly 1 (or 0) beyond the columns “p = 1 from” / “p = 0 at” below",
+        targets="hard 0/1 labels y",
+        naive="ℓ = −[y·log p + (1−y)·log(1−p)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
+        source="Page “BCEloss 计算原理” first prints −(1/N) Σᵢ yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ): the bracket "
+               "is missing, so the second term has the wrong sign (it prints the correct "
+               "−(1/N) Σᵢ [yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ)] later). That is a formula error — wrong "
+               "at every scale, in every dtype — which losscheck tells apart from an instability "
+               "(right at small scales, broken beyond a threshold). The page also calls the labels "
+               "“one-hot encoded”, which does not apply to a single binary probability.",
+        mechanism=(
+            "Once the logit passes the column “p = 1 from”, p is exactly 1 (or 0 below “p = 0 at”). "
+            "With an agreeing target (a confident correct prediction, true loss 0) the naive form is "
+            "−[1·log 1 + 0·log 0] = −(0·(−inf)) = NaN. With a disagreeing target the loss of the "
+            "rounded p is +inf, and naive's +inf is then exact: the information was lost when the "
+            "probability was rounded, which no loss formula can undo (see section 4).",
+            "For small p (y = 0), 1 − p rounds to 1 once p < ε/2, and log(1 − p) = 0 where the true "
+            "loss is ≈ p: all bits of a small loss lost (spot checks below).",
+            "The gradient through autograd multiplies (1−y) = 0 by −1/(1−p) = −inf at p = 1: NaN.",
+            "torch's F.binary_cross_entropy clamps each log at −100: at p = 1 with y = 0 it returns "
+            "100 where the loss of that p is +inf (and of the logit it came from, about the logit): "
+            "finite and wrong — silent saturation, so its mean is off by tens of bits.",
+        ),
+        stable="ℓ = −[xlogy(y, p) + xlog1py(1 − y, −p)],  no clamp",
+        stable_why=(
+            "xlogy(0, ·) = 0, so 0·log 0 never makes a NaN; xlog1py(1 − y, −p) = (1 − y)·log1p(−p) keeps "
+            "the bits of log(1 − p) for small p. Where p is exactly 0 or 1 and the target disagrees, "
+            "the loss of that p is +inf, and that is what it returns.",
+            "Clamping is not a fix: it turns +inf into a finite wrong number that nothing downstream "
+            "can detect (spot check below). The stable way is to take logits — BCE-with-logits never "
+            "forms p (`losscheck explain bce_with_logits`). Page “二分类交叉熵损失函数” is right that "
+            "nn.BCEWithLogitsLoss is more stable because it fuses the sigmoid.",
+        ),
+        gradient="∂ℓ/∂p = −y/p + (1−y)/(1−p) = (p − y)/(p(1 − p))",
+        gradient_how="For hard targets one term vanishes: it is computed as (1−y)/(1−p) − y/p with "
+                     "0/0-free divisions (0 where the numerator is 0) — one division, nothing "
+                     "subtracted from a nearly equal number; where −1/p overflows but −1/(N·p) of the "
+                     "mean is finite (p tiny), 1/N is applied first.",
+        gradient_source="Page “交叉熵损失的反向求导”: L = −t·log y − (1 − t)·log(1 − y), "
+                        "∂L/∂y = −t/y + (1 − t)/(1 − y) — correct.",
+        limit_columns=("p_one", "p_one_estimate", "p_zero"),
+        probes=_PROBABILITY_PROBES,
+        misprint=_bce_misprint,
+        misprint_label="−y·log p + (1−y)·log(1−p) (bracket missing)",
+        extras=("clamp",),
+    ),
+    "cross_entropy": Prose(
+        loss="ℓ(x, t) = −log softmax(x)_t = −log(e^{x_t} / Σⱼ e^{x_j}) = log Σⱼ e^{x_j} − x_t, for "
+             "logits x ∈ ℝ^C and the target class t (in one-hot form −Σ_c y_c·log ŷ_c, ŷ = softmax(x)). "
+             "The mean loss is (1/N)·Σᵢ ℓ(xᵢ, tᵢ).",
+        inputs="logits x, shape (N, C)",
+        targets="class indices t ∈ {0, …, C−1}",
+        naive="e = exp(x);  ℓ = −log(e_t / Σⱼ e_j);  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
+        source="Page “nn.CrossEntropyLoss() 数学计算公式” prints L(x, y) = −Σᵢ₌₁ᶜ yᵢ·log ŷᵢ with "
+               "ŷ = softmax(x): correct, and the naive form above when transcribed. It names an "
+               "F.CrossEntropyLoss() that does not exist (the function is F.cross_entropy, the module "
+               "nn.CrossEntropyLoss) and says targets are turned into one-hot internally; with class "
+               "indices the loss just picks x_t.",
+        mechanism=(
+            "exp(x) overflows for x > ln(max) (column “ln(max)”): any such logit makes Σⱼ e_j = inf, "
+            "so e_t/Σ = 0 (+inf loss) or, when the target is the large one, inf/inf = NaN — where "
+            "the true loss is finite (0 or the margin).",
+            "exp(x_t) underflows to 0 below the column “exp = 0 at” (and e_t/Σ long before, "
+            "once the ratio is below the smallest subnormal): −log 0 = +inf where the true loss is "
+            "≈ max − x_t.",
+            "A confident correct prediction: e_t/Σ rounds to exactly 1 once Σ_{j≠t} e^{x_j − x_t} < ε/2 "
+            "(with one other logit at a margin of the column “σ = 1 from”; add ln(C−1) for C−1 equal "
+            "others), and log gives 0 where the true loss is ≈ Σ_{j≠t} e^{x_j − x_t}: every bit of a "
+            "small loss lost — finite and silent. Before that, log of a ratio near 1 keeps only the "
+            "bits of the ratio's distance from 1.",
+            "The gradient through autograd (of e/Σ) carries the same inf and NaN.",
+            "torch's F.cross_entropy (log_softmax: x − logsumexp(x), max-shifted) never overflows, "
+            "but logsumexp(x) − x_t cancels when the target is the maximum: a confident correct loss "
+            "rounds to 0 (spot checks below), and a batch of them has a mean off by most of its bits.",
+        ),
+        stable="with m = maxⱼ x_j and k the target if it is a maximum (else an argmax):  "
+               "ℓ = (m − x_t) + log1p(s),  s = Σ_{j≠k} e^{x_j − m}",
+        stable_why=(
+            "Every exponent x_j − m ≤ 0: no overflow. Both terms are ≥ 0: nothing cancels, and "
+            "log1p(s) ≈ s keeps a confident correct loss to full precision where "
+            "logsumexp(x) − x_t rounds to 0.",
+            "losscheck's `stable` computes one precision up, rounds once, accumulates the mean in "
+            "float64 with each element's rounding error, and returns the limits at ±inf logits.",
+        ),
+        gradient="∂ℓ/∂x_j = softmax(x)_j − [j = t], i.e. softmax(x) − onehot(t)   (divided by N for the mean)",
+        gradient_how="p_j = e^{x_j − m}/(1 + s) for j ≠ t, and p_t − 1 = −(1 + s − e^{x_t − m})/(1 + s) = "
+                     "−Σ_{j≠t} p_j: the target's component is a sum of positive terms, not 1 minus a "
+                     "number close to 1.",
+        gradient_source="Page “交叉熵损失的反向求导” writes ∂L/∂y_k = −z_k/y_k (right: the gradient "
+                        "with respect to the probabilities), then concludes “∂L/∂y_k = y_k − z_k if "
+                        "k = j, y_k if k ≠ j” — which is the gradient with respect to the logits "
+                        "(softmax(a) − onehot), mislabelled as with respect to the probabilities y_k.",
+        limit_columns=("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate"),
+        probes=_MULTICLASS_PROBES,
+        extras=("mislabel",),
+    ),
+}
+
+
+# ---- text helpers ------------------------------------------------------------------------
+
+def _para(text: str) -> str:
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False, break_long_words=False)
+
+
+def _bullet(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=indent + "- ", subsequent_indent=indent + "  ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _table(rows, headers) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _fmt_pair(a: float, b: float) -> tuple[str, str]:
+    """Two values with enough digits to tell them apart (up to 17)."""
+    if not (math.isfinite(a) and math.isfinite(b)) or a == b or a == 0 or b == 0:
+        return _fmt_value(a), _fmt_value(b)
+    for digits in range(4, 18):
+        x, y = f"{a:#.{digits}g}", f"{b:#.{digits}g}"
+        if x != y:
+            return x, y
+    return x, y
+
+
+def _fmt_value(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "−inf"
+    if v == 0:
+        return "0"
+    return f"{v:.4g}"
+
+
+_LATEX_SYMBOLS = {
+    "sigma": "σ", "ell": "ℓ", "partial": "∂", "sum": "Σ", "prod": "Π", "cdot": "·", "infty": "∞",
+    "alpha": "α", "beta": "β", "gamma": "γ", "mu": "μ", "epsilon": "ε", "varepsilon": "ε",
+    "lambda": "λ", "pi": "π", "tau": "τ", "theta": "θ", "times": "×", "leq": "≤", "le": "≤",
+    "geq": "≥", "ge": "≥", "neq": "≠", "ne": "≠", "in": "∈", "to": "→", "quad": " ", "qquad": " ",
+}
+_LATEX_DROP = ("left", "right", "big", "Big", "bigg", "Bigg", "textstyle", "displaystyle", "limits")
+
+
+def unlatex(s: str) -> str:
+    """A best-effort LaTeX -> unicode text for the `Formulas` of a loss without prose."""
+    s = s.replace("\\{", "\x00").replace("\\}", "\x01").replace("\\|", "‖")
+    s = re.sub(r"\\[,;: !]", " ", s)
+    s = re.sub(r"\\(?:%s)\b" % "|".join(_LATEX_DROP), "", s)
+
+    def frac(m: re.Match) -> str:
+        a, b = (x if re.fullmatch(r"[\w.]+", x) else f"({x})" for x in (m.group(1), m.group(2)))
+        return f"{a}/{b}"
+
+    def sup(m: re.Match) -> str:
+        return "^" + (m.group(1) if len(m.group(1)) <= 2 else f"({m.group(1)})")
+    for _ in range(20):  # innermost groups first, until nothing changes
+        new = re.sub(r"\\(?:text|mathrm|operatorname|mathbf|mathit)\{([^{}]*)\}", r"\1", s)
+        new = re.sub(r"\^\{([^{}]*)\}", sup, new)
+        new = re.sub(r"_\{([^{}]*)\}", r"_\1", new)
+        new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", frac, new)
+        if new == s:
+            break
+        s = new
+
+    def word(m: re.Match) -> str:
+        name = m.group(1)
+        return _LATEX_SYMBOLS.get(name, " " + name)  # log, exp, max, ...: a word, spaced
+    s = re.sub(r"\\([A-Za-z]+)", word, s)
+    s = s.replace("{", "").replace("}", "").replace("-", "−").replace("\x00", "{").replace("\x01", "}")
+    s = re.sub(r"([(\[]) +", r"\1", s)
+    s = re.sub(r"((?:^|[(\[=,])\s*)−\s+", r"\1−", s)  # a unary minus: no space after it
+    return re.sub(r"\s+", " ", s).strip()
+
+
+# ---- live pieces ---------------------------------------------------------------------------
+
+def _probe_tensors(loss: Loss, probe: Probe, dtype: torch.dtype):
+    logits = np.array([probe.logits], dtype=np.float64)
+    if not loss.multiclass:
+        logits = logits[:, 0]
+    return loss.make_input(logits, dtype), loss.make_target(np.array([probe.target]), dtype)
+
+
+def _judge(value: torch.Tensor, ref: torch.Tensor, threshold_bits: float) -> str:
+    v = float(value)
+    bits = math.log2(1 + float(ulp_distance(value.reshape(1), ref.reshape(1))[0]))
+    text = _fmt_value(v)
+    if not math.isfinite(bits):
+        return f"{text} ✗"
+    if bits > threshold_bits:
+        return f"{text} ✗ ({bits:.1f} bits off)"
+    return text
+
+
+def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
+                gradient: bool = False, dtype: str = PROBE_DTYPE) -> str:
+    """A table: each probe, the exact value (reference rounded to `dtype`), each implementation.
+
+    `gradient`: the derivative of the loss with respect to the input (the first logit, or
+    the probability) instead of the loss. ✗ marks a result non-finite where the reference is
+    finite, or more than the dtype's threshold (half its significand bits) off.
+    """
+    tdtype = FORMATS[dtype].torch_dtype
+    threshold = FORMATS[dtype].default_threshold_bits
+    rows = []
+    for probe in probes:
+        inp, target = _probe_tensors(loss, probe, tdtype)
+        ref = reference(loss, inp, target)
+        exact = ref.grad.reshape(-1) if gradient else ref.loss
+        row = [probe.label]
+        if loss.input_kind == "probabilities":
+            row.append(_fmt_value(float(inp[0])))
+        row.append(_fmt_value(float(exact[0])))
+        for name in impls:
+            fn = loss.implementations[name].fn
+            try:
+                if gradient:
+                    x = inp.clone().requires_grad_(True)
+                    fn(x, target, "mean").backward()
+                    got = x.grad.reshape(-1)
+                else:
+                    with torch.no_grad():
+                        got = fn(inp, target, "none")
+                row.append(_judge(got[0], exact[0], threshold))
+            except Exception as e:  # an implementation failing is a result
+                row.append(f"error: {type(e).__name__}")
+        rows.append(row)
+    what = "∂ℓ/∂" + ("p" if loss.input_kind == "probabilities" else "x" if not loss.multiclass else "x₀")
+    headers = ["input"] + (["p"] if loss.input_kind == "probabilities" else []) + \
+        [f"exact {what}" if gradient else "exact ℓ"] + list(impls)
+    return _table(rows, headers)
+
+
+def _limits_table(dtypes: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    rows = []
+    for d in dtypes:
+        L = dtype_limits(d)
+        rows.append([d, str(L.significand_bits), f"{L.max:.4g}"] + [LIMIT_COLUMNS[c][2](L) for c in columns])
+    headers = ["dtype", "significand bits", "max"] + [LIMIT_COLUMNS[c][0] for c in columns]
+    legend = "\n".join(_bullet(f"{LIMIT_COLUMNS[c][0]}: {LIMIT_COLUMNS[c][1]}") for c in columns)
+    return _table(rows, headers) + "\n\n" + legend
+
+
+def breakdown_cell(b: analysis.Breakdown | None) -> str:
+    """A breakdown-table cell: '10 (fwd non-finite)', 'none', 'skipped', 'error'."""
+    if b is None:
+        return "—"
+    if b.status != "measured":
+        return b.status
+    if b.scale is None:
+        return "none"
+    return f"{b.scale:g} ({b.reason})"
+
+
+def _breakdown_table(live: Live, loss_name: str, impls: tuple[str, ...], dtypes: tuple[str, ...]) -> str:
+    rows, notes = [], []
+    for impl in impls:
+        row = [impl]
+        for d in dtypes:
+            b = live.breakdowns.get((loss_name, impl, d, "cpu"))
+            row.append(breakdown_cell(b))
+            if b is not None and b.status != "measured":
+                notes.append(_bullet(f"{impl}, {d}: {b.status}: {b.reason}"))
+        rows.append(row)
+    table = _table(rows, ["implementation"] + list(dtypes))
+    return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def describe_record(record: dict) -> str:
+    """What is wrong at one broken point, in words (from its forward/backward numbers)."""
+    if record["status"] != "ok":
+        return f"{record['status']}: {record.get('message', '')}"
+    f, b = record["forward"], record["backward"] or {}
+    n = f["n"]
+    parts = []
+    for key, what in (("nan", "NaN loss"), ("posinf", "+inf loss"), ("neginf", "−inf loss")):
+        if f.get(key):
+            parts.append(f"{what} in {f[key]}/{n} elements")
+    value, ref = f.get("value"), f.get("reference")
+    shown_ref = f.get("reference_value", ref)
+    ulp = f.get("reduced_ulp")
+    if value is not None and ref is not None:
+        if not math.isfinite(value) and not (value == ref):
+            parts.append(f"mean loss {_fmt_value(value)} (reference {_fmt_value(shown_ref)})")
+        elif ulp is not None and ulp > ulp_threshold(record["threshold_bits"]):
+            v, r = _fmt_pair(value, shown_ref)
+            parts.append(f"mean off by {math.log2(1 + ulp):.0f} bits ({v} vs reference {r})")
+    if f.get("saturated") and not parts:
+        parts.append(f"{f['saturated']}/{n} losses finite but wrong (silent saturation)")
+    if b.get("nan"):
+        parts.append(f"NaN in the gradient ({b['nan']}/{b['n']})")
+    if b.get("inf"):
+        parts.append(f"inf in the gradient ({b['inf']}/{b['n']})")
+    return ", ".join(parts) or (analysis.breaks(record) or "")
+
+
+def _max_logit(loss: Loss, loss_name: str, batch: int, classes: int | None, scale: float,
+               distribution: str, seed: int, time: int | None = None) -> float | None:
+    """The largest |logit| of a sweep point's inputs (regenerated: they depend on the seed only)."""
+    try:
+        if time:
+            return max(float(np.max(np.abs(x))) for _, x, _ in
+                       inputs.generate_blocks(loss_name, batch, classes, float(scale), distribution, seed, time))
+        logits, _ = inputs.generate(loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed)
+        return float(np.max(np.abs(logits)))
+    except Exception:  # a loss whose inputs are made differently: the number is only a hint
+        return None
+
+
+def _where(loss: Loss, r: dict) -> str:
+    m = _max_logit(loss, r["loss"], r["batch"], r["classes"], r["scale"], r["distribution"], r["seed"],
+                   r.get("time"))
+    return r["distribution"] + (f" (|logit| ≤ {m:.3g})" if m is not None else "")
+
+
+def what_goes_wrong(live: Live, loss: Loss, impls: tuple[str, ...], dtypes: tuple[str, ...]) -> list[str]:
+    """Bullets: per implementation and dtype that breaks, what its broken points show."""
+    out = []
+    for impl in impls:
+        for d in dtypes:
+            b = live.breakdowns.get((loss.name, impl, d, "cpu"))
+            if b is None or b.scale is None:
+                continue
+            broken = [r for r in live.records
+                      if r["impl"] == impl and r["dtype"] == d and r["scale"] == b.scale
+                      and r["distribution"] not in analysis.SCALE_FREE and analysis.breaks(r)]
+            details = "; ".join(f"{_where(loss, r)}: {describe_record(r)}" for r in broken)
+            out.append(_bullet(f"{impl}, {d}, scale {b.scale:g}: {details}"))
+    return out
+
+
+def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
+    """The source page's misprinted formula against the reference on the sweep's own inputs."""
+    dtype = "float64" if "float64" in live.config.dtypes else live.config.dtypes[0]
+    tdtype = FORMATS[dtype].torch_dtype
+    rows = []
+    for scale in SCALES[:4]:
+        logits, labels = inputs.generate(loss.name, loss.multiclass, BATCH, None, float(scale), "normal", SEED)
+        inp, target = loss.make_input(logits, tdtype), loss.make_target(labels, tdtype)
+        ref = reference(loss, inp, target)
+        row = [f"{scale:g}", _fmt_value(ref.mean_value)]
+        with torch.no_grad():
+            for fn in (loss.implementations["naive"].fn if "naive" in loss.implementations else None,
+                       lambda p, y, _r: prose.misprint(p, y).mean()):
+                if fn is None:
+                    row.append("—")
+                    continue
+                got = fn(inp, target, "mean")
+                ulp = float(ulp_distance(got.reshape(1), ref.mean.reshape(1))[0])
+                row.append(f"{_fmt_value(float(got))} ({math.log2(1 + ulp):.0f} bits off)")
+        rows.append(row)
+    table = _table(rows, ["scale", "exact mean", "naive", "as misprinted"])
+    return (_para(f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "
+                  f"misprinted {prose.misprint_label} is wrong already at scale 1, where the correct "
+                  "formula is exact:") + "\n\n" + table)
+
+
+def _clamp_demo(loss: Loss) -> str:
+    """bce: what a clamp does at p = 1 (evaluated now, float32)."""
+    tdtype = torch.float32
+    logit = 40.0
+    p = loss.make_input(np.array([logit]), tdtype)
+    y = loss.make_target(np.array([0]), tdtype)
+    lines = [f"- logit {logit:g}, y = 0, float32: p = σ(logit) rounds to {_fmt_value(float(p[0]))}; the true "
+             f"loss of the logit is softplus({logit:g}) = {_fmt_value(float(R.softplus(np.array([logit]))[0]))}."]
+    for name in ("torch", "stable", "naive"):
+        if name in loss.implementations:
+            with torch.no_grad():
+                v = float(loss.implementations[name].fn(p, y, "none")[0])
+            lines.append(f"- {name} on p: {_fmt_value(v)}")
+    if "bce_with_logits" in LOSSES and "stable" in LOSSES["bce_with_logits"].implementations:
+        lg = LOSSES["bce_with_logits"]
+        with torch.no_grad():
+            v = float(lg.implementations["stable"].fn(lg.make_input(np.array([logit]), tdtype),
+                                                      lg.make_target(np.array([0]), tdtype), "none")[0])
+        lines.append(f"- bce_with_logits stable on the logit: {_fmt_value(v)}")
+    return ("Clamping, evaluated now — a clamped 100 is neither the loss of the rounded p (+inf) nor "
+            "that of the logit:\n" + "\n".join(lines))
+
+
+def _mislabel_demo(loss: Loss) -> str:
+    """cross_entropy: autograd shows which gradient the source page's formula is."""
+    x = torch.tensor([2.0, 1.0, 0.1], dtype=torch.float64, requires_grad=True)
+    t = 0
+    p = torch.softmax(x, 0)
+    (-torch.log(p[t])).backward()
+    pl = p.detach().clone().requires_grad_(True)
+    (-torch.log(pl[t])).backward()
+    onehot = torch.zeros(3, dtype=torch.float64)
+    onehot[t] = 1
+
+    def vec(v):
+        return "(" + ", ".join(f"{float(a):.4f}" for a in v) + ")"
+    return "\n".join([
+        "Evaluated now by autograd, x = (2, 1, 0.1), t = 0:",
+        f"- ∂L/∂x = {vec(x.grad)}; softmax(x) − onehot = {vec(p.detach() - onehot)} — the page's formula",
+        f"- ∂L/∂p = {vec(pl.grad)} = −onehot/p — what the gradient with respect to the probabilities is",
+    ])
+
+
+_DEMOS: dict[str, Callable[[Loss], str]] = {"clamp": _clamp_demo, "mislabel": _mislabel_demo}
+
+
+# ---- the explanation ----------------------------------------------------------------------------
+
+def _fallback_prose(loss: Loss) -> Prose:
+    """Prose for a loss without an entry in PROSE: its summaries and formulas."""
+    impls = loss.implementations
+    formulas = getattr(loss, "formulas", None)
+
+    def formula(attr: str) -> str | None:
+        text = getattr(formulas, attr, None) if formulas is not None else None
+        return unlatex(text) if text else None
+
+    def summary(name: str) -> str:
+        return impls[name].summary if name in impls else "(no such implementation)"
+    multi = loss.multiclass
+    probes = (_PROBABILITY_PROBES if loss.input_kind == "probabilities"
+              else _MULTICLASS_PROBES if multi else _BINARY_LOGIT_PROBES)
+    return Prose(
+        loss=formula("loss") or loss.summary,
+        inputs=loss.input_kind,
+        targets="class indices" if multi else "hard 0/1 labels",
+        naive=formula("naive") or summary("naive"),
+        source=None,
+        mechanism=(
+            "No hand-written explanation for this loss yet. The usual causes are in the table "
+            "below: exp overflowing above ln(max) or underflowing to 0, and σ (or a softmax ratio) "
+            "rounding to exactly 1, after which log(1 − σ) or log(ratio) is log 0 or loses every bit "
+            "of a small loss. The spot checks and the breakdown scales below are measured.",
+        ),
+        stable=formula("stable") or summary("stable"),
+        stable_why=(f"The `stable` implementation: {summary('stable')}.",),
+        gradient=formula("gradient") or "see the stable implementation",
+        gradient_how=f"As the `stable` implementation computes it: {summary('stable')}.",
+        probes=probes,
+    )
+
+
+def _normal_reach(loss: Loss, loss_name: str) -> str:
+    time = SEQUENCE_LENGTH if is_sequence(loss) else None
+    k = _max_logit(loss, loss_name, sweep_batch(loss), CLASSES if loss.multiclass else None, 1.0, "normal",
+                   SEED, time)
+    if k is None:
+        return ""
+    return (f" At scale s the `normal` inputs reach |logit| ≈ {k:.2f}·s (N(0, 1)·s), so "
+            f"they cross a limit L from scale L/{k:.2f} on; the largest |logit| of each broken point "
+            "is given below.")
+
+
+def known_losses() -> str:
+    return ", ".join(LOSSES)
+
+
+def explain(loss_name: str, dtypes: tuple[str, ...] | None = None, threads: int = 1) -> str:
+    """The explanation of `loss_name` (a key of `LOSSES`) as plain text, numbers computed now.
+
+    `dtypes`: the dtypes of the live sweep and the limits table (default: all four);
+    `threads`: CPU threads for the sweep. Raises ValueError for an unknown loss or dtype.
+    """
+    if loss_name not in LOSSES:
+        raise ValueError(f"unknown loss {loss_name!r}; known losses: {known_losses()}")
+    dtypes = tuple(dtypes) if dtypes else tuple(FORMATS)
+    bad = [d for d in dtypes if d not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown dtype {bad[0]!r}; known dtypes: {', '.join(FORMATS)}")
+    loss = LOSSES[loss_name]
+    prose = PROSE.get(loss_name) or _fallback_prose(loss)
+    impls = sweep_implementations(loss)
+    live = run_live(loss_name, dtypes, threads)
+
+    out: list[str] = [f"# losscheck explain {loss_name}", "", _para(loss.summary + "."), ""]
+
+    # 1. The loss
+    out += [f"## {SECTIONS[0]}", "", _para(prose.loss), "",
+            _bullet(f"input: {prose.inputs}"), _bullet(f"targets: {prose.targets}"), ""]
+    if impls:
+        out += ["Implementations measured:"]
+        for name in impls:
+            impl = loss.implementations[name]
+            kind = "" if impl.kind == name else f" ({impl.kind})"
+            out.append(_bullet(f"{name}{kind}: {impl.summary}"))
+        out.append("")
+
+    # 2. As usually printed (naive)
+    out += [f"## {SECTIONS[1]}", "", _para(prose.naive), ""]
+    if "naive" in loss.implementations:
+        out += [_para(f"losscheck's `naive` transcribes it literally: {loss.implementations['naive'].summary}."), ""]
+    if prose.source:
+        out += [_para(prose.source), ""]
+    if prose.misprint is not None:
+        out += [_misprint_check(loss, prose, live), ""]
+
+    # 3. Why it breaks
+    out += [f"## {SECTIONS[2]}", ""]
+    out += [_bullet(m) for m in prose.mechanism]
+    out += ["", "Limits of each dtype, computed now from torch.finfo and by evaluating in the dtype:", "",
+            _limits_table(dtypes, prose.limit_columns), ""]
+    if prose.probes:
+        try:
+            table = spot_checks(loss, prose.probes, impls)
+            out += [f"Spot checks in {PROBE_DTYPE}, evaluated now (✗: non-finite where the exact value is "
+                    f"finite, or more than {FORMATS[PROBE_DTYPE].default_threshold_bits:g} bits off):", "",
+                    table, ""]
+        except Exception as e:  # a loss whose inputs are not shaped like these probes
+            out += [f"(spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
+    n_points = len(live.records)
+    thresholds = ", ".join(f"{d} {live.config.threshold_bits(d):g}" for d in dtypes)
+    shape = (f"{SEQUENCE_BATCH} sequences of {SEQUENCE_LENGTH} tokens" if is_sequence(loss)
+             else f"batch {BATCH}") + (f", {CLASSES} classes" if loss.multiclass else "")
+    out += [_para(f"Breakdown scale, measured now by a losscheck sweep ({n_points} points: scales "
+                  f"{', '.join(f'{s:g}' for s in SCALES)}; distributions {', '.join(DISTRIBUTIONS)}; "
+                  f"{shape}; cpu, {threads} thread{'s' if threads != 1 else ''}; {live.seconds:.1f} s):"), "",
+            _breakdown_table(live, loss_name, impls, dtypes), "",
+            _para("The breakdown scale is the smallest swept logit scale at which any point has a "
+                  "non-finite value (loss, mean or gradient) where the exact value is finite, or a mean "
+                  f"loss more than half the significand bits off (threshold in bits: {thresholds}); "
+                  "“none”: it never breaks within the sweep." + _normal_reach(loss, loss_name)), ""]
+    wrong = what_goes_wrong(live, loss, impls, dtypes)
+    if wrong:
+        out += ["What goes wrong at the breakdown scale:"] + wrong + [""]
+    if "stable" in impls:
+        unstable = [d for d in dtypes
+                    if (b := live.breakdowns.get((loss_name, "stable", d, "cpu"))) is not None
+                    and (b.scale is not None or b.status != "measured")]
+        if unstable:
+            out += [_para(f"NOTE: `stable` does not hold in {', '.join(unstable)} (see the table) — that "
+                          "contradicts its design and is worth a bug report."), ""]
+        else:
+            out += [_para(f"`stable` never breaks in this sweep ({', '.join(dtypes)})."), ""]
+
+    # 4. The stable rewriting
+    out += [f"## {SECTIONS[3]}", "", _para(prose.stable), ""]
+    out += [_bullet(w) for w in prose.stable_why] + [""]
+    for name in prose.extras:
+        if name == "clamp":
+            out += [_DEMOS[name](loss), ""]
+
+    # 5. The gradient
+    out += [f"## {SECTIONS[4]}", "", _para(prose.gradient), "", _para(prose.gradient_how), ""]
+    if prose.gradient_source:
+        out += [_para(prose.gradient_source), ""]
+    for name in prose.extras:
+        if name == "mislabel":
+            out += [_DEMOS[name](loss), ""]
+    if prose.probes:
+        try:
+            table = spot_checks(loss, prose.probes, impls, gradient=True)
+            out += [f"Gradient spot checks in {PROBE_DTYPE}, by autograd through each implementation "
+                    "(batch of one), evaluated now:", "", table, ""]
+        except Exception as e:
+            out += [f"(gradient spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
+    return "\n".join(out).rstrip() + "\n"
