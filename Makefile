@@ -27,9 +27,13 @@ test: env
 quick: env
 	$(BIN)/losscheck bench configs/quick.yaml --out reports
 
-# Regenerate the committed reports in reports/ from fresh runs (default, quick, reduction).
+# Regenerate the committed reports in reports/ from fresh runs (default, quick, reduction,
+# options, sequence, custom; about 15 minutes on 2 cores).
 reports: bench quick
 	$(BIN)/losscheck bench configs/reduction.yaml --out reports
+	$(BIN)/losscheck bench configs/options.yaml --out reports
+	$(BIN)/losscheck bench configs/sequence.yaml --out reports
+	$(BIN)/losscheck bench examples/custom.yaml --out reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
