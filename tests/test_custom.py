@@ -172,6 +172,9 @@ def oom_cuda(x, t, reduction="mean", **kw):
 def oom_host(x, t, reduction="mean", **kw):
     np.empty(1 << 50, dtype=np.uint8)  # a real allocation failure: 1 PiB
 
+def wrong_device(x, t, reduction="mean", **kw):
+    return torch.zeros(x.shape if reduction == "none" else (), device="meta")
+
 def np_int(x, t, reduction="mean"):
     return np.ones(x.shape, dtype=np.int64) if reduction == "none" else np.int64(1)
 
@@ -190,6 +193,7 @@ CASES = {
     "busy": "timeout: busy (evaluation) took longer than the 0.5 s timeout",
     "oom_cuda": "out of memory: OutOfMemoryError: CUDA out of memory",
     "oom_host": "out of memory: MemoryError",
+    "wrong_device": "reduction='none' returned a tensor on meta, expected cpu",
 }
 
 
