@@ -438,6 +438,10 @@ def fuzz_base(tiny_results, tmp_path_factory) -> str:
             + [r for r in recs if r["status"] == "ok" and r["forward"]["max_ulp"] == float("inf")][:3]
             + [r for r in recs if r["status"] == "ok" and not r["timing"]][:4])
     data["records"] = list({id(r): r for r in pick}.values())
+    # Schema 2 fields with values to damage: options set, another reduction, a sequence length.
+    data["records"][0]["options"] = {"weight": "random", "label_smoothing": 0.1}
+    data["records"][1]["reduction"] = "sum"
+    data["records"][2]["time"] = 16
     path = tmp_path_factory.mktemp("fuzz") / "base.json"
     results.save(data, path)
     return path.read_text()
