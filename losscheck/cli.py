@@ -22,6 +22,7 @@ from .errors import LosscheckError
 from .gate import TIMING_MODES
 from .inputs import DESCRIPTIONS, DISTRIBUTIONS
 from .losses import LOSSES
+from .probe import probe_command
 
 
 class _Group(click.Group):
@@ -349,3 +350,6 @@ def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
     except ValueError as e:
         raise LosscheckError(str(e)) from None
     click.echo(text)
+
+
+main.add_command(probe_command)
