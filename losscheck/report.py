@@ -434,13 +434,13 @@ def _memory(records: list[dict]) -> str:
     for r in recs:
         m = r["memory"]
         extra = m["peak_bytes"] - m.get("baseline_bytes", 0)
-        key = (r["loss"], r["device"], r["dtype"])
+        key = (r["loss"], r["device"], r["dtype"], r["batch"] * (r.get("time") or 1), r["classes"] or "—")
         if extra > groups[key].get(r["impl"], (-1,))[0]:
             groups[key][r["impl"]] = (extra, m["peak_bytes"], r)
     impls = _impls(recs)
     rows = []
     for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9, k[3], str(k[4]))):
         row = list(key)
         for impl in impls:
             v = groups[key].get(impl)
@@ -448,10 +448,10 @@ def _memory(records: list[dict]) -> str:
         rows.append(row)
     measures = sorted({r["memory"]["measure"] for r in recs})
     return ("## Peak memory\n\n"
-            f"Largest peak per loss, dtype and implementation over its points: growth above the process's "
+            f"Largest peak per loss, dtype, size and implementation over its points: growth above the process's "
             f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
-            + _collapsible(tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github"),
-                           len(rows)))
+            + _collapsible(tabulate(rows, headers=["loss", "device", "dtype", "rows", "classes", *impls],
+                                    tablefmt="github"), len(rows)))
 
 
 def _problems(records: list[dict]) -> str:
