@@ -110,7 +110,7 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
                    "'file.py:fn', for the config's losses or those named before '='. Runs that code.")
 @click.option("--numpy-impl", "numpy_impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
               help="Like --impl for a numpy implementation (arrays in, loss or (loss, grad) out; CPU).")
-@click.option("--loss", "only_losses", multiple=True, type=click.Choice(list(LOSSES)),
+@click.option("--loss", "only_losses", multiple=True, metavar="LOSS",
               help="Run only these losses of the config (repeatable).")
 @_gate_options
 def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
@@ -338,9 +338,9 @@ def list_cmd() -> None:
 
 
 @main.command("explain")
-@click.argument("loss", type=click.Choice(list(LOSSES)))
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(list(FORMATS)),
-              help="Dtypes of the live breakdown measurement (default: all).")
+@click.argument("loss")
+@click.option("--dtype", "dtypes", multiple=True, metavar="DTYPE",
+              help=f"Dtypes of the live breakdown measurement, any of {', '.join(FORMATS)} (default: all).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
     """The formula of LOSS, its naive transcription, why it breaks (measured now), the stable

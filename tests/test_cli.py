@@ -366,3 +366,36 @@ def test_a_failing_reference_is_an_error_at_its_points_and_the_sweep_goes_on(run
     bad = [r for r in cpu if r["loss"] == "bce"]
     assert bad and all(r["status"] == "error" and "boom in reference" in r["message"] for r in bad)
     assert all(r["status"] == "ok" for r in cpu if r["loss"] != "bce")
+
+
+# ---- explain and list (issue: options, explain) ------------------------------------------------
+
+def test_explain_prints_the_live_breakdown(runner):
+    result = runner.invoke(main, ["explain", "bce_with_logits", "--dtype", "float32"])
+    assert result.exit_code == 0, result.stderr
+    for section in ("## 1. The loss", "## 3. Why it breaks", "## 4.", "## 5. The gradient"):
+        assert section in result.stdout
+    assert "measured now by a losscheck sweep" in result.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["explain", "hinge"], "unknown loss 'hinge'"),
+    (["explain", "bce", "--dtype", "float8"], "unknown dtype 'float8'"),
+])
+def test_explain_bad_input_is_one_line(runner, args, fragment):
+    assert_one_error_line(runner.invoke(main, args), fragment)
+
+
+def test_bench_loss_filter_refuses_a_loss_outside_the_config(runner, tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(SMALL_CONFIG)
+    result = runner.invoke(main, ["bench", str(cfg), "--out", str(tmp_path), "--loss", "cross_entropy"])
+    assert_one_error_line(result, "--loss cross_entropy: not among the config's losses (bce)")
+
+
+def test_list_shows_every_option_axis(runner):
+    result = runner.invoke(main, ["list"])
+    assert result.exit_code == 0
+    for key in ("weights", "pos_weights", "label_smoothing", "ignored", "targets", "reductions",
+                "sequence_lengths", "sequence_cross_entropy", "--impl"):
+        assert key in result.stdout, key
