@@ -27,6 +27,7 @@ None instead of raising, so that a sweep never fails because memory could not be
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -359,9 +360,29 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
+def trim() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim; elsewhere a
+    no-op). Freed blocks below glibc's (growing) mmap threshold stay in the process, so a
+    long sweep's RSS would creep up by the working sets of earlier points; trimming before
+    each point keeps its peak its own."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def release(device: str | torch.device) -> None:
-    """Free what can be freed after an out-of-memory error: garbage, and the CUDA/MPS cache."""
+    """Free what can be freed after an out-of-memory error: garbage, the C heap's free
+    memory, and the CUDA/MPS cache."""
     gc.collect()
+    trim()
     kind = str(device).split(":", 1)[0]
     try:
         if kind == "cuda" and torch.cuda.is_available():

@@ -230,6 +230,7 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
     problem = device_problem(case.device) or memory_problem(case)
     if problem:
         return [_record(config, case, i, "skipped", problem) for i in impls]
+    memory.trim()  # the previous point's freed memory goes back: this point's peak is its own
     setup = memory.PeakMemory(case.device)
     try:
         with setup:
@@ -276,6 +277,7 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     of memory, return garbage — ends up in the record, not in the sweep."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
+    memory.trim()
     peak = memory.PeakMemory(case.device)
     try:
         with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):

@@ -232,3 +232,19 @@ def test_real_host_oom_is_recognised():
 ])
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def test_trim_runs_and_the_sweep_trims_before_each_point(monkeypatch):
+    """malloc_trim hands the previous points' freed heap back, so that a point's peak RSS is
+    its own (measured: a sequence sweep's 512 × 128k point peaked at 1.94 GiB without it,
+    1.64 GiB with it)."""
+    from losscheck import sweep
+    from losscheck.config import parse_config
+    memory.trim()  # no error, on glibc or elsewhere
+    calls = []
+    monkeypatch.setattr(memory, "trim", lambda: calls.append(1))
+    cfg = parse_config("name: t\nlosses: [bce]\nimplementations: [naive, stable]\nscales: [1]\n"
+                       "batch_sizes: [4]\ndtypes: [float32]\ndistributions: [normal, extreme]\n"
+                       "timing: false\n", "<t>")
+    sweep.run(cfg, 1)
+    assert len(calls) == 2 * (1 + 2)  # per case, and before each implementation
