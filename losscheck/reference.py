@@ -30,9 +30,22 @@ def work_dtype(dtype: torch.dtype) -> type:
                 f"which this platform lacks (numpy long double has {np.finfo(np.longdouble).nmant} "
                 "fraction bits)"
             )
+        if not _extended_now():
+            # Some native libraries set the x87 precision control to 53 bits; long double
+            # arithmetic then silently rounds like float64, and the reference would be wrong.
+            raise ReferenceUnavailable(
+                "the x87 FPU is set to double precision in this process (a native library changed "
+                "its precision control): long double arithmetic is not extended, so there is no "
+                "float64 reference")
         return np.longdouble
     fmt(dtype)  # raises KeyError for unsupported dtypes
     return np.float64
+
+
+def _extended_now() -> bool:
+    """Whether long double arithmetic keeps 64 significand bits right now (1 + 2**-60 > 1)."""
+    one = np.longdouble(1)
+    return bool(one + np.longdouble(2) ** -60 > one)
 
 
 def row_chunks(rows: int, row_elements: int) -> Iterator[slice]:

@@ -679,3 +679,16 @@ def test_float64_reference_at_the_largest_logits_does_not_raise(loss_name):
         x, t = np.array([big, big, -big, 1.0]), np.array([0.0, 0.0, 1.0, 0.0])
     inp, target = loss.make_input(x, torch.float64), loss.make_target(t, torch.float64)
     certify(loss_name, inp, target)
+
+
+def test_float64_reference_refuses_degraded_long_double(monkeypatch):
+    """If a native library sets the x87 precision control to 53 bits, long double rounds like
+    float64: the float64 reference must then be refused (skipped points), not silently wrong."""
+    from losscheck.errors import ReferenceUnavailable
+    if LONGDOUBLE_OK:
+        assert R._extended_now()
+    monkeypatch.setattr(R, "_LONGDOUBLE_OK", True)
+    monkeypatch.setattr(R, "_extended_now", lambda: False)
+    with pytest.raises(ReferenceUnavailable, match="precision control"):
+        R.work_dtype(torch.float64)
+    assert R.work_dtype(torch.float32) is np.float64
