@@ -414,14 +414,15 @@ def _undefined(records: list[dict]) -> str:
         for impl in impls:
             rs = groups[key].get(impl, [])
             values = sorted({fmt_num(r["forward"]["value"]) for r in rs})
-            bad_grad = sum(A.nonfinite(r["backward"]) for r in rs)
-            grads = "gradient " + ("NaN/inf" if bad_grad else "finite")
+            bad_grad = sum(1 for r in rs if A.nonfinite(r["backward"]))
+            grads = f"gradient NaN/inf at {bad_grad} of {len(rs)} points" if bad_grad else "gradient finite"
             row.append("" if not rs else f"{' / '.join(values)}, {grads}")
         rows.append(row)
     return ("## Undefined means\n\n"
             f"{recs[0]['undefined'][0].upper()}{recs[0]['undefined'][1:]}. The reference of these points "
-            "(reduced value and gradient) is that convention, 0; each cell: the mean the implementation "
-            "returned, and whether its gradient is finite.\n\n"
+            "(reduced value and gradient) is that convention, 0; each cell: the means the implementation "
+            "returned, and at how many points its gradient had NaN/inf (±inf logits in the `nonfinite` "
+            "value set can cause those too).\n\n"
             + tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github"))
 
 
