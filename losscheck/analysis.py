@@ -189,6 +189,8 @@ MEASURES = (("forward", "max_bits"), ("forward", "reduced_bits"), ("backward", "
 
 def _measure(record: dict, section: str, key: str) -> float:
     s = record[section]
+    if s is None:  # a gradient not measured: neither better nor worse
+        return math.nan
     if key == "reduced_bits":
         r = s.get("reduced_ulp")
         return math.log2(1 + r) if r is not None else 0.0
@@ -210,6 +212,8 @@ def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tup
         diffs = []
         for section, k in MEASURES:
             x, y = _measure(ra, section, k), _measure(rb, section, k)
+            if math.isnan(x) or math.isnan(y):
+                continue
             diffs.append(y - x if math.isfinite(x) and math.isfinite(y) else
                          (math.inf if math.isfinite(x) else (-math.inf if math.isfinite(y) else 0.0)))
         if any(d < 0 for d in diffs):

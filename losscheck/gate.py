@@ -162,7 +162,9 @@ def _compare_point(b: dict, c: dict, t: Thresholds) -> list[Verdict]:
     elif nc < nb:
         out.append(Verdict(k, "overflow", "improvement", str(nb), str(nc), f"{nb - nc} fewer non-finite values"))
     for section, label in (("forward", "forward max bits"), ("backward", "gradient max bits")):
-        out += _worse(k, label, b[section]["max_bits"], c[section]["max_bits"], t.bits, "bits")
+        # A gradient not measured (a numpy implementation without one) has nothing to compare.
+        out += _worse(k, label, (b[section] or {}).get("max_bits"), (c[section] or {}).get("max_bits"),
+                      t.bits, "bits")
     out += _worse(k, "mean-loss ULPs", b["forward"]["reduced_ulp"], c["forward"]["reduced_ulp"], t.ulp, "ULP")
     return out
 

@@ -77,7 +77,7 @@ def _accuracy_figure(plt, loss, recs, path) -> bool:
             worst = defaultdict(float)
             for r in recs:
                 if r["dtype"] == dtype and r["impl"] == impl:
-                    bits = max(r["forward"]["max_bits"], r["backward"]["max_bits"])
+                    bits = max(r["forward"]["max_bits"], (r["backward"] or {}).get("max_bits") or 0.0)
                     # Non-finite results (inf bits) are drawn at the dtype's full width.
                     worst[r["scale"]] = max(worst[r["scale"]], width if math.isinf(bits) else bits)
             if worst:

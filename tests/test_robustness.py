@@ -647,3 +647,19 @@ def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatc
     clock[0] += 1.1
     inc.tick()
     assert len(saves) == 2
+
+
+def test_a_gradient_that_was_not_measured_is_no_crash_anywhere(tmp_path, fuzz_base):
+    """`backward: null` on an ok record (a numpy implementation returning no gradient) is valid:
+    report, plots and the gate must take it (the gate crashed on it once)."""
+    data = json.loads(fuzz_base)
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    for r in ok[::2]:
+        r["backward"] = None
+    path = tmp_path / "nograd.json"
+    path.write_text(json.dumps(data))
+    runner = CliRunner()
+    for args in (["report", str(path), "-o", str(tmp_path / "r.md")], ["compare", str(path), str(path)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (args, result.output, repr(result.exception))
+    assert "Traceback" not in result.output
