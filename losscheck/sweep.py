@@ -210,6 +210,12 @@ def estimate_bytes(case: Case) -> int:
     return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + cached
 
 
+def _large(case: Case) -> bool:
+    """Points big enough for the C heap's leftovers to matter to their peak (trimming costs
+    milliseconds each time, which thousands of small points would pay for nothing)."""
+    return rows_of(case) * (case.classes or 1) > inputs.GENERATE_CHUNK // 4
+
+
 def memory_problem(case: Case) -> str | None:
     """Why `case` cannot run in the memory available now, or None."""
     need = estimate_bytes(case)
@@ -230,7 +236,8 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
     problem = device_problem(case.device) or memory_problem(case)
     if problem:
         return [_record(config, case, i, "skipped", problem) for i in impls]
-    memory.trim()  # the previous point's freed memory goes back: this point's peak is its own
+    if _large(case):
+        memory.trim()  # the previous points' freed memory goes back: this point's peak is its own
     setup = memory.PeakMemory(case.device)
     try:
         with setup:
@@ -277,7 +284,8 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     of memory, return garbage — ends up in the record, not in the sweep."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
-    memory.trim()
+    if _large(case):
+        memory.trim()
     peak = memory.PeakMemory(case.device)
     try:
         with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
