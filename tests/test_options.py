@@ -994,3 +994,26 @@ def test_stable_blocks_are_bit_identical(monkeypatch, dtype, options, dist):
         assert torch.equal(out.view(FORMATS[dtype].int_dtype), ref_out.view(FORMATS[dtype].int_dtype)), reduction
         assert torch.equal(grad.view(FORMATS[dtype].int_dtype), ref_grad.view(FORMATS[dtype].int_dtype)), reduction
     assert blocks and min(blocks) >= 7  # 40 rows of 10 in blocks of 6 rows: forward and backward
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "weight": "random"}, {"targets": "soft"}])
+@pytest.mark.parametrize("distribution", ["normal", "nonfinite"])
+def test_stable_backward_is_the_same_whether_it_keeps_or_recomputes_exp(monkeypatch, options, distribution):
+    """Small inputs keep exp(x − m) from the forward; large ones recompute it in the backward
+    (bounded memory). Both must give the same bits."""
+    from losscheck.losses import cross_entropy as ce_module
+    loss = LOSSES["cross_entropy"]
+    case = _case("cross_entropy", "float32", distribution, 100.0, "mean", options)
+    data = sweep.point_data(loss, case, SEED)
+
+    def grad():
+        x = data.inp.clone().requires_grad_(True)
+        out = ce_module.stable(x, data.target, "mean", **data.options)
+        out.backward()
+        return out.detach(), x.grad
+
+    kept = grad()
+    monkeypatch.setattr(ce_module, "KEEP_ELEMENTS", 0)
+    recomputed = grad()
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

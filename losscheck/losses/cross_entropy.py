@@ -16,6 +16,9 @@ IGNORE_INDEX = -100
 # Rows per block of `stable`: at most this many values in the compute precision at once,
 # so that a 512 × 128k float32 point needs a few MiB of float64 work space, not 512 MiB.
 BLOCK_ELEMENTS = 1 << 20
+# Inputs of at most this many values keep exp(x − m) from the forward for the backward
+# (32 MiB in float64); larger ones recompute it block by block (bounded memory).
+KEEP_ELEMENTS = 1 << 22
 
 
 def _targets(t, ignore_index):
@@ -121,8 +124,9 @@ class _Stable(torch.autograd.Function):
     # `torch.where`s on (N, 1) tensors then turn (m − x_t) = inf − inf into 0 and keep a
     # finite target's loss +inf; see the backward for the gradient.
     #
-    # Memory: rows are processed in blocks of BLOCK_ELEMENTS values; only per-row numbers
-    # (m, s, k) are kept for the backward, which recomputes exp(x − m) block by block.
+    # Memory: rows are processed in blocks of BLOCK_ELEMENTS values; beyond KEEP_ELEMENTS
+    # only per-row numbers (m, s, k) are kept for the backward, which recomputes exp(x − m)
+    # block by block (the same values: the backward is bit for bit the same either way).
     @staticmethod
     def forward(ctx, x, t, reduction, weight=None, label_smoothing=0.0, ignore_index=None):
         c = compute_dtype(x.dtype, x.device)
@@ -134,6 +138,7 @@ class _Stable(torch.autograd.Function):
         m_all = torch.empty(n, 1, dtype=c, device=x.device)
         s_all = torch.empty(n, 1, dtype=c, device=x.device)
         k_all = torch.empty(n, 1, dtype=torch.int64, device=x.device)
+        kept = [] if n * classes <= KEEP_ELEMENTS else None
         for rows in _blocks(n, classes):
             xc = x[rows].to(c)
             m = xc.amax(1, keepdim=True)
@@ -145,6 +150,8 @@ class _Stable(torch.autograd.Function):
                 k = torch.where(on_max, t1, k)
             e = _shifted_exp(xc, m, c == x.dtype)
             e.scatter_(1, k, 0.0)
+            if kept is not None:
+                kept.append(e)
             s = e.sum(1, keepdim=True)
             lse = torch.log1p(s)
             m_all[rows], s_all[rows], k_all[rows] = m, s, k
@@ -175,6 +182,7 @@ class _Stable(torch.autograd.Function):
         denominator = _denominator(t, weight, ignore_index, n, accumulate_dtype(x.device))
         ctx.save_for_backward(x, t, m_all, s_all, k_all, weight, denominator)
         ctx.meta = (reduction, label_smoothing, ignore_index)
+        ctx.kept = kept
         return reduce_accurate(loss, reduction, x.dtype, low, denominator)
 
     @staticmethod
@@ -187,11 +195,14 @@ class _Stable(torch.autograd.Function):
         wc = None if weight is None else weight.to(c)
         grad = torch.empty_like(x)
         scale = denominator if denominator is not None else n
-        for rows in _blocks(n, classes):
-            xc = x[rows].to(c)
+        kept, ctx.kept = ctx.kept, None
+        for i, rows in enumerate(_blocks(n, classes)):
             m, s, k = m_all[rows], s_all[rows], k_all[rows]
-            e = _shifted_exp(xc, m, c == x.dtype)
-            e.scatter_(1, k, 0.0)
+            if kept is not None:
+                e = kept[i]
+            else:
+                e = _shifted_exp(x[rows].to(c), m, c == x.dtype)
+                e.scatter_(1, k, 0.0)
             total = 1 + s
             # A +inf maximum: the finite logits have probability 0 whatever the split between
             # several +inf ones (s NaN), so divide the (0 or NaN) e_j by 1, not by NaN; p_k is
