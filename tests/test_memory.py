@@ -246,7 +246,8 @@ def test_trim_runs_and_the_sweep_trims_before_each_point(monkeypatch):
     cfg = parse_config("name: t\nlosses: [bce]\nimplementations: [naive, stable]\nscales: [1]\n"
                        "batch_sizes: [4, 1048577]\ndtypes: [float32]\ndistributions: [normal, extreme]\n"
                        "timing: false\n", "<t>")
+    monkeypatch.setattr(sweep, "TRIM_ELEMENTS", 1 << 20)
     sweep.run(cfg, 1)
-    # Only the large points (> 2^20 values), per case and before each implementation: trimming
-    # costs milliseconds, which small points would pay thousands of times.
+    # Only the large points (> TRIM_ELEMENTS values), per case and before each implementation:
+    # trimming is not free, and small points would pay for it thousands of times.
     assert len(calls) == 2 * (1 + 2)
