@@ -23,7 +23,7 @@ bench: env
 test: env
 	$(BIN)/python -m pytest
 
-# The CI-sized sweep (about 5 s).
+# The CI-sized sweep (about 10 s).
 quick: env
 	$(BIN)/losscheck bench configs/quick.yaml --out reports
 
