@@ -89,7 +89,7 @@ class Config:
     targets: tuple[str, ...] = ("hard",)
     sequence_lengths: tuple[int, ...] = (64,)
     custom: tuple[CustomSpec, ...] = ()
-    # Seconds one implementation may take at one point (evaluation, then timing); None: no limit.
+    # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
     source: str = "<config>"
 
