@@ -68,6 +68,19 @@ def _losses(records) -> list[str]:
     return sorted({r["loss"] for r in records}, key=lambda label: A.loss_rank(label, LOSS_ORDER))
 
 
+def _row_order(loss: str, device: str, dtype: str) -> tuple:
+    """Sort key of a table row: loss (with its variant), device, then dtype in FORMATS order."""
+    return (A.loss_rank(loss, LOSS_ORDER), device, list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS))
+
+
+def _by_loss_device_dtype(recs: list[dict]) -> list[tuple[tuple, dict[str, list[dict]]]]:
+    """The records grouped by (loss, device, dtype), then by implementation, in row order."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
+    return [(key, groups[key]) for key in sorted(groups, key=lambda k: _row_order(*k))]
+
+
 def _bwd(r: dict) -> dict:
     """The gradient section, {} where it was not measured (a numpy implementation without gradient)."""
     return r["backward"] or {}
@@ -123,9 +136,7 @@ def _breakdown(records: list[dict], cfg: dict) -> str:
     impls = _impls(records)
     scales = sorted({r["scale"] for r in records})
     rows = []
-    keys = sorted({(k[0], k[3], k[2]) for k in bd},
-                  key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                 list(FORMATS).index(k[2]) if k[2] in FORMATS else 99))
+    keys = sorted({(k[0], k[3], k[2]) for k in bd}, key=lambda k: _row_order(*k))
     for loss, device, dtype in keys:
         row = [loss, device, dtype]
         for impl in impls:
@@ -232,15 +243,11 @@ def _nonfinite_inputs(records: list[dict]) -> str:
     if not recs:
         return ""
     impls = _impls(recs)
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in recs:
-        groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
     rows = []
-    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+    for key, group in _by_loss_device_dtype(recs):
         row = list(key)
         for impl in impls:
-            rs = groups[key].get(impl, [])
+            rs = group.get(impl, [])
             n_f = sum(r["forward"]["n"] for r in rs)
             n_b = sum(_bwd(r).get("n", 0) for r in rs)
             bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
@@ -261,9 +268,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
     if not vs:
         return ""
     rows = []
-    for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: (
-            A.loss_rank(kv[0][0], LOSS_ORDER), kv[0][2],
-            list(FORMATS).index(kv[0][1]) if kv[0][1] in FORMATS else 9)):
+    for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: _row_order(kv[0][0], kv[0][2], kv[0][1])):
         gain = f"{v.max_gain_bits:.1f} ({v.max_gain_where})" if v.max_gain_bits > 0 else "0"
         rows.append([loss, device, dtype, v.points, v.better, v.points - v.better - v.worse, v.worse,
                      v.a_finite_b_not, gain, f"{v.max_loss_bits:.1f}" if v.worse else "—"])
@@ -370,9 +375,7 @@ def _timing(records: list[dict]) -> str:
         key = (r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])
         groups[key][r["impl"]].append(r["timing"])
     rows = []
-    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9,
-                                             k[3], k[4] or 0)):
+    for key in sorted(groups, key=lambda k: (*_row_order(*k[:3]), k[3], k[4] or 0)):
         g = groups[key]
         med = {i: (statistics.median(t["forward_median_s"] for t in ts),
                    statistics.median(t["backward_median_s"] for t in ts),
@@ -403,16 +406,12 @@ def _undefined(records: list[dict]) -> str:
     recs = [r for r in records if r.get("undefined") and r["status"] == "ok"]
     if not recs:
         return ""
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in recs:
-        groups[(r["loss"], r["device"], r["dtype"])][r["impl"]].append(r)
     impls = _impls(recs)
     rows = []
-    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9)):
+    for key, group in _by_loss_device_dtype(recs):
         row = list(key)
         for impl in impls:
-            rs = groups[key].get(impl, [])
+            rs = group.get(impl, [])
             values = sorted({fmt_num(r["forward"]["value"]) for r in rs})
             bad_grad = sum(1 for r in rs if A.nonfinite(r["backward"]))
             grads = f"gradient NaN/inf at {bad_grad} of {len(rs)} points" if bad_grad else "gradient finite"
@@ -440,8 +439,7 @@ def _memory(records: list[dict]) -> str:
             groups[key][r["impl"]] = (extra, m["peak_bytes"], r)
     impls = _impls(recs)
     rows = []
-    for key in sorted(groups, key=lambda k: (A.loss_rank(k[0], LOSS_ORDER), k[1],
-                                             list(FORMATS).index(k[2]) if k[2] in FORMATS else 9, k[3], str(k[4]))):
+    for key in sorted(groups, key=lambda k: (*_row_order(*k[:3]), k[3], str(k[4]))):
         row = list(key)
         for impl in impls:
             v = groups[key].get(impl)
