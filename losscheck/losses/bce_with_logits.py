@@ -7,20 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import (Formulas, Impl, Loss, binary_factor, compute_dtype, reduce_accurate, reduce_naive,
-                   scale_grad, two_sum)
+from . import bce
+from .base import Formulas, Impl, Loss, binary_factor, compute_dtype, reduce_accurate, scale_grad, two_sum
 
 
 def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
     """−w·[p·y·log σ(x) + (1−y)·log(1−σ(x))] with σ(x) = 1/(1+exp(−x)), as printed."""
-    s = 1 / (1 + torch.exp(-x))
-    positive = y * torch.log(s)
-    if pos_weight is not None:
-        positive = pos_weight * positive
-    loss = -(positive + (1 - y) * torch.log(1 - s))
-    if weight is not None:
-        loss = weight * loss
-    return reduce_naive(loss, reduction)
+    return bce.naive(1 / (1 + torch.exp(-x)), y, reduction, weight, pos_weight)
 
 
 class _Stable(torch.autograd.Function):
