@@ -164,10 +164,10 @@ class ErrorStats:
         max_bits = math.log2(1 + self.max_ulp) if self.n else None
         return {
             "n": self.n,
-            "max_ulp": _int_or_inf(self.max_ulp) if self.n else None,
+            "max_ulp": int_or_inf(self.max_ulp) if self.n else None,
             "max_bits": _round(max_bits),
             "mean_bits": _round(self._bits_sum / self.n) if self.n else None,
-            "reduced_ulp": None if self.reduced_ulp is None else _int_or_inf(self.reduced_ulp),
+            "reduced_ulp": None if self.reduced_ulp is None else int_or_inf(self.reduced_ulp),
             "value": self.reduced_value,
             "reference": self.reduced_reference,
             "nan": self.nan,
@@ -178,7 +178,7 @@ class ErrorStats:
         }
 
 
-def _int_or_inf(x: float) -> float | int:
+def int_or_inf(x: float) -> float | int:
     return int(x) if math.isfinite(x) else x
 
 

@@ -60,7 +60,7 @@ from .environment import device_problem
 from .errors import ConfigError, ReferenceUnavailable
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .losses.base import REDUCTIONS
-from .metrics import ulp_distance
+from .metrics import int_or_inf, ulp_distance
 from .results import _encode
 
 # Values converted (and scanned) at once: bounded temporaries (a float64 block is 8 MiB).
@@ -648,13 +648,8 @@ def _target(loss: Loss, t: Loaded, dtype: torch.dtype, soft: bool, shape: dict, 
             conversions: list) -> tuple[torch.Tensor, dict]:
     info = {"source": t.source, "shape": list(t.shape), "from_dtype": t.dtype_name, "kind": "hard"}
     if soft:
-        tgt, conv = convert(t, dtype, "soft target")
-        conversions.append(conv)
-        bad = _first_where(tgt, lambda b: ~b.isfinite() | (b < 0))
-        if bad is not None:
-            i, v = bad
-            raise ProbeError(t.source, f"soft targets must be finite probabilities >= 0; found {v!r} at "
-                             f"{_index(_unravel(i, t.shape))}", "class probabilities (rows of values in [0, 1])")
+        tgt = _nonnegative(t, dtype, "soft target", conversions, "soft targets must be finite probabilities >= 0",
+                           "class probabilities (rows of values in [0, 1])")
         info.update(kind="soft", dtype=fmt(dtype).name)
         return tgt, info
     if not loss.multiclass:
@@ -709,14 +704,20 @@ def _weight(loss: Loss, w: Loaded, dtype: torch.dtype, input_shape: tuple, shape
     elif w.shape != input_shape and w.shape != (shape["rows"],):
         raise ProbeError("--weight", f"shape {_shape(w.shape)}: {loss.name} takes one weight per element",
                          f"a weight of the input's shape {_shape(input_shape)}")
-    tensor, conv = convert(w, dtype, "weight")
+    tensor = _nonnegative(w, dtype, "weight", conversions, f"weights must be finite and >= 0 in {fmt(dtype).name}",
+                          "finite non-negative weights")
+    return tensor.reshape(-1) if not loss.multiclass else tensor
+
+
+def _nonnegative(x: Loaded, dtype: torch.dtype, what: str, conversions: list, rule: str, allowed: str) -> torch.Tensor:
+    """`x` converted to `dtype` (the conversion noted), refused unless every value is finite and >= 0."""
+    tensor, conv = convert(x, dtype, what)
     conversions.append(conv)
     bad = _first_where(tensor, lambda b: ~b.isfinite() | (b < 0))
     if bad is not None:
         i, v = bad
-        raise ProbeError(w.source, f"weights must be finite and >= 0 in {fmt(dtype).name}; found {v!r} at "
-                         f"{_index(_unravel(i, w.shape))}", "finite non-negative weights")
-    return tensor.reshape(-1) if not loss.multiclass else tensor
+        raise ProbeError(x.source, f"{rule}; found {v!r} at {_index(_unravel(i, x.shape))}", allowed)
+    return tensor
 
 
 def _first_where(t, predicate) -> tuple[int, float] | None:
@@ -788,7 +789,7 @@ def _worst(y: torch.Tensor, ref: Reference, dtype: str, shape: dict) -> dict | N
     ulp = float(d[i])
     index = _unravel(i, tuple(ref.loss.shape) if shape["classes"] is not None else shape["shape"])
     return {"index": list(index), "value": float(y.reshape(-1)[i]), "reference": float(ref.loss.reshape(-1)[i]),
-            "ulp": _int_or_inf(ulp), "bits": _bits(ulp)}
+            "ulp": int_or_inf(ulp), "bits": _bits(ulp)}
 
 
 def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype: str, shape: dict) -> dict:
@@ -988,7 +989,7 @@ def _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, word: str
         if inf.any():
             bits.append(f"a wrong infinity at {int(inf.sum())}")
         if finite_off.any():
-            bits.append(f"a finite value off by up to {_int_or_inf(float(d[finite_off].max()))} ULP "
+            bits.append(f"a finite value off by up to {int_or_inf(float(d[finite_off].max()))} ULP "
                         f"at {int(finite_off.sum())}")
         if exact.any():
             bits.append(f"{word} at {int(exact.sum())}")
@@ -1046,10 +1047,6 @@ def _num(v: float) -> str:
 
 def _bits(ulp: float) -> float:
     return math.log2(1 + ulp) if math.isfinite(ulp) else math.inf
-
-
-def _int_or_inf(x: float):
-    return int(x) if math.isfinite(x) else x
 
 
 def _unravel(i: int, shape) -> tuple[int, ...]:
