@@ -17,6 +17,7 @@ from . import analysis as A
 from .results import record_key
 
 TIMING_MODES = ("relative", "absolute", "off")
+NEW_MODES = ("custom", "all", "none")
 # Environment fields whose difference makes absolute timings incomparable.
 ENV_FIELDS = ("torch", "python", "numpy", "platform", "cpu", "threads", "devices")
 FRAMEWORK_IMPL = "torch"
@@ -28,12 +29,22 @@ class Thresholds:
 
     bits: float = 0.0  # allowed increase of forward/backward max_bits
     ulp: float = 0.0  # allowed increase of the mean loss's reduced_ulp
-    time_factor: float = 1.25  # allowed slowdown factor (and it must exceed the noise)
+    time_factor: float = 1.25  # the smallest slowdown that counts (minimum effect size)
     timing: str = "relative"  # relative | absolute | off
+    # An implementation without a baseline counterpart is judged against this one of the same run.
+    versus: str = "torch"
+    new: str = "custom"  # which such implementations are gated: custom | all | none
+    # Operations whose baseline and current medians are both shorter than this (seconds) are
+    # not timing-gated: too short to time reliably.
+    min_time: float = 5e-5
+    # The false-alarm rate of the timing gate over a whole run (all its comparisons together).
+    false_alarm: float = 0.01
 
     def __post_init__(self) -> None:
         if self.timing not in TIMING_MODES:
             raise ValueError(f"timing must be one of {TIMING_MODES}")
+        if self.new not in NEW_MODES:
+            raise ValueError(f"new must be one of {NEW_MODES}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,17 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       of the sweep key; `backward` may be null for an `ok` record (a numpy implementation
       without gradient) and `forward.reduced_ulp` is null for reduction "none". Version 1
       files are read as version 2 with options {} and time null.
+  3 — the version of the whole 2026-11 wave (issues 12-19); fields other issues of the wave
+      add are optional, so that one version covers them. Added so far: a top-level
+      `findings` list (each {loss, impl, dtype, device, kind, evidence, message}: the cause
+      of a failure, see docs/METRICS.md "Findings"); `forward`/`backward` gain the counts
+      `clamped` (a finite result where the rounded reference is infinite) and `underflow`
+      (exactly 0 where it is not), and their bits are capped at the format's precision;
+      `timing` keeps the raw per-run block times (`forward_times_s`, `backward_times_s`);
+      the environment records what decides kernel choice (`cpu_capability`, `torch_build`,
+      GPU names, `threads`); a merged file names its `missing_shards`. Version 1 and 2 files
+      are read as version 3: the missing counts are unknown (absent), their findings are
+      derived on load.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -25,8 +36,8 @@ from pathlib import Path
 
 from .errors import ResultsError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # A record's sweep key: what matches points across runs (gate), shards (merge), resumes.
 KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution",
               "reduction", "options", "time")

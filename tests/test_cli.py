@@ -77,7 +77,7 @@ def test_bench_stdout_summarises_the_counts(bench_run):
 def test_records_have_every_key_of_the_contract(bench_run):
     _, out, cfg = bench_run
     data = strict_json((out / "tiny.json").read_text())
-    assert data["schema_version"] == results.SCHEMA_VERSION == 2
+    assert data["schema_version"] == results.SCHEMA_VERSION == 3
     assert data["complete"] is True
     assert data["config"]["name"] == "tiny" and data["config"]["scales"] == [1.0, 100.0]
     for key in ("python", "torch", "numpy", "platform", "cpu", "threads", "devices", "losscheck"):
