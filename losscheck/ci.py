@@ -11,18 +11,21 @@ from pathlib import Path
 from . import results
 from .errors import LosscheckError
 from .compare_report import render_junit, render_markdown
-from .gate import Comparison, compare, policy_from_config
+from .gate import Comparison, Remeasure, compare, policy_from_config, unstable_timings
 
 
 def check(baseline_path: str | Path, current: dict, current_path: str | Path, overrides: dict,
-          markdown_path: str | Path | None = None, junit_path: str | Path | None = None) -> tuple[Comparison, str]:
+          markdown_path: str | Path | None = None, junit_path: str | Path | None = None,
+          remeasure: Remeasure | None = None, allow_missing: bool = False) -> tuple[Comparison, str]:
+    """Compare, render, write. `remeasure`: re-times suspected slowdowns in this process
+    (`bench --baseline`); without it (`compare` of two files) the first measurement decides."""
     baseline = results.load(baseline_path)
     for path, data in ((baseline_path, baseline), (current_path, current)):
         if data.get("complete") is False:
             raise LosscheckError(f"{path}: the run was interrupted (complete: false); "
                                  "the gate compares complete runs only")
     policy = policy_from_config(current.get("config", {})).with_overrides(**overrides)
-    comparison = compare(baseline, current, policy)
+    comparison = compare(baseline, current, policy, remeasure, allow_missing)
     if baseline.get("config", {}).get("seed") != current.get("config", {}).get("seed"):
         comparison.env_differences["seed"] = (baseline["config"].get("seed"), current["config"].get("seed"))
     markdown = render_markdown(comparison, policy, str(baseline_path), str(current_path))
@@ -51,11 +54,14 @@ def _append(path: Path, text: str) -> None:
         f.write(("\n" if needs_newline else "") + text)
 
 
-def accept(results_path: str | Path, baseline_path: str | Path) -> dict:
-    """Copy a (validated, complete) results file to be the new baseline."""
+def accept(results_path: str | Path, baseline_path: str | Path) -> tuple[dict, list[str]]:
+    """Copy a (validated, complete) results file to be the new baseline; with it, warnings
+    for the timings the gate will not be able to judge (unstable ones: accepted all the same)."""
     data = results.load(results_path)
     if not data.get("complete", True):
         raise results.ResultsError(f"{results_path}: the run was interrupted (complete: false); "
                                    "a baseline must be a complete run")
+    versus = policy_from_config(data.get("config", {})).default.versus
+    warnings = unstable_timings(data, versus)
     results.save(data, Path(baseline_path))
-    return data
+    return data, warnings

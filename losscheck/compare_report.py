@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from tabulate import tabulate
 
 from . import analysis as A
+from . import stats
 from .gate import Comparison, GatePolicy
 from .results import KEY_FIELDS
 
@@ -19,12 +20,16 @@ def _point(key: tuple) -> list:
 def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, current_path: str) -> str:
     regressions, improvements = c.regressions, c.improvements
     verdict = "**FAIL**" if c.failed else "**PASS**"
+    not_run = len(c.not_run) + len(c.not_compared)
     lines = [
         "# losscheck compare",
         f"{verdict} — {len(regressions)} regression(s) at {len({v.key for v in regressions})} point(s), "
         f"{len(improvements)} improvement(s), {c.unchanged} of {c.compared} matched points unchanged; "
-        f"{len(c.only_baseline)} point(s) only in the baseline, {len(c.only_current)} only in the current run, "
-        f"{len(c.not_compared)} skipped on one side.",
+        f"{len(c.only_baseline)} point(s) missing from the current run"
+        + (" (allowed)" if c.only_baseline and c.allow_missing else " (a failure)" if c.only_baseline else "")
+        + f", {len(c.only_current)} only in the current run ({len(c.versus_of)} judged against the same run, "
+        f"{len(c.not_gated)} not gated), {not_run} not run (skipped or errored: not passed).",
+        _summary_table(c),
         f"Baseline `{baseline_path}` ({c.baseline_meta.get('created')}, git {c.baseline_meta.get('git_revision')}) "
         f"· current `{current_path}` ({c.current_meta.get('created')}, git {c.current_meta.get('git_revision')})",
     ]
@@ -32,55 +37,119 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
         rows = [[k, _short(a), _short(b)] for k, (a, b) in c.env_differences.items()]
         lines.append("**Environments differ**\n\n" + tabulate(rows, headers=["", "baseline", "current"],
                                                                 tablefmt="github"))
+    lines.append(_timing_line(c))
     if c.timing_note:
         lines.append(f"> {c.timing_note}")
     headers = [*KEY_FIELDS, "gate", "baseline", "current", "why"]
     for title, items in (("Regressions", regressions), ("Improvements", improvements)):
         if not items:
             continue
-        rows = [[*_point(v.key), v.gate, v.baseline, v.current, v.why] for v in items[:MAX_ROWS]]
+        rows = [[*_point(v.key), v.gate, v.baseline if v.against == "baseline" else f"{v.against}: {v.baseline}",
+                 v.current, v.why] for v in items[:MAX_ROWS]]
         more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
         lines.append(f"## {title} ({len(items)})\n\n" + tabulate(rows, headers=headers, tablefmt="github") + more)
-    for title, keys in (("Only in the baseline", c.only_baseline), ("Only in the current run", c.only_current),
-                        ("Skipped on one side", c.not_compared)):
-        if keys:
-            rows = [_point(k) for k in keys[:MAX_ROWS]]
-            more = f"\n\n… and {len(keys) - MAX_ROWS} more." if len(keys) > MAX_ROWS else ""
-            lines.append(f"## {title} ({len(keys)})\n\nNot compared.\n\n"
-                         + tabulate(rows, headers=list(KEY_FIELDS), tablefmt="github") + more)
+    not_judged = c.not_judged
+    if not_judged:
+        rows = [[*_point(v.key), v.why] for v in not_judged[:MAX_ROWS]]
+        more = f"\n\n… and {len(not_judged) - MAX_ROWS} more." if len(not_judged) > MAX_ROWS else ""
+        lines.append(f"## Timing not judged ({len(not_judged)})\n\nToo noisy, too short, or measured under "
+                     "another environment: neither passed nor failed.\n\n"
+                     + tabulate(rows, headers=[*KEY_FIELDS, "why"], tablefmt="github") + more)
+    missing = "Missing from the current run" + (" (allowed by --allow-missing)" if c.allow_missing else
+                                                 " (fails the gate; --allow-missing accepts it)")
+    lines += [_key_section(missing, [(k, []) for k in c.only_baseline]),
+              _key_section("Not run (skipped or errored on both sides, or new and not runnable)",
+                           [(k, [why]) for k, why in c.not_run.items()], ["why"]),
+              _key_section("Skipped on one side", [(k, []) for k in c.not_compared]),
+              _key_section("New and not gated (`gate.new`)", [(k, []) for k in c.not_gated])]
     t = policy.default
     overrides = "; ".join(f"{loss}: bits {v.bits:g}, ulp {v.ulp:g}, time ×{v.time_factor:g}, {v.timing}"
                           for loss, v in policy.per_loss.items())
-    lines.append("## Thresholds\n\n"
-                 f"A regression: a new non-finite value; forward or gradient max bits up by more than "
-                 f"{t.bits:g}; mean-loss error up by more than {t.ulp:g} ULP; an implementation that now "
-                 f"errors; timing ({t.timing}) slower by more than ×{t.time_factor:g} beyond the noise "
-                 f"(the current interquartile range entirely above ×{t.time_factor:g} the baseline's)." + (f" Per loss: {overrides}." if overrides else ""))
-    return "\n\n".join(lines) + "\n"
+    lines.append(
+        "## Thresholds\n\n"
+        f"A regression: a new non-finite value or flush to zero; forward or gradient max bits up by more than "
+        f"{t.bits:g}; mean-loss error up by more than {t.ulp:g} ULP; an implementation that now errors. An "
+        f"implementation without a baseline ({t.new} ones, `gate.new`) is held to the same tolerances against "
+        f"`{t.versus}` in the same run. Timing ({t.timing}): slower by more than ×{t.time_factor:g} by an exact "
+        f"one-sided rank test at {t.false_alarm:g} divided by the number of timing comparisons judged, confirmed "
+        f"by a re-measure in the same run where one is possible; operations under {stats._t(t.min_time)} on both "
+        "sides, unstable samples and other environments are not judged."
+        + (f" Per loss: {overrides}." if overrides else ""))
+    return "\n\n".join(line for line in lines if line) + "\n"
 
 
-def _short(v) -> str:
+def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = ()) -> str:
+    if not items:
+        return ""
+    rows = [_point(k) + cells for k, cells in items[:MAX_ROWS]]
+    more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
+    return (f"## {title} ({len(items)})\n\n"
+            + tabulate(rows, headers=[*KEY_FIELDS, *extra], tablefmt="github") + more)
+
+
+def _summary_table(c: Comparison) -> str:
+    rows = []
+    for r in c.by_implementation():
+        name = f"{r['impl']} (custom)" if r["kind"] == "custom" else r["impl"]
+        worst = r["worst"]
+        worst_text = "—" if worst is None else f"{worst.why} ({', '.join(map(str, _point(worst.key)[2:8]))})"
+        rows.append([name, r["against"], r["judged"], r["not_judged"] + r["missing"], r["regressions"],
+                     _short(worst_text, 120), f"**{r['verdict']}**" if r["verdict"] == "FAIL" else r["verdict"]])
+    return tabulate(rows, headers=["implementation", "judged against", "points judged", "not judged",
+                                   "regressions", "worst change", "verdict"], tablefmt="github")
+
+
+def _timing_line(c: Comparison) -> str:
+    s = c.timing
+    if not s.judged and not s.not_judged:
+        return f"Timing ({s.mode}): nothing to compare."
+    lines = [f"Timing ({s.mode}): {s.judged} comparison(s) judged"
+             + (f", each called at p <= {s.per_test:.2g} ({s.false_alarm:g} / {s.judged}: at most a "
+                f"{s.false_alarm:.0%} chance of any false timing regression in this run)" if s.per_test else "")
+             + f"; {s.suspected} suspected, {s.remeasured} re-measured, {s.confirmed} confirmed."]
+    if s.not_judged:
+        lines.append("Not judged: " + "; ".join(f"{n} {why}" for why, n in sorted(s.not_judged.items())) + ".")
+    return " ".join(lines)
+
+
+def _short(v, n: int = 80) -> str:
     s = str(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def render_junit(c: Comparison) -> str:
-    """One test case per matched point; a regression is a failure, a point on one side only
-    is a skipped case."""
+    """One test case per point of either run: a regression (or a point missing from the current
+    run, unless allowed) is a failure; a point not run, skipped on one side or not gated is a
+    skipped case — never a pass."""
     by_point = c.points()
     suite = ET.Element("testsuite", name="losscheck", tests="0", failures="0", errors="0", skipped="0")
     counts = {"tests": 0, "failures": 0, "skipped": 0}
-    for key in c.matched_keys:
+
+    def failed(case, regressions):
+        counts["failures"] += 1
+        failure = ET.SubElement(case, "failure", message="; ".join(f"{v.gate}: {v.why}" for v in regressions),
+                                type="regression")
+        failure.text = "\n".join(f"{v.gate}: {v.baseline} -> {v.current}: {v.why}" for v in regressions)
+
+    for key in [*c.matched_keys, *c.versus_of]:
         case = _case(suite, key)
         counts["tests"] += 1
         regressions = [v for v in by_point.get(key, []) if v.outcome == "regression"]
         if regressions:
+            failed(case, regressions)
+        elif key in c.not_run:
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message=f"not run: {c.not_run[key]}")
+    for key in c.only_baseline:
+        case = _case(suite, key)
+        counts["tests"] += 1
+        if c.allow_missing:
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message="missing from the current run (allowed)")
+        else:
             counts["failures"] += 1
-            failure = ET.SubElement(case, "failure", message="; ".join(f"{v.gate}: {v.why}" for v in regressions),
-                                    type="regression")
-            failure.text = "\n".join(f"{v.gate}: {v.baseline} -> {v.current}: {v.why}" for v in regressions)
-    one_sided = ([(k, "only in the baseline") for k in c.only_baseline]
-                 + [(k, "only in the current run") for k in c.only_current]
+            ET.SubElement(case, "failure", message="missing from the current run", type="missing")
+    one_sided = ([(k, "not gated: new, no baseline") for k in c.not_gated]
                  + [(k, "skipped on one side") for k in c.not_compared])
     for key, why in one_sided:
         case = _case(suite, key)
@@ -89,7 +158,8 @@ def render_junit(c: Comparison) -> str:
         ET.SubElement(case, "skipped", message=why)
     for k, v in counts.items():
         suite.set(k, str(v))
-    root = ET.Element("testsuites", tests=str(counts["tests"]), failures=str(counts["failures"]))
+    root = ET.Element("testsuites", tests=str(counts["tests"]), failures=str(counts["failures"]),
+                      skipped=str(counts["skipped"]))
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -22,6 +22,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str | None:
+    """Vendor, family, model and stepping from /proc/cpuinfo: the model name alone ("AMD EPYC",
+    "Intel(R) Xeon(R) Processor") does not tell CPU generations apart."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        return None
+    if not fields:
+        return None
+    return " ".join(f"{k.replace('cpu ', '')} {v}" if k != "vendor_id" else v for k, v in fields.items())
+
+
+def cpu_capability() -> str | None:
+    """The instruction set torch's CPU kernels were dispatched for (DEFAULT, AVX2, AVX512, ...):
+    it decides which kernel runs, and so each kernel's speed and last-bit rounding."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -61,6 +89,9 @@ def capture(threads: int) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "cpu": cpu_name(),
+        "cpu_id": cpu_id(),
+        "cpu_capability": cpu_capability(),
+        "torch_git": getattr(torch.version, "git_version", None),
         "cpu_count": _cpu_count(),
         "threads": threads,
         "devices": devices,

@@ -232,7 +232,10 @@ def _record_problem(rec: dict) -> str | None:
         if not isinstance(timing, dict) or not all(_is_finite(timing.get(k)) for k in TIMING_KEYS):
             return f"'timing' must be null or an object with numbers {', '.join(TIMING_KEYS)}"
         for k, v in timing.items():
-            if k.endswith("_s") and not _is_finite(v):
+            if k.endswith("_times_s"):  # the raw block times (schema 3)
+                if not isinstance(v, list) or not all(_is_finite(x) and x >= 0 for x in v):
+                    return f"'timing.{k}' must be a list of non-negative numbers"
+            elif k.endswith("_s") and not _is_finite(v):
                 return f"'timing.{k}' must be a finite number"
         if type(timing.get("threads")) is not int:
             return "'timing.threads' must be an integer"
@@ -264,6 +267,10 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
             if a != b:
                 raise ResultsError(f"{path}: environment '{field}' is {b!r}, {first_path} has {a!r}; "
                                    "results of different versions cannot be merged")
+    shards = [d.get("shard") for _, d in parts]
+    if any(shards) and (not all(shards) or len({s[1] for s in shards}) != 1):
+        raise ResultsError("only shards of one split (all --shard I/N with the same N) can be merged; got "
+                           + ", ".join("unsharded" if not s else f"{s[0]}/{s[1]}" for s in shards))
     seen: dict[tuple, str] = {}
     records = []
     for path, data in parts:
@@ -277,9 +284,12 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
     merged = make_results(first["config"], first["environment"], records,
                           " && ".join(d.get("command", "") for _, d in parts),
                           complete=all(d.get("complete", True) for _, d in parts))
-    shards = [d.get("shard") for _, d in parts]
-    if all(shards):
+    if any(shards):
+        # Complete only when every shard 1..N is here: a missing shard's points would otherwise
+        # be absent from the file and pass any gate that does not look for them.
         n = shards[0][1]
-        merged["complete"] = merged["complete"] and sorted(s[0] for s in shards) == list(range(1, n + 1))
+        missing = sorted(set(range(1, n + 1)) - {s[0] for s in shards})
+        merged["missing_shards"] = missing
+        merged["complete"] = merged["complete"] and not missing
     merged["environments"] = [d["environment"] for _, d in parts]
     return merged

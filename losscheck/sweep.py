@@ -23,7 +23,7 @@ from .errors import ConfigError, ReferenceUnavailable
 from .isolation import PointTimeout, deadline
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .metrics import ErrorStats
-from .results import record_key
+from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
 # The memory estimate of a point, in copies of its input (in the dtype under test): the
 # input, the reference's gradient, the implementation's gradient and two working copies
@@ -274,6 +274,26 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
                 elif result is not None:
                     r["timing"] = result
     return out
+
+
+def remeasurer(config: Config, impls: dict[str, dict[str, Impl]], threads: int,
+                rounds: int = timing.REMEASURE_ROUNDS) -> Callable[[tuple, list], dict]:
+    """The gate's re-measure in this run: (record key, implementation names) -> their timings,
+    measured again interleaved on the point's inputs (see gate.py)."""
+    by_key: dict[tuple, Case] = {}
+
+    def retime(key: tuple, names: list[str]) -> dict:
+        if not by_key:
+            by_key.update({record_key(c.key("")): c for c in cases(config)})
+        case = by_key.get(record_key({**dict(zip(_KEY_NAMES, key)), "impl": ""}))
+        if case is None:
+            raise KeyError(f"no point {key} in the config")
+        data = point_data(LOSSES[case.loss], case, config.seed)
+        x, t, opts = data.on(case.device)
+        fns = {n: impls[case.loss][n].fn for n in names}
+        torch.set_num_threads(threads)
+        return timing.time_case(fns, x, t, config.timing.min_run_time, threads, opts, case.reduction, rounds)
+    return retime
 
 
 def _record(config: Config, case: Case, impl, status: str, message: str = "") -> dict:

@@ -18,7 +18,12 @@ from torch.utils import benchmark
 # point (naive, stable, torch, naive, stable, torch, ...), so that a burst of load on a
 # shared machine slows every implementation alike instead of one of them: the ratios to
 # torch, and the gate's relative timing, then stay put.
-ROUNDS = 7
+# Eleven rounds give the gate's exact rank test (stats.py) a smallest p-value of
+# 1/C(22, 11) = 1.4e-6 between two runs: enough to keep the false-alarm rate of a whole
+# run at 1% over hundreds of comparisons.
+ROUNDS = 11
+# Rounds of a re-measure (the gate's confirmation of a suspected slowdown): a sharper test.
+REMEASURE_ROUNDS = 21
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,11 @@ class Timing:
 
 def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
               min_run_time: float, threads: int, options: dict | None = None,
-              reduction: str = "mean") -> dict[str, dict | Exception]:
+              reduction: str = "mean", rounds: int = ROUNDS) -> dict[str, dict | Exception]:
     """Forward (no autograd graph) and forward+backward of the reduced loss of each
-    implementation (called with the point's `options`), interleaved; per implementation
-    its timing dict, or the exception it raised while being timed."""
+    implementation (called with the point's `options`), interleaved over `rounds` rounds;
+    per implementation its timing dict (with the raw per-run time of every block, and the
+    per-run time measured while calibrating), or the exception it raised while being timed."""
     options = options or {}
     timers: dict[tuple, tuple] = {}
     out: dict[str, dict | Exception] = {}
@@ -51,15 +57,15 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
                 timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
                 # blocked_autorange warms up and sizes a block so that timer overhead is
                 # negligible; we then make each round's block last about min_run_time / ROUNDS.
-                m = timer.blocked_autorange(min_run_time=min_run_time / ROUNDS)
+                m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
                 per_run = max(m.median, 1e-9)
-                number = max(m.number_per_run, int(min_run_time / ROUNDS / per_run))
-                timers[(name, part)] = (timer, number)
+                number = max(m.number_per_run, int(min_run_time / rounds / per_run))
+                timers[(name, part)] = (timer, number, float(m.median))
         except Exception as e:  # an implementation failing here fails its own point only
             out[name] = e
     times: dict[tuple, list[float]] = {key: [] for key in timers}
-    for _ in range(ROUNDS):
-        for key, (timer, number) in list(timers.items()):
+    for _ in range(rounds):
+        for key, (timer, number, _) in list(timers.items()):
             if key[0] in out:
                 continue
             try:
@@ -73,8 +79,12 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
         out[name] = {
             "forward_median_s": f.median_s, "forward_iqr_s": f.iqr_s,
             "forward_q1_s": f.q1_s, "forward_q3_s": f.q3_s, "forward_runs": f.runs,
+            "forward_times_s": times[(name, "forward")],
+            "forward_calibration_s": timers[(name, "forward")][2],
             "backward_median_s": b.median_s, "backward_iqr_s": b.iqr_s,
             "backward_q1_s": b.q1_s, "backward_q3_s": b.q3_s, "backward_runs": b.runs,
+            "backward_times_s": times[(name, "backward")],
+            "backward_calibration_s": timers[(name, "backward")][2],
             "threads": threads,
         }
     return out
