@@ -4,6 +4,10 @@
 dtype between two values, +0 and -0 being the same value. Everything works on the raw
 bit patterns (numpy integers), which is uniform across float64/32/16 and bfloat16 and
 several times faster than torch's elementwise predicates on CPU.
+
+Verdicts sit on top of the distance: a finite value against ±inf is clamped (inf ULP, p
+bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
+format's precision p — see `ErrorStats` and METRICS.md ("Accuracy", "Overflow").
 """
 from __future__ import annotations
 
