@@ -4,8 +4,9 @@ the limit w → 0 is taken first — in the reference and in `stable` alike (iss
 
 Oracles: mpmath (test_options' transcriptions of torch's definitions). At a limit point
 (p = 0 or 1 exactly, x = ±inf) the weighted loss w·ℓ is evaluated on finite inputs that
-approach it (10**±4, 10**±40, 10**±400 away), at 450 digits: with w = 0 every term of the sequence is 0, so the limit is 0;
-with w > 0 the sequence tends to the reference's value (+inf or a finite limit).
+approach it (10**±4, 10**±40, 10**±400 away), at 450 digits: with w = 0 every term of the
+sequence is 0, so the limit is 0; with w > 0 the sequence tends to the reference's value
+(+inf or a finite limit).
 """
 from __future__ import annotations
 
