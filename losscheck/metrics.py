@@ -4,6 +4,10 @@
 dtype between two values, +0 and -0 being the same value. Everything works on the raw
 bit patterns (numpy integers), which is uniform across float64/32/16 and bfloat16 and
 several times faster than torch's elementwise predicates on CPU.
+
+Verdicts sit on top of the distance: a finite value against ±inf is clamped (inf ULP, p
+bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
+format's precision p — see `ErrorStats` and METRICS.md ("Accuracy", "Overflow").
 """
 from __future__ import annotations
 
@@ -59,6 +63,19 @@ def ordinal(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_Bits.of(t).ordinal)
 
 
+def _clamped(v: _Bits, r: _Bits) -> np.ndarray:
+    """A finite value where the reference is ±inf, other than the largest finite value of
+    the reference's sign (overflow rounding: what round-to-nearest gives a value just
+    beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
+    overflow_rounding = (v.magnitude == v._inf_bits - 1) & (v.negative == r.negative)
+    return r.inf & v.finite & ~overflow_rounding
+
+
+def _underflow(v: _Bits, r: _Bits) -> np.ndarray:
+    """Exactly 0 (either sign) where the reference is finite and non-zero: flushed to zero."""
+    return (v.magnitude == 0) & r.finite & (r.magnitude != 0)
+
+
 def _distance(v: _Bits, r: _Bits) -> np.ndarray:
     ov, orf = v.ordinal, r.ordinal
     if v.f.total_bits == 64:
@@ -70,30 +87,57 @@ def _distance(v: _Bits, r: _Bits) -> np.ndarray:
                      v.magnitude.astype(np.float64) + r.magnitude.astype(np.float64))
     else:
         d = np.abs(ov - orf).astype(np.float64)
-    vnan, rnan, vinf = v.nan, r.nan, v.inf
-    if vnan.any() or rnan.any() or vinf.any():
+    vnan, rnan, vinf, rinf = v.nan, r.nan, v.inf, r.inf
+    if vnan.any() or rnan.any() or vinf.any() or rinf.any():
         d[vnan != rnan] = math.inf
         d[vnan & rnan] = 0.0
         differs = (v.magnitude != r.magnitude) | (v.negative != r.negative)
         d[vinf & differs] = math.inf
+        # A finite value against ±inf is not a finite number of steps away: the ordinal
+        # distance (100.0 to +inf in float32 is ~1e9 ULP, "29.9 bits") would pretend some
+        # bits were right. It scores the full width; overflow rounding keeps its 1 ULP.
+        d[_clamped(v, r)] = math.inf
     return d
 
 
 def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Distance in ULPs between `value` and `reference` (same dtype and shape), as float64.
 
-    NaN against NaN is 0 (both undefined); NaN against a number, or an infinite value
-    against a different reference, is inf. A finite value against an infinite reference
-    keeps its ordinal distance (to the largest finite value, then one more step).
+    NaN against NaN is 0 (both undefined); NaN against a number or an infinity, an
+    infinite value against a different reference, and a finite value against an infinite
+    reference (clamped) are inf — except the largest finite value of the reference's
+    sign against ±inf, which is overflow rounding: 1 ULP.
     """
     if value.dtype != reference.dtype:
         raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
     return torch.from_numpy(_distance(_Bits.of(value), _Bits.of(reference)))
 
 
-def bits_of_error(ulps: torch.Tensor) -> torch.Tensor:
-    """bits = log2(1 + ulp): 0 is correctly rounded."""
-    return torch.log2(1 + ulps)
+def _precision(dtype: torch.dtype | str | FloatFormat) -> int:
+    return (dtype if isinstance(dtype, FloatFormat) else fmt(dtype)).significand_bits
+
+
+def bits(ulp, dtype: torch.dtype | str | FloatFormat):
+    """Bits of error of a ULP distance in `dtype` (a torch dtype, its name or a FloatFormat):
+    min(log2(1 + ulp), p) with p the significand precision (53, 24, 11, 8). 0 is correctly
+    rounded; p means no correct bit is left, and no error scores more (an infinite distance
+    included). A float gives a float; a tensor or numpy array gives the same, elementwise.
+    """
+    p = _precision(dtype)
+    if isinstance(ulp, torch.Tensor):
+        return torch.clamp(torch.log2(1 + ulp.double()), max=p)
+    if isinstance(ulp, np.ndarray):
+        return np.minimum(np.log2(1 + ulp.astype(np.float64)), p)
+    ulp = float(ulp)
+    if math.isnan(ulp):
+        raise ValueError("a ULP distance is never NaN")
+    return min(math.log2(1 + ulp), float(p))
+
+
+def bits_of_error(ulps: torch.Tensor, dtype: torch.dtype | str | FloatFormat | None = None) -> torch.Tensor:
+    """log2(1 + ulp) elementwise; capped at `dtype`'s precision when given (as `bits`).
+    Kept for callers of the uncapped form; new code uses `bits`."""
+    return torch.log2(1 + ulps) if dtype is None else bits(ulps, dtype)
 
 
 def ulp_threshold(threshold_bits: float) -> float:
@@ -105,10 +149,20 @@ def ulp_threshold(threshold_bits: float) -> float:
 class ErrorStats:
     """Streams (value, reference) pairs into the per-point numbers of METRICS.md.
 
-    `nan`/`posinf`/`neginf` count non-finite values where the reference is finite;
-    `saturated` counts finite values whose error exceeds the threshold (silent
-    saturation). For `mean_bits` a non-finite result counts as the dtype's full bit
-    width (as Herbie does), so that one NaN does not make the mean meaningless.
+    Counters, per element:
+    * `nan`: NaN wherever the reference is not NaN (a NaN where the true value is ±inf is
+      as wrong as one where it is finite);
+    * `posinf`/`neginf`: an infinity where the reference is finite, or the opposite
+      infinity (the same infinity is exact);
+    * `clamped`: a finite value where the reference is ±inf (torch's BCE at 100 against
+      +inf), other than overflow rounding (the largest finite value of that sign, 1 ULP);
+      it scores p bits (infinite ULP);
+    * `underflow`: exactly 0 where the reference is finite and non-zero; its distance is
+      kept as measured (a flushed subnormal is a few ULP): the counter carries the verdict;
+    * `saturated`: finite values whose error exceeds the threshold (silent saturation),
+      clamped values included (they score p bits), flushed-to-zero ones when far enough off.
+    Bits are capped at the precision p (`bits`): `max_bits` ≤ p, and in `mean_bits` each
+    element scores at most p, a non-finite one exactly p.
     """
 
     threshold_bits: float
@@ -119,39 +173,44 @@ class ErrorStats:
     posinf: int = 0
     neginf: int = 0
     saturated: int = 0
+    clamped: int = 0
+    underflow: int = 0
     reduced_ulp: float | None = None
     reduced_value: float | None = None
     reduced_reference: float | None = None
-    _width: int = field(default=0, repr=False)
+    _format: FloatFormat | None = field(default=None, repr=False)
 
     def add(self, value: torch.Tensor, reference: torch.Tensor) -> None:
         value = value.detach().cpu().reshape(-1)
         reference = reference.detach().cpu().reshape(-1)
         if value.dtype != reference.dtype:
             raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
+        self._format = fmt(value.dtype)
         # Bounded chunks: the temporaries are several int64/float64 copies of the input.
         for start in range(0, value.numel(), CHUNK):
             self._add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
 
     def _add(self, v: _Bits, r: _Bits) -> None:
-        self._width = v.f.total_bits
         ulps = _distance(v, r)
         self.n += ulps.size
         self.max_ulp = max(self.max_ulp, float(ulps.max()))
-        self._bits_sum += float(np.minimum(np.log2(1 + ulps), self._width).sum())
-        over = ulps > ulp_threshold(self.threshold_bits)
+        self._bits_sum += float(bits(ulps, v.f).sum())
         v_finite = v.finite
-        if v_finite.all():
-            self.saturated += int(over.sum())
+        # Clamped values are among these: their distance is inf.
+        self.saturated += int((v_finite & (ulps > ulp_threshold(self.threshold_bits))).sum())
+        self.underflow += int(_underflow(v, r).sum())
+        if v_finite.all() and r.finite.all():
             return
-        r_finite = r.finite
-        self.nan += int((v.nan & r_finite).sum())
-        v_inf = v.inf & r_finite
-        self.posinf += int((v_inf & ~v.negative).sum())
-        self.neginf += int((v_inf & v.negative).sum())
-        self.saturated += int((v_finite & over).sum())
+        self.clamped += int(_clamped(v, r).sum())
+        self.nan += int((v.nan & ~r.nan).sum())
+        wrong_inf = v.inf & (r.finite | (r.inf & (v.negative != r.negative)))
+        self.posinf += int((wrong_inf & ~v.negative).sum())
+        self.neginf += int((wrong_inf & v.negative).sum())
 
     def set_reduced(self, value: torch.Tensor, reference: torch.Tensor) -> None:
+        # ulp_distance applies the same rules: a finite mean against an infinite reduced
+        # reference is inf (clamped), the largest finite value 1 ULP.
+        self._format = self._format or fmt(value.dtype)
         self.reduced_ulp = float(ulp_distance(value.reshape(1), reference.reshape(1))[0])
         self.reduced_value = float(value)
         self.reduced_reference = float(reference)
@@ -161,7 +220,7 @@ class ErrorStats:
         return self.nan + self.posinf + self.neginf
 
     def as_dict(self) -> dict:
-        max_bits = math.log2(1 + self.max_ulp) if self.n else None
+        max_bits = bits(self.max_ulp, self._format) if self.n else None
         return {
             "n": self.n,
             "max_ulp": int_or_inf(self.max_ulp) if self.n else None,
@@ -175,6 +234,8 @@ class ErrorStats:
             "posinf": self.posinf,
             "neginf": self.neginf,
             "saturated": self.saturated,
+            "clamped": self.clamped,
+            "underflow": self.underflow,
         }
 
 

@@ -190,3 +190,15 @@ def binary_factor(positive: np.ndarray, weight, pos_weight, work: type):
         w = np.asarray(weight, dtype=work)
         f = w if f is None else f * w
     return f
+
+
+def weigh(values: np.ndarray, factor, undefined: np.ndarray | None = None) -> np.ndarray:
+    """factor·values, where a zero factor removes its element: 0 even where the unweighted
+    value is ±inf or has no limit (METRICS.md, "Options": the limit w → 0 is taken first,
+    and w·ℓ(x) → 0 for every x near the limit point). Elements marked `undefined` (a NaN
+    input: not the limit of anything) stay NaN. `factor` broadcasts against `values`."""
+    out = values * factor
+    zero = np.asarray(factor) == 0
+    if undefined is not None:
+        zero = zero & ~undefined
+    return np.where(zero, values.dtype.type(0), out)

@@ -111,7 +111,8 @@ def test_largest_finite_and_inf_are_adjacent_ordinals(name):
     inf = t([math.inf], name)
     assert int(ordinal(inf)[0]) - int(ordinal(big)[0]) == 1
     assert int(ordinal(-big)[0]) - int(ordinal(-inf)[0]) == 1
-    # A finite value against an infinite reference keeps its ordinal distance ...
+    # The largest finite value against an infinite reference of its sign is overflow
+    # rounding, one step (the other finite values are clamped: see test_metric_rules) ...
     assert d(big, inf) == 1
     assert d(-big, -inf) == 1
     # ... but an infinite value against a finite reference is infinitely wrong.
@@ -227,22 +228,23 @@ def _next_up(x: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", DTYPES)
-def test_error_stats_counts_nonfinite_only_where_reference_is_finite(name):
+def test_error_stats_counts_infinities_where_reference_is_finite_and_nan_wherever_it_is_not_nan(name):
     f = _fmt(name)
     inf, nan = math.inf, math.nan
-    value = t([nan, inf, -inf, nan, inf, -inf, 1.0], name)
-    ref = t([1.0, 2.0, 3.0, inf, inf, -inf, 1.0], name)
+    value = t([nan, inf, -inf, nan, inf, -inf, 1.0, nan], name)
+    ref = t([1.0, 2.0, 3.0, inf, inf, -inf, 1.0, nan], name)
     s = ErrorStats(threshold_bits=f.default_threshold_bits)
     s.add(value, ref)
-    assert (s.nan, s.posinf, s.neginf) == (1, 1, 1)
-    assert s.nonfinite == 3
-    assert s.n == 7
+    # NaN against 1.0 and NaN against +inf (METRICS.md, "Overflow"); not NaN against NaN.
+    assert (s.nan, s.posinf, s.neginf) == (2, 1, 1)
+    assert s.nonfinite == 4
+    assert s.n == 8
     assert s.max_ulp == math.inf
     dct = s.as_dict()
-    assert dct["nan"] == 1 and dct["inf"] == 2 and dct["posinf"] == 1 and dct["neginf"] == 1
+    assert dct["nan"] == 2 and dct["inf"] == 2 and dct["posinf"] == 1 and dct["neginf"] == 1
     assert dct["max_ulp"] == math.inf
-    # non-finite values are never "saturated": those are finite results that are wrong.
-    assert s.saturated == 0
+    # non-finite values are never "saturated" nor "clamped": those are finite results.
+    assert s.saturated == 0 and s.clamped == 0
 
 
 @pytest.mark.parametrize("name", DTYPES)
@@ -264,16 +266,17 @@ def test_error_stats_saturated_counts_finite_values_above_threshold(name):
 
 
 @pytest.mark.parametrize("name", DTYPES)
-def test_error_stats_mean_bits_caps_nonfinite_at_total_width(name):
+def test_error_stats_mean_bits_counts_nonfinite_as_the_precision(name):
     f = _fmt(name)
     value = t([1.0, math.nan, 2.0, math.inf], name)
     ref = t([1.0, 1.0, 2.0, 4.0], name)
     s = ErrorStats(threshold_bits=f.default_threshold_bits)
     s.add(value, ref)
     dct = s.as_dict()
-    assert dct["mean_bits"] == pytest.approx(2 * f.total_bits / 4)
-    assert dct["max_bits"] == math.inf
-    assert math.isfinite(dct["mean_bits"])
+    # Two exact elements (0 bits) and two non-finite ones (p bits each, not the total width).
+    assert dct["mean_bits"] == pytest.approx(2 * f.significand_bits / 4)
+    assert dct["max_bits"] == f.significand_bits
+    assert dct["max_ulp"] == math.inf
 
 
 def test_error_stats_streams_chunks_and_reports_max_and_mean():

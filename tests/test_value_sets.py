@@ -448,8 +448,10 @@ def test_torch_bce_with_logits_is_nan_at_x_minus_inf_y_0_and_x_inf_y_1_and_x_min
     assert ref.loss.tolist() == [0.0, INF, 0.0, INF]
     fwd = ErrorStats(12.0)
     fwd.add(loss, ref.loss)
-    assert fwd.nan == 2  # NaN where the reference is finite (0): counted as overflow
-    assert fwd.max_ulp == INF  # and NaN where it is +inf: infinitely wrong, not hidden
+    # NaN where the reference is finite (0) and where it is +inf: all three counted (METRICS.md,
+    # "Overflow": NaN is counted wherever the reference is not NaN), and infinitely wrong.
+    assert fwd.nan == 3
+    assert fwd.max_ulp == INF
     assert _same(F.binary_cross_entropy_with_logits(x, y, reduction="none")[1:2], ref.loss[1:2])
 
 
@@ -490,3 +492,26 @@ def test_stable_cross_entropy_is_not_nan_where_x_minus_max_overflows(name):
     loss, grad, _ = _run("cross_entropy", "stable", inp, target)
     assert not torch.isnan(loss).any() and not torch.isnan(grad).any()
     assert _same(loss, ref.loss) and _same(grad, ref.grad)
+
+
+@pytest.mark.parametrize("work", WORKS)
+def test_soft_target_on_a_finite_logit_beside_several_plus_inf_has_a_limit(work):
+    # The split between two +inf logits is undefined, but the finite logit's probability is 0
+    # whatever it is: −log p = +inf there, and its gradient entry W·p − c = −c. Only the +inf
+    # entries are undefined (NaN). The same in `stable` (float32 and float64).
+    x = np.array([[INF, INF, 0.0], [INF, INF, 0.0]], dtype=work)
+    q = np.array([[0.0, 0.0, 1.0], [0.0, 0.25, 0.75]], dtype=work)
+    with np.errstate(all="raise"):
+        loss, grad = ce_module.reference_chunk(x, q)
+    assert loss[0] == INF and math.isnan(loss[1])  # the second puts weight on a +inf logit
+    assert grad[0, 2] == -1.0 and grad[1, 2] == -0.75
+    assert np.isnan(grad[:, :2]).all()
+    for dt in (torch.float32, torch.float64):
+        inp = torch.tensor(x.astype(np.float64), dtype=dt)
+        tq = torch.tensor(q.astype(np.float64), dtype=dt)
+        ref = reference(LOSSES["cross_entropy"], inp, tq, {}, "none")
+        out = ce_module.stable(inp, tq, "none")
+        assert _same(out, ref.loss)
+        xg = inp.clone().requires_grad_(True)
+        ce_module.stable(xg, tq, "sum").backward()
+        assert _same(xg.grad, ref.grad)

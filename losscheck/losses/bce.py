@@ -27,6 +27,13 @@ def _xdivy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(a == 0, torch.zeros_like(a), a / b)
 
 
+def weigh(values: torch.Tensor, f: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """f·values with a zero factor removing its element (METRICS.md, "Options"): 0 where the
+    unweighted value is ±inf too (the limit w → 0 first), as in the reference; NaN inputs
+    stay NaN (undefined, not a limit)."""
+    return torch.where((f == 0) & ~inp.isnan(), 0.0, values * f)
+
+
 class _Stable(torch.autograd.Function):
     # loss = −[xlogy(y, p) + xlog1py(1 − y, −p)]: log1p keeps the bits of 1 − p for small
     # p, and 0·log 0 is 0 instead of NaN. No clamping: where p rounded to exactly 0 or 1
@@ -39,7 +46,7 @@ class _Stable(torch.autograd.Function):
         loss = -(torch.special.xlogy(yc, pc) + torch.special.xlog1py(1 - yc, -pc))
         f = binary_factor(yc, weight, pos_weight)
         if f is not None:
-            loss = loss * f
+            loss = weigh(loss, f, pc)
         ctx.save_for_backward(p, y, f)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, p.dtype)
@@ -58,6 +65,10 @@ class _Stable(torch.autograd.Function):
         s = grad_scale(up, ctx.reduction, n, c)
         g_small_p = _xdivy((1 - yc) * s, 1 - pc) - _xdivy(yc * s, pc)
         g = torch.where(g.isfinite(), g, g_small_p)
+        if f is not None:
+            # A zero weight removes the element: gradient 0 where 1/p or 1/(1 − p) is inf
+            # (g_small_p gives it too, through 0/0 := 0 in _xdivy; this says so).
+            g = torch.where((f == 0) & ~pc.isnan(), 0.0, g)
         return g.to(p.dtype), None, None, None, None
 
 
@@ -85,7 +96,11 @@ def reference_chunk(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     loss = np.where(positive, -np.log(p), -np.log1p(-p))
     grad = np.where(positive, -one / p, one / (one - p))
     f = R.binary_factor(positive, weight, pos_weight, p.dtype.type)
-    return (loss, grad) if f is None else (loss * f, grad * f)
+    if f is None:
+        return loss, grad
+    # A zero weight removes the element: 0 and gradient 0 where the loss is +inf too.
+    nan_input = np.isnan(p)
+    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
 
 
 LOSS = Loss(

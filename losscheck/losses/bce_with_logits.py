@@ -34,7 +34,8 @@ class _Stable(torch.autograd.Function):
         loss, low = two_sum(torch.relu(z), torch.log1p(torch.exp(-xc.abs())))
         f = binary_factor(yc, weight, pos_weight)
         if f is not None:
-            loss, low = loss * f, low * f
+            # A zero weight gives 0 (and no error term) where the loss is +inf.
+            loss, low = bce.weigh(loss, f, xc), bce.weigh(low, f, xc)
         ctx.save_for_backward(x, y, f)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, x.dtype, low)
@@ -50,7 +51,7 @@ class _Stable(torch.autograd.Function):
         small = e / (1 + e)
         g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
         if f is not None:
-            g = g * f
+            g = bce.weigh(g, f, xc)
         g = scale_grad(g, grad_output, ctx.reduction, x.shape[0])
         return g.to(x.dtype), None, None, None, None
 
@@ -74,7 +75,11 @@ def reference_chunk(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     sign = np.where(positive, -1, 1).astype(x.dtype)
     loss, grad = R.softplus(z), sign * R.sigmoid(z)
     f = R.binary_factor(positive, weight, pos_weight, x.dtype.type)
-    return (loss, grad) if f is None else (loss * f, grad * f)
+    if f is None:
+        return loss, grad
+    # A zero weight removes the element: 0 and gradient 0 at ±inf logits too.
+    nan_input = np.isnan(x)
+    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
 
 
 LOSS = Loss(

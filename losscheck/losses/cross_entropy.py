@@ -164,8 +164,12 @@ class _Stable(torch.autograd.Function):
                 # The rounding errors of both additions, for the reduction (see reduce_accurate).
                 hard_low = torch.where(on_max, 0.0, gap_low + total_low).squeeze(1)
                 if wc is not None:
+                    # A zero class weight removes the row (0, no error term) even where its
+                    # loss is +inf or has no limit; a NaN logit (m NaN) stays undefined.
                     wt = wc[safe[rows]]
-                    hard, hard_low = hard * wt, hard_low * wt
+                    drop = (wt == 0) & ~m.squeeze(1).isnan()
+                    hard = torch.where(drop, 0.0, hard * wt)
+                    hard_low = torch.where(drop, 0.0, hard_low * wt)
                 if label_smoothing:
                     hard = (1 - label_smoothing) * hard + label_smoothing / classes * \
                         _weighted_nll(xc, m, lse, wc)
@@ -214,13 +218,17 @@ class _Stable(torch.autograd.Function):
                 if label_smoothing:
                     q = (1 - label_smoothing) * q + label_smoothing / classes
                 cw = q if wc is None else q * wc
-                g = cw.sum(1, keepdim=True) * p - cw
+                total_c = cw.sum(1, keepdim=True)
+                # Every coefficient 0: the row is removed, gradient 0 even where p is
+                # undefined (several +inf logits).
+                g = torch.where((total_c == 0) & ~m.isnan(), 0.0, total_c * p - cw)
             else:
                 t1 = safe[rows][:, None]
                 rest = torch.where(t1 == k, s, denom - e.gather(1, t1))
                 g = p.scatter(1, t1, -rest / denom)
                 if wc is not None:
-                    g = g * wc[safe[rows]][:, None]
+                    wt = wc[safe[rows]][:, None]
+                    g = torch.where((wt == 0) & ~m.isnan(), 0.0, g * wt)  # as in the forward
                 if label_smoothing:
                     w_all = wc if wc is not None else torch.ones(classes, dtype=c, device=x.device)
                     smooth = w_all.sum() * p - w_all
@@ -235,7 +243,9 @@ class _Stable(torch.autograd.Function):
 def _weighted_nll(xc, m, lse, cw):
     """Σ_j c_j·(−log p_j), −log p_j = (m − x_j) + log1p(s) ≥ 0; c_j = 0 terms are left out
     (0·inf would be NaN at a −inf logit); c_j is a row (N, C) or the class weights (C,)."""
-    nll = torch.where(xc == m, lse, (m - xc) + lse)
+    # m = +inf above a finite x_j: p_j = 0, −log p_j = +inf (not inf + NaN when several
+    # logits are +inf and s is NaN), as the reference's limit.
+    nll = torch.where(xc == m, lse, torch.where(m == math.inf, math.inf, (m - xc) + lse))
     if cw is None:
         return nll.sum(1)
     cw = cw.expand_as(nll)
@@ -275,8 +285,12 @@ def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: 
     finite = np.isfinite(x)
     loss, grad = _reference_finite(x, safe) if finite.all() else _reference_limits(x, safe, finite)
     if weight is not None:
+        # A zero class weight removes the row: 0 and gradient 0 even at an infinite loss
+        # (a −inf target logit) or one without a limit (several +inf logits), as for the
+        # binary losses; a row with a NaN logit stays undefined.
         wt = np.asarray(weight, dtype=x.dtype)[safe]
-        loss, grad = loss * wt, grad * wt[:, None]
+        nan_row = np.isnan(x).any(axis=1)
+        loss, grad = R.weigh(loss, wt, nan_row), R.weigh(grad, wt[:, None], nan_row[:, None])
     if label_smoothing:
         eps = w(label_smoothing)
         cw = np.ones(classes, dtype=x.dtype) if weight is None else np.asarray(weight, dtype=x.dtype)
@@ -309,7 +323,10 @@ def _reference_weighted(x, cw):
     nll, p = _nll_and_probabilities(x)
     w = x.dtype.type
     loss = np.where(cw > 0, cw * nll, w(0)).sum(axis=1)
-    grad = cw.sum(axis=1)[:, None] * p - cw
+    total = cw.sum(axis=1)[:, None]
+    # Every coefficient 0 (a zero-weighted soft row): removed, gradient 0 even where p has
+    # no limit (several +inf logits); a NaN logit stays undefined.
+    grad = R.weigh(total * p - cw, (total != 0).astype(x.dtype), np.isnan(x).any(axis=1)[:, None])
     return loss, grad
 
 
@@ -320,7 +337,8 @@ def _nll_and_probabilities(x):
     rows = np.arange(x.shape[0])
     pos, neg = x == np.inf, x == -np.inf
     npos = pos.sum(axis=1)
-    special = (npos > 0) | neg.all(axis=1)  # rows whose maximum is not finite
+    allneg = neg.all(axis=1)
+    special = (npos > 0) | allneg  # rows whose maximum is not finite
     xf = np.where(special[:, None], w(0), x)
     masked = neg & ~special[:, None]
     unmasked = np.where(masked, -np.inf, xf)
@@ -340,10 +358,15 @@ def _nll_and_probabilities(x):
     gap = m[:, None] - xs
     gap[rows, k] = 0
     nll = np.where(masked, w(np.inf), gap + lse[:, None])
-    # +inf rows: a unique +inf takes all the probability; several: undefined.
+    # +inf rows: a unique +inf takes all the probability; several share it in an undefined
+    # way (NaN for them), but the finite logits beside them have probability 0 either way
+    # (−log p = +inf), as in `_reference_limits` and `_Stable`. Every logit −inf: undefined.
     one = (npos == 1)[:, None]
-    p = np.where(special[:, None], np.where(one, pos.astype(x.dtype), w(np.nan)), p)
-    nll = np.where(special[:, None], np.where(one, np.where(pos, w(0), w(np.inf)), w(np.nan)), nll)
+    several = np.where(pos, w(np.nan), w(0))
+    p = np.where(special[:, None], np.where(one, pos.astype(x.dtype), several), p)
+    nll = np.where(special[:, None], np.where(pos, np.where(one, w(0), w(np.nan)), w(np.inf)), nll)
+    p = np.where(allneg[:, None], w(np.nan), p)
+    nll = np.where(allneg[:, None], w(np.nan), nll)
     return nll, p
 
 
