@@ -539,9 +539,10 @@ class _Validator:
 
     def gate(self, data, cfg: Config | None):
         """`gate:` -> GatePolicy. `versus` is checked against `cfg`'s implementations (None:
-        not checked). Only the config's own implementations are known here: `--impl` adds
-        custom ones after parsing (cli `_with_flags`), so a `versus` naming one of those is
-        refused here and the check is repeated once the flags are applied."""
+        not checked). Only the config's own implementations (built-in and `custom`) are known
+        here: `--impl` adds custom ones after parsing (cli `_with_flags`), so a `versus` naming
+        one of those is refused here, and `versus` has to be checked again once the flags are
+        applied (the default, torch, is never checked: a run without torch keeps it)."""
         g = data.get("gate", {})
         if not isinstance(g, dict):
             self.fail("gate", f"expected a mapping, got {_typename(g)}", ", ".join(GATE_KEYS + ("losses",)))
