@@ -1,10 +1,14 @@
 """YAML config -> a frozen, validated `Config`. Everything is checked here, once.
 
 Every problem raises `ConfigError` naming the file, the key, the bad value and what is
-allowed; after this module the core trusts its inputs.
+allowed (with the closest allowed spelling when one is close); after this module the core
+trusts its inputs. `Config.as_dict()` writes the input format back, so the configuration a
+report shows "as run" can be run again.
 """
 from __future__ import annotations
 
+import collections
+import difflib
 import itertools
 import math
 import re
@@ -16,7 +20,7 @@ import yaml
 
 from .dtypes import FORMATS
 from .errors import ConfigError
-from .gate import TIMING_MODES, GatePolicy, Thresholds
+from .gate import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds
 from .inputs import DISTRIBUTIONS
 from .losses import LOSSES, OPTION_DEFAULTS
 from .losses.base import REDUCTIONS
@@ -113,10 +117,83 @@ class Config:
             out.append(opts)
         return out
 
+    def all_impls(self) -> tuple[str, ...]:
+        """Every implementation of the run: the built-in ones, then every custom one."""
+        return self.implementations + tuple(c.name for c in self.custom)
+
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("source")
-        return d
+        """The config in the input format (plain lists and mappings, no `source`): what the
+        results file stores and the report prints "as run", and what `config_from_dict` or
+        `parse_config` of its YAML turn back into an equal config."""
+        t = self.timing
+        return {
+            "name": self.name,
+            "description": self.description,
+            "losses": list(self.losses),
+            "implementations": list(self.implementations),
+            "scales": list(self.scales),
+            "batch_sizes": list(self.batch_sizes),
+            "classes": list(self.classes),
+            "dtypes": list(self.dtypes),
+            "devices": list(self.devices),
+            "distributions": list(self.distributions),
+            "seed": self.seed,
+            "timing": {"enabled": t.enabled, "min_run_time": t.min_run_time,
+                       "distributions": list(t.distributions), "scales": list(t.scales)},
+            "thresholds": dict(self.thresholds),
+            "threads": self.threads,
+            "gate": _gate_as_input(self.gate, self.all_impls()),
+            "reductions": list(self.reductions),
+            "weights": list(self.weights),
+            "pos_weights": list(self.pos_weights),
+            "label_smoothing": list(self.label_smoothing),
+            "ignored": list(self.ignored),
+            "targets": list(self.targets),
+            "sequence_lengths": list(self.sequence_lengths),
+            "custom": [{"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api}
+                       for c in self.custom],
+            "timeout": self.timeout,
+        }
+
+
+def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
+    """`gate:` as written in a config: every threshold at top level, and under `losses` only
+    what each loss overrides (an override equal to the default is kept as an empty mapping)."""
+    gate = asdict(policy.default)
+    # The default `versus` (torch) is not checked against the run, an explicit one is: when
+    # torch is not run, writing the default out would make the as-run config invalid input.
+    if gate["versus"] not in impls:
+        del gate["versus"]
+    defaults = asdict(policy.default)
+    gate["losses"] = {loss: {k: v for k, v in asdict(t).items() if v != defaults[k]}
+                      for loss, t in policy.per_loss.items()}
+    return gate
+
+
+def as_input(stored: dict) -> dict:
+    """A results file's `config`, whichever schema wrote it, in the input format.
+
+    Schema 1 and 2 files hold the former `as_dict` (every dataclass field, the gate as
+    `{default: {...}, per_loss: {loss: {...}}}`, per-loss thresholds in full); schema 3 files
+    hold the input format already. Anything else is returned as it is, for the validator (or
+    the report, which prints it) to deal with.
+    """
+    out = {k: v for k, v in stored.items() if k != "source"}
+    gate = out.get("gate")
+    if isinstance(gate, dict) and ("default" in gate or "per_loss" in gate):
+        default = gate.get("default") if isinstance(gate.get("default"), dict) else {}
+        per_loss = gate.get("per_loss") if isinstance(gate.get("per_loss"), dict) else {}
+        out["gate"] = {**default, "losses": {
+            loss: {k: v for k, v in t.items() if k not in default or default[k] != v}
+            if isinstance(t, dict) else t for loss, t in per_loss.items()}}
+    return out
+
+
+def gate_policy(data: dict, source: str = "<results>") -> GatePolicy:
+    """The gate policy of an input-format mapping (see `as_input`), validated as a config's
+    `gate:` is. `versus` is not checked against the implementations here: a stored config
+    was checked when it was run."""
+    return _Validator(source).gate(data, None)
 
 
 KEYS = {
@@ -134,7 +211,9 @@ KEYS = {
     "timing": "mapping with enabled, min_run_time, distributions, scales",
     "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
     "threads": "positive integer: CPU threads for the implementations and timing",
-    "gate": "mapping with bits, ulp, time_factor, timing, losses (per-loss overrides)",
+    "gate": "mapping with bits, ulp (allowed increases), time_factor (>= 1), timing (relative, absolute, off), "
+            "versus (an implementation of the run; default torch), new (custom, all, none), "
+            "min_time (seconds), false_alarm (in (0, 0.5]), losses (per-loss overrides of these)",
     "reductions": "list of none, mean, sum",
     "weights": "list of none, random (per-element weights for binary losses, per-class for cross entropy)",
     "pos_weights": "list of positive numbers (binary losses; 1 means unset)",
@@ -146,7 +225,7 @@ KEYS = {
     "timeout": "seconds one implementation may take at one point, or null for no limit",
 }
 CUSTOM_KEYS = ("name", "function", "losses", "api")
-GATE_KEYS = ("bits", "ulp", "time_factor", "timing")
+GATE_KEYS = ("bits", "ulp", "time_factor", "timing", "versus", "new", "min_time", "false_alarm")
 TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
 
@@ -170,14 +249,73 @@ def load_config(path: str | Path | None = None) -> Config:
     return parse_config(text, str(path))
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, path: str, first: int, second: int):
+        super().__init__(path)
+        self.path, self.first, self.second = path, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    silently keeps the last one, so `dtypes:` written twice ran only the second list."""
+
+    def construct_document(self, node):
+        _check_duplicate_keys(self, node)
+        return super().construct_document(node)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    """Raise `_DuplicateKey` for the first mapping (in breadth-first order, so top-level keys
+    first) that holds a key twice. Checked on the composed nodes, before PyYAML flattens merge
+    keys: a key merged in with `<<: *anchor` and given explicitly too is an override, not a
+    duplicate. Iterative, and each node once: aliases may make the node graph cyclic."""
+    queue = collections.deque([(root, "")])
+    seen: set[int] = set()
+    while queue:
+        node, path = queue.popleft()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            queue.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    queue.append((value_node, path))
+                    continue
+                # Keys as constructed, so that `1` and `0x1` (or `a` and `"a"`) are one key.
+                key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                child = f"{path}.{key}" if path else str(key)
+                line = key_node.start_mark.line + 1
+                if key is not None:
+                    if key in lines:
+                        raise _DuplicateKey(child, lines[key], line)
+                    lines[key] = line
+                queue.append((value_node, child))
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate a config given as YAML text; `source` names it in error messages."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        lines = f"lines {e.first} and {e.second}" if e.first != e.second else f"twice on line {e.first}"
+        raise ConfigError(source, e.path, f"duplicate key ({lines})", "each key once") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(e, "problem", None) or "syntax error"
         raise ConfigError(source, "", f"invalid YAML{at}: {problem}") from None
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data, source: str = "<config>") -> Config:
+    """Validate a config given as an already-parsed mapping (what `parse_config` makes of the
+    YAML, or `Config.as_dict()`): code holding a dict need not write YAML. Lists may be tuples."""
     if not isinstance(data, dict):
         raise ConfigError(source, "", f"expected a mapping of keys at top level, got {_typename(data)}",
                           ", ".join(KEYS))
@@ -187,7 +325,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 def _build(data: dict, source: str) -> Config:
     unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise ConfigError(source, str(unknown[0]), "unknown key", ", ".join(KEYS))
+        raise ConfigError(source, str(unknown[0]), "unknown key" + _suggest(unknown[0], KEYS), ", ".join(KEYS))
     for required in ("name", "losses", "scales", "batch_sizes", "dtypes", "distributions"):
         if required not in data:
             raise ConfigError(source, required, "missing", KEYS[required])
@@ -213,7 +351,6 @@ def _build(data: dict, source: str) -> Config:
         timing=v.timing(data),
         thresholds=v.thresholds(data),
         threads=v.integer(data, "threads", None, minimum=1),
-        gate=v.gate(data),
         reductions=v.choices(data, "reductions", REDUCTIONS, ("mean",)),
         weights=v.choices(data, "weights", WEIGHT_KINDS, ("none",)),
         pos_weights=v.numbers(data, "pos_weights", positive=True, default=(1.0,)),
@@ -225,7 +362,22 @@ def _build(data: dict, source: str) -> Config:
         timeout=v.timeout(data),
         source=source,
     )
-    return cfg
+    # The gate last: `versus` must name one of the run's implementations, custom ones included.
+    return replace(cfg, gate=v.gate(data, cfg))
+
+
+def _suggest(value, allowed) -> str:
+    """' (did you mean 'x'?)' naming the allowed value closest to `value`, as Click does for
+    options (difflib, its default cutoff); equally close ones are all named ('float61' is as
+    close to float64 as to float16); '' when none is close."""
+    if not isinstance(value, str):
+        return ""
+    names = [str(a) for a in allowed]
+    scores = {n: difflib.SequenceMatcher(None, value, n).ratio() for n in difflib.get_close_matches(value, names)}
+    if not scores:
+        return ""
+    best = [n for n in names if scores.get(n) == max(scores.values())]
+    return " (did you mean " + " or ".join(repr(n) for n in best) + "?)"
 
 
 def _typename(x) -> str:
@@ -246,7 +398,7 @@ class _Validator:
         if key not in data:
             return default
         value = data[key]
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, (list, tuple)) or not value:
             self.fail(key, f"expected a non-empty list, got {_typename(value)} {value!r}", KEYS[key])
         return value
 
@@ -270,7 +422,7 @@ class _Validator:
         values = self._list(data, key, default)
         for value in values:
             if value not in allowed:
-                self.fail(key, f"unknown value {value!r}", ", ".join(allowed))
+                self.fail(key, f"unknown value {value!r}{_suggest(value, allowed)}", ", ".join(allowed))
         if len(set(values)) != len(values):
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
@@ -316,7 +468,7 @@ class _Validator:
         entries = data.get("custom", [])
         if entries is None:
             return ()
-        if not isinstance(entries, list):
+        if not isinstance(entries, (list, tuple)):
             self.fail("custom", f"expected a list of mappings, got {_typename(entries)}")
         out = []
         for i, e in enumerate(entries):
@@ -328,7 +480,7 @@ class _Validator:
                           ", ".join(CUSTOM_KEYS))
             for k in e:
                 if k not in CUSTOM_KEYS:
-                    self.fail(f"{where}.{k}", "unknown key", ", ".join(CUSTOM_KEYS))
+                    self.fail(f"{where}.{k}", "unknown key" + _suggest(k, CUSTOM_KEYS), ", ".join(CUSTOM_KEYS))
             out.append(custom_spec(e.get("function"), e.get("name"), e.get("losses", []), e.get("api", "torch"),
                                    self.source, where))
         names = [c.name for c in out]
@@ -354,7 +506,7 @@ class _Validator:
             self.fail("timing", f"expected a mapping or true/false, got {_typename(t)}", ", ".join(TIMING_KEYS))
         for k in t:
             if k not in TIMING_KEYS:
-                self.fail(f"timing.{k}", "unknown key", ", ".join(TIMING_KEYS))
+                self.fail(f"timing.{k}", "unknown key" + _suggest(k, TIMING_KEYS), ", ".join(TIMING_KEYS))
         base = TimingConfig()
         enabled = t.get("enabled", base.enabled)
         if not isinstance(enabled, bool):
@@ -366,7 +518,8 @@ class _Validator:
         dists = tuple(self._sublist(t, "distributions", base.distributions, ", ".join(DISTRIBUTIONS)))
         for d in dists:
             if d not in DISTRIBUTIONS:
-                self.fail("timing.distributions", f"unknown value {d!r}", ", ".join(DISTRIBUTIONS))
+                self.fail("timing.distributions", f"unknown value {d!r}{_suggest(d, DISTRIBUTIONS)}",
+                          ", ".join(DISTRIBUTIONS))
         scales = []
         for s in self._sublist(t, "scales", base.scales, "positive numbers from `scales`"):
             n = _as_number(s)
@@ -384,39 +537,62 @@ class _Validator:
             self.fail(f"timing.{key}", f"expected a list, got {_typename(value)} {value!r}", allowed)
         return value
 
-    def gate(self, data):
+    def gate(self, data, cfg: Config | None):
+        """`gate:` -> GatePolicy. `versus` is checked against `cfg`'s implementations (None:
+        not checked). Only the config's own implementations (built-in and `custom`) are known
+        here: `--impl` adds custom ones after parsing (cli `_with_flags`), so a `versus` naming
+        one of those is refused here, and `versus` has to be checked again once the flags are
+        applied (the default, torch, is never checked: a run without torch keeps it)."""
         g = data.get("gate", {})
         if not isinstance(g, dict):
             self.fail("gate", f"expected a mapping, got {_typename(g)}", ", ".join(GATE_KEYS + ("losses",)))
-        default = self._thresholds_of(g, "gate", Thresholds(), extra=("losses",))
+        default = self._thresholds_of(g, "gate", Thresholds(), cfg.all_impls() if cfg else None,
+                                      extra=("losses",))
         per_loss = {}
         losses = g.get("losses", {})
         if not isinstance(losses, dict):
             self.fail("gate.losses", f"expected a mapping loss -> thresholds, got {_typename(losses)}")
         for loss, overrides in losses.items():
             if loss not in LOSSES:
-                self.fail(f"gate.losses.{loss}", "unknown loss", ", ".join(LOSSES))
+                self.fail(f"gate.losses.{loss}", "unknown loss" + _suggest(loss, LOSSES), ", ".join(LOSSES))
             if not isinstance(overrides, dict):
                 self.fail(f"gate.losses.{loss}", f"expected a mapping, got {_typename(overrides)}",
                           ", ".join(GATE_KEYS))
-            per_loss[loss] = self._thresholds_of(overrides, f"gate.losses.{loss}", default)
+            # A loss's own `versus` must be run for that loss (a custom one may apply to others only).
+            per_loss[loss] = self._thresholds_of(overrides, f"gate.losses.{loss}", default,
+                                                 cfg.impls_for(loss) if cfg else None)
         return GatePolicy(default, per_loss)
 
-    def _thresholds_of(self, g: dict, where: str, base: Thresholds, extra=()) -> Thresholds:
+    def _thresholds_of(self, g: dict, where: str, base: Thresholds, impls, extra=()) -> Thresholds:
         for k in g:
             if k not in GATE_KEYS + extra:
-                self.fail(f"{where}.{k}", "unknown key", ", ".join(GATE_KEYS + extra))
+                self.fail(f"{where}.{k}", "unknown key" + _suggest(k, GATE_KEYS + extra), ", ".join(GATE_KEYS + extra))
         values = {}
-        for k, lo in (("bits", 0.0), ("ulp", 0.0), ("time_factor", 1.0)):
+        for k, lo in (("bits", 0.0), ("ulp", 0.0), ("time_factor", 1.0), ("min_time", 0.0)):
             if k in g:
                 n = _as_number(g[k])
                 if n is None or not math.isfinite(n) or n < lo:
-                    self.fail(f"{where}.{k}", f"bad value {g[k]!r}", f"a finite number >= {lo:g}")
+                    self.fail(f"{where}.{k}", f"bad value {g[k]!r}",
+                              "seconds >= 0" if k == "min_time" else f"a finite number >= {lo:g}")
                 values[k] = n
-        if "timing" in g:
-            if g["timing"] not in TIMING_MODES:
-                self.fail(f"{where}.timing", f"unknown value {g['timing']!r}", ", ".join(TIMING_MODES))
-            values["timing"] = g["timing"]
+        if "false_alarm" in g:
+            n = _as_number(g["false_alarm"])
+            # Above 0.5 a "regression" would be likelier a false alarm than not.
+            if n is None or not (0 < n <= 0.5):
+                self.fail(f"{where}.false_alarm", f"bad value {g['false_alarm']!r}", "a probability in (0, 0.5]")
+            values["false_alarm"] = n
+        for k, modes in (("timing", TIMING_MODES), ("new", NEW_MODES)):
+            if k in g:
+                if g[k] not in modes:
+                    self.fail(f"{where}.{k}", f"unknown value {g[k]!r}{_suggest(g[k], modes)}", ", ".join(modes))
+                values[k] = g[k]
+        if "versus" in g:
+            versus = g["versus"]
+            if not isinstance(versus, str) or (impls is not None and versus not in impls):
+                allowed = ", ".join(impls) if impls is not None else "an implementation of the run"
+                self.fail(f"{where}.versus", f"{versus!r} is not an implementation of the run"
+                          + (_suggest(versus, impls) if impls is not None else ""), allowed)
+            values["versus"] = versus
         return replace(base, **values)
 
     def thresholds(self, data):
@@ -426,7 +602,7 @@ class _Validator:
         out = {}
         for k, value in t.items():
             if k not in FORMATS:
-                self.fail(f"thresholds.{k}", "unknown dtype", ", ".join(FORMATS))
+                self.fail(f"thresholds.{k}", "unknown dtype" + _suggest(k, FORMATS), ", ".join(FORMATS))
             n = _as_number(value)
             if n is None or not (0 < n <= FORMATS[k].significand_bits):
                 self.fail(f"thresholds.{k}", f"bad value {value!r}",
@@ -451,10 +627,13 @@ def custom_spec(function, name=None, losses=(), api="torch", source="<command li
         fail("name", f"{name!r} is a built-in implementation's name", "another name (e.g. my_" + name + ")")
     if isinstance(losses, str):
         losses = [losses]
-    if not isinstance(losses, (list, tuple)) or any(x not in LOSSES for x in losses):
+    if not isinstance(losses, (list, tuple)) or any(not isinstance(x, str) for x in losses):
         fail("losses", f"bad value {losses!r}", "a list of " + ", ".join(LOSSES))
+    for x in losses:
+        if x not in LOSSES:
+            fail("losses", f"unknown value {x!r}{_suggest(x, LOSSES)}", "a list of " + ", ".join(LOSSES))
     if api not in CUSTOM_APIS:
-        fail("api", f"unknown value {api!r}", ", ".join(CUSTOM_APIS))
+        fail("api", f"unknown value {api!r}{_suggest(api, CUSTOM_APIS)}", ", ".join(CUSTOM_APIS))
     return CustomSpec(name=name, function=function, losses=tuple(losses), api=api)
 
 

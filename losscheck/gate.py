@@ -542,10 +542,14 @@ def unstable_timings(data: dict, versus: str = "torch") -> list[str]:
 
 
 def policy_from_config(config: dict) -> GatePolicy:
-    """The gate policy stored in a results file's `config` (defaults where absent)."""
-    g = config.get("gate") or {}
+    """The gate policy stored in a results file's `config` (defaults where absent): in the
+    input format (schema 3) or the former `{default, per_loss}` one (schema 1 and 2), read
+    through `config.as_input` and validated as a config's `gate:` is. A stored gate that does
+    not validate (a hand-edited file) falls back to the defaults, as before."""
+    # Imported here: config imports this module (Thresholds, GatePolicy) at its top.
+    from .config import as_input, gate_policy
+    from .errors import ConfigError
     try:
-        default = Thresholds(**g.get("default", {}))
-        return GatePolicy(default, {k: Thresholds(**v) for k, v in g.get("per_loss", {}).items()})
-    except (TypeError, ValueError):
+        return gate_policy(as_input(config))
+    except ConfigError:
         return GatePolicy()

@@ -489,13 +489,17 @@ def _all_points(records: list[dict]) -> str:
 
 
 def _footer(results: dict) -> str:
+    # Imported here: the rest of this module does not need the config's validator.
+    from .config import as_input
     env = results.get("environment", {})
-    cfg = dict(results.get("config", {}))
+    # In the input format whichever schema wrote the file, so that the block can be run again.
+    cfg = as_input(results.get("config", {}))
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a}: {b}" for a, b in v.items())]
                 for k, v in env.items()]
     return "\n\n".join([
         "## Configuration (as run)",
-        "```yaml\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None).rstrip() + "\n```",
+        "```yaml\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, allow_unicode=True).rstrip()
+        + "\n```",
         "## Environment",
         tabulate(env_rows, headers=["", ""], tablefmt="github"),
         f"Reproduce: `{results.get('command', 'losscheck bench')}`",

@@ -304,3 +304,167 @@ def test_valid_config_with_random_overrides_gives_config_or_config_error(overrid
 @given(st.text(_chars, max_size=80))
 def test_random_text_gives_config_or_config_error(text):
     _check_outcome(text)
+
+
+# ---- duplicate keys: an error naming both lines (PyYAML would keep the last silently) ------------
+
+TEXT = """\
+name: t
+losses: [bce, cross_entropy]
+scales: [1, 100]
+dtypes: [float32]
+batch_sizes: [8]
+distributions: [normal]
+"""
+
+
+@pytest.mark.parametrize("extra, key, lines", [
+    ("dtypes: [float16]\n", "dtypes", "lines 4 and 7"),
+    ("gate:\n  bits: 1\n  ulp: 2\n  bits: 3\n", "gate.bits", "lines 8 and 10"),
+    ("timing:\n  enabled: true\n  min_run_time: 0.1\n  enabled: false\n", "timing.enabled", "lines 8 and 10"),
+    ("custom:\n  - name: a\n    function: a.py:f\n  - name: b\n    function: b.py:f\n    name: c\n",
+     "custom[1].name", "lines 10 and 12"),
+    ("gate:\n  losses:\n    bce: {bits: 1}\n    bce: {ulp: 1}\n", "gate.losses.bce", "lines 9 and 10"),
+    ("gate: {losses: {bce: {bits: 1, bits: 2}}}\n", "gate.losses.bce.bits", "twice on line 7"),
+    # Two spellings of one key are one key.
+    ("thresholds:\n  float32: 4\n  'float32': 5\n", "thresholds.float32", "lines 8 and 9"),
+])
+def test_duplicate_key_names_both_lines(extra, key, lines):
+    msg = str(config_error(TEXT + extra))
+    assert msg == f"{SOURCE}: key '{key}': duplicate key ({lines}); allowed: each key once"
+
+
+def test_duplicate_top_level_key_is_reported_before_nested_ones():
+    msg = str(config_error(TEXT + "gate: {bits: 1, bits: 2}\nname: u\n"))
+    assert msg.startswith(f"{SOURCE}: key 'name': duplicate key (lines 1 and 8)")
+
+
+def test_merge_keys_still_work_and_an_explicit_key_overrides_a_merged_one():
+    cfg = parse_config(TEXT + "gate:\n  losses:\n    bce: &strict {bits: 1, ulp: 2}\n"
+                              "    cross_entropy:\n      <<: *strict\n      bits: 5\n", SOURCE)
+    assert (cfg.gate.for_loss("bce").bits, cfg.gate.for_loss("bce").ulp) == (1.0, 2.0)
+    assert (cfg.gate.for_loss("cross_entropy").bits, cfg.gate.for_loss("cross_entropy").ulp) == (5.0, 2.0)
+    # Inside the merged mapping itself a key twice is still a duplicate.
+    assert "key 'gate.bits': duplicate key" in str(config_error(TEXT + "gate:\n  <<: {bits: 1, bits: 2}\n"))
+
+
+def test_an_alias_cycle_is_not_walked_forever():
+    assert "unknown key" in str(config_error(TEXT + "loop: &a [*a]\n"))
+
+
+def test_duplicate_key_from_the_command_line_is_one_line_exit_2(runner, tmp_path):
+    from helpers import assert_one_error_line
+    from losscheck.cli import main
+    path = tmp_path / "x.yaml"
+    path.write_text(TEXT + "dtypes: [float16]\n")
+    result = runner.invoke(main, ["bench", str(path), "--out", str(tmp_path / "out")])
+    assert_one_error_line(result, f"{path}: key 'dtypes': duplicate key (lines 4 and 7); allowed: each key once")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- unknown keys and values: the closest valid one is suggested (difflib, as Click) -------------
+
+SUGGESTIONS = {
+    "top-level key": ({"dtype": ["float32"]}, "dtype", "unknown key (did you mean 'dtypes'?)"),
+    "loss": ({"losses": ["bec"]}, "losses", "unknown value 'bec' (did you mean 'bce'?)"),
+    "implementation": ({"implementations": ["stabel"]}, "implementations", "(did you mean 'stable'?)"),
+    # float61 is one edit from float64 and from float16 alike: both are named.
+    "dtype": ({"dtypes": ["float61"]}, "dtypes", "(did you mean 'float64' or 'float16'?)"),
+    "dtype case": ({"dtypes": ["Float32"]}, "dtypes", "(did you mean 'float32'?)"),
+    "distribution": ({"distributions": ["extrem"]}, "distributions", "(did you mean 'extreme'?)"),
+    "reduction": ({"reductions": ["meen"]}, "reductions", "(did you mean 'mean'?)"),
+    "weight": ({"weights": ["randon"]}, "weights", "(did you mean 'random'?)"),
+    "target": ({"targets": ["sof"]}, "targets", "(did you mean 'soft'?)"),
+    "timing key": ({"timing": {"min_runtime": 1}}, "timing.min_runtime", "(did you mean 'min_run_time'?)"),
+    "timing distribution": ({"timing": {"distributions": ["normol"]}}, "timing.distributions",
+                            "unknown value 'normol' (did you mean 'normal'?)"),
+    "threshold dtype": ({"thresholds": {"bfloat": 3}}, "thresholds.bfloat", "unknown dtype (did you mean 'bfloat16'?)"),
+    "gate key": ({"gate": {"bitz": 1}}, "gate.bitz", "unknown key (did you mean 'bits'?)"),
+    "gate timing": ({"gate": {"timing": "relativ"}}, "gate.timing", "(did you mean 'relative'?)"),
+    "gate new": ({"gate": {"new": "customs"}}, "gate.new", "unknown value 'customs' (did you mean 'custom'?)"),
+    "gate versus": ({"gate": {"versus": "torc"}}, "gate.versus", "(did you mean 'torch'?)"),
+    "gate loss": ({"gate": {"losses": {"cross_entropi": {}}}}, "gate.losses.cross_entropi",
+                  "unknown loss (did you mean 'cross_entropy'?)"),
+    "gate per-loss key": ({"gate": {"losses": {"bce": {"false_alarms": 0.1}}}}, "gate.losses.bce.false_alarms",
+                          "(did you mean 'false_alarm'?)"),
+    "custom key": ({"custom": [{"function": "a.py:f", "apis": "numpy"}]}, "custom[0].apis", "(did you mean 'api'?)"),
+    "custom api": ({"custom": [{"function": "a.py:f", "api": "nump"}]}, "custom[0].api", "(did you mean 'numpy'?)"),
+    "custom loss": ({"custom": [{"function": "a.py:f", "losses": ["bce_logits"]}]}, "custom[0].losses",
+                    "(did you mean 'bce_with_logits'?)"),
+}
+
+
+@pytest.mark.parametrize("overrides, key, fragment", list(SUGGESTIONS.values()), ids=list(SUGGESTIONS))
+def test_unknown_key_or_value_suggests_the_closest(overrides, key, fragment):
+    msg = str(config_error(text_of(overrides)))
+    assert msg.startswith(f"{SOURCE}: key '{key}': "), msg
+    assert fragment in msg.split("; allowed: ")[0], msg
+    assert "; allowed: " in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("overrides", [{"colour": "red"}, {"dtypes": ["int8"]}, {"distributions": ["gaussian"]},
+                                       {"gate": {"new": "everything"}}, {"timing": {"warmup": 1}},
+                                       {"dtypes": [16]}])
+def test_no_suggestion_when_nothing_is_close(overrides):
+    msg = str(config_error(text_of(overrides)))
+    assert "did you mean" not in msg and "; allowed: " in msg, msg
+
+
+# ---- the gate keys of issue 12: versus, new, min_time, false_alarm --------------------------------
+
+def test_gate_keys_are_described_in_keys():
+    from losscheck.config import GATE_KEYS
+    assert {"versus", "new", "min_time", "false_alarm"} <= set(GATE_KEYS)
+    assert all(k in KEYS["gate"] for k in GATE_KEYS + ("losses",))
+
+
+def test_new_gate_keys_default_and_parse():
+    from losscheck.gate import Thresholds
+    assert parse_config(text_of(), SOURCE).gate.default == Thresholds()
+    assert (Thresholds().versus, Thresholds().new, Thresholds().min_time, Thresholds().false_alarm) == (
+        "torch", "custom", 5e-5, 0.01)
+    cfg = parse_config(text_of({"gate": {"versus": "stable", "new": "all", "min_time": "1e-4", "false_alarm": 0.5,
+                                         "losses": {"bce": {"new": "none", "versus": "naive", "min_time": 0,
+                                                            "false_alarm": 1e-3}}}}), SOURCE)
+    assert cfg.gate.default == Thresholds(versus="stable", new="all", min_time=1e-4, false_alarm=0.5)
+    assert cfg.gate.for_loss("bce") == Thresholds(versus="naive", new="none", min_time=0.0, false_alarm=1e-3)
+    assert cfg.gate.for_loss("cross_entropy") == cfg.gate.default
+
+
+@pytest.mark.parametrize("gate, key, fragment, allowed", [
+    ({"new": "some"}, "gate.new", "unknown value 'some'", "custom, all, none"),
+    ({"min_time": -1e-6}, "gate.min_time", "bad value -1e-06", "seconds >= 0"),
+    ({"min_time": ".inf"}, "gate.min_time", "bad value '.inf'", "seconds >= 0"),
+    ({"false_alarm": 0}, "gate.false_alarm", "bad value 0", "a probability in (0, 0.5]"),
+    ({"false_alarm": 0.51}, "gate.false_alarm", "bad value 0.51", "(0, 0.5]"),
+    ({"false_alarm": "often"}, "gate.false_alarm", "bad value 'often'", "(0, 0.5]"),
+    ({"losses": {"bce": {"false_alarm": 1}}}, "gate.losses.bce.false_alarm", "bad value 1", "(0, 0.5]"),
+    ({"losses": {"bce": {"new": True}}}, "gate.losses.bce.new", "unknown value True", "custom, all, none"),
+    ({"versus": "jax"}, "gate.versus", "'jax' is not an implementation of the run", "naive, stable, torch"),
+    ({"versus": 3}, "gate.versus", "3 is not an implementation of the run", "naive, stable, torch"),
+])
+def test_bad_new_gate_values(gate, key, fragment, allowed):
+    msg = str(config_error(text_of({"gate": gate})))
+    assert msg.startswith(f"{SOURCE}: key '{key}': "), msg
+    assert fragment in msg and msg.endswith(allowed), msg
+
+
+def test_versus_must_be_one_of_the_run_implementations():
+    # Built-in ones not in `implementations` are not run.
+    e = config_error(text_of({"implementations": ["naive", "stable"], "gate": {"versus": "torch"}}))
+    assert str(e) == (f"{SOURCE}: key 'gate.versus': 'torch' is not an implementation of the run; "
+                      "allowed: naive, stable")
+    # Left out, the default (torch) is accepted whatever is run.
+    assert parse_config(text_of({"implementations": ["naive"]}), SOURCE).gate.default.versus == "torch"
+    # A custom implementation of the config may be named.
+    custom = [{"name": "mine", "function": "a.py:f", "losses": ["bce"]}]
+    cfg = parse_config(text_of({"custom": custom, "gate": {"versus": "mine"}}), SOURCE)
+    assert cfg.gate.default.versus == "mine"
+    # Per loss: the implementation must run for that loss (mine is bce only).
+    ok = parse_config(text_of({"custom": custom, "gate": {"losses": {"bce": {"versus": "mine"}}}}), SOURCE)
+    assert ok.gate.for_loss("bce").versus == "mine"
+    msg = str(config_error(text_of({"custom": custom, "gate": {"losses": {"cross_entropy": {"versus": "mine"}}}})))
+    assert msg == (f"{SOURCE}: key 'gate.losses.cross_entropy.versus': 'mine' is not an implementation of the run; "
+                   "allowed: naive, stable, torch")
+    # Only the config's own implementations are known when it is parsed (--impl comes later).
+    assert "'gate.versus': 'bce' is not" in str(config_error(text_of({"gate": {"versus": "bce"}})))
