@@ -31,7 +31,7 @@ from . import reference as R
 from .config import BUILTIN_IMPLS, parse_config
 from .dtypes import FORMATS
 from .losses import LOSSES, Loss, reference
-from .metrics import ulp_distance, ulp_threshold
+from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
 
 # The section headers, in order (the tests look for them).
 SECTIONS = (
@@ -517,9 +517,10 @@ def _probe_tensors(loss: Loss, probe: Probe, dtype: torch.dtype):
 
 def _judge(value: torch.Tensor, ref: torch.Tensor, threshold_bits: float) -> str:
     v = float(value)
-    bits = math.log2(1 + float(ulp_distance(value.reshape(1), ref.reshape(1))[0]))
+    ulp = float(ulp_distance(value.reshape(1), ref.reshape(1))[0])
+    bits = metric_bits(ulp, value.dtype)  # capped at the precision (docs/METRICS.md)
     text = _fmt_value(v)
-    if not math.isfinite(bits):
+    if not math.isfinite(ulp):
         return f"{text} ✗"
     if bits > threshold_bits:
         return f"{text} ✗ ({bits:.1f} bits off)"

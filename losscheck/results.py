@@ -19,7 +19,9 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       the environment records what decides kernel choice (`cpu_capability`, `torch_build`,
       GPU names, `threads`); a merged file names its `missing_shards`. Version 1 and 2 files
       are read as version 3: the missing counts are unknown (absent), their findings are
-      derived on load.
+      derived on load. From version 3 `config` is stored in the input format (valid YAML
+      input for `losscheck bench`); version 1-2 files hold the former dataclass dump (`gate:
+      {default, per_loss}`), which `config.as_input` turns into the input format.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -247,7 +249,15 @@ MERGE_CHECKED = ("torch", "numpy", "python", "losscheck")
 
 
 def same_config(a: dict, b: dict) -> bool:
-    return json.dumps(_encode(a), sort_keys=True) == json.dumps(_encode(b), sort_keys=True)
+    """Whether two stored configs describe the same run, whichever schema wrote them (schema
+    1-2 files store the former `as_dict` format, see `config.as_input`)."""
+    from .config import as_input, config_from_dict  # config imports gate, which imports this module
+    from .errors import ConfigError
+
+    try:
+        return config_from_dict(as_input(a), "<a>") == config_from_dict(as_input(b), "<a>")
+    except ConfigError:  # not a valid config (a damaged file): compare the stored text
+        return json.dumps(_encode(a), sort_keys=True) == json.dumps(_encode(b), sort_keys=True)
 
 
 def merge(parts: list[tuple[str, dict]]) -> dict:
