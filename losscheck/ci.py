@@ -16,16 +16,22 @@ from .gate import Comparison, Remeasure, compare, policy_from_config, unstable_t
 
 def check(baseline_path: str | Path, current: dict, current_path: str | Path, overrides: dict,
           markdown_path: str | Path | None = None, junit_path: str | Path | None = None,
-          remeasure: Remeasure | None = None, allow_missing: bool = False) -> tuple[Comparison, str]:
+          remeasure: Remeasure | None = None, allow_missing: bool = False,
+          losses: tuple[str, ...] = ()) -> tuple[Comparison, str]:
     """Compare, render, write. `remeasure`: re-times suspected slowdowns in this process
-    (`bench --baseline`); without it (`compare` of two files) the first measurement decides."""
+    (`bench --baseline`); without it (`compare` of two files) the first measurement decides.
+    `losses`: the run was restricted to these (`bench --loss`): the baseline's other losses
+    were not asked for, so they are not missing."""
     baseline = results.load(baseline_path)
+    if losses:
+        baseline["records"] = [r for r in baseline["records"] if r["loss"] in losses]
     for path, data in ((baseline_path, baseline), (current_path, current)):
         if data.get("complete") is False:
             raise LosscheckError(f"{path}: the run was interrupted (complete: false); "
                                  "the gate compares complete runs only")
     policy = policy_from_config(current.get("config", {})).with_overrides(**overrides)
     comparison = compare(baseline, current, policy, remeasure, allow_missing)
+    comparison.selected_losses = tuple(losses)
     if baseline.get("config", {}).get("seed") != current.get("config", {}).get("seed"):
         comparison.env_differences["seed"] = (baseline["config"].get("seed"), current["config"].get("seed"))
     markdown = render_markdown(comparison, policy, str(baseline_path), str(current_path))

@@ -83,11 +83,11 @@ class ShardType(click.ParamType):
 
 
 def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path,
-          allow_missing: bool = False, remeasure=None) -> None:
+          allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = ()) -> None:
     """Compare, print the Markdown, exit 1 on regression."""
     markdown_path = current_path.with_suffix(".compare.md")
     comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
-                                    remeasure, allow_missing)
+                                    remeasure, allow_missing, losses)
     click.echo(markdown, nl=False)
     click.echo(f"comparison written to {markdown_path}", err=True)
     if comparison.failed:
@@ -162,7 +162,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
     if baseline:
         # Suspected slowdowns are re-measured here, in the same run, before they are called.
         _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
-              junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads))
+              junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads), only_losses)
 
 
 @main.command("compare")

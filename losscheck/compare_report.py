@@ -28,7 +28,9 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
         f"{len(c.only_baseline)} point(s) missing from the current run"
         + (" (allowed)" if c.only_baseline and c.allow_missing else " (a failure)" if c.only_baseline else "")
         + f", {len(c.only_current)} only in the current run ({len(c.versus_of)} judged against the same run, "
-        f"{len(c.not_gated)} not gated), {not_run} not run (skipped or errored: not passed).",
+        f"{len(c.not_gated)} not gated), {not_run} not run (skipped or errored: not passed)."
+        + (f" Baseline restricted to the losses run (--loss {', '.join(c.selected_losses)})."
+           if c.selected_losses else ""),
         _summary_table(c),
         f"Baseline `{baseline_path}` ({c.baseline_meta.get('created')}, git {c.baseline_meta.get('git_revision')}) "
         f"· current `{current_path}` ({c.current_meta.get('created')}, git {c.current_meta.get('git_revision')})",
@@ -93,6 +95,8 @@ def _summary_table(c: Comparison) -> str:
         name = f"{r['impl']} (custom)" if r["kind"] == "custom" else r["impl"]
         worst = r["worst"]
         worst_text = "—" if worst is None else f"{worst.why} ({', '.join(map(str, _point(worst.key)[2:8]))})"
+        if worst is None and r["missing"]:
+            worst_text = f"{r['missing']} point(s) missing from the current run"
         rows.append([name, r["against"], r["judged"], r["not_judged"] + r["missing"], r["regressions"],
                      _short(worst_text, 120), f"**{r['verdict']}**" if r["verdict"] == "FAIL" else r["verdict"]])
     return tabulate(rows, headers=["implementation", "judged against", "points judged", "not judged",

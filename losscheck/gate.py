@@ -141,6 +141,7 @@ class Comparison:
     kinds: dict[str, str] = field(default_factory=dict)  # implementation -> kind
     allow_missing: bool = False
     timing: TimingSummary = field(default_factory=TimingSummary)
+    selected_losses: tuple[str, ...] = ()  # the baseline was restricted to these (bench --loss)
 
     @property
     def regressions(self) -> list[Verdict]:
@@ -315,14 +316,15 @@ def _compare_point(b: dict, c: dict, t: Thresholds, k: tuple, versus: str | None
     nb, nc = _nonfinite(b), _nonfinite(c)
     where = "" if versus is None else f" (vs {versus})"
     if nc > nb:
+        # NaN anywhere the reference is not NaN, ±inf where it is finite (docs/METRICS.md "Overflow").
         out.append(Verdict(k, "overflow", "regression", str(nb), str(nc),
-                           f"{nc - nb} more non-finite value(s) where the reference is finite{where}", math.inf))
+                           f"{nc - nb} more NaN/±inf value(s) than the {other}", math.inf))
     elif nc < nb:
         out.append(Verdict(k, "overflow", "improvement", str(nb), str(nc), f"{nb - nc} fewer non-finite values"))
     ub, uc = _underflows(b), _underflows(c)
     if ub is not None and uc is not None and uc > ub:
         out.append(Verdict(k, "accuracy", "regression", str(ub), str(uc),
-                           f"{uc - ub} more result(s) flushed to zero where the reference is not{where}", 1.0))
+                           f"{uc - ub} more result(s) flushed to zero than the {other}", 1.0))
     for section, label in (("forward", "forward max bits"), ("backward", "gradient max bits")):
         # A gradient not measured (a numpy implementation without one) has nothing to compare.
         out += _worse(k, label, (b[section] or {}).get("max_bits"), (c[section] or {}).get("max_bits"),
