@@ -220,10 +220,10 @@ def test_bench_loss_restricts_the_baseline_to_the_losses_run(runner, tmp_path):
     cfg.write_text(QUICK_BCE.replace("losses: [bce_with_logits]", "losses: [bce, bce_with_logits]"))
     ran = runner.invoke(main, ["bench", str(cfg), "--out", str(tmp_path / "a"), "--no-progress", "--no-plots"])
     assert ran.exit_code == 0
-    base = tmp_path / "a" / "two.json"
+    base = tmp_path / "a" / "q.json"
     one = runner.invoke(main, ["bench", str(cfg), "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
                                "--loss", "bce", "--baseline", str(base)])
     assert one.exit_code == 0, one.stdout
     assert "0 point(s) missing" in one.stdout and "Baseline restricted to the losses run (--loss bce)" in one.stdout
     # compare of the same files has no --loss: the other loss's points are missing, a failure.
-    assert runner.invoke(main, ["compare", str(base), str(tmp_path / "b" / "two.json")]).exit_code == 1
+    assert runner.invoke(main, ["compare", str(base), str(tmp_path / "b" / "q.json")]).exit_code == 1
