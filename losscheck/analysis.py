@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .dtypes import FORMATS
 from .metrics import ulp_threshold
 
 
@@ -71,8 +72,24 @@ def breaks(record: dict) -> str | None:
         return "bwd non-finite"
     r = f.get("reduced_ulp")
     if r is not None and r > ulp_threshold(record["threshold_bits"]):
-        return f"mean {math.log2(1 + r):.0f} bits off"
+        return f"mean {bits_phrase(math.log2(1 + r), record['dtype'])}"
     return None
+
+
+def bits_phrase(bits: float, dtype: str) -> str:
+    """Bits of error as a report says them: never more than the format's precision p
+    (METRICS.md: bits = min(log2(1 + ulp), p)); "all bits lost" at p."""
+    p = FORMATS[dtype].significand_bits if dtype in FORMATS else None
+    if p is not None and bits >= p:
+        return "all bits lost"
+    return f"{bits:.0f} bits off"
+
+
+def capped(bits, dtype: str):
+    """Finite bits capped at p (a non-finite value, the mark of a NaN/inf result, is kept)."""
+    if bits is None or not isinstance(bits, (int, float)) or not math.isfinite(bits) or dtype not in FORMATS:
+        return bits
+    return min(bits, FORMATS[dtype].significand_bits)
 
 
 def silently_saturated(record: dict) -> bool:
@@ -191,10 +208,11 @@ def _measure(record: dict, section: str, key: str) -> float:
     s = record[section]
     if s is None:  # a gradient not measured: neither better nor worse
         return math.nan
+    # Bits capped at p (METRICS.md): two results with no correct bit left are equally wrong.
     if key == "reduced_bits":
         r = s.get("reduced_ulp")
-        return math.log2(1 + r) if r is not None else 0.0
-    return s[key]
+        return capped(math.log2(1 + r), record["dtype"]) if r is not None else 0.0
+    return capped(s[key], record["dtype"])
 
 
 def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tuple, Versus]:
