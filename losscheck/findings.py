@@ -43,7 +43,7 @@ The kinds, from those facts:
 * `reduction` — every forward and gradient element within T and finite, the reduced value
   wrong: a sum or mean overflowing, a count or total weight overflowing, accumulated error.
 * `limit` — non-finite elements at ±inf logits (the `nonfinite` value set,
-  `analysis.SCALE_FREE`), where the limit (the reference) is finite.
+  `analysis.SCALE_FREE`), where the limit (the reference) is finite (NaN: or infinite).
 * `undefined` — the mean over no elements (record `undefined` set: every target ignored or
   a total weight of 0; reference 0 by convention) where the implementation returned NaN or
   ±inf, or a non-finite gradient. At those points the gradient and the reduced value are
@@ -62,6 +62,7 @@ average), whose fix (a guard, a convention) is separate from the formula's.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
@@ -95,7 +96,7 @@ def capped_bits(ulp, dtype: str) -> float | None:
     if not math.isfinite(ulp):
         return None if p is None else float(p)
     b = math.log2(1 + max(ulp, 0.0))
-    return round(min(b, p) if p is not None else b, 2)
+    return round(float(min(b, p) if p is not None else b), 2)
 
 
 def bits_text(bits: float | None, dtype: str) -> str:
@@ -330,9 +331,13 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
                 f"already at scale {_fmt_scale(ev['smallest_scale'])}"
                 f"{' and at every swept scale' if ev['every_scale'] else ''} "
                 f"({_plural(ev['elements'], 'element')} off{worst}): a formula error, not an instability.")
+    # Elements are counted by the nan/inf counters; a NaN against an infinite reference in a
+    # file from before the counters took it in is seen only in max_ulp: a point, no count.
+    counted = (f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} NaN, {ev['inf']} ±inf)"
+               if kind in ("overflow", "limit") and ev.get("elements") else "")
     if kind == "overflow":
-        return (f"{subject} returns NaN or ±inf at {_plural(ev['elements'], 'element')} where the reference is "
-                f"finite ({ev['nan']} NaN, {ev['inf']} ±inf), from scale {first} ({at}).")
+        return (f"{subject} returns NaN or ±inf {counted or 'at some elements'} where the reference is "
+                f"finite (or, for NaN, infinite), from scale {first} ({at}).")
     if kind == "saturation":
         clamped = f", {ev['clamped']} clamped against an infinite reference" if ev["clamped"] else ""
         return (f"{subject} returns finite values more than {ev['threshold_bits']:g} bits off at "
@@ -346,12 +351,16 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
                 f"(returned {', '.join(ev['returned'])}{worst}) at batch {', '.join(map(str, ev['batches']))}, "
                 f"from scale {first} ({at}): the reduction overflows or accumulates error, not the formula.")
     if kind == "limit":
-        return (f"{subject} returns NaN or ±inf at ±inf logits where the limit is finite "
-                f"({_plural(ev['elements'], 'element')} at {_plural(ev['points'], 'point')}).")
+        return (f"{subject} returns NaN or ±inf at ±inf logits where the limit is finite (or, for NaN, "
+                f"infinite), {counted + ', ' if counted else ''}at {_plural(ev['points'], 'point')}.")
     grad = (f", with a NaN/inf gradient at {_plural(ev['gradient_nonfinite_points'], 'point')}"
             if ev["gradient_nonfinite_points"] else "")
     return (f"{subject} returns {', '.join(ev['returned'])} for the {red} over no elements (every target "
             f"ignored, or a total weight of 0) where the convention is 0{grad} ({_plural(ev['points'], 'point')}).")
+
+
+# Where in a sweep (", from scale 30 (3 points, scales 30, 100)"), dropped for a probe.
+_SWEEP_CLAUSE = re.compile(r",? from scale [^ ]+ \(\d+ points?, scales? [^)]*\)")
 
 
 def _rank(key: tuple) -> tuple:
@@ -364,9 +373,13 @@ def _rank(key: tuple) -> tuple:
             list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS), dtype, device)
 
 
-def findings(records: list[dict]) -> list[dict]:
+def findings(records: list[dict], sweep: bool = True) -> list[dict]:
     """The findings of `records` (see the module docstring), sorted by loss, variant,
-    implementation, dtype, device and kind."""
+    implementation, dtype, device and kind.
+
+    `sweep=False` is for one point of the user's own input (`probe`): no `formula` (that
+    needs well-conditioned inputs at several scales), and no scales or value sets in the
+    evidence and messages (the probe's scale and value set are nominal)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("status") == "ok" and isinstance(r.get("forward"), dict):
@@ -377,7 +390,7 @@ def findings(records: list[dict]) -> list[dict]:
         acc: dict[str, _Acc] = defaultdict(_Acc)
         for r in recs:
             _classify(r, acc)
-        formula = _formula(recs)
+        formula = _formula(recs) if sweep else None
         if formula is not None:
             for k in PRE_EMPTED_BY_FORMULA:
                 acc.pop(k, None)
@@ -391,9 +404,13 @@ def findings(records: list[dict]) -> list[dict]:
             if kind not in acc or not acc[kind].recs:
                 continue
             ev = _evidence(kind, acc[kind])
+            message = _message(kind, subject, ev, dtype)
+            if not sweep:
+                for key in ("scales", "first_scale", "distributions"):
+                    del ev[key]
+                message = _SWEEP_CLAUSE.sub("", message)
             out.append({"loss": loss, "variant": var, "impl": impl, "impl_kind": impl_kind, "dtype": dtype,
-                        "device": device, "kind": kind, "evidence": ev,
-                        "message": _message(kind, subject, ev, dtype)})
+                        "device": device, "kind": kind, "evidence": ev, "message": message})
     return out
 
 

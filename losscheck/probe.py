@@ -61,6 +61,8 @@ from .errors import ConfigError, ReferenceUnavailable
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .losses.base import REDUCTIONS
 from .metrics import int_or_inf, ulp_distance
+from .analysis import SCALE_FREE
+from .findings import findings as findings_of
 from .results import _encode
 
 # Values converted (and scanned) at once: bounded temporaries (a float64 block is 8 MiB).
@@ -418,6 +420,7 @@ class ProbeResult:
     case: sweep.Case
     ref: Reference = field(repr=False)
     data: sweep.PointData = field(repr=False)
+    findings: list[dict] = field(default_factory=list)  # findings.findings of the records
 
 
 def supported_flags(loss: Loss) -> list[str]:
@@ -559,7 +562,19 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     notes = _notes(loss, shape, stats, conversions, ref, records, outputs, dtype, reduction, target_info, tgt, inp,
                    options)
     return ProbeResult(loss_name, dtype, device, reduction, in_conv, target_info,
-                       _options_info(options, soft, dtype), ref_info, results, notes, records, case, ref, data)
+                       _options_info(options, soft, dtype), ref_info, results, notes, records, case, ref, data,
+                       _findings(records, bool(stats["inf_rows"].any())))
+
+
+def _findings(records: list[dict], infinite_logits: bool) -> list[dict]:
+    """bench's findings (findings.py) for the probe's one point: every kind but `formula`.
+    An input holding ±inf logits is judged as bench's `nonfinite` value set, so NaN/inf
+    results there are `limit` findings; the record does not say at which rows they occur,
+    so with ±inf logits in some rows a NaN in a finite row is reported as `limit` too (the
+    notes say which rows)."""
+    if infinite_logits:
+        records = [{**r, "distribution": SCALE_FREE[0]} for r in records]
+    return findings_of(records, sweep=False)
 
 
 def _custom_impls(impls, numpy_impls) -> list[Impl]:
@@ -1153,6 +1168,8 @@ def render_table(result: ProbeResult) -> str:
         head.append(f"reference {result.reduction}: {value}")
     table = tabulate(table_rows(result), headers=HEADERS, tablefmt="simple", disable_numparse=True)
     out = "\n".join(head) + "\n\n" + table + "\n"
+    out += "\nfindings:" + ("".join(f"\n- {f['kind']}: {f['message']}" for f in result.findings)
+                             if result.findings else " none (every implementation within tolerance here)") + "\n"
     if result.notes:
         out += "\n" + "\n".join(f"- {n}" for n in result.notes) + "\n"
     out += ("\nULP/bits: the reduced loss against the correctly rounded reference; fwd/grad max bits: the worst "
@@ -1166,6 +1183,7 @@ def to_dict(result: ProbeResult) -> dict:
         "loss": result.loss, "dtype": result.dtype, "device": result.device, "reduction": result.reduction,
         "input": result.input.as_dict(), "target": result.target, "options": result.options,
         "reference": result.reference, "results": result.results, "notes": result.notes,
+        "findings": result.findings,
     }
 
 
