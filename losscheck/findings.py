@@ -92,7 +92,10 @@ def capped_bits(ulp, dtype: str) -> float | None:
     if ulp is None:
         return None
     p = precision(dtype)
-    ulp = float(ulp)
+    try:
+        ulp = float(ulp)
+    except OverflowError:  # an integer beyond float range (a hand-edited file): infinitely far
+        ulp = math.inf
     if not math.isfinite(ulp):
         return None if p is None else float(p)
     b = math.log2(1 + max(ulp, 0.0))
@@ -414,6 +417,35 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
     return out
 
 
+# The evidence's keys and their types, checked on load where present (the report renders them).
+EVIDENCE_TYPES = {"points": "count", "elements": "count", "of_elements": "count", "nan": "count", "inf": "count",
+                  "clamped": "count", "gradient_nonfinite_points": "count", "first_scale": "number",
+                  "smallest_scale": "number", "worst_bits": "number", "threshold_bits": "number",
+                  "every_scale": "boolean", "scales": "list", "distributions": "list", "batches": "list",
+                  "reductions": "list", "returned": "list"}
+_TYPE_TEXT = {"count": "a count", "number": "a finite number", "boolean": "true or false",
+              "list": "a list of strings and numbers"}
+
+
+def _type_ok(v, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(v, bool)
+    if kind == "list":
+        return isinstance(v, list) and all(isinstance(x, str) or _finite(x) for x in v)
+    if kind == "count":
+        return type(v) is int and v >= 0
+    return _finite(v)
+
+
+def _finite(v) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def problem(finding) -> str | None:
     """What is wrong with a stored finding (results.load), or None."""
     if not isinstance(finding, dict):
@@ -428,4 +460,7 @@ def problem(finding) -> str | None:
         return f"kind {finding['kind']!r} is not one of {', '.join(KINDS)}"
     if not isinstance(finding["evidence"], dict):
         return "'evidence' must be an object"
+    for key, kind in EVIDENCE_TYPES.items():
+        if key in finding["evidence"] and not _type_ok(finding["evidence"][key], kind):
+            return f"'evidence.{key}' must be {_TYPE_TEXT[kind]}, not {finding['evidence'][key]!r}"[:200]
     return None
