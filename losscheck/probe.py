@@ -15,6 +15,8 @@ for every implementation (naive, stable, torch, and the user's own, ``--impl`` /
 implementation's worst element (per-element ULP distances of its ``"none"`` output against
 the reference) and explains the points where the true value is a limit (±inf logits) or
 undefined (0/0 when every target is ignored; several +inf logits in one row; a NaN input).
+Its findings are bench's (`findings.findings` on its records, every kind but `formula`,
+which needs a sweep), printed under the table and in the JSON's `findings`.
 
 Shapes: binary losses (``bce`` on probabilities in [0, 1], ``bce_with_logits``) take an
 input of any shape with a target of the same shape, flattened to ``(N,)`` (the losses are
@@ -62,6 +64,7 @@ from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .losses.base import REDUCTIONS
 from .metrics import int_or_inf, ulp_distance
 from .analysis import SCALE_FREE
+from .findings import capped_bits
 from .findings import findings as findings_of
 from .results import _encode
 
@@ -804,7 +807,7 @@ def _worst(y: torch.Tensor, ref: Reference, dtype: str, shape: dict) -> dict | N
     ulp = float(d[i])
     index = _unravel(i, tuple(ref.loss.shape) if shape["classes"] is not None else shape["shape"])
     return {"index": list(index), "value": float(y.reshape(-1)[i]), "reference": float(ref.loss.reshape(-1)[i]),
-            "ulp": int_or_inf(ulp), "bits": _bits(ulp)}
+            "ulp": int_or_inf(ulp), "bits": _bits(ulp, dtype)}
 
 
 def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype: str, shape: dict) -> dict:
@@ -812,7 +815,7 @@ def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype
            "forward": None, "backward": None, "returned": None}
     if rec["forward"] is not None:
         fwd = dict(rec["forward"])
-        fwd["reduced_bits"] = None if fwd["reduced_ulp"] is None else _bits(float(fwd["reduced_ulp"]))
+        fwd["reduced_bits"] = None if fwd["reduced_ulp"] is None else _bits(float(fwd["reduced_ulp"]), dtype)
         fwd["worst"] = None if y is None else _worst(y, ref, dtype, shape)
         out["forward"] = fwd
     if rec["backward"] is not None:
@@ -1060,8 +1063,10 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _bits(ulp: float) -> float:
-    return math.log2(1 + ulp) if math.isfinite(ulp) else math.inf
+def _bits(ulp: float, dtype: str) -> float:
+    """bits = min(log2(1 + ulp), p) (METRICS.md): a NaN or an infinity against a finite
+    reference leaves no correct bit, p, never more."""
+    return capped_bits(ulp, dtype)
 
 
 def _unravel(i: int, shape) -> tuple[int, ...]:
@@ -1095,10 +1100,11 @@ def _ulp_cell(u) -> str:
     return "inf" if isinstance(u, float) and math.isinf(u) else str(u)
 
 
-def _bits_cell(b) -> str:
+def _bits_cell(b, dtype: str) -> str:
     if b is None:
         return "—"
-    return "inf" if math.isinf(b) else f"{b:.1f}"
+    p = FORMATS[dtype].significand_bits
+    return "all bits lost" if (math.isinf(b) or b >= p) else f"{b:.1f}"
 
 
 def table_rows(result: ProbeResult) -> list[list[str]]:
@@ -1125,10 +1131,10 @@ def table_rows(result: ProbeResult) -> list[list[str]]:
             _fmt(f["value"], result.dtype) if result.reduction != "none" else "—",
             ref_cell,
             _ulp_cell(f["reduced_ulp"]),
-            _bits_cell(f["reduced_bits"]),
-            _bits_cell(f["max_bits"]),
+            _bits_cell(f["reduced_bits"], result.dtype),
+            _bits_cell(f["max_bits"], result.dtype),
             f"{f['nan']}/{f['inf']}",
-            "—" if b is None else _bits_cell(b["max_bits"]),
+            "—" if b is None else _bits_cell(b["max_bits"], result.dtype),
             "—" if b is None else f"{b['nan']}/{b['inf']}",
             worst,
         ])
@@ -1225,8 +1231,10 @@ def probe_command(loss_name, input_spec, target_spec, dtype, device, weight, pos
 
     Evaluates every implementation (naive, stable, torch and yours) on the input and target
     given, against losscheck's reference, with bench's measurements: the reduced loss's
-    error in ULPs and bits, NaN/inf in the forward and the gradient, the worst element; and
-    says where the true value is a limit (±inf logits) or undefined (0/0).
+    error in ULPs and bits, NaN/inf in the forward and the gradient, the worst element; names
+    the cause of each failure as bench's findings do (overflow, saturation, underflow,
+    reduction, limit, undefined); and says where the true value is a limit (±inf logits) or
+    undefined (0/0).
 
     \b
     losscheck probe bce_with_logits --input '[inf, 1.0]' --target '[1, 0]' --dtype float32
