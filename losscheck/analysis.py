@@ -92,18 +92,6 @@ def capped(bits, dtype: str):
     return min(bits, FORMATS[dtype].significand_bits)
 
 
-def silently_saturated(record: dict) -> bool:
-    """Finite results far off: per-element saturation, or a finite reduced loss above the threshold."""
-    if record.get("status") != "ok":
-        return False
-    f = record["forward"]
-    if f.get("saturated", 0) or (record["backward"] or {}).get("saturated", 0):
-        return True
-    value, r = f.get("value"), f.get("reduced_ulp")
-    return (value is not None and math.isfinite(value) and r is not None
-            and r > ulp_threshold(record["threshold_bits"]))
-
-
 @dataclass(frozen=True)
 class Breakdown:
     scale: float | None  # None: never breaks within the sweep
@@ -139,38 +127,9 @@ def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
     return out
 
 
-# Value sets on which a correct formula is accurate at small logits in every dtype: a break
-# there at scale <= 1 is a formula error, not an instability.
+# Value sets on which a correct formula is accurate at small logits in every dtype: elements
+# wrong there at scale <= 1 are a formula error, not an instability (findings.py).
 WELL_CONDITIONED = ("normal", "uniform")
-
-
-@dataclass(frozen=True)
-class FormulaError:
-    scale: float  # the smallest swept scale, where it is already wrong
-    reason: str
-    every_scale: bool  # wrong at every swept scale of the well-conditioned value sets
-
-
-def formula_errors(records: list[dict], max_scale: float = 1.0) -> dict[tuple, FormulaError]:
-    """(loss, impl, dtype, device) -> FormulaError for implementations that break on
-    well-conditioned inputs (WELL_CONDITIONED) already at the sweep's smallest scale, if
-    that is <= `max_scale`. An instability is exact there and breaks as the logits grow; a
-    wrong formula (a missing bracket, a wrong sign) is wrong everywhere."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        if r["status"] == "ok" and r["distribution"] in WELL_CONDITIONED:
-            groups[(r["loss"], r["impl"], r["dtype"], r["device"])].append(r)
-    out = {}
-    for key, recs in groups.items():
-        smallest = min(r["scale"] for r in recs)
-        if smallest > max_scale:
-            continue
-        first = [breaks(r) for r in recs if r["scale"] == smallest]
-        reasons = [x for x in first if x]
-        if reasons:
-            broken_scales = {r["scale"] for r in recs if breaks(r)}
-            out[key] = FormulaError(smallest, reasons[0], broken_scales == {r["scale"] for r in recs})
-    return out
 
 
 def worst(values) -> float | None:
