@@ -325,6 +325,7 @@ def _evidence(kind: str, a: _Acc) -> dict:
 
 
 def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
+    # "nan" as values print (and never "NaN" or "Infinity": the literals strict JSON forbids).
     first = _fmt_scale(ev["first_scale"])
     at = f"{_plural(ev['points'], 'point')}, scale{'s' if len(ev['scales']) > 1 else ''} {_scale_list(ev['scales'])}"
     worst = f", up to {bits_text(ev['worst_bits'], dtype)}" if "worst_bits" in ev else ""
@@ -336,11 +337,11 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
                 f"({_plural(ev['elements'], 'element')} off{worst}): a formula error, not an instability.")
     # Elements are counted by the nan/inf counters; a NaN against an infinite reference in a
     # file from before the counters took it in is seen only in max_ulp: a point, no count.
-    counted = (f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} NaN, {ev['inf']} ±inf)"
+    counted = (f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} nan, {ev['inf']} ±inf)"
                if kind in ("overflow", "limit") and ev.get("elements") else "")
     if kind == "overflow":
-        return (f"{subject} returns NaN or ±inf {counted or 'at some elements'} where the reference is "
-                f"finite (or, for NaN, infinite), from scale {first} ({at}).")
+        return (f"{subject} returns nan or ±inf {counted or 'at some elements'} where the reference is "
+                f"finite (or, for nan, infinite), from scale {first} ({at}).")
     if kind == "saturation":
         clamped = f", {ev['clamped']} clamped against an infinite reference" if ev["clamped"] else ""
         return (f"{subject} returns finite values more than {ev['threshold_bits']:g} bits off at "
@@ -354,9 +355,9 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
                 f"(returned {', '.join(ev['returned'])}{worst}) at batch {', '.join(map(str, ev['batches']))}, "
                 f"from scale {first} ({at}): the reduction overflows or accumulates error, not the formula.")
     if kind == "limit":
-        return (f"{subject} returns NaN or ±inf at ±inf logits where the limit is finite (or, for NaN, "
+        return (f"{subject} returns nan or ±inf at ±inf logits where the limit is finite (or, for nan, "
                 f"infinite), {counted + ', ' if counted else ''}at {_plural(ev['points'], 'point')}.")
-    grad = (f", with a NaN/inf gradient at {_plural(ev['gradient_nonfinite_points'], 'point')}"
+    grad = (f", with a nan/inf gradient at {_plural(ev['gradient_nonfinite_points'], 'point')}"
             if ev["gradient_nonfinite_points"] else "")
     return (f"{subject} returns {', '.join(ev['returned'])} for the {red} over no elements (every target "
             f"ignored, or a total weight of 0) where the convention is 0{grad} ({_plural(ev['points'], 'point')}).")
