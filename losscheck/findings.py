@@ -29,7 +29,11 @@ The kinds, from those facts:
   smallest swept scale of those value sets is <= 1, and at every swept scale <= 1 *every*
   point of those value sets (each batch size, reduction, value set) has forward or gradient
   elements *off*. Every point, not some: a large sample of N(0, 1) reaches |x| ≈ 5, where an
-  instability may already show in half precision while the smaller batches are exact. Elementwise only: a wrong reduced value with every
+  instability may already show in half precision while the smaller batches are exact. And
+  the same holds in the widest dtype swept for that (loss, variant, impl, device) (float64
+  in most sweeps): a wrong formula is wrong in every precision, most visibly in the widest,
+  while a precision problem is mildest there (torch's float16 gradient p − q with soft or
+  smoothed targets cancels where p ≈ q and loses 8 bits at scale 1, but is right in float64). Elementwise only: a wrong reduced value with every
   element right is a `reduction`, never a formula error, so a framework implementation is
   called a formula error only when its elements are wrong on well-conditioned inputs. An
   instability is exact at small logits and breaks as they grow; a wrong formula (a missing
@@ -189,6 +193,7 @@ class _Acc:
         self.grad_nonfinite = 0
         self.every_scale = False  # formula only
         self.smallest = 0.0  # formula only
+        self.widest = ""  # formula only: the widest dtype, where it is wrong too
 
     def add(self, rec: dict, elements: int = 0, total: int = 0, bits: float | None = None) -> None:
         self.recs.append(rec)
@@ -245,6 +250,11 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
             a.add(rec, _nonfinite_elements(grad), _total(grad))
             a.returned.add(_value_str(value))
             a.grad_nonfinite += int(bad_grad)
+
+
+def _formula_tested(recs: list[dict]) -> bool:
+    """Whether the group has well-conditioned points at a scale <= 1 (formula can be judged)."""
+    return any(r["distribution"] in WELL_CONDITIONED and r["scale"] <= FORMULA_MAX_SCALE for r in recs)
 
 
 def _formula(recs: list[dict]) -> _Acc | None:
@@ -321,6 +331,7 @@ def _evidence(kind: str, a: _Acc) -> dict:
     if kind == "formula":
         ev["smallest_scale"] = float(a.smallest)
         ev["every_scale"] = bool(a.every_scale)
+        ev["widest_dtype"] = a.widest
     return ev
 
 
@@ -334,7 +345,9 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
         return (f"{subject} is wrong elementwise on well-conditioned inputs ({', '.join(ev['distributions'])}) "
                 f"already at scale {_fmt_scale(ev['smallest_scale'])}"
                 f"{' and at every swept scale' if ev['every_scale'] else ''} "
-                f"({_plural(ev['elements'], 'element')} off{worst}): a formula error, not an instability.")
+                f"({_plural(ev['elements'], 'element')} off{worst}"
+                f"{'' if ev['widest_dtype'] == dtype else ', and in ' + ev['widest_dtype'] + ' too'}): "
+                "a formula error, not an instability.")
     # Elements are counted by the nan/inf counters; a NaN against an infinite reference in a
     # file from before the counters took it in is seen only in max_ulp: a point, no count.
     counted = (f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} nan, {ev['inf']} ±inf)"
@@ -388,14 +401,26 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
     for r in records:
         if r.get("status") == "ok" and isinstance(r.get("forward"), dict):
             groups[(r["loss"], variant(r), r["impl"], r["dtype"], r["device"])].append(r)
+    formulas = {key: _formula(recs) for key, recs in groups.items()} if sweep else {}
+    # The widest dtype tested for formula errors, per (loss, variant, impl, device).
+    widest: dict[tuple, str] = {}
+    for key in groups:
+        if sweep and _formula_tested(groups[key]):
+            k = (key[0], key[1], key[2], key[4])
+            if k not in widest or (precision(key[3]) or 0) > (precision(widest[k]) or 0):
+                widest[k] = key[3]
     out = []
     for key in sorted(groups, key=_rank):
         recs = groups[key]
         acc: dict[str, _Acc] = defaultdict(_Acc)
         for r in recs:
             _classify(r, acc)
-        formula = _formula(recs) if sweep else None
+        formula = formulas.get(key)
+        wide = widest.get((key[0], key[1], key[2], key[4]))
+        if formula is not None and formulas.get((*key[:3], wide, key[4])) is None:
+            formula = None  # right in the widest dtype: a matter of precision, not of the formula
         if formula is not None:
+            formula.widest = wide
             for k in PRE_EMPTED_BY_FORMULA:
                 acc.pop(k, None)
             acc["formula"] = formula
@@ -423,12 +448,14 @@ EVIDENCE_TYPES = {"points": "count", "elements": "count", "of_elements": "count"
                   "clamped": "count", "gradient_nonfinite_points": "count", "first_scale": "number",
                   "smallest_scale": "number", "worst_bits": "number", "threshold_bits": "number",
                   "every_scale": "boolean", "scales": "list", "distributions": "list", "batches": "list",
-                  "reductions": "list", "returned": "list"}
-_TYPE_TEXT = {"count": "a count", "number": "a finite number", "boolean": "true or false",
+                  "reductions": "list", "returned": "list", "widest_dtype": "string"}
+_TYPE_TEXT = {"string": "a string", "count": "a count", "number": "a finite number", "boolean": "true or false",
               "list": "a list of strings and numbers"}
 
 
 def _type_ok(v, kind: str) -> bool:
+    if kind == "string":
+        return isinstance(v, str)
     if kind == "boolean":
         return isinstance(v, bool)
     if kind == "list":

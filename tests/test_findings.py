@@ -97,6 +97,28 @@ def test_formula_needs_every_well_conditioned_point_at_small_scales():
     assert kinds([rec(), rec(dist="extreme", fwd=tail)]) == {("torch", "saturation")}
 
 
+def test_formula_must_hold_in_the_widest_dtype_too():
+    # torch's half-precision gradient p − q with smoothed targets cancels where p ≈ q: wrong
+    # at every scale-1 point in float16 and bfloat16, right in float32 and float64. Precision,
+    # not a formula error.
+    grad = {"max_ulp": 329, "max_bits": 8.4, "saturated": 38}
+    recs = [rec(dtype=d, loss="cross_entropy", options={"label_smoothing": 0.1}, bwd=grad if d in half else {})
+            for half in [("float16", "bfloat16")] for d in ("float64", "float32", "float16", "bfloat16")]
+    assert {(f["dtype"], f["kind"]) for f in find(recs)} == {("float16", "saturation"), ("bfloat16", "saturation")}
+    # A wrong constant of relative size 1e-3: off in float64, float32 and float16, within
+    # bfloat16's threshold. A formula error where it shows, named with the widest dtype.
+    off = {"max_ulp": 2 ** 20, "max_bits": 20.0, "saturated": 64}
+    recs = [rec("mine", "custom", dtype=d, fwd=off if d != "bfloat16" else {})
+            for d in ("float64", "float32", "float16", "bfloat16")]
+    fs = find(recs)
+    assert {(f["dtype"], f["kind"]) for f in fs} == {("float64", "formula"), ("float32", "formula"),
+                                                     ("float16", "formula")}
+    assert all(f["evidence"]["widest_dtype"] == "float64" for f in fs)
+    assert "and in float64 too" in fs[1]["message"] and "too" not in fs[0]["message"]
+    # Without a float64 group, the widest swept is the judge.
+    assert {f["kind"] for f in find(recs[2:])} == {"formula"}
+
+
 @pytest.mark.parametrize("what, fwd, bwd, reduction", [
     # A float16 mean over 70000 rows: every element within 1 ULP, the count overflows and the
     # mean is NaN, the gradient (1/count = 0) flushed to zero.
