@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .dtypes import FORMATS
 from .metrics import ulp_threshold
 
 
@@ -71,20 +72,24 @@ def breaks(record: dict) -> str | None:
         return "bwd non-finite"
     r = f.get("reduced_ulp")
     if r is not None and r > ulp_threshold(record["threshold_bits"]):
-        return f"mean {math.log2(1 + r):.0f} bits off"
+        return f"mean {bits_phrase(math.log2(1 + r), record['dtype'])}"
     return None
 
 
-def silently_saturated(record: dict) -> bool:
-    """Finite results far off: per-element saturation, or a finite reduced loss above the threshold."""
-    if record.get("status") != "ok":
-        return False
-    f = record["forward"]
-    if f.get("saturated", 0) or (record["backward"] or {}).get("saturated", 0):
-        return True
-    value, r = f.get("value"), f.get("reduced_ulp")
-    return (value is not None and math.isfinite(value) and r is not None
-            and r > ulp_threshold(record["threshold_bits"]))
+def bits_phrase(bits: float, dtype: str) -> str:
+    """Bits of error as a report says them: never more than the format's precision p
+    (METRICS.md: bits = min(log2(1 + ulp), p)); "all bits lost" at p."""
+    p = FORMATS[dtype].significand_bits if dtype in FORMATS else None
+    if p is not None and bits >= p:
+        return "all bits lost"
+    return f"{bits:.0f} bits off"
+
+
+def capped(bits, dtype: str):
+    """Finite bits capped at p (a non-finite value, the mark of a NaN/inf result, is kept)."""
+    if bits is None or not isinstance(bits, (int, float)) or not math.isfinite(bits) or dtype not in FORMATS:
+        return bits
+    return min(bits, FORMATS[dtype].significand_bits)
 
 
 @dataclass(frozen=True)
@@ -122,38 +127,9 @@ def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
     return out
 
 
-# Value sets on which a correct formula is accurate at small logits in every dtype: a break
-# there at scale <= 1 is a formula error, not an instability.
+# Value sets on which a correct formula is accurate at small logits in every dtype: elements
+# wrong there at scale <= 1 are a formula error, not an instability (findings.py).
 WELL_CONDITIONED = ("normal", "uniform")
-
-
-@dataclass(frozen=True)
-class FormulaError:
-    scale: float  # the smallest swept scale, where it is already wrong
-    reason: str
-    every_scale: bool  # wrong at every swept scale of the well-conditioned value sets
-
-
-def formula_errors(records: list[dict], max_scale: float = 1.0) -> dict[tuple, FormulaError]:
-    """(loss, impl, dtype, device) -> FormulaError for implementations that break on
-    well-conditioned inputs (WELL_CONDITIONED) already at the sweep's smallest scale, if
-    that is <= `max_scale`. An instability is exact there and breaks as the logits grow; a
-    wrong formula (a missing bracket, a wrong sign) is wrong everywhere."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        if r["status"] == "ok" and r["distribution"] in WELL_CONDITIONED:
-            groups[(r["loss"], r["impl"], r["dtype"], r["device"])].append(r)
-    out = {}
-    for key, recs in groups.items():
-        smallest = min(r["scale"] for r in recs)
-        if smallest > max_scale:
-            continue
-        first = [breaks(r) for r in recs if r["scale"] == smallest]
-        reasons = [x for x in first if x]
-        if reasons:
-            broken_scales = {r["scale"] for r in recs if breaks(r)}
-            out[key] = FormulaError(smallest, reasons[0], broken_scales == {r["scale"] for r in recs})
-    return out
 
 
 def worst(values) -> float | None:
@@ -191,10 +167,11 @@ def _measure(record: dict, section: str, key: str) -> float:
     s = record[section]
     if s is None:  # a gradient not measured: neither better nor worse
         return math.nan
+    # Bits capped at p (METRICS.md): two results with no correct bit left are equally wrong.
     if key == "reduced_bits":
         r = s.get("reduced_ulp")
-        return math.log2(1 + r) if r is not None else 0.0
-    return s[key]
+        return capped(math.log2(1 + r), record["dtype"]) if r is not None else 0.0
+    return capped(s[key], record["dtype"])
 
 
 def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tuple, Versus]:

@@ -72,14 +72,15 @@ def _accuracy_figure(plt, loss, recs, path) -> bool:
         return False
 
     def draw(ax, dtype):
-        width = FORMATS[dtype].total_bits if dtype in FORMATS else 64
+        # Bits never exceed the precision p (METRICS.md): no correct bit left is p.
+        width = FORMATS[dtype].significand_bits if dtype in FORMATS else 53
         for impl in _impls(recs):
             worst = defaultdict(float)
             for r in recs:
                 if r["dtype"] == dtype and r["impl"] == impl:
                     bits = max(r["forward"]["max_bits"], (r["backward"] or {}).get("max_bits") or 0.0)
                     # Non-finite results (inf bits) are drawn at the dtype's full width.
-                    worst[r["scale"]] = max(worst[r["scale"]], width if math.isinf(bits) else bits)
+                    worst[r["scale"]] = max(worst[r["scale"]], width if math.isinf(bits) else min(bits, width))
             if worst:
                 xs = sorted(worst)
                 ax.plot(xs, [worst[x] for x in xs], marker="o", label=impl)

@@ -15,6 +15,8 @@ for every implementation (naive, stable, torch, and the user's own, ``--impl`` /
 implementation's worst element (per-element ULP distances of its ``"none"`` output against
 the reference) and explains the points where the true value is a limit (±inf logits) or
 undefined (0/0 when every target is ignored; several +inf logits in one row; a NaN input).
+Its findings are bench's (`findings.findings` on its records, every kind but `formula`,
+which needs a sweep), printed under the table and in the JSON's `findings`.
 
 Shapes: binary losses (``bce`` on probabilities in [0, 1], ``bce_with_logits``) take an
 input of any shape with a target of the same shape, flattened to ``(N,)`` (the losses are
@@ -61,6 +63,9 @@ from .errors import ConfigError, ReferenceUnavailable
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .losses.base import REDUCTIONS
 from .metrics import int_or_inf, ulp_distance
+from .analysis import SCALE_FREE
+from .findings import capped_bits
+from .findings import findings as findings_of
 from .results import _encode
 
 # Values converted (and scanned) at once: bounded temporaries (a float64 block is 8 MiB).
@@ -418,6 +423,7 @@ class ProbeResult:
     case: sweep.Case
     ref: Reference = field(repr=False)
     data: sweep.PointData = field(repr=False)
+    findings: list[dict] = field(default_factory=list)  # findings.findings of the records
 
 
 def supported_flags(loss: Loss) -> list[str]:
@@ -559,7 +565,19 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     notes = _notes(loss, shape, stats, conversions, ref, records, outputs, dtype, reduction, target_info, tgt, inp,
                    options)
     return ProbeResult(loss_name, dtype, device, reduction, in_conv, target_info,
-                       _options_info(options, soft, dtype), ref_info, results, notes, records, case, ref, data)
+                       _options_info(options, soft, dtype), ref_info, results, notes, records, case, ref, data,
+                       _findings(records, bool(stats["inf_rows"].any())))
+
+
+def _findings(records: list[dict], infinite_logits: bool) -> list[dict]:
+    """bench's findings (findings.py) for the probe's one point: every kind but `formula`.
+    An input holding ±inf logits is judged as bench's `nonfinite` value set, so NaN/inf
+    results there are `limit` findings; the record does not say at which rows they occur,
+    so with ±inf logits in some rows a NaN in a finite row is reported as `limit` too (the
+    notes say which rows)."""
+    if infinite_logits:
+        records = [{**r, "distribution": SCALE_FREE[0]} for r in records]
+    return findings_of(records, sweep=False)
 
 
 def _custom_impls(impls, numpy_impls) -> list[Impl]:
@@ -789,7 +807,7 @@ def _worst(y: torch.Tensor, ref: Reference, dtype: str, shape: dict) -> dict | N
     ulp = float(d[i])
     index = _unravel(i, tuple(ref.loss.shape) if shape["classes"] is not None else shape["shape"])
     return {"index": list(index), "value": float(y.reshape(-1)[i]), "reference": float(ref.loss.reshape(-1)[i]),
-            "ulp": int_or_inf(ulp), "bits": _bits(ulp)}
+            "ulp": int_or_inf(ulp), "bits": _bits(ulp, dtype)}
 
 
 def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype: str, shape: dict) -> dict:
@@ -797,7 +815,7 @@ def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype
            "forward": None, "backward": None, "returned": None}
     if rec["forward"] is not None:
         fwd = dict(rec["forward"])
-        fwd["reduced_bits"] = None if fwd["reduced_ulp"] is None else _bits(float(fwd["reduced_ulp"]))
+        fwd["reduced_bits"] = None if fwd["reduced_ulp"] is None else _bits(float(fwd["reduced_ulp"]), dtype)
         fwd["worst"] = None if y is None else _worst(y, ref, dtype, shape)
         out["forward"] = fwd
     if rec["backward"] is not None:
@@ -1045,8 +1063,10 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _bits(ulp: float) -> float:
-    return math.log2(1 + ulp) if math.isfinite(ulp) else math.inf
+def _bits(ulp: float, dtype: str) -> float:
+    """bits = min(log2(1 + ulp), p) (METRICS.md): a NaN or an infinity against a finite
+    reference leaves no correct bit, p, never more."""
+    return capped_bits(ulp, dtype)
 
 
 def _unravel(i: int, shape) -> tuple[int, ...]:
@@ -1080,10 +1100,11 @@ def _ulp_cell(u) -> str:
     return "inf" if isinstance(u, float) and math.isinf(u) else str(u)
 
 
-def _bits_cell(b) -> str:
+def _bits_cell(b, dtype: str) -> str:
     if b is None:
         return "—"
-    return "inf" if math.isinf(b) else f"{b:.1f}"
+    p = FORMATS[dtype].significand_bits
+    return "all bits lost" if (math.isinf(b) or b >= p) else f"{b:.1f}"
 
 
 def table_rows(result: ProbeResult) -> list[list[str]]:
@@ -1110,10 +1131,10 @@ def table_rows(result: ProbeResult) -> list[list[str]]:
             _fmt(f["value"], result.dtype) if result.reduction != "none" else "—",
             ref_cell,
             _ulp_cell(f["reduced_ulp"]),
-            _bits_cell(f["reduced_bits"]),
-            _bits_cell(f["max_bits"]),
+            _bits_cell(f["reduced_bits"], result.dtype),
+            _bits_cell(f["max_bits"], result.dtype),
             f"{f['nan']}/{f['inf']}",
-            "—" if b is None else _bits_cell(b["max_bits"]),
+            "—" if b is None else _bits_cell(b["max_bits"], result.dtype),
             "—" if b is None else f"{b['nan']}/{b['inf']}",
             worst,
         ])
@@ -1153,6 +1174,8 @@ def render_table(result: ProbeResult) -> str:
         head.append(f"reference {result.reduction}: {value}")
     table = tabulate(table_rows(result), headers=HEADERS, tablefmt="simple", disable_numparse=True)
     out = "\n".join(head) + "\n\n" + table + "\n"
+    out += "\nfindings:" + ("".join(f"\n- {f['kind']}: {f['message']}" for f in result.findings)
+                             if result.findings else " none (every implementation within tolerance here)") + "\n"
     if result.notes:
         out += "\n" + "\n".join(f"- {n}" for n in result.notes) + "\n"
     out += ("\nULP/bits: the reduced loss against the correctly rounded reference; fwd/grad max bits: the worst "
@@ -1166,6 +1189,7 @@ def to_dict(result: ProbeResult) -> dict:
         "loss": result.loss, "dtype": result.dtype, "device": result.device, "reduction": result.reduction,
         "input": result.input.as_dict(), "target": result.target, "options": result.options,
         "reference": result.reference, "results": result.results, "notes": result.notes,
+        "findings": result.findings,
     }
 
 
@@ -1207,8 +1231,10 @@ def probe_command(loss_name, input_spec, target_spec, dtype, device, weight, pos
 
     Evaluates every implementation (naive, stable, torch and yours) on the input and target
     given, against losscheck's reference, with bench's measurements: the reduced loss's
-    error in ULPs and bits, NaN/inf in the forward and the gradient, the worst element; and
-    says where the true value is a limit (±inf logits) or undefined (0/0).
+    error in ULPs and bits, NaN/inf in the forward and the gradient, the worst element; names
+    the cause of each failure as bench's findings do (overflow, saturation, underflow,
+    reduction, limit, undefined); and says where the true value is a limit (±inf logits) or
+    undefined (0/0).
 
     \b
     losscheck probe bce_with_logits --input '[inf, 1.0]' --target '[1, 0]' --dtype float32

@@ -14,6 +14,7 @@ import yaml
 from tabulate import tabulate
 
 from . import analysis as A
+from . import findings as FD
 from .dtypes import FORMATS
 from .losses import LOSSES
 from .memory import format_bytes
@@ -43,6 +44,19 @@ def fmt_num(v, digits: int = 3) -> str:
     if float(v).is_integer() and abs(v) < 1e6:
         return f"{int(v)}"
     return f"{v:.{digits}g}"
+
+
+def fmt_bits(b, dtype: str, digits: int = 3, unit: str = " bits") -> str:
+    """Bits of error, never above the format's precision p (METRICS.md): "all bits lost" at p,
+    and for a non-finite result (no correct bit is left either)."""
+    if b is None:
+        return "—"
+    if isinstance(b, float) and math.isnan(b):  # not a measure (a hand-edited file): shown as is
+        return "nan"
+    p = FORMATS[dtype].significand_bits if dtype in FORMATS else None
+    if (isinstance(b, float) and not math.isfinite(b)) or (p is not None and b >= p):
+        return "all bits lost"
+    return f"{fmt_num(b, digits)}{unit}"
 
 
 def fmt_time(s: float | None) -> str:
@@ -96,7 +110,8 @@ def render(results: dict, plots: list[tuple[str, str]] | str | None = None) -> s
     # reduction) is a loss of its own in the report.
     all_records = A.labelled(results["records"])
     records = [r for r in all_records if r["status"] != "skipped"]
-    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records),
+    found = results["findings"] if isinstance(results.get("findings"), list) else FD.findings(results["records"])
+    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg), _findings(records, found),
              _plots(plots), _undefined(records), _nonfinite_inputs(records), _versus(records)]
     for loss in _losses(records):
         recs = [r for r in records if r["loss"] == loss]
@@ -161,52 +176,82 @@ def _breakdown(records: list[dict], cfg: dict) -> str:
     return intro + "\n\n" + tabulate(rows, headers=["loss", "device", "dtype", *impls], tablefmt="github")
 
 
-def _findings(records: list[dict]) -> str:
-    """Sentences computed from the records; each is backed by the tables below."""
-    bd = A.breakdown_scales(records)
+# What each kind of finding means, as the report's findings list says it once per line.
+KIND_TEXT = {
+    "formula": "**formula error** (wrong elementwise on well-conditioned inputs from the smallest scale: "
+               "not an instability)",
+    "overflow": "**overflow** (NaN/±inf elements where the reference is finite)",
+    "saturation": "**silent saturation** (finite elements more than the threshold off, clamping included)",
+    "underflow": "**underflow** (non-zero values flushed to zero)",
+    "reduction": "**reduction** (every element within tolerance, the reduced value wrong)",
+    "limit": "**limit** (NaN/±inf at ±inf logits where the limit is finite)",
+    "undefined": "**undefined mean** (nothing to average; NaN/inf where the convention is 0)",
+}
+
+
+def _where(f: dict) -> str:
+    """One finding's place and evidence, short: "float16 from scale 30 (12 elements, 3 points)"."""
+    ev, d = f["evidence"], label_dtype(f["dtype"], f["device"])
+    points = f"{ev.get('points', 0)} point{'s' if ev.get('points') != 1 else ''}"
+    bits = f", {FD.bits_text(ev['worst_bits'], f['dtype'])}" if isinstance(ev.get("worst_bits"), (int, float)) else ""
+    first = f" from scale {fmt_scale(ev['first_scale'])}" if isinstance(ev.get("first_scale"), (int, float)) else ""
+    elements = f"{ev.get('elements', 0)} elements, " if "elements" in ev else ""
+    returned = f"returned {', '.join(map(str, ev.get('returned', [])))}"
+    kind = f["kind"]
+    if kind == "formula":
+        every = ", at every swept scale" if ev.get("every_scale") else ""
+        return f"{d} at scale {fmt_scale(ev.get('smallest_scale'))}{every} ({elements}{points}{bits})"
+    if kind == "saturation" and ev.get("clamped"):
+        elements += f"{ev['clamped']} clamped, "
+    if kind == "reduction":
+        batches = ", ".join(map(str, ev.get("batches", [])))
+        return f"{d} at batch {batches}{first} ({returned}, {points}{bits})"
+    if kind == "undefined":
+        grad = ev.get("gradient_nonfinite_points")
+        return f"{d} ({returned}{f', NaN/inf gradient at {grad} of them' if grad else ''}, {points})"
+    if kind == "limit":
+        return f"{d} ({elements}{points})"
+    return f"{d}{first} ({elements}{points}{bits})"
+
+
+def label_dtype(dtype: str, device: str) -> str:
+    return dtype if device == "cpu" else f"{dtype}@{device}"
+
+
+def _findings(records: list[dict], findings: list[dict]) -> str:
+    """The findings list of the results file (findings.py decides; this only groups it): per
+    loss and implementation one line per kind, with the dtypes where it happens; then the
+    implementations without any finding, and the cost lines."""
+    if not records:
+        return ""
     lines = []
-    formula = A.formula_errors(records)
-    for loss in _losses(records):
-        for impl in _impls(records):
-            entries = {k[2] + ("" if k[3] == "cpu" else f"@{k[3]}"): v for k, v in bd.items()
-                       if k[0] == loss and k[1] == impl and v.status == "measured"}
-            if not entries:
-                continue
-            broken = {d: b for d, b in entries.items() if b.scale is not None}
-            wrong = {k[2]: v for k, v in formula.items() if k[0] == loss and k[1] == impl}
-            if not broken:
-                lines.append(f"- **{loss} / {impl}** never breaks ({', '.join(entries)}).")
-            elif wrong:
-                every = all(v.every_scale for v in wrong.values())
-                lines.append(
-                    f"- **{loss} / {impl}** is wrong {'at every swept scale' if every else 'already'} from "
-                    f"the smallest, scale {fmt_scale(min(v.scale for v in wrong.values()))} on well-conditioned "
-                    f"inputs ({', '.join(f'{d}: {v.reason}' for d, v in wrong.items())}): a **formula error**, "
-                    "not an instability (an instability is exact at small logits and breaks as they grow).")
-            else:
-                where = ", ".join(f"{d} from {fmt_scale(b.scale)} ({b.reason})" for d, b in broken.items())
-                tail = "" if len(broken) == len(entries) else \
-                    f"; holds in {', '.join(d for d in entries if d not in broken)}"
-                lines.append(f"- **{loss} / {impl}** breaks in {where}{tail}.")
-        sat = sorted({(r["impl"], r["dtype"]) for r in records
-                      if r["loss"] == loss and A.silently_saturated(r)
-                      and not A.nonfinite(r["forward"]) and not A.reduced_nonfinite(r)})
-        if sat:
-            by_impl = defaultdict(list)
-            for impl, dtype in sat:
-                by_impl[impl].append(dtype)
-            lines.append(f"- {loss}: silent saturation (finite results more than the threshold off) by "
-                         + "; ".join(f"{i} in {', '.join(ds)}" for i, ds in by_impl.items()) + ".")
-    nan_at_limits = defaultdict(set)
+    by_group: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for f in findings:
+        label = f"{f['loss']} [{f['variant']}]" if f["variant"] else f["loss"]
+        impl = f"{f['impl']} (custom)" if f["impl_kind"] == "custom" else f["impl"]
+        by_group[(label, impl)][f["kind"]].append(f)
+    measured: dict[tuple, list[str]] = defaultdict(list)
     for r in records:
-        if r["distribution"] in A.SCALE_FREE and r["status"] == "ok" and (
-                A.nonfinite(r["forward"]) or A.nonfinite(r["backward"])):
-            nan_at_limits[(r["loss"], r["impl"])].add(r["dtype"])
-    for (loss, impl), dtypes in sorted(nan_at_limits.items()):
-        lines.append(f"- {loss} / {impl} returns NaN or ±inf at infinite logits where the limit is finite "
-                     f"({', '.join(_order(dtypes, list(FORMATS)))}).")
+        if r["status"] == "ok":
+            d = label_dtype(r["dtype"], r["device"])
+            if d not in measured[(r["loss"], r["impl"])]:
+                measured[(r["loss"], r["impl"])].append(d)
+    groups = set(by_group) | set(measured)
+    impl_order = _impls([{"impl": i} for _, i in groups])
+    for label, impl in sorted(groups, key=lambda g: (A.loss_rank(g[0], LOSS_ORDER), impl_order.index(g[1]))):
+        kinds = by_group.get((label, impl))
+        if not kinds:
+            lines.append(f"- **{label} / {impl}**: no finding ({', '.join(measured[(label, impl)])}).")
+            continue
+        for kind in FD.KINDS:
+            if kind in kinds:
+                lines.append(f"- **{label} / {impl}** — {KIND_TEXT[kind]}: "
+                             + "; ".join(_where(f) for f in kinds[kind]) + ".")
     lines += _cost_findings(records)
-    return "## Findings\n\n" + "\n".join(lines) if lines else ""
+    return ("## Findings\n\n"
+            "Each line: an implementation, the cause of what goes wrong, and where (the results file's "
+            "`findings` list holds one quotable sentence per dtype and device, with its evidence).\n\n"
+            + "\n".join(lines))
 
 
 def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
@@ -253,7 +298,7 @@ def _nonfinite_inputs(records: list[dict]) -> str:
             bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
             bad_b = sum(A.nonfinite(r["backward"]) for r in rs)
             worst = A.worst(r["forward"]["max_bits"] for r in rs)
-            row.append("" if not rs else f"{_share(bad_f, n_f)} · {_share(bad_b, n_b)} · {fmt_num(worst)} bits")
+            row.append("" if not rs else f"{_share(bad_f, n_f)} · {_share(bad_b, n_b)} · {fmt_bits(worst, key[2])}")
         rows.append(row)
     return ("## Infinite logits\n\n"
             "Inputs with ±inf logits (as masking with −inf produces), where the reference is the limit "
@@ -271,7 +316,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
     for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: _row_order(kv[0][0], kv[0][2], kv[0][1])):
         gain = f"{v.max_gain_bits:.1f} ({v.max_gain_where})" if v.max_gain_bits > 0 else "0"
         rows.append([loss, device, dtype, v.points, v.better, v.points - v.better - v.worse, v.worse,
-                     v.a_finite_b_not, gain, f"{v.max_loss_bits:.1f}" if v.worse else "—"])
+                     v.a_finite_b_not, gain, fmt_bits(v.max_loss_bits, dtype) if v.worse else "—"])
     return (f"## `{a}` against `{b}`\n\n"
             f"Point by point, on forward max bits, mean-loss bits (log2(1 + ULP)) and gradient max bits: "
             f"`better` = more accurate on one measure and worse on none; `{b} non-finite` = points where "
@@ -305,7 +350,7 @@ def _loss_section(loss: str, recs: list[dict]) -> str:
             fb = A.worst(r["forward"]["max_bits"] for r in ok)
             red = A.worst(r["forward"]["reduced_ulp"] for r in ok)
             bb = A.worst(_bwd(r).get("max_bits") for r in ok)
-            acc.append(f"{fmt_num(fb, 3)} / {fmt_num(red)} / {fmt_num(bb, 3)}")
+            acc.append(f"{fmt_bits(fb, dtype, 3, unit='')} / {fmt_num(red)} / {fmt_bits(bb, dtype, 3, unit='')}")
             n_f = sum(r["forward"]["n"] for r in ok)
             n_b = sum(_bwd(r).get("n", 0) for r in ok)
             nf = sum(A.nonfinite(r["forward"]) for r in ok)
@@ -480,7 +525,8 @@ def _all_points(records: list[dict]) -> str:
     for r in ok:
         f, b = r["forward"], _bwd(r)
         rows.append([r["loss"], r["impl"], r["dtype"], r["device"], r["batch"], r["classes"] or "—",
-                     r["distribution"], fmt_scale(r["scale"]), fmt_num(f["max_ulp"]), fmt_num(f["mean_bits"]),
+                     r["distribution"], fmt_scale(r["scale"]), fmt_num(f["max_ulp"]),
+                     fmt_bits(f["mean_bits"], r["dtype"], unit=""),
                      fmt_num(f["reduced_ulp"]), A.nonfinite(f), fmt_num(b.get("max_ulp")), A.nonfinite(b)])
     table = tabulate(rows, headers=["loss", "impl", "dtype", "device", "batch", "classes", "distribution",
                                     "scale", "fwd max ulp", "fwd mean bits", "mean ulp", "fwd nan/inf",

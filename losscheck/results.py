@@ -11,8 +11,9 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       files are read as version 2 with options {} and time null.
   3 — the version of the whole 2026-11 wave (issues 12-19); fields other issues of the wave
       add are optional, so that one version covers them. Added so far: a top-level
-      `findings` list (each {loss, impl, dtype, device, kind, evidence, message}: the cause
-      of a failure, see docs/METRICS.md "Findings"); `forward`/`backward` gain the counts
+      `findings` list (each {loss, variant, impl, impl_kind, dtype, device, kind, evidence,
+      message}: the cause of a failure, see losscheck/findings.py and docs/METRICS.md
+      "Findings"); `forward`/`backward` gain the counts
       `clamped` (a finite result where the rounded reference is infinite) and `underflow`
       (exactly 0 where it is not), and their bits are capped at the format's precision;
       `timing` keeps the raw per-run block times (`forward_times_s`, `backward_times_s`);
@@ -37,6 +38,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import ResultsError
+from .findings import findings as findings_of
+from .findings import problem as finding_problem
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -70,6 +73,9 @@ def make_results(config: dict, environment: dict, records: list[dict], command: 
         "environment": environment,
         "config": config,
         "records": records,
+        # The causes, derived from the records once here so that every reader (report,
+        # scripts, a later gate) gets the same verdicts from the file alone.
+        "findings": findings_of(records),
     }
 
 
@@ -155,6 +161,17 @@ def load(path: str | Path) -> dict:
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
+    if "findings" in data:
+        if not isinstance(data["findings"], list):
+            raise ResultsError(f"{path}: key 'findings' must be a list")
+        for i, f in enumerate(data["findings"]):
+            problem = finding_problem(f)
+            if problem:
+                raise ResultsError(f"{path}: findings[{i}] {problem}")
+    else:
+        # Files from before findings (schema 1, 2, or early 3): derived from the records,
+        # by the same rules as when a file is written.
+        data["findings"] = findings_of(data["records"])
     data["schema_version"] = SCHEMA_VERSION
     return data
 
@@ -182,6 +199,7 @@ def _is_finite(v) -> bool:
 KEY_TYPES = (("loss", str), ("impl", str), ("kind", str), ("dtype", str), ("device", str),
              ("distribution", str), ("message", str))
 COUNT_KEYS = ("n", "nan", "inf", "saturated")
+OPTIONAL_COUNT_KEYS = ("clamped", "underflow")
 
 
 def _record_problem(rec: dict) -> str | None:
@@ -227,6 +245,9 @@ def _record_problem(rec: dict) -> str | None:
                 return f"'{section}.{key}' must be a count"
             if (v is None and required) or not (v is None or _is_number(v)):
                 return f"'{section}.{key}' must be a number"
+        for key in OPTIONAL_COUNT_KEYS:  # schema 3; absent in older files
+            if key in values and not (type(values[key]) is int and values[key] >= 0):
+                return f"'{section}.{key}' must be a count"
         if section == "forward" and values["reduced_ulp"] is None and rec["reduction"] != "none":
             return "'forward.reduced_ulp' must be a number"
     timing = rec["timing"]

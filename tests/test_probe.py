@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,9 @@ def test_bce_with_logits_inf_logit_reference_is_the_limit(runner):
     assert list(results) == ["naive", "stable", "torch"]
     naive, stable, torch_ = results["naive"], results["stable"], results["torch"]
     # naive returns NaN where the limit is finite: its worst element is [0].
-    assert naive["forward"]["worst"] == {"index": [0], "value": "nan", "reference": 0.0, "ulp": "inf", "bits": "inf"}
+    # bits = min(log2(1 + ulp), p): a NaN leaves none of float32's 24 bits, never more.
+    assert naive["forward"]["worst"] == {"index": [0], "value": "nan", "reference": 0.0, "ulp": "inf", "bits": 24.0}
+    assert naive["forward"]["reduced_bits"] == 24.0
     assert naive["forward"]["nan"] == 1 and naive["forward"]["reduced_ulp"] == "inf"
     assert naive["forward"]["value"] == "nan"
     # stable returns the limit and the correctly rounded mean.
@@ -554,3 +557,60 @@ def test_help(runner):
     for flag in ("--input", "--target", "--dtype", "--device", "--weight", "--pos-weight", "--label-smoothing",
                  "--ignore-index", "--reduction", "--impl", "--numpy-impl", "--json"):
         assert flag in result.stdout
+
+
+# ---- findings: bench's kinds for the probe's input -----------------------------------------------------
+
+def kinds_of(data: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in data["findings"]:
+        out.setdefault(f["impl"], set()).add(f["kind"])
+    return out
+
+
+def test_probe_names_a_reduction_that_alone_is_wrong(runner, tmp_path):
+    # A float16 mean whose sum passes 65504: every element of torch within a few ULPs, the
+    # gradient right, the mean inf. Before, probe said nothing about it.
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randn(30000, 10, generator=g), tmp_path / "x.pt")
+    torch.save(torch.randint(0, 10, (30000,), generator=g), tmp_path / "t.pt")
+    args = ["cross_entropy", "--input", str(tmp_path / "x.pt"), "--target", str(tmp_path / "t.pt"),
+            "--dtype", "float16"]
+    data = probe_json(runner, *args)
+    t = by_impl(data)["torch"]
+    assert t["forward"]["max_ulp"] <= 4 and t["forward"]["value"] == "inf"
+    assert kinds_of(data).get("torch") == {"reduction"} and "stable" not in kinds_of(data)
+    [f] = [f for f in data["findings"] if f["impl"] == "torch"]
+    assert f["evidence"]["returned"] == ["inf"] and "every element within tolerance" in f["message"]
+    assert "scale" not in f["message"]  # a probe has no sweep scale
+    table = runner.invoke(main, ["probe", *args]).stdout
+    assert f"- reduction: {f['message']}" in table
+
+
+def test_probe_findings_limit_undefined_and_none(runner):
+    data = probe_json(runner, "bce_with_logits", "--input", "[inf, 1.0]", "--target", "[1, 0]", "--dtype", "float32")
+    assert kinds_of(data) == {"naive": {"limit"}, "torch": {"limit"}}
+    data = probe_json(runner, "cross_entropy", "--input", "[[1, 2, 3], [0, 1, 2]]", "--target", "[-100, -100]",
+                      "--ignore-index", "-100")
+    assert kinds_of(data) == {"naive": {"undefined"}, "torch": {"undefined"}}
+    assert [f["evidence"]["returned"] for f in data["findings"]] == [["nan"], ["nan"]]
+    data = probe_json(runner, "bce_with_logits", "--input", "[0.5, -1.0]", "--target", "[1, 0]")
+    assert data["findings"] == []
+    out = runner.invoke(main, ["probe", "bce_with_logits", "--input", "[0.5, -1.0]", "--target", "[1, 0]"]).stdout
+    assert "findings: none" in out
+
+
+def test_probe_never_says_formula(runner):
+    # The missing-bracket BCE is wrong on this input; one point cannot tell a formula error
+    # from an instability, so probe reports what it sees (far-off finite values).
+    root = Path(__file__).parent.parent
+    data = probe_json(runner, "bce", "--input", "[0.3, 0.6, 0.9]", "--target", "[0, 1, 0]",
+                      "--impl", f"{root / 'examples' / 'missing_bracket_bce.py'}:bce")
+    assert kinds_of(data)["bce"] == {"saturation"}
+    [f] = data["findings"]
+    assert f["impl_kind"] == "custom" and "all bits lost" in f["message"]
+    table = runner.invoke(main, ["probe", "bce", "--input", "[0.3, 0.6, 0.9]", "--target", "[0, 1, 0]",
+                                 "--impl", f"{root / 'examples' / 'missing_bracket_bce.py'}:bce"]).stdout
+    # The table's bits never exceed float32's 24 either (31 before).
+    assert "all bits lost" in table and " 31.0 " not in table
+    assert all(f["kind"] != "formula" for f in data["findings"])

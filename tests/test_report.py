@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losscheck import analysis, report, results
+from losscheck import analysis, findings, report, results
 from losscheck.cli import main
 from losscheck.dtypes import FORMATS
 from losscheck.losses import LOSSES
@@ -102,9 +102,9 @@ def test_naive_bce_with_logits_breaks_at_100_where_stable_holds(tiny_md):
         assert re.fullmatch(r"\*\*100\*\* \(fwd non-finite\)", cells["naive"]), cells
         assert cells["stable"] == "none"
     findings = section(tiny_md, "Findings")
-    assert ("- **bce_with_logits / naive** breaks in float32 from 100 (fwd non-finite), float16 from 100 "
-            "(fwd non-finite)") in findings
-    assert "- **bce_with_logits / stable** never breaks (float32, float16" in findings
+    assert ("- **bce_with_logits / naive** — **overflow** (NaN/±inf elements where the reference is finite): "
+            "float32 from scale 100 (") in findings
+    assert "- **bce_with_logits / stable**: no finding (float32, float16" in findings
 
 
 def test_skipped_cuda_points_are_one_line_not_rows(tiny_results, tiny_md):
@@ -122,60 +122,82 @@ def test_skipped_cuda_points_are_one_line_not_rows(tiny_results, tiny_md):
         assert "@cuda" not in section(tiny_md, "Findings")
 
 
-# ---- findings: every sentence agrees with analysis.breakdown_scales --------------------------
+# ---- findings: the rendered lines are the results file's `findings` list, and only it -----------
 
-NEVER = re.compile(r"- \*\*(\w+) / (\w+)\*\* never breaks \((.+)\)\.")
-BREAKS = re.compile(r"- \*\*(\w+) / (\w+)\*\* breaks in (.+?)(?:; holds in (.+))?\.")
+FINDING_LINE = re.compile(r"- \*\*(.+) / (.+?)\*\* — (.+?): (.+)\.")
+NO_FINDING = re.compile(r"- \*\*(.+) / (.+?)\*\*: no finding \((.+)\)\.")
+KIND_OF_TEXT = {text: kind for kind, text in report.KIND_TEXT.items()}
 
 
-def parse_findings(md: str) -> dict[tuple[str, str], dict[str, float | None]]:
-    """(loss, impl) -> {dtype label: breakdown scale or None} read back from the sentences."""
-    out = {}
-    for line in section(md, "Findings").strip().splitlines():
-        if m := NEVER.fullmatch(line):
-            out[(m[1], m[2])] = {d: None for d in m[3].split(", ")}
-        elif m := BREAKS.fullmatch(line):
-            entry = {}
-            for part in m[3].split(", "):
-                # "float32 from 1000 (fwd non-finite)": where, from which scale, and why
-                # (forward, gradient or mean), the reason checked against analysis too.
-                dtype, rest = part.split(" from ")
-                scale, reason = re.fullmatch(r"(\S+) \((.+)\)", rest).groups()
-                entry[dtype] = (float(scale), reason)
-            for dtype in (m[4].split(", ") if m[4] else []):
-                entry[dtype] = None
-            out[(m[1], m[2])] = entry
+def parse_findings(md: str) -> tuple[set, dict]:
+    """The findings section read back: {(loss label, impl, kind, dtype label)} and
+    {(loss label, impl): [dtype labels]} of the "no finding" lines."""
+    found, clean = set(), {}
+    for line in section(md, "Findings").strip().splitlines()[1:]:
+        if not line:
+            continue
+        if m := NO_FINDING.fullmatch(line):
+            clean[(m[1], m[2])] = m[3].split(", ")
+        elif m := FINDING_LINE.fullmatch(line):
+            kind = KIND_OF_TEXT[m[3]]
+            for part in m[4].split("; "):
+                found.add((m[1], m[2], kind, part.split(" ", 1)[0]))
         else:
-            # Other findings (silent saturation, ...) are not about breakdown scales.
-            assert not line.startswith("- **"), f"unparsed breakdown sentence: {line}"
-    return out
+            assert line.startswith("- Stability costs"), f"unparsed finding line: {line}"
+    return found, clean
 
 
-def expected_findings(records: list[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
-    out = defaultdict(dict)
-    for (loss, impl, dtype, device), b in analysis.breakdown_scales(records).items():
-        if b.status == "measured":
-            out[(loss, impl)][label(dtype, device)] = None if b.scale is None else (b.scale, b.reason)
-    return dict(out)
+def expected_lines(res: dict) -> tuple[set, dict]:
+    """The same, from the stored list and the records, without the renderer."""
+    found = set()
+    for f in res["findings"]:
+        loss = f"{f['loss']} [{f['variant']}]" if f["variant"] else f["loss"]
+        impl = f"{f['impl']} (custom)" if f["impl_kind"] == "custom" else f["impl"]
+        found.add((loss, impl, f["kind"], label(f["dtype"], f["device"])))
+    clean = defaultdict(list)
+    for r in analysis.labelled(run_records(res)):
+        key = (r["loss"], r["impl"])
+        if r["status"] == "ok" and not any(x[:2] == key for x in found) and \
+                label(r["dtype"], r["device"]) not in clean[key]:
+            clean[key].append(label(r["dtype"], r["device"]))
+    return found, dict(clean)
 
 
-def test_findings_agree_with_breakdown_scales(tiny_results, tiny_md):
-    parsed = parse_findings(tiny_md)
-    expected = expected_findings(run_records(tiny_results))
-    assert parsed == expected
-    assert len(parsed) == 9  # three losses x three implementations
+def test_findings_section_is_the_stored_list(tiny_results, tiny_md):
+    found, clean = parse_findings(tiny_md)
+    assert (found, clean) == expected_lines(tiny_results)
+    assert len(found) == len(tiny_results["findings"])  # one rendered entry per finding
+    # The tiny sweep: naive forms overflow at scale 100, stable has no finding at all.
+    assert ("bce_with_logits", "naive", "overflow", "float32") in found
+    assert set(clean) >= {("bce", "stable"), ("bce_with_logits", "stable"), ("cross_entropy", "stable")}
 
 
-def test_findings_agree_with_breakdown_scales_on_the_handcrafted_file():
-    res = results.load(SMALL)
-    assert parse_findings(report.render(res)) == expected_findings(run_records(res)) == {
-        ("bce_with_logits", "naive"): {"float32": (1000.0, "fwd non-finite")},
-        ("bce_with_logits", "stable"): {"float32": None},
-    }
+def test_findings_section_renders_what_the_file_says_not_its_own_reasoning(tiny_results):
+    # A results file whose list holds one (made-up) finding: that one is rendered, nothing
+    # recomputed from the records.
+    res = copy.deepcopy(tiny_results)
+    f = next(x for x in res["findings"] if x["impl"] == "naive")
+    res["findings"] = [{**f, "kind": "underflow", "dtype": "float16", "device": "cuda",
+                        "evidence": {"points": 2, "first_scale": 30.0, "elements": 7}}]
+    found, _ = parse_findings(report.render(res))
+    assert found == {(f["loss"], "naive", "underflow", "float16@cuda")}
+    assert "float16@cuda from scale 30 (7 elements, 2 points)" in report.render(res)
 
 
-def test_findings_hold_in_and_device_labels():
-    # A made-up mix: breaks in one dtype only, and a cuda group, to cover the other sentence forms.
+def test_findings_are_derived_for_files_without_them_and_render_the_same():
+    res = results.load(SMALL)  # schema 1: no findings key, derived on load
+    assert [(f["impl"], f["kind"], f["dtype"]) for f in res["findings"]] == [("naive", "overflow", "float32")]
+    md = report.render(res)
+    assert parse_findings(md) == expected_lines(res)
+    assert ("- **bce_with_logits / naive** — **overflow** (NaN/±inf elements where the reference is finite): "
+            "float32 from scale 1000 (4 elements, 1 point).") in md
+    assert "- **bce_with_logits / stable**: no finding (float32)." in md
+    # The same file rendered from a dict without the key (a caller's own dict) agrees.
+    del res["findings"]
+    assert report.render(res) == md
+
+
+def test_findings_device_labels_and_custom_marks():
     res = results.load(SMALL)
     extra = []
     for r in res["records"]:
@@ -184,18 +206,39 @@ def test_findings_hold_in_and_device_labels():
             g["device"] = "cuda"
             extra.append(g)
             h = copy.deepcopy(r)
-            h["dtype"] = "float16"
-            h["forward"].update(nan=0, inf=0, value=1.0, reduced_ulp=0)
-            h["backward"].update(nan=0, inf=0)
+            h["impl"], h["kind"] = "mine", "custom"
             extra.append(h)
     res["records"] += extra
+    res["findings"] = findings.findings(res["records"])
     md = report.render(res)
-    parsed = parse_findings(md)
-    assert parsed == expected_findings(run_records(res))
-    assert parsed[("bce_with_logits", "naive")] == {"float32": (1000.0, "fwd non-finite"), "float16": None,
-                                                   "float32@cuda": (1000.0, "fwd non-finite")}
-    assert ("- **bce_with_logits / naive** breaks in float32 from 1000 (fwd non-finite), float32@cuda from 1000 "
-            "(fwd non-finite); holds in float16.") in md
+    assert parse_findings(md) == expected_lines(res)
+    assert ("float32 from scale 1000 (4 elements, 1 point); float32@cuda from scale 1000 (4 elements, 1 point)."
+            in md)
+    assert "- **bce_with_logits / mine (custom)** — **overflow**" in md
+
+
+def test_rendered_bits_never_exceed_the_precision(tiny_results):
+    # float64 mean 2^62 ULP off (issue 12: "mean 62 bits off"), a non-finite worst element.
+    res = copy.deepcopy(tiny_results)
+    ok = [r for r in res["records"] if r["status"] == "ok" and r["distribution"] != "nonfinite"]
+    for r in ok[:4]:
+        r["dtype"] = "float64"
+        r["threshold_bits"] = 26.5
+        r["forward"].update(reduced_ulp=2 ** 62, value=1.0, max_bits=62.0, max_ulp=2 ** 62)
+    res["findings"] = findings.findings(res["records"])
+    md = report.render(res)
+    cap = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
+    assert "mean all bits lost" in md and "mean 62 bits off" not in md
+    for m in re.finditer(r"(\d+(?:\.\d+)?) bits (?:off|lost)", md):
+        assert float(m[1]) <= max(cap.values()), m[0]
+    # Every bits figure of an accuracy cell (bits / ULP / bits) stays below the dtype's precision.
+    cells = [(row[1], cell) for _, header, rows in tables(md) if header[:3] == ["device", "dtype", "scale"]
+             for row in rows for cell in row[3:] if cell.count(" / ") == 2]
+    assert cells and any(cell.startswith("all bits lost / ") for d, cell in cells if d == "float64")
+    for dtype, cell in cells:
+        fb, _, bb = cell.split(" / ")
+        for b in (fb, bb):
+            assert b in ("all bits lost", "—") or float(b) < cap[dtype], (dtype, cell)
 
 
 # ---- timing, non-finite values, determinism -----------------------------------------------
@@ -234,7 +277,7 @@ def test_nonfinite_values_render_as_inf_and_nan(tiny_results):
         ("nan", "nan", "inf", "-inf")
     # The naive overflow of the sweep itself shows as inf in the accuracy table.
     acc = section(report.render(tiny_results), "bce_with_logits").split("**Overflow**")[0]
-    assert "inf / inf" in acc
+    assert "all bits lost / inf" in acc
 
 
 @pytest.mark.parametrize("value, text", [(math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan"), (None, "—"),
@@ -298,7 +341,7 @@ def test_cli_report_renders_the_handcrafted_file(runner, tmp_path):
                       "bce_with_logits/torch/float32/cpu"]]
     # max_ulp stored as the string "inf" comes back as inf in the accuracy and per-point tables.
     acc = section(md, "bce_with_logits").split("**Overflow**")[0]
-    assert "| inf / inf / inf" in acc
+    assert "| all bits lost / inf / all bits lost" in acc
     assert "50% / 50%" in section(md, "bce_with_logits")
     points = details(md)
     [(_, dh, drows)] = tables(points)
@@ -349,38 +392,13 @@ def test_breakdown_scale_is_the_smallest_breaking_scale():
     assert analysis.breakdown_scales([err])[key] == analysis.Breakdown(None, "boom", "error")
 
 
-@pytest.mark.parametrize("source", ["tiny", "committed quick report"])
-def test_saturation_and_infinite_logit_sentences_agree_with_the_records(tiny_results, source):
-    # The findings that are not breakdown scales: recomputed from the records by hand, on
-    # the tiny sweep and on the committed quick report (which has infinite logits).
-    from pathlib import Path
-
-    from losscheck.analysis import SCALE_FREE, nonfinite, reduced_nonfinite, silently_saturated
-
-    data = tiny_results if source == "tiny" else results.load(Path(__file__).parent.parent / "reports" / "quick.json")
-    md = report.render(data)
-    lines = section(md, "Findings").strip().splitlines()
-    recs = [r for r in data["records"] if r["status"] == "ok"]
-    if source != "tiny":
-        assert any(r["distribution"] in SCALE_FREE for r in recs)
-    for loss in {r["loss"] for r in recs}:
-        expected = {}
-        for r in recs:
-            if (r["loss"] == loss and silently_saturated(r) and not nonfinite(r["forward"])
-                    and not reduced_nonfinite(r)):
-                expected.setdefault(r["impl"], set()).add(r["dtype"])
-        sentence = [l for l in lines if l.startswith(f"- {loss}: silent saturation")]
-        if not expected:
-            assert not sentence
-            continue
-        [line] = sentence
-        got = dict(part.split(" in ") for part in line.split(" by ", 1)[1].rstrip(".").split("; "))
-        assert {i: set(d.split(", ")) for i, d in got.items()} == expected
-        nan_at_limits = {}
-        for r in recs:
-            if r["loss"] == loss and r["distribution"] in SCALE_FREE and (nonfinite(r["forward"]) or nonfinite(r["backward"])):
-                nan_at_limits.setdefault(r["impl"], set()).add(r["dtype"])
-        for impl, dtypes in nan_at_limits.items():
-            [line] = [l for l in lines if l.startswith(f"- {loss} / {impl} returns NaN or ±inf at infinite logits")]
-            assert set(line.split("(")[1].rstrip(").").split(", ")) == dtypes
-        assert not any(l.startswith(f"- {loss} / stable returns NaN") for l in lines)
+def test_committed_quick_report_findings_render_from_the_derived_list():
+    # An old results file with infinite logits: findings derived on load, rendered as listed.
+    data = results.load(Path(__file__).parent.parent / "reports" / "quick.json")
+    assert any(r["distribution"] in analysis.SCALE_FREE for r in data["records"])
+    found, _ = parse_findings(report.render(data))
+    assert (found, _) == expected_lines(data)
+    kinds = {k for _, _, k, _ in found}
+    assert {"overflow", "saturation", "limit"} <= kinds
+    assert not any(i == "stable" for _, i, _, _ in found)
+    assert not any(i == "torch" and k == "formula" for _, i, k, _ in found)

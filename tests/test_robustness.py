@@ -663,3 +663,67 @@ def test_a_gradient_that_was_not_measured_is_no_crash_anywhere(tmp_path, fuzz_ba
         result = runner.invoke(main, args)
         assert result.exit_code == 0, (args, result.output, repr(result.exception))
     assert "Traceback" not in result.output
+
+
+# ---- 7. the findings list: validated on load, derived for files without it -------------------
+
+@pytest.fixture(scope="module")
+def findings_base(tiny_results, tmp_path_factory) -> str:
+    """A small valid file whose `findings` list has several kinds to damage."""
+    from losscheck import findings as F
+
+    data = copy.deepcopy(tiny_results)
+    data["records"] = [r for r in data["records"] if r["status"] == "ok"][:24]
+    data["findings"] = F.findings(data["records"])
+    assert len({f["kind"] for f in data["findings"]}) >= 2
+    path = tmp_path_factory.mktemp("findings") / "base.json"
+    results.save(data, path)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: d.update(findings={}), "key 'findings' must be a list"),
+    (lambda d: d["findings"].__setitem__(0, 3), "findings[0] is not an object"),
+    (lambda d: d["findings"][0].pop("kind"), "findings[0] lacks key 'kind'"),
+    (lambda d: d["findings"][0].update(kind="bogus"), "findings[0] kind 'bogus' is not one of formula, overflow"),
+    (lambda d: d["findings"][0].update(impl=7), "findings[0] 'impl' must be a string"),
+    (lambda d: d["findings"][0].update(evidence=[]), "findings[0] 'evidence' must be an object"),
+    (lambda d: d["findings"][0]["evidence"].update(points=-1), "'evidence.points' must be a count"),
+    (lambda d: d["findings"][0]["evidence"].update(first_scale="inf"), "'evidence.first_scale' must be a finite"),
+    (lambda d: d["findings"][0]["evidence"].update(scales=[[1]]), "'evidence.scales' must be a list"),
+])
+def test_a_malformed_finding_is_one_line_and_exit_2(runner, tmp_path, findings_base, damage, fragment):
+    data = json.loads(findings_base)
+    damage(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    for command in (["report", str(path), "--stdout"], ["compare", str(path), str(path)]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 2, (command, result.output)
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"error: {path}: ") and fragment in line, line
+
+
+def test_findings_are_derived_for_a_file_without_them_and_kept_when_present(tmp_path, findings_base):
+    data = json.loads(findings_base)
+    stored = data["findings"]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    assert results.load(path)["findings"] == stored
+    # A stored list is the file's verdict, not recomputed (an empty one stays empty).
+    path.write_text(json.dumps({**data, "findings": []}))
+    assert results.load(path)["findings"] == []
+    del data["findings"]
+    path.write_text(json.dumps(data))
+    assert results.load(path)["findings"] == stored
+
+
+def _in_findings(kind, path) -> bool:
+    return len(path) >= 2 and path[0] == "findings"
+
+
+@settings(FUZZ, phases=[Phase.explicit, Phase.generate])
+@given(data=st.data())
+def test_fuzzed_findings_are_exit_0_or_2_never_a_crash(tmp_path, findings_base, data):
+    text = _mutate(data, findings_base, ("delete", "replace"), path_ok=_in_findings)
+    _check_report_and_compare(tmp_path, text)
