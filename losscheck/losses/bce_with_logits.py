@@ -72,8 +72,8 @@ def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight
     # enough (one working-precision rounding).
     positive = y > 0.5
     z = torch.where(positive, -x, x)
-    sign = torch.where(positive, -1.0, 1.0).to(x.dtype)
-    loss, grad = R.softplus(z), sign * R.sigmoid(z)
+    loss, sig = R.softplus_and_sigmoid(z)
+    grad = torch.where(positive, -sig, sig)
     f = R.binary_factor(positive, weight, pos_weight)
     if f is None:
         return loss, grad

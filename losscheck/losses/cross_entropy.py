@@ -284,10 +284,13 @@ def _reference_tensors(x: torch.Tensor, t: torch.Tensor, weight=None, label_smoo
         return _weighted(x, q if weight is None else q * weight)
     ignored = None if ignore_index is None else t == ignore_index
     safe = t if ignored is None else torch.where(ignored, 0, t)
-    finite = x.isfinite()
-    # One read of a flag per chunk (a device synchronisation on CUDA): the limits' extra
-    # passes are only paid by chunks with a ±inf (or NaN) logit.
-    loss, grad = _finite(x, safe) if bool(finite.all()) else _limits(x, safe)
+    # Every logit finite iff each row's max and min are (NaN propagates through both): two
+    # reductions instead of an elementwise test. One read of a flag per chunk (a device
+    # synchronisation on CUDA): the limits' extra passes are paid only by chunks with a
+    # ±inf (or NaN) logit.
+    m, am = x.max(1)
+    finite = m.isfinite().all() & x.amin(1).isfinite().all()
+    loss, grad = _finite(x, safe, top=(m, am)) if bool(finite) else _limits(x, safe)
     if weight is not None:
         # A zero class weight removes the row: 0 and gradient 0 even at an infinite loss
         # (a −inf target logit) or one without a limit (several +inf logits), as for the
@@ -372,29 +375,31 @@ def _nll_and_probabilities(x):
     return nll, p
 
 
-def _finite(x, t, masked=None):
+def _finite(x, t, masked=None, top=None):
     # The formulation of `_Stable`, in working precision: float64 work means a float32 or
     # half target, where the rounding of x − m costs at most |x − m|·2**-53 relative in exp,
     # far below 1/64 ULP of the target (the terms that matter have |x − m| < 745), so x − m
     # needs no correction term (the extended path carries one: `two_diff`).
     # `masked`: −inf logits of rows with a finite maximum, probability 0. They are
     # replaced by the row's maximum before the subtraction and their exponential set to 0
-    # after it.
+    # after it. `top`: each row's max and its (first) argmax, when already known.
+    # (N, C) temporaries are formed in place: each one costs a pass over memory.
     rows = torch.arange(x.shape[0], device=x.device)
-    m = x.amax(1)
+    m, am = x.max(1) if top is None else top
     xt = x[rows, t]
-    k = torch.where(xt == m, t, x.argmax(1))
+    k = torch.where(xt == m, t, am)
     xs = x if masked is None else torch.where(masked, m[:, None], x)
-    e = torch.exp(xs - m[:, None])
+    e = torch.sub(xs, m[:, None]).exp_()
     if masked is not None:
         e.masked_fill_(masked, 0.0)
     e[rows, k] = 0.0
     s = e.sum(1)
     total = 1 + s
     loss = (m - xt) + torch.log1p(s)  # a −inf target: +inf
-    grad = e / total[:, None]
+    et = e[rows, t]
+    grad = e.div_(total[:, None])
     grad[rows, k] = torch.reciprocal(total)
-    rest = torch.where(t == k, s, total - e[rows, t])  # a −inf target: e_t = 0, gradient −1
+    rest = torch.where(t == k, s, total - et)  # a −inf target: e_t = 0, gradient −1
     grad[rows, t] = -rest / total
     return loss, grad
 
