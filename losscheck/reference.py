@@ -1,13 +1,20 @@
 """High-precision evaluation shared by the losses' references (METRICS.md, "Reference").
 
-References are computed in numpy with at least 10 more significand bits than the dtype
-under test: float64 for float32/float16/bfloat16, x86 long double (64-bit significand)
-for float64. They never hold more than `CHUNK_ELEMENTS` values in working precision at
-once, and are rounded to the target dtype exactly once (correct rounding, see `round_to`).
+References are computed with at least 10 more significand bits than the dtype under test:
+
+* float32/float16/bfloat16 targets in **torch float64 tensors on the input's device** (CPU,
+  CUDA: nothing in that path goes through the host or numpy);
+* float64 targets in numpy x86 long double (64-bit significand), on the host: the
+  *extended* path. (issue 13 item 2 replaces it by a double-double evaluation in torch;
+  until then each loss keeps its numpy formulation for it, see `chunk_function`.)
+
+Both never hold more than a bounded chunk of values in working precision at once
+(`chunk_elements`), and are rounded to the target dtype exactly once (correct rounding,
+see `round_to`).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,14 +22,21 @@ import torch
 from .dtypes import fmt
 from .errors import ReferenceUnavailable
 
-# Values held in working precision at once (2 MiB per array in float64, 4 MiB in long double).
+# Values held in working precision at once on the host (2 MiB per array in float64, 4 MiB in
+# long double: cache-sized, which is what the CPU's speed needs). An accelerator takes larger
+# chunks (32 MiB per float64 array): each chunk costs a few dozen kernel launches, which
+# 2**18-value chunks of a 8 x 4096 x 128k point would turn into seconds of launch overhead.
 CHUNK_ELEMENTS = 1 << 18
+DEVICE_CHUNK_ELEMENTS = 1 << 22
+# The working precision of float32/float16/bfloat16 targets.
+WORK = torch.float64
 
 _LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
 
 
 def work_dtype(dtype: torch.dtype) -> type:
-    """The numpy type the reference for `dtype` is computed in."""
+    """The numpy type the reference for `dtype` is computed in: np.float64 means torch
+    float64 tensors (`WORK`), np.longdouble the extended (numpy) path."""
     if dtype == torch.float64:
         if not _LONGDOUBLE_OK:
             raise ReferenceUnavailable(
@@ -48,9 +62,19 @@ def _extended_now() -> bool:
     return bool(one + np.longdouble(2) ** -60 > one)
 
 
-def row_chunks(rows: int, row_elements: int) -> Iterator[slice]:
-    """Slices of whole rows holding at most CHUNK_ELEMENTS values (at least one row)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+def extended(dtype: torch.dtype) -> bool:
+    """Whether the reference for `dtype` takes the extended (numpy long double) path."""
+    return work_dtype(dtype) is not np.float64
+
+
+def chunk_elements(device: torch.device | str | None = None) -> int:
+    """Values held in working precision at once on `device` (see CHUNK_ELEMENTS)."""
+    return CHUNK_ELEMENTS if device is None or torch.device(device).type == "cpu" else DEVICE_CHUNK_ELEMENTS
+
+
+def row_chunks(rows: int, row_elements: int, chunk: int | None = None) -> Iterator[slice]:
+    """Slices of whole rows holding at most `chunk` (CHUNK_ELEMENTS) values (at least one row)."""
+    step = max(1, (chunk or CHUNK_ELEMENTS) // max(1, row_elements))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
@@ -63,36 +87,40 @@ def to_work(t: torch.Tensor, work: type) -> np.ndarray:
     return t.numpy().astype(work)
 
 
-def round_to(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def round_to(a, dtype: torch.dtype) -> torch.Tensor:
     """Correctly round working-precision values to `dtype` (round to nearest, ties to even).
+
+    `a` is a torch tensor (float64, or any dtype it converts from exactly: rounded on its
+    own device) or numpy values (float64, long double for a float64 target: rounded on the
+    host; an input generator's values, a long-double reference).
 
     float16 and bfloat16 go through float32 with round-to-odd: rounding first to odd in a
     format with at least 2 more bits, then to nearest, equals one rounding to nearest,
-    whereas the plain float64 -> float32 -> half path can double-round. (numpy's direct
-    float64 -> float16 cast is also correct, but five times slower.)
+    whereas the plain float64 -> float32 -> half path double-rounds — and torch's own
+    float64 -> float16/bfloat16 casts take that path (tests/test_reference.py shows it).
     """
-    # Overflow to ±inf is the correct rounding of a value beyond the dtype's range, not an
-    # error: without errstate numpy warns ("overflow encountered in cast") on long double ->
-    # float64 and float64 -> float32 (e.g. the mean of float32 cross entropy at logits near
-    # float32's max), which pytest's filterwarnings=error turns into a failure.
+    if not isinstance(a, torch.Tensor):
+        # Overflow to ±inf is the correct rounding of a value beyond the dtype's range, not
+        # an error: without errstate numpy warns ("overflow encountered in cast") on long
+        # double -> float64 (a float64 cross entropy's mean at logits near float64's max),
+        # which pytest's filterwarnings=error turns into a failure.
+        with np.errstate(over="ignore"):
+            a = torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
     if dtype == torch.float64:
-        with np.errstate(over="ignore"):
-            return torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
+        return a.to(torch.float64)
+    a64 = a.to(torch.float64)
     if dtype == torch.float32:
-        with np.errstate(over="ignore"):
-            return torch.from_numpy(np.asarray(a, dtype=np.float64).astype(np.float32))
-    a64 = np.asarray(a, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        f = a64.astype(np.float32)  # round to nearest
-        back = f.astype(np.float64)
-        # Round to odd on the bits: step back toward zero where rounding went away from
-        # zero (sign-magnitude: bits − 1 shrinks the magnitude for either sign; a finite
-        # value beyond float32's range lands on its largest finite value, which is odd),
-        # then set the last bit where the value was inexact. NaN stays NaN.
-        away = (np.abs(back) > np.abs(a64)).view(np.int8).astype(np.int32)
-        inexact = (back != a64).view(np.int8).astype(np.int32)
-        bits = (f.view(np.int32) - away) | inexact
-    return torch.from_numpy(bits.view(np.float32)).to(dtype)
+        return a64.to(torch.float32)  # IEEE conversion: one rounding, ±inf beyond the range
+    f = a64.to(torch.float32)  # round to nearest
+    back = f.to(torch.float64)
+    # Round to odd on the bits: step back toward zero where rounding went away from zero
+    # (sign-magnitude: bits − 1 shrinks the magnitude for either sign; a finite value beyond
+    # float32's range lands on its largest finite value, which is odd), then set the last
+    # bit where the value was inexact. NaN compares unequal and unordered: it stays NaN.
+    away = back.abs() > a64.abs()
+    inexact = back != a64
+    bits = f.view(torch.int32).sub_(away.to(torch.int32)).bitwise_or_(inexact)
+    return bits.view(torch.float32).to(dtype)
 
 
 class CompensatedSum:
@@ -138,6 +166,63 @@ class CompensatedSum:
             return total / work(count)
 
 
+class TensorCompensatedSum:
+    """`CompensatedSum` for torch float64 tensors, on their device: the same pairwise tree of
+    TwoSums, the same combination of partial sums, with the sum carried to ~2**-100
+    relative (so the same float64 total but in cases of that rarity).
+
+    Small additions (a chunk's per-row losses of a wide cross entropy: a few hundred values)
+    are gathered until CHUNK_ELEMENTS values wait, then summed as one: a tree costs a dozen
+    operations per level whatever its width. No branch reads a value: the fallback to IEEE
+    summation for inf/NaN terms is a `torch.where`, so nothing waits for the device until
+    the caller reads the total. (Partial sums cannot leave float64's range here: the values
+    are losses of float32 or half inputs, at most ~1e77 even weighted.)
+    """
+
+    def __init__(self) -> None:
+        self._hi = self._lo = self._plain = None
+        self._waiting: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        x = values.reshape(-1)
+        if x.numel() == 0:
+            return
+        self._waiting.append(x)
+        self._count += x.numel()
+        if self._count >= CHUNK_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._waiting:
+            return
+        x = self._waiting[0] if len(self._waiting) == 1 else torch.cat(self._waiting)
+        self._waiting, self._count = [], 0
+        if self._hi is None:
+            self._hi = self._lo = self._plain = x.new_zeros(())
+        plain = x.sum()
+        err = x.new_zeros(())
+        while x.numel() > 1:
+            if x.numel() % 2:
+                x = torch.cat([x, x.new_zeros(1)])
+            half = x.numel() // 2
+            x, e = _two_sum(x[:half], x[half:])
+            err = err + e.sum()
+        total, e = _two_sum(self._hi, x[0])
+        ok = total.isfinite() & e.isfinite()
+        self._hi = torch.where(ok, total, self._hi)
+        self._lo = torch.where(ok, self._lo + err + e, self._lo)
+        # inf/NaN terms: IEEE's sum is the answer (any order gives the same inf or NaN).
+        self._plain = self._plain + torch.where(ok, 0.0, plain)
+
+    def mean(self, count: int, work=None) -> torch.Tensor:
+        """The sum divided by `count`, a float64 tensor of shape ()."""
+        self._flush()
+        if self._hi is None:
+            return torch.zeros((), dtype=WORK)
+        return (self._hi + self._lo + self._plain) / count
+
+
 def _two_sum(a, b):
     """a + b = s + e exactly (Knuth), elementwise."""
     s = a + b
@@ -166,23 +251,45 @@ def two_diff(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, e
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Logistic function without overflow or cancellation, elementwise."""
+def sigmoid(z):
+    """Logistic function without overflow or cancellation, elementwise (numpy or torch)."""
+    if isinstance(z, torch.Tensor):
+        e = torch.exp(-z.abs())
+        return torch.where(z >= 0, torch.reciprocal(1 + e), e / (1 + e))
     with np.errstate(over="ignore"):
         e = np.exp(-np.abs(z))
     one = z.dtype.type(1)
     return np.where(z >= 0, one / (one + e), e / (one + e))
 
 
-def softplus(z: np.ndarray) -> np.ndarray:
+def softplus(z):
     """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|)); exact limits at ±inf."""
+    if isinstance(z, torch.Tensor):
+        return torch.maximum(z, z.new_zeros(())) + torch.log1p(torch.exp(-z.abs()))
     with np.errstate(over="ignore", invalid="ignore"):
         return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
-def binary_factor(positive: np.ndarray, weight, pos_weight, work: type):
+def softplus_and_sigmoid(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softplus(z)` and `sigmoid(z)` of a tensor, bit for bit, sharing exp(−|z|)."""
+    e = torch.exp(z.abs().neg_())
+    ope = 1 + e
+    sp = torch.log1p(e).add_(torch.maximum(z, z.new_zeros(())))
+    return sp, torch.where(z >= 0, torch.reciprocal(ope), e.div_(ope))
+
+
+def binary_factor(positive, weight, pos_weight, work: type = np.float64):
     """w·(pos_weight if y = 1 else 1) in working precision (exact for the dtypes under
-    test: a product of two of their values fits in float64/long double); None if unset."""
+    test: a product of two of their values fits in float64/long double); None if unset.
+    Torch tensors (`positive` a bool tensor) or numpy arrays of type `work`."""
+    if isinstance(positive, torch.Tensor):
+        f = None
+        if pos_weight is not None:
+            f = torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0)
+        if weight is not None:
+            w = weight.to(WORK)
+            f = w if f is None else f * w
+        return f
     f = None
     if pos_weight is not None:
         f = np.where(positive, np.asarray(pos_weight, dtype=work).reshape(-1)[0], work(1))
@@ -192,13 +299,47 @@ def binary_factor(positive: np.ndarray, weight, pos_weight, work: type):
     return f
 
 
-def weigh(values: np.ndarray, factor, undefined: np.ndarray | None = None) -> np.ndarray:
+def weigh(values, factor, undefined=None):
     """factor·values, where a zero factor removes its element: 0 even where the unweighted
     value is ±inf or has no limit (METRICS.md, "Options": the limit w → 0 is taken first,
     and w·ℓ(x) → 0 for every x near the limit point). Elements marked `undefined` (a NaN
-    input: not the limit of anything) stay NaN. `factor` broadcasts against `values`."""
+    input: not the limit of anything) stay NaN. `factor` broadcasts against `values`
+    (numpy arrays or torch tensors)."""
     out = values * factor
+    if isinstance(values, torch.Tensor):
+        zero = factor == 0
+        if undefined is not None:
+            zero = zero & ~undefined
+        return torch.where(zero, 0.0, out)
     zero = np.asarray(factor) == 0
     if undefined is not None:
         zero = zero & ~undefined
     return np.where(zero, values.dtype.type(0), out)
+
+
+def chunk_function(on_tensors: Callable, extended: Callable) -> Callable:
+    """A loss's `reference_chunk` (or `denominators`) from its two formulations: `on_tensors`
+    (torch float64 tensors, any device: float32/float16/bfloat16 targets) and `extended`
+    (numpy long double arrays: float64 targets, until issue 13's double-double replaces it).
+
+    The first argument chooses: a tensor goes to `on_tensors`, long double to `extended`;
+    numpy float64 arrays (the tests' mpmath certification, explain) are run through
+    `on_tensors` on the CPU and answered as numpy, so what is certified is the torch path.
+    """
+    def chunk(x, *args, **options):
+        if isinstance(x, torch.Tensor):
+            return on_tensors(x, *args, **options)
+        if np.asarray(x).dtype == np.longdouble:
+            return extended(x, *args, **options)
+        out = on_tensors(*(_tensor(a) for a in (x, *args)), **{k: _tensor(v) for k, v in options.items()})
+        return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+    chunk.__doc__ = on_tensors.__doc__
+    chunk.on_tensors, chunk.extended = on_tensors, extended
+    return chunk
+
+
+def _tensor(v):
+    """numpy arrays as tensors (floating: float64, exactly; integer: int64); the rest as is."""
+    if not isinstance(v, np.ndarray):
+        return v
+    return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64))

@@ -142,6 +142,11 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
               reduction: str = "mean") -> Reference:
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
+    float32/float16/bfloat16 inputs are evaluated in float64 tensors on their own device,
+    and the result (`Reference`'s tensors) stays there; float64 inputs take the extended
+    path (numpy long double on the host, see `reference.py`), whose rounded result is put
+    back on the input's device. Only `Reference.value` (one number) is read on the host.
+
     `options` are the implementation's keyword options (tensors are read exactly in
     working precision). The mean's denominator is summed first (it depends on the
     targets and weights only), so that the gradient of the mean is divided once and
@@ -151,47 +156,61 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
     work = R.work_dtype(dtype)
+    ext = work is not np.float64
+    device = inp.device
     x_rows, t_rows = rows_of(loss, inp, target)
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
-    opts = {k: (R.to_work(v, work) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
+    chunk = R.CHUNK_ELEMENTS if ext else R.chunk_elements(device)
+
+    def read(t):
+        """Values exactly in working precision: numpy long double, or float64 on the device."""
+        if ext:
+            return R.to_work(t, work) if t.is_floating_point() else t.detach().cpu().numpy()
+        return t.detach().to(device=device, dtype=R.WORK) if t.is_floating_point() else t.detach().to(device)
+
+    opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
     per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
 
     def chunk_options(rows):
         return {**opts, **{k: v[rows] for k, v in per_row.items()}}
 
-    def target_chunk(rows):
-        t = t_rows[rows].detach().cpu()
-        return R.to_work(t, work) if t.is_floating_point() else t.numpy()
+    def new_sum():
+        return R.CompensatedSum() if ext else R.TensorCompensatedSum()
 
-    denominator = work(n)
+    denominator = work(n) if ext else torch.tensor(float(n), dtype=R.WORK, device=device)
     if loss.denominators is not None:
-        total_d = R.CompensatedSum()
-        for rows in R.row_chunks(n, row_elems):
-            total_d.add(np.asarray(loss.denominators(target_chunk(rows), **chunk_options(rows)), dtype=work))
+        total_d = new_sum()
+        for rows in R.row_chunks(n, row_elems, chunk):
+            d = loss.denominators(read(t_rows[rows]), **chunk_options(rows))
+            total_d.add(np.asarray(d, dtype=work) if ext else d.to(R.WORK))
         denominator = total_d.mean(1, work)
     undefined = None
-    if reduction == "mean" and denominator == 0:
+    if reduction == "mean" and bool(denominator == 0):
         undefined = ("every target is ignored: the mean is 0/0, undefined; "
                      "the sensible answer is 0 with gradient 0 (nothing to learn from)")
     divide = reduction == "mean" and not undefined
-    loss_out = torch.empty(n, dtype=dtype)
-    grad_out = torch.empty(x_rows.shape, dtype=dtype)
-    total = R.CompensatedSum()
-    for rows in R.row_chunks(n, row_elems):
-        x = R.to_work(x_rows[rows], work)
+    loss_out = torch.empty(n, dtype=dtype, device=device)
+    grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
+    total = new_sum()
+    for rows in R.row_chunks(n, row_elems, chunk):
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            lw, gw = loss.reference_chunk(x, target_chunk(rows), **chunk_options(rows))
+            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows))
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
-                gw = np.zeros_like(gw)
+                gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
             grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)
     value = None
     if reduction != "none":
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            value = work(0) if undefined else total.mean(1, work) / (denominator if divide else work(1))
-    reduced = None if value is None else R.round_to(np.asarray([value], dtype=work), dtype)[0]
+            if undefined:
+                value = work(0) if ext else torch.zeros((), dtype=R.WORK, device=device)
+            else:
+                value = total.mean(1, work) / (denominator if divide else 1)
+    reduced = None
+    if value is not None:
+        reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
     return Reference(
         loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
                               else target.shape),

@@ -86,11 +86,24 @@ def framework(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=
     return F.binary_cross_entropy(p, y, weight=weight, reduction=reduction)
 
 
-def reference_chunk(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) -> tuple[np.ndarray, np.ndarray]:
+def _reference_tensors(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
     # Hard targets: −log p (y = 1) or −log1p(−p) (y = 0); gradient −1/p or 1/(1 − p).
     # 1 − p is exact in working precision for p ≥ 1/2 and has a relative error of one
     # working-precision rounding below that. p = 0 (or 1) with a disagreeing target gives
     # +inf loss and an infinite gradient: the limit, as METRICS.md asks.
+    positive = y > 0.5
+    loss = torch.where(positive, -torch.log(p), -torch.log1p(-p))
+    grad = torch.where(positive, -torch.reciprocal(p), torch.reciprocal(1 - p))
+    f = R.binary_factor(positive, weight, pos_weight)
+    if f is None:
+        return loss, grad
+    # A zero weight removes the element: 0 and gradient 0 where the loss is +inf too.
+    nan_input = p.isnan()
+    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+
+
+def _reference_extended(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None):
+    # `_reference_tensors` in numpy long double (float64 targets), line for line.
     positive = y > 0.5
     one = p.dtype.type(1)
     loss = np.where(positive, -np.log(p), -np.log1p(-p))
@@ -98,9 +111,11 @@ def reference_chunk(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     f = R.binary_factor(positive, weight, pos_weight, p.dtype.type)
     if f is None:
         return loss, grad
-    # A zero weight removes the element: 0 and gradient 0 where the loss is +inf too.
     nan_input = np.isnan(p)
     return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+
+
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
 
 
 LOSS = Loss(

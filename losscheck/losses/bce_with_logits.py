@@ -65,11 +65,25 @@ def framework(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=
     return F.binary_cross_entropy_with_logits(x, y, weight=weight, pos_weight=pos_weight, reduction=reduction)
 
 
-def reference_chunk(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) -> tuple[np.ndarray, np.ndarray]:
+def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
     # Hard targets: loss = softplus(z) with z = x (y = 0) or −x (y = 1), and
     # σ(x) − y = ±σ(z). Both are evaluated without cancellation, so the working
     # precision's rounding errors are all that remain; weights multiply both exactly
     # enough (one working-precision rounding).
+    positive = y > 0.5
+    z = torch.where(positive, -x, x)
+    loss, sig = R.softplus_and_sigmoid(z)
+    grad = torch.where(positive, -sig, sig)
+    f = R.binary_factor(positive, weight, pos_weight)
+    if f is None:
+        return loss, grad
+    # A zero weight removes the element: 0 and gradient 0 at ±inf logits too.
+    nan_input = x.isnan()
+    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+
+
+def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None):
+    # `_reference_tensors` in numpy long double (float64 targets), line for line.
     positive = y > 0.5
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
@@ -77,9 +91,11 @@ def reference_chunk(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None) 
     f = R.binary_factor(positive, weight, pos_weight, x.dtype.type)
     if f is None:
         return loss, grad
-    # A zero weight removes the element: 0 and gradient 0 at ±inf logits too.
     nan_input = np.isnan(x)
     return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+
+
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
 
 
 LOSS = Loss(

@@ -264,7 +264,188 @@ def framework(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=
                            ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index)
 
 
-def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: float = 0.0,
+def _reference_tensors(x: torch.Tensor, t: torch.Tensor, weight=None, label_smoothing: float = 0.0,
+                       ignore_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`).
+
+    Options as torch defines them: the row of a hard target t is w_t·(−log p_t), with label
+    smoothing ε (1 − ε)·w_t·(−log p_t) + (ε/C)·Σ_j w_j·(−log p_j); an ignored row is 0;
+    soft targets q (rows of probabilities, smoothed to (1 − ε)q + ε/C) give
+    Σ_j w_j·q_j·(−log p_j). The gradient of Σ_j c_j·(−log p_j) is (Σ_j c_j)·p − c.
+
+    float64 tensors on any device (float32/float16/bfloat16 targets); `_reference_extended`
+    is the same in numpy long double, operation for operation, for float64 targets.
+    """
+    classes = x.shape[1]
+    if t.is_floating_point():  # soft targets
+        q = t.to(x.dtype)
+        if label_smoothing:
+            q = (1.0 - label_smoothing) * q + label_smoothing / classes
+        return _weighted(x, q if weight is None else q * weight)
+    ignored = None if ignore_index is None else t == ignore_index
+    safe = t if ignored is None else torch.where(ignored, 0, t)
+    # Every logit finite iff each row's max and min are (NaN propagates through both): two
+    # reductions instead of an elementwise test. One read of a flag per chunk (a device
+    # synchronisation on CUDA): the limits' extra passes are paid only by chunks with a
+    # ±inf (or NaN) logit.
+    m, am = x.max(1)
+    finite = m.isfinite().all() & x.amin(1).isfinite().all()
+    loss, grad = _finite(x, safe, top=(m, am)) if bool(finite) else _limits(x, safe)
+    if weight is not None:
+        # A zero class weight removes the row: 0 and gradient 0 even at an infinite loss
+        # (a −inf target logit) or one without a limit (several +inf logits), as for the
+        # binary losses; a row with a NaN logit stays undefined.
+        wt = weight[safe]
+        nan_row = x.isnan().any(1)
+        loss, grad = R.weigh(loss, wt, nan_row), R.weigh(grad, wt[:, None], nan_row[:, None])
+    if label_smoothing:
+        eps = label_smoothing
+        cw = torch.ones(classes, dtype=x.dtype, device=x.device) if weight is None else weight
+        s_loss, s_grad = _weighted(x, cw.expand(x.shape))
+        loss = (1.0 - eps) * loss + eps / classes * s_loss
+        grad = (1.0 - eps) * grad + eps / classes * s_grad
+    if ignored is not None:
+        loss = torch.where(ignored, 0.0, loss)
+        grad = torch.where(ignored[:, None], 0.0, grad)
+    return loss, grad
+
+
+def _denominators_tensors(t: torch.Tensor, weight=None, label_smoothing: float = 0.0,
+                          ignore_index: int | None = None) -> torch.Tensor:
+    """Each row's share of the mean's denominator (torch): w_t, or 1, for a kept hard
+    target, 0 for an ignored one; 1 for soft targets. float64, on the targets' device."""
+    ones = torch.ones(t.shape[0], dtype=torch.float64, device=t.device)
+    if t.is_floating_point():
+        return ones
+    keep = ones if ignore_index is None else (t != ignore_index).to(torch.float64)
+    if weight is None:
+        return keep
+    safe = t if ignore_index is None else torch.where(t == ignore_index, 0, t)
+    return keep * weight.to(torch.float64)[safe]
+
+
+def _weighted(x, cw):
+    """Σ_j c_j·(−log p_j) and its gradient (Σ_j c_j)·p − c, with the limits at ±inf logits:
+    −log p_j is +inf for a logit of probability 0 (a −inf logit, or any finite one beside a
+    +inf), 0 for a unique +inf logit, undefined (NaN) where the split is undefined. Terms
+    with c_j = 0 are left out (0·inf)."""
+    nll, p = _nll_and_probabilities(x)
+    loss = torch.where(cw > 0, cw * nll, 0.0).sum(1)
+    total = cw.sum(1)[:, None]
+    # Every coefficient 0 (a zero-weighted soft row): removed, gradient 0 even where p has
+    # no limit (several +inf logits); a NaN logit stays undefined.
+    grad = R.weigh(total * p - cw, (total != 0).to(x.dtype), x.isnan().any(1)[:, None])
+    return loss, grad
+
+
+def _nll_and_probabilities(x):
+    """−log p_j and p_j = softmax(x)_j in working precision, with their limits where logits
+    are ±inf. (float64 work is for float32 or half targets: the rounding of x − m costs at
+    most |x − m|·2**-53 relative in exp, far below 1/64 ULP of the target — see `_finite`.)"""
+    rows = torch.arange(x.shape[0], device=x.device)
+    pos, neg = x == math.inf, x == -math.inf
+    npos = pos.sum(1)
+    allneg = neg.all(1)
+    special = (npos > 0) | allneg  # rows whose maximum is not finite
+    xf = torch.where(special[:, None], 0.0, x)
+    masked = neg & ~special[:, None]
+    unmasked = torch.where(masked, -math.inf, xf)
+    m, k = unmasked.amax(1), unmasked.argmax(1)  # k: never a masked logit
+    xs = torch.where(masked, m[:, None], xf)
+    e = torch.exp(xs - m[:, None])
+    e.masked_fill_(masked, 0.0)
+    e[rows, k] = 0.0
+    s = e.sum(1)
+    lse = torch.log1p(s)
+    e[rows, k] = 1.0
+    p = e / (1 + s)[:, None]
+    gap = m[:, None] - xs
+    gap[rows, k] = 0.0
+    nll = torch.where(masked, math.inf, gap + lse[:, None])
+    # +inf rows: a unique +inf takes all the probability; several share it in an undefined
+    # way (NaN for them), but the finite logits beside them have probability 0 either way
+    # (−log p = +inf), as in `_limits` and `_Stable`. Every logit −inf: undefined.
+    one = (npos == 1)[:, None]
+    several = torch.where(pos, math.nan, 0.0).to(x.dtype)
+    p = torch.where(special[:, None], torch.where(one, pos.to(x.dtype), several), p)
+    nll = torch.where(special[:, None], torch.where(pos, torch.where(one, 0.0, math.nan), math.inf).to(x.dtype),
+                      nll)
+    p = torch.where(allneg[:, None], math.nan, p)
+    nll = torch.where(allneg[:, None], math.nan, nll)
+    return nll, p
+
+
+def _finite(x, t, masked=None, top=None):
+    # The formulation of `_Stable`, in working precision: float64 work means a float32 or
+    # half target, where the rounding of x − m costs at most |x − m|·2**-53 relative in exp,
+    # far below 1/64 ULP of the target (the terms that matter have |x − m| < 745), so x − m
+    # needs no correction term (the extended path carries one: `two_diff`).
+    # `masked`: −inf logits of rows with a finite maximum, probability 0. They are
+    # replaced by the row's maximum before the subtraction and their exponential set to 0
+    # after it. `top`: each row's max and its (first) argmax, when already known.
+    # (N, C) temporaries are formed in place: each one costs a pass over memory.
+    rows = torch.arange(x.shape[0], device=x.device)
+    m, am = x.max(1) if top is None else top
+    xt = x[rows, t]
+    k = torch.where(xt == m, t, am)
+    xs = x if masked is None else torch.where(masked, m[:, None], x)
+    e = torch.sub(xs, m[:, None]).exp_()
+    if masked is not None:
+        e.masked_fill_(masked, 0.0)
+    e[rows, k] = 0.0
+    s = e.sum(1)
+    total = 1 + s
+    loss = (m - xt) + torch.log1p(s)  # a −inf target: +inf
+    et = e[rows, t]
+    grad = e.div_(total[:, None])
+    grad[rows, k] = torch.reciprocal(total)
+    rest = torch.where(t == k, s, total - et)  # a −inf target: e_t = 0, gradient −1
+    grad[rows, t] = -rest / total
+    return loss, grad
+
+
+def _limits(x, t):
+    """The limits of loss and gradient where some logits are ±inf.
+
+    * −inf logits have probability 0 (gradient 0); a −inf target gives loss +inf and
+      gradient −1 at the target.
+    * One +inf logit k takes all the probability: loss 0 and gradient 0 if k is the
+      target; else loss +inf, gradient +1 at k and −1 at the target, 0 elsewhere.
+    * Two or more +inf logits: the split of the probability between them depends on how
+      they grow, so their gradient entries are undefined (NaN); the finite logits still
+      have probability 0 (gradient 0, −1 at a finite target), and the loss is +inf for a
+      finite target and undefined (NaN) for a +inf one.
+    * Every logit −inf (C > 1): undefined, NaN loss and gradient. With C = 1 the loss is
+      identically 0 and so is its limit.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    pos = x == math.inf
+    neg = x == -math.inf
+    npos = pos.sum(1)
+    allneg = neg.all(1)
+    special = (npos > 0) | allneg  # rows whose maximum is not finite
+    allneg &= x.shape[1] > 1  # a single −inf logit: loss 0 from the zeros below
+    # Rows with a finite maximum: the finite formulation with −inf logits masked out.
+    # The other rows are computed on zeros (no inf − inf) and replaced below.
+    xf = torch.where(special[:, None], 0.0, x)
+    masked = neg & ~special[:, None]
+    loss, grad = _finite(xf, t, masked)
+    target_pos = pos[rows, t]
+    lim_loss = torch.where(target_pos, torch.where(npos == 1, 0.0, math.nan), math.inf).to(x.dtype)
+    lim_grad = torch.where(pos, torch.where(npos == 1, 1.0, math.nan)[:, None], 0.0).to(x.dtype)
+    lim_grad[rows, t] -= 1  # NaN − 1 is NaN: a +inf target among several
+    loss = torch.where(npos > 0, lim_loss, loss)
+    grad = torch.where((npos > 0)[:, None], lim_grad, grad)
+    loss = torch.where(allneg, math.nan, loss)
+    grad = torch.where(allneg[:, None], math.nan, grad)
+    return loss, grad
+
+
+# ---- the extended path (float64 targets): numpy long double ---------------------------------
+# The same formulation as above, operation for operation, until issue 13's double-double
+# evaluation in torch replaces it; only the x − m correction (`two_diff`) is its own.
+
+def _reference_extended(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: float = 0.0,
                     ignore_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`).
 
@@ -279,11 +460,11 @@ def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: 
         q = t.astype(x.dtype)
         if label_smoothing:
             q = (w(1) - w(label_smoothing)) * q + w(label_smoothing) / w(classes)
-        return _reference_weighted(x, q if weight is None else q * weight)
+        return _weighted_extended(x, q if weight is None else q * weight)
     ignored = None if ignore_index is None else t == ignore_index
     safe = t if ignored is None else np.where(ignored, 0, t)
     finite = np.isfinite(x)
-    loss, grad = _reference_finite(x, safe) if finite.all() else _reference_limits(x, safe, finite)
+    loss, grad = _finite_extended(x, safe) if finite.all() else _limits_extended(x, safe, finite)
     if weight is not None:
         # A zero class weight removes the row: 0 and gradient 0 even at an infinite loss
         # (a −inf target logit) or one without a limit (several +inf logits), as for the
@@ -294,7 +475,7 @@ def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: 
     if label_smoothing:
         eps = w(label_smoothing)
         cw = np.ones(classes, dtype=x.dtype) if weight is None else np.asarray(weight, dtype=x.dtype)
-        s_loss, s_grad = _reference_weighted(x, np.broadcast_to(cw, x.shape))
+        s_loss, s_grad = _weighted_extended(x, np.broadcast_to(cw, x.shape))
         loss = (w(1) - eps) * loss + eps / w(classes) * s_loss
         grad = (w(1) - eps) * grad + eps / w(classes) * s_grad
     if ignored is not None:
@@ -303,7 +484,7 @@ def reference_chunk(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: 
     return loss, grad
 
 
-def denominators(t: np.ndarray, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None):
+def _denominators_extended(t: np.ndarray, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None):
     """Each row's share of the mean's denominator (torch): w_t, or 1, for a kept hard
     target, 0 for an ignored one; 1 for soft targets."""
     if t.ndim == 2:
@@ -315,12 +496,12 @@ def denominators(t: np.ndarray, weight=None, label_smoothing: float = 0.0, ignor
     return keep * np.asarray(weight)[safe]
 
 
-def _reference_weighted(x, cw):
+def _weighted_extended(x, cw):
     """Σ_j c_j·(−log p_j) and its gradient (Σ_j c_j)·p − c, with the limits at ±inf logits:
     −log p_j is +inf for a logit of probability 0 (a −inf logit, or any finite one beside a
     +inf), 0 for a unique +inf logit, undefined (NaN) where the split is undefined. Terms
     with c_j = 0 are left out (0·inf)."""
-    nll, p = _nll_and_probabilities(x)
+    nll, p = _nll_extended(x)
     w = x.dtype.type
     loss = np.where(cw > 0, cw * nll, w(0)).sum(axis=1)
     total = cw.sum(axis=1)[:, None]
@@ -330,9 +511,9 @@ def _reference_weighted(x, cw):
     return loss, grad
 
 
-def _nll_and_probabilities(x):
+def _nll_extended(x):
     """−log p_j and p_j = softmax(x)_j in working precision (x − m carried exactly, as in
-    `_reference_finite`), with their limits where logits are ±inf."""
+    `_finite_extended`), with their limits where logits are ±inf."""
     w = x.dtype.type
     rows = np.arange(x.shape[0])
     pos, neg = x == np.inf, x == -np.inf
@@ -360,7 +541,7 @@ def _nll_and_probabilities(x):
     nll = np.where(masked, w(np.inf), gap + lse[:, None])
     # +inf rows: a unique +inf takes all the probability; several share it in an undefined
     # way (NaN for them), but the finite logits beside them have probability 0 either way
-    # (−log p = +inf), as in `_reference_limits` and `_Stable`. Every logit −inf: undefined.
+    # (−log p = +inf), as in `_limits_extended` and `_Stable`. Every logit −inf: undefined.
     one = (npos == 1)[:, None]
     several = np.where(pos, w(np.nan), w(0))
     p = np.where(special[:, None], np.where(one, pos.astype(x.dtype), several), p)
@@ -370,7 +551,7 @@ def _nll_and_probabilities(x):
     return nll, p
 
 
-def _reference_finite(x, t, masked=None):
+def _finite_extended(x, t, masked=None):
     # The formulation of `_Stable`, in working precision. In long double (float64
     # targets) x − m is carried as an unevaluated sum (two_diff) so that exp(x − m) keeps
     # full working precision even when the subtraction rounds (x and m of very different
@@ -405,7 +586,7 @@ def _reference_finite(x, t, masked=None):
     return loss, grad
 
 
-def _reference_limits(x, t, finite):
+def _limits_extended(x, t, finite):
     """The limits of loss and gradient where some logits are ±inf.
 
     * −inf logits have probability 0 (gradient 0); a −inf target gives loss +inf and
@@ -431,7 +612,7 @@ def _reference_limits(x, t, finite):
     # The other rows are computed on zeros (no inf − inf) and replaced below.
     xf = np.where(special[:, None], w(0), x)
     masked = neg & ~special[:, None]
-    loss, grad = _reference_finite(xf, t, masked)
+    loss, grad = _finite_extended(xf, t, masked)
     # +inf rows
     target_pos = pos[rows, t]
     lim_loss = np.where(target_pos, np.where(npos == 1, w(0), w(np.nan)), w(np.inf))
@@ -443,6 +624,10 @@ def _reference_limits(x, t, finite):
     loss = np.where(allneg, w(np.nan), loss)
     grad = np.where(allneg[:, None], w(np.nan), grad)
     return loss, grad
+
+
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
+denominators = R.chunk_function(_denominators_tensors, _denominators_extended)
 
 
 LOSS = Loss(
