@@ -2,8 +2,9 @@
 
 `ulp_distance` is Herbie's ordinal measure: the number of representable values of the
 dtype between two values, +0 and -0 being the same value. Everything works on the raw
-bit patterns (numpy integers), which is uniform across float64/32/16 and bfloat16 and
-several times faster than torch's elementwise predicates on CPU.
+bit patterns (the tensor viewed as integers of its width), which is uniform across
+float64/32/16 and bfloat16, exact, and runs as tensor operations on the device of the
+tensors given: nothing goes through the host but the final scalars of a point.
 
 Verdicts sit on top of the distance: a finite value against ±inf is clamped (inf ULP, p
 bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
@@ -14,56 +15,77 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .dtypes import FloatFormat, fmt
 
+# Elements per chunk in ErrorStats.add: the temporaries are a few float64/integer copies
+# of a chunk, so memory stays bounded however large the point (large vocabularies).
 CHUNK = 1 << 20
+
+# Devices on which a chunk's summary (any non-finite value? any zero? any sign change?
+# the largest distance) is read back to skip the work it makes useless. A read-back is
+# cheap on the CPU; on an accelerator it would stall the queue once per chunk, so there
+# every rule runs unconditionally (the same numbers: tests run both paths).
+_SUMMARY_ON_HOST = frozenset({"cpu"})
 
 
 @dataclass(frozen=True)
 class _Bits:
-    """Sign, magnitude bits and classification of a tensor's values."""
+    """Sign, magnitude bits and classification of a tensor's values, as integer tensors of
+    the format's width (int16/32/64) on the tensor's device."""
 
     f: FloatFormat
-    negative: np.ndarray
-    magnitude: np.ndarray  # int64: the bits without the sign
+    ints: torch.Tensor  # the values' bits, signed integers of the format's width
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "_Bits":
         f = fmt(t.dtype)
-        bits = t.detach().cpu().contiguous().view(f.int_dtype).numpy().astype(np.int64, copy=False)
-        return cls(f, bits < 0, bits & ((1 << (f.total_bits - 1)) - 1))
+        return cls(f, t.detach().view(f.int_dtype))
+
+    @property
+    def _mask(self) -> int:
+        return (1 << (self.f.total_bits - 1)) - 1
 
     @property
     def _inf_bits(self) -> int:
         # All exponent bits set, fraction zero.
-        return ((1 << (self.f.total_bits - 1)) - 1) ^ ((1 << (self.f.significand_bits - 1)) - 1)
+        return self._mask ^ ((1 << (self.f.significand_bits - 1)) - 1)
 
     @property
-    def nan(self) -> np.ndarray:
+    def negative(self) -> torch.Tensor:
+        return self.ints < 0
+
+    @property
+    def magnitude(self) -> torch.Tensor:
+        return self.ints & self._mask
+
+    @property
+    def nan(self) -> torch.Tensor:
         return self.magnitude > self._inf_bits
 
     @property
-    def inf(self) -> np.ndarray:
+    def inf(self) -> torch.Tensor:
         return self.magnitude == self._inf_bits
 
     @property
-    def finite(self) -> np.ndarray:
+    def finite(self) -> torch.Tensor:
         return self.magnitude < self._inf_bits
 
     @property
-    def ordinal(self) -> np.ndarray:
-        return np.where(self.negative, -self.magnitude, self.magnitude)
+    def ordinal(self) -> torch.Tensor:
+        """-magnitude for negative values, in the format's width: for a negative pattern
+        x = MIN + magnitude, MIN - x is -magnitude and never overflows (-0 gives 0)."""
+        x = self.ints
+        return torch.where(x < 0, -(1 << (self.f.total_bits - 1)) - x, x)
 
 
 def ordinal(t: torch.Tensor) -> torch.Tensor:
-    """Signed ordinal of each value: consecutive floats have consecutive ordinals."""
-    return torch.from_numpy(_Bits.of(t).ordinal)
+    """Signed ordinal of each value (int64): consecutive floats have consecutive ordinals."""
+    return _Bits.of(t).ordinal.to(torch.int64)
 
 
-def _clamped(v: _Bits, r: _Bits) -> np.ndarray:
+def _clamped(v: _Bits, r: _Bits) -> torch.Tensor:
     """A finite value where the reference is ±inf, other than the largest finite value of
     the reference's sign (overflow rounding: what round-to-nearest gives a value just
     beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
@@ -71,37 +93,49 @@ def _clamped(v: _Bits, r: _Bits) -> np.ndarray:
     return r.inf & v.finite & ~overflow_rounding
 
 
-def _underflow(v: _Bits, r: _Bits) -> np.ndarray:
-    """Exactly 0 (either sign) where the reference is finite and non-zero: flushed to zero."""
-    return (v.magnitude == 0) & r.finite & (r.magnitude != 0)
+def _finite_distance(v: _Bits, r: _Bits, vm: torch.Tensor, rm: torch.Tensor,
+                     signs_differ: torch.Tensor | None) -> torch.Tensor:
+    """|ordinal(v) - ordinal(r)| as float64, read as if every value were finite (the rules
+    for NaN and ±inf are applied on top by `_apply_special_rules`). `vm`, `rm` are the
+    magnitudes; `signs_differ` the mask of opposite signs, or None where no sign differs.
 
-
-def _distance(v: _Bits, r: _Bits) -> np.ndarray:
-    ov, orf = v.ordinal, r.ordinal
+    Of the same sign, the patterns' difference is the magnitudes' difference (the sign bit
+    cancels) and fits the format's width; of opposite signs, the distance is the sum of the
+    magnitudes, up to twice the width's range.
+    """
+    same = (v.ints - r.ints).abs_()
+    if signs_differ is None:
+        return same.double()
     if v.f.total_bits == 64:
-        # Opposite signs: the integer difference can overflow int64; the distance is
-        # astronomically large then, so float precision is enough.
-        with np.errstate(over="ignore"):
-            same = np.abs(ov - orf).astype(np.float64)
-        d = np.where(v.negative == r.negative, same,
-                     v.magnitude.astype(np.float64) + r.magnitude.astype(np.float64))
-    else:
-        d = np.abs(ov - orf).astype(np.float64)
-    vnan, rnan, vinf, rinf = v.nan, r.nan, v.inf, r.inf
-    if vnan.any() or rnan.any() or vinf.any() or rinf.any():
-        d[vnan != rnan] = math.inf
-        d[vnan & rnan] = 0.0
-        differs = (v.magnitude != r.magnitude) | (v.negative != r.negative)
-        d[vinf & differs] = math.inf
-        # A finite value against ±inf is not a finite number of steps away: the ordinal
-        # distance (100.0 to +inf in float32 is ~1e9 ULP, "29.9 bits") would pretend some
-        # bits were right. It scores the full width; overflow rounding keeps its 1 ULP.
-        d[_clamped(v, r)] = math.inf
+        # The sum can pass int64's range; the distance is astronomically large then, so it
+        # is taken in float64, each magnitude rounded first (as the numpy original did:
+        # the same float64 number, not merely a close one).
+        return torch.where(signs_differ, vm.double() + rm.double(), same.double())
+    # Up to 2**33: exact in float64.
+    return torch.where(signs_differ, vm.double() + rm, same.double())
+
+
+def _apply_special_rules(d: torch.Tensor, v: _Bits, r: _Bits) -> None:
+    """NaN against NaN is 0; NaN against anything else, an infinity against a different
+    value, and a clamped value are inf (in place)."""
+    vnan, rnan = v.nan, r.nan
+    d.masked_fill_(vnan & rnan, 0.0)
+    d.masked_fill_((vnan != rnan) | (v.inf & (v.ints != r.ints)) | _clamped(v, r), math.inf)
+    # A finite value against ±inf is not a finite number of steps away: the ordinal
+    # distance (100.0 to +inf in float32 is ~1e9 ULP, "29.9 bits") would pretend some
+    # bits were right. It scores the full width; overflow rounding keeps its 1 ULP.
+
+
+def _distance(v: _Bits, r: _Bits) -> torch.Tensor:
+    signs_differ = (v.ints ^ r.ints) < 0
+    d = _finite_distance(v, r, v.magnitude, r.magnitude, signs_differ)
+    _apply_special_rules(d, v, r)
     return d
 
 
 def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Distance in ULPs between `value` and `reference` (same dtype and shape), as float64.
+    """Distance in ULPs between `value` and `reference` (same dtype and shape), as float64
+    on their device.
 
     NaN against NaN is 0 (both undefined); NaN against a number or an infinity, an
     infinite value against a different reference, and a finite value against an infinite
@@ -110,7 +144,7 @@ def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """
     if value.dtype != reference.dtype:
         raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
-    return torch.from_numpy(_distance(_Bits.of(value), _Bits.of(reference)))
+    return _distance(_Bits.of(value), _Bits.of(reference))
 
 
 def _precision(dtype: torch.dtype | str | FloatFormat) -> int:
@@ -126,8 +160,11 @@ def bits(ulp, dtype: torch.dtype | str | FloatFormat):
     p = _precision(dtype)
     if isinstance(ulp, torch.Tensor):
         return torch.clamp(torch.log2(1 + ulp.double()), max=p)
-    if isinstance(ulp, np.ndarray):
-        return np.minimum(np.log2(1 + ulp.astype(np.float64)), p)
+    if type(ulp).__module__ == "numpy" and hasattr(ulp, "shape"):
+        # A numpy array (a caller at the files' edge): numpy only here, imported lazily.
+        import numpy as np
+
+        return np.minimum(np.log2(1 + np.asarray(ulp, dtype=np.float64)), p)
     ulp = float(ulp)
     if math.isnan(ulp):
         raise ValueError("a ULP distance is never NaN")
@@ -143,6 +180,87 @@ def bits_of_error(ulps: torch.Tensor, dtype: torch.dtype | str | FloatFormat | N
 def ulp_threshold(threshold_bits: float) -> float:
     """The ULP distance matching `threshold_bits` lost: bits > t  <=>  ulp > 2**t - 1."""
     return 2.0**threshold_bits - 1
+
+
+class _Accumulator:
+    """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once.
+
+    The sum of bits is a float64 tensor that starts from the running sum and adds each
+    chunk's float64 sum in turn: the additions of the numpy original (running sum + chunk 1
+    + chunk 2 ...), so the sums agree to the last bit wherever the chunk sums do (torch and
+    numpy sum a chunk's elements in different orders: the last bit of a chunk sum can
+    differ, which `mean_bits`, rounded to 4 decimals, does not show).
+    """
+
+    COUNTERS = ("saturated", "underflow", "clamped", "nan", "posinf", "neginf")
+
+    def __init__(self, stats: "ErrorStats", device: torch.device):
+        self.stats = stats
+        self.p = stats._format.significand_bits
+        self.on_host = device.type in _SUMMARY_ON_HOST
+        self.ulp_threshold = ulp_threshold(stats.threshold_bits)
+        self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
+        self.maxima: list[torch.Tensor] = []
+        self.counts: dict[str, list[torch.Tensor]] = {c: [] for c in self.COUNTERS}
+
+    def add(self, v: _Bits, r: _Bits) -> None:
+        vm, rm = v.magnitude, r.magnitude
+        signs_differ = (v.ints ^ r.ints) < 0
+        inf_bits = v._inf_bits
+        if self.on_host:
+            # One read-back per chunk says which rules can apply at all.
+            vmin, vmax = torch.aminmax(vm)
+            summary = torch.stack([vmin.long(), vmax.long(), rm.amax().long(), signs_differ.any().long()])
+            vmin, vmax, rmax, any_differ = summary.tolist()
+            special = vmax >= inf_bits or rmax >= inf_bits
+            zeros = vmin == 0
+        else:
+            special = zeros = any_differ = True
+        d = _finite_distance(v, r, vm, rm, signs_differ if any_differ else None)
+        if special:
+            _apply_special_rules(d, v, r)
+        largest = d.amax()
+        self.maxima.append(largest)
+        largest_on_host = float(largest) if self.on_host else math.inf
+        if largest_on_host > self.ulp_threshold:
+            # Finite values above the threshold: silent saturation (clamped ones included).
+            above = d > self.ulp_threshold
+            if special:
+                above &= vm < inf_bits
+            self.counts["saturated"].append(above.sum())
+        if zeros:
+            flushed = (vm == 0) & (rm != 0)
+            if special:
+                flushed &= rm < inf_bits
+            self.counts["underflow"].append(flushed.sum())
+        if special:
+            self.counts["clamped"].append(_clamped(v, r).sum())
+            vinf = vm == inf_bits
+            self.counts["nan"].append(((vm > inf_bits) & (rm <= inf_bits)).sum())
+            wrong_inf = vinf & ((rm < inf_bits) | ((rm == inf_bits) & signs_differ))
+            vneg = v.negative
+            self.counts["posinf"].append((wrong_inf & ~vneg).sum())
+            self.counts["neginf"].append((wrong_inf & vneg).sum())
+        # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more). The
+        # cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
+        b = d.add_(1).log2_()
+        if largest_on_host >= 2.0 ** (self.p - 1):
+            b.clamp_(max=self.p)
+        self.bits_sum += b.sum()
+
+    def flush(self) -> None:
+        """Bring the scalars to the host (one transfer) and add them to the stats."""
+        s = self.stats
+        zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
+        parts = [self.bits_sum, torch.stack(self.maxima).amax()]
+        for c in self.COUNTERS:
+            # Counts are exact in float64 (below 2**53): one float64 vector carries all.
+            parts.append(torch.stack(self.counts[c]).sum().double() if self.counts[c] else zero)
+        bits_sum, largest, *counts = torch.stack(parts).tolist()
+        s._bits_sum = bits_sum
+        s.max_ulp = max(s.max_ulp, largest)
+        for c, k in zip(self.COUNTERS, counts):
+            setattr(s, c, getattr(s, c) + int(k))
 
 
 @dataclass
@@ -181,31 +299,23 @@ class ErrorStats:
     _format: FloatFormat | None = field(default=None, repr=False)
 
     def add(self, value: torch.Tensor, reference: torch.Tensor) -> None:
-        value = value.detach().cpu().reshape(-1)
-        reference = reference.detach().cpu().reshape(-1)
+        """Stream the elements of `value` against `reference` (same dtype, any shape, on
+        any device): tensor reductions on that device, chunk by chunk, and one transfer of
+        the scalars to the host at the end."""
+        value = value.detach().reshape(-1)
+        reference = reference.detach().reshape(-1)
         if value.dtype != reference.dtype:
             raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
         self._format = fmt(value.dtype)
-        # Bounded chunks: the temporaries are several int64/float64 copies of the input.
-        for start in range(0, value.numel(), CHUNK):
-            self._add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
-
-    def _add(self, v: _Bits, r: _Bits) -> None:
-        ulps = _distance(v, r)
-        self.n += ulps.size
-        self.max_ulp = max(self.max_ulp, float(ulps.max()))
-        self._bits_sum += float(bits(ulps, v.f).sum())
-        v_finite = v.finite
-        # Clamped values are among these: their distance is inf.
-        self.saturated += int((v_finite & (ulps > ulp_threshold(self.threshold_bits))).sum())
-        self.underflow += int(_underflow(v, r).sum())
-        if v_finite.all() and r.finite.all():
+        n = value.numel()
+        if n == 0:
             return
-        self.clamped += int(_clamped(v, r).sum())
-        self.nan += int((v.nan & ~r.nan).sum())
-        wrong_inf = v.inf & (r.finite | (r.inf & (v.negative != r.negative)))
-        self.posinf += int((wrong_inf & ~v.negative).sum())
-        self.neginf += int((wrong_inf & v.negative).sum())
+        acc = _Accumulator(self, value.device)
+        # Bounded chunks: the temporaries are a few float64/integer copies of a chunk.
+        for start in range(0, n, CHUNK):
+            acc.add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
+        acc.flush()
+        self.n += n
 
     def set_reduced(self, value: torch.Tensor, reference: torch.Tensor) -> None:
         # ulp_distance applies the same rules: a finite mean against an infinite reduced
