@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -85,51 +86,83 @@ def ordinal(t: torch.Tensor) -> torch.Tensor:
     return _Bits.of(t).ordinal.to(torch.int64)
 
 
-def _clamped(v: _Bits, r: _Bits) -> torch.Tensor:
-    """A finite value where the reference is ±inf, other than the largest finite value of
-    the reference's sign (overflow rounding: what round-to-nearest gives a value just
-    beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
-    overflow_rounding = (v.magnitude == v._inf_bits - 1) & (v.negative == r.negative)
-    return r.inf & v.finite & ~overflow_rounding
+class _Pair:
+    """A chunk of values against its references, with the masks the rules need, each
+    computed once (on the tensors' device) and only if asked for."""
 
+    def __init__(self, v: _Bits, r: _Bits):
+        self.v, self.r = v, r
+        self.inf_bits = v._inf_bits
 
-def _finite_distance(v: _Bits, r: _Bits, vm: torch.Tensor, rm: torch.Tensor,
-                     signs_differ: torch.Tensor | None) -> torch.Tensor:
-    """|ordinal(v) - ordinal(r)| as float64, read as if every value were finite (the rules
-    for NaN and ±inf are applied on top by `_apply_special_rules`). `vm`, `rm` are the
-    magnitudes; `signs_differ` the mask of opposite signs, or None where no sign differs.
+    @cached_property
+    def vm(self) -> torch.Tensor:
+        return self.v.magnitude
 
-    Of the same sign, the patterns' difference is the magnitudes' difference (the sign bit
-    cancels) and fits the format's width; of opposite signs, the distance is the sum of the
-    magnitudes, up to twice the width's range.
-    """
-    same = (v.ints - r.ints).abs_()
-    if signs_differ is None:
-        return same.double()
-    if v.f.total_bits == 64:
-        # The sum can pass int64's range; the distance is astronomically large then, so it
-        # is taken in float64, each magnitude rounded first (as the numpy original did:
-        # the same float64 number, not merely a close one).
-        return torch.where(signs_differ, vm.double() + rm.double(), same.double())
-    # Up to 2**33: exact in float64.
-    return torch.where(signs_differ, vm.double() + rm, same.double())
+    @cached_property
+    def rm(self) -> torch.Tensor:
+        return self.r.magnitude
 
+    @cached_property
+    def signs_differ(self) -> torch.Tensor:
+        return (self.v.ints ^ self.r.ints) < 0
 
-def _apply_special_rules(d: torch.Tensor, v: _Bits, r: _Bits) -> None:
-    """NaN against NaN is 0; NaN against anything else, an infinity against a different
-    value, and a clamped value are inf (in place)."""
-    vnan, rnan = v.nan, r.nan
-    d.masked_fill_(vnan & rnan, 0.0)
-    d.masked_fill_((vnan != rnan) | (v.inf & (v.ints != r.ints)) | _clamped(v, r), math.inf)
-    # A finite value against ±inf is not a finite number of steps away: the ordinal
-    # distance (100.0 to +inf in float32 is ~1e9 ULP, "29.9 bits") would pretend some
-    # bits were right. It scores the full width; overflow rounding keeps its 1 ULP.
+    @cached_property
+    def v_finite(self) -> torch.Tensor:
+        return self.vm < self.inf_bits
+
+    @cached_property
+    def r_inf(self) -> torch.Tensor:
+        return self.rm == self.inf_bits
+
+    @cached_property
+    def v_inf(self) -> torch.Tensor:
+        return self.vm == self.inf_bits
+
+    @cached_property
+    def clamped(self) -> torch.Tensor:
+        """A finite value where the reference is ±inf, other than the largest finite value
+        of the reference's sign (overflow rounding: what round-to-nearest gives a value just
+        beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
+        overflow_rounding = (self.vm == self.inf_bits - 1) & ~self.signs_differ
+        return self.r_inf & self.v_finite & ~overflow_rounding
+
+    def finite_distance(self, signs_may_differ: bool = True) -> torch.Tensor:
+        """|ordinal(v) - ordinal(r)| as float64, read as if every value were finite (the
+        rules for NaN and ±inf go on top: `apply_rules`).
+
+        Of the same sign, the patterns' difference is the magnitudes' difference (the sign
+        bit cancels) and fits the format's width; of opposite signs the distance is the sum
+        of the magnitudes, up to twice the width's range.
+        """
+        v, r = self.v, self.r
+        same = torch.sub(v.ints, r.ints, out=torch.empty(v.ints.shape, dtype=torch.float64, device=v.ints.device))
+        same.abs_()
+        if not signs_may_differ:
+            return same
+        if v.f.total_bits == 64:
+            # The sum can pass int64's range; the distance is astronomically large then, so
+            # it is taken in float64, each magnitude rounded first (as the numpy original
+            # did: the same float64 number, not merely a close one).
+            opposite = self.vm.double().add_(self.rm.double())
+        else:
+            opposite = self.vm.double().add_(self.rm)  # below 2**33: exact
+        return torch.where(self.signs_differ, opposite, same)
+
+    def apply_rules(self, d: torch.Tensor) -> None:
+        """NaN against NaN is 0; NaN against anything else, an infinity against a different
+        value, and a clamped value are inf (in place). A finite value against ±inf is not a
+        finite number of steps away: the ordinal distance (100.0 to +inf in float32 is ~1e9
+        ULP, "29.9 bits") would pretend some bits were right. It scores the full width;
+        overflow rounding keeps its 1 ULP."""
+        vnan, rnan = self.vm > self.inf_bits, self.rm > self.inf_bits
+        d.masked_fill_(vnan & rnan, 0.0)
+        d.masked_fill_((vnan != rnan) | (self.v_inf & (self.v.ints != self.r.ints)) | self.clamped, math.inf)
 
 
 def _distance(v: _Bits, r: _Bits) -> torch.Tensor:
-    signs_differ = (v.ints ^ r.ints) < 0
-    d = _finite_distance(v, r, v.magnitude, r.magnitude, signs_differ)
-    _apply_special_rules(d, v, r)
+    pair = _Pair(v, r)
+    d = pair.finite_distance()
+    pair.apply_rules(d)
     return d
 
 
@@ -204,21 +237,27 @@ class _Accumulator:
         self.counts: dict[str, list[torch.Tensor]] = {c: [] for c in self.COUNTERS}
 
     def add(self, v: _Bits, r: _Bits) -> None:
-        vm, rm = v.magnitude, r.magnitude
-        signs_differ = (v.ints ^ r.ints) < 0
-        inf_bits = v._inf_bits
-        if self.on_host:
-            # One read-back per chunk says which rules can apply at all.
-            vmin, vmax = torch.aminmax(vm)
-            summary = torch.stack([vmin.long(), vmax.long(), rm.amax().long(), signs_differ.any().long()])
-            vmin, vmax, rmax, any_differ = summary.tolist()
-            special = vmax >= inf_bits or rmax >= inf_bits
-            zeros = vmin == 0
-        else:
-            special = zeros = any_differ = True
-        d = _finite_distance(v, r, vm, rm, signs_differ if any_differ else None)
+        pair = _Pair(v, r)
+        if not self.on_host:
+            self._finish(pair, pair.finite_distance(), special=True, zeros=True)
+            return
+        # One read-back per chunk says which rules can apply at all. Most chunks have no
+        # non-finite value and no sign change: their distance is then the patterns'
+        # difference, and the rules for NaN, ±inf and signs cost nothing.
+        vmin, vmax = torch.aminmax(pair.vm)
+        rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
+        flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
+                             (v.ints ^ r.ints).amin() < 0])
+        zeros, v_special, r_special, signs_differ = flags.tolist()
+        special = v_special or r_special
+        self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
+
+    def _finish(self, pair: _Pair, d: torch.Tensor, *, special: bool, zeros: bool) -> None:
+        """Every number of a chunk from its distances `d` (consumed): the rules for NaN and
+        ±inf where `special`, max, counters and the bits."""
+        inf_bits = pair.inf_bits
         if special:
-            _apply_special_rules(d, v, r)
+            pair.apply_rules(d)
         largest = d.amax()
         self.maxima.append(largest)
         largest_on_host = float(largest) if self.on_host else math.inf
@@ -226,21 +265,23 @@ class _Accumulator:
             # Finite values above the threshold: silent saturation (clamped ones included).
             above = d > self.ulp_threshold
             if special:
-                above &= vm < inf_bits
+                above &= pair.v_finite
             self.counts["saturated"].append(above.sum())
         if zeros:
-            flushed = (vm == 0) & (rm != 0)
+            flushed = (pair.vm == 0) & (pair.rm != 0)
             if special:
-                flushed &= rm < inf_bits
+                flushed &= pair.rm < inf_bits
             self.counts["underflow"].append(flushed.sum())
         if special:
-            self.counts["clamped"].append(_clamped(v, r).sum())
-            vinf = vm == inf_bits
+            vm, rm = pair.vm, pair.rm
+            self.counts["clamped"].append(pair.clamped.sum())
             self.counts["nan"].append(((vm > inf_bits) & (rm <= inf_bits)).sum())
-            wrong_inf = vinf & ((rm < inf_bits) | ((rm == inf_bits) & signs_differ))
-            vneg = v.negative
+            wrong_inf = pair.v_inf & ((rm < inf_bits) | (pair.r_inf & pair.signs_differ))
+            vneg = pair.v.negative
             self.counts["posinf"].append((wrong_inf & ~vneg).sum())
             self.counts["neginf"].append((wrong_inf & vneg).sum())
+        if largest_on_host == 0:
+            return  # every element exact: 0 bits each, and x + 0.0 is x
         # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more). The
         # cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
         b = d.add_(1).log2_()
