@@ -215,6 +215,21 @@ def ulp_threshold(threshold_bits: float) -> float:
     return 2.0**threshold_bits - 1
 
 
+# Distances below this are looked up rather than computed: log2(1 + d) for every integer d
+# below it, 512 KiB of float64 per device (a sweep's distances are mostly a few ULP).
+_LOG2_TABLE_SIZE = 1 << 16
+_LOG2_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _log2_table(device: torch.device) -> torch.Tensor:
+    table = _LOG2_TABLES.get(device)
+    if table is None:
+        # torch.log2 on the device itself: the numbers a log2 per element would give there.
+        table = torch.arange(_LOG2_TABLE_SIZE, dtype=torch.float64, device=device).add_(1).log2_()
+        _LOG2_TABLES[device] = table
+    return table
+
+
 class _Accumulator:
     """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once.
 
@@ -250,7 +265,39 @@ class _Accumulator:
                              (v.ints ^ r.ints).amin() < 0])
         zeros, v_special, r_special, signs_differ = flags.tolist()
         special = v_special or r_special
-        self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
+        if not (special or signs_differ) and v.f.total_bits <= 32:
+            self._finite_same_sign(pair, zeros)
+        else:
+            self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
+
+    def _finite_same_sign(self, pair: _Pair, zeros: bool) -> None:
+        """A chunk of finite values with the signs of their references, in a format of 32
+        bits or fewer: the distance is |bits(v) - bits(r)|, exact in the integers of the
+        format's width (below 2**31), and every number comes from it without float64."""
+        d = (pair.v.ints - pair.r.ints).abs_()
+        largest = int(d.amax())
+        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        if largest > self.ulp_threshold:
+            # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
+            self.counts["saturated"].append((d > math.floor(self.ulp_threshold)).sum())
+        if zeros:
+            self.counts["underflow"].append(((pair.vm == 0) & (pair.rm != 0)).sum())
+        if largest:
+            self.bits_sum += self._bits(d, largest).sum()
+
+    def _bits(self, d: torch.Tensor, largest: float) -> torch.Tensor:
+        """min(log2(1 + d), p) elementwise in float64 (`d` integral, float64 or integer; a
+        float64 `d` is consumed). Distances below the table's size are looked up in a table
+        made by the same torch.log2 (the same float64 numbers, without a log2 per element)."""
+        if largest < _LOG2_TABLE_SIZE:
+            index = d if d.dtype in (torch.int32, torch.int64) else d.to(torch.int32)
+            b = torch.index_select(_log2_table(d.device), 0, index.reshape(-1))
+        else:
+            b = (d.double() if d.dtype != torch.float64 else d).add_(1).log2_()
+        if largest >= 2.0 ** (self.p - 1):
+            # The cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
+            b.clamp_(max=self.p)
+        return b
 
     def _finish(self, pair: _Pair, d: torch.Tensor, *, special: bool, zeros: bool) -> None:
         """Every number of a chunk from its distances `d` (consumed): the rules for NaN and
@@ -282,12 +329,8 @@ class _Accumulator:
             self.counts["neginf"].append((wrong_inf & vneg).sum())
         if largest_on_host == 0:
             return  # every element exact: 0 bits each, and x + 0.0 is x
-        # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more). The
-        # cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
-        b = d.add_(1).log2_()
-        if largest_on_host >= 2.0 ** (self.p - 1):
-            b.clamp_(max=self.p)
-        self.bits_sum += b.sum()
+        # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more).
+        self.bits_sum += self._bits(d, largest_on_host).sum()
 
     def flush(self) -> None:
         """Bring the scalars to the host (one transfer) and add them to the stats."""
