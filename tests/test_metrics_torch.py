@@ -274,3 +274,38 @@ def test_cuda_gives_the_numbers_of_the_numpy_original(name):
     pairs = list(itertools.product(pats, pats))
     assert_unchanged(from_patterns([a for a, _ in pairs], name), from_patterns([b for _, b in pairs], name),
                      device="cuda")
+
+
+def test_only_the_final_scalars_come_to_the_host(monkeypatch, path):
+    """Without a summary read back (an accelerator's path), one `add` of several chunks
+    transfers one vector of scalars; nothing is copied to the host or read through numpy."""
+    monkeypatch.setattr(metrics, "CHUNK", 1000)
+    gen = torch.Generator().manual_seed(23)
+    ref = torch.randn(4500, generator=gen)
+    value = near(ref, gen, 3)
+    value[1234] = math.nan
+    calls = {"tolist": 0, "item": 0, "float": 0}
+
+    def counting(name, original):
+        def wrapper(self, *a, **k):
+            calls[name] += 1
+            return original(self, *a, **k)
+        return wrapper
+
+    def forbidden(self, *a, **k):
+        raise AssertionError("copied to the host")
+
+    for name, attr in (("tolist", "tolist"), ("item", "item"), ("float", "__float__")):
+        monkeypatch.setattr(torch.Tensor, attr, counting(name, getattr(torch.Tensor, attr)))
+    monkeypatch.setattr(torch.Tensor, "cpu", forbidden)
+    monkeypatch.setattr(torch.Tensor, "numpy", forbidden)
+    s = ErrorStats(12)
+    s.add(value, ref)
+    if path == "every_rule_on_device":
+        assert calls == {"tolist": 1, "item": 0, "float": 0}
+    else:
+        assert calls["tolist"] >= 5  # a summary per chunk, then the scalars
+    monkeypatch.undo()
+    expected = old.NumpyErrorStats(12)
+    expected.add(value, ref)
+    assert _same(s.as_dict(), expected.as_dict())
