@@ -240,6 +240,12 @@ def _log2_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _lookup(d: torch.Tensor) -> torch.Tensor:
+    """log2(1 + d) for integral d below the table's size, from the table."""
+    index = d if d.dtype in (torch.int32, torch.int64) else d.to(torch.int32)
+    return torch.index_select(_log2_table(d.device), 0, index.reshape(-1))
+
+
 class _Accumulator:
     """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once.
 
@@ -289,21 +295,27 @@ class _Accumulator:
         self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
         if largest > self.ulp_threshold:
             # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
-            self.counts["saturated"].append((d > math.floor(self.ulp_threshold)).sum())
+            self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
         if zeros:
-            self.counts["underflow"].append(((pair.vm == 0) & (pair.rm != 0)).sum())
+            self.counts["underflow"].append(torch.count_nonzero((pair.vm == 0) & (pair.rm != 0)))
         if largest:
             self.bits_sum += self._bits(d, largest).sum()
 
     def _bits(self, d: torch.Tensor, largest: float) -> torch.Tensor:
         """min(log2(1 + d), p) elementwise in float64 (`d` integral, float64 or integer; a
         float64 `d` is consumed). Distances below the table's size are looked up in a table
-        made by the same torch.log2 (the same float64 numbers, without a log2 per element)."""
-        if largest < _LOG2_TABLE_SIZE:
-            index = d if d.dtype in (torch.int32, torch.int64) else d.to(torch.int32)
-            b = torch.index_select(_log2_table(d.device), 0, index.reshape(-1))
+        made by the same torch.log2 (the same float64 numbers, without a log2 per element);
+        the few beyond it, if few, get their own log2."""
+        size = _LOG2_TABLE_SIZE
+        if largest < size:
+            b = _lookup(d)
         else:
-            b = (d.double() if d.dtype != torch.float64 else d).add_(1).log2_()
+            big = d >= size
+            if not self.on_host or 8 * int(torch.count_nonzero(big)) > d.numel():
+                b = (d.double() if d.dtype != torch.float64 else d).add_(1).log2_()
+            else:
+                b = _lookup(d.clamp(max=size - 1))
+                b[big] = d[big].double().add_(1).log2_()
         if largest >= 2.0 ** (self.p - 1):
             # The cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
             b.clamp_(max=self.p)
@@ -323,20 +335,20 @@ class _Accumulator:
             above = d > self.ulp_threshold
             if special:
                 above &= pair.v_finite
-            self.counts["saturated"].append(above.sum())
+            self.counts["saturated"].append(torch.count_nonzero(above))
         if zeros:
             flushed = (pair.vm == 0) & (pair.rm != 0)
             if special:
                 flushed &= pair.rm < inf_bits
-            self.counts["underflow"].append(flushed.sum())
+            self.counts["underflow"].append(torch.count_nonzero(flushed))
         if special:
             vm, rm = pair.vm, pair.rm
-            self.counts["clamped"].append(pair.clamped.sum())
-            self.counts["nan"].append(((vm > inf_bits) & (rm <= inf_bits)).sum())
+            self.counts["clamped"].append(torch.count_nonzero(pair.clamped))
+            self.counts["nan"].append(torch.count_nonzero((vm > inf_bits) & (rm <= inf_bits)))
             wrong_inf = pair.v_inf & ((rm < inf_bits) | (pair.r_inf & pair.signs_differ))
             vneg = pair.v.negative
-            self.counts["posinf"].append((wrong_inf & ~vneg).sum())
-            self.counts["neginf"].append((wrong_inf & vneg).sum())
+            self.counts["posinf"].append(torch.count_nonzero(wrong_inf & ~vneg))
+            self.counts["neginf"].append(torch.count_nonzero(wrong_inf & vneg))
         if largest_on_host == 0:
             return  # every element exact: 0 bits each, and x + 0.0 is x
         # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more).
