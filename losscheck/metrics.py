@@ -43,8 +43,8 @@ _SUMMARY_ON_HOST = frozenset({"cpu"})
 
 @dataclass(frozen=True)
 class _Bits:
-    """Sign, magnitude bits and classification of a tensor's values, as integer tensors of
-    the format's width (int16/32/64) on the tensor's device."""
+    """Sign, magnitude bits and ordinals of a tensor's values, as integer tensors of the
+    format's width (int16/32/64) on the tensor's device (classification: `_Pair`)."""
 
     f: FloatFormat
     ints: torch.Tensor  # the values' bits, signed integers of the format's width
@@ -70,18 +70,6 @@ class _Bits:
     @property
     def magnitude(self) -> torch.Tensor:
         return self.ints & self._mask
-
-    @property
-    def nan(self) -> torch.Tensor:
-        return self.magnitude > self._inf_bits
-
-    @property
-    def inf(self) -> torch.Tensor:
-        return self.magnitude == self._inf_bits
-
-    @property
-    def finite(self) -> torch.Tensor:
-        return self.magnitude < self._inf_bits
 
     @property
     def ordinal(self) -> torch.Tensor:
@@ -247,7 +235,8 @@ def _lookup(d: torch.Tensor) -> torch.Tensor:
 
 
 class _Accumulator:
-    """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once.
+    """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once
+    at the end (on the CPU, each chunk's flags and largest distance are read as well).
 
     The sum of bits is a float64 tensor that starts from the running sum and adds each
     chunk's float64 sum in turn: the additions of the numpy original (running sum + chunk 1
