@@ -261,15 +261,22 @@ class _Accumulator:
         if not self.on_host:
             self._finish(pair, pair.finite_distance(), special=True, zeros=True)
             return
-        # One read-back per chunk says which rules can apply at all. Most chunks have no
+        # A read-back per chunk says which rules can apply at all. Most chunks have no
         # non-finite value and no sign change: their distance is then the patterns'
         # difference, and the rules for NaN, ±inf and signs cost nothing.
-        vmin, vmax = torch.aminmax(pair.vm)
-        rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
-        flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
-                             (v.ints ^ r.ints).amin() < 0])
-        zeros, v_special, r_special, signs_differ = flags.tolist()
-        special = v_special or r_special
+        vmin, vmax, rmin, rmax = torch.stack([*torch.aminmax(v.ints), *torch.aminmax(r.ints)]).tolist()
+        if vmin >= 0 and rmin >= 0:
+            # No sign bit set (a loss's values): the patterns are the magnitudes.
+            pair.__dict__.update(vm=v.ints, rm=r.ints)
+            zeros, signs_differ = vmin == 0, False
+            special = vmax >= pair.inf_bits or rmax >= pair.inf_bits
+        else:
+            vmin, vmax = torch.aminmax(pair.vm)
+            rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
+            flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
+                                 (v.ints ^ r.ints).amin() < 0])
+            zeros, v_special, r_special, signs_differ = flags.tolist()
+            special = v_special or r_special
         if not (special or signs_differ) and v.f.total_bits <= 32:
             self._finite_same_sign(pair, zeros)
         else:
