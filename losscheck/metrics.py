@@ -2,8 +2,19 @@
 
 `ulp_distance` is Herbie's ordinal measure: the number of representable values of the
 dtype between two values, +0 and -0 being the same value. Everything works on the raw
-bit patterns (numpy integers), which is uniform across float64/32/16 and bfloat16 and
-several times faster than torch's elementwise predicates on CPU.
+bit patterns (the tensor viewed as integers of its width), which is uniform across
+float64/32/16 and bfloat16, exact, and runs as tensor operations on the device of the
+tensors given: no copy to the host, no numpy; an `ErrorStats.add` reads back one vector of
+scalars at its end (and, on the CPU only, a few flags per chunk that let it skip the rules
+that cannot apply: see `_Accumulator`).
+
+Every number equals that of the numpy implementation this replaced (issue 13; the tests
+compare with a copy of it, tests/numpy_metrics.py): the distances and counters exactly; the
+per-element bits are the same float64 numbers (torch.log2 and numpy's log2 agree on this
+machine; distances below 2**16 are read from a table made by torch.log2), summed in torch's
+order within a chunk, which can move the last bit of the sum, never `mean_bits` (4 decimals)
+short of a tie. On CUDA the bits come from CUDA's log2, which may differ from the CPU's in
+the last bit in the same way.
 
 Verdicts sit on top of the distance: a finite value against ±inf is clamped (inf ULP, p
 bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
@@ -13,95 +24,149 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
-import numpy as np
 import torch
 
 from .dtypes import FloatFormat, fmt
 
+# Elements per chunk in ErrorStats.add: the temporaries are a few float64/integer copies
+# of a chunk, so memory stays bounded however large the point (large vocabularies).
 CHUNK = 1 << 20
+
+# Devices on which a chunk's summary (any non-finite value? any zero? any sign change?
+# the largest distance) is read back to skip the work it makes useless. A read-back is
+# cheap on the CPU; on an accelerator it would stall the queue once per chunk, so there
+# every rule runs unconditionally (the same numbers: tests run both paths).
+_SUMMARY_ON_HOST = frozenset({"cpu"})
 
 
 @dataclass(frozen=True)
 class _Bits:
-    """Sign, magnitude bits and classification of a tensor's values."""
+    """Sign, magnitude bits and ordinals of a tensor's values, as integer tensors of the
+    format's width (int16/32/64) on the tensor's device (classification: `_Pair`)."""
 
     f: FloatFormat
-    negative: np.ndarray
-    magnitude: np.ndarray  # int64: the bits without the sign
+    ints: torch.Tensor  # the values' bits, signed integers of the format's width
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "_Bits":
         f = fmt(t.dtype)
-        bits = t.detach().cpu().contiguous().view(f.int_dtype).numpy().astype(np.int64, copy=False)
-        return cls(f, bits < 0, bits & ((1 << (f.total_bits - 1)) - 1))
+        return cls(f, t.detach().view(f.int_dtype))
+
+    @property
+    def _mask(self) -> int:
+        return (1 << (self.f.total_bits - 1)) - 1
 
     @property
     def _inf_bits(self) -> int:
         # All exponent bits set, fraction zero.
-        return ((1 << (self.f.total_bits - 1)) - 1) ^ ((1 << (self.f.significand_bits - 1)) - 1)
+        return self._mask ^ ((1 << (self.f.significand_bits - 1)) - 1)
 
     @property
-    def nan(self) -> np.ndarray:
-        return self.magnitude > self._inf_bits
+    def negative(self) -> torch.Tensor:
+        return self.ints < 0
 
     @property
-    def inf(self) -> np.ndarray:
-        return self.magnitude == self._inf_bits
+    def magnitude(self) -> torch.Tensor:
+        return self.ints & self._mask
 
     @property
-    def finite(self) -> np.ndarray:
-        return self.magnitude < self._inf_bits
-
-    @property
-    def ordinal(self) -> np.ndarray:
-        return np.where(self.negative, -self.magnitude, self.magnitude)
+    def ordinal(self) -> torch.Tensor:
+        """-magnitude for negative values, in the format's width: for a negative pattern
+        x = MIN + magnitude, MIN - x is -magnitude and never overflows (-0 gives 0)."""
+        x = self.ints
+        return torch.where(x < 0, -(1 << (self.f.total_bits - 1)) - x, x)
 
 
 def ordinal(t: torch.Tensor) -> torch.Tensor:
-    """Signed ordinal of each value: consecutive floats have consecutive ordinals."""
-    return torch.from_numpy(_Bits.of(t).ordinal)
+    """Signed ordinal of each value (int64): consecutive floats have consecutive ordinals."""
+    return _Bits.of(t).ordinal.to(torch.int64)
 
 
-def _clamped(v: _Bits, r: _Bits) -> np.ndarray:
-    """A finite value where the reference is ±inf, other than the largest finite value of
-    the reference's sign (overflow rounding: what round-to-nearest gives a value just
-    beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
-    overflow_rounding = (v.magnitude == v._inf_bits - 1) & (v.negative == r.negative)
-    return r.inf & v.finite & ~overflow_rounding
+class _Pair:
+    """A chunk of values against its references, with the masks the rules need, each
+    computed once (on the tensors' device) and only if asked for."""
+
+    def __init__(self, v: _Bits, r: _Bits):
+        self.v, self.r = v, r
+        self.inf_bits = v._inf_bits
+
+    @cached_property
+    def vm(self) -> torch.Tensor:
+        return self.v.magnitude
+
+    @cached_property
+    def rm(self) -> torch.Tensor:
+        return self.r.magnitude
+
+    @cached_property
+    def signs_differ(self) -> torch.Tensor:
+        return (self.v.ints ^ self.r.ints) < 0
+
+    @cached_property
+    def v_finite(self) -> torch.Tensor:
+        return self.vm < self.inf_bits
+
+    @cached_property
+    def r_inf(self) -> torch.Tensor:
+        return self.rm == self.inf_bits
+
+    @cached_property
+    def v_inf(self) -> torch.Tensor:
+        return self.vm == self.inf_bits
+
+    @cached_property
+    def clamped(self) -> torch.Tensor:
+        """A finite value where the reference is ±inf, other than the largest finite value
+        of the reference's sign (overflow rounding: what round-to-nearest gives a value just
+        beyond the range, 1 ULP). The value is finite but has no correct bit: clamped."""
+        overflow_rounding = (self.vm == self.inf_bits - 1) & ~self.signs_differ
+        return self.r_inf & self.v_finite & ~overflow_rounding
+
+    def finite_distance(self, signs_may_differ: bool = True) -> torch.Tensor:
+        """|ordinal(v) - ordinal(r)| as float64, read as if every value were finite (the
+        rules for NaN and ±inf go on top: `apply_rules`).
+
+        Of the same sign, the patterns' difference is the magnitudes' difference (the sign
+        bit cancels) and fits the format's width; of opposite signs the distance is the sum
+        of the magnitudes, up to twice the width's range.
+        """
+        v, r = self.v, self.r
+        same = torch.sub(v.ints, r.ints, out=torch.empty(v.ints.shape, dtype=torch.float64, device=v.ints.device))
+        same.abs_()
+        if not signs_may_differ:
+            return same
+        if v.f.total_bits == 64:
+            # The sum can pass int64's range; the distance is astronomically large then, so
+            # it is taken in float64, each magnitude rounded first (as the numpy original
+            # did: the same float64 number, not merely a close one).
+            opposite = self.vm.double().add_(self.rm.double())
+        else:
+            opposite = self.vm.double().add_(self.rm)  # below 2**33: exact
+        return torch.where(self.signs_differ, opposite, same)
+
+    def apply_rules(self, d: torch.Tensor) -> None:
+        """NaN against NaN is 0; NaN against anything else, an infinity against a different
+        value, and a clamped value are inf (in place). A finite value against ±inf is not a
+        finite number of steps away: the ordinal distance (100.0 to +inf in float32 is ~1e9
+        ULP, "29.9 bits") would pretend some bits were right. It scores the full width;
+        overflow rounding keeps its 1 ULP."""
+        vnan, rnan = self.vm > self.inf_bits, self.rm > self.inf_bits
+        d.masked_fill_(vnan & rnan, 0.0)
+        d.masked_fill_((vnan != rnan) | (self.v_inf & (self.v.ints != self.r.ints)) | self.clamped, math.inf)
 
 
-def _underflow(v: _Bits, r: _Bits) -> np.ndarray:
-    """Exactly 0 (either sign) where the reference is finite and non-zero: flushed to zero."""
-    return (v.magnitude == 0) & r.finite & (r.magnitude != 0)
-
-
-def _distance(v: _Bits, r: _Bits) -> np.ndarray:
-    ov, orf = v.ordinal, r.ordinal
-    if v.f.total_bits == 64:
-        # Opposite signs: the integer difference can overflow int64; the distance is
-        # astronomically large then, so float precision is enough.
-        with np.errstate(over="ignore"):
-            same = np.abs(ov - orf).astype(np.float64)
-        d = np.where(v.negative == r.negative, same,
-                     v.magnitude.astype(np.float64) + r.magnitude.astype(np.float64))
-    else:
-        d = np.abs(ov - orf).astype(np.float64)
-    vnan, rnan, vinf, rinf = v.nan, r.nan, v.inf, r.inf
-    if vnan.any() or rnan.any() or vinf.any() or rinf.any():
-        d[vnan != rnan] = math.inf
-        d[vnan & rnan] = 0.0
-        differs = (v.magnitude != r.magnitude) | (v.negative != r.negative)
-        d[vinf & differs] = math.inf
-        # A finite value against ±inf is not a finite number of steps away: the ordinal
-        # distance (100.0 to +inf in float32 is ~1e9 ULP, "29.9 bits") would pretend some
-        # bits were right. It scores the full width; overflow rounding keeps its 1 ULP.
-        d[_clamped(v, r)] = math.inf
+def _distance(v: _Bits, r: _Bits) -> torch.Tensor:
+    pair = _Pair(v, r)
+    d = pair.finite_distance()
+    pair.apply_rules(d)
     return d
 
 
 def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Distance in ULPs between `value` and `reference` (same dtype and shape), as float64.
+    """Distance in ULPs between `value` and `reference` (same dtype and shape), as float64
+    on their device.
 
     NaN against NaN is 0 (both undefined); NaN against a number or an infinity, an
     infinite value against a different reference, and a finite value against an infinite
@@ -110,7 +175,7 @@ def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """
     if value.dtype != reference.dtype:
         raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
-    return torch.from_numpy(_distance(_Bits.of(value), _Bits.of(reference)))
+    return _distance(_Bits.of(value), _Bits.of(reference))
 
 
 def _precision(dtype: torch.dtype | str | FloatFormat) -> int:
@@ -126,8 +191,11 @@ def bits(ulp, dtype: torch.dtype | str | FloatFormat):
     p = _precision(dtype)
     if isinstance(ulp, torch.Tensor):
         return torch.clamp(torch.log2(1 + ulp.double()), max=p)
-    if isinstance(ulp, np.ndarray):
-        return np.minimum(np.log2(1 + ulp.astype(np.float64)), p)
+    if type(ulp).__module__ == "numpy" and hasattr(ulp, "shape"):
+        # A numpy array (a caller at the files' edge): numpy only here, imported lazily.
+        import numpy as np
+
+        return np.minimum(np.log2(1 + np.asarray(ulp, dtype=np.float64)), p)
     ulp = float(ulp)
     if math.isnan(ulp):
         raise ValueError("a ULP distance is never NaN")
@@ -143,6 +211,158 @@ def bits_of_error(ulps: torch.Tensor, dtype: torch.dtype | str | FloatFormat | N
 def ulp_threshold(threshold_bits: float) -> float:
     """The ULP distance matching `threshold_bits` lost: bits > t  <=>  ulp > 2**t - 1."""
     return 2.0**threshold_bits - 1
+
+
+# Distances below this are looked up rather than computed: log2(1 + d) for every integer d
+# below it, 512 KiB of float64 per device (a sweep's distances are mostly a few ULP).
+_LOG2_TABLE_SIZE = 1 << 16
+_LOG2_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _log2_table(device: torch.device) -> torch.Tensor:
+    table = _LOG2_TABLES.get(device)
+    if table is None:
+        # torch.log2 on the device itself: the numbers a log2 per element would give there.
+        table = torch.arange(_LOG2_TABLE_SIZE, dtype=torch.float64, device=device).add_(1).log2_()
+        _LOG2_TABLES[device] = table
+    return table
+
+
+def _lookup(d: torch.Tensor) -> torch.Tensor:
+    """log2(1 + d) for integral d below the table's size, from the table."""
+    index = d if d.dtype in (torch.int32, torch.int64) else d.to(torch.int32)
+    return torch.index_select(_log2_table(d.device), 0, index.reshape(-1))
+
+
+class _Accumulator:
+    """One `ErrorStats.add` call on the tensors' device: per-chunk tensors, read back once
+    at the end (on the CPU, each chunk's flags and largest distance are read as well).
+
+    The sum of bits is a float64 tensor that starts from the running sum and adds each
+    chunk's float64 sum in turn: the additions of the numpy original (running sum + chunk 1
+    + chunk 2 ...), so the sums agree to the last bit wherever the chunk sums do (torch and
+    numpy sum a chunk's elements in different orders: the last bit of a chunk sum can
+    differ, which `mean_bits`, rounded to 4 decimals, does not show).
+    """
+
+    COUNTERS = ("saturated", "underflow", "clamped", "nan", "posinf", "neginf")
+
+    def __init__(self, stats: "ErrorStats", device: torch.device):
+        self.stats = stats
+        self.p = stats._format.significand_bits
+        self.on_host = device.type in _SUMMARY_ON_HOST
+        self.ulp_threshold = ulp_threshold(stats.threshold_bits)
+        self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
+        self.maxima: list[torch.Tensor] = []
+        self.counts: dict[str, list[torch.Tensor]] = {c: [] for c in self.COUNTERS}
+
+    def add(self, v: _Bits, r: _Bits) -> None:
+        pair = _Pair(v, r)
+        if not self.on_host:
+            self._finish(pair, pair.finite_distance(), special=True, zeros=True)
+            return
+        # A read-back per chunk says which rules can apply at all. Most chunks have no
+        # non-finite value and no sign change: their distance is then the patterns'
+        # difference, and the rules for NaN, ±inf and signs cost nothing.
+        vmin, vmax, rmin, rmax = torch.stack([*torch.aminmax(v.ints), *torch.aminmax(r.ints)]).tolist()
+        if vmin >= 0 and rmin >= 0:
+            # No sign bit set (a loss's values): the patterns are the magnitudes.
+            pair.__dict__.update(vm=v.ints, rm=r.ints)
+            zeros, signs_differ = vmin == 0, False
+            special = vmax >= pair.inf_bits or rmax >= pair.inf_bits
+        else:
+            vmin, vmax = torch.aminmax(pair.vm)
+            rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
+            flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
+                                 (v.ints ^ r.ints).amin() < 0])
+            zeros, v_special, r_special, signs_differ = flags.tolist()
+            special = v_special or r_special
+        if not (special or signs_differ) and v.f.total_bits <= 32:
+            self._finite_same_sign(pair, zeros)
+        else:
+            self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
+
+    def _finite_same_sign(self, pair: _Pair, zeros: bool) -> None:
+        """A chunk of finite values with the signs of their references, in a format of 32
+        bits or fewer: the distance is |bits(v) - bits(r)|, exact in the integers of the
+        format's width (below 2**31), and every number comes from it without float64."""
+        d = (pair.v.ints - pair.r.ints).abs_()
+        largest = int(d.amax())
+        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        if largest > self.ulp_threshold:
+            # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
+            self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
+        if zeros:
+            self.counts["underflow"].append(torch.count_nonzero((pair.vm == 0) & (pair.rm != 0)))
+        if largest:
+            self.bits_sum += self._bits(d, largest).sum()
+
+    def _bits(self, d: torch.Tensor, largest: float) -> torch.Tensor:
+        """min(log2(1 + d), p) elementwise in float64 (`d` integral, float64 or integer; a
+        float64 `d` is consumed). Distances below the table's size are looked up in a table
+        made by the same torch.log2 (the same float64 numbers, without a log2 per element);
+        the few beyond it, if few, get their own log2."""
+        size = _LOG2_TABLE_SIZE
+        if largest < size:
+            b = _lookup(d)
+        else:
+            big = d >= size
+            if not self.on_host or 8 * int(torch.count_nonzero(big)) > d.numel():
+                b = (d.double() if d.dtype != torch.float64 else d).add_(1).log2_()
+            else:
+                b = _lookup(d.clamp(max=size - 1))
+                b[big] = d[big].double().add_(1).log2_()
+        if largest >= 2.0 ** (self.p - 1):
+            # The cap can only bite past 2**(p-1) ULP: log2 of 1 + anything less is below p.
+            b.clamp_(max=self.p)
+        return b
+
+    def _finish(self, pair: _Pair, d: torch.Tensor, *, special: bool, zeros: bool) -> None:
+        """Every number of a chunk from its distances `d` (consumed): the rules for NaN and
+        ±inf where `special`, max, counters and the bits."""
+        inf_bits = pair.inf_bits
+        if special:
+            pair.apply_rules(d)
+        largest = d.amax()
+        self.maxima.append(largest)
+        largest_on_host = float(largest) if self.on_host else math.inf
+        if largest_on_host > self.ulp_threshold:
+            # Finite values above the threshold: silent saturation (clamped ones included).
+            above = d > self.ulp_threshold
+            if special:
+                above &= pair.v_finite
+            self.counts["saturated"].append(torch.count_nonzero(above))
+        if zeros:
+            flushed = (pair.vm == 0) & (pair.rm != 0)
+            if special:
+                flushed &= pair.rm < inf_bits
+            self.counts["underflow"].append(torch.count_nonzero(flushed))
+        if special:
+            vm, rm = pair.vm, pair.rm
+            self.counts["clamped"].append(torch.count_nonzero(pair.clamped))
+            self.counts["nan"].append(torch.count_nonzero((vm > inf_bits) & (rm <= inf_bits)))
+            wrong_inf = pair.v_inf & ((rm < inf_bits) | (pair.r_inf & pair.signs_differ))
+            vneg = pair.v.negative
+            self.counts["posinf"].append(torch.count_nonzero(wrong_inf & ~vneg))
+            self.counts["neginf"].append(torch.count_nonzero(wrong_inf & vneg))
+        if largest_on_host == 0:
+            return  # every element exact: 0 bits each, and x + 0.0 is x
+        # bits = min(log2(1 + ulp), p), summed in float64 (d is not needed any more).
+        self.bits_sum += self._bits(d, largest_on_host).sum()
+
+    def flush(self) -> None:
+        """Bring the scalars to the host (one transfer) and add them to the stats."""
+        s = self.stats
+        zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
+        parts = [self.bits_sum, torch.stack(self.maxima).amax()]
+        for c in self.COUNTERS:
+            # Counts are exact in float64 (below 2**53): one float64 vector carries all.
+            parts.append(torch.stack(self.counts[c]).sum().double() if self.counts[c] else zero)
+        bits_sum, largest, *counts = torch.stack(parts).tolist()
+        s._bits_sum = bits_sum
+        s.max_ulp = max(s.max_ulp, largest)
+        for c, k in zip(self.COUNTERS, counts):
+            setattr(s, c, getattr(s, c) + int(k))
 
 
 @dataclass
@@ -181,31 +401,23 @@ class ErrorStats:
     _format: FloatFormat | None = field(default=None, repr=False)
 
     def add(self, value: torch.Tensor, reference: torch.Tensor) -> None:
-        value = value.detach().cpu().reshape(-1)
-        reference = reference.detach().cpu().reshape(-1)
+        """Stream the elements of `value` against `reference` (same dtype, any shape, on
+        any device): tensor reductions on that device, chunk by chunk, and one transfer of
+        the scalars to the host at the end."""
+        value = value.detach().reshape(-1)
+        reference = reference.detach().reshape(-1)
         if value.dtype != reference.dtype:
             raise TypeError(f"dtype mismatch: {value.dtype} vs {reference.dtype}")
         self._format = fmt(value.dtype)
-        # Bounded chunks: the temporaries are several int64/float64 copies of the input.
-        for start in range(0, value.numel(), CHUNK):
-            self._add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
-
-    def _add(self, v: _Bits, r: _Bits) -> None:
-        ulps = _distance(v, r)
-        self.n += ulps.size
-        self.max_ulp = max(self.max_ulp, float(ulps.max()))
-        self._bits_sum += float(bits(ulps, v.f).sum())
-        v_finite = v.finite
-        # Clamped values are among these: their distance is inf.
-        self.saturated += int((v_finite & (ulps > ulp_threshold(self.threshold_bits))).sum())
-        self.underflow += int(_underflow(v, r).sum())
-        if v_finite.all() and r.finite.all():
+        n = value.numel()
+        if n == 0:
             return
-        self.clamped += int(_clamped(v, r).sum())
-        self.nan += int((v.nan & ~r.nan).sum())
-        wrong_inf = v.inf & (r.finite | (r.inf & (v.negative != r.negative)))
-        self.posinf += int((wrong_inf & ~v.negative).sum())
-        self.neginf += int((wrong_inf & v.negative).sum())
+        acc = _Accumulator(self, value.device)
+        # Bounded chunks: the temporaries are a few float64/integer copies of a chunk.
+        for start in range(0, n, CHUNK):
+            acc.add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
+        acc.flush()
+        self.n += n
 
     def set_reduced(self, value: torch.Tensor, reference: torch.Tensor) -> None:
         # ulp_distance applies the same rules: a finite mean against an infinite reduced
