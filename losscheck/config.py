@@ -170,6 +170,16 @@ def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
     return gate
 
 
+def to_yaml(mapping: dict) -> str:
+    """YAML text of a config mapping that reads back as the same mapping: readable Unicode where
+    that round-trips, escapes where it does not (YAML reads U+0085, U+2028 and U+2029 as line
+    breaks, so a description holding one would come back changed; found by hypothesis)."""
+    text = yaml.safe_dump(mapping, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    if yaml.safe_load(text) == mapping:
+        return text
+    return yaml.safe_dump(mapping, sort_keys=False, default_flow_style=None)
+
+
 def as_input(stored: dict) -> dict:
     """A results file's `config`, whichever schema wrote it, in the input format.
 

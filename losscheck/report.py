@@ -10,7 +10,6 @@ import math
 import statistics
 from collections import defaultdict
 
-import yaml
 from tabulate import tabulate
 
 from . import analysis as A
@@ -536,7 +535,7 @@ def _all_points(records: list[dict]) -> str:
 
 def _footer(results: dict) -> str:
     # Imported here: the rest of this module does not need the config's validator.
-    from .config import as_input
+    from .config import as_input, to_yaml
     env = results.get("environment", {})
     # In the input format whichever schema wrote the file, so that the block can be run again.
     cfg = as_input(results.get("config", {}))
@@ -544,8 +543,7 @@ def _footer(results: dict) -> str:
                 for k, v in env.items()]
     return "\n\n".join([
         "## Configuration (as run)",
-        "```yaml\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, allow_unicode=True).rstrip()
-        + "\n```",
+        "```yaml\n" + to_yaml(cfg).rstrip() + "\n```",
         "## Environment",
         tabulate(env_rows, headers=["", ""], tablefmt="github"),
         f"Reproduce: `{results.get('command', 'losscheck bench')}`",

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from losscheck import results
 from losscheck.cli import main
 from losscheck.config import (BUILTIN_IMPLS, CUSTOM_APIS, GATE_KEYS, KEYS, TARGET_KINDS, TIMING_KEYS, WEIGHT_KINDS,
-                              Config, as_input, config_from_dict, default_config_text, load_config, parse_config)
+                              Config, as_input, config_from_dict, default_config_text, load_config, parse_config,
+                              to_yaml)
 from losscheck.dtypes import FORMATS
 from losscheck.gate import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds, policy_from_config
 from losscheck.inputs import DISTRIBUTIONS
@@ -33,7 +34,7 @@ OLD_RESULTS = sorted([*(ROOT / "reports").glob("*.json"), ROOT / "tests" / "data
 
 def as_run_text(cfg: Config) -> str:
     """The YAML exactly as the report's footer writes it."""
-    return yaml.safe_dump(cfg.as_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return to_yaml(cfg.as_dict())
 
 
 def assert_round_trips(cfg: Config) -> None:
@@ -320,7 +321,7 @@ def valid_configs(draw) -> dict:
 def test_every_valid_config_round_trips(data):
     cfg = config_from_dict(data, "generated")
     # The mapping and its YAML are the same input.
-    assert parse_config(yaml.safe_dump(data, allow_unicode=True), "generated") == cfg
+    assert parse_config(to_yaml(data), "generated") == cfg
     assert_round_trips(cfg)
     # as_dict is a fixed point of the round trip.
     assert config_from_dict(cfg.as_dict(), "again").as_dict() == cfg.as_dict()
