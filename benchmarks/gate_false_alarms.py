@@ -73,6 +73,22 @@ def timing_line(compare_md: Path) -> str:
     return next((line for line in compare_md.read_text().splitlines() if line.startswith("Timing (")), "")
 
 
+def machine_speed() -> float:
+    """Median seconds of one F.cross_entropy 4096 x 1000 float32 forward on this machine, now
+    (the brief's yardstick for every absolute time: machines here differ by 1.5x or more)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4096, 1000, generator=g), torch.randint(0, 1000, (4096,), generator=g)
+    times = []
+    for _ in range(31):
+        start = time.perf_counter()
+        F.cross_entropy(x, t)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[15]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -90,6 +106,7 @@ def main() -> int:
         return 0
     out = Path(a.out or tempfile.mkdtemp(prefix="gate-false-alarms-"))
     name = Path(a.config).stem
+    figures: dict = {}
     base_dir = out / "base"
     code, log, secs = run(["bench", a.config, "--out", str(base_dir), "--no-progress", "--no-plots"])
     if code:
@@ -98,12 +115,16 @@ def main() -> int:
     baseline = out / "baseline.json"
     code, log, _ = run(["baseline", str(base_dir / f"{name}.json"), "-o", str(baseline)])
     print(f"baseline from one run ({secs:.1f} s): {log.strip().splitlines()[0]}")
+    speed = machine_speed()
+    figures["machine_speed_s"] = speed
+    print(f"machine: F.cross_entropy 4096 x 1000 float32 forward {speed * 1e3:.2f} ms (median of 31, before the CPU-bound process starts)")
     warnings = [line for line in log.splitlines() if line.startswith("warning:")]
     stop = multiprocessing.Event()
     hog = None if a.no_load else multiprocessing.Process(target=spin, args=(stop,), daemon=True)
     if hog:
         hog.start()
-    rows, figures = [], {"config": a.config, "load": not a.no_load, "baseline_warnings": warnings, "runs": []}
+    rows = []
+    figures.update({"config": a.config, "load": not a.no_load, "baseline_warnings": warnings, "runs": []})
     failures = 0
     try:
         for kind, n, plant in (("rerun", a.reruns, None), ("planted", a.planted, a.plant)):

@@ -12,9 +12,10 @@ false-alarm rate that can be stated (docs/METRICS.md, "The regression gate"):
   else "not judged";
 * a slowdown is suspected when the current median is more than `time_factor` times the
   baseline's and the exact one-sided rank test of "current > time_factor x baseline" gives
-  p <= SCREEN; a suspect is re-measured in the same run when a re-measure is available
-  (`bench --baseline`: the implementation and its versus interleaved again, REMEASURE_ROUNDS
-  rounds), and called a regression only if the re-measured sample passes the same test at
+  p <= SCREEN; a suspect — or an unstable current sample — is re-measured in the same run
+  when a re-measure is available (`bench --baseline`: the implementation and its versus
+  interleaved again, REMEASURE_ROUNDS rounds), and called a regression only if the
+  re-measured sample passes the same test at
   p <= false_alarm / m, m being the number of timing comparisons judged in the run
   (Bonferroni): the chance of any false timing regression in a run is at most
   `false_alarm` (1% by default), whatever m.
@@ -476,37 +477,35 @@ def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv
         bmed, cmed = stats.median(bs), stats.median(cs)
         cur_stable = _stable(cs, case.cur, case.cur_versus if case.t.timing == "relative" else None, case.part,
                              "current run")
-        suspected = cmed > f * bmed and (stats.slower_p(cs, bs, f) <= SCREEN or not cur_stable.ok)
-        if suspected:
-            summary.suspected += 1
-            sample, how = cs, "not re-measured (comparing two files)"
-            stable = cur_stable
-            if remeasure is not None:
-                again = _remeasured(remeasure, case)
-                if isinstance(again, str):
-                    how = f"re-measure failed: {again}"
-                else:
-                    summary.remeasured += 1
-                    sample, (tm, tv) = again
-                    how = f"re-measured ({len(sample)} blocks, interleaved with {case.versus})"
-                    stable = _stable(sample, tm, tv, case.part, "re-measure")
-            if not stable.ok:
-                skip(case, f"{stable.why}; {how}", "the current run's timing is unstable")
-                continue
-            smed = stats.median(sample)
-            p = stats.slower_p(sample, bs, f)
-            if smed > f * bmed and p <= summary.per_test:
-                summary.confirmed += 1
-                verdicts.append(Verdict(
-                    case.key, "timing", "regression", f"{bmed:.4g} {unit}", f"{smed:.4g} {unit}",
-                    f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's (> ×{f:g}; exact rank "
-                    f"test p = {p:.2g} <= {summary.per_test:.2g} = {summary.false_alarm:g}/{summary.judged}; {how})",
-                    math.log2(smed / bmed)))
-        elif not cur_stable.ok:
-            skip(case, cur_stable.why, "the current run's timing is unstable")
-        elif cmed * f < bmed and stats.slower_p(bs, cs, f) <= summary.per_test:
-            verdicts.append(Verdict(case.key, "timing", "improvement", f"{bmed:.4g} {unit}", f"{cmed:.4g} {unit}",
-                                    f"{case.label} {case.t.timing} time ×{cmed / bmed:.2f} the baseline's"))
+        suspected = cmed > f * bmed and stats.slower_p(cs, bs, f) <= SCREEN
+        summary.suspected += suspected
+        sample, stable, how = cs, cur_stable, "not re-measured (comparing two files)"
+        # A suspect is confirmed by a re-measure; an unstable sample (a burst of load) is
+        # measured again rather than left unjudged, where a re-measure is available.
+        if (suspected or not cur_stable.ok) and remeasure is not None:
+            again = _remeasured(remeasure, case)
+            if isinstance(again, str):
+                how = f"re-measure failed: {again}"
+            else:
+                summary.remeasured += 1
+                sample, (tm, tv) = again
+                how = f"re-measured ({len(sample)} blocks, interleaved with {case.versus})"
+                stable = _stable(sample, tm, tv, case.part, "re-measure")
+        if not stable.ok:
+            skip(case, stable.why + ("" if sample is cs else f"; {how}"), "the current run's timing is unstable")
+            continue
+        smed = stats.median(sample)
+        p = stats.slower_p(sample, bs, f)
+        if smed > f * bmed and p <= summary.per_test:
+            summary.confirmed += 1
+            verdicts.append(Verdict(
+                case.key, "timing", "regression", f"{bmed:.4g} {unit}", f"{smed:.4g} {unit}",
+                f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's (> ×{f:g}; exact rank "
+                f"test p = {p:.2g} <= {summary.per_test:.2g} = {summary.false_alarm:g}/{summary.judged}; {how})",
+                math.log2(smed / bmed)))
+        elif smed * f < bmed and stats.slower_p(bs, sample, f) <= summary.per_test:
+            verdicts.append(Verdict(case.key, "timing", "improvement", f"{bmed:.4g} {unit}", f"{smed:.4g} {unit}",
+                                    f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's"))
     return _TimingOutcome(verdicts, summary, note)
 
 

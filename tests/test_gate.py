@@ -880,3 +880,14 @@ def test_step_summary_starts_on_its_own_line(runner, tiny_results, tmp_path, mon
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     assert runner.invoke(main, ["compare", str(path), str(path)]).exit_code == 0
     assert "previous step without a final newline\n# losscheck compare\n" in summary.read_text()
+
+
+def test_an_unstable_current_sample_is_re_measured_rather_than_left_unjudged():
+    wild = [1e-3, 1e-3, 1e-3, 5e-3, 9e-3, 1e-3, 8e-3, 1e-3, 7e-3, 1e-3, 9e-3]  # IQR > median
+    left = G.compare(_timed(_noisy(1e-3, seed=1)), _timed(wild), ABSOLUTE)
+    assert left.timing.not_judged == {"the current run's timing is unstable": 2}
+
+    def clean(key, names):
+        return {"stable": _timing(_noisy(1e-3, n=21, seed=9))}
+    c = G.compare(_timed(_noisy(1e-3, seed=1)), _timed(wild), ABSOLUTE, remeasure=clean)
+    assert timing_verdicts(c) == [] and c.timing.not_judged == {} and c.timing.remeasured == 2
