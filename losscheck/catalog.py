@@ -8,7 +8,9 @@ implementations).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Mapping
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -89,3 +91,12 @@ LOSS_INFO: dict[str, LossInfo] = {i.name: i for i in (
         options=("weight", "label_smoothing"),
     ),
 )}
+
+
+def loss_registry() -> Mapping:
+    """The losses by name, in registry order, each with .name, .summary, .formulas, .options:
+    `losses.LOSSES` itself once that package is imported (it is the authority: a loss added
+    to it at run time counts, as it always did), else LOSS_INFO, the same facts of the
+    built-in losses without importing torch."""
+    registry = sys.modules.get("losscheck.losses")
+    return getattr(registry, "LOSSES", None) or LOSS_INFO

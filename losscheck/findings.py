@@ -70,7 +70,7 @@ import re
 from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
-from .catalog import LOSS_INFO
+from .catalog import loss_registry
 from .formats import FORMATS, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
@@ -382,7 +382,7 @@ _SWEEP_CLAUSE = re.compile(r",? from scale [^ ]+ \(\d+ points?, scales? [^)]*\)"
 
 def _rank(key: tuple) -> tuple:
     loss, var, impl, dtype, device = key
-    order = list(LOSS_INFO)  # the registry's order
+    order = list(loss_registry())  # the registry's order
     return (order.index(loss) if loss in order else len(order), loss, var,
             IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl,
             list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS), dtype, device)

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from . import analysis as A
 from . import findings as FD
-from .catalog import LOSS_INFO
+from .catalog import LOSS_INFO, loss_registry
 from .formats import FORMATS
 from .units import format_bytes
 
@@ -330,7 +330,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
 def _loss_section(loss: str, recs: list[dict]) -> str:
     impls = _impls(recs)
     head = [f"## {loss}"]
-    spec = LOSS_INFO.get(recs[0].get("base_loss", loss)) if recs else None
+    spec = loss_registry().get(recs[0].get("base_loss", loss)) if recs else None
     if spec:
         head.append(f"{spec.summary}.\n\nnaive: ${spec.formulas.naive}$\n\nstable: ${spec.formulas.stable}$")
     acc_rows, ovf_rows = [], []

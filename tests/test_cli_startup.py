@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 import yaml
 
 from losscheck import cli
@@ -167,3 +168,19 @@ def test_torch_free_tables_agree_with_torch():
     for name, info in LOSS_INFO.items():
         loss = LOSSES[name]
         assert (loss.summary, loss.formulas, loss.options) == (info.summary, info.formulas, info.options)
+
+
+def test_a_loss_added_to_the_registry_is_known_to_config_validation(monkeypatch):
+    """Once `losses` is imported its registry is the authority, as before the torch-free catalog."""
+    import dataclasses
+
+    from losscheck.catalog import LOSS_INFO, loss_registry
+    from losscheck.config import custom_spec
+    from losscheck.errors import ConfigError
+    from losscheck.losses import LOSSES
+
+    with pytest.raises(ConfigError):
+        custom_spec("m:f", None, ["toy"])
+    monkeypatch.setitem(LOSSES, "toy", dataclasses.replace(LOSSES["bce"], name="toy"))
+    assert custom_spec("m:f", None, ["toy"]).losses == ("toy",)
+    assert loss_registry() is LOSSES and "toy" not in LOSS_INFO
