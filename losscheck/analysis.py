@@ -8,8 +8,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .dtypes import FORMATS
-from .metrics import ulp_threshold
+from .formats import FORMATS, ulp_threshold
 
 
 def variant(record: dict) -> str:

@@ -2,31 +2,46 @@
 
 Exit codes: 0 success, 1 regression (the gate), 2 usage/config/input error (one line on
 stderr, no traceback), 130 interrupted (the finished points are written).
+
+The group loads a command's module only when that command runs (commands.py, probe.py), and
+lists the commands from the summaries kept here, so that `--help` and `--version` import
+neither torch nor any command module.
 """
 from __future__ import annotations
 
-import dataclasses
-import shlex
-import sys
-import time
-from pathlib import Path
+import importlib
 
 import click
-import torch
-from tabulate import tabulate
 
-from . import __version__, ci, environment, explain, plots, report, results, sweep
-from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
-from .dtypes import FORMATS
+from . import __version__
 from .errors import LosscheckError
-from .gate import TIMING_MODES
-from .inputs import DESCRIPTIONS, DISTRIBUTIONS
-from .losses import LOSSES
-from .probe import probe_command
+
+# name -> (module, attribute, summary). The summary is the first paragraph of the command's
+# docstring, as `--help` lists it (tests/test_cli_startup.py checks that they agree).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "bench": ("losscheck.commands", "bench",
+              "Run the sweep of CONFIG_PATH (default: the embedded default config)."),
+    "compare": ("losscheck.commands", "compare_cmd",
+                "Gate CURRENT_PATH against BASELINE_PATH: exit 0 no regression, 1 regression, 2 bad input."),
+    "merge": ("losscheck.commands", "merge_cmd",
+              "Merge the results of shards of one config (bench --shard I/N) into one file and report."),
+    "baseline": ("losscheck.commands", "baseline_cmd",
+                 "Accept RESULTS_PATH as the baseline the gate compares against."),
+    "report": ("losscheck.commands", "report_cmd",
+               "Re-render the Markdown report (and its plots) from a results file alone."),
+    "list": ("losscheck.commands", "list_cmd",
+             "Losses, implementations, dtypes, distributions and devices available here."),
+    "explain": ("losscheck.commands", "explain_cmd",
+                "The formula of LOSS, its naive transcription, why it breaks (measured now), the stable "
+                "rewriting and the gradient."),
+    "probe": ("losscheck.probe", "probe_command",
+              "Audit LOSS on the exact inputs that broke your training."),
+}
 
 
 class _Group(click.Group):
-    """Maps every LosscheckError to one line on stderr and exit code 2."""
+    """Maps every LosscheckError to one line on stderr and exit code 2; imports a command's
+    module only when the command is looked up to run."""
 
     def invoke(self, ctx):
         try:
@@ -35,6 +50,30 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
 
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx, name: str):
+        if name in self.commands or name not in COMMANDS:
+            return super().get_command(ctx, name)
+        module, attr, _ = COMMANDS[name]
+        command = getattr(importlib.import_module(module), attr)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx, formatter) -> None:
+        # Click's listing looks every command up (importing them all); this one shortens the
+        # kept summaries with Click's own rule, through stand-in commands that hold only them.
+        def stand_in(name):
+            return self.commands[name] if name in self.commands else click.Command(name, help=COMMANDS[name][2])
+
+        commands = [(name, stand_in(name)) for name in self.list_commands(ctx)]
+        commands = [(name, cmd) for name, cmd in commands if not cmd.hidden]
+        if commands:
+            limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in commands])
+
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="losscheck")
@@ -42,332 +81,9 @@ def main() -> None:
     """Benchmark and audit the numerical stability of loss functions."""
 
 
-def _gate_options(f):
-    """Thresholds and outputs of the regression gate, shared by `bench --baseline` and `compare`."""
-    options = [
-        click.option("--bits", type=click.FloatRange(min=0), default=None,
-                     help="Allowed increase of forward/gradient max bits (default: the config's gate.bits, 0)."),
-        click.option("--ulp", type=click.FloatRange(min=0), default=None,
-                     help="Allowed increase of the mean loss's ULP error (default: gate.ulp, 0)."),
-        click.option("--time-factor", type=click.FloatRange(min=1), default=None,
-                     help="Allowed slowdown factor, beyond the noise (default: gate.time_factor, 1.25)."),
-        click.option("--timing", "timing_mode", type=click.Choice(TIMING_MODES), default=None,
-                     help="Timing gate: relative to torch in the same run, absolute, or off (default: gate.timing, relative)."),
-        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
-                     help="Write JUnit XML, one test case per point (not run: skipped, never passed)."),
-        click.option("--allow-missing", is_flag=True,
-                     help="Points of the baseline absent from the current run do not fail the gate."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _overrides(bits, ulp, time_factor, timing_mode) -> dict:
-    return {"bits": bits, "ulp": ulp, "time_factor": time_factor, "timing": timing_mode}
-
-
-class ShardType(click.ParamType):
-    name = "I/N"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            i, n = (int(v) for v in str(value).split("/"))
-        except ValueError:
-            self.fail(f"{value!r} is not I/N (e.g. 2/4)", param, ctx)
-        if not 1 <= i <= n:
-            self.fail(f"{value!r}: I must be between 1 and N", param, ctx)
-        return (i, n)
-
-
-def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path,
-          allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = ()) -> None:
-    """Compare, print the Markdown, exit 1 on regression."""
-    markdown_path = current_path.with_suffix(".compare.md")
-    comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
-                                    remeasure, allow_missing, losses)
-    click.echo(markdown, nl=False)
-    click.echo(f"comparison written to {markdown_path}", err=True)
-    if comparison.failed:
-        sys.exit(1)
-
-
-@main.command()
-@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for <name>.json and <name>.md.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: the config's `threads`, else torch's default).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
-              help="Gate the run against this results file: exit 1 on regression.")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from its results file, without redoing its points.")
-@click.option("--shard", type=ShardType(), default=None, metavar="I/N",
-              help="Run a deterministic 1/N of the points (shard I of N); merge shards with `losscheck merge`.")
-@click.option("--impl", "impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
-              help="Also audit your own implementation (torch tensors in and out): 'pkg.mod:fn' or "
-                   "'file.py:fn', for the config's losses or those named before '='. Runs that code.")
-@click.option("--numpy-impl", "numpy_impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
-              help="Like --impl for a numpy implementation (arrays in, loss or (loss, grad) out; CPU).")
-@click.option("--loss", "only_losses", multiple=True, metavar="LOSS",
-              help="Run only these losses of the config (repeatable).")
-@_gate_options
-def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
-          baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
-          impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
-          bits, ulp, time_factor, timing_mode, junit_path, allow_missing) -> None:
-    """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
-    config = _with_flags(load_config(config_path), impls, numpy_impls, only_losses)
-    if baseline:
-        results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
-    impl_table = sweep.resolve(config)  # imports custom code: a failure is an input error, before any file
-    threads = threads or config.threads or torch.get_num_threads()
-    out = Path(out_dir)
-    stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    records: list[dict] = _resumed(json_path, config) if resume else []
-    done = {results.record_key(r) for r in records}
-    total = sweep.count_points(config, shard, done)
-    show = sys.stderr.isatty() if progress is None else progress
-    env = environment.capture(threads)
-    flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
-             *(f for loss in only_losses for f in ("--loss", loss))]
-    command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                          "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
-                          *flags])
-    saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
-    complete = False
-    with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
-                           show_pos=True, show_eta=True) if show else _NoBar() as bar:
-        try:
-            sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
-                      on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
-            complete = True
-        except KeyboardInterrupt:
-            click.echo(f"\ninterrupted: writing the {len(records)} finished points "
-                       "(continue with --resume)", err=True)
-        finally:
-            saver.save(complete)
-            _write_report(results.load(json_path), md_path, with_plots)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
-    click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
-               f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
-    if not complete:
-        sys.exit(130)
-    if baseline:
-        # Suspected slowdowns are re-measured here, in the same run, before they are called.
-        _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
-              junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads), only_losses)
-
-
-@main.command("compare")
-@click.argument("baseline_path", type=click.Path(dir_okay=False))
-@click.argument("current_path", type=click.Path(dir_okay=False))
-@_gate_options
-def compare_cmd(baseline_path: str, current_path: str, bits, ulp, time_factor, timing_mode, junit_path,
-                allow_missing) -> None:
-    """Gate CURRENT_PATH against BASELINE_PATH: exit 0 no regression, 1 regression, 2 bad input.
-
-    The Markdown comparison goes to stdout, next to CURRENT_PATH (.compare.md) and, when
-    GITHUB_STEP_SUMMARY is set, to the job summary."""
-    current = results.load(current_path)
-    _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode), junit_path,
-          allow_missing)
-
-
-@main.command("merge")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The merged results file.")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the merged report.")
-def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
-    """Merge the results of shards of one config (bench --shard I/N) into one file and report."""
-    merged = results.merge([(p, results.load(p)) for p in paths])
-    out = Path(output)
-    results.save(merged, out)
-    _write_report(results.load(out), out.with_suffix(".md"), with_plots)
-    missing = merged.get("missing_shards")
-    state = ("complete" if merged["complete"] else
-             f"incomplete: shard(s) {', '.join(map(str, missing))} missing (not passed by any gate)"
-             if missing else "incomplete (a shard was interrupted)")
-    click.echo(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}")
-
-
-@main.command("baseline")
-@click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the baseline (e.g. reports/baseline.json).")
-def baseline_cmd(results_path: str, output: str) -> None:
-    """Accept RESULTS_PATH as the baseline the gate compares against."""
-    data, warnings = ci.accept(results_path, output)
-    click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
-    if warnings:
-        # Accepted all the same: these timings will be "not judged" by the gate, not failed.
-        click.echo(f"warning: {len(warnings)} timing(s) of {results_path} seem unstable; the gate will not "
-                   "judge them (re-run on a quieter machine to gate them):", err=True)
-        for w in warnings[:20]:
-            click.echo(f"  {w}", err=True)
-        if len(warnings) > 20:
-            click.echo(f"  ... and {len(warnings) - 20} more", err=True)
-
-
-def _with_flags(config, impls, numpy_impls, only_losses):
-    """The config with bench's --loss, --impl and --numpy-impl applied."""
-    if only_losses:
-        missing = [x for x in only_losses if x not in config.losses]
-        if missing:
-            raise LosscheckError(f"--loss {missing[0]}: not among the config's losses ({', '.join(config.losses)})")
-        config = dataclasses.replace(config, losses=tuple(x for x in config.losses if x in only_losses))
-    specs = [parse_impl_flag(i, "torch", "--impl") for i in impls] + \
-        [parse_impl_flag(i, "numpy", "--numpy-impl") for i in numpy_impls]
-    names = [c.name for c in config.custom]
-    for spec in specs:
-        if spec.name in names:
-            raise LosscheckError(f"{spec.function}: a custom implementation named {spec.name!r} is already in the run")
-        names.append(spec.name)
-    return dataclasses.replace(config, custom=config.custom + tuple(specs)) if specs else config
-
-
-def parse_impl_flag(value: str, api: str, flag: str):
-    """'[loss,...=]module:function' -> CustomSpec."""
-    losses: list[str] = []
-    head, sep, rest = value.partition("=")
-    if sep and ":" not in head:
-        losses, value = [x for x in head.split(",") if x], rest
-    return custom_spec(value, None, losses, api, "<command line>", flag)
-
-
-def _results(config, env, records, command, complete, shard) -> dict:
-    data = results.make_results(config.as_dict(), env, sorted(records, key=lambda r: (r["index"], r["impl"])),
-                                command, complete)
-    if shard:
-        data["shard"] = list(shard)
-    return data
-
-
-class _Incremental:
-    """Writes the results file atomically as the sweep goes (at most every `every` seconds,
-    and never more than about 5% of the time: a big file takes a while to write), so that a
-    kill leaves a valid file of all but the last seconds' points."""
-
-    DUTY = 20  # wait at least this many times the last write's duration
-
-    def __init__(self, make, path: Path, every: float = 2.0):
-        self.make, self.path, self.every = make, path, every
-        self.last = time.monotonic()
-        self.wait = every
-
-    def tick(self) -> None:
-        if time.monotonic() - self.last >= self.wait:
-            self.save(False)
-
-    def save(self, complete: bool) -> None:
-        start = time.monotonic()
-        results.save(self.make(complete), self.path)
-        self.last = time.monotonic()
-        self.wait = max(self.every, self.DUTY * (self.last - start))
-
-
-def _resumed(json_path: Path, config) -> list[dict]:
-    """The records of an earlier run of the same config, to be kept and not redone."""
-    if not json_path.exists():
-        return []
-    data = results.load(json_path)
-    if not results.same_config(data["config"], config.as_dict()):
-        raise LosscheckError(f"{json_path}: made with another config; --resume continues a run of the same config")
-    here = environment.capture(torch.get_num_threads())
-    for field in results.MERGE_CHECKED:
-        if data["environment"].get(field) != here.get(field):
-            raise LosscheckError(f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
-                                 f"{here.get(field)!r}; --resume does not mix versions (rerun without it)")
-    if any("index" not in r for r in data["records"]):
-        raise LosscheckError(f"{json_path}: written before --resume support (records lack 'index'); "
-                             "rerun without --resume")
-    return list(data["records"])
-
-
-def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:
-    figures = None
-    if with_plots:
-        figures = (plots.write_plots(data, md_path.parent, md_path.stem) if plots.available()
-                   else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only")
-    results.write_atomic(md_path, report.render(data, figures))
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int) -> None:
-        pass
-
-
-@main.command("report")
-@click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Markdown file to write (default: next to the results, .md).")
-@click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file (no plots).")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
-def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plots: bool) -> None:
-    """Re-render the Markdown report (and its plots) from a results file alone."""
-    data = results.load(results_path)
-    if to_stdout:
-        click.echo(report.render(data), nl=False)
-        return
-    target = Path(output) if output else Path(results_path).with_suffix(".md")
-    _write_report(data, target, with_plots)
-    click.echo(f"wrote {target}")
-
-
-@main.command("list")
-def list_cmd() -> None:
-    """Losses, implementations, dtypes, distributions and devices available here."""
-    rows = [[name, loss.summary, ", ".join(f"{i} ({impl.kind})" for i, impl in loss.implementations.items())]
-            for name, loss in LOSSES.items()]
-    click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate([[f.name, f.significand_bits, f"{f.default_threshold_bits:g}"] for f in FORMATS.values()],
-                        headers=["dtype", "significand bits", "default threshold (bits)"], tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate([[d, DESCRIPTIONS[d]] for d in DISTRIBUTIONS], headers=["distribution", "inputs"],
-                        tablefmt="simple"))
-    click.echo()
-    devices = ["cpu", "cuda", "mps"]
-    click.echo(tabulate([[d, environment.device_problem(d) or "available"] for d in devices],
-                        headers=["device", "status"], tablefmt="simple"))
-    click.echo()
-    option_rows = [[key, KEYS[key], ", ".join(n for n, loss in LOSSES.items() if option in loss.options)]
-                   for option, key in OPTION_AXES.items()]
-    option_rows += [["reductions", KEYS["reductions"], "every loss"],
-                    ["sequence_lengths", KEYS["sequence_lengths"],
-                     ", ".join(n for n, loss in LOSSES.items() if loss.sequence)]]
-    click.echo(tabulate(option_rows, headers=["config key", "values", "losses"], tablefmt="simple"))
-    click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
-               "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)")
-
-
-@main.command("explain")
-@click.argument("loss")
-@click.option("--dtype", "dtypes", multiple=True, metavar="DTYPE",
-              help=f"Dtypes of the live breakdown measurement, any of {', '.join(FORMATS)} (default: all).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
-    """The formula of LOSS, its naive transcription, why it breaks (measured now), the stable
-    rewriting and the gradient."""
-    try:
-        text = explain.explain(loss, dtypes or None, threads)
-    except ValueError as e:
-        raise LosscheckError(str(e)) from None
-    click.echo(text)
-
-
-main.add_command(probe_command)
+def __getattr__(name: str):
+    # The helpers that lived here before the commands moved to commands.py (parse_impl_flag,
+    # _Incremental, ...) are still reachable as cli.<name>, loading commands.py on first use.
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module("losscheck.commands"), name)

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .dtypes import FORMATS
+from .catalog import OPTION_DEFAULTS, REDUCTIONS, loss_registry
+from .formats import FORMATS
 from .errors import ConfigError
 from .gate import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds
 from .inputs import DISTRIBUTIONS
-from .losses import LOSSES, OPTION_DEFAULTS
-from .losses.base import REDUCTIONS
 
 BUILTIN_IMPLS = ("naive", "stable", "torch")
 CUSTOM_APIS = ("torch", "numpy")
@@ -108,7 +107,7 @@ class Config:
         """The option combinations swept for `loss`: the product of the axes of the options
         it supports, each as a dict of the values that differ from the default (soft
         targets with ignored ones are left out: torch ignores only class indices)."""
-        names = [o for o in LOSSES[loss].options if o in OPTION_AXES]
+        names = [o for o in loss_registry()[loss].options if o in OPTION_AXES]
         out = []
         for values in itertools.product(*(getattr(self, OPTION_AXES[o]) for o in names)):
             opts = {o: v for o, v in zip(names, values) if v != OPTION_DEFAULTS[o]}
@@ -347,7 +346,7 @@ def _build(data: dict, source: str) -> Config:
     cfg = Config(
         name=name,
         description=v.string(data, "description", ""),
-        losses=v.choices(data, "losses", tuple(LOSSES)),
+        losses=v.choices(data, "losses", tuple(loss_registry())),
         implementations=v.choices(data, "implementations", BUILTIN_IMPLS, DEFAULTS["implementations"]),
         scales=v.numbers(data, "scales", positive=True),
         batch_sizes=v.ints(data, "batch_sizes", minimum=1),
@@ -562,9 +561,10 @@ class _Validator:
         losses = g.get("losses", {})
         if not isinstance(losses, dict):
             self.fail("gate.losses", f"expected a mapping loss -> thresholds, got {_typename(losses)}")
+        known = loss_registry()
         for loss, overrides in losses.items():
-            if loss not in LOSSES:
-                self.fail(f"gate.losses.{loss}", "unknown loss" + _suggest(loss, LOSSES), ", ".join(LOSSES))
+            if loss not in known:
+                self.fail(f"gate.losses.{loss}", "unknown loss" + _suggest(loss, known), ", ".join(known))
             if not isinstance(overrides, dict):
                 self.fail(f"gate.losses.{loss}", f"expected a mapping, got {_typename(overrides)}",
                           ", ".join(GATE_KEYS))
@@ -637,11 +637,12 @@ def custom_spec(function, name=None, losses=(), api="torch", source="<command li
         fail("name", f"{name!r} is a built-in implementation's name", "another name (e.g. my_" + name + ")")
     if isinstance(losses, str):
         losses = [losses]
+    known = loss_registry()
     if not isinstance(losses, (list, tuple)) or any(not isinstance(x, str) for x in losses):
-        fail("losses", f"bad value {losses!r}", "a list of " + ", ".join(LOSSES))
+        fail("losses", f"bad value {losses!r}", "a list of " + ", ".join(known))
     for x in losses:
-        if x not in LOSSES:
-            fail("losses", f"unknown value {x!r}{_suggest(x, LOSSES)}", "a list of " + ", ".join(LOSSES))
+        if x not in known:
+            fail("losses", f"unknown value {x!r}{_suggest(x, known)}", "a list of " + ", ".join(known))
     if api not in CUSTOM_APIS:
         fail("api", f"unknown value {api!r}{_suggest(api, CUSTOM_APIS)}", ", ".join(CUSTOM_APIS))
     return CustomSpec(name=name, function=function, losses=tuple(losses), api=api)

@@ -1,13 +1,16 @@
-"""The floating-point formats losscheck audits, and their properties.
+"""The floating-point formats losscheck audits, with their torch dtypes.
 
 One table so that every module agrees on names, significand widths and on the
-integer type used to read a value's bits (for ULP distances).
+integer type used to read a value's bits (for ULP distances). The torch-free facts
+(name, widths) live in `formats.py`; this adds the torch dtype lookup.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from . import formats
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,13 @@ class FloatFormat:
         return float(torch.finfo(self.torch_dtype).max)
 
 
+_TORCH = {"float64": (torch.float64, torch.int64), "float32": (torch.float32, torch.int32),
+          "float16": (torch.float16, torch.int16), "bfloat16": (torch.bfloat16, torch.int16)}
+
+# Same names, order and widths as formats.FORMATS, with the torch dtypes added.
 FORMATS: dict[str, FloatFormat] = {
-    f.name: f
-    for f in (
-        FloatFormat("float64", torch.float64, 53, 64, torch.int64),
-        FloatFormat("float32", torch.float32, 24, 32, torch.int32),
-        FloatFormat("float16", torch.float16, 11, 16, torch.int16),
-        FloatFormat("bfloat16", torch.bfloat16, 8, 16, torch.int16),
-    )
+    f.name: FloatFormat(f.name, _TORCH[f.name][0], f.significand_bits, f.total_bits, _TORCH[f.name][1])
+    for f in formats.FORMATS.values()
 }
 
 _BY_TORCH = {f.torch_dtype: f for f in FORMATS.values()}

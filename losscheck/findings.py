@@ -70,8 +70,8 @@ import re
 from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
-from .dtypes import FORMATS
-from .metrics import ulp_threshold
+from .catalog import loss_registry
+from .formats import FORMATS, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
 # What every finding holds (results.load checks it).
@@ -381,10 +381,8 @@ _SWEEP_CLAUSE = re.compile(r",? from scale [^ ]+ \(\d+ points?, scales? [^)]*\)"
 
 
 def _rank(key: tuple) -> tuple:
-    from .losses import LOSSES  # the registry's order; imported late (it imports torch modules)
-
     loss, var, impl, dtype, device = key
-    order = list(LOSSES)
+    order = list(loss_registry())  # the registry's order
     return (order.index(loss) if loss in order else len(order), loss, var,
             IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl,
             list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS), dtype, device)

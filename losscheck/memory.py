@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from .units import format_bytes  # noqa: F401  (re-exported; in units.py so that reports need no torch)
+
 ENV_LIMIT = "LOSSCHECK_MEMORY_LIMIT"
 
 # Paths, as module attributes so that the tests can point them at fake files.
@@ -391,25 +393,3 @@ def release(device: str | torch.device) -> None:
             torch.mps.empty_cache()
     except Exception:
         pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting.
-
-
-def format_bytes(n: float) -> str:
-    """``100 B``, ``12 KiB``, ``512 MiB``, ``1.23 GiB``: three significant digits at most."""
-    if n < 0:
-        return "-" + format_bytes(-n)
-    if n < 1024:
-        return f"{int(n)} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1000 or unit == "PiB":
-            break
-    if value >= 100:
-        text = f"{value:.0f}"
-    else:
-        text = f"{value:.{2 if value < 10 else 1}f}".rstrip("0").rstrip(".")
-    return f"{text} {unit}"

@@ -29,6 +29,7 @@ from functools import cached_property
 import torch
 
 from .dtypes import FloatFormat, fmt
+from .formats import ulp_threshold
 
 # Elements per chunk in ErrorStats.add: the temporaries are a few float64/integer copies
 # of a chunk, so memory stays bounded however large the point (large vocabularies).
@@ -206,11 +207,6 @@ def bits_of_error(ulps: torch.Tensor, dtype: torch.dtype | str | FloatFormat | N
     """log2(1 + ulp) elementwise; capped at `dtype`'s precision when given (as `bits`).
     Kept for callers of the uncapped form; new code uses `bits`."""
     return torch.log2(1 + ulps) if dtype is None else bits(ulps, dtype)
-
-
-def ulp_threshold(threshold_bits: float) -> float:
-    """The ULP distance matching `threshold_bits` lost: bits > t  <=>  ulp > 2**t - 1."""
-    return 2.0**threshold_bits - 1
 
 
 # Distances below this are looked up rather than computed: log2(1 + d) for every integer d

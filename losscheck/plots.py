@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import analysis as A
-from .dtypes import FORMATS
+from .formats import FORMATS
 
 INSTALL_HINT = "pip install 'losscheck[plots]'"
 

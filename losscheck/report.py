@@ -14,12 +14,12 @@ from tabulate import tabulate
 
 from . import analysis as A
 from . import findings as FD
-from .dtypes import FORMATS
-from .losses import LOSSES
-from .memory import format_bytes
+from .catalog import LOSS_INFO, loss_registry
+from .formats import FORMATS
+from .units import format_bytes
 
 IMPL_ORDER = ("naive", "stable", "torch")
-LOSS_ORDER = list(LOSSES)
+LOSS_ORDER = list(LOSS_INFO)
 MAX_OPEN_ROWS = 24  # longer per-loss tables are collapsed
 MAX_DETAIL_ROWS = 2000  # beyond this the per-point table would dominate the file (GitHub renders ~1 MB)
 
@@ -329,7 +329,7 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
 def _loss_section(loss: str, recs: list[dict]) -> str:
     impls = _impls(recs)
     head = [f"## {loss}"]
-    spec = LOSSES.get(recs[0].get("base_loss", loss)) if recs else None
+    spec = loss_registry().get(recs[0].get("base_loss", loss)) if recs else None
     if spec:
         head.append(f"{spec.summary}.\n\nnaive: ${spec.formulas.naive}$\n\nstable: ${spec.formulas.stable}$")
     acc_rows, ovf_rows = [], []

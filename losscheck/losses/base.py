@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from .. import reference as R
+from ..catalog import OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
 
 KINDS = ("naive", "stable", "framework", "custom")
-REDUCTIONS = ("none", "mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -57,21 +57,10 @@ class Impl:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
 
 
-@dataclass(frozen=True)
-class Formulas:
-    """Text for reports and `explain`: the loss, its literal and its stable forms, its gradient."""
-
-    loss: str
-    naive: str
-    stable: str
-    gradient: str
-
-
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
-# Options a loss may support (`Loss.options`), with the record value that means "not set".
-OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0,
-                   "targets": "hard"}
+# OPTION_DEFAULTS: options a loss may support (`Loss.options`), with the record value that
+# means "not set" (in catalog.py, with Formulas and REDUCTIONS, so that readers need no torch).
 
 
 @dataclass(frozen=True)

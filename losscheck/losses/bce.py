@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import (Formulas, Impl, Loss, binary_factor, compute_dtype, grad_scale, reduce_accurate, reduce_naive,
+from ..catalog import LOSS_INFO
+from .base import (Impl, Loss, binary_factor, compute_dtype, grad_scale, reduce_accurate, reduce_naive,
                    scale_grad)
 
 
@@ -118,10 +119,11 @@ def _reference_extended(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
 reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
 
 
+INFO = LOSS_INFO["bce"]  # summary, formulas, options: catalog.py
+
 LOSS = Loss(
     name="bce",
-    summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets, "
-    "per-element weight, pos_weight",
+    summary=INFO.summary,
     multiclass=False,
     input_kind="probabilities",
     implementations={
@@ -131,11 +133,6 @@ LOSS = Loss(
                       "−100; pos_weight folded into weight)"),
     },
     reference_chunk=reference_chunk,
-    formulas=Formulas(
-        loss=r"\ell(p, y) = -\left[y \log p + (1-y)\log(1-p)\right]",
-        naive=r"\ell = -\left[y\log p + (1-y)\log(1-p)\right]",
-        stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
-        gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
-    ),
-    options=("weight", "pos_weight"),
+    formulas=INFO.formulas,
+    options=INFO.options,
 )

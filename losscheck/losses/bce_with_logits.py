@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .. import reference as R
 from . import bce
-from .base import Formulas, Impl, Loss, binary_factor, compute_dtype, reduce_accurate, scale_grad, two_sum
+from ..catalog import LOSS_INFO
+from .base import Impl, Loss, binary_factor, compute_dtype, reduce_accurate, scale_grad, two_sum
 
 
 def naive(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
@@ -98,9 +99,11 @@ def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
 reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
 
 
+INFO = LOSS_INFO["bce_with_logits"]  # summary, formulas, options: catalog.py
+
 LOSS = Loss(
     name="bce_with_logits",
-    summary="binary cross entropy from logits, hard 0/1 targets, per-element weight, pos_weight",
+    summary=INFO.summary,
     multiclass=False,
     input_kind="logits",
     implementations={
@@ -109,11 +112,6 @@ LOSS = Loss(
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy_with_logits"),
     },
     reference_chunk=reference_chunk,
-    formulas=Formulas(
-        loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
-        naive=r"\sigma(x) = \frac{1}{1+e^{-x}},\ \ell = -\left[y\log\sigma(x) + (1-y)\log(1-\sigma(x))\right]",
-        stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
-        gradient=r"\partial\ell/\partial x = \sigma(x) - y",
-    ),
-    options=("weight", "pos_weight"),
+    formulas=INFO.formulas,
+    options=INFO.options,
 )

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from .base import (Formulas, Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive,
+from ..catalog import LOSS_INFO
+from .base import (Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive,
                    scale_grad, two_sum)
 
 
@@ -630,10 +631,11 @@ reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
 denominators = R.chunk_function(_denominators_tensors, _denominators_extended)
 
 
+INFO = LOSS_INFO["cross_entropy"]  # summary, formulas, options: catalog.py
+
 LOSS = Loss(
     name="cross_entropy",
-    summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
-    "label smoothing, ignore_index",
+    summary=INFO.summary,
     multiclass=True,
     input_kind="logits",
     implementations={
@@ -642,12 +644,7 @@ LOSS = Loss(
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.cross_entropy"),
     },
     reference_chunk=reference_chunk,
-    formulas=Formulas(
-        loss=r"\ell(x, t) = -\log \frac{e^{x_t}}{\sum_j e^{x_j}}",
-        naive=r"\ell = -\log\left(e^{x_t} \big/ \textstyle\sum_j e^{x_j}\right)",
-        stable=r"m = \max_j x_j,\ \ell = (m - x_t) + \operatorname{log1p}\Big(\textstyle\sum_{j \ne k} e^{x_j - m}\Big)",
-        gradient=r"\partial\ell/\partial x_j = \operatorname{softmax}(x)_j - [j = t]",
-    ),
-    options=("weight", "label_smoothing", "ignored", "targets"),
+    formulas=INFO.formulas,
+    options=INFO.options,
     denominators=denominators,
 )

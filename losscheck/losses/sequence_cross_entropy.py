@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import cross_entropy as ce
-from .base import Formulas, Impl, Loss
+from ..catalog import LOSS_INFO
+from .base import Impl, Loss
 
 
 def _tokens(fn):
@@ -26,10 +27,11 @@ def _tokens(fn):
 
 naive, stable, framework = _tokens(ce.naive), _tokens(ce.stable), _tokens(ce.framework)
 
+INFO = LOSS_INFO["sequence_cross_entropy"]  # summary, formulas, options: catalog.py
+
 LOSS = Loss(
     name="sequence_cross_entropy",
-    summary="token cross entropy over (batch, time, vocab = `classes`) with padded sequences "
-    "(ignore_index), per-class weight, label smoothing",
+    summary=INFO.summary,
     multiclass=True,
     input_kind="logits",
     implementations={
@@ -39,14 +41,8 @@ LOSS = Loss(
                       "torch.nn.functional.cross_entropy(x.view(-1, V), t.view(-1), ignore_index=-100)"),
     },
     reference_chunk=ce.reference_chunk,
-    formulas=Formulas(
-        loss=r"\ell = \frac{1}{|\{(b,\tau): t_{b\tau} \ne \text{pad}\}|}\sum_{t_{b\tau} \ne \text{pad}} "
-             r"-\log \operatorname{softmax}(x_{b\tau})_{t_{b\tau}}",
-        naive=ce.LOSS.formulas.naive,
-        stable=ce.LOSS.formulas.stable,
-        gradient=ce.LOSS.formulas.gradient,
-    ),
-    options=("weight", "label_smoothing"),
+    formulas=INFO.formulas,
+    options=INFO.options,
     denominators=ce.denominators,
     sequence=True,
 )
