@@ -94,13 +94,21 @@ def _summary_table(c: Comparison) -> str:
     for r in c.by_implementation():
         name = f"{r['impl']} (custom)" if r["kind"] == "custom" else r["impl"]
         worst = r["worst"]
-        worst_text = "—" if worst is None else f"{worst.why} ({', '.join(map(str, _point(worst.key)[2:8]))})"
+        worst_text = "—" if worst is None else _where(worst.key) + ": " + worst.why.split(" (")[0]
         if worst is None and r["missing"]:
             worst_text = f"{r['missing']} point(s) missing from the current run"
         rows.append([name, r["against"], r["judged"], r["not_judged"] + r["missing"], r["regressions"],
                      _short(worst_text, 120), f"**{r['verdict']}**" if r["verdict"] == "FAIL" else r["verdict"]])
     return tabulate(rows, headers=["implementation", "judged against", "points judged", "not judged",
                                    "regressions", "worst change", "verdict"], tablefmt="github")
+
+
+def _where(key: tuple) -> str:
+    """A point in a few words: "bce_with_logits float32 cpu normal scale 1 (batch 256)"."""
+    loss, _, dtype, device, batch, classes, scale, dist, reduction, options, time = key
+    variant = A.variant({"options": dict(options), "time": time, "reduction": reduction})
+    size = f"batch {batch}" + (f" × {classes}" if classes else "")
+    return f"{loss} {dtype} {device} {dist} scale {scale:g} ({size}{', ' + variant if variant else ''})"
 
 
 def _timing_line(c: Comparison) -> str:

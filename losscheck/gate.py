@@ -199,8 +199,6 @@ class Comparison:
             row(k[1])["missing"] += 1
         for v in self.verdicts:
             r = row(v.key[1])
-            if v.against != "baseline":
-                r["against"].add(f"{v.against} (same run)")
             if v.outcome == "regression":
                 r["regressions"].add(v.key)
                 if r["worst"] is None or v.size > r["worst"].size:
