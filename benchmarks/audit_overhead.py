@@ -1,0 +1,128 @@
+"""What an audit costs next to the loss it audits (issue 13, "A benchmark that keeps this honest").
+
+For each case, in one run: one torch forward+backward of the loss (the yardstick), the audit's
+own parts — inputs (generated and rounded), reference, metrics (forward elements and gradient)
+— and one whole `bench` point of the torch implementation alone (`sweep.run_case`, timing
+off), each the median of a few repeats; then the ratios. Also the wall time of
+`losscheck --help` against `python -c "import click"`. A report, not a test: it prints and
+(with --json) writes the figures, and exits 0 whatever they are (.ci/run shows it).
+
+Usage: python benchmarks/audit_overhead.py [--threads 2] [--repeat 3] [--quick] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# (loss, batch, classes, sequence length) at the sizes of the issue.
+CASES = [("cross_entropy", 4096, 1000, None), ("cross_entropy", 512, 32000, None),
+         ("bce_with_logits", 1 << 20, None, None), ("sequence_cross_entropy", 4, 32000, 128)]
+QUICK_CASES = [("cross_entropy", 1024, 1000, None), ("bce_with_logits", 1 << 18, None, None)]
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def wall(cmd: list[str], repeat: int = 5) -> float:
+    return median_time(lambda: subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT), repeat)
+
+
+def measure(loss_name: str, batch: int, classes: int | None, time_len: int | None, dtype: str,
+            threads: int, repeat: int) -> dict:
+    import torch
+
+    from losscheck import sweep
+    from losscheck.config import config_from_dict
+    from losscheck.losses import LOSSES, reference
+    from losscheck.metrics import ErrorStats
+
+    loss = LOSSES[loss_name]
+    config = config_from_dict({"name": "overhead", "losses": [loss_name], "implementations": ["torch"],
+                               "scales": [10], "batch_sizes": [batch], "classes": [classes or 10],
+                               "dtypes": [dtype], "distributions": ["normal"], "timing": False,
+                               "sequence_lengths": [time_len or 64], "threads": threads}, "audit_overhead")
+    case = next(sweep.cases(config))
+    torch_fn = loss.implementations["torch"].fn
+    data = sweep.point_data(loss, case, config.seed)
+    x, t, opts = data.on(case.device)
+
+    def forward_backward():
+        xg = x.detach().requires_grad_(True)
+        torch_fn(xg, t, "mean", **opts).backward()
+    forward_backward()  # warm-up
+    yardstick = median_time(forward_backward, repeat)
+    inputs_s = median_time(lambda: sweep.point_data(loss, case, config.seed), repeat)
+    ref = reference(loss, data.inp, data.target, data.options, case.reduction)
+    reference_s = median_time(lambda: reference(loss, data.inp, data.target, data.options, case.reduction), repeat)
+    with torch.no_grad():
+        elements = torch_fn(x, t, "none", **opts)
+    xg = x.detach().requires_grad_(True)
+    torch_fn(xg, t, "mean", **opts).backward()
+
+    def metrics():
+        fwd, bwd = ErrorStats(8.0), ErrorStats(8.0)
+        fwd.add(elements, ref.loss)
+        bwd.add(xg.grad, ref.grad)
+    metrics_s = median_time(metrics, repeat)
+    impls = sweep.resolve(config)[loss_name]
+    point_s = median_time(lambda: sweep.run_case(config, case, threads, None, impls), repeat)
+    audit = inputs_s + reference_s + metrics_s
+    size = f"{batch}" + (f" × {time_len}" if time_len else "") + (f" × {classes}" if classes else "")
+    return {"loss": loss_name, "size": size, "dtype": dtype, "torch_fwd_bwd_s": yardstick, "inputs_s": inputs_s,
+            "reference_s": reference_s, "metrics_s": metrics_s, "audit_s": audit,
+            "audit_ratio": audit / yardstick, "point_s": point_s, "point_ratio": point_s / yardstick}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (CI)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    import torch
+    import torch.nn.functional as F
+    from tabulate import tabulate
+
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4096, 1000, generator=g), torch.randint(0, 1000, (4096,), generator=g)
+    speed = median_time(lambda: F.cross_entropy(x, t), 31)
+    rows, out = [], {"threads": a.threads, "machine_speed_s": speed, "points": []}
+    for loss_name, batch, classes, time_len in (QUICK_CASES if a.quick else CASES):
+        for dtype in DTYPES:
+            r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat)
+            out["points"].append(r)
+            rows.append([r["loss"], r["size"], dtype, f"{r['torch_fwd_bwd_s'] * 1e3:.1f}",
+                         f"{r['inputs_s'] * 1e3:.1f}", f"{r['reference_s'] * 1e3:.1f}", f"{r['metrics_s'] * 1e3:.1f}",
+                         f"{r['audit_ratio']:.1f}×", f"{r['point_s'] * 1e3:.1f}", f"{r['point_ratio']:.1f}×"])
+    exe = str(Path(sys.executable).with_name("losscheck"))
+    help_s = wall([exe, "--help"])
+    click_s = wall([sys.executable, "-c", "import click"])
+    out.update({"help_s": help_s, "import_click_s": click_s})
+    print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads)")
+    print(tabulate(rows, headers=["loss", "size", "dtype", "torch fwd+bwd ms", "inputs ms", "reference ms",
+                                  "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd"],
+                   tablefmt="github"))
+    print(f"losscheck --help {help_s:.3f} s; python -c 'import click' {click_s:.3f} s "
+          f"(×{help_s / click_s:.1f}); medians of 5")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
