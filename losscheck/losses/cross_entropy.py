@@ -588,19 +588,7 @@ def _finite_extended(x, t, masked=None):
 
 
 def _limits_extended(x, t, finite):
-    """The limits of loss and gradient where some logits are ±inf.
-
-    * −inf logits have probability 0 (gradient 0); a −inf target gives loss +inf and
-      gradient −1 at the target.
-    * One +inf logit k takes all the probability: loss 0 and gradient 0 if k is the
-      target; else loss +inf, gradient +1 at k and −1 at the target, 0 elsewhere.
-    * Two or more +inf logits: the split of the probability between them depends on how
-      they grow, so their gradient entries are undefined (NaN); the finite logits still
-      have probability 0 (gradient 0, −1 at a finite target), and the loss is +inf for a
-      finite target and undefined (NaN) for a +inf one.
-    * Every logit −inf (C > 1): undefined, NaN loss and gradient. With C = 1 the loss is
-      identically 0 and so is its limit.
-    """
+    """`_limits` in numpy long double (float64 targets): the same limits, line for line."""
     rows = np.arange(x.shape[0])
     w = x.dtype.type
     pos = x == np.inf
