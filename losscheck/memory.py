@@ -46,6 +46,7 @@ _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 _MEMINFO = "/proc/meminfo"
 _CGROUP_ROOT = "/sys/fs/cgroup"
+_PROC_CGROUP = "/proc/self/cgroup"
 
 # A cgroup limit at or above this means "no limit" (cgroup v1 writes about 2**63 for that).
 _NO_LIMIT = 1 << 60
@@ -128,25 +129,60 @@ def _stat_field(path: str, field: str) -> int:
     return 0
 
 
-def _cgroup_available() -> int | None:
-    """The cgroup memory limit minus the cgroup's usage, or None where there is no limit.
-
-    cgroup v2 (``memory.max``, ``memory.current``) is tried first, then v1
-    (``memory/memory.limit_in_bytes``, ``memory/memory.usage_in_bytes``). As in container
-    runtimes' "working set", reclaimable inactive page cache is not counted as used.
-    """
-    candidates = (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-         "memory/memory.stat", "total_inactive_file"),
-    )
-    for limit_name, usage_name, stat_name, inactive in candidates:
-        limit = _read_int(os.path.join(_CGROUP_ROOT, limit_name))
-        usage = _read_int(os.path.join(_CGROUP_ROOT, usage_name))
-        if limit is None or usage is None or limit <= 0 or limit >= _NO_LIMIT:
+def _own_cgroups() -> dict[str, str]:
+    """The process's own cgroup paths from /proc/self/cgroup: {"v2": "/a/b"} for the unified
+    hierarchy ("0::/a/b"), {"v1": "/a/b"} for the v1 memory controller ("4:memory:/a/b")."""
+    out: dict[str, str] = {}
+    for line in (_read_text(_PROC_CGROUP) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        used = max(0, usage - _stat_field(os.path.join(_CGROUP_ROOT, stat_name), inactive))
-        return max(0, limit - used)
+        _, controllers, path = parts
+        if controllers == "" and "v2" not in out:
+            out["v2"] = path.strip()
+        elif "memory" in controllers.split(","):
+            out["v1"] = path.strip()
+    return out
+
+
+def _ancestors(base: str, path: str) -> list[str]:
+    """`base` joined with `path` and with each of its ancestors, deepest first, down to `base`
+    itself — those that exist. A limit anywhere up the hierarchy applies to the process."""
+    parts = [p for p in path.strip("/").split("/") if p and p not in (".", "..")]
+    dirs = [os.path.join(base, *parts[:i]) for i in range(len(parts), 0, -1)] + [base]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _cgroup_available() -> int | None:
+    """The least room left under any memory limit of the process's cgroup or its ancestors
+    (limit minus usage), or None where none is limited.
+
+    The process's own cgroup comes from /proc/self/cgroup: a container or CI job is often a
+    child cgroup whose limit the root's files do not show (a 1.5 GiB child cgroup read as
+    22.6 GiB available, and its points were OOM-killed, issue 16). cgroup v2 (``memory.max``,
+    ``memory.current``) is tried first, then v1 (``memory/…/memory.limit_in_bytes``,
+    ``memory.usage_in_bytes``). As in container runtimes' "working set", reclaimable inactive
+    page cache is not counted as used.
+    """
+    own = _own_cgroups()
+    hierarchies = (
+        (_ancestors(_CGROUP_ROOT, own.get("v2", "/")), "memory.max", "memory.current", "memory.stat",
+         "inactive_file"),
+        (_ancestors(os.path.join(_CGROUP_ROOT, "memory"), own.get("v1", "/")), "memory.limit_in_bytes",
+         "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
+    )
+    for dirs, limit_name, usage_name, stat_name, inactive in hierarchies:
+        room = None
+        for d in dirs:
+            limit = _read_int(os.path.join(d, limit_name))
+            usage = _read_int(os.path.join(d, usage_name))
+            if limit is None or usage is None or limit <= 0 or limit >= _NO_LIMIT:
+                continue
+            used = max(0, usage - _stat_field(os.path.join(d, stat_name), inactive))
+            left = max(0, limit - used)
+            room = left if room is None else min(room, left)
+        if room is not None:
+            return room
     return None
 
 

@@ -158,6 +158,16 @@ def _fake_cgroup(root, files):
         path.write_text(text)
 
 
+@pytest.fixture(autouse=True)
+def _root_cgroup(monkeypatch, tmp_path):
+    """The process sits in the root cgroup unless a test says otherwise (the machine's own
+    /proc/self/cgroup must not leak into the fake hierarchies)."""
+    own = tmp_path / "proc-self-cgroup"
+    own.write_text("0::/\n")
+    monkeypatch.setattr(memory, "_PROC_CGROUP", str(own))
+    return own
+
+
 def test_cgroup_v2_limit(monkeypatch, tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       65536000 kB\nMemAvailable:   32768000 kB\n")
@@ -183,6 +193,42 @@ def test_cgroup_v1_limit_and_unlimited(monkeypatch, tmp_path):
     assert available_bytes("cpu") == 768 * MiB
     _fake_cgroup(root, {"memory/memory.limit_in_bytes": "9223372036854771712\n"})
     assert available_bytes("cpu") == 32768000 * 1024
+
+
+def test_the_process_own_child_cgroup_limit_is_seen(monkeypatch, tmp_path, _root_cgroup):
+    # Regression (issue 16): in a child cgroup limited to 1.5 GiB the root's files showed no
+    # limit, the estimate said 22.6 GiB available, and a 2.5 GiB point was OOM-killed.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   23700000 kB\n")
+    monkeypatch.setattr(memory, "_MEMINFO", str(meminfo))
+    root = tmp_path / "cg"
+    monkeypatch.setattr(memory, "_CGROUP_ROOT", str(root))
+    _fake_cgroup(root, {"memory.max": "max\n", "memory.current": f"{4 * GiB}\n",
+                        "ci/memory.max": f"{8 * GiB}\n", "ci/memory.current": f"{GiB}\n",
+                        "ci/job/memory.max": f"{1536 * MiB}\n", "ci/job/memory.current": f"{512 * MiB}\n"})
+    _root_cgroup.write_text("0::/ci/job\n")
+    assert available_bytes("cpu") == GiB  # the job's own limit, not the root's absence of one
+    # An ancestor with less room left than the child's own limit decides.
+    _fake_cgroup(root, {"ci/memory.current": f"{7936 * MiB}\n"})
+    assert available_bytes("cpu") == 256 * MiB
+    # A path that is not visible here (another cgroup namespace) falls back to the mount's root.
+    _root_cgroup.write_text("0::/elsewhere/job\n")
+    assert available_bytes("cpu") == 23700000 * 1024
+
+
+def test_the_process_own_v1_memory_cgroup_is_seen(monkeypatch, tmp_path, _root_cgroup):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   23700000 kB\n")
+    monkeypatch.setattr(memory, "_MEMINFO", str(meminfo))
+    root = tmp_path / "cg"
+    monkeypatch.setattr(memory, "_CGROUP_ROOT", str(root))
+    _fake_cgroup(root, {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                        "memory/memory.usage_in_bytes": f"{GiB}\n",
+                        "memory/runner/memory.limit_in_bytes": f"{2 * GiB}\n",
+                        "memory/runner/memory.usage_in_bytes": f"{768 * MiB}\n",
+                        "memory/runner/memory.stat": f"total_inactive_file {256 * MiB}\n"})
+    _root_cgroup.write_text("4:memory:/runner\n3:cpu,cpuacct:/other\n0::/\n")
+    assert available_bytes("cpu") == 2 * GiB - 512 * MiB
 
 
 # ---------------------------------------------------------------------------------------------
