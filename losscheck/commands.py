@@ -116,39 +116,41 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
     out = Path(out_dir)
     stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    records: list[dict] = _resumed(json_path, config) if resume else []
-    done = {results.record_key(r) for r in records}
-    total = sweep.count_points(config, shard, done)
-    show = sys.stderr.isatty() if progress is None else progress
-    env = environment.capture(threads)
-    flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
-             *(f for loss in only_losses for f in ("--loss", loss))]
-    command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                          "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
-                          *flags])
-    saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
-    complete = False
-    with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
-                           show_pos=True, show_eta=True) if show else _NoBar() as bar:
-        try:
-            sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
-                      on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
-            complete = True
-        except KeyboardInterrupt:
-            click.echo(f"\ninterrupted: writing the {len(records)} finished points "
-                       "(continue with --resume)", err=True)
-        finally:
-            saver.save(complete)
-            _write_report(results.load(json_path), md_path, with_plots)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
-    click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
-               f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
-    if not complete:
-        sys.exit(130)
-    if baseline:
-        # Suspected slowdowns are re-measured here, in the same run, before they are called.
-        _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
-              junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads), only_losses)
+    # One writer per results file, and a directory that can be written, before any point runs.
+    with results.exclusive(json_path):
+        records: list[dict] = _resumed(json_path, config) if resume else []
+        done = {results.record_key(r) for r in records}
+        total = sweep.count_points(config, shard, done)
+        show = sys.stderr.isatty() if progress is None else progress
+        env = environment.capture(threads)
+        flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
+                 *(f for loss in only_losses for f in ("--loss", loss))]
+        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
+                              "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
+                              *flags])
+        saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
+        complete = False
+        with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
+                               show_pos=True, show_eta=True) if show else _NoBar() as bar:
+            try:
+                sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
+                          on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
+                complete = True
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted: writing the {len(records)} finished points "
+                           "(continue with --resume)", err=True)
+            finally:
+                saver.save(complete)
+                _write_report(results.load(json_path), md_path, with_plots)
+        counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
+        click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
+                   f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
+        if not complete:
+            sys.exit(130)
+        if baseline:
+            # Suspected slowdowns are re-measured here, in the same run, before they are called.
+            _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
+                  junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads), only_losses)
 
 
 @click.command("compare")

@@ -30,12 +30,15 @@ when the file is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ResultsError
 from .findings import findings as findings_of
@@ -109,6 +112,40 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """Hold the lock of the results file `path` (a hidden `.NAME.lock` beside it) while a run
+    writes it: a second run writing the same file fails at once (ResultsError, exit 2) instead
+    of overwriting the first one's results with its own partial file (issue 16). Creating the
+    lock also proves, before any point is run, that the directory can be written. The lock
+    file is removed when the run ends; POSIX advisory locking (flock), so runs on one machine
+    (or a shared file system that supports it) see each other."""
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot write there: {e.__class__.__name__}: {e.strerror or e}") from None
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode("ascii", "replace").strip()
+            raise ResultsError(f"{path}: another losscheck run is writing it"
+                               + (f" (pid {other})" if other.isdigit() else "")
+                               + "; wait for it to finish, or give this run another --out") from None
+        held = True
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        if held:
+            lock.unlink(missing_ok=True)  # still held: a run that opened it meanwhile was refused
+        os.close(fd)
 
 
 def save(results: dict, path: Path) -> None:

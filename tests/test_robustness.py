@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -727,3 +728,30 @@ def _in_findings(kind, path) -> bool:
 def test_fuzzed_findings_are_exit_0_or_2_never_a_crash(tmp_path, findings_base, data):
     text = _mutate(data, findings_base, ("delete", "replace"), path_ok=_in_findings)
     _check_report_and_compare(tmp_path, text)
+
+
+# ---- one writer per results file (issue 16) ---------------------------------------------------
+
+def test_a_second_bench_on_the_same_out_is_refused_not_overwriting(runner, tmp_path, tiny_config_text):
+    # Regression: two runs on one --out replaced a finished 576-point file by the other's partial one.
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_config_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny.json").write_text("the first run's results")
+    with results.exclusive(out / "tiny.json"):
+        result = runner.invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots"])
+        assert_one_error_line(result, "tiny.json: another losscheck run is writing it", f"(pid {os.getpid()})")
+    assert (out / "tiny.json").read_text() == "the first run's results"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.json"]  # the lock is gone with its holder
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_sweep(runner, tmp_path, tiny_config_text):
+    # Regression: the whole sweep ran, then the write failed with a traceback and exit 1.
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_config_text)
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    result = runner.invoke(main, ["bench", str(cfg), "--out", str(a_file / "sub"), "--no-progress", "--no-plots"])
+    assert_one_error_line(result, "cannot write there")
+    assert result.stdout == ""  # no point was run
