@@ -7,6 +7,7 @@ JSON alone, and bench validates its config before it imports the sweep (and torc
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 import time
@@ -113,12 +114,17 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
 
     impl_table = sweep.resolve(config)  # imports custom code: a failure is an input error, before any file
     threads = threads or config.threads or torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > 4 * cpus:
+        # torch segfaults on absurd counts (--threads 100000); more than a few per CPU only slows.
+        raise LosscheckError(f"--threads {threads}: more than 4 × the {cpus} CPU(s) this process may use; "
+                             f"allowed: 1 to {4 * cpus}")
     out = Path(out_dir)
     stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     # One writer per results file, and a directory that can be written, before any point runs.
     with results.exclusive(json_path):
-        records: list[dict] = _resumed(json_path, config) if resume else []
+        records: list[dict] = _resumed(json_path, config, threads) if resume else []
         done = {results.record_key(r) for r in records}
         total = sweep.count_points(config, shard, done)
         show = sys.stderr.isatty() if progress is None else progress
@@ -261,22 +267,21 @@ class _Incremental:
         self.wait = max(self.every, self.DUTY * (self.last - start))
 
 
-def _resumed(json_path: Path, config) -> list[dict]:
+def _resumed(json_path: Path, config, threads: int) -> list[dict]:
     """The records of an earlier run of the same config, to be kept and not redone."""
     if not json_path.exists():
         return []
     data = results.load(json_path)
     if not results.same_config(data["config"], config.as_dict()):
         raise LosscheckError(f"{json_path}: made with another config; --resume continues a run of the same config")
-    import torch  # bench has imported it already
+    from . import environment  # imports torch, which bench has imported already
 
-    from . import environment
-
-    here = environment.capture(torch.get_num_threads())
+    here = environment.capture(threads)
     for field in results.MERGE_CHECKED:
         if data["environment"].get(field) != here.get(field):
             raise LosscheckError(f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
-                                 f"{here.get(field)!r}; --resume does not mix versions (rerun without it)")
+                                 f"{here.get(field)!r}; --resume does not mix versions or thread counts "
+                                 "(rerun without it, or with the same --threads)")
     if any("index" not in r for r in data["records"]):
         raise LosscheckError(f"{json_path}: written before --resume support (records lack 'index'); "
                              "rerun without --resume")

@@ -303,7 +303,9 @@ def _record_problem(rec: dict) -> str | None:
 
 
 # Environment fields that must agree for shards to be merged: they change the numbers.
-MERGE_CHECKED = ("torch", "numpy", "python", "losscheck")
+# The thread count too: reductions are ordered by it, and results differ by an ULP between
+# 1 and 2 threads at some points (issue 16).
+MERGE_CHECKED = ("torch", "numpy", "python", "losscheck", "threads")
 
 
 def same_config(a: dict, b: dict) -> bool:
@@ -334,7 +336,7 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
             a, b = first["environment"].get(field), data["environment"].get(field)
             if a != b:
                 raise ResultsError(f"{path}: environment '{field}' is {b!r}, {first_path} has {a!r}; "
-                                   "results of different versions cannot be merged")
+                                   "results of different versions or thread counts cannot be merged")
     shards = [d.get("shard") for _, d in parts]
     if any(shards) and (not all(shards) or len({s[1] for s in shards}) != 1):
         raise ResultsError("only shards of one split (all --shard I/N with the same N) can be merged; got "

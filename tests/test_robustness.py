@@ -755,3 +755,32 @@ def test_an_out_that_cannot_be_written_fails_before_the_sweep(runner, tmp_path, 
     result = runner.invoke(main, ["bench", str(cfg), "--out", str(a_file / "sub"), "--no-progress", "--no-plots"])
     assert_one_error_line(result, "cannot write there")
     assert result.stdout == ""  # no point was run
+
+
+def test_absurd_thread_counts_are_refused_before_the_sweep(runner, tmp_path, tiny_config_text):
+    # Regression: --threads 100000 segfaulted inside torch.
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_config_text)
+    result = runner.invoke(main, ["bench", str(cfg), "--out", str(tmp_path / "out"), "--threads", "100000"])
+    assert_one_error_line(result, "--threads 100000: more than 4 × the", "allowed: 1 to")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_and_merge_refuse_another_thread_count(runner, tmp_path, tiny_config_text):
+    # Regression: a resumed file claimed 2 threads where most of its points used 1.
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_config_text.replace("timing:\n  min_run_time: 0.001\n  scales: [1]\n", "timing: false\n"))
+    out = tmp_path / "out"
+    first = runner.invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots", "--threads", "1"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots", "--threads", "2",
+                                 "--resume"])
+    assert_one_error_line(again, "made with threads 1, this is 2", "--resume does not mix")
+    other = tmp_path / "other"
+    runner.invoke(main, ["bench", str(cfg), "--out", str(other), "--no-progress", "--no-plots", "--threads", "2",
+                         "--shard", "1/2"])
+    runner.invoke(main, ["bench", str(cfg), "--out", str(other), "--no-progress", "--no-plots", "--threads", "1",
+                         "--shard", "2/2"])
+    merged = runner.invoke(main, ["merge", str(other / "tiny.shard-1-of-2.json"), str(other / "tiny.shard-2-of-2.json"),
+                                  "-o", str(tmp_path / "m.json"), "--no-plots"])
+    assert_one_error_line(merged, "environment 'threads' is 1", "thread counts cannot be merged")
