@@ -26,9 +26,10 @@ from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
 # The memory estimate of a point, in copies of its input (in the dtype under test): the
-# input, the reference's gradient, the implementation's gradient and two working copies
-# (naive and torch hold exp(x) or log_softmax(x) for the backward); see `estimate_bytes`.
-INPUT_COPIES = 5
+# input, the implementation's own copy of it, the reference's gradient, the implementation's
+# gradient and two working copies (naive and torch hold exp(x) or log_softmax(x) for the
+# backward); see `estimate_bytes`.
+INPUT_COPIES = 6
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,11 @@ class PointData:
     options: dict  # the implementations' keyword options (tensors and numbers)
 
     def on(self, device: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        opts = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
-        return self.inp.to(device), self.target.to(device), opts
+        """Copies on `device`, always (on the CPU too): an implementation that writes into its
+        input or options must not corrupt those of the implementations after it (a correct
+        one was reported 28 bits off that way, issue 16)."""
+        opts = {k: (v.to(device, copy=True) if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
+        return self.inp.to(device, copy=True), self.target.to(device, copy=True), opts
 
 
 def rows_of(case: Case) -> int:
@@ -319,7 +323,9 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
         record["forward"]["reference_value"] = ref.value
         if ref.undefined:
             record["undefined"] = ref.undefined
-    except Exception as e:  # an implementation failing is a result, not a crash
+    # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
+    # exit 0 and a partial file (issue 16). os._exit and crashes need a process of their own.
+    except (Exception, SystemExit) as e:  # an implementation failing is a result, not a crash
         record["status"] = "error"
         if isinstance(e, PointTimeout):
             record["message"] = f"timeout: {e}"

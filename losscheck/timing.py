@@ -61,7 +61,7 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
                 per_run = max(m.median, 1e-9)
                 number = max(m.number_per_run, int(min_run_time / rounds / per_run))
                 timers[(name, part)] = (timer, number, float(m.median))
-        except Exception as e:  # an implementation failing here fails its own point only
+        except (Exception, SystemExit) as e:  # an implementation failing here fails its own point only
             out[name] = e
     times: dict[tuple, list[float]] = {key: [] for key in timers}
     for _ in range(rounds):
@@ -70,7 +70,7 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
                 continue
             try:
                 times[key].extend(timer.timeit(number=number).times)
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 out[key[0]] = e
     for name in impls:
         if name in out:

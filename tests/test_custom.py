@@ -309,7 +309,7 @@ def test_a_point_that_cannot_fit_is_skipped_with_its_estimate(tmp_path, monkeypa
     result, data, _ = _bench(tmp_path, BASE.format(name="c", loss="cross_entropy"))
     assert result.exit_code == 0, result.stderr
     recs = data["records"]
-    # 16 × 5 float32 values: 5 copies = 1600 B, float16 800 B, plus the cached float64 input: they fit;
+    # 16 × 5 float32 values: 6 copies = 1920 B, float16 960 B, plus the cached float64 input: they fit;
     # the same config at 512 × 128000 does not.
     assert all(r["status"] == "ok" for r in recs)
     big = BASE.format(name="c", loss="cross_entropy").replace("batch_sizes: [16]", "batch_sizes: [512]") \
@@ -319,7 +319,7 @@ def test_a_point_that_cannot_fit_is_skipped_with_its_estimate(tmp_path, monkeypa
     for r in data["records"]:
         assert r["status"] == "skipped", r
         assert r["message"].startswith("needs about ") and "available on cpu" in r["message"]
-    assert "1.22 GiB" in data["records"][0]["message"]  # 512·128000·4 B · 5 copies (float32)
+    assert "1.46 GiB" in data["records"][0]["message"]  # 512·128000·4 B · 6 copies (float32)
 
 
 def test_a_malformed_memory_limit_is_a_one_line_error(tmp_path, monkeypatch):
@@ -347,3 +347,48 @@ def test_timeout_can_be_disabled_and_is_validated(tmp_path):
 
 
 assert sys.version_info >= (3, 10)
+
+
+def test_an_implementation_writing_into_its_input_does_not_corrupt_the_next(tmp_path):
+    # Regression (issue 16): one that changed its input in place made a correct one after it
+    # 28 bits off at the same point. Custom implementations run in their order after the
+    # built-in ones: the vandal first, then a correct one, whose records must be those of a
+    # run without the vandal.
+    vandal = tmp_path / "vandal.py"
+    vandal.write_text("import torch.nn.functional as F\n\n"
+                      "def vandal(x, y, reduction='mean', **options):\n"
+                      "    out = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **options)\n"
+                      "    x.data.mul_(3.0)\n"
+                      "    y.data.fill_(0.5)\n"
+                      "    return out\n")
+    good = EXAMPLES / "custom_bce_with_logits.py"
+    cfg = BASE.format(name="c", loss="bce_with_logits").replace(
+        "implementations: [naive, stable, torch]", "implementations: [torch]")
+    with_vandal = cfg + (f"custom:\n  - {{name: vandal, function: '{vandal}:vandal'}}\n"
+                         f"  - {{name: good, function: '{good}:bce_with_logits'}}\n")
+    alone = cfg + f"custom:\n  - {{name: good, function: '{good}:bce_with_logits'}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result, data, _ = _bench(tmp_path / "a", with_vandal)
+    assert result.exit_code == 0, result.stderr
+    result, clean, _ = _bench(tmp_path / "b", alone)
+    assert result.exit_code == 0, result.stderr
+
+    def good_numbers(d):
+        return [(r["scale"], r["dtype"], r["distribution"], r["forward"], r["backward"])
+                for r in d["records"] if r["impl"] == "good"]
+    assert good_numbers(data) == good_numbers(clean) and good_numbers(clean)
+
+
+def test_an_implementation_calling_sys_exit_is_an_error_of_its_point(tmp_path):
+    # Regression (issue 16): SystemExit from audited code ended bench (and the gate) with exit 0.
+    quitter = tmp_path / "quitter.py"
+    quitter.write_text("import sys\n\ndef quitter(x, y, reduction='mean', **options):\n    sys.exit(0)\n")
+    cfg = BASE.format(name="c", loss="bce_with_logits")
+    cfg += f"custom:\n  - {{name: quitter, function: '{quitter}:quitter', losses: [bce_with_logits]}}\n"
+    result, data, _ = _bench(tmp_path, cfg)
+    assert result.exit_code == 0, result.stderr
+    mine = [r for r in data["records"] if r["impl"] == "quitter"]
+    assert mine and all(r["status"] == "error" and r["message"].startswith("SystemExit") for r in mine
+                        if r["status"] != "skipped")
+    assert any(r["status"] == "ok" for r in data["records"] if r["impl"] == "torch")
