@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .formats import FORMATS, ulp_threshold
+from .formats import FORMATS, bits_phrase, ulp_threshold
 
 
 def variant(record: dict) -> str:
@@ -73,15 +73,6 @@ def breaks(record: dict) -> str | None:
     if r is not None and r > ulp_threshold(record["threshold_bits"]):
         return f"mean {bits_phrase(math.log2(1 + r), record['dtype'])}"
     return None
-
-
-def bits_phrase(bits: float, dtype: str) -> str:
-    """Bits of error as a report says them: never more than the format's precision p
-    (METRICS.md: bits = min(log2(1 + ulp), p)); "all bits lost" at p."""
-    p = FORMATS[dtype].significand_bits if dtype in FORMATS else None
-    if p is not None and bits >= p:
-        return "all bits lost"
-    return f"{bits:.0f} bits off"
 
 
 def capped(bits, dtype: str):

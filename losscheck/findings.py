@@ -71,7 +71,8 @@ from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import loss_registry
-from .formats import FORMATS, ulp_threshold
+from .formats import FORMATS, bits_phrase, precision, ulp_threshold
+from .formats import capped_bits as formats_capped_bits
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
 # What every finding holds (results.load checks it).
@@ -84,36 +85,15 @@ IMPL_ORDER = ("naive", "stable", "torch")
 
 # ---- bits ------------------------------------------------------------------------------------
 
-def precision(dtype: str) -> int | None:
-    """The significand precision p of a dtype (53, 24, 11, 8); None for an unknown name."""
-    f = FORMATS.get(dtype)
-    return f.significand_bits if f else None
-
-
 def capped_bits(ulp, dtype: str) -> float | None:
-    """min(log2(1 + ulp), p) (METRICS.md "Accuracy"); a non-finite or NaN distance is p.
-    None where there is no distance, or no p to cap an infinite one at."""
-    if ulp is None:
-        return None
-    p = precision(dtype)
-    try:
-        ulp = float(ulp)
-    except OverflowError:  # an integer beyond float range (a hand-edited file): infinitely far
-        ulp = math.inf
-    if not math.isfinite(ulp):
-        return None if p is None else float(p)
-    b = math.log2(1 + max(ulp, 0.0))
-    return round(float(min(b, p) if p is not None else b), 2)
+    """`formats.capped_bits`, rounded to 2 decimals as findings and probe show it."""
+    b = formats_capped_bits(ulp, dtype)
+    return None if b is None else round(b, 2)
 
 
 def bits_text(bits: float | None, dtype: str) -> str:
     """"all bits lost" where bits reach p, else "12.3 bits off"."""
-    p = precision(dtype)
-    if bits is None:
-        return "—"
-    if p is not None and bits >= p:
-        return "all bits lost"
-    return f"{bits:.1f} bits off"
+    return "—" if bits is None else bits_phrase(bits, dtype, digits=1)
 
 
 # ---- per record facts ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ they do not import torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -38,3 +39,35 @@ FORMATS: dict[str, Format] = {
 def ulp_threshold(threshold_bits: float) -> float:
     """The ULP distance matching `threshold_bits` lost: bits > t  <=>  ulp > 2**t - 1."""
     return 2.0**threshold_bits - 1
+
+
+def precision(dtype: str) -> int | None:
+    """The significand precision p of a dtype name (53, 24, 11, 8); None for an unknown name."""
+    f = FORMATS.get(dtype)
+    return f.significand_bits if f else None
+
+
+def bits_phrase(bits: float, dtype: str, digits: int = 0) -> str:
+    """Bits of error as reports say them, never more than the format's precision p
+    (METRICS.md: bits = min(log2(1 + ulp), p)): "all bits lost" at p, else "12 bits off"."""
+    p = precision(dtype)
+    if p is not None and bits >= p:
+        return "all bits lost"
+    return f"{bits:.{digits}f} bits off"
+
+
+def capped_bits(ulp, dtype: str) -> float | None:
+    """min(log2(1 + ulp), p) of a ULP distance in a dtype named by `dtype` (METRICS.md
+    "Accuracy"), unrounded; a non-finite distance is p. None where there is no distance, or
+    no p to cap an infinite one at."""
+    if ulp is None:
+        return None
+    p = precision(dtype)
+    try:
+        ulp = float(ulp)
+    except OverflowError:  # an integer beyond float range (a hand-edited file): infinitely far
+        ulp = math.inf
+    if not math.isfinite(ulp):
+        return None if p is None else float(p)
+    b = math.log2(1 + max(ulp, 0.0))
+    return float(min(b, p)) if p is not None else b

@@ -15,7 +15,7 @@ from tabulate import tabulate
 from . import analysis as A
 from . import findings as FD
 from .catalog import LOSS_INFO, loss_registry
-from .formats import FORMATS
+from .formats import FORMATS, precision
 from .units import format_bytes
 
 IMPL_ORDER = ("naive", "stable", "torch")
@@ -52,7 +52,7 @@ def fmt_bits(b, dtype: str, digits: int = 3, unit: str = " bits") -> str:
         return "—"
     if isinstance(b, float) and math.isnan(b):  # not a measure (a hand-edited file): shown as is
         return "nan"
-    p = FORMATS[dtype].significand_bits if dtype in FORMATS else None
+    p = precision(dtype)
     if (isinstance(b, float) and not math.isfinite(b)) or (p is not None and b >= p):
         return "all bits lost"
     return f"{fmt_num(b, digits)}{unit}"
