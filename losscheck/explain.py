@@ -30,6 +30,7 @@ from . import analysis, inputs, sweep
 from . import reference as R
 from .config import BUILTIN_IMPLS, parse_config
 from .dtypes import FORMATS
+from .formats import bits_phrase, capped_bits, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
 
@@ -619,7 +620,10 @@ def describe_record(record: dict) -> str:
             parts.append(f"mean loss {_fmt_value(value)} (reference {_fmt_value(shown_ref)})")
         elif ulp is not None and ulp > ulp_threshold(record["threshold_bits"]):
             v, r = _fmt_pair(value, shown_ref)
-            parts.append(f"mean off by {math.log2(1 + ulp):.0f} bits ({v} vs reference {r})")
+            p = precision(record.get("dtype"))
+            bits = capped_bits(ulp, record.get("dtype"))  # never more than p (docs/METRICS.md)
+            off = "all its bits" if p is not None and bits >= p else f"{bits:.0f} bits"
+            parts.append(f"mean off by {off} ({v} vs reference {r})")
     if f.get("saturated") and not parts:
         parts.append(f"{f['saturated']}/{n} losses finite but wrong (silent saturation)")
     if b.get("nan"):
@@ -682,7 +686,7 @@ def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
                     continue
                 got = fn(inp, target, "mean")
                 ulp = float(ulp_distance(got.reshape(1), ref.mean.reshape(1))[0])
-                row.append(f"{_fmt_value(float(got))} ({math.log2(1 + ulp):.0f} bits off)")
+                row.append(f"{_fmt_value(float(got))} ({bits_phrase(capped_bits(ulp, dtype), dtype)})")
         rows.append(row)
     table = _table(rows, ["scale", "exact mean", "naive", "as misprinted"])
     return (_para(f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "

@@ -130,8 +130,11 @@ def test_bce_names_the_source_pages_formula_error(explained):
     # Live: the misprinted formula is far off at scale 1, where naive is exact.
     rows = {r["scale"]: r for r in table_with(sec2, "as misprinted")}
     assert "1" in rows
-    naive_bits = float(rows["1"]["naive"].split("(")[1].split()[0])
-    misprint_bits = float(rows["1"]["as misprinted"].split("(")[1].split()[0])
+    def bits(cell):  # "0.7 (0 bits off)", or "… (all bits lost)": p bits, capped at the precision
+        words = cell.split("(")[1].split()
+        return math.inf if words[0] == "all" else float(words[0])
+    naive_bits = bits(rows["1"]["naive"])
+    misprint_bits = bits(rows["1"]["as misprinted"])
     assert naive_bits <= 1
     assert misprint_bits >= 20
 
@@ -351,3 +354,13 @@ def test_breakdown_cell():
     assert E.breakdown_cell(analysis.Breakdown(10.0, "fwd non-finite", "measured")) == "10 (fwd non-finite)"
     assert E.breakdown_cell(analysis.Breakdown(None, "", "measured")) == "none"
     assert E.breakdown_cell(analysis.Breakdown(None, "no long double here", "skipped")) == "skipped"
+
+
+def test_described_bits_never_exceed_the_precision():
+    # docs/METRICS.md: bits never exceed p in any rendered text ("mean off by 62 bits" in float64 before).
+    record = {"status": "ok", "threshold_bits": 26.5, "loss": "x", "impl": "naive", "dtype": "float64",
+              "forward": {"n": 4, "nan": 0, "inf": 0, "posinf": 0, "neginf": 0, "saturated": 0,
+                          "value": 1.0, "reference": 2.0, "reduced_ulp": 2 ** 62},
+              "backward": None}
+    text = E.describe_record(record)
+    assert "mean off by all its bits" in text and "62 bits" not in text
