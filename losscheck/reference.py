@@ -299,6 +299,18 @@ def binary_factor(positive, weight, pos_weight, work: type = np.float64):
     return f
 
 
+def weigh_binary(loss, grad, inp, positive, weight=None, pos_weight=None):
+    """A binary loss's elements and gradient times w·(pos_weight if y = 1 else 1), a zero
+    factor removing its element (`weigh`); as they are where neither option is set. Torch
+    tensors or numpy arrays (of the working type of `inp`)."""
+    work = inp.dtype.type if isinstance(inp, np.ndarray) else np.float64
+    f = binary_factor(positive, weight, pos_weight, work)
+    if f is None:
+        return loss, grad
+    nan_input = inp != inp  # a NaN input is not the limit of anything: it stays NaN
+    return weigh(loss, f, nan_input), weigh(grad, f, nan_input)
+
+
 def weigh(values, factor, undefined=None):
     """factor·values, where a zero factor removes its element: 0 even where the unweighted
     value is ±inf or has no limit (METRICS.md, "Options": the limit w → 0 is taken first,

@@ -95,12 +95,8 @@ def _reference_tensors(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight
     positive = y > 0.5
     loss = torch.where(positive, -torch.log(p), -torch.log1p(-p))
     grad = torch.where(positive, -torch.reciprocal(p), torch.reciprocal(1 - p))
-    f = R.binary_factor(positive, weight, pos_weight)
-    if f is None:
-        return loss, grad
-    # A zero weight removes the element: 0 and gradient 0 where the loss is +inf too.
-    nan_input = p.isnan()
-    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+    # A zero weight removes the element: 0 and gradient 0 where the loss is infinite too.
+    return R.weigh_binary(loss, grad, p, positive, weight, pos_weight)
 
 
 def _reference_extended(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=None):
@@ -109,11 +105,7 @@ def _reference_extended(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     one = p.dtype.type(1)
     loss = np.where(positive, -np.log(p), -np.log1p(-p))
     grad = np.where(positive, -one / p, one / (one - p))
-    f = R.binary_factor(positive, weight, pos_weight, p.dtype.type)
-    if f is None:
-        return loss, grad
-    nan_input = np.isnan(p)
-    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+    return R.weigh_binary(loss, grad, p, positive, weight, pos_weight)
 
 
 reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)

@@ -75,12 +75,8 @@ def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight
     z = torch.where(positive, -x, x)
     loss, sig = R.softplus_and_sigmoid(z)
     grad = torch.where(positive, -sig, sig)
-    f = R.binary_factor(positive, weight, pos_weight)
-    if f is None:
-        return loss, grad
-    # A zero weight removes the element: 0 and gradient 0 at ±inf logits too.
-    nan_input = x.isnan()
-    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+    # A zero weight removes the element: 0 and gradient 0 where the loss is infinite too.
+    return R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
 
 
 def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None):
@@ -89,11 +85,7 @@ def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
     loss, grad = R.softplus(z), sign * R.sigmoid(z)
-    f = R.binary_factor(positive, weight, pos_weight, x.dtype.type)
-    if f is None:
-        return loss, grad
-    nan_input = np.isnan(x)
-    return R.weigh(loss, f, nan_input), R.weigh(grad, f, nan_input)
+    return R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
 
 
 reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
