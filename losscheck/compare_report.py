@@ -50,13 +50,9 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
                  v.current, v.why] for v in items[:MAX_ROWS]]
         more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
         lines.append(f"## {title} ({len(items)})\n\n" + tabulate(rows, headers=headers, tablefmt="github") + more)
-    not_judged = c.not_judged
-    if not_judged:
-        rows = [[*_point(v.key), v.why] for v in not_judged[:MAX_ROWS]]
-        more = f"\n\n… and {len(not_judged) - MAX_ROWS} more." if len(not_judged) > MAX_ROWS else ""
-        lines.append(f"## Timing not judged ({len(not_judged)})\n\nToo noisy, too short, or measured under "
-                     "another environment: neither passed nor failed.\n\n"
-                     + tabulate(rows, headers=[*KEY_FIELDS, "why"], tablefmt="github") + more)
+    lines.append(_key_section("Timing not judged", [(v.key, [v.why]) for v in c.not_judged], ["why"],
+                              "Too noisy, too short, or measured under another environment: neither passed "
+                              "nor failed."))
     missing = "Missing from the current run" + (" (allowed by --allow-missing)" if c.allow_missing else
                                                  " (fails the gate; --allow-missing accepts it)")
     lines += [_key_section(missing, [(k, []) for k in c.only_baseline]),
@@ -80,12 +76,12 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
     return "\n\n".join(line for line in lines if line) + "\n"
 
 
-def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = ()) -> str:
+def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = (), intro: str = "") -> str:
     if not items:
         return ""
     rows = [_point(k) + cells for k, cells in items[:MAX_ROWS]]
     more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
-    return (f"## {title} ({len(items)})\n\n"
+    return (f"## {title} ({len(items)})\n\n" + (f"{intro}\n\n" if intro else "")
             + tabulate(rows, headers=[*KEY_FIELDS, *extra], tablefmt="github") + more)
 
 
