@@ -32,7 +32,7 @@ from .dtypes import FORMATS
 from .formats import bits_phrase, capped_bits, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
-# The limits and the prose live in their own modules; their names stay reachable here (tests).
+# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py.
 from .explain_limits import LIMIT_COLUMNS, dtype_limits
 from .explain_prose import (_BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe,
                             Prose)

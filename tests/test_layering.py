@@ -117,3 +117,11 @@ def test_no_submodule_shadows_an_exported_name():
     # as the package's attribute as soon as anything imported that module.
     import losscheck
     assert [n for n in losscheck.__all__ if f"losscheck.{n}" in MODULES] == []
+
+
+def test_every_subpackage_is_installed():
+    # setuptools lists the packages by hand (pyproject.toml): a new subpackage left out of the
+    # list works from a checkout and is missing from an installed wheel.
+    import tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")} <= listed
