@@ -18,23 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losscheck import sweep  # noqa: E402
-from losscheck.config import parse_config  # noqa: E402
+from losscheck import Config  # noqa: E402
 from losscheck.memory import format_bytes  # noqa: E402
 
 CONFIGS = {
-    "cross_entropy 512 × 128000": "losses: [cross_entropy]\nbatch_sizes: [512]\n",
-    "sequence_cross_entropy 4 × 128 tokens × 128000": (
-        "losses: [sequence_cross_entropy]\nbatch_sizes: [4]\nsequence_lengths: [128]\n"),
+    "cross_entropy 512 × 128000": {"losses": ["cross_entropy"], "batch_sizes": [512]},
+    "sequence_cross_entropy 4 × 128 tokens × 128000": {
+        "losses": ["sequence_cross_entropy"], "batch_sizes": [4], "sequence_lengths": [128]},
 }
-COMMON = """name: large_vocab
-implementations: [naive, stable, torch]
-scales: [10]
-classes: [128000]
-dtypes: [float32]
-devices: [cpu]
-distributions: [normal]
-timing: false
-"""
+COMMON = {"name": "large_vocab", "implementations": ["naive", "stable", "torch"], "scales": [10],
+          "classes": [128000], "dtypes": ["float32"], "devices": ["cpu"], "distributions": ["normal"],
+          "timing": False}
 
 
 def main() -> int:
@@ -44,8 +38,8 @@ def main() -> int:
     limit = int(args.limit_gib * 2**30)
     worst = 0
     print(f"{'point':48} {'impl':7} {'status':7} {'peak RSS':>10} {'setup peak':>11} {'wall':>7}")
-    for title, text in CONFIGS.items():
-        config = parse_config(COMMON + text, "<benchmark>")
+    for title, axes in CONFIGS.items():
+        config = Config.from_mapping({**COMMON, **axes}, "<benchmark>")
         start = time.perf_counter()
         records = sweep.run(config, threads=2)
         wall = time.perf_counter() - start

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 REDUCTIONS = ("none", "mean", "sum")
+# The built-in implementations, in the order every table, plot and config lists them.
+BUILTIN_IMPLS = ("naive", "stable", "torch")
+IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
 OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0,

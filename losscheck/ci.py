@@ -11,7 +11,7 @@ from pathlib import Path
 from . import results
 from .errors import LosscheckError
 from .compare_report import render_junit, render_markdown
-from .gate import Comparison, Remeasure, compare, policy_from_config, unstable_timings
+from .gate import Comparison, GatePolicy, Remeasure, compare, policy_from_config, unstable_timings
 
 
 def check(baseline_path: str | Path, current: dict, current_path: str | Path, overrides: dict,
@@ -25,15 +25,9 @@ def check(baseline_path: str | Path, current: dict, current_path: str | Path, ov
     baseline = results.load(baseline_path)
     if losses:
         baseline["records"] = [r for r in baseline["records"] if r["loss"] in losses]
-    for path, data in ((baseline_path, baseline), (current_path, current)):
-        if data.get("complete") is False:
-            raise LosscheckError(f"{path}: the run was interrupted (complete: false); "
-                                 "the gate compares complete runs only")
-    policy = policy_from_config(current.get("config", {})).with_overrides(**overrides)
-    comparison = compare(baseline, current, policy, remeasure, allow_missing)
+    comparison, policy = judge(baseline, current, overrides, remeasure, allow_missing,
+                               (str(baseline_path), str(current_path)))
     comparison.selected_losses = tuple(losses)
-    if baseline.get("config", {}).get("seed") != current.get("config", {}).get("seed"):
-        comparison.env_differences["seed"] = (baseline["config"].get("seed"), current["config"].get("seed"))
     markdown = render_markdown(comparison, policy, str(baseline_path), str(current_path))
     # An output that cannot be written is an input error (exit 2), never a "regression".
     if markdown_path:
@@ -44,6 +38,23 @@ def check(baseline_path: str | Path, current: dict, current_path: str | Path, ov
     if junit_path:
         _write(junit_path, lambda p: results.write_atomic(p, render_junit(comparison)))
     return comparison, markdown
+
+
+def judge(baseline: dict, current: dict, overrides: dict, remeasure: Remeasure | None = None,
+          allow_missing: bool = False, names: tuple[str, str] = ("baseline", "current")
+          ) -> tuple[Comparison, GatePolicy]:
+    """The comparison of two results documents under `current`'s stored gate policy with
+    `overrides` (None: the configured value), and that policy; `names` name them in errors.
+    Shared by `check` (the commands) and `losscheck.compare` (the API)."""
+    for name, data in zip(names, (baseline, current)):
+        if data.get("complete") is False:
+            raise LosscheckError(f"{name}: the run was interrupted (complete: false); "
+                                 "the gate compares complete runs only")
+    policy = policy_from_config(current.get("config", {})).with_overrides(**overrides)
+    comparison = compare(baseline, current, policy, remeasure, allow_missing)
+    if baseline.get("config", {}).get("seed") != current.get("config", {}).get("seed"):
+        comparison.env_differences["seed"] = (baseline["config"].get("seed"), current["config"].get("seed"))
+    return comparison, policy
 
 
 def _write(path, write) -> None:

@@ -3,7 +3,7 @@
 Exit codes: 0 success, 1 regression (the gate), 2 usage/config/input error (one line on
 stderr, no traceback), 130 interrupted (the finished points are written).
 
-The group loads a command's module only when that command runs (commands.py, probe.py), and
+The group loads a command's module only when that command runs (commands.py, probe_command.py), and
 lists the commands from the summaries kept here, so that `--help` and `--version` import
 neither torch nor any command module.
 """
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "explain": ("losscheck.commands", "explain_cmd",
                 "The formula of LOSS, its naive transcription, why it breaks (measured now), the stable "
                 "rewriting and the gradient."),
-    "probe": ("losscheck.probe", "probe_command",
+    "probe": ("losscheck.probe_command", "probe_command",
               "Audit LOSS on the exact inputs that broke your training."),
 }
 

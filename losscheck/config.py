@@ -7,7 +7,6 @@ report shows "as run" can be run again.
 """
 from __future__ import annotations
 
-import collections
 import difflib
 import itertools
 import math
@@ -16,15 +15,14 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-import yaml
 
-from .catalog import OPTION_DEFAULTS, REDUCTIONS, loss_registry
+from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
 from .formats import FORMATS
+from .config_yaml import read_yaml, to_yaml  # noqa: F401  (to_yaml: config.to_yaml for its users)
 from .errors import ConfigError
-from .gate import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds
+from .gate_policy import BY_NAME, CHECK_ORDER, GATE_KEYS, GatePolicy, Thresholds, key_help
 from .inputs import DISTRIBUTIONS
 
-BUILTIN_IMPLS = ("naive", "stable", "torch")
 CUSTOM_APIS = ("torch", "numpy")
 # Option of a loss (`Loss.options`) -> the config key sweeping it.
 OPTION_AXES = {"weight": "weights", "pos_weight": "pos_weights", "label_smoothing": "label_smoothing",
@@ -95,6 +93,12 @@ class Config:
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
     source: str = "<config>"
+
+    @classmethod
+    def from_mapping(cls, data, source: str = "<mapping>") -> "Config":
+        """A validated config from a Python mapping of the YAML keys (lists may be tuples), with
+        the checks and one-line `ConfigError`s of a YAML file: what code builds, no YAML text."""
+        return config_from_dict(data, source)
 
     def threshold_bits(self, dtype: str) -> float:
         return self.thresholds.get(dtype, FORMATS[dtype].default_threshold_bits)
@@ -169,16 +173,6 @@ def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
     return gate
 
 
-def to_yaml(mapping: dict) -> str:
-    """YAML text of a config mapping that reads back as the same mapping: readable Unicode where
-    that round-trips, escapes where it does not (YAML reads U+0085, U+2028 and U+2029 as line
-    breaks, so a description holding one would come back changed; found by hypothesis)."""
-    text = yaml.safe_dump(mapping, sort_keys=False, default_flow_style=None, allow_unicode=True)
-    if yaml.safe_load(text) == mapping:
-        return text
-    return yaml.safe_dump(mapping, sort_keys=False, default_flow_style=None)
-
-
 def as_input(stored: dict) -> dict:
     """A results file's `config`, whichever schema wrote it, in the input format.
 
@@ -220,9 +214,7 @@ KEYS = {
     "timing": "mapping with enabled, min_run_time, distributions, scales",
     "thresholds": "mapping dtype -> bits lost at which a point counts as broken",
     "threads": "positive integer: CPU threads for the implementations and timing",
-    "gate": "mapping with bits, ulp (allowed increases), time_factor (>= 1), timing (relative, absolute, off), "
-            "versus (an implementation of the run; default torch), new (custom, all, none), "
-            "min_time (seconds), false_alarm (in (0, 0.5]), losses (per-loss overrides of these)",
+    "gate": key_help(),
     "reductions": "list of none, mean, sum",
     "weights": "list of none, random (per-element weights for binary losses, per-class for cross entropy)",
     "pos_weights": "list of positive numbers (binary losses; 1 means unset)",
@@ -234,7 +226,6 @@ KEYS = {
     "timeout": "seconds one implementation may take at one point, or null for no limit",
 }
 CUSTOM_KEYS = ("name", "function", "losses", "api")
-GATE_KEYS = ("bits", "ulp", "time_factor", "timing", "versus", "new", "min_time", "false_alarm")
 TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
 
@@ -258,68 +249,9 @@ def load_config(path: str | Path | None = None) -> Config:
     return parse_config(text, str(path))
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, path: str, first: int, second: int):
-        super().__init__(path)
-        self.path, self.first, self.second = path, first, second
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
-    silently keeps the last one, so `dtypes:` written twice ran only the second list."""
-
-    def construct_document(self, node):
-        _check_duplicate_keys(self, node)
-        return super().construct_document(node)
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
-    """Raise `_DuplicateKey` for the first mapping (in breadth-first order, so top-level keys
-    first) that holds a key twice. Checked on the composed nodes, before PyYAML flattens merge
-    keys: a key merged in with `<<: *anchor` and given explicitly too is an override, not a
-    duplicate. Iterative, and each node once: aliases may make the node graph cyclic."""
-    queue = collections.deque([(root, "")])
-    seen: set[int] = set()
-    while queue:
-        node, path = queue.popleft()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            queue.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
-        elif isinstance(node, yaml.MappingNode):
-            lines: dict = {}
-            for key_node, value_node in node.value:
-                if key_node.tag == _MERGE_TAG:
-                    queue.append((value_node, path))
-                    continue
-                # Keys as constructed, so that `1` and `0x1` (or `a` and `"a"`) are one key.
-                key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-                child = f"{path}.{key}" if path else str(key)
-                line = key_node.start_mark.line + 1
-                if key is not None:
-                    if key in lines:
-                        raise _DuplicateKey(child, lines[key], line)
-                    lines[key] = line
-                queue.append((value_node, child))
-
-
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Validate a config given as YAML text; `source` names it in error messages."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except _DuplicateKey as e:
-        lines = f"lines {e.first} and {e.second}" if e.first != e.second else f"twice on line {e.first}"
-        raise ConfigError(source, e.path, f"duplicate key ({lines})", "each key once") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(e, "problem", None) or "syntax error"
-        raise ConfigError(source, "", f"invalid YAML{at}: {problem}") from None
-    return config_from_dict(data, source)
+    return config_from_dict(read_yaml(text, source), source)
 
 
 def config_from_dict(data, source: str = "<config>") -> Config:
@@ -578,28 +510,24 @@ class _Validator:
             if k not in GATE_KEYS + extra:
                 self.fail(f"{where}.{k}", "unknown key" + _suggest(k, GATE_KEYS + extra), ", ".join(GATE_KEYS + extra))
         values = {}
-        for k, lo in (("bits", 0.0), ("ulp", 0.0), ("time_factor", 1.0), ("min_time", 0.0)):
-            if k in g:
-                n = _as_number(g[k])
-                if n is None or not math.isfinite(n) or n < lo:
-                    self.fail(f"{where}.{k}", f"bad value {g[k]!r}",
-                              "seconds >= 0" if k == "min_time" else f"a finite number >= {lo:g}")
-                values[k] = n
-        if "false_alarm" in g:
-            n = _as_number(g["false_alarm"])
-            # Above 0.5 a "regression" would be likelier a false alarm than not.
-            if n is None or not (0 < n <= 0.5):
-                self.fail(f"{where}.false_alarm", f"bad value {g['false_alarm']!r}", "a probability in (0, 0.5]")
-            values["false_alarm"] = n
-        for k, modes in (("timing", TIMING_MODES), ("new", NEW_MODES)):
-            if k in g:
-                if g[k] not in modes:
-                    self.fail(f"{where}.{k}", f"unknown value {g[k]!r}{_suggest(g[k], modes)}", ", ".join(modes))
+        for k in CHECK_ORDER:
+            setting = BY_NAME[k]
+            if k not in g or setting.kind == "implementation":
+                continue
+            if setting.kind == "choice":
+                if g[k] not in setting.choices:
+                    self.fail(f"{where}.{k}", f"unknown value {g[k]!r}{_suggest(g[k], setting.choices)}",
+                              setting.allowed)
                 values[k] = g[k]
+                continue
+            n = _as_number(g[k])
+            if not setting.accepts(n):
+                self.fail(f"{where}.{k}", f"bad value {g[k]!r}", setting.allowed)
+            values[k] = n
         if "versus" in g:
             versus = g["versus"]
             if not isinstance(versus, str) or (impls is not None and versus not in impls):
-                allowed = ", ".join(impls) if impls is not None else "an implementation of the run"
+                allowed = ", ".join(impls) if impls is not None else BY_NAME["versus"].allowed
                 self.fail(f"{where}.versus", f"{versus!r} is not an implementation of the run"
                           + (_suggest(versus, impls) if impls is not None else ""), allowed)
             values["versus"] = versus

@@ -5,7 +5,7 @@ the stable rewriting and the gradient — with every number computed live.
 numbers in it are not typed in: the dtype limits come from `torch.finfo` and from
 evaluating the operations in each dtype (bisection over its representable values), the
 spot checks run the loss's implementations on a few inputs against the reference, and the
-breakdown scales come from a small losscheck sweep run on the spot (`sweep_config_text`),
+breakdown scales come from a small losscheck sweep run on the spot (`sweep_mapping`),
 analysed with `analysis.breakdown_scales` exactly as a report does.
 
 Per-loss prose lives in `PROSE`, keyed by loss name; a loss without an entry (one added to
@@ -18,8 +18,7 @@ import math
 import re
 import textwrap
 import time
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -28,11 +27,15 @@ from tabulate import tabulate
 
 from . import analysis, inputs, sweep
 from . import reference as R
-from .config import BUILTIN_IMPLS, parse_config
+from .config import BUILTIN_IMPLS, Config
 from .dtypes import FORMATS
 from .formats import bits_phrase, capped_bits, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
+# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py.
+from .explain_limits import LIMIT_COLUMNS, dtype_limits
+from .explain_prose import (_BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe,
+                            Prose)
 
 # The section headers, in order (the tests look for them).
 SECTIONS = (
@@ -72,25 +75,14 @@ def sweep_batch(loss: Loss) -> int:
     return SEQUENCE_BATCH if is_sequence(loss) else BATCH
 
 
-def sweep_config_text(loss_name: str, dtypes: tuple[str, ...]) -> str:
-    """The YAML of the sweep `explain` runs."""
+def sweep_mapping(loss_name: str, dtypes: tuple[str, ...]) -> dict:
+    """The config of the sweep `explain` runs, as a mapping (`Config.from_mapping`)."""
     loss = LOSSES[loss_name]
-    impls = sweep_implementations(loss)
-    return "\n".join([
-        "name: explain",
-        f"losses: [{loss_name}]",
-        f"implementations: [{', '.join(impls)}]",
-        f"scales: [{', '.join(str(s) for s in SCALES)}]",
-        f"batch_sizes: [{sweep_batch(loss)}]",
-        f"classes: [{CLASSES}]",
-        *([f"sequence_lengths: [{SEQUENCE_LENGTH}]"] if is_sequence(loss) else []),
-        f"dtypes: [{', '.join(dtypes)}]",
-        "devices: [cpu]",
-        f"distributions: [{', '.join(DISTRIBUTIONS)}]",
-        f"seed: {SEED}",
-        "timing: false",
-        "",
-    ])
+    return {"name": "explain", "losses": [loss_name], "implementations": list(sweep_implementations(loss)),
+            "scales": list(SCALES), "batch_sizes": [sweep_batch(loss)], "classes": [CLASSES],
+            **({"sequence_lengths": [SEQUENCE_LENGTH]} if is_sequence(loss) else {}),
+            "dtypes": list(dtypes), "devices": ["cpu"], "distributions": list(DISTRIBUTIONS), "seed": SEED,
+            "timing": False}
 
 
 @dataclass
@@ -103,7 +95,7 @@ class Live:
 
 def run_live(loss_name: str, dtypes: tuple[str, ...], threads: int = 1) -> Live:
     """Run the explain sweep for one loss and compute its breakdown scales."""
-    config = parse_config(sweep_config_text(loss_name, dtypes), "<explain>")
+    config = Config.from_mapping(sweep_mapping(loss_name, dtypes), "<explain>")
     before = torch.get_num_threads()
     start = time.perf_counter()
     try:
@@ -112,323 +104,6 @@ def run_live(loss_name: str, dtypes: tuple[str, ...], threads: int = 1) -> Live:
         torch.set_num_threads(before)  # sweep.run sets the process-wide thread count
     seconds = time.perf_counter() - start
     return Live(config, records, analysis.breakdown_scales(records), seconds)
-
-
-# ---- dtype limits, computed from torch.finfo and by evaluating in the dtype ----------
-
-@dataclass(frozen=True)
-class DtypeLimits:
-    dtype: str
-    significand_bits: int
-    eps: float
-    max: float
-    log_max: float  # ln(finfo.max): exp(x) overflows above it
-    exp_overflow_at: float  # the smallest x of the dtype with exp(x) = inf, evaluated
-    log_min_subnormal: float  # ln of the smallest subnormal
-    exp_underflow_below: float  # exp(x) = 0 for x <= this (evaluated, negative)
-    sigmoid_one_at: float  # the smallest x with 1/(1 + exp(−x)) = 1, evaluated in the dtype
-    sigmoid_one_estimate: float  # ln(2/ε): e^−x below ε/2, half an ULP above 1
-    p_one_estimate: float  # ln(4/ε): 1 − e^−x within ε/4 (half an ULP below 1) of 1
-    p_one_at: float  # the smallest logit whose σ, correctly rounded to the dtype, is 1
-    p_zero_below: float  # σ(logit) correctly rounded to the dtype is 0 at and below it
-
-
-def _as_bits(value: float, dtype: str) -> int:
-    f = FORMATS[dtype]
-    return int(torch.tensor([value], dtype=f.torch_dtype).view(f.int_dtype).item())
-
-
-def _from_bits(bits: int, dtype: str) -> torch.Tensor:
-    f = FORMATS[dtype]
-    return torch.tensor([bits], dtype=f.int_dtype).view(f.torch_dtype)
-
-
-def first_where(dtype: str, predicate: Callable[[torch.Tensor], bool], lo: float, hi: float) -> float:
-    """The smallest representable x ≥ 0 of `dtype` in (lo, hi] with predicate(x) true.
-
-    `predicate` must be false at `lo`, true at `hi` and monotone in between; it gets a
-    one-element tensor of `dtype`. Bisection over the bit patterns (ordered like the
-    values for non-negative floats), so every representable value is a candidate.
-    """
-    a, b = _as_bits(lo, dtype), _as_bits(hi, dtype)
-    if predicate(_from_bits(a, dtype)) or not predicate(_from_bits(b, dtype)):
-        raise ValueError(f"no threshold in [{lo}, {hi}] for {dtype}")
-    while b - a > 1:
-        mid = (a + b) // 2
-        if predicate(_from_bits(mid, dtype)):
-            b = mid
-        else:
-            a = mid
-    return float(_from_bits(b, dtype).item())
-
-
-def _rounded_sigmoid(logit: float, dtype: str) -> float:
-    # As the sweep makes probabilities: σ in float64 without overflow, rounded once.
-    return float(R.round_to(R.sigmoid(np.array([logit], dtype=np.float64)), FORMATS[dtype].torch_dtype)[0])
-
-
-@lru_cache(maxsize=None)
-def dtype_limits(dtype: str) -> DtypeLimits:
-    """The thresholds of `dtype` that the naive formulas run into, computed now."""
-    f = FORMATS[dtype]
-    fi = torch.finfo(f.torch_dtype)
-    min_subnormal = fi.tiny * fi.eps
-    return DtypeLimits(
-        dtype=dtype,
-        significand_bits=f.significand_bits,
-        eps=fi.eps,
-        max=fi.max,
-        log_max=math.log(fi.max),
-        exp_overflow_at=first_where(dtype, lambda t: bool(torch.exp(t).isinf()), 0.0, fi.max),
-        log_min_subnormal=math.log(min_subnormal),
-        exp_underflow_below=-first_where(dtype, lambda t: bool(torch.exp(-t) == 0), 0.0, fi.max),
-        sigmoid_one_at=first_where(dtype, lambda t: bool(1 / (1 + torch.exp(-t)) == 1), 0.0, 1e4),
-        sigmoid_one_estimate=math.log(2 / fi.eps),
-        p_one_estimate=math.log(4 / fi.eps),
-        # The logit is a float64 (the sweep's inputs are), whatever the dtype under test.
-        p_one_at=first_where("float64", lambda t: _rounded_sigmoid(float(t), dtype) == 1, 0.0, 1e4),
-        p_zero_below=-first_where("float64", lambda t: _rounded_sigmoid(-float(t), dtype) == 0, 0.0, 1e4),
-    )
-
-
-def _num(x: float) -> str:
-    """Thresholds as printed: two decimals (log(65504) = 11.0899 -> '11.09')."""
-    return f"{x:.2f}"
-
-
-# Columns of the limits table: key -> (header, legend, value).
-LIMIT_COLUMNS: dict[str, tuple[str, str, Callable[[DtypeLimits], str]]] = {
-    "log_max": ("ln(max)", "ln(finfo.max): exp(x) overflows to inf above it",
-                lambda L: _num(L.log_max)),
-    "exp_overflow": ("exp = inf from", "the smallest x of the dtype with exp(x) = inf, evaluated in it",
-                     lambda L: _num(L.exp_overflow_at)),
-    "exp_underflow": ("exp = 0 at", "exp(x) = 0 at and below this x, evaluated "
-                      "(≈ ln(smallest subnormal / 2))", lambda L: _num(L.exp_underflow_below)),
-    "sigmoid_one": ("σ = 1 from", "the smallest x with 1/(1 + exp(−x)) = 1 exactly, evaluated in the dtype",
-                    lambda L: _num(L.sigmoid_one_at)),
-    "sigmoid_estimate": ("ln(2/ε)", "where e^−x drops below ε/2, half an ULP above 1 (ε = finfo.eps), "
-                         "so that 1 + e^−x rounds to 1: the estimate of “σ = 1 from”",
-                         lambda L: _num(L.sigmoid_one_estimate)),
-    "p_one": ("p = 1 from", "the smallest logit whose p = σ(logit), made as the sweep makes it (σ in "
-              "float64, rounded once to the dtype), is exactly 1 (float64: σ's own rounding, ≈ ln(2/ε))",
-              lambda L: _num(L.p_one_at)),
-    "p_one_estimate": ("ln(4/ε)", "where 1 − e^−x comes within ε/4, half an ULP below 1, of 1 "
-                       "(ε = finfo.eps): the estimate of “p = 1 from”", lambda L: _num(L.p_one_estimate)),
-    "p_zero": ("p = 0 at", "σ(logit) correctly rounded to the dtype is exactly 0 at and below this logit",
-               lambda L: _num(L.p_zero_below)),
-}
-DEFAULT_LIMIT_COLUMNS = ("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate")
-
-
-# ---- per-loss prose --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Probe:
-    """A spot-check input: logits (one row) and a target, as for the sweep."""
-
-    label: str
-    logits: tuple[float, ...]  # one logit (binary losses) or C logits (multi-class)
-    target: int
-
-
-@dataclass(frozen=True)
-class Prose:
-    loss: str
-    inputs: str
-    targets: str
-    naive: str
-    source: str | None
-    mechanism: tuple[str, ...]  # bullets
-    stable: str
-    stable_why: tuple[str, ...]
-    gradient: str
-    gradient_how: str
-    gradient_source: str | None = None
-    limit_columns: tuple[str, ...] = DEFAULT_LIMIT_COLUMNS
-    probes: tuple[Probe, ...] = ()
-    # The source page's misprinted formula, per element, for a live "formula error" check.
-    misprint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    misprint_label: str = ""
-    extras: tuple[str, ...] = field(default=())  # names of live demos (see _DEMOS)
-
-
-_BINARY_LOGIT_PROBES = (
-    Probe("confident correct, x = 20, y = 1", (20.0,), 1),
-    Probe("confident correct, x = −20, y = 0", (-20.0,), 0),
-    Probe("confident wrong, x = 20, y = 0", (20.0,), 0),
-    Probe("confident wrong, x = −100, y = 1", (-100.0,), 1),
-    Probe("confident correct, x = −100, y = 0", (-100.0,), 0),
-    Probe("moderate, x = 3, y = 0", (3.0,), 0),
-)
-_PROBABILITY_PROBES = (
-    Probe("confident correct, logit 20, y = 1", (20.0,), 1),
-    Probe("confident correct, logit −20, y = 0", (-20.0,), 0),
-    Probe("confident wrong, logit 20, y = 0", (20.0,), 0),
-    Probe("confident correct, logit −200, y = 0", (-200.0,), 0),
-    Probe("moderate, logit 3, y = 0", (3.0,), 0),
-)
-_MULTICLASS_PROBES = (
-    Probe("confident correct, x = (30, 0, 0), t = 0", (30.0, 0.0, 0.0), 0),
-    Probe("confident correct, x = (10, 0, 0), t = 0", (10.0, 0.0, 0.0), 0),
-    Probe("large logits, x = (100, 0, 0), t = 1", (100.0, 0.0, 0.0), 1),
-    Probe("large logits, x = (100, 0, 0), t = 0", (100.0, 0.0, 0.0), 0),
-    Probe("target far below, x = (−110, 0, 0), t = 0", (-110.0, 0.0, 0.0), 0),
-    Probe("moderate, x = (2, 1, 0.1), t = 1", (2.0, 1.0, 0.1), 1),
-)
-
-
-def _bce_misprint(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # −(1/N) Σᵢ yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ), per element: the bracket is missing.
-    return -y * torch.log(p) + (1 - y) * torch.log(1 - p)
-
-
-PROSE: dict[str, Prose] = {
-    "bce_with_logits": Prose(
-        loss="ℓ(x, y) = −[y·log σ(x) + (1−y)·log(1−σ(x))],  σ(x) = 1/(1 + e^−x);  "
-             "equivalently ℓ = log(1 + e^x) − x·y.  The mean loss is (1/N)·Σᵢ ℓ(xᵢ, yᵢ).",
-        inputs="logits x (any real number; ±inf where masked)",
-        targets="hard 0/1 labels y",
-        naive="σ = 1/(1 + exp(−x));  ℓ = −[y·log σ + (1−y)·log(1−σ)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
-        source="Page “BCEWithLogitsLoss 的具体数学公式” prints ℓ(x, y) = −(1/N) Σᵢ [yᵢ·log σ(xᵢ) + (1 − yᵢ)·"
-               "log(1 − σ(xᵢ))] and rightly says it takes the linear output, no sigmoid first. That is "
-               "correct as mathematics; transcribed literally it is exactly the naive form above — "
-               "unstable, not wrong.",
-        mechanism=(
-            "Large positive x: 1 + exp(−x) rounds to 1, so σ(x) is exactly 1 from the column "
-            "“σ = 1 from” below, and 1 − σ(x) = 0. With y = 0 the loss is −log 0 = +inf where the true "
-            "loss is ≈ x; with y = 1 it is −[log 1 + 0·log 0] = −(0·(−inf)) = NaN where the true loss "
-            "is a tiny e^−x. Before that, 1 − σ(x) cancels: only the few bits of e^−x that σ kept "
-            "survive, so the loss of a wrong prediction drifts off before anything is infinite.",
-            "Large negative x: exp(−x) overflows to inf for x < −ln(max) (column “ln(max)”), "
-            "σ = 1/inf = 0 and log σ = −inf: +inf loss with y = 1 (true loss ≈ |x|), NaN with y = 0.",
-            "The gradient through autograd multiplies (1−y) = 0 by −1/(1−σ) = −inf: one confident "
-            "correct prediction makes the whole gradient of the mean NaN.",
-            "torch's fused kernel never overflows, but (spot checks below) it does not keep the tiny "
-            "loss of every confident correct prediction: a batch of them can have a mean loss off by "
-            "most of its bits — finite and silent.",
-        ),
-        stable="ℓ = max(x, 0) − x·y + log1p(e^−|x|)",
-        stable_why=(
-            "e^−|x| ≤ 1 never overflows, and log1p keeps every bit of a tiny e^−|x| "
-            "(log1p(2e−9) = 2e−9 where log(1 + 2e−9) = 0 in float32).",
-            "For hard targets max(x, 0) − x·y is max(z, 0) with z = x (y = 0) or −x (y = 1): nothing "
-            "cancels, and ±inf logits give the limits (0 on the target's side, +inf on the wrong "
-            "side) instead of inf·0 = NaN.",
-            "losscheck's `stable` also computes one precision up (float32 for half precision, float64 "
-            "for float32), rounds once, and accumulates the mean in float64 with each element's "
-            "rounding error.",
-        ),
-        gradient="∂ℓ/∂x = σ(x) − y   (for the mean loss: (σ(xᵢ) − yᵢ)/N)",
-        gradient_how="With e = exp(−|x|) and σ(−|x|) = e/(1 + e) (small, and exact to its last bit), "
-                     "σ(x) − y is formed as (1 − y) − σ(−|x|) for x ≥ 0 and σ(−|x|) − y for x < 0: for "
-                     "y = 1 and large x that is −e/(1 + e) ≈ −e^−x to full precision, where σ(x) − 1 "
-                     "would be 1 − 1 = 0. e/(1 + e) rather than 1/(1 + exp(|x|)), which would "
-                     "overflow to 0 while the true value is still a (subnormal) number.",
-        gradient_source="Page “交叉熵损失的反向求导”: with y = σ(a), ∂L/∂a = y − t — correct (its "
-                        "∂L/∂y = −t/y + (1 − t)/(1 − y) times σ′(a) = y(1 − y)).",
-        limit_columns=("log_max", "exp_overflow", "sigmoid_one", "sigmoid_estimate"),
-        probes=_BINARY_LOGIT_PROBES,
-    ),
-    "bce": Prose(
-        loss="ℓ(p, y) = −[y·log p + (1−y)·log(1−p)] on a probability p ∈ [0, 1].  "
-             "The mean loss is (1/N)·Σᵢ ℓ(pᵢ, yᵢ).",
-        inputs="probabilities p = σ(logit), computed in high precision and rounded once to the dtype — "
-               "so p is exactly 1 (or 0) beyond the columns “p = 1 from” / “p = 0 at” below",
-        targets="hard 0/1 labels y",
-        naive="ℓ = −[y·log p + (1−y)·log(1−p)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
-        source="Page “BCEloss 计算原理” first prints −(1/N) Σᵢ yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ): the bracket "
-               "is missing, so the second term has the wrong sign (it prints the correct "
-               "−(1/N) Σᵢ [yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ)] later). That is a formula error — wrong "
-               "at every scale, in every dtype — which losscheck tells apart from an instability "
-               "(right at small scales, broken beyond a threshold). The page also calls the labels "
-               "“one-hot encoded”, which does not apply to a single binary probability.",
-        mechanism=(
-            "Once the logit passes the column “p = 1 from”, p is exactly 1 (or 0 below “p = 0 at”). "
-            "With an agreeing target (a confident correct prediction, true loss 0) the naive form is "
-            "−[1·log 1 + 0·log 0] = −(0·(−inf)) = NaN. With a disagreeing target the loss of the "
-            "rounded p is +inf, and naive's +inf is then exact: the information was lost when the "
-            "probability was rounded, which no loss formula can undo (see section 4).",
-            "For small p (y = 0), 1 − p rounds to 1 once p < ε/2, and log(1 − p) = 0 where the true "
-            "loss is ≈ p: all bits of a small loss lost (spot checks below).",
-            "The gradient through autograd multiplies (1−y) = 0 by −1/(1−p) = −inf at p = 1: NaN.",
-            "torch's F.binary_cross_entropy clamps each log at −100: at p = 1 with y = 0 it returns "
-            "100 where the loss of that p is +inf (and of the logit it came from, about the logit): "
-            "finite and wrong — silent saturation, so its mean is off by tens of bits.",
-        ),
-        stable="ℓ = −[xlogy(y, p) + xlog1py(1 − y, −p)],  no clamp",
-        stable_why=(
-            "xlogy(0, ·) = 0, so 0·log 0 never makes a NaN; xlog1py(1 − y, −p) = (1 − y)·log1p(−p) keeps "
-            "the bits of log(1 − p) for small p. Where p is exactly 0 or 1 and the target disagrees, "
-            "the loss of that p is +inf, and that is what it returns.",
-            "Clamping is not a fix: it turns +inf into a finite wrong number that nothing downstream "
-            "can detect (spot check below). The stable way is to take logits — BCE-with-logits never "
-            "forms p (`losscheck explain bce_with_logits`). Page “二分类交叉熵损失函数” is right that "
-            "nn.BCEWithLogitsLoss is more stable because it fuses the sigmoid.",
-        ),
-        gradient="∂ℓ/∂p = −y/p + (1−y)/(1−p) = (p − y)/(p(1 − p))",
-        gradient_how="For hard targets one term vanishes: it is computed as (1−y)/(1−p) − y/p with "
-                     "0/0-free divisions (0 where the numerator is 0) — one division, nothing "
-                     "subtracted from a nearly equal number; where −1/p overflows but −1/(N·p) of the "
-                     "mean is finite (p tiny), 1/N is applied first.",
-        gradient_source="Page “交叉熵损失的反向求导”: L = −t·log y − (1 − t)·log(1 − y), "
-                        "∂L/∂y = −t/y + (1 − t)/(1 − y) — correct.",
-        limit_columns=("p_one", "p_one_estimate", "p_zero"),
-        probes=_PROBABILITY_PROBES,
-        misprint=_bce_misprint,
-        misprint_label="−y·log p + (1−y)·log(1−p) (bracket missing)",
-        extras=("clamp",),
-    ),
-    "cross_entropy": Prose(
-        loss="ℓ(x, t) = −log softmax(x)_t = −log(e^{x_t} / Σⱼ e^{x_j}) = log Σⱼ e^{x_j} − x_t, for "
-             "logits x ∈ ℝ^C and the target class t (in one-hot form −Σ_c y_c·log ŷ_c, ŷ = softmax(x)). "
-             "The mean loss is (1/N)·Σᵢ ℓ(xᵢ, tᵢ).",
-        inputs="logits x, shape (N, C)",
-        targets="class indices t ∈ {0, …, C−1}",
-        naive="e = exp(x);  ℓ = −log(e_t / Σⱼ e_j);  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
-        source="Page “nn.CrossEntropyLoss() 数学计算公式” prints L(x, y) = −Σᵢ₌₁ᶜ yᵢ·log ŷᵢ with "
-               "ŷ = softmax(x): correct, and the naive form above when transcribed. It names an "
-               "F.CrossEntropyLoss() that does not exist (the function is F.cross_entropy, the module "
-               "nn.CrossEntropyLoss) and says targets are turned into one-hot internally; with class "
-               "indices the loss just picks x_t.",
-        mechanism=(
-            "exp(x) overflows for x > ln(max) (column “ln(max)”): any such logit makes Σⱼ e_j = inf, "
-            "so e_t/Σ = 0 (+inf loss) or, when the target is the large one, inf/inf = NaN — where "
-            "the true loss is finite (0 or the margin).",
-            "exp(x_t) underflows to 0 below the column “exp = 0 at” (and e_t/Σ long before, "
-            "once the ratio is below the smallest subnormal): −log 0 = +inf where the true loss is "
-            "≈ max − x_t.",
-            "A confident correct prediction: e_t/Σ rounds to exactly 1 once Σ_{j≠t} e^{x_j − x_t} < ε/2 "
-            "(with one other logit at a margin of the column “σ = 1 from”; add ln(C−1) for C−1 equal "
-            "others), and log gives 0 where the true loss is ≈ Σ_{j≠t} e^{x_j − x_t}: every bit of a "
-            "small loss lost — finite and silent. Before that, log of a ratio near 1 keeps only the "
-            "bits of the ratio's distance from 1.",
-            "The gradient through autograd (of e/Σ) carries the same inf and NaN.",
-            "torch's F.cross_entropy (log_softmax: x − logsumexp(x), max-shifted) never overflows, "
-            "but logsumexp(x) − x_t cancels when the target is the maximum: a confident correct loss "
-            "rounds to 0 (spot checks below), and a batch of them has a mean off by most of its bits.",
-        ),
-        stable="with m = maxⱼ x_j and k the target if it is a maximum (else an argmax):  "
-               "ℓ = (m − x_t) + log1p(s),  s = Σ_{j≠k} e^{x_j − m}",
-        stable_why=(
-            "Every exponent x_j − m ≤ 0: no overflow. Both terms are ≥ 0: nothing cancels, and "
-            "log1p(s) ≈ s keeps a confident correct loss to full precision where "
-            "logsumexp(x) − x_t rounds to 0.",
-            "losscheck's `stable` computes one precision up, rounds once, accumulates the mean in "
-            "float64 with each element's rounding error, and returns the limits at ±inf logits.",
-        ),
-        gradient="∂ℓ/∂x_j = softmax(x)_j − [j = t], i.e. softmax(x) − onehot(t)   (divided by N for the mean)",
-        gradient_how="p_j = e^{x_j − m}/(1 + s) for j ≠ t, and p_t − 1 = −(1 + s − e^{x_t − m})/(1 + s) = "
-                     "−Σ_{j≠t} p_j: the target's component is a sum of positive terms, not 1 minus a "
-                     "number close to 1.",
-        gradient_source="Page “交叉熵损失的反向求导” writes ∂L/∂y_k = −z_k/y_k (right: the gradient "
-                        "with respect to the probabilities), then concludes “∂L/∂y_k = y_k − z_k if "
-                        "k = j, y_k if k ≠ j” — which is the gradient with respect to the logits "
-                        "(softmax(a) − onehot), mislabelled as with respect to the probabilities y_k.",
-        limit_columns=("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate"),
-        probes=_MULTICLASS_PROBES,
-        extras=("mislabel",),
-    ),
-}
 
 
 # ---- text helpers ------------------------------------------------------------------------

@@ -70,7 +70,7 @@ import re
 from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
-from .catalog import loss_registry
+from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
 from .formats import FORMATS, bits_phrase, precision, ulp_threshold
 from .formats import capped_bits as formats_capped_bits
 
@@ -80,7 +80,6 @@ FINDING_KEYS = ("loss", "variant", "impl", "impl_kind", "dtype", "device", "kind
 # Kinds a wrong formula makes meaningless in its group (see the module docstring).
 PRE_EMPTED_BY_FORMULA = ("overflow", "saturation", "underflow", "reduction")
 FORMULA_MAX_SCALE = 1.0
-IMPL_ORDER = ("naive", "stable", "torch")
 
 
 # ---- bits ------------------------------------------------------------------------------------

@@ -34,10 +34,13 @@ from typing import Callable
 
 from . import analysis as A
 from . import stats
+from .config import as_input, gate_policy
+from .errors import ConfigError
+# The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
+# without importing this module); re-exported here, where the gate's users have found them.
+from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
 from .results import record_key
 
-TIMING_MODES = ("relative", "absolute", "off")
-NEW_MODES = ("custom", "all", "none")
 # Environment fields that decide which kernels run, and so their speed: timings measured
 # under different values are not compared (relative mode included: a ratio to torch of a
 # microsecond-scale operation depends on the instruction set, see issue 12).
@@ -51,48 +54,6 @@ PARTS = (("forward", "forward"), ("backward", "forward+backward"))
 # The re-measure of a suspected slowdown: (record key, [implementation names]) ->
 # {name: timing dict or exception}, the names timed interleaved in the same run.
 Remeasure = Callable[[tuple, list], dict]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """How much worse a point may get before it counts as a regression."""
-
-    bits: float = 0.0  # allowed increase of forward/backward max_bits
-    ulp: float = 0.0  # allowed increase of the mean loss's reduced_ulp
-    time_factor: float = 1.25  # the smallest slowdown that counts (minimum effect size)
-    timing: str = "relative"  # relative | absolute | off
-    # An implementation without a baseline counterpart is judged against this one of the same
-    # run; relative timing is measured against it too.
-    versus: str = "torch"
-    new: str = "custom"  # which such implementations are gated: custom | all | none
-    # Operations whose baseline and current medians are both shorter than this (seconds) are
-    # not timing-gated: too short to time reliably.
-    min_time: float = 5e-5
-    # The false-alarm rate of the timing gate over a whole run (all its comparisons together).
-    false_alarm: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.timing not in TIMING_MODES:
-            raise ValueError(f"timing must be one of {TIMING_MODES}")
-        if self.new not in NEW_MODES:
-            raise ValueError(f"new must be one of {NEW_MODES}")
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    default: Thresholds = field(default_factory=Thresholds)
-    per_loss: dict[str, Thresholds] = field(default_factory=dict)
-
-    def for_loss(self, loss: str) -> Thresholds:
-        return self.per_loss.get(loss, self.default)
-
-    def with_overrides(self, **overrides) -> "GatePolicy":
-        """Command-line values replace the configured ones, per-loss ones included."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if not given:
-            return self
-        return GatePolicy(replace(self.default, **given),
-                          {loss: replace(t, **given) for loss, t in self.per_loss.items()})
 
 
 @dataclass(frozen=True)
@@ -545,9 +506,6 @@ def policy_from_config(config: dict) -> GatePolicy:
     input format (schema 3) or the former `{default, per_loss}` one (schema 1 and 2), read
     through `config.as_input` and validated as a config's `gate:` is. A stored gate that does
     not validate (a hand-edited file) falls back to the defaults, as before."""
-    # Imported here: config imports this module (Thresholds, GatePolicy) at its top.
-    from .config import as_input, gate_policy
-    from .errors import ConfigError
     try:
         return gate_policy(as_input(config))
     except ConfigError:

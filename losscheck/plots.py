@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import analysis as A
+from .catalog import BUILTIN_IMPLS
 from .formats import FORMATS
 
 INSTALL_HINT = "pip install 'losscheck[plots]'"
@@ -48,7 +49,7 @@ def _dtypes(recs):
 
 
 def _impls(recs):
-    order = ("naive", "stable", "torch")
+    order = BUILTIN_IMPLS
     return sorted({r["impl"] for r in recs}, key=lambda i: (order.index(i) if i in order else 9, i))
 
 

@@ -14,11 +14,10 @@ from tabulate import tabulate
 
 from . import analysis as A
 from . import findings as FD
-from .catalog import LOSS_INFO, loss_registry
+from .catalog import BUILTIN_IMPLS as IMPL_ORDER, LOSS_INFO, loss_registry
 from .formats import FORMATS, precision
 from .units import format_bytes
 
-IMPL_ORDER = ("naive", "stable", "torch")
 LOSS_ORDER = list(LOSS_INFO)
 MAX_OPEN_ROWS = 24  # longer per-loss tables are collapsed
 MAX_DETAIL_ROWS = 2000  # beyond this the per-point table would dominate the file (GitHub renders ~1 MB)

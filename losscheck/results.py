@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .catalog import REDUCTIONS
 from .errors import ResultsError
 from .findings import findings as findings_of
 from .findings import problem as finding_problem
@@ -53,7 +54,6 @@ NUMERIC_SECTIONS = ("forward", "backward", "timing")
 RECORD_KEYS = ("loss", "impl", "kind", "dtype", "device", "batch", "classes", "scale",
                "distribution", "reduction", "options", "time", "status", "message", "forward",
                "backward", "timing")
-REDUCTIONS = ("none", "mean", "sum")
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -90,6 +90,10 @@ def _encode(obj):
     if isinstance(obj, (list, tuple)):
         return [_encode(v) for v in obj]
     return obj
+
+
+# The strict-JSON encoding (non-finite floats as "inf", "-inf", "nan") for other writers (probe).
+encode = _encode
 
 
 def dumps(results: dict) -> str:
@@ -215,7 +219,7 @@ def load(path: str | Path) -> dict:
 
 STATUSES = ("ok", "error", "skipped")
 METRIC_KEYS = ("n", "max_ulp", "max_bits", "mean_bits", "reduced_ulp", "nan", "inf", "saturated")
-TIMING_KEYS = ("forward_median_s", "forward_iqr_s", "backward_median_s", "backward_iqr_s")
+TIMING_NUMBERS = ("forward_median_s", "forward_iqr_s", "backward_median_s", "backward_iqr_s")
 
 
 def _is_number(v) -> bool:
@@ -289,8 +293,8 @@ def _record_problem(rec: dict) -> str | None:
             return "'forward.reduced_ulp' must be a number"
     timing = rec["timing"]
     if timing is not None:
-        if not isinstance(timing, dict) or not all(_is_finite(timing.get(k)) for k in TIMING_KEYS):
-            return f"'timing' must be null or an object with numbers {', '.join(TIMING_KEYS)}"
+        if not isinstance(timing, dict) or not all(_is_finite(timing.get(k)) for k in TIMING_NUMBERS):
+            return f"'timing' must be null or an object with numbers {', '.join(TIMING_NUMBERS)}"
         for k, v in timing.items():
             if k.endswith("_times_s"):  # the raw block times (schema 3)
                 if not isinstance(v, list) or not all(_is_finite(x) and x >= 0 for x in v):

@@ -11,22 +11,23 @@ from losscheck import environment, results, sweep
 # Every loss, implementation and two dtypes at two scales: about a second on CPU.
 # Scale 100 is where the naive forms overflow (float16 and float32); cuda points are
 # skipped where CUDA is absent and run where it is present.
-TINY_CONFIG = """\
-name: tiny
-description: Tiny sweep for the tests.
-losses: [bce, bce_with_logits, cross_entropy]
-implementations: [naive, stable, torch]
-scales: [1, 100]
-batch_sizes: [64]
-classes: [5]
-dtypes: [float32, float16]
-devices: [cpu, cuda]
-distributions: [normal, extreme]
-seed: 0
-timing:
-  min_run_time: 0.001
-  scales: [1]
-"""
+TINY = {
+    "name": "tiny",
+    "description": "Tiny sweep for the tests.",
+    "losses": ["bce", "bce_with_logits", "cross_entropy"],
+    "implementations": ["naive", "stable", "torch"],
+    "scales": [1, 100],
+    "batch_sizes": [64],
+    "classes": [5],
+    "dtypes": ["float32", "float16"],
+    "devices": ["cpu", "cuda"],
+    "distributions": ["normal", "extreme"],
+    "seed": 0,
+    "timing": {"min_run_time": 0.001, "scales": [1]},
+}
+# The same config as a YAML file's text, for the tests of the command line (which reads files,
+# and whose tests edit that text); `to_yaml` writes lists inline and `timing:` as a block.
+TINY_CONFIG = C.to_yaml(TINY)
 
 
 @pytest.fixture
@@ -41,9 +42,9 @@ def tiny_config_text() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_results(tiny_config_text, tmp_path_factory) -> dict:
+def tiny_results(tmp_path_factory) -> dict:
     """The tiny sweep run once in-process, stored and loaded back as `losscheck report` would."""
-    cfg = C.parse_config(tiny_config_text, "tiny.yaml")
+    cfg = C.Config.from_mapping(TINY, "tiny.yaml")
     threads = torch.get_num_threads()
     records = sweep.run(cfg, threads)
     data = results.make_results(cfg.as_dict(), environment.capture(threads), records, "pytest tiny")

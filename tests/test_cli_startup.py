@@ -28,7 +28,7 @@ _RUN = """
 import atexit, os, sys
 def _record():
     with open(os.environ["LOSSCHECK_TEST_MODULES"], "w") as f:
-        f.write(repr(sorted(m for m in ("torch", "losscheck.commands", "losscheck.probe") if m in sys.modules)))
+        f.write(repr(sorted(m for m in ("torch", "losscheck.commands", "losscheck.probe_command") if m in sys.modules)))
 atexit.register(_record)
 sys.argv = ["losscheck", *sys.argv[1:]]
 from losscheck.cli import main

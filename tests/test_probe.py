@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from losscheck import probe as P
+from losscheck import probing as P
 from losscheck import reference as R
 from losscheck import sweep
 from losscheck.cli import main
 from losscheck.config import parse_config
 from losscheck.losses import LOSSES, reference
-from losscheck.metrics import ulp_distance
+from losscheck.metrics import int_or_inf, ulp_distance
+from losscheck.probe_command import probe_command
 from losscheck.results import _encode
 from tests.helpers import assert_one_error_line
 
-main.add_command(P.probe_command)  # what cli.py does; idempotent
+main.add_command(probe_command)  # what cli.py does; idempotent
 
 INF = math.inf
 
@@ -425,7 +426,7 @@ def test_worst_element_is_the_largest_ulp_distance():
         d = ulp_distance(y, ref.loss)
         w = r["forward"]["worst"]
         assert w["index"] == [int(torch.argmax(d))]
-        assert w["ulp"] == P.int_or_inf(float(d.max()))
+        assert w["ulp"] == int_or_inf(float(d.max()))
         assert same_bits(w["value"], float(y[w["index"][0]]))
         assert w["reference"] == float(ref.loss[w["index"][0]])
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .. import reference as R
-from ..catalog import OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
+from ..catalog import IGNORE_INDEX, OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
 
 KINDS = ("naive", "stable", "framework", "custom")
 
@@ -57,7 +57,6 @@ class Impl:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
 
 
-IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # OPTION_DEFAULTS: options a loss may support (`Loss.options`), with the record value that
 # means "not set" (in catalog.py, with Formulas and REDUCTIONS, so that readers need no torch).
