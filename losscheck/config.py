@@ -20,6 +20,7 @@ import yaml
 
 from .catalog import OPTION_DEFAULTS, REDUCTIONS, loss_registry
 from .formats import FORMATS
+from . import safeio
 from .errors import ConfigError
 from .gate import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds
 from .inputs import DISTRIBUTIONS
@@ -247,11 +248,12 @@ def load_config(path: str | Path | None = None) -> Config:
     """Load and validate a YAML config; `None` means the embedded default."""
     if path is None:
         return parse_config(default_config_text(), "<embedded default.yaml>")
-    p = Path(path)
     try:
-        text = p.read_text()
+        text = safeio.read_bounded(path, safeio.CONFIG_LIMIT, "config").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "", "file not found") from None
+    except safeio.UnsafeInput as e:  # /dev/zero, a FIFO, a directory, 2 GB of YAML
+        raise ConfigError(str(path), "", str(e)) from None
     # Any OSError, not just these: e.g. NotADirectoryError ("file.yaml/x") escaped as a traceback.
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), "", f"cannot read: {e.__class__.__name__}") from None
@@ -269,6 +271,7 @@ class _StrictLoader(yaml.SafeLoader):
     silently keeps the last one, so `dtypes:` written twice ran only the second list."""
 
     def construct_document(self, node):
+        safeio.check_yaml_expansion(node)  # before anything expands an alias bomb
         _check_duplicate_keys(self, node)
         return super().construct_document(node)
 
@@ -311,6 +314,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     """Validate a config given as YAML text; `source` names it in error messages."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
+    except safeio.UnsafeInput as e:
+        raise ConfigError(source, "", f"refused: YAML {e}") from None
     except _DuplicateKey as e:
         lines = f"lines {e.first} and {e.second}" if e.first != e.second else f"twice on line {e.first}"
         raise ConfigError(source, e.path, f"duplicate key ({lines})", "each key once") from None
