@@ -22,6 +22,7 @@ from .errors import LosscheckError
 from .formats import FORMATS
 from .gate import TIMING_MODES
 from .inputs import DESCRIPTIONS, DISTRIBUTIONS
+from .progress import LogLines
 
 
 def _gate_options(f):
@@ -82,7 +83,8 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
               help="Directory for <name>.json and <name>.md.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the config's `threads`, else torch's default).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress: a bar on a terminal, otherwise a line per tenth of the points or per minute.")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
               help="Gate the run against this results file: exit 1 on regression.")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
@@ -127,7 +129,6 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
         records: list[dict] = _resumed(json_path, config, threads) if resume else []
         done = {results.record_key(r) for r in records}
         total = sweep.count_points(config, shard, done)
-        show = sys.stderr.isatty() if progress is None else progress
         env = environment.capture(threads)
         flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
                  *(f for loss in only_losses for f in ("--loss", loss))]
@@ -136,11 +137,15 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
                               *flags])
         saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
         complete = False
-        with click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
-                               show_pos=True, show_eta=True) if show else _NoBar() as bar:
+        # A bar on a terminal; off one (a CI log) a plain line per tenth of the points or per
+        # minute, since silence there looks like a hang; nothing with --no-progress.
+        bar = (_NoBar() if progress is False else LogLines(total, stem) if not sys.stderr.isatty() else
+               click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
+                                 show_pos=True, show_eta=True))
+        with bar:
             try:
                 sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
-                          on_record=lambda r: (records.append(r), bar.update(1), saver.tick()))
+                          on_record=lambda r: (records.append(r), bar.update(1, r), saver.tick()))
                 complete = True
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted: writing the {len(records)} finished points "
@@ -303,7 +308,7 @@ class _NoBar:
     def __exit__(self, *exc):
         return False
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, record: dict | None = None) -> None:
         pass
 
 

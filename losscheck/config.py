@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
 from .formats import FORMATS
+from . import safeio
 from .config_yaml import read_yaml, to_yaml  # noqa: F401  (to_yaml: config.to_yaml for its users)
 from .errors import ConfigError
 from .gate_policy import BY_NAME, CHECK_ORDER, GATE_KEYS, GatePolicy, Thresholds, key_help
@@ -238,11 +239,12 @@ def load_config(path: str | Path | None = None) -> Config:
     """Load and validate a YAML config; `None` means the embedded default."""
     if path is None:
         return parse_config(default_config_text(), "<embedded default.yaml>")
-    p = Path(path)
     try:
-        text = p.read_text()
+        text = safeio.read_bounded(path, safeio.CONFIG_LIMIT, "config").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "", "file not found") from None
+    except safeio.UnsafeInput as e:  # /dev/zero, a FIFO, a directory, 2 GB of YAML
+        raise ConfigError(str(path), "", str(e)) from None
     # Any OSError, not just these: e.g. NotADirectoryError ("file.yaml/x") escaped as a traceback.
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), "", f"cannot read: {e.__class__.__name__}") from None

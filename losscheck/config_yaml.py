@@ -7,6 +7,7 @@ import collections
 
 import yaml
 
+from . import safeio
 from .errors import ConfigError
 
 
@@ -14,6 +15,8 @@ def read_yaml(text: str, source: str = "<config>"):
     """The document of YAML `text`, or a one-line ConfigError naming `source`, the line and the problem."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
+    except safeio.UnsafeInput as e:
+        raise ConfigError(source, "", f"refused: YAML {e}") from None
     except _DuplicateKey as e:
         lines = f"lines {e.first} and {e.second}" if e.first != e.second else f"twice on line {e.first}"
         raise ConfigError(source, e.path, f"duplicate key ({lines})", "each key once") from None
@@ -46,6 +49,7 @@ class _StrictLoader(yaml.SafeLoader):
     silently keeps the last one, so `dtypes:` written twice ran only the second list."""
 
     def construct_document(self, node):
+        safeio.check_yaml_expansion(node)  # before anything expands an alias bomb
         _check_duplicate_keys(self, node)
         return super().construct_document(node)
 

@@ -12,11 +12,19 @@ class ConfigError(LosscheckError):
     """A bad configuration: names the file, the key, the bad value and what is allowed."""
 
     def __init__(self, source: str, key: str, problem: str, allowed: str | None = None):
+        # A quoted bad value can be megabytes (a list of a million items): the message stays a
+        # line. The problem's start names what is wrong; its tail is the value.
+        key, problem = shorten(key, 80), shorten(problem, 200)
         self.source, self.key, self.problem, self.allowed = source, key, problem, allowed
         msg = f"{source}: key '{key}': {problem}" if key else f"{source}: {problem}"
         if allowed:
             msg += f"; allowed: {allowed}"
         super().__init__(msg)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 class ResultsError(LosscheckError):

@@ -186,6 +186,21 @@ def _cgroup_available() -> int | None:
     return None
 
 
+def _address_space_available() -> int | None:
+    """Room left under RLIMIT_AS (`ulimit -v`: the address space, not the resident memory, so
+    the process's current virtual size counts against it), or None without such a limit. A
+    job runner may set it instead of a cgroup; past it, allocations fail with ENOMEM."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    size = _proc_status_bytes("VmSize")
+    return None if size is None else max(0, soft - size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Peak memory of one point.
 
@@ -340,7 +355,7 @@ def _measured_available(device: str) -> int | None:
     kind = device.split(":", 1)[0]
     if kind == "cpu":
         found = [v for v in (_kib_field(_read_text(_MEMINFO), "MemAvailable"),
-                             _cgroup_available()) if v is not None]
+                             _cgroup_available(), _address_space_available()) if v is not None]
         return min(found) if found else None
     if kind == "cuda":
         dev = _cuda_device(device)
@@ -357,7 +372,7 @@ def _measured_available(device: str) -> int | None:
 def available_bytes(device: str | torch.device) -> int | None:
     """Bytes a new allocation on `device` can use now, or None if unknown.
 
-    CPU: min(MemAvailable, cgroup limit - cgroup usage). CUDA: free device memory
+    CPU: min(MemAvailable, cgroup limit - cgroup usage, RLIMIT_AS - virtual size). CUDA: free device memory
     (``torch.cuda.mem_get_info``). ``LOSSCHECK_MEMORY_LIMIT`` caps the result (and is the
     result when nothing else is known); a malformed value raises ValueError.
     """

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .catalog import REDUCTIONS
-from .errors import ResultsError
+from .errors import ResultsError, shorten
 from .findings import findings as findings_of
 from .findings import problem as finding_problem
+from .formats import FORMATS
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -184,6 +185,9 @@ def load(path: str | Path) -> dict:
             raise ResultsError(f"{path}: key '{key}' must be an object")
     if not isinstance(data["config"].get("gate") or {}, dict):
         raise ResultsError(f"{path}: key 'config.gate' must be an object")
+    thresholds = data["config"].get("thresholds") or {}
+    if not (isinstance(thresholds, dict) and all(k in FORMATS and _is_finite(v) for k, v in thresholds.items())):
+        raise ResultsError(f"{path}: key 'config.thresholds' must map dtypes ({', '.join(FORMATS)}) to numbers")
     for i, rec in enumerate(data["records"]):
         if not isinstance(rec, dict):
             raise ResultsError(f"{path}: records[{i}] is not an object")
@@ -250,6 +254,8 @@ def _record_problem(rec: dict) -> str | None:
     for key, kind in KEY_TYPES:
         if not isinstance(rec[key], kind):
             return f"'{key}' must be a {kind.__name__}"
+    if rec["dtype"] not in FORMATS:
+        return f"dtype {shorten(repr(rec['dtype']), 40)} is not one of {', '.join(FORMATS)}"
     if not (rec["classes"] is None or (type(rec["classes"]) is int and rec["classes"] > 0)):
         return "'classes' must be a positive integer or null"
     if not _is_finite(rec["scale"]) or type(rec["batch"]) is not int or rec["batch"] < 1:

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     # No torch-dependent logic of the package above: facts, formats, errors, the gate's settings.
     ("foundation", {"losscheck", "losscheck.errors", "losscheck.formats", "losscheck.units", "losscheck.stats",
                     "losscheck.timing", "losscheck.isolation", "losscheck.environment", "losscheck.catalog",
-                    "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes"}),
+                    "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes",
+                    "losscheck.safeio", "losscheck.progress"}),
     ("config", {"losscheck.config"}),
     ("measurement", {"losscheck.reference", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),

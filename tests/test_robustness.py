@@ -784,3 +784,18 @@ def test_resume_and_merge_refuse_another_thread_count(runner, tmp_path, tiny_con
     merged = runner.invoke(main, ["merge", str(other / "tiny.shard-1-of-2.json"), str(other / "tiny.shard-2-of-2.json"),
                                   "-o", str(tmp_path / "m.json"), "--no-plots"])
     assert_one_error_line(merged, "environment 'threads' is 1", "thread counts cannot be merged")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d["records"][0].update(dtype="float99"), "records[0]: dtype 'float99' is not one of float64"),
+    (lambda d: d["config"].update(thresholds={"float32": "abc"}), "key 'config.thresholds' must map dtypes"),
+    (lambda d: d["config"].update(thresholds={"float99": 3}), "key 'config.thresholds' must map dtypes"),
+    (lambda d: d["config"].update(thresholds=[1]), "key 'config.thresholds' must map dtypes"),
+])
+def test_an_unknown_dtype_or_bad_thresholds_in_a_results_file_is_one_line(tmp_path, fuzz_base, damage, message):
+    data = json.loads(fuzz_base)
+    damage(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    for command in (["report", str(path), "--stdout"], ["compare", str(path), str(path)]):
+        assert_one_error_line(CliRunner().invoke(main, command), message)
