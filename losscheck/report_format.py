@@ -67,7 +67,7 @@ def label_dtype(dtype: str, device: str) -> str:
 # Characters that would end a table cell or start Markdown/HTML: an implementation name, an
 # error message or an option value comes from the user (issue 16: a newline or `|` in a name
 # injected Markdown into the report).
-_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#!~])")
+_SPECIAL = re.compile(r"([\\`*\[\]<>|#!~])")
 
 
 def md(text) -> str:
