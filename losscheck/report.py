@@ -23,13 +23,39 @@ from . import report_detail as D
 from . import report_findings as RF
 from .catalog import loss_registry
 from .formats import FORMATS
-from .report_format import (MAX_OPEN_ROWS, base_losses, collapsible, fmt_bits, fmt_num, fmt_scale, fmt_time,
-                            impls_of, label_dtype, md, order, plural, row_order, table)
+from .report_format import (
+    MAX_OPEN_ROWS,
+    base_losses,
+    collapsible,
+    fmt_bits,
+    fmt_num,
+    fmt_scale,
+    fmt_time,
+    impls_of,
+    label_dtype,
+    md,
+    order,
+    plural,
+    row_order,
+    table,
+)
 
 # Re-exported: what callers of the report module have used.
 KIND_TEXT, cost_ratios = RF.KIND_TEXT, RF.cost_ratios
-__all__ = ["render", "pages", "write", "fmt_scale", "fmt_num", "fmt_bits", "fmt_time", "label_dtype", "md",
-           "KIND_TEXT", "cost_ratios", "PAGE_BUDGET"]
+__all__ = [
+    "KIND_TEXT",
+    "PAGE_BUDGET",
+    "cost_ratios",
+    "fmt_bits",
+    "fmt_num",
+    "fmt_scale",
+    "fmt_time",
+    "label_dtype",
+    "md",
+    "pages",
+    "render",
+    "write",
+]
 
 # Above this a report is split into a main page and a page per loss. GitHub shows Markdown
 # files of up to about 1 MB, but a page the reader must scroll for minutes is not read.
@@ -74,10 +100,12 @@ def pages(results: dict, stem: str, plots: list[tuple[str, str]] | str | None = 
 def write(results: dict, md_path: Path, plots: list[tuple[str, str]] | str | None = None) -> list[Path]:
     """Write the report's pages: `md_path` and, for a big report, `<md_path stem>-<loss>.md`
     beside it; returns the paths written (the main page first)."""
-    from .results import write_atomic  # the report renders without the results module otherwise
+    from .results import (
+        write_atomic,  # the report renders without the results module otherwise
+    )
 
     md_path = Path(md_path)
-    stem = md_path.name[:-3] if md_path.name.endswith(".md") else md_path.name
+    stem = md_path.name.removesuffix(".md")
     written = []
     for i, (name, text) in enumerate(pages(results, stem, plots).items()):
         path = md_path if i == 0 else md_path.with_name(name)

@@ -9,8 +9,22 @@ from collections import defaultdict
 
 from . import analysis as A
 from .catalog import loss_registry
-from .report_format import (by_loss_device_dtype, bwd, collapsible, dtype_rank, fmt_bits, fmt_num, fmt_scale,
-                            fmt_time, impls_of, losses_of, md, row_order, share, table)
+from .report_format import (
+    bwd,
+    by_loss_device_dtype,
+    collapsible,
+    dtype_rank,
+    fmt_bits,
+    fmt_num,
+    fmt_scale,
+    fmt_time,
+    impls_of,
+    losses_of,
+    md,
+    row_order,
+    share,
+    table,
+)
 from .units import format_bytes
 
 

@@ -13,8 +13,17 @@ from collections import defaultdict
 
 from . import analysis as A
 from . import findings as FD
-from .report_format import (LOSS_ORDER, dtype_rank, fmt_scale, impl_name, impls_of, label_dtype, md,
-                            order, plural)
+from .report_format import (
+    LOSS_ORDER,
+    dtype_rank,
+    fmt_scale,
+    impl_name,
+    impls_of,
+    label_dtype,
+    md,
+    order,
+    plural,
+)
 
 # What each kind of finding means, as the report's findings list says it once per line.
 KIND_TEXT = {

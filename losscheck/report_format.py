@@ -6,9 +6,9 @@ import math
 import re
 from collections import defaultdict
 
-from . import analysis as A
 from tabulate import tabulate
 
+from . import analysis as A
 from .catalog import LOSS_INFO
 from .formats import FORMATS, precision
 

@@ -112,7 +112,7 @@ def regression_rows(markdown: str) -> list[dict[str, str]]:
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
     same = {}
-    if m := re.search(r"^Every row: (.+)\.$", section, re.M):
+    if m := re.search(r"^Every row: (.+)\.$", section, re.MULTILINE):
         for name in ("loss", "implementation", "dtype", "device"):
             if v := re.search(rf"(?:^|, ){name} ([^ ,]+)", m[1]):
                 same[name] = v[1]

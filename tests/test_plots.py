@@ -80,7 +80,7 @@ def test_timing_plot_only_with_two_sizes_and_bars_from_the_raw_times(tiny_result
     assert timed and not plots._timing_figure(None, "x", timed, tmp_path / "none.png")  # one size: none
     bigger = [{**copy.deepcopy(r), "batch": 2 * r["batch"]} for r in timed]
     res["records"] += bigger
-    written = dict((name, title) for title, name in plots.write_plots(res, tmp_path, "two"))
+    written = {name: title for title, name in plots.write_plots(res, tmp_path, "two")}
     assert {n for n in written if n.endswith("-timing.png")} == {"two-bce-timing.png"}
     # The bars are the quartiles of the raw per-run times when the file has them.
     t = timed[0]["timing"]

@@ -73,7 +73,7 @@ def test_main_page_grows_with_losses_not_with_variants(tiny_results, big):
 
 def test_first_screen_is_breakdown_then_findings_summary(big):
     main_page = report.pages(big, "big")["big.md"]
-    heads = re.findall(r"^## (.+)$", main_page, re.M)
+    heads = re.findall(r"^## (.+)$", main_page, re.MULTILINE)
     assert heads[:2] == ["Breakdown scale", "Findings"]
     summary = main_page.split("## Findings", 1)[1].split("\n## ", 1)[0]
     # One line per implementation and kind (plus one "no finding" line per implementation
