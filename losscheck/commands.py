@@ -68,7 +68,7 @@ class ShardType(click.ParamType):
 def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path,
           allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = ()) -> None:
     """Compare, print the Markdown, exit 1 on regression."""
-    markdown_path = current_path.with_suffix(".compare.md")
+    markdown_path = results.beside(current_path, ".compare.md")
     comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
                                     remeasure, allow_missing, losses)
     click.echo(markdown, nl=False)
@@ -80,7 +80,9 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 @click.command()
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for <name>.json and <name>.md.")
+              help="Directory for <name>.json and <name>.md (and <name>-<loss>.md for a big report).")
+@click.option("--gzip", "compress", is_flag=True,
+              help="Write <name>.json.gz (gzip) instead of <name>.json; every command reads either.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the config's `threads`, else torch's default).")
 @click.option("--progress/--no-progress", default=None,
@@ -101,7 +103,7 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 @click.option("--loss", "only_losses", multiple=True, metavar="LOSS",
               help="Run only these losses of the config (repeatable).")
 @_gate_options
-def bench(config_path: str | None, out_dir: str, threads: int | None, progress: bool | None,
+def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | None, progress: bool | None,
           baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
           impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
           bits, ulp, time_factor, timing_mode, junit_path, allow_missing) -> None:
@@ -123,7 +125,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
                              f"allowed: 1 to {4 * cpus}")
     out = Path(out_dir)
     stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path, md_path = out / f"{stem}.json{'.gz' if compress else ''}", out / f"{stem}.md"
     # One writer per results file, and a directory that can be written, before any point runs.
     with results.exclusive(json_path):
         records: list[dict] = _resumed(json_path, config, threads) if resume else []
@@ -132,7 +134,7 @@ def bench(config_path: str | None, out_dir: str, threads: int | None, progress: 
         env = environment.capture(threads)
         flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
                  *(f for loss in only_losses for f in ("--loss", loss))]
-        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
+        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir, *(["--gzip"] if compress else []),
                               "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
                               *flags])
         saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
@@ -189,7 +191,7 @@ def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
     merged = results.merge([(p, results.load(p)) for p in paths])
     out = Path(output)
     results.save(merged, out)
-    _write_report(results.load(out), out.with_suffix(".md"), with_plots)
+    _write_report(results.load(out), results.beside(out, ".md"), with_plots)
     missing = merged.get("missing_shards")
     state = ("complete" if merged["complete"] else
              f"incomplete: shard(s) {', '.join(map(str, missing))} missing (not passed by any gate)"
@@ -298,7 +300,7 @@ def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:
     if with_plots:
         figures = (plots.write_plots(data, md_path.parent, md_path.stem) if plots.available()
                    else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only")
-    results.write_atomic(md_path, report.render(data, figures))
+    report.write(data, md_path, figures)
 
 
 class _NoBar:
@@ -315,7 +317,8 @@ class _NoBar:
 @click.command("report")
 @click.argument("results_path", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Markdown file to write (default: next to the results, .md).")
+              help="Markdown file to write (default: next to the results, .md). A big report also writes "
+                   "one page per loss beside it, FILE's name with -LOSS (e.g. options-cross_entropy.md).")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file (no plots).")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
               help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
@@ -325,7 +328,7 @@ def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plot
     if to_stdout:
         click.echo(report.render(data), nl=False)
         return
-    target = Path(output) if output else Path(results_path).with_suffix(".md")
+    target = Path(output) if output else results.beside(results_path, ".md")
     _write_report(data, target, with_plots)
     click.echo(f"wrote {target}")
 

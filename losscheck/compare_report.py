@@ -8,13 +8,37 @@ from tabulate import tabulate
 from . import analysis as A
 from . import stats
 from .gate import Comparison, GatePolicy
+from .report_format import md
 from .results import KEY_FIELDS
 
 MAX_ROWS = 200
+# Column names that say what a key field is (the results file's names are terse).
+KEY_HEADERS = {"impl": "implementation", "time": "sequence length", "distribution": "value set"}
+
+
+def _value(field: str, v) -> str:
+    if field == "options":  # the sorted (option, value) pairs of the key
+        return ", ".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}" for k, x in v) if v else "—"
+    if v is None:
+        return "—"
+    return md(f"{v:g}" if isinstance(v, float) else v)
 
 
 def _point(key: tuple) -> list:
-    return ["—" if v is None else (f"{v:g}" if isinstance(v, float) else v) for v in key]
+    return [_value(f, v) for f, v in zip(KEY_FIELDS, key)]
+
+
+def _point_table(rows: list[list], extra: list[str]) -> str:
+    """A table of points (key fields, then `extra` columns). A key column with one value in every
+    row is said once above the table instead of repeated: a baseline of one device, reduction
+    and no options would otherwise make every row ~400 characters wide."""
+    n = len(KEY_FIELDS)
+    same = [i for i in range(n) if len(rows) > 1 and len({row[i] for row in rows}) == 1]
+    keep = [i for i in range(len(rows[0])) if i not in same]
+    headers = [KEY_HEADERS.get(f, f) for f in KEY_FIELDS] + list(extra)
+    note = ("Every row: " + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same) + ".\n\n") if same else ""
+    return note + tabulate([[row[i] for i in keep] for row in rows], headers=[headers[i] for i in keep],
+                           tablefmt="github")
 
 
 def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, current_path: str) -> str:
@@ -42,14 +66,14 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
     lines.append(_timing_line(c))
     if c.timing_note:
         lines.append(f"> {c.timing_note}")
-    headers = [*KEY_FIELDS, "gate", "baseline", "current", "why"]
     for title, items in (("Regressions", regressions), ("Improvements", improvements)):
         if not items:
             continue
         rows = [[*_point(v.key), v.gate, v.baseline if v.against == "baseline" else f"{v.against}: {v.baseline}",
-                 v.current, v.why] for v in items[:MAX_ROWS]]
+                 v.current, md(v.why)] for v in items[:MAX_ROWS]]
         more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
-        lines.append(f"## {title} ({len(items)})\n\n" + tabulate(rows, headers=headers, tablefmt="github") + more)
+        lines.append(f"## {title} ({len(items)})\n\n" + _point_table(rows, ["gate", "baseline", "current", "why"])
+                     + more)
     lines.append(_key_section("Timing not judged", [(v.key, [v.why]) for v in c.not_judged], ["why"],
                               "Too noisy, too short, or measured under another environment: neither passed "
                               "nor failed."))
@@ -79,22 +103,22 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
 def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = (), intro: str = "") -> str:
     if not items:
         return ""
-    rows = [_point(k) + cells for k, cells in items[:MAX_ROWS]]
+    rows = [_point(k) + [md(c) for c in cells] for k, cells in items[:MAX_ROWS]]
     more = f"\n\n… and {len(items) - MAX_ROWS} more." if len(items) > MAX_ROWS else ""
     return (f"## {title} ({len(items)})\n\n" + (f"{intro}\n\n" if intro else "")
-            + tabulate(rows, headers=[*KEY_FIELDS, *extra], tablefmt="github") + more)
+            + _point_table(rows, list(extra)) + more)
 
 
 def _summary_table(c: Comparison) -> str:
     rows = []
     for r in c.by_implementation():
-        name = f"{r['impl']} (custom)" if r["kind"] == "custom" else r["impl"]
+        name = md(r["impl"]) + (" (custom)" if r["kind"] == "custom" else "")
         worst = r["worst"]
         worst_text = "—" if worst is None else _where(worst.key) + ": " + worst.why.split(" (")[0]
         if worst is None and r["missing"]:
             worst_text = f"{r['missing']} point(s) missing from the current run"
         rows.append([name, r["against"], r["judged"], r["not_judged"] + r["missing"], r["regressions"],
-                     _short(worst_text, 120), f"**{r['verdict']}**" if r["verdict"] == "FAIL" else r["verdict"]])
+                     md(_short(worst_text, 120)), f"**{r['verdict']}**" if r["verdict"] == "FAIL" else r["verdict"]])
     return tabulate(rows, headers=["implementation", "judged against", "points judged", "not judged",
                                    "regressions", "worst change", "verdict"], tablefmt="github")
 

@@ -27,16 +27,21 @@ Format history (bump SCHEMA_VERSION and describe the change here):
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
 when the file is loaded.
+
+A file whose name ends in `.gz` is written gzip-compressed (`save`); `load` recognises
+compressed content by its magic bytes whatever the name, so every command reads both.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
 import fcntl
+import gzip
 import json
 import math
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -101,7 +106,7 @@ def dumps(results: dict) -> str:
     return json.dumps(_encode(results), indent=1, sort_keys=True, allow_nan=False) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write via a temporary file and a rename, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def write_atomic(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -153,17 +158,52 @@ def exclusive(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+GZIP_SUFFIX = ".gz"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip_name(path: str | Path) -> bool:
+    return str(path).endswith(GZIP_SUFFIX)
+
+
+def beside(path: str | Path, suffix: str) -> Path:
+    """The file next to results file `path` with `suffix` for its `.json` / `.json.gz` (or
+    other) suffix: `x.json.gz`, ".md" -> `x.md`, not `x.json.md`."""
+    p = Path(path)
+    for known in (".json.gz", ".json"):
+        if p.name.endswith(known) and len(p.name) > len(known):
+            return p.with_name(p.name[: -len(known)] + suffix)
+    return p.with_suffix(suffix)
+
+
 def save(results: dict, path: Path) -> None:
-    write_atomic(path, dumps(results))
+    """Plain JSON, or gzip-compressed JSON where the name ends in `.gz` (a big sweep's file is
+    ~10x smaller); `load` reads either, whatever the name."""
+    text = dumps(results)
+    if is_gzip_name(path):
+        # mtime 0: the same results give the same bytes, as plain JSON does.
+        write_atomic(path, gzip.compress(text.encode(), compresslevel=6, mtime=0))
+    else:
+        write_atomic(path, text)
+
+
+def _read_text(p: Path) -> str:
+    raw = p.read_bytes()
+    # By content, not by name: a renamed or downloaded file is read all the same.
+    if raw[:2] == _GZIP_MAGIC:
+        raw = gzip.decompress(raw)
+    return raw.decode()
 
 
 def load(path: str | Path) -> dict:
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(_read_text(p))
     except FileNotFoundError:
         raise ResultsError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; EOFError: truncated
+        raise ResultsError(f"{path}: cannot read: {e.__class__.__name__}") from None
+    except UnicodeDecodeError as e:
         raise ResultsError(f"{path}: cannot read: {e.__class__.__name__}") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 import xml.etree.ElementTree as ET
 
@@ -103,19 +104,24 @@ def bench(runner, cfg_path, out, *args):
     return runner.invoke(main, ["bench", str(cfg_path), "--out", str(out), "--no-progress", *args])
 
 
-def regression_rows(markdown: str) -> list[list[str]]:
-    """Rows of the '## Regressions' table as cells (loss, impl, dtype, ..., gate, ...)."""
+def regression_rows(markdown: str) -> list[dict[str, str]]:
+    """Rows of the '## Regressions' table as {column: cell}; a column the report states once
+    above the table ("Every row: loss bce, ...") is filled in from there."""
     assert "## Regressions" in markdown, markdown
     section = markdown.split("## Regressions", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # past header + rule
-    return [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
-
-
-GATE_COL = len(results.KEY_FIELDS)
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+    same = {}
+    if m := re.search(r"^Every row: (.+)\.$", section, re.MULTILINE):
+        for name in ("loss", "implementation", "dtype", "device"):
+            if v := re.search(rf"(?:^|, ){name} ([^ ,]+)", m[1]):
+                same[name] = v[1]
+    return [{**same, **dict(zip(header, (c.strip() for c in row.strip().strip("|").split("|"))))}
+            for row in lines[2:]]  # past header + rule
 
 
 def gates_of(markdown: str, loss: str, impl: str) -> set[str]:
-    return {r[GATE_COL] for r in regression_rows(markdown) if r[0] == loss and r[1] == impl}
+    return {r["gate"] for r in regression_rows(markdown) if r["loss"] == loss and r["implementation"] == impl}
 
 
 # ---- shared runs --------------------------------------------------------------------------------
@@ -220,7 +226,7 @@ def test_planted_accuracy_regression_fails_bench_with_baseline(regressed_run):
     assert "**FAIL**" in markdown and "**PASS**" not in markdown
     assert "accuracy" in gates_of(markdown, "bce_with_logits", "stable")
     # Only the planted implementation regressed.
-    assert {(r[0], r[1]) for r in regression_rows(markdown)} == {("bce_with_logits", "stable")}
+    assert {(r["loss"], r["implementation"]) for r in regression_rows(markdown)} == {("bce_with_logits", "stable")}
     assert "forward max bits up by" in markdown
     compare_md = current.with_suffix(".compare.md")
     assert compare_md.is_file() and compare_md.read_text() == markdown
@@ -580,7 +586,7 @@ def test_command_line_thresholds_override_the_config(runner, tiny_baseline, regr
     # Loose bits alone: the mean-loss ULP gate still catches it.
     bits_only = runner.invoke(main, ["compare", base, str(current), "--bits", "64"])
     assert bits_only.exit_code == 1
-    whys = [row[-1] for row in regression_rows(bits_only.stdout)]
+    whys = [row["why"] for row in regression_rows(bits_only.stdout)]
     assert whys and all(w.startswith("mean-loss ULPs up by") for w in whys), whys
 
 

@@ -22,7 +22,11 @@ def test_report_writes_valid_png_plots_linked_from_the_markdown(runner, tiny_res
     links = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", md)
     losses = {r["loss"] for r in tiny_results["records"] if r["status"] == "ok"}
     assert {f"tiny-{loss}-accuracy.png" for loss in losses} <= set(links)
-    assert any(link.endswith("-timing.png") for link in links)
+    # The tiny sweep times one size: a timing plot would be single dots, so there is none.
+    for loss in losses:
+        assert len({(r["batch"], r["classes"]) for r in tiny_results["records"]
+                    if r.get("timing") and r["loss"] == loss}) == 1
+    assert not any(link.endswith("-timing.png") for link in links)
     for link in links:
         with PIL.open(tmp_path / link) as image:
             image.verify()  # raises on a truncated or corrupt file
@@ -66,3 +70,21 @@ def test_cost_finding_matches_the_timing_data(tiny_results):
         assert sorted(by_hand) == sorted(expected) and int(n) == len(by_hand)
         assert f"{min(by_hand):.2f}" == lo and f"{max(by_hand):.2f}" == hi
         assert f"{statistics.median(by_hand):.2f}" == med
+
+
+def test_timing_plot_only_with_two_sizes_and_bars_from_the_raw_times(tiny_results, tmp_path):
+    import copy
+
+    res = copy.deepcopy(tiny_results)
+    timed = [r for r in res["records"] if r.get("timing") and r["loss"] == "bce"]
+    assert timed and not plots._timing_figure(None, "x", timed, tmp_path / "none.png")  # one size: none
+    bigger = [{**copy.deepcopy(r), "batch": 2 * r["batch"]} for r in timed]
+    res["records"] += bigger
+    written = {name: title for title, name in plots.write_plots(res, tmp_path, "two")}
+    assert {n for n in written if n.endswith("-timing.png")} == {"two-bce-timing.png"}
+    # The bars are the quartiles of the raw per-run times when the file has them.
+    t = timed[0]["timing"]
+    q1, med, q3 = plots._quartiles(t, "forward")
+    runs = sorted(t["forward_times_s"])
+    assert q1 <= med <= q3 and runs[0] <= q1 and q3 <= runs[-1]
+    assert med == statistics.median(runs)

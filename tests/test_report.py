@@ -54,6 +54,26 @@ def details(md: str) -> str:
     return md.split("<details>", 1)[1].split("</details>", 1)[0]
 
 
+def evidence_of(md: str) -> str:
+    """The findings evidence of a one-page report: the collapsed list under the summary."""
+    return md.split("<summary>Evidence:", 1)[1].split("</details>", 1)[0]
+
+
+def point_rows(md: str) -> list[dict]:
+    """The per-point tables (one per loss label, collapsed) read back: one dict per point and
+    implementation, with the four numbers of its cell."""
+    out = []
+    for block in md.split("<details><summary>All ")[1:]:
+        [(_, header, rows)] = tables(block.split("</details>", 1)[0])
+        for row in rows:
+            for impl, cell in zip(header[6:], row[6:]):
+                if cell:
+                    numbers = cell.split(" · ")[0].split(" / ")
+                    out.append({**dict(zip(header[:6], row[:6])), "impl": impl,
+                                **dict(zip(["fwd max ulp", "fwd mean bits", "mean ulp", "bwd max ulp"], numbers))})
+    return out
+
+
 def run_records(res: dict) -> list[dict]:
     return [r for r in res["records"] if r["status"] != "skipped"]
 
@@ -101,7 +121,7 @@ def test_naive_bce_with_logits_breaks_at_100_where_stable_holds(tiny_md):
         cells = by_key[("bce_with_logits", "cpu", dtype)]
         assert re.fullmatch(r"\*\*100\*\* \(fwd non-finite\)", cells["naive"]), cells
         assert cells["stable"] == "none"
-    findings = section(tiny_md, "Findings")
+    findings = evidence_of(tiny_md)
     assert ("- **bce_with_logits / naive** — **overflow** (NaN/±inf elements where the reference is finite): "
             "float32 from scale 100 (") in findings
     assert "- **bce_with_logits / stable**: no finding (float32, float16" in findings
@@ -133,8 +153,8 @@ def parse_findings(md: str) -> tuple[set, dict]:
     """The findings section read back: {(loss label, impl, kind, dtype label)} and
     {(loss label, impl): [dtype labels]} of the "no finding" lines."""
     found, clean = set(), {}
-    for line in section(md, "Findings").strip().splitlines()[1:]:
-        if not line:
+    for line in evidence_of(md).splitlines():
+        if not line.startswith("- "):  # the summary line and the intro
             continue
         if m := NO_FINDING.fullmatch(line):
             clean[(m[1], m[2])] = m[3].split(", ")
@@ -270,9 +290,8 @@ def test_nonfinite_values_render_as_inf_and_nan(tiny_results):
     ok[0]["forward"].update(max_ulp=math.nan, mean_bits=math.nan, reduced_ulp=math.inf, max_bits=math.inf)
     ok[0]["backward"].update(max_ulp=-math.inf, max_bits=math.nan)
     md = report.render(res)
-    points = details(md)
-    [(_, header, rows)] = tables(points)
-    row = dict(zip(header, rows[0]))
+    [row] = [p for p in point_rows(md) if p["fwd max ulp"] == "nan"]
+    assert (row["dtype"], row["distribution"], row["impl"]) == (ok[0]["dtype"], ok[0]["distribution"], ok[0]["impl"])
     assert (row["fwd max ulp"], row["fwd mean bits"], row["mean ulp"], row["bwd max ulp"]) == \
         ("nan", "nan", "inf", "-inf")
     # The naive overflow of the sweep itself shows as inf in the accuracy table.
@@ -343,9 +362,7 @@ def test_cli_report_renders_the_handcrafted_file(runner, tmp_path):
     acc = section(md, "bce_with_logits").split("**Overflow**")[0]
     assert "| all bits lost / inf / all bits lost" in acc
     assert "50% / 50%" in section(md, "bce_with_logits")
-    points = details(md)
-    [(_, dh, drows)] = tables(points)
-    broken = [dict(zip(dh, r)) for r in drows if r[dh.index("scale")] == "1000" and r[1] == "naive"]
+    broken = [p for p in point_rows(md) if p["scale"] == "1000" and p["impl"] == "naive"]
     assert broken[0]["fwd max ulp"] == "inf" and broken[0]["mean ulp"] == "inf"
     # Timing: no torch measurement, so no ratio.
     assert "×" not in section(md, "Timing")

@@ -1,0 +1,175 @@
+"""The findings as the report shows them: a summary of one line per implementation and kind
+(counts, where, the worst example), and the evidence, one line per loss label,
+implementation and kind, for a collapsed section or a per-loss page.
+
+findings.py decides what the findings are (the results file's `findings` list); this module
+only groups and words them.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+from . import analysis as A
+from . import findings as FD
+from .report_format import (
+    LOSS_ORDER,
+    dtype_rank,
+    fmt_scale,
+    impl_name,
+    impls_of,
+    label_dtype,
+    md,
+    order,
+    plural,
+)
+
+# What each kind of finding means, as the report's findings list says it once per line.
+KIND_TEXT = {
+    "formula": "**formula error** (wrong elementwise on well-conditioned inputs from the smallest scale: "
+               "not an instability)",
+    "overflow": "**overflow** (NaN/±inf elements where the reference is finite)",
+    "saturation": "**silent saturation** (finite elements more than the threshold off, clamping included)",
+    "underflow": "**underflow** (non-zero values flushed to zero)",
+    "reduction": "**reduction** (every element within tolerance, the reduced value wrong)",
+    "limit": "**limit** (NaN/±inf at ±inf logits where the limit is finite)",
+    "undefined": "**undefined mean** (nothing to average; NaN/inf where the convention is 0)",
+}
+
+
+def _label(f: dict) -> str:
+    return f"{f['loss']} [{f['variant']}]" if f["variant"] else f["loss"]
+
+
+def _impl(f: dict) -> str:
+    return impl_name(f["impl"], f["impl_kind"])
+
+
+def where(f: dict) -> str:
+    """One finding's place and evidence, short: "float16 from scale 30 (12 elements, 3 points)"."""
+    ev, d = f["evidence"], label_dtype(f["dtype"], f["device"])
+    points = plural(ev.get("points", 0), "point")
+    bits = f", {FD.bits_text(ev['worst_bits'], f['dtype'])}" if isinstance(ev.get("worst_bits"), (int, float)) else ""
+    first = f" from scale {fmt_scale(ev['first_scale'])}" if isinstance(ev.get("first_scale"), (int, float)) else ""
+    elements = f"{ev.get('elements', 0)} elements, " if "elements" in ev else ""
+    returned = f"returned {', '.join(map(str, ev.get('returned', [])))}"
+    kind = f["kind"]
+    if kind == "formula":
+        every = ", at every swept scale" if ev.get("every_scale") else ""
+        return f"{d} at scale {fmt_scale(ev.get('smallest_scale'))}{every} ({elements}{points}{bits})"
+    if kind == "saturation" and ev.get("clamped"):
+        elements += f"{ev['clamped']} clamped, "
+    if kind == "reduction":
+        batches = ", ".join(map(str, ev.get("batches", [])))
+        return f"{d} at batch {batches}{first} ({returned}, {points}{bits})"
+    if kind == "undefined":
+        grad = ev.get("gradient_nonfinite_points")
+        return f"{d} ({returned}{f', NaN/inf gradient at {grad} of them' if grad else ''}, {points})"
+    if kind == "limit":
+        return f"{d} ({elements}{points})"
+    return f"{d}{first} ({elements}{points}{bits})"
+
+
+def _num(v, default: float) -> float:
+    return float(v) if isinstance(v, (int, float)) and not math.isnan(v) else default
+
+
+def _severity(f: dict) -> tuple:
+    """Sort key, worst first: breaks at the smallest scale, then loses the most bits, then at the
+    most elements and points."""
+    ev = f["evidence"]
+    scale = _num(ev.get("first_scale", ev.get("smallest_scale")), math.inf)
+    return (scale, -_num(ev.get("worst_bits"), 0.0), -_num(ev.get("elements"), 0.0),
+            -_num(ev.get("points"), 0.0), dtype_rank(f["dtype"]), _label(f))
+
+
+def summary(records: list[dict], findings: list[dict]) -> list[str]:
+    """One line per implementation and kind: how many findings, in which losses and dtypes,
+    and the worst of them; then one line per implementation on the loss labels it passes."""
+    if not records:
+        return []
+    by_impl: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for f in findings:
+        by_impl[_impl(f)][f["kind"]].append(f)
+    labels: dict[str, set] = defaultdict(set)  # implementation -> loss labels measured
+    for r in records:
+        if r["status"] == "ok":
+            labels[md(r["impl"])].add(r["loss"])
+    lines = []
+    for impl in impls_of([{"impl": i} for i in {*by_impl, *labels}]):
+        kinds = by_impl.get(impl, {})
+        for kind in FD.KINDS:
+            if kind not in kinds:
+                continue
+            fs = kinds[kind]
+            worst = min(fs, key=_severity)
+            losses = order((f["loss"] for f in fs), LOSS_ORDER)
+            variants = {_label(f) for f in fs}
+            dtypes = sorted({label_dtype(f["dtype"], f["device"]) for f in fs}, key=lambda d: dtype_rank(d.split("@")[0]))
+            spread = (f"{plural(len(variants), 'loss variant')} of {', '.join(losses)}" if len(variants) > len(losses)
+                      else ", ".join(losses))
+            lines.append(f"- **{impl}** — {KIND_TEXT[kind]}: {plural(len(fs), 'finding')} in {spread}; "
+                         f"{', '.join(dtypes)}. Worst: {_label(worst)}, {where(worst)}.")
+        flagged = {_label(f) for fs in kinds.values() for f in fs}
+        clean = labels.get(impl, set()) - flagged
+        if clean:
+            n = len(labels[impl])
+            lines.append(f"- **{impl}**: no finding in " + (f"any of its {plural(n, 'loss variant')}" if not flagged
+                         else f"{len(clean)} of its {n} loss variants") + ".")
+    return lines + cost_findings(records, by_base=True)
+
+
+def evidence(records: list[dict], findings: list[dict]) -> list[str]:
+    """Per loss label and implementation one line per kind, with the dtypes where it happens;
+    and the implementations without any finding (with the dtypes where they were measured)."""
+    by_group: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for f in findings:
+        by_group[(_label(f), _impl(f))][f["kind"]].append(f)
+    measured: dict[tuple, list[str]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "ok":
+            d = label_dtype(r["dtype"], r["device"])
+            if d not in measured[(r["loss"], md(r["impl"]))]:
+                measured[(r["loss"], md(r["impl"]))].append(d)
+    groups = set(by_group) | set(measured)
+    impl_order = impls_of([{"impl": i} for _, i in groups])
+    lines = []
+    for label, impl in sorted(groups, key=lambda g: (A.loss_rank(g[0], LOSS_ORDER), impl_order.index(g[1]))):
+        kinds = by_group.get((label, impl))
+        if not kinds:
+            lines.append(f"- **{label} / {impl}**: no finding ({', '.join(measured[(label, impl)])}).")
+            continue
+        for kind in FD.KINDS:
+            if kind in kinds:
+                lines.append(f"- **{label} / {impl}** — {KIND_TEXT[kind]}: "
+                             + "; ".join(where(f) for f in kinds[kind]) + ".")
+    return lines
+
+
+def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
+    """loss -> forward+backward time ratios impl/base over the points where both were timed."""
+    key = A.point_key
+    timed = {(key(r), r["impl"]): r["timing"]["backward_median_s"]
+             for r in records if r["status"] == "ok" and r.get("timing")}
+    out: dict[str, list[float]] = defaultdict(list)
+    for (k, i), t in timed.items():
+        if i == impl and (k, base) in timed and timed[(k, base)] > 0:
+            out[k[0]].append(t / timed[(k, base)])
+    return out
+
+
+def cost_findings(records: list[dict], by_base: bool = False) -> list[str]:
+    """One line per loss label, or per loss with its variants pooled (`by_base`: the summary)."""
+    lines = []
+    per_label = cost_ratios(records)
+    if by_base:
+        pooled: dict[str, list[float]] = defaultdict(list)
+        for label, ratios in per_label.items():
+            pooled[label.split(" [", 1)[0]] += ratios
+        per_label = pooled
+    for loss, ratios in per_label.items():
+        lines.append(f"- Stability costs, {loss}: `stable` forward+backward takes ×{min(ratios):.2f} to "
+                     f"×{max(ratios):.2f} the time of `torch` (median ×{statistics.median(ratios):.2f} over "
+                     f"{len(ratios)} timed points).")
+    return lines
