@@ -45,11 +45,13 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from . import safeio
 from .catalog import REDUCTIONS
 from .errors import ResultsError, shorten
 from .findings import findings as findings_of
 from .findings import problem as finding_problem
 from .formats import FORMATS
+from .units import format_bytes
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -188,10 +190,18 @@ def save(results: dict, path: Path) -> None:
 
 
 def _read_text(p: Path) -> str:
-    raw = p.read_bytes()
+    # Regular files only, with a size limit (a symlink to /dev/zero or a FIFO never ends).
+    raw = safeio.read_bounded(p, safeio.RESULTS_LIMIT, "results file")
     # By content, not by name: a renamed or downloaded file is read all the same.
     if raw[:2] == _GZIP_MAGIC:
-        raw = gzip.decompress(raw)
+        # Decompressed with the same bound: a few MB of gzip can stand for terabytes.
+        unzip = zlib.decompressobj(wbits=31)
+        raw = unzip.decompress(raw, safeio.RESULTS_LIMIT + 1)
+        if len(raw) > safeio.RESULTS_LIMIT:
+            raise safeio.UnsafeInput(f"decompresses to more than the {format_bytes(safeio.RESULTS_LIMIT)} "
+                                     "a results file may be")
+        if not unzip.eof:
+            raise EOFError("truncated gzip stream")
     return raw.decode()
 
 
@@ -201,6 +211,8 @@ def load(path: str | Path) -> dict:
         data = json.loads(_read_text(p))
     except FileNotFoundError:
         raise ResultsError(f"{path}: file not found") from None
+    except safeio.UnsafeInput as e:
+        raise ResultsError(f"{path}: {e}") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; EOFError: truncated
         raise ResultsError(f"{path}: cannot read: {e.__class__.__name__}") from None
     except UnicodeDecodeError as e:

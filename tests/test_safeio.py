@@ -128,3 +128,26 @@ def test_read_bounded_holds_for_files_that_grow(tmp_path):
     assert safeio.read_bounded(path, 10) == b"x" * 10
     with pytest.raises(safeio.UnsafeInput):
         safeio.read_bounded(path, 9)
+
+
+def test_results_files_are_bounded_too(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    from losscheck import results
+    from losscheck.errors import ResultsError
+
+    link = tmp_path / "r.json"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ResultsError, match="is a character device, not a regular file"):
+        results.load(link)
+    # A gzip bomb: 1 MiB of zeros compresses to ~1 KiB, under the file limit but not its contents'.
+    bomb = tmp_path / "bomb.json.gz"
+    bomb.write_bytes(gzip.compress(b"0" * (1 << 20)))
+    monkeypatch.setattr(safeio, "RESULTS_LIMIT", 64 << 10)
+    with pytest.raises(ResultsError, match="decompresses to more than the 64 KiB a results file may be"):
+        results.load(bomb)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"schema_version": 3, "pad": "x" * (65 << 10)}))
+    with pytest.raises(ResultsError, match="larger than the 64 KiB a results file may be"):
+        results.load(big)
