@@ -41,16 +41,23 @@ class UnsafeInput(Exception):
     prefixes the file name and maps it to its own error type)."""
 
 
+def check_regular(path: str | Path, what: str = "file") -> os.stat_result:
+    """`path`'s stat if it is a regular file (symlinks followed: a link to /dev/zero is judged
+    by its target); FileNotFoundError if nothing is there, `UnsafeInput` naming what it is else."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise UnsafeInput(f"is {kind}, not a regular file; a {what} must be a regular file")
+    return st
+
+
 def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
     """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them.
 
     Raises FileNotFoundError when there is nothing at `path`, `UnsafeInput` for anything that
     is not a regular file or is larger than `limit`, and OSError for the rest (permissions).
     """
-    st = os.stat(path)  # follows symlinks: a link to /dev/zero is judged by its target
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-        raise UnsafeInput(f"is {kind}, not a regular file; a {what} must be a regular file")
+    st = check_regular(path, what)
     if st.st_size > limit:
         raise UnsafeInput(f"is {format_bytes(st.st_size)}, larger than the {format_bytes(limit)} "
                           f"a {what} may be")

@@ -151,3 +151,18 @@ def test_results_files_are_bounded_too(tmp_path, monkeypatch):
     big.write_text(json.dumps({"schema_version": 3, "pad": "x" * (65 << 10)}))
     with pytest.raises(ResultsError, match="larger than the 64 KiB a results file may be"):
         results.load(big)
+
+
+def test_probe_files_must_be_regular_files(tmp_path):
+    from losscheck.probing.load import ProbeError, load_array
+
+    link = tmp_path / "x.npy"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ProbeError, match="x.npy: is a character device, not a regular file"):
+        load_array(str(link))
+    fifo = tmp_path / "f.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(ProbeError, match="is a FIFO"):
+        load_array(str(fifo))  # refused by stat, before any open could block
+    with pytest.raises(ProbeError, match="file not found"):
+        load_array(str(tmp_path / "missing.npy"))

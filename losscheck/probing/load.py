@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import safeio
 from ..dtypes import FORMATS
 from ..errors import ConfigError
 from .text import _one_line
@@ -145,8 +146,14 @@ def load_array(spec: str, what: str = "--input") -> Loaded:
             path, key = Path(head), tail
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise ProbeError(what, f"{_short(text)!r} is neither a list nor a .pt/.pth/.npy/.npz file", INLINE_HELP)
-    if not _is_file(path):
-        raise ProbeError(str(path), "file not found", f"an existing file for {what}")
+    try:
+        safeio.check_regular(path, "probe file")  # a FIFO would block, /dev/zero never end
+    except (FileNotFoundError, NotADirectoryError):
+        raise ProbeError(str(path), "file not found", f"an existing file for {what}") from None
+    except safeio.UnsafeInput as e:
+        raise ProbeError(str(path), str(e)) from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission
+        raise ProbeError(str(path), f"cannot read: {e.__class__.__name__}") from None
     return _load_file(path, key, text)
 
 
