@@ -166,3 +166,15 @@ def test_probe_files_must_be_regular_files(tmp_path):
         load_array(str(fifo))  # refused by stat, before any open could block
     with pytest.raises(ProbeError, match="file not found"):
         load_array(str(tmp_path / "missing.npy"))
+
+
+@pytest.mark.parametrize("depth", [9, 2000, 50_000])
+def test_a_deeply_nested_probe_list_is_one_line(depth):
+    from click.testing import CliRunner
+
+    from losscheck.cli import main
+
+    text = "[" * depth + "1" + "]" * depth
+    result = CliRunner().invoke(main, ["probe", "bce_with_logits", "--input", text, "--target", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr, result.stderr[-500:]
+    assert f"lists nested {depth} deep" in result.stderr

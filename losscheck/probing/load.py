@@ -86,6 +86,11 @@ def parse_inline(text: str, source: str) -> np.ndarray:
             return "NaN"
         return ("-" if sign == "-" else "") + "Infinity"
 
+    # Depth is checked on the text first: json's recursive decoder overflows the stack on a
+    # few thousand '[' (a RecursionError traceback), long before `_nested_shape` could refuse.
+    depth = _bracket_depth(text)
+    if depth > 8:
+        raise ProbeError(source, f"lists nested {depth} deep", "at most 3 dimensions")
     try:
         data = json.loads(_WORD.sub(word, text))
     except json.JSONDecodeError as e:
@@ -103,6 +108,17 @@ def parse_inline(text: str, source: str) -> np.ndarray:
         return np.array(data, dtype=np.float64)
     except OverflowError:  # an integer too large for float64
         raise ProbeError(source, "a number beyond float64's range", "finite numbers, inf, -inf, nan") from None
+
+
+def _bracket_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "]":
+            depth -= 1
+    return deepest
 
 
 def _nested_shape(obj, source: str, depth: int = 0) -> tuple[int, ...]:
