@@ -63,6 +63,11 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
         rows = [[k, _short(a), _short(b)] for k, (a, b) in c.env_differences.items()]
         lines.append("**Environments differ**\n\n" + tabulate(rows, headers=["", "baseline", "current"],
                                                                 tablefmt="github"))
+        if "threads" in c.env_differences:
+            # Measured (issue 16): 1 ULP at 10 of 144 points between 1 and 2 threads.
+            lines.append("> The thread counts differ: torch splits reductions by thread, so a mean or sum may "
+                         "round differently (by an ULP or so) with no change of code. Compare runs made with "
+                         "the same `--threads` before reading a 1-ULP regression as real.")
     lines.append(_timing_line(c))
     if c.timing_note:
         lines.append(f"> {c.timing_note}")

@@ -897,3 +897,14 @@ def test_an_unstable_current_sample_is_re_measured_rather_than_left_unjudged():
         return {"stable": _timing(_noisy(1e-3, n=21, seed=9))}
     c = G.compare(_timed(_noisy(1e-3, seed=1)), _timed(wild), ABSOLUTE, remeasure=clean)
     assert timing_verdicts(c) == [] and c.timing.not_judged == {} and c.timing.remeasured == 2
+
+
+def test_different_thread_counts_are_named_with_what_they_do_to_accuracy(runner, timed_runs, tmp_path):
+    base = results.load(timed_runs["base"])
+    base["environment"]["threads"] = base["environment"]["threads"] + 1
+    path = tmp_path / "base.json"
+    results.save(base, path)
+    result = runner.invoke(main, ["compare", str(path), str(timed_runs["base"]), "--timing", "off"])
+    assert "**Environments differ**" in result.stdout and "The thread counts differ" in result.stdout
+    same = runner.invoke(main, ["compare", str(timed_runs["base"]), str(timed_runs["base"]), "--timing", "off"])
+    assert "thread counts differ" not in same.stdout
