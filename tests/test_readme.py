@@ -9,6 +9,7 @@ under tmp_path. Each must exit 0 without a traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from losscheck.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -106,3 +110,27 @@ def test_every_command_runs_as_written(tmp_path):
     assert ran >= 8
     # What the tour says it writes, it writes.
     assert (tmp_path / "out" / "quick.json").exists() and (tmp_path / "out" / "quick.md").exists()
+
+
+def test_results_md_names_every_field_a_results_file_holds(tiny_results, tmp_path):
+    """docs/RESULTS.md documents the file as the code writes it: every key of a fresh file
+    (top level, environment, records and their sections, findings and their evidence) and of
+    the --json summaries is named there."""
+    from losscheck import summaries
+
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    keys = set(tiny_results) | set(tiny_results["environment"])
+    for record in tiny_results["records"]:
+        keys |= set(record)
+        for section in ("forward", "backward", "timing", "memory"):
+            keys |= set(record[section] or {})
+    for finding in tiny_results["findings"]:
+        keys |= set(finding) | set(finding["evidence"])
+    keys |= set(summaries.bench_summary([], True, "a", "b", None)) | set(summaries.inventory())
+    small = tmp_path / "small.json"
+    shutil.copy(ROOT / "tests" / "data" / "small_results.json", small)
+    compared = CliRunner().invoke(main, ["compare", str(small), str(small), "--json"])
+    assert compared.exit_code == 0, compared.stderr
+    keys |= set(json.loads(compared.stdout))
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, missing
