@@ -105,7 +105,8 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
               type=click.Path(file_okay=False), help="Directory for <name>.json and <name>.md.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the config's `threads`, else torch's default).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: when stderr is a terminal and neither -q nor -v is given).")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
               help="Gate the run against this results file: exit 1 on regression.")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
