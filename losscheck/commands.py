@@ -89,13 +89,13 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
     comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
                                     remeasure, allow_missing, losses)
     summary = summaries.comparison_summary(comparison, markdown_path, junit_path)
-    if not as_json:
-        if verbosity.level() >= 0:
-            click.echo(markdown, nl=False)
-        _say(f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "
-             f"regression(s), {summary['improvements']} improvement(s), {summary['missing']} missing",
-             min_level=-1)
-        _say(f"comparison written to {markdown_path}", err=True)
+    level = verbosity.level()
+    if not as_json and level >= 0:
+        click.echo(markdown, nl=False)
+        click.echo(f"comparison written to {markdown_path}", err=True)
+    elif not as_json and level == -1:  # -q: the verdict in one line, in place of the Markdown
+        click.echo(f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "
+                   f"regression(s), {summary['improvements']} improvement(s), {summary['missing']} missing")
     return summary
 
 

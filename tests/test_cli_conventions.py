@@ -93,6 +93,8 @@ def test_quiet_compare_prints_the_verdict_line_only(runner, tmp_path, flags):
     assert result.stdout.splitlines() == [result.stdout.strip()] and result.stdout.startswith("gate: regression:")
     assert result.stderr == ""
     assert runner.invoke(main, ["-q", "compare", "-q", str(baseline), str(current)]).stdout == ""
+    plain = runner.invoke(main, ["compare", str(baseline), str(current)])  # the Markdown, and only it
+    assert plain.stdout == current.with_suffix(".compare.md").read_text() and "gate: " not in plain.stdout
 
 
 def test_verbosity_of_bench(runner, tmp_path, config):
