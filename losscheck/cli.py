@@ -13,27 +13,28 @@ import importlib
 
 import click
 
-from . import __version__
+from . import __version__, verbosity
 from .errors import LosscheckError
 
 # name -> (module, attribute, summary). The summary is the first paragraph of the command's
-# docstring, as `--help` lists it (tests/test_cli_startup.py checks that they agree).
+# docstring, as `--help` lists it (tests/test_cli_startup.py checks that they agree). Each fits
+# on one line of an 80-column `--help` listing (at most 60 characters), so that Click never
+# shortens it with "...".
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("losscheck.commands", "bench",
-              "Run the sweep of CONFIG_PATH (default: the embedded default config)."),
+              "Run the sweep of CONFIG_PATH (or of the embedded default)."),
     "compare": ("losscheck.commands", "compare_cmd",
-                "Gate CURRENT_PATH against BASELINE_PATH: exit 0 no regression, 1 regression, 2 bad input."),
+                "Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression."),
     "merge": ("losscheck.commands", "merge_cmd",
-              "Merge the results of shards of one config (bench --shard I/N) into one file and report."),
+              "Merge the results of the shards of one run (bench --shard)."),
     "baseline": ("losscheck.commands", "baseline_cmd",
                  "Accept RESULTS_PATH as the baseline the gate compares against."),
     "report": ("losscheck.commands", "report_cmd",
-               "Re-render the Markdown report (and its plots) from a results file alone."),
+               "Re-render the Markdown report (and plots) from a results file."),
     "list": ("losscheck.commands", "list_cmd",
-             "Losses, implementations, dtypes, distributions and devices available here."),
+             "Losses, implementations, dtypes, value sets and devices here."),
     "explain": ("losscheck.commands", "explain_cmd",
-                "The formula of LOSS, its naive transcription, why it breaks (measured now), the stable "
-                "rewriting and the gradient."),
+                "Why LOSS breaks: formulas, limits and a live breakdown sweep."),
     "probe": ("losscheck.probe_command", "probe_command",
               "Audit LOSS on the exact inputs that broke your training."),
 }
@@ -62,23 +63,29 @@ class _Group(click.Group):
         return command
 
     def format_commands(self, ctx, formatter) -> None:
-        # Click's listing looks every command up (importing them all); this one shortens the
-        # kept summaries with Click's own rule, through stand-in commands that hold only them.
+        # Click's listing looks every command up (importing them all) and cuts summaries short
+        # with "..." on a narrow terminal; this one lists the kept summaries whole (wrapped
+        # where the terminal is narrow), through stand-in commands that hold only them.
         def stand_in(name):
             return self.commands[name] if name in self.commands else click.Command(name, help=COMMANDS[name][2])
 
         commands = [(name, stand_in(name)) for name in self.list_commands(ctx)]
-        commands = [(name, cmd) for name, cmd in commands if not cmd.hidden]
-        if commands:
-            limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+        rows = [(name, (cmd.help or "").partition("\n\n")[0]) for name, cmd in commands if not cmd.hidden]
+        if rows:
             with formatter.section("Commands"):
-                formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in commands])
+                formatter.write_dl([(name, " ".join(text.split())) for name, text in rows])
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="losscheck")
+@verbosity.options
 def main() -> None:
-    """Benchmark and audit the numerical stability of loss functions."""
+    """Benchmark and audit the numerical stability of loss functions.
+
+    `losscheck COMMAND --help` for a command's options and examples. -q/-v work before or
+    after the command. Exit codes: 0 success, 1 regression (bench --baseline, compare),
+    2 bad input (one line on stderr), 130 interrupted. Docs: docs/USAGE.md in the repository.
+    """
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ JSON alone, and bench validates its config before it imports the sweep (and torc
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -16,12 +17,12 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import ci, plots, report, results
+from . import ci, plots, report, results, summaries, verbosity
+from .catalog import LOSS_INFO
 from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
 from .errors import LosscheckError
 from .formats import FORMATS
 from .gate import TIMING_MODES
-from .inputs import DESCRIPTIONS, DISTRIBUTIONS
 from .progress import LogLines
 
 
@@ -46,6 +47,21 @@ def _gate_options(f):
     return f
 
 
+def _json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print {what} as one JSON object on stdout instead of text.")
+
+
+def _say(message: str, min_level: int = 0, err: bool = False) -> None:
+    """Echo `message` when the verbosity (-q/-v) is at least `min_level`."""
+    if verbosity.level() >= min_level:
+        click.echo(message, err=err)
+
+
+def _print_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
+
+
 def _overrides(bits, ulp, time_factor, timing_mode) -> dict:
     return {"bits": bits, "ulp": ulp, "time_factor": time_factor, "timing": timing_mode}
 
@@ -66,27 +82,36 @@ class ShardType(click.ParamType):
 
 
 def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path,
-          allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = ()) -> None:
-    """Compare, print the Markdown, exit 1 on regression."""
-    markdown_path = results.beside(current_path, ".compare.md")
+          allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = (),
+          markdown_path: str | None = None, as_json: bool = False) -> dict:
+    """Compare and write the outputs; print the Markdown (-q: one verdict line; --json:
+    nothing, the caller prints the summary). Returns the summary (summaries.comparison_summary)."""
+    markdown_path = Path(markdown_path) if markdown_path else results.beside(current_path, ".compare.md")
     comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
                                     remeasure, allow_missing, losses)
-    click.echo(markdown, nl=False)
-    click.echo(f"comparison written to {markdown_path}", err=True)
-    if comparison.failed:
-        sys.exit(1)
+    summary = summaries.comparison_summary(comparison, markdown_path, junit_path)
+    level = verbosity.level()
+    if not as_json and level >= 0:
+        click.echo(markdown, nl=False)
+        click.echo(f"comparison written to {markdown_path}", err=True)
+    elif not as_json and level == -1:  # -q: the verdict in one line, in place of the Markdown
+        click.echo(f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "
+                   f"regression(s), {summary['improvements']} improvement(s), {summary['missing']} missing")
+    return summary
 
 
 @click.command()
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "--output-dir", "out_dir", default="reports", show_default=True,
+              type=click.Path(file_okay=False),
               help="Directory for <name>.json and <name>.md (and <name>-<loss>.md for a big report).")
 @click.option("--gzip", "compress", is_flag=True,
               help="Write <name>.json.gz (gzip) instead of <name>.json; every command reads either.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the config's `threads`, else torch's default).")
 @click.option("--progress/--no-progress", default=None,
-              help="Progress: a bar on a terminal, otherwise a line per tenth of the points or per minute.")
+              help="Progress: a bar on a terminal, otherwise a line per tenth of the points or per minute "
+                   "(default: on unless -q or -v is given).")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None,
               help="Gate the run against this results file: exit 1 on regression.")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
@@ -103,11 +128,33 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 @click.option("--loss", "only_losses", multiple=True, metavar="LOSS",
               help="Run only these losses of the config (repeatable).")
 @_gate_options
+@_json_option("the points by status, the output paths and the gate's verdict")
+@verbosity.options
 def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | None, progress: bool | None,
           baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
           impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
-          bits, ulp, time_factor, timing_mode, junit_path, allow_missing) -> None:
-    """Run the sweep of CONFIG_PATH (default: the embedded default config)."""
+          bits, ulp, time_factor, timing_mode, junit_path, allow_missing, as_json: bool) -> None:
+    """Run the sweep of CONFIG_PATH (or of the embedded default).
+
+    Writes OUT/NAME.json (the results, saved as the sweep goes) and OUT/NAME.md (the
+    report, with PNG plots); NAME is the config's `name`. A point that fails is recorded
+    as an error and the sweep goes on.
+
+    \b
+    Examples:
+      losscheck bench configs/quick.yaml -o /tmp/r     # the CI-sized sweep
+      losscheck bench configs/ci.yaml --baseline reports/baseline.json --junit junit.xml
+      losscheck bench configs/quick.yaml --loss bce --impl bce=mine.py:bce
+      losscheck bench configs/default.yaml --shard 2/4 # then: losscheck merge
+      losscheck bench configs/quick.yaml --json -q     # a JSON summary on stdout
+
+    \b
+    Exit codes:
+      0    the sweep ran (with --baseline: and no regression)
+      1    regression against --baseline
+      2    bad input: config, flag or baseline (one line on stderr)
+      130  interrupted: the finished points are written (continue with --resume)
+    """
     config = _with_flags(load_config(config_path), impls, numpy_impls, only_losses)
     if baseline:
         results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
@@ -131,23 +178,27 @@ def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | 
         records: list[dict] = _resumed(json_path, config, threads) if resume else []
         done = {results.record_key(r) for r in records}
         total = sweep.count_points(config, shard, done)
+        level = verbosity.level()
         env = environment.capture(threads)
         flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
                  *(f for loss in only_losses for f in ("--loss", loss))]
-        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir, *(["--gzip"] if compress else []),
-                              "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
+        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
+                              *(["--gzip"] if compress else []), "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
                               *flags])
         saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
         complete = False
         # A bar on a terminal; off one (a CI log) a plain line per tenth of the points or per
-        # minute, since silence there looks like a hang; nothing with --no-progress.
-        bar = (_NoBar() if progress is False else LogLines(total, stem) if not sys.stderr.isatty() else
+        # minute, since silence there looks like a hang. Nothing with --no-progress, nor with -q
+        # or -v (a line per point) unless --progress asks for it.
+        show = level == 0 if progress is None else progress
+        bar = (_NoBar() if not show else LogLines(total, stem) if not sys.stderr.isatty() else
                click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
                                  show_pos=True, show_eta=True))
         with bar:
             try:
                 sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
-                          on_record=lambda r: (records.append(r), bar.update(1, r), saver.tick()))
+                          on_record=lambda r: (records.append(r), bar.update(1, r), saver.tick(),
+                                               _say(_point_line(r), 1, err=True)))
                 complete = True
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted: writing the {len(records)} finished points "
@@ -155,39 +206,81 @@ def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | 
             finally:
                 saver.save(complete)
                 _write_report(results.load(json_path), md_path, with_plots)
-        counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "skipped")}
-        click.echo(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
-                   f"{counts['skipped']} skipped) -> {json_path}, {md_path}")
+        counts = summaries.status_counts(records)
+        if not as_json:
+            _say(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
+                 f"{counts['skipped']} skipped) -> {json_path}, {md_path}", min_level=-1)
+        gate = None
+        if complete and baseline:
+            # Suspected slowdowns are re-measured here, in the same run, before they are called.
+            gate = _gate(baseline, results.load(json_path), json_path,
+                         _overrides(bits, ulp, time_factor, timing_mode), junit_path, allow_missing,
+                         sweep.remeasurer(config, impl_table, threads), only_losses, as_json=as_json)
+        if as_json:
+            _print_json(summaries.bench_summary(records, complete, json_path, md_path, gate))
         if not complete:
             sys.exit(130)
-        if baseline:
-            # Suspected slowdowns are re-measured here, in the same run, before they are called.
-            _gate(baseline, results.load(json_path), json_path, _overrides(bits, ulp, time_factor, timing_mode),
-                  junit_path, allow_missing, sweep.remeasurer(config, impl_table, threads), only_losses)
+        if gate and gate["failed"]:
+            sys.exit(1)
+
+
+def _point_line(r: dict) -> str:
+    """One finished point, as bench -v prints it."""
+    where = f"{r['loss']} {r['impl']} {r['dtype']} {r['device']} batch {r['batch']} scale {r['scale']:g} " \
+            f"{r['distribution']}" + (f" {r['options']}" if r.get("options") else "")
+    return f"{where}: {r['status']}" + (f" ({r['message']})" if r.get("message") else "")
 
 
 @click.command("compare")
 @click.argument("baseline_path", type=click.Path(dir_okay=False))
 @click.argument("current_path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "--out", "output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the Markdown comparison (default: CURRENT_PATH with .compare.md).")
 @_gate_options
-def compare_cmd(baseline_path: str, current_path: str, bits, ulp, time_factor, timing_mode, junit_path,
-                allow_missing) -> None:
-    """Gate CURRENT_PATH against BASELINE_PATH: exit 0 no regression, 1 regression, 2 bad input.
+@_json_option("the verdict, its counts and every regression")
+@verbosity.options
+def compare_cmd(baseline_path: str, current_path: str, output: str | None, bits, ulp, time_factor, timing_mode,
+                junit_path, allow_missing, as_json: bool) -> None:
+    """Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression.
 
-    The Markdown comparison goes to stdout, next to CURRENT_PATH (.compare.md) and, when
-    GITHUB_STEP_SUMMARY is set, to the job summary."""
+    The Markdown comparison goes to stdout, to -o FILE (default: next to CURRENT_PATH,
+    .compare.md) and, when GITHUB_STEP_SUMMARY is set, to the job summary.
+
+    \b
+    Examples:
+      losscheck compare reports/baseline.json out/ci.json
+      losscheck compare reports/baseline.json out/ci.json --junit junit.xml -q
+      losscheck compare reports/baseline.json out/ci.json --json
+
+    \b
+    Exit codes:
+      0  no regression
+      1  regression (or points of the baseline missing, without --allow-missing)
+      2  bad input: a results file unreadable, of another schema or incomplete
+    """
     current = results.load(current_path)
-    _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode), junit_path,
-          allow_missing)
+    summary = _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode),
+                    junit_path, allow_missing, markdown_path=output, as_json=as_json)
+    if as_json:
+        _print_json(summary)
+    if summary["failed"]:
+        sys.exit(1)
 
 
 @click.command("merge")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The merged results file.")
+@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(dir_okay=False),
+              help="The merged results file (its report goes next to it, .md).")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
               help="PNG plots next to the merged report.")
+@verbosity.options
 def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
-    """Merge the results of shards of one config (bench --shard I/N) into one file and report."""
+    """Merge the results of the shards of one run (bench --shard).
+
+    \b
+    Example:
+      losscheck merge out/default.shard-*-of-4.json -o out/default.json
+    """
     merged = results.merge([(p, results.load(p)) for p in paths])
     out = Path(output)
     results.save(merged, out)
@@ -196,17 +289,23 @@ def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
     state = ("complete" if merged["complete"] else
              f"incomplete: shard(s) {', '.join(map(str, missing))} missing (not passed by any gate)"
              if missing else "incomplete (a shard was interrupted)")
-    click.echo(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}")
+    _say(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}", min_level=-1)
 
 
 @click.command("baseline")
 @click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the baseline (e.g. reports/baseline.json).")
+@verbosity.options
 def baseline_cmd(results_path: str, output: str) -> None:
-    """Accept RESULTS_PATH as the baseline the gate compares against."""
+    """Accept RESULTS_PATH as the baseline the gate compares against.
+
+    \b
+    Example:
+      losscheck bench configs/ci.yaml -o out && losscheck baseline out/ci.json -o reports/baseline.json
+    """
     data, warnings = ci.accept(results_path, output)
-    click.echo(f"baseline: {len(data['records'])} points from {results_path} -> {output}")
+    _say(f"baseline: {len(data['records'])} points from {results_path} -> {output}", min_level=-1)
     if warnings:
         # Accepted all the same: these timings will be "not judged" by the gate, not failed.
         click.echo(f"warning: {len(warnings)} timing(s) of {results_path} seem unstable; the gate will not "
@@ -316,62 +415,100 @@ class _NoBar:
 
 @click.command("report")
 @click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", "--out", "output", type=click.Path(dir_okay=False), default=None,
               help="Markdown file to write (default: next to the results, .md). A big report also writes "
                    "one page per loss beside it, FILE's name with -LOSS (e.g. options-cross_entropy.md).")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file (no plots).")
 @click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
               help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
+@verbosity.options
 def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plots: bool) -> None:
-    """Re-render the Markdown report (and its plots) from a results file alone."""
+    """Re-render the Markdown report (and plots) from a results file.
+
+    Reads the JSON alone: neither torch nor any custom implementation is imported.
+    """
     data = results.load(results_path)
     if to_stdout:
         click.echo(report.render(data), nl=False)
         return
     target = Path(output) if output else results.beside(results_path, ".md")
     _write_report(data, target, with_plots)
-    click.echo(f"wrote {target}")
+    _say(f"wrote {target}")
 
 
 @click.command("list")
-def list_cmd() -> None:
-    """Losses, implementations, dtypes, distributions and devices available here."""
-    # The implementations and whether CUDA/MPS can be used are torch's to say: list imports it.
-    from . import environment
-    from .losses import LOSSES
+@click.option("--devices", "check_devices", is_flag=True,
+              help="Also check whether CUDA and MPS can be used (imports torch: a few seconds).")
+@_json_option("the losses, implementations, dtypes, value sets and installed packages")
+@verbosity.options
+def list_cmd(check_devices: bool, as_json: bool) -> None:
+    """Losses, implementations, dtypes, value sets and devices here.
 
-    rows = [[name, loss.summary, ", ".join(f"{i} ({impl.kind})" for i, impl in loss.implementations.items())]
-            for name, loss in LOSSES.items()]
+    Imports no torch (packages are found with importlib.util.find_spec) unless --devices
+    asks whether CUDA or MPS can be used: that is torch's to say.
+
+    \b
+    Examples:
+      losscheck list
+      losscheck list --devices --json
+    """
+    data = summaries.inventory()
+    data["devices"] = _devices(check_devices)
+    if as_json:
+        _print_json(data)
+        return
+    rows = [[loss["name"], loss["summary"], ", ".join(f"{i['name']} ({i['kind']})" for i in loss["implementations"])]
+            for loss in data["losses"]]
     click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
     click.echo()
-    click.echo(tabulate([[f.name, f.significand_bits, f"{f.default_threshold_bits:g}"] for f in FORMATS.values()],
+    click.echo(tabulate([[f["name"], f["significand_bits"], f"{f['default_threshold_bits']:g}"] for f in data["dtypes"]],
                         headers=["dtype", "significand bits", "default threshold (bits)"], tablefmt="simple"))
     click.echo()
-    click.echo(tabulate([[d, DESCRIPTIONS[d]] for d in DISTRIBUTIONS], headers=["distribution", "inputs"],
+    click.echo(tabulate([[d["name"], d["inputs"]] for d in data["distributions"]], headers=["distribution", "inputs"],
                         tablefmt="simple"))
     click.echo()
-    devices = ["cpu", "cuda", "mps"]
-    click.echo(tabulate([[d, environment.device_problem(d) or "available"] for d in devices],
-                        headers=["device", "status"], tablefmt="simple"))
+    click.echo(tabulate(list(data["devices"].items()), headers=["device", "status"], tablefmt="simple"))
     click.echo()
-    option_rows = [[key, KEYS[key], ", ".join(n for n, loss in LOSSES.items() if option in loss.options)]
+    options = {name: info.options for name, info in LOSS_INFO.items()}
+    option_rows = [[key, KEYS[key], ", ".join(n for n, opts in options.items() if option in opts)]
                    for option, key in OPTION_AXES.items()]
     option_rows += [["reductions", KEYS["reductions"], "every loss"],
-                    ["sequence_lengths", KEYS["sequence_lengths"],
-                     ", ".join(n for n, loss in LOSSES.items() if loss.sequence)]]
+                    ["sequence_lengths", KEYS["sequence_lengths"], "sequence_cross_entropy"]]
     click.echo(tabulate(option_rows, headers=["config key", "values", "losses"], tablefmt="simple"))
+    click.echo()
+    click.echo(tabulate([[name, p["version"] or "not installed", p["used_for"]] for name, p in data["packages"].items()],
+                        headers=["package", "version", "used for"], tablefmt="simple"))
     click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
                "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)")
+
+
+def _devices(check: bool) -> dict[str, str]:
+    """Device -> "available" or why not; without `check`, CUDA and MPS are "not checked"
+    (the cpu always runs)."""
+    if not check:
+        return {"cpu": "available", "cuda": "not checked (list --devices)", "mps": "not checked (list --devices)"}
+    from . import environment  # imports torch
+
+    return {d: environment.device_problem(d) or "available" for d in ("cpu", "cuda", "mps")}
 
 
 @click.command("explain")
 @click.argument("loss")
 @click.option("--dtype", "dtypes", multiple=True, metavar="DTYPE",
               help=f"Dtypes of the live breakdown measurement, any of {', '.join(FORMATS)} (default: all).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads for the live breakdown sweep.")
+@verbosity.options
 def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
-    """The formula of LOSS, its naive transcription, why it breaks (measured now), the stable
-    rewriting and the gradient."""
+    """Why LOSS breaks: formulas, limits and a live breakdown sweep.
+
+    Prints the formula of LOSS, its naive transcription, why it breaks (dtype limits and a
+    small sweep measured now), the stable rewriting and the gradient, as Markdown.
+
+    \b
+    Example:
+      losscheck explain cross_entropy --dtype float16
+    """
     from . import explain  # measures live, with torch
 
     try:

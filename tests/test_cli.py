@@ -162,7 +162,7 @@ def test_report_stdout(bench_run, runner, tmp_path):
 
 
 def test_list(runner):
-    result = runner.invoke(main, ["list"])
+    result = runner.invoke(main, ["list", "--devices"])
     assert result.exit_code == 0 and result.stderr == ""
     for name in [*LOSSES, *FORMATS, "cpu", "cuda", "mps", "naive", "stable", "torch", "normal", "extreme"]:
         assert name in result.stdout, name

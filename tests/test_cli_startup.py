@@ -42,7 +42,7 @@ def run(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, l
     marker = tmp_path / "modules.txt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "LOSSCHECK_TEST_MODULES": str(marker)}
-    proc = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], check=False, capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=120)
     return proc, eval(marker.read_text())
 
@@ -122,12 +122,45 @@ def test_bench_rejects_a_bad_config_before_importing_torch(tmp_path):
     assert "torch" not in modules
 
 
-def test_list_works(tmp_path):
-    # list imports torch on purpose: its implementations, and whether CUDA or MPS can be
-    # used, are torch's to say (a driver on disk does not mean torch can use it).
-    proc, _ = run(["list"], tmp_path)
+def test_list_works_without_torch(tmp_path):
+    proc, modules = run(["list"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "cross_entropy" in proc.stdout and "bfloat16" in proc.stdout and "cpu" in proc.stdout
+    assert "torch" not in modules
+
+    proc, modules = run(["list", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [loss["name"] for loss in data["losses"]][:2] == ["bce", "bce_with_logits"]
+    assert data["packages"]["torch"]["version"]  # found on disk by find_spec, not imported
+    assert data["devices"]["cuda"].startswith("not checked")
+    assert "torch" not in modules
+
+
+def test_list_devices_asks_torch(tmp_path):
+    # Whether CUDA or MPS can be used is torch's to say (a driver on disk does not mean
+    # torch can use it): --devices imports it, on purpose.
+    proc, modules = run(["list", "--devices", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    devices = json.loads(proc.stdout)["devices"]
+    assert devices["cpu"] == "available" and not devices["cuda"].startswith("not checked")
+    assert "torch" in modules
+
+
+def test_help_lists_every_summary_whole_on_one_line(tmp_path):
+    # Click cuts a summary that does not fit with "..."; ours are listed whole, each on the
+    # line of its command at the default width, and wrapped (still whole) on a narrow one.
+    proc, _ = run(["--help"], tmp_path)
+    lines = proc.stdout.splitlines()
+    for name, (_, _, summary) in cli.COMMANDS.items():
+        line = next(line for line in lines if line.strip().startswith(name + " "))
+        assert line.split(None, 1)[1] == summary, name
+    narrow = click.testing.CliRunner().invoke(cli.main, ["--help"], terminal_width=50)
+    commands = narrow.output.partition("Commands:")[2]
+    assert "..." not in commands
+    text = " ".join(commands.split())
+    for name, (_, _, summary) in cli.COMMANDS.items():
+        assert f"{name} {summary}" in text, name
 
 
 def test_kept_summaries_are_the_commands_docstrings():

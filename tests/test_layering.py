@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
     ("api", {"losscheck.api"}),
-    ("commands", {"losscheck.commands", "losscheck.probe_command"}),
+    ("commands", {"losscheck.commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
 
