@@ -34,6 +34,23 @@ WORK = torch.float64
 _LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
 
 
+# How float64 targets are computed: "dd" (double-double in torch tensors, any device:
+# losscheck.doubledouble) or "extended" (numpy x86 long double on the host, where available).
+FLOAT64_PATH = "dd"
+
+
+def path(dtype: torch.dtype) -> str:
+    """How the reference for `dtype` is computed: "tensors" (float64 tensors: float32 and
+    the halves), "dd" or "extended" (float64: see FLOAT64_PATH; "dd" wherever long double is
+    not extended precision)."""
+    if dtype != torch.float64:
+        fmt(dtype)  # raises KeyError for unsupported dtypes
+        return "tensors"
+    if FLOAT64_PATH == "extended" and _LONGDOUBLE_OK and _extended_now():
+        return "extended"
+    return "dd"
+
+
 def work_dtype(dtype: torch.dtype) -> type:
     """The numpy type the reference for `dtype` is computed in: np.float64 means torch
     float64 tensors (`WORK`), np.longdouble the extended (numpy) path."""
@@ -215,6 +232,17 @@ class TensorCompensatedSum:
         # inf/NaN terms: IEEE's sum is the answer (any order gives the same inf or NaN).
         self._plain = self._plain + torch.where(ok, 0.0, plain)
 
+    def total_dd(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum as a double-double (hi, lo) of shape () (inf/NaN terms: IEEE's sum in hi)."""
+        self._flush()
+        if self._hi is None:
+            z = torch.zeros((), dtype=WORK, device=device)
+            return z, z.clone()
+        hi, lo = _two_sum(self._hi, self._lo)
+        hi, lo = _two_sum(hi, self._plain + lo)
+        ok = hi.isfinite()
+        return torch.where(ok, hi, self._hi + self._lo + self._plain), torch.where(ok, lo, 0.0)
+
     def mean(self, count: int, work=None) -> torch.Tensor:
         """The sum divided by `count`, a float64 tensor of shape ()."""
         self._flush()
@@ -329,7 +357,23 @@ def weigh(values, factor, undefined=None):
     return np.where(zero, values.dtype.type(0), out)
 
 
-def chunk_function(on_tensors: Callable, extended: Callable) -> Callable:
+def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
+    """`weigh_binary` for scaled double-doubles (float64 targets): the factor
+    w·(pos_weight if y = 1 else 1) formed exactly (TwoProd), a zero factor removing its element."""
+    if weight is None and pos_weight is None:
+        return loss, grad
+    from . import doubledouble as D
+    f = None
+    if pos_weight is not None:
+        f = D.dd(torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0))
+    if weight is not None:
+        w = weight.to(WORK).expand_as(inp)
+        f = D.dd(w) if f is None else D.two_prod(f[0], w)
+    nan_input = inp.isnan()
+    return D.weigh_scaled(loss, f, nan_input), D.weigh_scaled(grad, f, nan_input)
+
+
+def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None = None) -> Callable:
     """A loss's `reference_chunk` (or `denominators`) from its two formulations: `on_tensors`
     (torch float64 tensors, any device: float32/float16/bfloat16 targets) and `extended`
     (numpy long double arrays: float64 targets, until issue 13's double-double replaces it).
@@ -346,7 +390,7 @@ def chunk_function(on_tensors: Callable, extended: Callable) -> Callable:
         out = on_tensors(*(_tensor(a) for a in (x, *args)), **{k: _tensor(v) for k, v in options.items()})
         return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
     chunk.__doc__ = on_tensors.__doc__
-    chunk.on_tensors, chunk.extended = on_tensors, extended
+    chunk.on_tensors, chunk.extended, chunk.dd = on_tensors, extended, dd
     return chunk
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
+from . import cross_entropy_dd
 from ..catalog import LOSS_INFO
 from .base import (Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive,
                    scale_grad, two_sum)
@@ -615,8 +616,8 @@ def _limits_extended(x, t, finite):
     return loss, grad
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
-denominators = R.chunk_function(_denominators_tensors, _denominators_extended)
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, cross_entropy_dd.reference_dd)
+denominators = R.chunk_function(_denominators_tensors, _denominators_extended, _denominators_tensors)
 
 
 INFO = LOSS_INFO["cross_entropy"]  # summary, formulas, options: catalog.py
