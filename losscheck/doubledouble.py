@@ -58,23 +58,26 @@ def fast_two_sum(a, b):
 
 
 def split(a):
-    """a = hi + lo with hi, lo of 26 significand bits each (Veltkamp); operands whose
-    a·SPLITTER would overflow are split scaled down by 2**-28 and scaled back (exact)."""
-    big = a.abs() > _SPLIT_MAX
-    a2 = torch.where(big, a * 2.0 ** -28, a)
-    t = a2 * _SPLITTER
-    hi = t - (t - a2)
-    lo = a2 - hi
-    return torch.where(big, hi * 2.0 ** 28, hi), torch.where(big, lo * 2.0 ** 28, lo)
+    """a = hi + lo with hi, lo of 26 significand bits each (Veltkamp), for |a| <= _SPLIT_MAX."""
+    t = a * _SPLITTER
+    hi = t - (t - a)
+    return hi, a - hi
 
 
 def two_prod(a, b):
-    """a·b = p + e exactly (Dekker), while p is finite and e does not underflow."""
+    """a·b = p + e exactly (Dekker), while p is finite and e does not underflow. Operands
+    beyond _SPLIT_MAX (whose split would overflow, or round up to inf), and products near
+    overflow, are scaled by 2**-28 for the error term, which is then scaled back (exact)."""
     p = a * b
-    ah, al = split(a)
-    bh, bl = split(b)
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    return p, e
+    # Near overflow, ah·bh may round above the largest float: scale a down too.
+    sa = torch.where((a.abs() > _SPLIT_MAX) | (p.abs() > 2.0 ** 1000), 2.0 ** -28, 1.0)
+    sb = torch.where(b.abs() > _SPLIT_MAX, 2.0 ** -28, 1.0)
+    a2, b2 = a * sa, b * sb
+    p2 = a2 * b2
+    ah, al = split(a2)
+    bh, bl = split(b2)
+    e = ((ah * bh - p2) + ah * bl + al * bh) + al * bl
+    return p, e / (sa * sb)
 
 
 def _clean(hi, lo):

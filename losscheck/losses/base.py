@@ -214,6 +214,10 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     )
 
 
+# The sum of the losses is also carried scaled by 2**-_DD_SHIFT, for means of losses near 1e308.
+_DD_SHIFT = 64
+
+
 def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None,
                   reduction: str) -> Reference:
     """`reference` for float64 inputs in double-double (losscheck.doubledouble), on the
@@ -246,7 +250,7 @@ def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: 
     divide = reduction == "mean" and not undefined
     loss_out = torch.empty(n, dtype=torch.float64, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
-    total = R.TensorCompensatedSum()
+    total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
     for rows in R.row_chunks(n, row_elems, chunk):
         lw, gw = loss.reference_chunk.dd(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device),
                                          **chunk_options(rows))
@@ -258,20 +262,27 @@ def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: 
             d = (denominator[0].expand_as(gw[0]), denominator[1].expand_as(gw[0]))
             gw = (*D.div(gw[:2], d), gw[2])
         grad_out[rows] = D.round_scaled(*gw)
-        total.add(D.ldexp(lw[0], lw[2]))
-        total.add(D.ldexp(lw[1], lw[2]))
+        for t, shift in ((total, 0), (total_scaled, _DD_SHIFT)):
+            t.add(D.ldexp(lw[0], lw[2] - shift))
+            t.add(D.ldexp(lw[1], lw[2] - shift))
     value = reduced = None
+    shift0 = torch.zeros((), dtype=torch.int64, device=device)
     if reduction != "none":
-        value = D.exact_scaled(0.0, denominator[0])[:2] if undefined else total.total_dd(device)
+        value = D.exact_scaled(0.0, denominator[0]) if undefined else (*total.total_dd(device), shift0)
+        if not undefined and not bool(value[0].isfinite()):
+            # The sum left float64's range (losses near 1e308) but its mean may not: the
+            # same sum scaled by 2**-_DD_SHIFT (IEEE's inf/NaN where terms are inf/NaN).
+            scaled = total_scaled.total_dd(device)
+            value = (*scaled, shift0 + _DD_SHIFT) if bool(scaled[0].isfinite()) else value
         if divide:
-            value = D.div(value, denominator)
-        reduced = D.to_float64(tuple(v.reshape(1) for v in value))[0]
+            value = (*D.div(value[:2], denominator), value[2])
+        reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
     return Reference(
         loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
                               else target.shape),
         grad=grad_out.reshape(inp.shape),
         reduced=reduced,
-        value=None if reduced is None else float(value[0] + value[1]),
+        value=None if reduced is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
         undefined=undefined,
     )

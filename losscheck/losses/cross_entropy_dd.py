@@ -61,8 +61,9 @@ def _finite(x, t, masked=None):
     xt = x[rows, t]
     k = torch.where(xt == m, t, am)
     m, e, big, ks, s, total, l1p = _softmax(x, k, masked)
-    gap = D.two_sum(m, -xt)
-    off = D.add(gap, D.ldexp_dd(l1p[:2], l1p[2]))
+    sh = _shift(x)
+    gap = D.two_sum(D.ldexp(m, -sh), D.ldexp(-xt, -sh))
+    off = (*D.add(gap, D.ldexp_dd(l1p[:2], l1p[2] - sh)), sh.expand_as(m))
     loss = D.where_scaled(t == k, l1p, off)
     loss = D.where_scaled(xt == -math.inf, D.exact_scaled(math.inf, m), loss)
     grad = _probabilities(e, total)
@@ -74,6 +75,13 @@ def _finite(x, t, masked=None):
     q_on = D.div(D.neg(big), total)
     target = D.where_scaled(t == k, (*q_on, ks), q_off)
     return loss, _set(grad, t, target)
+
+
+def _shift(x):
+    """2 where the chunk holds logits beyond 2**1020 (x_j − m and the row sums may exceed
+    float64's range while the mean does not): those are carried scaled by 2**-2; else 0."""
+    big = bool(((x.abs() > 2.0 ** 1020) & x.isfinite()).any())
+    return torch.tensor(2 if big else 0, dtype=torch.int64, device=x.device)
 
 
 def _special(x):
@@ -114,9 +122,13 @@ def _nll_and_probabilities(x):
     m, e, big, ks, s, total, l1p = _softmax(xf, k, masked)
     p = _set(_probabilities(e, total), k, (*D.div(D.dd(torch.ones_like(m)), total), _zeros_k(m)))
     xs = torch.where(masked, m[:, None], xf)
-    lse = D.ldexp_dd(l1p[:2], l1p[2])
-    nll = D.add(D.two_sum(m[:, None].expand_as(xs), -xs), (lse[0][:, None].expand_as(xs), lse[1][:, None].expand_as(xs)))
-    nll = D.where_scaled(torch.zeros_like(masked).scatter_(1, k[:, None], True), tuple(v[:, None].expand_as(xs) for v in l1p), nll)
+    sh = _shift(x)
+    lse = D.ldexp_dd(l1p[:2], l1p[2] - sh)
+    nll = D.add(D.two_sum(D.ldexp(m[:, None].expand_as(xs), -sh), D.ldexp(-xs, -sh)),
+                (lse[0][:, None].expand_as(xs), lse[1][:, None].expand_as(xs)))
+    nll = (*nll, sh.expand_as(xs))
+    at_k = tuple(v[:, None].expand_as(xs) for v in D.ldexp_dd(l1p[:2], l1p[2] - sh)) + (sh.expand_as(xs),)
+    nll = D.where_scaled(torch.zeros_like(masked).scatter_(1, k[:, None], True), at_k, nll)
     nll = D.where_scaled(masked, D.exact_scaled(math.inf, xs), nll)
     one = (npos == 1)[:, None]
     several = torch.where(pos, math.nan, 0.0).to(x.dtype)
@@ -133,7 +145,7 @@ def _weighted(x, cw):
     """Σ_j c_j·(−log p_j) and (Σ_j c_j)·p − c for coefficients c (a dd (N, C)); terms with
     c_j = 0 left out; a row of zero coefficients removed (gradient 0), NaN rows undefined."""
     nll, p = _nll_and_probabilities(x)
-    term = D.mul(cw, D.ldexp_dd(nll[:2], nll[2]))
+    term = D.mul(cw, nll[:2])  # nll's scale is one for the whole chunk (`_shift`)
     zero = cw[0] == 0
     loss = D.row_sum((term[0].masked_fill(zero, 0.0), term[1].masked_fill(zero, 0.0)))
     total = D.row_sum(cw)
@@ -143,7 +155,7 @@ def _weighted(x, cw):
     grad = D.where_scaled(zero, wp, plain)
     removed = (total[0] == 0)[:, None] & ~x.isnan().any(1)[:, None]
     grad = D.where_scaled(removed, D.exact_scaled(0.0, x), grad)
-    return (*loss, _zeros_k(loss[0])), grad
+    return (*loss, _shift(x).expand_as(loss[0])), grad
 
 
 def _scale(a, c):
