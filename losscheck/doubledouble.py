@@ -108,6 +108,24 @@ def add(a, b):
     return _ieee(a[0] + b[0], *fast_two_sum(s, e + f))
 
 
+def _add(a, b):
+    """`add` without the inf/NaN handling (finite operands: the inner loops of exp, whose
+    arguments are reduced; torch.where and isfinite cost more than the arithmetic)."""
+    s, e = two_sum(a[0], b[0])
+    t, f = two_sum(a[1], b[1])
+    s, e = fast_two_sum(s, e + t)
+    return fast_two_sum(s, e + f)
+
+
+def _mul(a, b):
+    """`mul` for finite operands of moderate size (no inf/NaN handling, no split scaling)."""
+    p = a[0] * b[0]
+    ah, al = split(a[0])
+    bh, bl = split(b[0])
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return fast_two_sum(p, e + (a[0] * b[1] + a[1] * b[0]))
+
+
 def neg(a):
     return -a[0], -a[1]
 
@@ -207,12 +225,11 @@ def _expm1_reduced(r):
         tail = tail * x[0] + _INV_FACT[n - 2][0]
     s = dd(tail, torch.zeros_like(tail))
     for n in range(4, 1, -1):
-        s = add(mul(s, x), dd(torch.full_like(x[0], _INV_FACT[n - 2][0]), torch.full_like(x[0], _INV_FACT[n - 2][1])))
-    s = add(mul(s, x), dd(torch.ones_like(x[0])))
-    s = mul(s, x)
-    two = torch.full_like(x[0], 2.0)
+        s = _add(_mul(s, x), (torch.full_like(x[0], _INV_FACT[n - 2][0]), torch.full_like(x[0], _INV_FACT[n - 2][1])))
+    s = _mul(_add(_mul(s, x), dd(torch.ones_like(x[0]))), x)
+    two = dd(torch.full_like(x[0], 2.0))
     for _ in range(_HALVINGS):
-        s = mul(s, add(s, dd(two)))
+        s = _mul(s, _add(s, two))
     return s
 
 
@@ -222,8 +239,8 @@ def _reduce(a):
     lo = torch.where(hi == a[0], a[1], 0.0)
     kf = torch.round(hi / _LN2[0])
     p, e = two_prod(kf, torch.full_like(kf, _LN2[0]))
-    r = add((hi - p, lo), (-e, -kf * _LN2[2]))  # hi − p: exact (Sterbenz)
-    r = sub(r, two_prod(kf, torch.full_like(kf, _LN2[1])))
+    r = _add((hi - p, lo), (-e, -kf * _LN2[2]))  # hi − p: exact (Sterbenz)
+    r = _add(r, neg(two_prod(kf, torch.full_like(kf, _LN2[1]))))
     nan = hi.isnan()
     kf = torch.where(nan, 0.0, kf)
     return r, kf.to(torch.int64)
@@ -234,10 +251,10 @@ def exp_scaled(a):
     (+inf → inf, −inf → 0 through the scale), NaN → NaN. Round with `round_scaled`."""
     r, k = _reduce(a)
     s = _expm1_reduced(r)
-    hi, lo = add(dd(torch.ones_like(s[0])), s)
-    hi = torch.where(a[0] == math.inf, math.inf, hi)
-    lo = torch.where(a[0] == math.inf, 0.0, lo)
-    return hi, lo, k
+    hi, lo = fast_two_sum(torch.ones_like(s[0]), s[0])
+    hi, lo = fast_two_sum(hi, lo + s[1])
+    inf = a[0] == math.inf
+    return hi.masked_fill(inf, math.inf), lo.masked_fill(inf, 0.0), k
 
 
 def exp(a):
@@ -262,7 +279,7 @@ def _log_newton(a):
     """log(a) for a dd a > 0 away from 1: y0 = log(hi), y = y0 + a·exp(−y0) − 1 (Newton:
     the error squares to ~2**-104·|y|). Arguments beyond 2**±900 are scaled by a power
     of two first (log(a) = log(a·2**−e) + e·ln2: no cancellation there)."""
-    m, e = torch.frexp(a[0])
+    _, e = torch.frexp(a[0])
     far = (a[0] > 2.0 ** 900) | (a[0] < 2.0 ** -900)
     e = torch.where(far & a[0].isfinite() & (a[0] > 0), e.to(torch.int64), 0)
     x = ldexp_dd(a, -e)
@@ -379,7 +396,7 @@ def normalize_scaled(a):
     the mantissa neither underflow nor overflow; zeros, ±inf and NaN are left as they are."""
     hi, lo = a[0], a[1]
     k = a[2] if len(a) == 3 else torch.zeros_like(hi, dtype=torch.int64)
-    m, e = torch.frexp(hi)
+    _, e = torch.frexp(hi)
     e = torch.where(hi.isfinite() & (hi != 0), e.to(torch.int64), 0)
     return ldexp(hi, -e), ldexp(lo, -e), k + e
 

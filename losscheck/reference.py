@@ -4,9 +4,12 @@ References are computed with at least 10 more significand bits than the dtype un
 
 * float32/float16/bfloat16 targets in **torch float64 tensors on the input's device** (CPU,
   CUDA: nothing in that path goes through the host or numpy);
-* float64 targets in numpy x86 long double (64-bit significand), on the host: the
-  *extended* path. (issue 13 item 2 replaces it by a double-double evaluation in torch;
-  until then each loss keeps its numpy formulation for it, see `chunk_function`.)
+* float64 targets in numpy x86 long double (64-bit significand) on the host where it is
+  extended precision and the input is on the CPU (the *extended* path: the fast one on a
+  CPU), else in double-double (`losscheck.doubledouble`: pairs of float64 tensors, ~106
+  bits) on the input's device: aarch64, Apple silicon, GPUs (`path`). Each loss has both
+  formulations (`chunk_function`); they give the same float64 references but where long
+  double double-rounds (about one value in 2**10, near ties; tests/test_doubledouble.py).
 
 Both never hold more than a bounded chunk of values in working precision at once
 (`chunk_elements`), and are rounded to the target dtype exactly once (correct rounding,
@@ -34,19 +37,24 @@ WORK = torch.float64
 _LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
 
 
-# How float64 targets are computed: "dd" (double-double in torch tensors, any device:
-# losscheck.doubledouble) or "extended" (numpy x86 long double on the host, where available).
-FLOAT64_PATH = "dd"
+# How float64 targets are computed on the CPU: "extended" (numpy x86 long double on the host:
+# the fast path there, 10-100x faster than torch's double-double on a CPU, whose every
+# operation is a separate pass over memory) where long double is extended precision, else
+# "dd" (double-double in torch tensors: `losscheck.doubledouble`). Inputs on an accelerator
+# always take "dd", on their device. Both give the same float64 references but where the long
+# double path double-rounds (tests/test_doubledouble.py).
+FLOAT64_PATH = "extended"
 
 
-def path(dtype: torch.dtype) -> str:
+def path(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
     """How the reference for `dtype` is computed: "tensors" (float64 tensors: float32 and
-    the halves), "dd" or "extended" (float64: see FLOAT64_PATH; "dd" wherever long double is
-    not extended precision)."""
+    the halves), "extended" or "dd" (float64: see FLOAT64_PATH; "dd" on accelerators and
+    wherever long double is not extended precision, so float64 is never skipped)."""
     if dtype != torch.float64:
         fmt(dtype)  # raises KeyError for unsupported dtypes
         return "tensors"
-    if FLOAT64_PATH == "extended" and _LONGDOUBLE_OK and _extended_now():
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if FLOAT64_PATH == "extended" and on_cpu and _LONGDOUBLE_OK and _extended_now():
         return "extended"
     return "dd"
 

@@ -18,7 +18,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from losscheck import doubledouble as D
 from losscheck import reference as R
@@ -315,3 +316,39 @@ def test_float64_is_audited_where_long_double_is_not_extended(monkeypatch):
         monkeypatch.setattr(R, "_LONGDOUBLE_OK", True)
         old = reference(loss, x, t, {}, "mean")
         assert _bits_equal(old.reduced, ref.reduced) and _bits_equal(old.loss, ref.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the dd path's device run is untested")
+def test_float64_reference_on_cuda_equals_cpu():
+    # Device-agnostic: the same double-double evaluation on the GPU gives the same bits.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 40, dtype=F, generator=g) * 20
+    t = torch.randint(0, 40, (256,), generator=g)
+    for name, inp, tgt in (("cross_entropy", x, t), ("bce_with_logits", x[:, 0] * 40, (t > 20).to(F))):
+        cpu = reference(LOSSES[name], inp, tgt, {}, "mean")
+        gpu = reference(LOSSES[name], inp.cuda(), tgt.cuda(), {}, "mean")
+        assert gpu.grad.device.type == "cuda"
+        assert _bits_equal(cpu.grad, gpu.grad.cpu()) and _bits_equal(cpu.reduced, gpu.reduced.cpu())
+
+
+# ---- per loss, the double-double float64 reference against mpmath ---------------------------------
+# test_reference.py's float64 certification (every element, its rounding, mean and sum against
+# mpmath), run with the double-double path forced. (Its raw-value checks read the long-double
+# formulation, hence the skip where there is none; the functions above are certified everywhere.)
+
+import test_reference as TR  # tests/ is on sys.path (as for test_options)
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="test_reference's certify also reads the long-double formulation")
+@pytest.mark.parametrize("loss_name,case", list(TR._cases()))
+def test_dd_reference_matches_mpmath(loss_name, case, monkeypatch):
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    TR.test_reference_matches_mpmath(loss_name, case, "float64")
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="test_reference's certify also reads the long-double formulation")
+@pytest.mark.parametrize("test", ["test_cross_entropy_reference_random", "test_cross_entropy_reference_random_with_infinities",
+                                  "test_bce_with_logits_reference_random", "test_bce_reference_random"])
+def test_dd_reference_random_matches_mpmath(test, monkeypatch):
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    getattr(TR, test)("float64", 64)

@@ -132,9 +132,10 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
     float32/float16/bfloat16 inputs are evaluated in float64 tensors on their own device,
-    and the result (`Reference`'s tensors) stays there; float64 inputs take the extended
-    path (numpy long double on the host, see `reference.py`), whose rounded result is put
-    back on the input's device. Only `Reference.value` (one number) is read on the host.
+    and the result (`Reference`'s tensors) stays there; float64 inputs in numpy long double
+    on the host where that is extended precision and the input on the CPU (its rounded
+    result put back on the input's device), else in double-double tensors on their device
+    (`_reference_dd`; `reference.path`). Only `Reference.value` (one number) is read on the host.
 
     `options` are the implementation's keyword options (tensors are read exactly in
     working precision). The mean's denominator is summed first (it depends on the
@@ -144,7 +145,7 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
-    how = R.path(dtype)
+    how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
         return _reference_dd(loss, inp, target, options, reduction)
     work = R.work_dtype(dtype)

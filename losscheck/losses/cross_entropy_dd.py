@@ -60,7 +60,7 @@ def _finite(x, t, masked=None):
     rows = torch.arange(x.shape[0], device=x.device)
     xt = x[rows, t]
     k = torch.where(xt == m, t, am)
-    m, e, big, ks, s, total, l1p = _softmax(x, k, masked)
+    m, e, big, ks, _, total, l1p = _softmax(x, k, masked)
     sh = _shift(x)
     gap = D.two_sum(D.ldexp(m, -sh), D.ldexp(-xt, -sh))
     off = (*D.add(gap, D.ldexp_dd(l1p[:2], l1p[2] - sh)), sh.expand_as(m))
@@ -119,7 +119,7 @@ def _nll_and_probabilities(x):
     masked = neg & ~special[:, None]
     unmasked = torch.where(masked, -math.inf, xf)
     k = unmasked.argmax(1)
-    m, e, big, ks, s, total, l1p = _softmax(xf, k, masked)
+    m, e, _, _, _, total, l1p = _softmax(xf, k, masked)
     p = _set(_probabilities(e, total), k, (*D.div(D.dd(torch.ones_like(m)), total), _zeros_k(m)))
     xs = torch.where(masked, m[:, None], xf)
     sh = _shift(x)
