@@ -89,7 +89,10 @@ def _ieee(plain, hi, lo):
     """(hi, lo), or IEEE's result of the leading parts (`plain`, lo = 0) where that is ±inf or
     NaN: the error terms of inf operands are NaN and must not leak into hi."""
     ok = plain.isfinite() & hi.isfinite()
-    return torch.where(plain.isfinite(), hi, plain), torch.where(ok, lo, 0.0)
+    # An exact zero keeps IEEE's sign (−0·w is −0, as in the long-double path): fast_two_sum
+    # would turn it into +0.
+    keep = plain.isfinite() & ((hi != 0) | (plain != 0))
+    return torch.where(keep, hi, plain), torch.where(ok, lo, 0.0)
 
 
 # ---- dd arithmetic --------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ def div(a, b):
     r = sub(r, mul_d(b, q2))
     q3 = r[0] / b[0]
     q = add(fast_two_sum(q1, q2), dd(q3))
-    ok = q1.isfinite() & b[0].isfinite() & (b[0] != 0)
+    ok = q1.isfinite() & b[0].isfinite() & (b[0] != 0) & (q[0] != 0)  # a zero quotient: IEEE's sign
     return torch.where(ok, q[0], q1), torch.where(ok, q[1], 0.0)
 
 
@@ -184,6 +187,7 @@ def round_scaled(hi, lo, k=None):
 
     Normal results: hi·2**k exactly (hi is hi + lo rounded). Subnormal ones: hi·2**k rounds
     once more, and lo decides where hi lay exactly halfway between two subnormals."""
+    signed_zero = torch.where((hi == 0) & (lo == 0), hi, torch.nan)  # ±0 keeps its sign
     hi, lo = _clean(*fast_two_sum(*_clean(hi, lo)))
     if k is None:
         k = torch.zeros_like(hi, dtype=torch.int64)
@@ -203,7 +207,8 @@ def round_scaled(hi, lo, k=None):
     d = m - back
     half = ldexp(torch.ones_like(m), (-1075 - kk).clamp(-1022, 1023))
     tie = (kk < -1021) & (d.abs() == half) & (lo * d > 0)
-    return torch.where(tie, h + torch.sign(d) * 2.0 ** -1074, h)
+    h = torch.where(tie, h + torch.sign(d) * 2.0 ** -1074, h)
+    return torch.where(signed_zero.isnan(), h, signed_zero)
 
 
 def to_float64(a):
