@@ -153,6 +153,9 @@ def mul_d(a, b):
 def div(a, b):
     """dd / dd: three quotient digits with exact remainders (~2**-104 relative); b = 0 or
     ±inf give IEEE's answer for the leading parts."""
+    # A dividend near overflow is divided scaled by 2**-2 (exact): q1·b may round above it.
+    big = a[0].abs() > 2.0 ** 1000
+    a = (torch.where(big, a[0] * 0.25, a[0]), torch.where(big, a[1] * 0.25, a[1]))
     q1 = a[0] / b[0]
     r = sub(a, mul_d(b, q1))
     q2 = r[0] / b[0]
@@ -160,7 +163,8 @@ def div(a, b):
     q3 = r[0] / b[0]
     q = add(fast_two_sum(q1, q2), dd(q3))
     ok = q1.isfinite() & b[0].isfinite() & (b[0] != 0) & (q[0] != 0)  # a zero quotient: IEEE's sign
-    return torch.where(ok, q[0], q1), torch.where(ok, q[1], 0.0)
+    hi, lo = torch.where(ok, q[0], q1), torch.where(ok, q[1], 0.0)
+    return torch.where(big, hi * 4.0, hi), torch.where(big & (hi * 4.0).isfinite(), lo * 4.0, torch.where(big, 0.0, lo))
 
 
 def _pow2(k):
