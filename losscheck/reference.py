@@ -4,9 +4,12 @@ References are computed with at least 10 more significand bits than the dtype un
 
 * float32/float16/bfloat16 targets in **torch float64 tensors on the input's device** (CPU,
   CUDA: nothing in that path goes through the host or numpy);
-* float64 targets in numpy x86 long double (64-bit significand), on the host: the
-  *extended* path. (issue 13 item 2 replaces it by a double-double evaluation in torch;
-  until then each loss keeps its numpy formulation for it, see `chunk_function`.)
+* float64 targets in numpy x86 long double (64-bit significand) on the host where it is
+  extended precision and the input is on the CPU (the *extended* path: the fast one on a
+  CPU), else in double-double (`losscheck.doubledouble`: pairs of float64 tensors, ~106
+  bits) on the input's device: aarch64, Apple silicon, GPUs (`path`). Each loss has both
+  formulations (`chunk_function`); they give the same float64 references but where long
+  double double-rounds (about one value in 2**10, near ties; tests/test_doubledouble.py).
 
 Both never hold more than a bounded chunk of values in working precision at once
 (`chunk_elements`), and are rounded to the target dtype exactly once (correct rounding,
@@ -32,6 +35,28 @@ DEVICE_CHUNK_ELEMENTS = 1 << 22
 WORK = torch.float64
 
 _LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
+
+
+# How float64 targets are computed on the CPU: "extended" (numpy x86 long double on the host:
+# the fast path there, 10-100x faster than torch's double-double on a CPU, whose every
+# operation is a separate pass over memory) where long double is extended precision, else
+# "dd" (double-double in torch tensors: `losscheck.doubledouble`). Inputs on an accelerator
+# always take "dd", on their device. Both give the same float64 references but where the long
+# double path double-rounds (tests/test_doubledouble.py).
+FLOAT64_PATH = "extended"
+
+
+def path(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
+    """How the reference for `dtype` is computed: "tensors" (float64 tensors: float32 and
+    the halves), "extended" or "dd" (float64: see FLOAT64_PATH; "dd" on accelerators and
+    wherever long double is not extended precision, so float64 is never skipped)."""
+    if dtype != torch.float64:
+        fmt(dtype)  # raises KeyError for unsupported dtypes
+        return "tensors"
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if FLOAT64_PATH == "extended" and on_cpu and _LONGDOUBLE_OK and _extended_now():
+        return "extended"
+    return "dd"
 
 
 def work_dtype(dtype: torch.dtype) -> type:
@@ -215,6 +240,17 @@ class TensorCompensatedSum:
         # inf/NaN terms: IEEE's sum is the answer (any order gives the same inf or NaN).
         self._plain = self._plain + torch.where(ok, 0.0, plain)
 
+    def total_dd(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum as a double-double (hi, lo) of shape () (inf/NaN terms: IEEE's sum in hi)."""
+        self._flush()
+        if self._hi is None:
+            z = torch.zeros((), dtype=WORK, device=device)
+            return z, z.clone()
+        hi, lo = _two_sum(self._hi, self._lo)
+        hi, lo = _two_sum(hi, self._plain + lo)
+        ok = hi.isfinite()
+        return torch.where(ok, hi, self._hi + self._lo + self._plain), torch.where(ok, lo, 0.0)
+
     def mean(self, count: int, work=None) -> torch.Tensor:
         """The sum divided by `count`, a float64 tensor of shape ()."""
         self._flush()
@@ -329,7 +365,23 @@ def weigh(values, factor, undefined=None):
     return np.where(zero, values.dtype.type(0), out)
 
 
-def chunk_function(on_tensors: Callable, extended: Callable) -> Callable:
+def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
+    """`weigh_binary` for scaled double-doubles (float64 targets): the factor
+    w·(pos_weight if y = 1 else 1) formed exactly (TwoProd), a zero factor removing its element."""
+    if weight is None and pos_weight is None:
+        return loss, grad
+    from . import doubledouble as D
+    f = None
+    if pos_weight is not None:
+        f = D.dd(torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0))
+    if weight is not None:
+        w = weight.to(WORK).expand_as(inp)
+        f = D.dd(w) if f is None else D.two_prod(f[0], w)
+    nan_input = inp.isnan()
+    return D.weigh_scaled(loss, f, nan_input), D.weigh_scaled(grad, f, nan_input)
+
+
+def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None = None) -> Callable:
     """A loss's `reference_chunk` (or `denominators`) from its two formulations: `on_tensors`
     (torch float64 tensors, any device: float32/float16/bfloat16 targets) and `extended`
     (numpy long double arrays: float64 targets, until issue 13's double-double replaces it).
@@ -346,7 +398,7 @@ def chunk_function(on_tensors: Callable, extended: Callable) -> Callable:
         out = on_tensors(*(_tensor(a) for a in (x, *args)), **{k: _tensor(v) for k, v in options.items()})
         return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
     chunk.__doc__ = on_tensors.__doc__
-    chunk.on_tensors, chunk.extended = on_tensors, extended
+    chunk.on_tensors, chunk.extended, chunk.dd = on_tensors, extended, dd
     return chunk
 
 

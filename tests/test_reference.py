@@ -691,4 +691,7 @@ def test_float64_reference_refuses_degraded_long_double(monkeypatch):
     monkeypatch.setattr(R, "_extended_now", lambda: False)
     with pytest.raises(ReferenceUnavailable, match="precision control"):
         R.work_dtype(torch.float64)
+    # ... and float64 references then take the double-double path instead of being skipped.
+    monkeypatch.setattr(R, "FLOAT64_PATH", "extended")
+    assert R.path(torch.float64) == "dd"
     assert R.work_dtype(torch.float32) is np.float64

@@ -131,9 +131,10 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
     float32/float16/bfloat16 inputs are evaluated in float64 tensors on their own device,
-    and the result (`Reference`'s tensors) stays there; float64 inputs take the extended
-    path (numpy long double on the host, see `reference.py`), whose rounded result is put
-    back on the input's device. Only `Reference.value` (one number) is read on the host.
+    and the result (`Reference`'s tensors) stays there; float64 inputs in numpy long double
+    on the host where that is extended precision and the input on the CPU (its rounded
+    result put back on the input's device), else in double-double tensors on their device
+    (`_reference_dd`; `reference.path`). Only `Reference.value` (one number) is read on the host.
 
     `options` are the implementation's keyword options (tensors are read exactly in
     working precision). The mean's denominator is summed first (it depends on the
@@ -143,6 +144,9 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
+    how = R.path(dtype, inp.device)
+    if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
+        return _reference_dd(loss, inp, target, options, reduction)
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
@@ -205,6 +209,80 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
         grad=grad_out.reshape(inp.shape),
         reduced=reduced,
         value=None if value is None else float(value),
+        reduction=reduction,
+        undefined=undefined,
+    )
+
+
+# The sum of the losses is also carried scaled by 2**-_DD_SHIFT, for means of losses near 1e308.
+_DD_SHIFT = 64
+
+
+def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None,
+                  reduction: str) -> Reference:
+    """`reference` for float64 inputs in double-double (losscheck.doubledouble), on the
+    input's device: each chunk's loss and gradient come as scaled dds (hi, lo, k), rounded
+    to float64 once (`round_scaled`: correctly, subnormals included); the sums that reduce
+    them and the mean's denominator are carried as dds, and divided in dd before rounding."""
+    from .. import doubledouble as D
+    device = inp.device
+    x_rows, t_rows = rows_of(loss, inp, target)
+    n = x_rows.shape[0]
+    row_elems = x_rows[0].numel() if n else 1
+    chunk = R.chunk_elements(device)
+    opts = {k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in (options or {}).items()}
+    per_row = {k for k in opts if k == "weight" and not loss.multiclass}
+
+    def chunk_options(rows):
+        return {k: (v[rows] if k in per_row else v) for k, v in opts.items()}
+
+    denominator = D.dd(torch.tensor(float(n), dtype=R.WORK, device=device))
+    if loss.denominators is not None:
+        total_d = R.TensorCompensatedSum()
+        for rows in R.row_chunks(n, row_elems, chunk):
+            total_d.add(loss.denominators(t_rows[rows].detach().to(device), **chunk_options(rows)).to(R.WORK))
+        denominator = total_d.total_dd(device)
+    undefined = None
+    if reduction == "mean" and bool(denominator[0] == 0):
+        undefined = ("every target is ignored: the mean is 0/0, undefined; "
+                     "the sensible answer is 0 with gradient 0 (nothing to learn from)")
+    divide = reduction == "mean" and not undefined
+    loss_out = torch.empty(n, dtype=torch.float64, device=device)
+    grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
+    total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
+    for rows in R.row_chunks(n, row_elems, chunk):
+        lw, gw = loss.reference_chunk.dd(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device),
+                                         **chunk_options(rows))
+        loss_out[rows] = D.round_scaled(*lw)
+        if undefined:
+            gw = D.exact_scaled(0.0, gw[0])
+        elif divide:
+            gw = D.normalize_scaled(gw)
+            d = (denominator[0].expand_as(gw[0]), denominator[1].expand_as(gw[0]))
+            gw = (*D.div(gw[:2], d), gw[2])
+        grad_out[rows] = D.round_scaled(*gw)
+        for t, shift in ((total, 0), (total_scaled, _DD_SHIFT)):
+            t.add(D.ldexp(lw[0], lw[2] - shift))
+            t.add(D.ldexp(lw[1], lw[2] - shift))
+    value = reduced = None
+    shift0 = torch.zeros((), dtype=torch.int64, device=device)
+    if reduction != "none":
+        value = D.exact_scaled(0.0, denominator[0]) if undefined else (*total.total_dd(device), shift0)
+        if not undefined and not bool(value[0].isfinite()):
+            # The sum left float64's range (losses near 1e308) but its mean may not: the
+            # same sum scaled by 2**-_DD_SHIFT (IEEE's inf/NaN where terms are inf/NaN).
+            scaled = total_scaled.total_dd(device)
+            value = (*scaled, shift0 + _DD_SHIFT) if bool(scaled[0].isfinite()) else value
+        if divide:
+            value = (*D.div(value[:2], denominator), value[2])
+        reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
+    return Reference(
+        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
+                              else target.shape),
+        grad=grad_out.reshape(inp.shape),
+        reduced=reduced,
+        value=None if reduced is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
         undefined=undefined,
     )

@@ -108,7 +108,20 @@ def _reference_extended(p: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     return R.weigh_binary(loss, grad, p, positive, weight, pos_weight)
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
+def _reference_dd(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
+    # `_reference_tensors` in double-double (float64 targets): −log p or −log1p(−p) to
+    # ~2**-100; −1/p or 1/(1 − p) with 1 − p exact (TwoSum). Scaled dds (hi, lo, k).
+    from .. import doubledouble as D
+    positive = y > 0.5
+    lp, l1 = D.log(D.dd(p)), D.log1p(D.dd(-p))
+    loss = D.where_scaled(positive, D.neg(lp), D.neg(l1))
+    one = D.dd(torch.ones_like(p))
+    rh, rl, rk = D.reciprocal_scaled(p)  # 1/p scaled: it may exceed float64's range before the mean
+    grad = D.where_scaled(positive, (-rh, -rl, rk), D.div(one, D.two_sum(one[0], -p)))
+    return R.weigh_binary_dd(loss, grad, p, positive, weight, pos_weight)
+
+
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd)
 
 
 INFO = LOSS_INFO["bce"]  # summary, formulas, options: catalog.py

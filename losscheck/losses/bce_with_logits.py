@@ -88,7 +88,19 @@ def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     return R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended)
+def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
+    # `_reference_tensors` in double-double (float64 targets): softplus(z) and ±σ(z) as
+    # scaled dds, so that subnormal losses and gradients (z < −708) round correctly.
+    from .. import doubledouble as D
+    positive = y > 0.5
+    z = torch.where(positive, -x, x)
+    loss = D.softplus_scaled(z)
+    sh, sl, sk = D.sigmoid_scaled(z)
+    grad = (torch.where(positive, -sh, sh), torch.where(positive, -sl, sl), sk)
+    return R.weigh_binary_dd(loss, grad, x, positive, weight, pos_weight)
+
+
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd)
 
 
 INFO = LOSS_INFO["bce_with_logits"]  # summary, formulas, options: catalog.py

@@ -1,0 +1,354 @@
+"""Certification of losscheck.doubledouble, the float64 targets' reference arithmetic.
+
+* Each function against mpmath (300 bits), with hypothesis on tiny, huge, subnormal and
+  ±inf/NaN arguments: the double-double is within 1/64 ULP of float64 of the exact value
+  (the reference's contract, METRICS.md "Reference"); typical errors are ~2**-98 relative.
+* `round_scaled` rounds (hi + lo)·2**k correctly, ties and subnormals included (exact
+  arithmetic with fractions).
+* The float64 references of every loss: identical, bit for bit, to the x86 long-double path on
+  a randomised set where both agree with mpmath (where they differ, mpmath sides with dd), and
+  float64 points are audited, not skipped, where long double is not extended precision.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from losscheck import doubledouble as D
+from losscheck import reference as R
+from losscheck.losses import LOSSES
+from losscheck.losses.base import reference
+
+mpmath.mp.prec = 300
+F = torch.float64
+LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _ulp(v) -> mpmath.mpf:
+    """The float64 ULP at the exact value v (2**-1074 in the subnormal range)."""
+    if v == 0:
+        return mpmath.mpf(2) ** -1074
+    e = int(mpmath.floor(mpmath.log(abs(v), 2)))
+    return mpmath.mpf(2) ** (max(e, -1022) - 52)
+
+
+def _value(out) -> mpmath.mpf:
+    hi, lo = float(out[0]), float(out[1])
+    k = int(out[2]) if len(out) == 3 else 0
+    return (mpmath.mpf(hi) + mpmath.mpf(lo)) * mpmath.mpf(2) ** k
+
+
+def _check(fn, exact, xs, scaled=False):
+    """Every finite exact value within 1/64 ULP; exact ±inf/NaN limits as IEEE's."""
+    x = torch.tensor(xs, dtype=F)
+    out = fn(x) if scaled else fn(D.dd(x))
+    problems = []
+    for i, xv in enumerate(xs):
+        got = tuple(o[i] for o in out)
+        want = exact(xv)
+        if not isinstance(want, float) and abs(want) >= mpmath.mpf(2) ** 1024 * (1 - mpmath.mpf(2) ** -54):
+            want = math.copysign(math.inf, want)  # rounds to ±inf
+        if isinstance(want, float):  # a limit: inf, nan
+            r = float(D.round_scaled(*(g.reshape(1) for g in got))[0]) if scaled else float(got[0])
+            if not ((math.isnan(want) and math.isnan(r)) or r == want):
+                problems.append(f"{xv!r}: {r} != {want}")
+            continue
+        err = abs(_value(got) - want)
+        if err > _ulp(want) / 64:
+            problems.append(f"{xv!r}: error {mpmath.nstr(err / _ulp(want), 5)} ULP")
+    assert not problems, problems[:10]
+
+
+def _mp(fn, limits):
+    """An mpmath oracle with IEEE's limits for ±inf/NaN arguments."""
+    def exact(x):
+        if math.isnan(x):
+            return math.nan
+        if math.isinf(x):
+            return limits[x > 0]
+        return fn(mpmath.mpf(x))
+    return exact
+
+
+FINITE = st.floats(allow_nan=False, allow_infinity=False, width=64)
+ARGS = st.one_of(
+    st.floats(-750, 720),  # exp's whole range, its underflow and overflow boundaries
+    st.floats(-1, 1),
+    st.floats(-1e-12, 1e-12),  # tiny
+    st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, -745.1332191019411,
+                     -744.4400719213812, 709.782712893384, 709.7827128933841, -708.3964185322641,
+                     math.inf, -math.inf, math.nan]),
+)
+POSITIVE = st.one_of(
+    st.floats(0, 1e308),
+    st.floats(0.5, 2.0),  # near 1 (log's cancellation)
+    st.floats(5e-324, 1e-300),  # subnormal and tiny
+    st.sampled_from([0.0, 5e-324, 1.0, 1 - 2 ** -53, 1 + 2 ** -52, 1.7976931348623157e308, math.inf]),
+)
+
+
+@SETTINGS
+@given(st.lists(ARGS, min_size=1, max_size=12))
+def test_exp_within_1_64_ulp(xs):
+    _check(lambda x: D.exp_scaled(D.dd(x)), _mp(mpmath.exp, {True: math.inf, False: 0.0}), xs, scaled=True)
+
+
+@SETTINGS
+@given(st.lists(ARGS, min_size=1, max_size=12))
+def test_expm1_within_1_64_ulp(xs):
+    _check(D.expm1, _mp(mpmath.expm1, {True: math.inf, False: -1.0}), xs)
+
+
+@SETTINGS
+@given(st.lists(POSITIVE, min_size=1, max_size=12))
+def test_log_within_1_64_ulp(xs):
+    _check(D.log, _mp(mpmath.log, {True: math.inf, False: math.nan}),
+           xs, scaled=False) if 0.0 not in xs else None
+    if 0.0 in xs:
+        assert float(D.log(D.dd(torch.zeros(1, dtype=F)))[0]) == -math.inf
+
+
+@SETTINGS
+@given(st.lists(st.one_of(POSITIVE, st.floats(-1, 0), st.floats(-1e-12, 0)), min_size=1, max_size=12))
+def test_log1p_within_1_64_ulp(xs):
+    xs = [x for x in xs if x != -1.0]
+    if xs:
+        _check(D.log1p, _mp(mpmath.log1p, {True: math.inf, False: math.nan}), xs)
+
+
+@SETTINGS
+@given(st.lists(ARGS, min_size=1, max_size=12))
+def test_softplus_within_1_64_ulp(xs):
+    _check(D.softplus_scaled, _mp(lambda z: mpmath.log1p(mpmath.exp(z)), {True: math.inf, False: 0.0}),
+           xs, scaled=True)
+
+
+@SETTINGS
+@given(st.lists(ARGS, min_size=1, max_size=12))
+def test_sigmoid_within_1_64_ulp(xs):
+    _check(D.sigmoid_scaled, _mp(lambda z: 1 / (1 + mpmath.exp(-z)), {True: 1.0, False: 0.0}), xs, scaled=True)
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.one_of(st.floats(-800, 800), st.floats(-1e300, 1e300)), min_size=3, max_size=3),
+                min_size=1, max_size=6))
+def test_logsumexp_within_1_64_ulp(rows):
+    x = torch.tensor(rows, dtype=F)
+    out = D.logsumexp(x)
+    for i, row in enumerate(rows):
+        m = max(row)
+        rest = list(row)
+        rest.remove(m)
+        # m + log1p(Σ e^(x_j − m)): log(1 + tiny) at 300 bits would keep too few of tiny's bits
+        want = m + mpmath.log1p(mpmath.fsum(mpmath.exp(mpmath.mpf(v) - m) for v in rest))
+        assert abs(_value((out[0][i], out[1][i])) - want) <= _ulp(want) / 64
+
+
+@SETTINGS
+@given(st.lists(st.tuples(FINITE, FINITE), min_size=1, max_size=12))
+def test_add_mul_div_within_2_pow_minus_100(pairs):
+    a = torch.tensor([p[0] for p in pairs], dtype=F)
+    b = torch.tensor([p[1] for p in pairs], dtype=F)
+    # dd operands with a non-trivial low part: a + a·2**-60 (exactly representable as a dd)
+    da, db = D.two_sum(a, a * 2.0 ** -60), D.two_sum(b, -b * 2.0 ** -61)
+    for op, mp_op in ((D.add, lambda u, v: u + v), (D.mul, lambda u, v: u * v), (D.div, lambda u, v: u / v)):
+        out = op(da, db)
+        for i in range(len(pairs)):
+            u, v = _value((da[0][i], da[1][i])), _value((db[0][i], db[1][i]))
+            if op is D.div and v == 0:
+                continue
+            if any(0 < abs(w) < mpmath.mpf(2) ** -900 or abs(w) > mpmath.mpf(2) ** 1000 for w in (u, v)):
+                continue  # operands whose low part is subnormal are not 106-bit dds
+            want = mp_op(u, v)
+            if abs(want) > mpmath.mpf(2) ** 1000 or (want != 0 and abs(want) < mpmath.mpf(2) ** -960):
+                continue  # outside the range where a dd carries 106 bits (lo would be subnormal)
+            if op is D.add and want != 0 and abs(want) < max(abs(u), abs(v)) * mpmath.mpf(2) ** -40:
+                continue  # cancellation: the absolute error bound applies, not a relative one
+            assert abs(_value((out[0][i], out[1][i])) - want) <= abs(want) * mpmath.mpf(2) ** -100 + \
+                mpmath.mpf(2) ** -1074, (op.__name__, pairs[i])
+
+
+def test_two_prod_of_operands_beyond_the_split_range_is_exact():
+    a = torch.tensor([1.7976931348623157e308, 1.7976931214684583e308, 3.0], dtype=F)
+    b = torch.tensor([0.5, 1.0, 1e300], dtype=F)
+    p, e = D.two_prod(a, b)
+    for i in range(3):
+        assert Fraction(float(p[i])) + Fraction(float(e[i])) == Fraction(float(a[i])) * Fraction(float(b[i]))
+
+
+# ---- round_scaled: correct rounding, ties and subnormals ----------------------------------------
+
+def _rounded(hi: float, lo: float, k: int) -> float:
+    """(hi + lo)·2**k correctly rounded (CPython's int/int division rounds correctly)."""
+    v = (Fraction(hi) + Fraction(lo)) * Fraction(2) ** k
+    try:
+        return v.numerator / v.denominator
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.floats(0.5, 2.0), st.sampled_from([-1, 1]), st.sampled_from([0, 1, -1]),
+                          st.integers(-1130, 1030)), min_size=1, max_size=20))
+def test_round_scaled_ties_and_subnormals(cases):
+    # hi + lo exactly at the midpoint between two subnormals (or two floats), or a hair to
+    # either side of it: lo decides, and round_scaled must see it.
+    his, los, ks, want = [], [], [], []
+    for hi, sign, nudge, k in cases:
+        if k < -1022:
+            grid = 2.0 ** (-1074 - k)  # the subnormal spacing at hi's scale
+            hi = math.floor(hi / grid) * grid + grid / 2  # exactly a tie after scaling
+            hi = hi if hi > 0 else grid / 2
+        lo = sign * math.ulp(hi) * 2.0 ** -20 * abs(nudge)
+        his.append(hi)
+        los.append(lo)
+        ks.append(k)
+        want.append(_rounded(hi, lo, k))
+    got = D.round_scaled(torch.tensor(his, dtype=F), torch.tensor(los, dtype=F), torch.tensor(ks))
+    assert got.tolist() == want
+
+
+def test_round_scaled_limits():
+    hi = torch.tensor([math.inf, -math.inf, math.nan, 0.0, 1.0], dtype=F)
+    got = D.round_scaled(hi, torch.zeros_like(hi), torch.tensor([0, 0, 0, -5000, 1024]))
+    assert got[0] == math.inf and got[1] == -math.inf and got[2].isnan() and got[3] == 0 and got[4] == math.inf
+
+
+# ---- the losses' float64 references -------------------------------------------------------------
+
+def _both(loss, x, t, opts, reduction, monkeypatch):
+    monkeypatch.setattr(R, "FLOAT64_PATH", "extended")
+    old = reference(loss, x, t, opts, reduction)
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    new = reference(loss, x, t, opts, reduction)
+    return old, new
+
+
+def _bits_equal(a, b):
+    return bool(((a.view(torch.int64) == b.view(torch.int64)) | (a.isnan() & b.isnan())).all())
+
+
+def _differences(a, b):
+    return (~((a.view(torch.int64) == b.view(torch.int64)) | (a.isnan() & b.isnan()))).nonzero().tolist()
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="needs x86 long double to compare with")
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0, 800.0, 1e300])
+def test_dd_matches_long_double_or_mpmath_binary(scale, monkeypatch):
+    # Same float64 reference as the long-double path, bit for bit — except where the long
+    # double path double-rounds (11 extra bits: about 1 element in 2**10 near a tie), where
+    # mpmath must side with dd.
+    g = torch.Generator().manual_seed(7)
+    n = 600
+    x = torch.randn(n, dtype=F, generator=g) * scale
+    y = (torch.rand(n, generator=g) > 0.5).to(F)
+    w = torch.rand(n, dtype=F, generator=g)
+    checked = 0
+    for name, inp in (("bce_with_logits", x), ("bce", torch.sigmoid(x))):
+        for opts in ({}, {"weight": w}, {"pos_weight": torch.tensor([3.7], dtype=F)}):
+            old, new = _both(LOSSES[name], inp, y, opts, "none", monkeypatch)
+            for which, (a, b) in enumerate(((old.loss, new.loss), (old.grad, new.grad))):
+                for (i,) in _differences(a, b):
+                    xv = mpmath.mpf(inp[i].item())
+                    f = mpmath.mpf(w[i].item() if "weight" in opts else 1) * (3.7 if "pos_weight" in opts and y[i] else 1)
+                    if name == "bce":
+                        exact = (-mpmath.log(xv), -1 / xv) if y[i] else (-mpmath.log1p(-xv), 1 / (1 - xv))
+                    else:
+                        z = -xv if y[i] else xv
+                        s = 1 / (1 + mpmath.exp(-z))
+                        exact = (mpmath.log1p(mpmath.exp(z)), -s if y[i] else s)
+                    assert float(b[i]) == float(exact[which] * f), (name, opts, inp[i].item(), float(a[i]), float(b[i]))
+                    checked += 1
+    assert checked < 12 * n * 5 // 100  # differences are rare (of 12·n values)
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="needs x86 long double to compare with")
+@pytest.mark.parametrize("scale", [1.0, 10.0, 800.0])
+def test_dd_matches_long_double_cross_entropy(scale, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(200, 30, dtype=F, generator=g) * scale
+    x[0, 3], x[1, :] = -math.inf, -math.inf  # masked logit, a row of −inf (undefined)
+    x[2, 5] = math.inf
+    t = torch.randint(0, 30, (200,), generator=g)
+    w = torch.rand(30, dtype=F, generator=g)
+    same = total = 0
+    for opts in ({}, {"weight": w}, {"ignore_index": 4}, {"label_smoothing": 0.1}):
+        for reduction in ("none", "sum", "mean"):
+            old, new = _both(LOSSES["cross_entropy"], x, t, opts, reduction, monkeypatch)
+            for a, b in ((old.loss, new.loss), (old.grad, new.grad)):
+                total += a.numel()
+                same += a.numel() - len(_differences(a, b))
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+                # Any difference is one ULP (a long-double double rounding near a tie).
+                diff = (a - b).abs()
+                fin = a.isfinite()
+                assert bool((diff[fin] <= torch.finfo(F).eps * a[fin].abs()).all())
+            if reduction != "none" and not old.reduced.isnan():
+                assert float((old.reduced - new.reduced).abs()) <= torch.finfo(F).eps * float(old.reduced.abs())
+    assert same >= total * 0.99
+
+
+def test_float64_is_audited_where_long_double_is_not_extended(monkeypatch):
+    # aarch64 / Apple silicon: numpy long double is float64. Disabling the extended path must
+    # leave float64 points audited through double-double, with the same references.
+    monkeypatch.setattr(R, "FLOAT64_PATH", "extended")
+    monkeypatch.setattr(R, "_LONGDOUBLE_OK", False)
+    assert R.path(torch.float64) == "dd"
+    loss = LOSSES["cross_entropy"]
+    x = torch.randn(64, 10, dtype=F, generator=torch.Generator().manual_seed(3)) * 5
+    t = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(4))
+    ref = reference(loss, x, t, {}, "mean")
+    xg = x.clone().requires_grad_(True)
+    out = loss.implementations["torch"].fn(xg, t, "mean")
+    out.backward()
+    out = out.detach()
+    assert abs(float(out) - float(ref.reduced)) <= 4 * torch.finfo(F).eps * abs(float(ref.reduced))
+    assert torch.allclose(xg.grad, ref.grad, rtol=1e-13, atol=1e-300)
+    if LONGDOUBLE_OK:
+        monkeypatch.setattr(R, "_LONGDOUBLE_OK", True)
+        old = reference(loss, x, t, {}, "mean")
+        assert _bits_equal(old.reduced, ref.reduced) and _bits_equal(old.loss, ref.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the dd path's device run is untested")
+def test_float64_reference_on_cuda_equals_cpu():
+    # Device-agnostic: the same double-double evaluation on the GPU gives the same bits.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 40, dtype=F, generator=g) * 20
+    t = torch.randint(0, 40, (256,), generator=g)
+    for name, inp, tgt in (("cross_entropy", x, t), ("bce_with_logits", x[:, 0] * 40, (t > 20).to(F))):
+        cpu = reference(LOSSES[name], inp, tgt, {}, "mean")
+        gpu = reference(LOSSES[name], inp.cuda(), tgt.cuda(), {}, "mean")
+        assert gpu.grad.device.type == "cuda"
+        assert _bits_equal(cpu.grad, gpu.grad.cpu()) and _bits_equal(cpu.reduced, gpu.reduced.cpu())
+
+
+# ---- per loss, the double-double float64 reference against mpmath ---------------------------------
+# test_reference.py's float64 certification (every element, its rounding, mean and sum against
+# mpmath), run with the double-double path forced. (Its raw-value checks read the long-double
+# formulation, hence the skip where there is none; the functions above are certified everywhere.)
+
+import test_reference as TR  # tests/ is on sys.path (as for test_options)
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="test_reference's certify also reads the long-double formulation")
+@pytest.mark.parametrize("loss_name,case", list(TR._cases()))
+def test_dd_reference_matches_mpmath(loss_name, case, monkeypatch):
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    TR.test_reference_matches_mpmath(loss_name, case, "float64")
+
+
+@pytest.mark.skipif(not LONGDOUBLE_OK, reason="test_reference's certify also reads the long-double formulation")
+@pytest.mark.parametrize("test", ["test_cross_entropy_reference_random", "test_cross_entropy_reference_random_with_infinities",
+                                  "test_bce_with_logits_reference_random", "test_bce_reference_random"])
+def test_dd_reference_random_matches_mpmath(test, monkeypatch):
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    getattr(TR, test)("float64", 64)
