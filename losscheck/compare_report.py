@@ -39,6 +39,11 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
         rows = [[k, _short(a), _short(b)] for k, (a, b) in c.env_differences.items()]
         lines.append("**Environments differ**\n\n" + tabulate(rows, headers=["", "baseline", "current"],
                                                                 tablefmt="github"))
+    if "inputs" in c.env_differences:
+        a, b = c.env_differences["inputs"]
+        lines.append(f"> **Not the same inputs**: the baseline's were drawn by the {a} generator, this run's by "
+                     f"{b}, so no matched point is judged (listed under Not run). Make a new baseline with "
+                     "this version (`losscheck baseline`).")
     lines.append(_timing_line(c))
     if c.timing_note:
         lines.append(f"> {c.timing_note}")
