@@ -30,7 +30,19 @@ from __future__ import annotations
 import hashlib
 import math
 
-import torch
+
+class _Torch:
+    """torch, imported on first use: config and the CLI read the tables below without it
+    (`losscheck --help`, `compare` and `report` never import torch, issue 13)."""
+
+    def __getattr__(self, name):
+        import torch as module
+
+        globals()["torch"] = module
+        return getattr(module, name)
+
+
+torch = _Torch()
 
 # Named in results files (the config's `inputs`, see results.py): a change of what any seed
 # draws must change it, so that `compare` and the gate can tell that points differ in input.
@@ -63,7 +75,6 @@ DESCRIPTIONS = {
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
 }
-F64 = torch.float64
 
 
 def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
@@ -99,11 +110,11 @@ class _Draws:
     def symmetric(self, shape) -> torch.Tensor:
         """Uniform on the odd multiples of 2**-53 in (−1, 1) (torch's float64 `rand` gives
         multiples of 2**-53 in [0, 1)): every step exact, symmetric, never ±1."""
-        u = torch.rand(shape, dtype=F64, device=self.device, generator=self.g)
+        u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g)
         return u.mul_(2).sub_(1 - 2.0 ** -53)
 
     def uniform(self, lo: float, hi: float, shape) -> torch.Tensor:
-        return torch.rand(shape, dtype=F64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)
+        return torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)
 
     def normal(self, shape, scale: float = 1.0) -> torch.Tensor:
         # erfinv's vectorised CPU kernel is its scalar one mapped: no split-dependent bits.
@@ -111,7 +122,7 @@ class _Draws:
 
     def exponential(self, shape) -> torch.Tensor:
         """Exp(1) draws: −log(1 − u), 1 − u in (0, 1] exactly."""
-        return pieces(torch.log, torch.rand(shape, dtype=F64, device=self.device, generator=self.g).neg_().add_(1)).neg_()
+        return pieces(torch.log, torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).neg_().add_(1)).neg_()
 
     def integers(self, lo: int, hi: int, shape) -> torch.Tensor:
         return torch.randint(lo, hi, shape, device=self.device, generator=self.g)
@@ -137,7 +148,7 @@ def pieces(fn, x: torch.Tensor) -> torch.Tensor:
 
 def _pick(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """float64 `a` where `cond`, else `b` (torch.where of Python numbers is float32)."""
-    return torch.full(cond.shape, b, dtype=F64, device=cond.device).masked_fill_(cond, a)
+    return torch.full(cond.shape, b, dtype=torch.float64, device=cond.device).masked_fill_(cond, a)
 
 
 def generator_for(seed: int, *key: object, device="cpu") -> _Draws:
@@ -155,7 +166,7 @@ def generate(loss: str, multiclass: bool, batch: int, classes: int | None, scale
 
 
 def _binary(d: _Draws, n, scale, dist):
-    y = d.integers(0, 2, (n,)).to(F64)
+    y = d.integers(0, 2, (n,)).to(torch.float64)
     i = torch.arange(n, device=d.device)
     if dist == "normal":
         x = d.normal((n,), scale)
@@ -163,7 +174,7 @@ def _binary(d: _Draws, n, scale, dist):
         x = d.symmetric((n,)).mul_(scale)
     elif dist == "extreme":
         x = _pick(i % 2 == 0, scale, -scale)
-        y = ((i // 2) % 2).to(F64)
+        y = ((i // 2) % 2).to(torch.float64)
     elif dist in ("confident_correct", "confident_wrong"):
         side = 2 * y - 1 if dist == "confident_correct" else 1 - 2 * y
         x = side * d.uniform(0.5, 1.0, (n,)).mul_(scale)
@@ -174,7 +185,7 @@ def _binary(d: _Draws, n, scale, dist):
         special = i % 2 == 0
         combo = (i // 2) % 4
         x = torch.where(special, _pick(combo < 2, math.inf, -math.inf), x)
-        y = torch.where(special, (combo % 2).to(F64), y)
+        y = torch.where(special, (combo % 2).to(torch.float64), y)
     elif dist in MULTICLASS_DISTRIBUTIONS:
         raise ValueError(f"distribution {dist!r} applies to multi-class losses only")
     else:
@@ -202,11 +213,11 @@ def _multiclass(d: _Draws, n, c, scale, dist):
             x[rows, d.other_class(t, c)] = scale
         x[rows, t] = -scale
     elif dist == "ties":
-        x = torch.full((n, c), scale, dtype=F64, device=d.device)
+        x = torch.full((n, c), scale, dtype=torch.float64, device=d.device)
     elif dist == "dominant":
         # The target stays at 0 with the others: the loss is scale + log1p((C−1)·e^−scale),
         # the target's gradient −(1 − p_t) with p_t ≈ e^−scale.
-        x = torch.zeros((n, c), dtype=F64, device=d.device)
+        x = torch.zeros((n, c), dtype=torch.float64, device=d.device)
         if c > 1:
             x[rows, d.other_class(t, c)] = scale
     elif dist == "target_min":
@@ -322,7 +333,7 @@ def option_values(loss: str, multiclass: bool, options: dict, rows: int, classes
         # The row sums by cumsum: sequential along the row whatever the thread count (a
         # sum's order may follow the threads).
         noise /= noise.cumsum(dim=1)[:, -1:]
-        onehot = torch.zeros((rows, int(classes)), dtype=F64, device=d.device)
+        onehot = torch.zeros((rows, int(classes)), dtype=torch.float64, device=d.device)
         onehot[torch.arange(rows, device=d.device), torch.as_tensor(labels, device=d.device)] = 1.0
         out["soft"] = SOFT_MIX * onehot + (1 - SOFT_MIX) * noise
     return out
