@@ -5,6 +5,7 @@ records, benchmarks/old_inputs_check.py)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from losscheck import gate as G
 from losscheck import inputs, results, sweep
 from losscheck.compare_report import render_markdown
+from losscheck.config import load_config
 from losscheck.dtypes import FORMATS
 from losscheck.losses import LOSSES
 from losscheck import reference as R
@@ -236,3 +238,27 @@ def test_old_inputs_check_sees_a_change(monkeypatch):
     n, changed = check.changed_points(old, ("bce_with_logits",), threads=1)
     ok = sum(1 for r in old["records"] if r["loss"] == "bce_with_logits" and r["status"] == "ok" and finite(r))
     assert ok > 50 and len(changed) == ok
+
+
+# ---- built-in implementations get the point's tensors uncopied --------------------------------
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_built_in_implementations_never_write_into_their_inputs(loss_name):
+    """What lets `sweep._measure` hand them the point's own tensors (custom ones get copies)."""
+    loss = LOSSES[loss_name]
+    for case in _cases():
+        if case.loss != loss_name:
+            continue
+        for dtype in ("float32", "bfloat16"):
+            case = dataclasses.replace(case, dtype=dtype)
+            data = sweep.point_data(loss, case, 3)
+            before = copy.deepcopy((data.inp, data.target, data.options))
+            ref = sweep.reference(loss, data.inp, data.target, data.options, "mean")
+            for impl in loss.implementations.values():
+                assert impl.kind in sweep.BUILT_IN_KINDS
+                rec = sweep.evaluate(_CONFIG, case, loss, impl, data, ref)
+                assert rec["status"] == "ok", rec["message"]
+                assert _identical(before, (data.inp, data.target, data.options)), (impl.name, case)
+
+
+_CONFIG = load_config(ROOT / "configs" / "quick.yaml")
