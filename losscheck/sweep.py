@@ -25,7 +25,8 @@ from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
 # The memory estimate of a point, in copies of its input (in the dtype under test): the
-# input, the implementation's own copy of it, the reference's gradient, the implementation's
+# input, the implementation's own copy of it (custom ones; built-ins share the input, so the
+# estimate is one copy high for them), the reference's gradient, the implementation's
 # gradient and two working copies (naive and torch hold exp(x) or log_softmax(x) for the
 # backward); see `estimate_bytes`.
 INPUT_COPIES = 6
