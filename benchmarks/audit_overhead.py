@@ -3,7 +3,10 @@
 For each case, in one run: one torch forward+backward of the loss (the yardstick), the audit's
 own parts — inputs (generated and rounded), reference, metrics (forward elements and gradient)
 — and one whole `bench` point of the torch implementation alone (`sweep.run_case`, timing
-off), each the median of a few repeats; then the ratios. Also the wall time of
+off), each the median of a few repeats; then the ratios. Also the point with the three
+built-ins (naive, stable, torch: inputs and reference shared) and, per implementation, what
+it costs beyond the implementations' own runs, over one torch forward+backward (issue 13's
+"amortised overhead per implementation"). Also the wall time of
 `losscheck --help` against `python -c "import click"`. A report, not a test: it prints and
 (with --json) writes the figures, and exits 0 whatever they are (.ci/run shows it).
 
@@ -50,10 +53,11 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
     from losscheck.metrics import ErrorStats
 
     loss = LOSSES[loss_name]
-    config = config_from_dict({"name": "overhead", "losses": [loss_name], "implementations": ["torch"],
-                               "scales": [10], "batch_sizes": [batch], "classes": [classes or 10],
-                               "dtypes": [dtype], "distributions": ["normal"], "timing": False,
-                               "sequence_lengths": [time_len or 64], "threads": threads}, "audit_overhead")
+    stored = {"name": "overhead", "losses": [loss_name], "implementations": ["torch"],
+              "scales": [10], "batch_sizes": [batch], "classes": [classes or 10],
+              "dtypes": [dtype], "distributions": ["normal"], "timing": False,
+              "sequence_lengths": [time_len or 64], "threads": threads}
+    config = config_from_dict(stored, "audit_overhead")
     case = next(sweep.cases(config))
     torch_fn = loss.implementations["torch"].fn
     data = sweep.point_data(loss, case, config.seed)
@@ -79,11 +83,30 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
     metrics_s = median_time(metrics, repeat)
     impls = sweep.resolve(config)[loss_name]
     point_s = median_time(lambda: sweep.run_case(config, case, threads, None, impls), repeat)
+    # The three built-ins on one point (inputs and reference shared): what the audit adds per
+    # implementation beyond each one's own run (a forward of every element, then the reduced
+    # forward and its backward, as sweep._measure calls it).
+    three = config_from_dict({**stored, "implementations": list(loss.implementations)}, "audit_overhead")
+    three_impls = sweep.resolve(three)[loss_name]
+    three_case = next(sweep.cases(three))
+    three_s = median_time(lambda: sweep.run_case(three, three_case, threads, None, three_impls), repeat)
+
+    def own_run(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, t, "none", **opts)
+            xg = x.detach().requires_grad_(True)
+            fn(xg, t, "mean", **opts).backward()
+        run()
+        return median_time(run, repeat)
+    own_s = sum(own_run(i.fn) for i in three_impls.values())
+    per_impl = (three_s - own_s) / len(three_impls)
     audit = inputs_s + reference_s + metrics_s
     size = f"{batch}" + (f" × {time_len}" if time_len else "") + (f" × {classes}" if classes else "")
     return {"loss": loss_name, "size": size, "dtype": dtype, "torch_fwd_bwd_s": yardstick, "inputs_s": inputs_s,
             "reference_s": reference_s, "metrics_s": metrics_s, "audit_s": audit,
-            "audit_ratio": audit / yardstick, "point_s": point_s, "point_ratio": point_s / yardstick}
+            "audit_ratio": audit / yardstick, "point_s": point_s, "point_ratio": point_s / yardstick,
+            "three_builtins_s": three_s, "three_own_runs_s": own_s, "overhead_per_impl_ratio": per_impl / yardstick}
 
 
 def main() -> int:
@@ -108,14 +131,16 @@ def main() -> int:
             out["points"].append(r)
             rows.append([r["loss"], r["size"], dtype, f"{r['torch_fwd_bwd_s'] * 1e3:.1f}",
                          f"{r['inputs_s'] * 1e3:.1f}", f"{r['reference_s'] * 1e3:.1f}", f"{r['metrics_s'] * 1e3:.1f}",
-                         f"{r['audit_ratio']:.1f}×", f"{r['point_s'] * 1e3:.1f}", f"{r['point_ratio']:.1f}×"])
+                         f"{r['audit_ratio']:.1f}×", f"{r['point_s'] * 1e3:.1f}", f"{r['point_ratio']:.1f}×",
+                         f"{r['three_builtins_s'] * 1e3:.1f}", f"{r['overhead_per_impl_ratio']:.1f}×"])
     exe = str(Path(sys.executable).with_name("losscheck"))
     help_s = wall([exe, "--help"])
     click_s = wall([sys.executable, "-c", "import click"])
     out.update({"help_s": help_s, "import_click_s": click_s})
     print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads)")
     print(tabulate(rows, headers=["loss", "size", "dtype", "torch fwd+bwd ms", "inputs ms", "reference ms",
-                                  "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd"],
+                                  "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd",
+                                  "3 built-ins ms", "overhead per impl / fwd+bwd"],
                    tablefmt="github"))
     print(f"losscheck --help {help_s:.3f} s; python -c 'import click' {click_s:.3f} s "
           f"(×{help_s / click_s:.1f}); medians of 5")

@@ -68,6 +68,11 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
             lines.append("> The thread counts differ: torch splits reductions by thread, so a mean or sum may "
                          "round differently (by an ULP or so) with no change of code. Compare runs made with "
                          "the same `--threads` before reading a 1-ULP regression as real.")
+    if "inputs" in c.env_differences:
+        a, b = c.env_differences["inputs"]
+        lines.append(f"> **Not the same inputs**: the baseline's were drawn by the {a} generator, this run's by "
+                     f"{b}, so no matched point is judged (listed under Not run). Make a new baseline with "
+                     "this version (`losscheck baseline`).")
     lines.append(_timing_line(c))
     if c.timing_note:
         lines.append(f"> {c.timing_note}")

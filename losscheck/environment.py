@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .inputs import INPUTS_GENERATOR
 
 
 def cpu_name() -> str:
@@ -97,6 +98,7 @@ def capture(threads: int) -> dict:
         "devices": devices,
         "cuda": torch.version.cuda,
         "git_revision": git_revision(),
+        "inputs": INPUTS_GENERATOR,  # which generator drew the points' inputs (results.py)
     }
 
 

@@ -309,21 +309,24 @@ def describe_record(record: dict) -> str:
 
 
 def _max_logit(loss: Loss, loss_name: str, batch: int, classes: int | None, scale: float,
-               distribution: str, seed: int, time: int | None = None) -> float | None:
-    """The largest |logit| of a sweep point's inputs (regenerated: they depend on the seed only)."""
+               distribution: str, seed: int, time: int | None = None, device: str = "cpu") -> float | None:
+    """The largest |logit| of a sweep point's inputs (regenerated on its device: they depend
+    on the seed and the device only)."""
     try:
         if time:
-            return max(float(np.max(np.abs(x))) for _, x, _ in
-                       inputs.generate_blocks(loss_name, batch, classes, float(scale), distribution, seed, time))
-        logits, _ = inputs.generate(loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed)
-        return float(np.max(np.abs(logits)))
-    except Exception:  # a loss whose inputs are made differently: the number is only a hint
+            return max(float(x.abs().max()) for _, x, _ in
+                       inputs.generate_blocks(loss_name, batch, classes, float(scale), distribution, seed, time,
+                                              device))
+        logits, _ = inputs.generate(loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed,
+                                    device)
+        return float(logits.abs().max())
+    except Exception:  # a loss whose inputs are made differently, a device absent here: only a hint
         return None
 
 
 def _where(loss: Loss, r: dict) -> str:
     m = _max_logit(loss, r["loss"], r["batch"], r["classes"], r["scale"], r["distribution"], r["seed"],
-                   r.get("time"))
+                   r.get("time"), r.get("device") or "cpu")
     return r["distribution"] + (f" (|logit| ≤ {m:.3g})" if m is not None else "")
 
 

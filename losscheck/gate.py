@@ -39,7 +39,7 @@ from .errors import ConfigError
 # The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
 # without importing this module); re-exported here, where the gate's users have found them.
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
-from .results import record_key
+from .results import inputs_generator, record_key
 
 # Environment fields that decide which kernels run, and so their speed: timings measured
 # under different values are not compared (relative mode included: a ratio to torch of a
@@ -193,6 +193,11 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
     cur = {record_key(r): r for r in current["records"]}
     benv, cenv = baseline.get("environment", {}), current.get("environment", {})
     diffs = env_differences(benv, cenv)
+    generators = (inputs_generator(baseline), inputs_generator(current))
+    if generators[0] != generators[1]:
+        # Other generator, other input values at the same point: a change there is no
+        # regression of the implementation. Named, not judged (accuracy and timing alike).
+        diffs["inputs"] = generators
     verdicts: list[Verdict] = []
     matched, not_compared, not_run = [], [], {}
     for k in sorted(set(base) & set(cur), key=_sort_key):
@@ -206,6 +211,10 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
     for k in matched:
         t = policy.for_loss(k[0])
         b, c = base[k], cur[k]
+        if "inputs" in diffs:
+            not_run[k] = (f"inputs differ: the baseline's were drawn by the {generators[0]} generator, "
+                          f"this run's by {generators[1]} (not the same inputs)")
+            continue
         if c["status"] != "ok" and b["status"] != "ok":
             not_run[k] = _not_run_why(c)
         found = _compare_point(b, c, t, k)

@@ -1,13 +1,52 @@
 """Sweep-point inputs from a seed: float64 logits and targets (METRICS.md, "Inputs").
 
-Inputs depend on (seed, loss, batch, classes, scale, distribution) but not on the dtype
-or the device, so every dtype sees the same float64 values, rounded once to it.
+Inputs depend on (seed, loss, batch, classes, scale, distribution) but not on the dtype:
+every dtype sees the same float64 values, rounded once to it (`Loss.make_input`).
+
+They are drawn by a `torch.Generator` on the point's device, seeded from the seed and a
+hash of the point's key (`generator_for`), so they are made where they are used: a GPU
+point's inputs never exist on the host. What holds (INPUTS_GENERATOR names this generator in
+results files; files without the field were made by the former numpy generator):
+
+* same seed, same config, same torch version and device type -> bit-identical inputs on the
+  CPU, whatever the thread count (every step is either a serial draw of the generator or an
+  elementwise operation with one implementation: tests/test_inputs.py);
+* the CPU and CUDA generators are different algorithms (mt19937, Philox), so a
+  `devices: [cpu, cuda]` sweep gives each device its own draws of the same distributions:
+  a device's records are comparable with that device's, in distribution with the other's,
+  not value by value. Generated per device rather than on the host and moved, because the
+  point of issue 13 is that a GPU audit costs GPU time: a 8 × 4096 × 128k input made on
+  the host is seconds of host work and a transfer for milliseconds of GPU work. CUDA
+  draws are reproducible on one GPU model and torch version (Philox's output is fixed per
+  offset, but torch's launch configuration, and so the offsets, follow the device).
+
+N(0, 1) values come from the inverse CDF, √2·erfinv(v), v uniform on the odd multiples of
+2**-53 in (−1, 1): exact float64 arithmetic but for erfinv, symmetric, never ±1 (no
+infinite draw), and 5 times faster than torch's float64 `randn` on the CPU (scalar
+Box–Muller); tails reach ±8.3 σ.
 """
 from __future__ import annotations
 
-import zlib
+import hashlib
+import math
 
-import numpy as np
+
+class _Torch:
+    """torch, imported on first use: config and the CLI read the tables below without it
+    (`losscheck --help`, `compare` and `report` never import torch, issue 13)."""
+
+    def __getattr__(self, name):
+        import torch as module
+
+        globals()["torch"] = module
+        return getattr(module, name)
+
+
+torch = _Torch()
+
+# Named in results files (the config's `inputs`, see results.py): a change of what any seed
+# draws must change it, so that `compare` and the gate can tell that points differ in input.
+INPUTS_GENERATOR = "torch-1"
 
 # Every loss: random and extreme finite logits.
 COMMON_DISTRIBUTIONS = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong")
@@ -59,42 +98,94 @@ def distributions_for(multiclass: bool, input_kind: str) -> tuple[str, ...]:
     return tuple(d for d in DISTRIBUTIONS if applies(d, multiclass, input_kind))
 
 
-def rng_for(seed: int, *key: object) -> np.random.Generator:
-    # crc32 of the key's text: stable across processes (unlike hash()).
-    return np.random.default_rng([seed, zlib.crc32("|".join(map(repr, key)).encode())])
+class _Draws:
+    """A seeded generator on a device and the few draws the value sets need."""
+
+    def __init__(self, seed: int, key: tuple, device):
+        # blake2b of the key's text: stable across processes (unlike hash()), 64 bits.
+        digest = hashlib.blake2b(repr((int(seed),) + key).encode(), digest_size=8).digest()
+        self.device = torch.device(device)
+        self.g = torch.Generator(self.device).manual_seed(int.from_bytes(digest, "little"))
+
+    def symmetric(self, shape) -> torch.Tensor:
+        """Uniform on the odd multiples of 2**-53 in (−1, 1) (torch's float64 `rand` gives
+        multiples of 2**-53 in [0, 1)): every step exact, symmetric, never ±1."""
+        u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g)
+        return u.mul_(2).sub_(1 - 2.0 ** -53)
+
+    def uniform(self, lo: float, hi: float, shape) -> torch.Tensor:
+        return torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)
+
+    def normal(self, shape, scale: float = 1.0) -> torch.Tensor:
+        # erfinv's vectorised CPU kernel is its scalar one mapped: no split-dependent bits.
+        return self.symmetric(shape).erfinv_().mul_(math.sqrt(2) * scale)
+
+    def exponential(self, shape) -> torch.Tensor:
+        """Exp(1) draws: −log(1 − u), 1 − u in (0, 1] exactly."""
+        return pieces(torch.log, torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).neg_().add_(1)).neg_()
+
+    def integers(self, lo: int, hi: int, shape) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, device=self.device, generator=self.g)
+
+    def other_class(self, t: torch.Tensor, c: int) -> torch.Tensor:
+        """A class other than `t`, uniform among the c − 1 others."""
+        return (t + self.integers(1, c, t.shape)) % c
+
+
+# Elementwise transcendental functions (exp, log) run on the CPU as a vector kernel plus a
+# scalar tail, which may differ in the last bit, and torch splits a tensor among threads
+# from 32768 elements on: pieces below that size make the bits independent of the thread count.
+_PIECE = 16384
+
+
+def pieces(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise fn, its bits independent of the thread count."""
+    if x.device.type != "cpu" or x.numel() <= _PIECE:
+        return fn(x)
+    flat = x.reshape(-1)
+    return torch.cat([fn(p) for p in flat.split(_PIECE)]).reshape(x.shape)
+
+
+def _pick(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """float64 `a` where `cond`, else `b` (torch.where of Python numbers is float32)."""
+    return torch.full(cond.shape, b, dtype=torch.float64, device=cond.device).masked_fill_(cond, a)
+
+
+def generator_for(seed: int, *key: object, device="cpu") -> _Draws:
+    return _Draws(seed, key, device)
 
 
 def generate(loss: str, multiclass: bool, batch: int, classes: int | None, scale: float,
-             distribution: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels): logits float64 of shape (batch,) or (batch, classes)."""
-    rng = rng_for(seed, loss, batch, classes, float(scale), distribution)
+             distribution: str, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) on `device`: logits float64 of shape (batch,) or (batch, classes);
+    labels float64 0/1 (binary) or int64 class indices."""
+    draws = generator_for(seed, loss, batch, classes, float(scale), distribution, device=device)
     if multiclass:
-        return _multiclass(rng, batch, int(classes), float(scale), distribution)
-    return _binary(rng, batch, float(scale), distribution)
+        return _multiclass(draws, batch, int(classes), float(scale), distribution)
+    return _binary(draws, batch, float(scale), distribution)
 
 
-def _binary(rng, n, scale, dist):
-    y = rng.integers(0, 2, n).astype(np.float64)
+def _binary(d: _Draws, n, scale, dist):
+    y = d.integers(0, 2, (n,)).to(torch.float64)
+    i = torch.arange(n, device=d.device)
     if dist == "normal":
-        x = rng.standard_normal(n) * scale
+        x = d.normal((n,), scale)
     elif dist == "uniform":
-        x = rng.uniform(-scale, scale, n)
+        x = d.symmetric((n,)).mul_(scale)
     elif dist == "extreme":
-        i = np.arange(n)
-        x = np.where(i % 2 == 0, scale, -scale)
-        y = ((i // 2) % 2).astype(np.float64)
+        x = _pick(i % 2 == 0, scale, -scale)
+        y = ((i // 2) % 2).to(torch.float64)
     elif dist in ("confident_correct", "confident_wrong"):
         side = 2 * y - 1 if dist == "confident_correct" else 1 - 2 * y
-        x = side * scale * rng.uniform(0.5, 1.0, n)
+        x = side * d.uniform(0.5, 1.0, (n,)).mul_(scale)
     elif dist == "nonfinite":
         # Even elements: ±inf, cycling through (+inf, 0), (+inf, 1), (−inf, 0), (−inf, 1);
         # odd elements: N(0, 1)·scale with a random label.
-        i = np.arange(n)
-        x = rng.standard_normal(n) * scale
+        x = d.normal((n,), scale)
         special = i % 2 == 0
         combo = (i // 2) % 4
-        x = np.where(special, np.where(combo < 2, np.inf, -np.inf), x)
-        y = np.where(special, (combo % 2).astype(np.float64), y)
+        x = torch.where(special, _pick(combo < 2, math.inf, -math.inf), x)
+        y = torch.where(special, (combo % 2).to(torch.float64), y)
     elif dist in MULTICLASS_DISTRIBUTIONS:
         raise ValueError(f"distribution {dist!r} applies to multi-class losses only")
     else:
@@ -102,50 +193,47 @@ def _binary(rng, n, scale, dist):
     return x, y
 
 
-def _multiclass(rng, n, c, scale, dist):
-    t = rng.integers(0, c, n)
-    rows = np.arange(n)
+def _multiclass(d: _Draws, n, c, scale, dist):
+    t = d.integers(0, c, (n,))
+    rows = torch.arange(n, device=d.device)
     if dist == "normal":
-        x = rng.standard_normal((n, c)) * scale
+        x = d.normal((n, c), scale)
     elif dist == "uniform":
-        x = rng.uniform(-scale, scale, (n, c))
+        x = d.symmetric((n, c)).mul_(scale)
     elif dist == "extreme":
-        x = np.where(rng.integers(0, 2, (n, c)) == 1, scale, -scale)
+        x = _pick(d.integers(0, 2, (n, c)) == 1, scale, -scale)
         # Even rows: target on a +scale logit; odd rows: on a −scale one (where one exists).
-        want = np.where(rows % 2 == 0, scale, -scale)
-        x[rows, t] = want
+        x[rows, t] = _pick(rows % 2 == 0, scale, -scale)
     elif dist == "confident_correct":
-        x = rng.standard_normal((n, c))
+        x = d.normal((n, c))
         x[rows, t] = scale
     elif dist == "confident_wrong":
-        x = rng.standard_normal((n, c))
+        x = d.normal((n, c))
         if c > 1:
-            other = (t + rng.integers(1, c, n)) % c
-            x[rows, other] = scale
+            x[rows, d.other_class(t, c)] = scale
         x[rows, t] = -scale
     elif dist == "ties":
-        x = np.full((n, c), scale)
+        x = torch.full((n, c), scale, dtype=torch.float64, device=d.device)
     elif dist == "dominant":
         # The target stays at 0 with the others: the loss is scale + log1p((C−1)·e^−scale),
         # the target's gradient −(1 − p_t) with p_t ≈ e^−scale.
-        x = np.zeros((n, c))
+        x = torch.zeros((n, c), dtype=torch.float64, device=d.device)
         if c > 1:
-            other = (t + rng.integers(1, c, n)) % c
-            x[rows, other] = scale
+            x[rows, d.other_class(t, c)] = scale
     elif dist == "target_min":
         # −scale, or the others' minimum where an N(0, 1) draw is below −scale (small
         # scales): the target is always the row minimum.
-        x = rng.standard_normal((n, c))
-        x[rows, t] = np.inf
-        x[rows, t] = np.minimum(-scale, x.min(axis=1))
+        x = d.normal((n, c))
+        x[rows, t] = math.inf
+        x[rows, t] = torch.clamp(x.amin(dim=1), max=-scale)
     elif dist == "nonfinite":
-        x = _multiclass_nonfinite(rng, n, c, scale, t)
+        x = _multiclass_nonfinite(d, n, c, scale, t)
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x, t
 
 
-def _multiclass_nonfinite(rng, n, c, scale, t):
+def _multiclass_nonfinite(d: _Draws, n, c, scale, t):
     """N(0, 1)·scale logits with ±inf, row kind by row index mod 4:
 
     0: some non-target logits −inf (masked), the target finite;
@@ -156,20 +244,20 @@ def _multiclass_nonfinite(rng, n, c, scale, t):
     In every row each other non-target logit is also −inf with probability ¼. No row has
     two +inf logits or only −inf ones: their limits are undefined (tested on their own).
     """
-    rows = np.arange(n)
+    rows = torch.arange(n, device=d.device)
     kind = rows % 4
-    x = rng.standard_normal((n, c)) * scale
+    x = d.normal((n, c), scale)
     if c == 1:  # only the target: a +inf target is the one defined non-finite row
-        x[kind == 2, 0] = np.inf
+        x[kind == 2, 0] = math.inf
         return x
-    other = (t + rng.integers(1, c, n)) % c
-    masked = rng.random((n, c)) < 0.25
+    other = d.other_class(t, c)
+    masked = d.uniform(0.0, 1.0, (n, c)) < 0.25
     masked[rows, t] = False
     masked[rows, other] = kind == 0  # masked in kind 0, finite (or +inf) in the others
-    x[masked] = -np.inf
-    x[rows[kind == 1], t[kind == 1]] = -np.inf
-    x[rows[kind == 2], t[kind == 2]] = np.inf
-    x[rows[kind == 3], other[kind == 3]] = np.inf
+    x[masked] = -math.inf
+    x[rows[kind == 1], t[kind == 1]] = -math.inf
+    x[rows[kind == 2], t[kind == 2]] = math.inf
+    x[rows[kind == 3], other[kind == 3]] = math.inf
     return x
 
 
@@ -191,57 +279,61 @@ def rows_blocks(rows: int, classes: int) -> list[slice]:
 
 
 def generate_blocks(loss: str, batch: int, classes: int, scale: float, distribution: str, seed: int,
-                    time: int | None = None):
+                    time: int | None = None, device="cpu"):
     """(rows slice, float64 logits, labels) for each block of a multi-class point's rows
-    (batch·time rows for sequence losses). One block is exactly `generate`'s values."""
+    (batch·time rows for sequence losses), on `device`. One block is exactly `generate`'s
+    values."""
     rows = batch * (time or 1)
     key = (loss, batch, classes, float(scale), distribution) + ((time,) if time else ())
     for i, block in enumerate(rows_blocks(rows, classes)):
-        rng = rng_for(seed, *key) if i == 0 else rng_for(seed, *key, i)
-        x, t = _multiclass(rng, block.stop - block.start, int(classes), float(scale), distribution)
+        draws = generator_for(seed, *key, device=device) if i == 0 else generator_for(seed, *key, i, device=device)
+        x, t = _multiclass(draws, block.stop - block.start, int(classes), float(scale), distribution)
         yield block, x, t
 
 
-def sequence_padding(batch: int, time: int, seed: int) -> np.ndarray:
-    """Padding mask (batch, time): sequence b has a length uniform in [⌈time/2⌉, time] and
-    the positions after it are padding (ignore_index)."""
-    rng = rng_for(seed, "sequence_lengths", batch, time)
-    lengths = rng.integers((time + 1) // 2, time + 1, batch)
-    return np.arange(time)[None, :] >= lengths[:, None]
+def sequence_padding(batch: int, time: int, seed: int, device="cpu") -> torch.Tensor:
+    """Padding mask (batch, time), bool: sequence b has a length uniform in [⌈time/2⌉, time]
+    and the positions after it are padding (ignore_index)."""
+    d = generator_for(seed, "sequence_lengths", batch, time, device=device)
+    lengths = d.integers((time + 1) // 2, time + 1, (batch,))
+    return torch.arange(time, device=d.device)[None, :] >= lengths[:, None]
 
 
 def option_values(loss: str, multiclass: bool, options: dict, rows: int, classes: int | None,
-                  labels: np.ndarray, seed: int) -> dict:
-    """The arrays and numbers behind a point's options (METRICS.md "Inputs": generated in
-    float64 from the seed; rounded to the dtype by the caller):
+                  labels: torch.Tensor, seed: int, device="cpu") -> dict:
+    """The tensors and numbers behind a point's options (METRICS.md "Inputs": generated in
+    float64 from the seed on `device`; rounded to the dtype by the caller):
 
     * ``weight``: per element (binary) or per class, log-uniform in WEIGHT_RANGE;
     * ``pos_weight``, ``label_smoothing``: the number;
-    * ``ignored``: a mask of exactly round(fraction·rows) ignored targets;
+    * ``ignored``: a bool mask of exactly round(fraction·rows) ignored targets;
     * ``soft``: target rows 0.9·onehot(t) + 0.1·Dirichlet(1) (for ``targets: soft``).
 
     They do not depend on the scale or value set, so every scale sees the same weights.
     """
     out: dict = {}
     if options.get("weight", "none") != "none":
-        rng = rng_for(seed, loss, "weight", rows, classes)
+        d = generator_for(seed, loss, "weight", rows, classes, device=device)
         size = classes if multiclass else rows
-        lo, hi = np.log(WEIGHT_RANGE[0]), np.log(WEIGHT_RANGE[1])
-        out["weight"] = np.exp(rng.uniform(lo, hi, size))
+        out["weight"] = pieces(torch.exp, d.uniform(math.log(WEIGHT_RANGE[0]), math.log(WEIGHT_RANGE[1]), (size,)))
     if float(options.get("pos_weight", 1.0)) != 1.0:
         out["pos_weight"] = float(options["pos_weight"])
     if float(options.get("label_smoothing", 0.0)):
         out["label_smoothing"] = float(options["label_smoothing"])
     fraction = float(options.get("ignored", 0.0))
     if fraction:
-        rng = rng_for(seed, loss, "ignored", rows, fraction)
-        mask = np.zeros(rows, dtype=bool)
-        mask[rng.permutation(rows)[:int(round(fraction * rows))]] = True
+        d = generator_for(seed, loss, "ignored", rows, fraction, device=device)
+        mask = torch.zeros(rows, dtype=torch.bool, device=d.device)
+        mask[torch.randperm(rows, generator=d.g, device=d.device)[:int(round(fraction * rows))]] = True
         out["ignored"] = mask
     if options.get("targets", "hard") == "soft":
-        rng = rng_for(seed, loss, "soft", rows, classes)
-        noise = rng.dirichlet(np.ones(int(classes)), rows)
-        onehot = np.zeros((rows, int(classes)))
-        onehot[np.arange(rows), labels] = 1.0
+        d = generator_for(seed, loss, "soft", rows, classes, device=device)
+        # Dirichlet(1, …, 1): independent Exp(1) draws divided by their row's sum.
+        noise = d.exponential((rows, int(classes)))
+        # The row sums by cumsum: sequential along the row whatever the thread count (a
+        # sum's order may follow the threads).
+        noise /= noise.cumsum(dim=1)[:, -1:]
+        onehot = torch.zeros((rows, int(classes)), dtype=torch.float64, device=d.device)
+        onehot[torch.arange(rows, device=d.device), torch.as_tensor(labels, device=d.device)] = 1.0
         out["soft"] = SOFT_MIX * onehot + (1 - SOFT_MIX) * noise
     return out

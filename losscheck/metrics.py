@@ -273,16 +273,21 @@ class _Accumulator:
                                  (v.ints ^ r.ints).amin() < 0])
             zeros, v_special, r_special, signs_differ = flags.tolist()
             special = v_special or r_special
-        if not (special or signs_differ) and v.f.total_bits <= 32:
-            self._finite_same_sign(pair, zeros)
+        if not special and v.f.total_bits <= 32:
+            self._finite(pair, zeros, signs_differ)
         else:
             self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
 
-    def _finite_same_sign(self, pair: _Pair, zeros: bool) -> None:
-        """A chunk of finite values with the signs of their references, in a format of 32
-        bits or fewer: the distance is |bits(v) - bits(r)|, exact in the integers of the
-        format's width (below 2**31), and every number comes from it without float64."""
-        d = (pair.v.ints - pair.r.ints).abs_()
+    def _finite(self, pair: _Pair, zeros: bool, signs_differ: bool) -> None:
+        """A chunk of finite values in a format of 32 bits or fewer: every number comes from
+        the integer distance, without float64. With the signs of their references it is
+        |bits(v) - bits(r)|, exact in the format's width (below 2**31); where signs may
+        differ (a gradient's entries), |ordinal(v) - ordinal(r)| in int64, the sum of the
+        magnitudes across zero (below 2**33) — `finite_distance`'s float64 numbers exactly."""
+        if signs_differ:
+            d = pair.v.ordinal.to(torch.int64).sub_(pair.r.ordinal).abs_()
+        else:
+            d = (pair.v.ints - pair.r.ints).abs_()
         largest = int(d.amax())
         self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
         if largest > self.ulp_threshold:

@@ -23,6 +23,10 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       derived on load. From version 3 `config` is stored in the input format (valid YAML
       input for `losscheck bench`); version 1-2 files hold the former dataclass dump (`gate:
       {default, per_loss}`), which `config.as_input` turns into the input format.
+      `environment.inputs` names the generator that drew the points' inputs ("torch-1":
+      torch.Generator on the point's device, see losscheck/inputs.py); absent: the former
+      numpy generator ("numpy"). Files of different generators hold other input values at
+      the same points: merge refuses them, compare and the gate do not judge their points.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -367,7 +371,12 @@ def _record_problem(rec: dict) -> str | None:
 # Environment fields that must agree for shards to be merged: they change the numbers.
 # The thread count too: reductions are ordered by it, and results differ by an ULP between
 # 1 and 2 threads at some points (issue 16).
-MERGE_CHECKED = ("torch", "numpy", "python", "losscheck", "threads")
+MERGE_CHECKED = ("torch", "numpy", "python", "losscheck", "threads", "inputs")
+
+
+def inputs_generator(data: dict) -> str:
+    """The generator of a results file's inputs (`environment.inputs`; absent: "numpy")."""
+    return data.get("environment", {}).get("inputs") or "numpy"
 
 
 def same_config(a: dict, b: dict) -> bool:

@@ -11,7 +11,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from . import custom, inputs, memory, reference as R, timing
@@ -26,7 +25,8 @@ from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
 # The memory estimate of a point, in copies of its input (in the dtype under test): the
-# input, the implementation's own copy of it, the reference's gradient, the implementation's
+# input, the implementation's own copy of it (custom ones; built-ins share the input, so the
+# estimate is one copy high for them), the reference's gradient, the implementation's
 # gradient and two working copies (naive and torch hold exp(x) or log_softmax(x) for the
 # backward); see `estimate_bytes`.
 INPUT_COPIES = 6
@@ -122,41 +122,45 @@ def run(config: Config, threads: int, on_record: Callable[[dict], None] | None =
 
 
 class _InputCache:
-    """The float64 inputs of the last (loss, batch, classes, time, distribution, scale),
-    for inputs small enough to be generated at once (see `inputs.GENERATE_CHUNK`)."""
+    """The float64 inputs of the last (loss, device, batch, classes, time, distribution,
+    scale), for inputs small enough to be generated at once (see `inputs.GENERATE_CHUNK`):
+    every dtype, reduction and option set of that input reuses them."""
 
     def __init__(self, seed: int):
         self.seed, self.key, self.value = seed, None, None
 
     def get(self, loss: Loss, case: Case):
-        key = (case.loss, case.batch, case.classes, case.time, case.distribution, case.scale)
+        key = (case.loss, case.device, case.batch, case.classes, case.time, case.distribution, case.scale)
         if key != self.key:
             self.value = None  # free the previous input before making the next
             if loss.multiclass:
                 ((_, x, t),) = inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
-                                                      case.distribution, self.seed, case.time)
+                                                      case.distribution, self.seed, case.time, case.device)
                 self.value = x, t
             else:
                 self.value = inputs.generate(case.loss, False, case.batch, None, case.scale,
-                                             case.distribution, self.seed)
+                                             case.distribution, self.seed, case.device)
             self.key = key
         return self.value
 
 
 @dataclass
 class PointData:
-    """The tensors of one case in the dtype under test (CPU): what every implementation gets."""
+    """The tensors of one case in the dtype under test, on its device: what every
+    implementation gets (a copy of)."""
 
     inp: torch.Tensor
     target: torch.Tensor
     options: dict  # the implementations' keyword options (tensors and numbers)
 
-    def on(self, device: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Copies on `device`, always (on the CPU too): an implementation that writes into its
-        input or options must not corrupt those of the implementations after it (a correct
-        one was reported 28 bits off that way, issue 16)."""
-        opts = {k: (v.to(device, copy=True) if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
-        return self.inp.to(device, copy=True), self.target.to(device, copy=True), opts
+    def on(self, device: str, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Copies on `device` (on the CPU too): an implementation that writes into its input
+        or options must not corrupt those of the implementations after it (a correct one was
+        reported 28 bits off that way, issue 16). `copy=False`: the tensors themselves where
+        already on `device`, for the built-in implementations, which never write into their
+        inputs (tests/test_inputs.py): a copy of a large input costs a fifth of a forward+backward."""
+        opts = {k: (v.to(device, copy=copy) if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
+        return self.inp.to(device, copy=copy), self.target.to(device, copy=copy), opts
 
 
 def rows_of(case: Case) -> int:
@@ -164,28 +168,30 @@ def rows_of(case: Case) -> int:
 
 
 def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = None) -> PointData:
-    """Inputs, targets and options of `case`, generated from the seed and rounded once to
-    the dtype (METRICS.md, "Inputs"). Large multi-class inputs go block by block straight
-    into the dtype: they never exist in float64 at once."""
+    """Inputs, targets and options of `case`, generated from the seed on its device and
+    rounded once to the dtype (METRICS.md, "Inputs"). Large multi-class inputs go block by
+    block straight into the dtype: they never exist in float64 at once."""
     dtype = FORMATS[case.dtype].torch_dtype
+    device = torch.device(case.device)
     rows = rows_of(case)
     if loss.multiclass and rows * case.classes > inputs.GENERATE_CHUNK:
-        inp = torch.empty((rows, case.classes), dtype=dtype)
-        labels = np.empty(rows, dtype=np.int64)
+        inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
+        labels = torch.empty(rows, dtype=torch.int64, device=device)
         for block, x, t in inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
-                                                  case.distribution, seed, case.time):
+                                                  case.distribution, seed, case.time, device):
             inp[block] = loss.make_input(x, dtype)
-            labels[block] = t
+            labels[block] = torch.as_tensor(t, device=device)
+            del x
     else:
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
         inp = loss.make_input(logits, dtype)
     values = inputs.option_values(case.loss, loss.multiclass, dict(case.options), rows, case.classes,
-                                  labels, seed)
+                                  labels, seed, device)
     options: dict = {}
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
     if "pos_weight" in values:
-        options["pos_weight"] = R.round_to(np.array([values["pos_weight"]]), dtype)
+        options["pos_weight"] = R.round_to(torch.full((1,), values["pos_weight"], dtype=torch.float64, device=device), dtype)
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
     if "soft" in values:
@@ -196,8 +202,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         target = target.clone()
         mask = values.get("ignored")
         if loss.sequence:
-            mask = inputs.sequence_padding(case.batch, case.time, seed).reshape(-1)
-        target[torch.from_numpy(mask)] = IGNORE_INDEX
+            mask = inputs.sequence_padding(case.batch, case.time, seed, device).reshape(-1)
+        target[torch.as_tensor(mask, device=target.device)] = IGNORE_INDEX
         options["ignore_index"] = IGNORE_INDEX
     if loss.sequence:
         inp = inp.reshape(case.batch, case.time, case.classes)
@@ -338,8 +344,12 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     return record
 
 
+# Implementations of these kinds are ours: they get the point's tensors without a copy.
+BUILT_IN_KINDS = ("naive", "stable", "framework")
+
+
 def _measure(impl, data: PointData, ref: Reference, case: Case, threshold: float, record: dict):
-    x, t, opts = data.on(case.device)
+    x, t, opts = data.on(case.device, copy=impl.kind not in BUILT_IN_KINDS)
     fwd, bwd = ErrorStats(threshold), ErrorStats(threshold)
     with torch.no_grad():
         elements = impl.fn(x, t, "none", **opts)

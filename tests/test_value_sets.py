@@ -45,8 +45,11 @@ def _dtype(name):
 
 
 def _gen(loss_name, batch, classes, scale, dist, seed=0):
+    """The generator's float64 CPU tensors, as numpy arrays (the checks below are numpy)."""
     loss = LOSSES[loss_name]
-    return inputs.generate(loss_name, loss.multiclass, batch, classes, scale, dist, seed)
+    x, y = inputs.generate(loss_name, loss.multiclass, batch, classes, scale, dist, seed)
+    assert x.dtype == torch.float64 and x.device.type == "cpu"
+    return x.numpy(), y.numpy()
 
 
 def _make(loss_name, x, y, name):

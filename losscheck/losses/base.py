@@ -41,6 +41,7 @@ import torch
 
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
+from ..inputs import pieces
 
 KINDS = ("naive", "stable", "framework", "custom")
 
@@ -78,21 +79,33 @@ class Loss:
     # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
     sequence: bool = False
 
-    def make_input(self, logits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """The input under test from float64 logits, rounded once to `dtype`."""
+    def make_input(self, logits, dtype: torch.dtype) -> torch.Tensor:
+        """The input under test from float64 logits (a tensor, on its device, or numpy
+        values), rounded once to `dtype`; never the logits' own storage."""
         if self.input_kind == "probabilities":
-            return R.round_to(R.sigmoid(logits), dtype)
-        limit = torch.finfo(dtype).max
+            # Tensors in thread-independent pieces (see inputs.pieces); numpy values as before.
+            p = pieces(R.sigmoid, logits) if isinstance(logits, torch.Tensor) else R.sigmoid(logits)
+            return R.round_to(p, dtype)
+        x = torch.as_tensor(logits, dtype=torch.float64)
+        if dtype == torch.float64:  # no finite float64 value is beyond float64's range
+            return x.clone()
+        out = R.round_to(x, dtype)
         # Finite logits beyond the dtype's range are saturated to its largest finite value
         # (a scale of 1e8 is a large logit in float16 too, not an infinite one); genuine
-        # ±inf logits (the `nonfinite` value set: masking with −inf) stay infinite.
-        clipped = np.clip(logits, -limit, limit)
-        return R.round_to(np.where(np.isinf(logits), logits, clipped), dtype)
+        # ±inf logits (the `nonfinite` value set: masking with −inf) stay infinite. Only an
+        # infinite result can need it (clipping first changes nothing else): the clip costs
+        # its passes only then.
+        if bool(torch.isinf(out).any()):
+            limit = torch.finfo(dtype).max
+            out = R.round_to(torch.where(torch.isinf(x), x, x.clamp(-limit, limit)), dtype)
+        return out
 
-    def make_target(self, labels: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    def make_target(self, labels, dtype: torch.dtype) -> torch.Tensor:
+        """Targets from labels (a tensor, on its device, or numpy values): int64 class
+        indices (multi-class), 0/1 in `dtype` (binary)."""
         if self.multiclass:
-            return torch.from_numpy(labels.astype(np.int64))
-        return torch.from_numpy(labels.astype(np.float64)).to(dtype)
+            return torch.as_tensor(labels).to(torch.int64)
+        return torch.as_tensor(labels).to(torch.float64).to(dtype)
 
 
 @dataclass(frozen=True)
