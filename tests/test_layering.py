@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
-    ("api", {"losscheck.api"}),
+    ("api", {"losscheck.api", "losscheck.bench_run"}),
     ("commands", {"losscheck.commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
