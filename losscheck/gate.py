@@ -126,22 +126,16 @@ class Comparison:
             return rows.setdefault(impl, {"impl": impl, "kind": self.kinds.get(impl, ""), "against": set(),
                                           "judged": 0, "not_judged": 0, "missing": 0, "regressions": set(),
                                           "worst": None})
-        for k in self.matched_keys:
+        # Matched points are judged against the baseline, new ones against their versus (added below).
+        for k in [*self.matched_keys, *self.versus_of]:
             r = row(k[1])
             if k in self.not_run:
                 r["not_judged"] += 1
             else:
                 r["judged"] += 1
-                r["against"].add("baseline")
-        for k in self.not_compared:
-            row(k[1])["not_judged"] += 1
-        for k in self.versus_of:
-            r = row(k[1])
-            if k in self.not_run:
-                r["not_judged"] += 1
-            else:
-                r["judged"] += 1
-        for k in self.not_gated:
+                if k not in self.versus_of:
+                    r["against"].add("baseline")
+        for k in [*self.not_compared, *self.not_gated]:
             row(k[1])["not_judged"] += 1
         for k in self.only_baseline:
             row(k[1])["missing"] += 1
