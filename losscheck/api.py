@@ -15,9 +15,9 @@ Torch is imported only by `run` and `probe`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from . import ci, gate, report, results
 from .config import Config, as_input, config_from_dict

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
 
 from . import results
 from .errors import LosscheckError
@@ -73,7 +74,7 @@ class _NoProgress:
 
 def run(config, json_path: Path | None, *, threads: int, command: str, impls=None, resume: bool = False,
         shard: tuple[int, int] | None = None, on_record: Callable[[dict], None] | None = None,
-        progress: Callable[[int], ContextManager] | None = None,
+        progress: Callable[[int], AbstractContextManager] | None = None,
         on_interrupt: Callable[[int], None] | None = None,
         on_saved: Callable[[Path], None] | None = None) -> Outcome:
     """Run the sweep of `config` (validated; `impls`: sweep.resolve's table, resolved here if
@@ -104,7 +105,7 @@ def _run(config, json_path, threads, command, impls, resume, shard, on_record, p
     done = {results.record_key(r) for r in records}
     total = sweep.count_points(config, shard, done)
     env = environment.capture(threads)
-    make = lambda complete: _results(config, env, records, command, complete, shard)  # noqa: E731
+    make = lambda complete: _results(config, env, records, command, complete, shard)
     saver = _Incremental(make, json_path) if json_path is not None else None
     complete = False
 

@@ -29,17 +29,20 @@ passed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from . import stats
 from .config import as_input, gate_policy
 from .errors import ConfigError
+
+# The checks of a point and the Verdict are in gate_checks.py; Verdict is re-exported, where
+# the gate's users have found it.
+from .gate_checks import Verdict, compare_point
+
 # The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
 # without importing this module); re-exported here, where the gate's users have found them.
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
-# The checks of a point and the Verdict, in gate_checks.py; re-exported for the gate's users.
-from .gate_checks import STATUS, TIMING, VALUE_CHECKS, Verdict, compare_point, describe_policy  # noqa: F401
 from .results import record_key
 
 # Environment fields that decide which kernels run, and so their speed: timings measured

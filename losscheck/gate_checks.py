@@ -11,8 +11,8 @@ false-alarm rate holds over all the run's timing comparisons together (gate.py, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import analysis as A
 from . import stats

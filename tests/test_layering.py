@@ -85,7 +85,7 @@ def test_the_import_parser_sees_relative_lazy_and_absolute_imports():
     # A check of the checker: these imports are known to exist in these modules.
     assert "losscheck.gate_policy" in imported("losscheck.config", MODULES["losscheck.config"])
     assert "losscheck.probing" in imported("losscheck.api", MODULES["losscheck.api"])  # inside a function
-    assert "losscheck.sweep" in imported("losscheck.api", MODULES["losscheck.api"])  # `from . import sweep`
+    assert "losscheck.bench_run" in imported("losscheck.api", MODULES["losscheck.api"])  # `from . import bench_run`
     assert "losscheck.reference" in imported("losscheck.losses.base", MODULES["losscheck.losses.base"])
 
 
