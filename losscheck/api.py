@@ -15,9 +15,9 @@ Torch is imported only by `run` and `probe`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from . import ci, gate, report, results
 from .config import Config, as_input, config_from_dict
@@ -115,26 +115,36 @@ def _config(config) -> Config:
 
 
 def run(config: Config | Mapping, *, threads: int | None = None, out: str | Path | None = None,
-        command: str = "losscheck.run") -> Results:
+        resume: bool = False, shard: tuple[int, int] | None = None,
+        on_record: Callable[[dict], None] | None = None, command: str = "losscheck.run") -> Results:
     """Run the sweep of `config` (a Config, or a mapping validated as one) in this process and
-    return its results; with `out`, also write them there (a `.json` path, or a directory
-    that gets `<name>.json`)."""
+    return its results; the same path as `losscheck bench` (losscheck/bench_run.py).
+
+    out: also write the results there, as the sweep goes (a `.json` or `.json.gz` path, or a
+    directory that gets `<name>.json`, `<name>.shard-I-of-N.json` for a shard); resume: keep
+    the points of an earlier run of the same config in that file (needs `out`); shard: (I, N),
+    run the I-th of N deterministic parts; on_record: called with each finished point.
+    Ctrl-C saves the finished points (complete: false) and raises KeyboardInterrupt."""
     cfg = _config(config)
+    if resume and out is None:
+        raise TypeError("run(resume=True) needs out=: the results file to resume")
     import torch  # only now: reading, rendering and comparing need no torch
 
-    from . import environment, sweep
+    from . import bench_run
 
-    threads = threads or cfg.threads or torch.get_num_threads()
-    before = torch.get_num_threads()
-    try:
-        records = sweep.run(cfg, threads)
-    finally:
-        torch.set_num_threads(before)  # sweep.run sets the process-wide count; a library leaves it
-    res = Results(results.make_results(cfg.as_dict(), environment.capture(threads), records, command))
+    threads = bench_run.thread_count(cfg, threads)
+    path = None
     if out is not None:
         path = Path(out)
-        res.save(path if path.suffix == ".json" else path / f"{cfg.name}.json")
-    return res
+        if not path.name.endswith((".json", ".json.gz")):
+            path = path / f"{bench_run.stem(cfg, shard)}.json"
+    before = torch.get_num_threads()
+    try:
+        outcome = bench_run.run(cfg, path, threads=threads, command=command, resume=resume, shard=shard,
+                                on_record=on_record)
+    finally:
+        torch.set_num_threads(before)  # the sweep sets the process-wide count; a library leaves it
+    return Results(outcome.document(), path)
 
 
 def load(path: str | Path) -> Results:

@@ -89,8 +89,12 @@ def main() -> None:
 
 
 def __getattr__(name: str):
-    # The helpers that lived here before the commands moved to commands.py (parse_impl_flag,
-    # _Incremental, ...) are still reachable as cli.<name>, loading commands.py on first use.
+    # The helpers that lived here before the commands moved to commands.py (parse_impl_flag, ...)
+    # and bench's run to bench_run.py (_Incremental, _resumed) are still reachable as
+    # cli.<name>, loading those modules on first use.
     if name.startswith("__"):
         raise AttributeError(name)
-    return getattr(importlib.import_module("losscheck.commands"), name)
+    commands = importlib.import_module("losscheck.commands")
+    if hasattr(commands, name):
+        return getattr(commands, name)
+    return getattr(importlib.import_module("losscheck.bench_run"), name)

@@ -7,11 +7,9 @@ JSON alone, and bench validates its config before it imports the sweep (and torc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -22,29 +20,43 @@ from .catalog import LOSS_INFO
 from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
 from .errors import LosscheckError
 from .formats import FORMATS
-from .gate import TIMING_MODES
+from .gate_policy import SETTINGS
 from .progress import LogLines
 
 
 def _gate_options(f):
-    """Thresholds and outputs of the regression gate, shared by `bench --baseline` and `compare`."""
-    options = [
-        click.option("--bits", type=click.FloatRange(min=0), default=None,
-                     help="Allowed increase of forward/gradient max bits (default: the config's gate.bits, 0)."),
-        click.option("--ulp", type=click.FloatRange(min=0), default=None,
-                     help="Allowed increase of the mean loss's ULP error (default: gate.ulp, 0)."),
-        click.option("--time-factor", type=click.FloatRange(min=1), default=None,
-                     help="Allowed slowdown factor, beyond the noise (default: gate.time_factor, 1.25)."),
-        click.option("--timing", "timing_mode", type=click.Choice(TIMING_MODES), default=None,
-                     help="Timing gate: relative to torch in the same run, absolute, or off (default: gate.timing, relative)."),
+    """Thresholds and outputs of the regression gate, shared by `bench --baseline` and `compare`.
+
+    The threshold flags are made from gate_policy.SETTINGS (the flag, its help, what it
+    allows, the default); the command receives them as one `overrides` dict, setting name ->
+    value (None: the config's)."""
+    flagged = [s for s in SETTINGS if s.flag]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        return f(*args, overrides={s.name: kwargs.pop(s.name) for s in flagged}, **kwargs)
+
+    options = [click.option(s.flag, s.name, type=_flag_type(s), default=None,
+                            help=f"{s.flag_help} (default: the config's gate.{s.name}, {s.default_text}).")
+               for s in flagged]
+    options += [
         click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
                      help="Write JUnit XML, one test case per point (not run: skipped, never passed)."),
         click.option("--allow-missing", is_flag=True,
                      help="Points of the baseline absent from the current run do not fail the gate."),
     ]
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
+
+
+def _flag_type(setting) -> click.ParamType:
+    """The click type accepting what `setting` allows (its one-line error is click's, exit 2)."""
+    if setting.kind == "choice":
+        return click.Choice(setting.choices)
+    if setting.kind == "probability":
+        return click.FloatRange(min=setting.low, max=setting.high, min_open=True)
+    return click.FloatRange(min=setting.low)
 
 
 def _json_option(what: str):
@@ -60,10 +72,6 @@ def _say(message: str, min_level: int = 0, err: bool = False) -> None:
 
 def _print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
-
-
-def _overrides(bits, ulp, time_factor, timing_mode) -> dict:
-    return {"bits": bits, "ulp": ulp, "time_factor": time_factor, "timing": timing_mode}
 
 
 class ShardType(click.ParamType):
@@ -133,7 +141,7 @@ def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, jun
 def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | None, progress: bool | None,
           baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
           impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
-          bits, ulp, time_factor, timing_mode, junit_path, allow_missing, as_json: bool) -> None:
+          overrides: dict, junit_path, allow_missing, as_json: bool) -> None:
     """Run the sweep of CONFIG_PATH (or of the embedded default).
 
     Writes OUT/NAME.json (the results, saved as the sweep goes) and OUT/NAME.md (the
@@ -159,69 +167,41 @@ def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | 
     if baseline:
         results.load(baseline)  # a bad baseline is an input error before, not after, the sweep
     # Imported only now: a bad config or baseline fails before torch's seconds of import.
-    import torch
-
-    from . import environment, sweep
+    from . import bench_run, sweep
 
     impl_table = sweep.resolve(config)  # imports custom code: a failure is an input error, before any file
-    threads = threads or config.threads or torch.get_num_threads()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads > 4 * cpus:
-        # torch segfaults on absurd counts (--threads 100000); more than a few per CPU only slows.
-        raise LosscheckError(f"--threads {threads}: more than 4 × the {cpus} CPU(s) this process may use; "
-                             f"allowed: 1 to {4 * cpus}")
-    out = Path(out_dir)
-    stem = config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
-    json_path, md_path = out / f"{stem}.json{'.gz' if compress else ''}", out / f"{stem}.md"
-    # One writer per results file, and a directory that can be written, before any point runs.
-    with results.exclusive(json_path):
-        records: list[dict] = _resumed(json_path, config, threads) if resume else []
-        done = {results.record_key(r) for r in records}
-        total = sweep.count_points(config, shard, done)
-        level = verbosity.level()
-        env = environment.capture(threads)
-        flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
-                 *(f for loss in only_losses for f in ("--loss", loss))]
-        command = shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                              *(["--gzip"] if compress else []), "--threads", str(threads), *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
-                              *flags])
-        saver = _Incremental(lambda complete: _results(config, env, records, command, complete, shard), json_path)
-        complete = False
-        # A bar on a terminal; off one (a CI log) a plain line per tenth of the points or per
-        # minute, since silence there looks like a hang. Nothing with --no-progress, nor with -q
-        # or -v (a line per point) unless --progress asks for it.
-        show = level == 0 if progress is None else progress
-        bar = (_NoBar() if not show else LogLines(total, stem) if not sys.stderr.isatty() else
-               click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
-                                 show_pos=True, show_eta=True))
-        with bar:
-            try:
-                sweep.run(config, threads, shard=shard, done=done, impls=impl_table,
-                          on_record=lambda r: (records.append(r), bar.update(1, r), saver.tick(),
-                                               _say(_point_line(r), 1, err=True)))
-                complete = True
-            except KeyboardInterrupt:
-                click.echo(f"\ninterrupted: writing the {len(records)} finished points "
-                           "(continue with --resume)", err=True)
-            finally:
-                saver.save(complete)
-                _write_report(results.load(json_path), md_path, with_plots)
-        counts = summaries.status_counts(records)
-        if not as_json:
-            _say(f"{len(records)} points ({counts['ok']} ok, {counts['error']} error, "
-                 f"{counts['skipped']} skipped) -> {json_path}, {md_path}", min_level=-1)
-        gate = None
-        if complete and baseline:
-            # Suspected slowdowns are re-measured here, in the same run, before they are called.
-            gate = _gate(baseline, results.load(json_path), json_path,
-                         _overrides(bits, ulp, time_factor, timing_mode), junit_path, allow_missing,
-                         sweep.remeasurer(config, impl_table, threads), only_losses, as_json=as_json)
-        if as_json:
-            _print_json(summaries.bench_summary(records, complete, json_path, md_path, gate))
-        if not complete:
-            sys.exit(130)
-        if gate and gate["failed"]:
-            sys.exit(1)
+    threads = bench_run.thread_count(config, threads)
+    stem = bench_run.stem(config, shard)
+    json_path, md_path = Path(out_dir) / f"{stem}.json{'.gz' if compress else ''}", Path(out_dir) / f"{stem}.md"
+    command = bench_run.bench_command(config_path, out_dir, compress, threads, shard, impls, numpy_impls, only_losses)
+    # A bar on a terminal; off one (a CI log) a plain line per tenth of the points or per
+    # minute, since silence there looks like a hang. Nothing with --no-progress, nor with -q
+    # or -v (a line per point) unless --progress asks for it.
+    show = verbosity.level() == 0 if progress is None else progress
+    bar = None if not show else (lambda total: LogLines(total, stem) if not sys.stderr.isatty() else
+                                 click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
+                                                   show_pos=True, show_eta=True))
+    run = bench_run.run(
+        config, json_path, threads=threads, command=command, impls=impl_table, resume=resume, shard=shard,
+        progress=bar, on_record=lambda r: _say(_point_line(r), 1, err=True),
+        on_interrupt=lambda n: click.echo(f"\ninterrupted: writing the {n} finished points "
+                                          "(continue with --resume)", err=True),
+        on_saved=lambda path: _write_report(results.load(path), md_path, with_plots))
+    counts = summaries.status_counts(run.records)
+    if not as_json:
+        _say(f"{len(run.records)} points ({counts['ok']} ok, {counts['error']} error, "
+             f"{counts['skipped']} skipped) -> {json_path}, {md_path}", min_level=-1)
+    gate = None
+    if run.complete and baseline:
+        # Suspected slowdowns are re-measured here, in the same run, before they are called.
+        gate = _gate(baseline, results.load(json_path), json_path, overrides, junit_path, allow_missing,
+                     sweep.remeasurer(config, impl_table, threads), only_losses, as_json=as_json)
+    if as_json:
+        _print_json(summaries.bench_summary(run.records, run.complete, json_path, md_path, gate))
+    if not run.complete:
+        sys.exit(130)
+    if gate and gate["failed"]:
+        sys.exit(1)
 
 
 def _point_line(r: dict) -> str:
@@ -239,8 +219,8 @@ def _point_line(r: dict) -> str:
 @_gate_options
 @_json_option("the verdict, its counts and every regression")
 @verbosity.options
-def compare_cmd(baseline_path: str, current_path: str, output: str | None, bits, ulp, time_factor, timing_mode,
-                junit_path, allow_missing, as_json: bool) -> None:
+def compare_cmd(baseline_path: str, current_path: str, output: str | None, overrides: dict, junit_path,
+                allow_missing: bool, as_json: bool) -> None:
     """Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression.
 
     The Markdown comparison goes to stdout, to -o FILE (default: next to CURRENT_PATH,
@@ -259,8 +239,7 @@ def compare_cmd(baseline_path: str, current_path: str, output: str | None, bits,
       2  bad input: a results file unreadable, of another schema or incomplete
     """
     current = results.load(current_path)
-    summary = _gate(baseline_path, current, Path(current_path), _overrides(bits, ulp, time_factor, timing_mode),
-                    junit_path, allow_missing, markdown_path=output, as_json=as_json)
+    summary = _gate(baseline_path, current, Path(current_path), overrides, junit_path, allow_missing, markdown_path=output, as_json=as_json)
     if as_json:
         _print_json(summary)
     if summary["failed"]:
@@ -342,75 +321,12 @@ def parse_impl_flag(value: str, api: str, flag: str):
     return custom_spec(value, None, losses, api, "<command line>", flag)
 
 
-def _results(config, env, records, command, complete, shard) -> dict:
-    data = results.make_results(config.as_dict(), env, sorted(records, key=lambda r: (r["index"], r["impl"])),
-                                command, complete)
-    if shard:
-        data["shard"] = list(shard)
-    return data
-
-
-class _Incremental:
-    """Writes the results file atomically as the sweep goes (at most every `every` seconds,
-    and never more than about 5% of the time: a big file takes a while to write), so that a
-    kill leaves a valid file of all but the last seconds' points."""
-
-    DUTY = 20  # wait at least this many times the last write's duration
-
-    def __init__(self, make, path: Path, every: float = 2.0):
-        self.make, self.path, self.every = make, path, every
-        self.last = time.monotonic()
-        self.wait = every
-
-    def tick(self) -> None:
-        if time.monotonic() - self.last >= self.wait:
-            self.save(False)
-
-    def save(self, complete: bool) -> None:
-        start = time.monotonic()
-        results.save(self.make(complete), self.path)
-        self.last = time.monotonic()
-        self.wait = max(self.every, self.DUTY * (self.last - start))
-
-
-def _resumed(json_path: Path, config, threads: int) -> list[dict]:
-    """The records of an earlier run of the same config, to be kept and not redone."""
-    if not json_path.exists():
-        return []
-    data = results.load(json_path)
-    if not results.same_config(data["config"], config.as_dict()):
-        raise LosscheckError(f"{json_path}: made with another config; --resume continues a run of the same config")
-    from . import environment  # imports torch, which bench has imported already
-
-    here = environment.capture(threads)
-    for field in results.MERGE_CHECKED:
-        if data["environment"].get(field) != here.get(field):
-            raise LosscheckError(f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
-                                 f"{here.get(field)!r}; --resume does not mix versions or thread counts "
-                                 "(rerun without it, or with the same --threads)")
-    if any("index" not in r for r in data["records"]):
-        raise LosscheckError(f"{json_path}: written before --resume support (records lack 'index'); "
-                             "rerun without --resume")
-    return list(data["records"])
-
-
 def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:
     figures = None
     if with_plots:
         figures = (plots.write_plots(data, md_path.parent, md_path.stem) if plots.available()
                    else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only")
     report.write(data, md_path, figures)
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int, record: dict | None = None) -> None:
-        pass
 
 
 @click.command("report")

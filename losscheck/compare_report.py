@@ -6,12 +6,14 @@ import xml.etree.ElementTree as ET
 from tabulate import tabulate
 
 from . import analysis as A
-from . import stats
 from .gate import Comparison, GatePolicy
+from .gate_checks import describe_policy
+from .gate_policy import SETTINGS
 from .report_format import md
 from .results import KEY_FIELDS
 
 MAX_ROWS = 200
+FLAGGED = tuple(s for s in SETTINGS if s.flag)  # the thresholds a command line may override
 # Column names that say what a key field is (the results file's names are terse).
 KEY_HEADERS = {"impl": "implementation", "time": "sequence length", "distribution": "value set"}
 
@@ -94,20 +96,16 @@ def render_markdown(c: Comparison, policy: GatePolicy, baseline_path: str, curre
                            [(k, [why]) for k, why in c.not_run.items()], ["why"]),
               _key_section("Skipped on one side", [(k, []) for k in c.not_compared]),
               _key_section("New and not gated (`gate.new`)", [(k, []) for k in c.not_gated])]
-    t = policy.default
-    overrides = "; ".join(f"{loss}: bits {v.bits:g}, ulp {v.ulp:g}, time ×{v.time_factor:g}, {v.timing}"
+    # Per-loss overrides, by the names of the flags' settings (gate_policy.SETTINGS).
+    overrides = "; ".join(f"{loss}: " + ", ".join(f"{s.name} {_setting_text(getattr(v, s.name))}" for s in FLAGGED)
                           for loss, v in policy.per_loss.items())
-    lines.append(
-        "## Thresholds\n\n"
-        f"A regression: a new non-finite value or flush to zero; forward or gradient max bits up by more than "
-        f"{t.bits:g}; mean-loss error up by more than {t.ulp:g} ULP; an implementation that now errors. An "
-        f"implementation without a baseline ({t.new} ones, `gate.new`) is held to the same tolerances against "
-        f"`{t.versus}` in the same run. Timing ({t.timing}): slower by more than ×{t.time_factor:g} by an exact "
-        f"one-sided rank test at {t.false_alarm:g} divided by the number of timing comparisons judged, confirmed "
-        f"by a re-measure in the same run where one is possible; operations under {stats._t(t.min_time)} on both "
-        "sides, unstable samples and other environments are not judged."
-        + (f" Per loss: {overrides}." if overrides else ""))
+    lines.append("## Thresholds\n\n" + describe_policy(policy.default)
+                 + (f" Per loss: {overrides}." if overrides else ""))
     return "\n\n".join(line for line in lines if line) + "\n"
+
+
+def _setting_text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = (), intro: str = "") -> str:

@@ -29,13 +29,17 @@ passed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
-from . import analysis as A
 from . import stats
 from .config import as_input, gate_policy
 from .errors import ConfigError
+
+# The checks of a point and the Verdict are in gate_checks.py; Verdict is re-exported, where
+# the gate's users have found it.
+from .gate_checks import Verdict, compare_point
+
 # The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
 # without importing this module); re-exported here, where the gate's users have found them.
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
@@ -54,20 +58,6 @@ PARTS = (("forward", "forward"), ("backward", "forward+backward"))
 # The re-measure of a suspected slowdown: (record key, [implementation names]) ->
 # {name: timing dict or exception}, the names timed interleaved in the same run.
 Remeasure = Callable[[tuple, list], dict]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    key: tuple
-    gate: str  # status | overflow | accuracy | timing
-    outcome: str  # regression | improvement | not judged
-    baseline: str
-    current: str
-    why: str
-    # How bad, to pick the worst change of an implementation: bits or log2 of a time ratio
-    # (inf for a new error or non-finite value).
-    size: float = 0.0
-    against: str = "baseline"  # "baseline", or the versus implementation of the same run
 
 
 @dataclass
@@ -139,22 +129,16 @@ class Comparison:
             return rows.setdefault(impl, {"impl": impl, "kind": self.kinds.get(impl, ""), "against": set(),
                                           "judged": 0, "not_judged": 0, "missing": 0, "regressions": set(),
                                           "worst": None})
-        for k in self.matched_keys:
+        # Matched points are judged against the baseline, new ones against their versus (added below).
+        for k in [*self.matched_keys, *self.versus_of]:
             r = row(k[1])
             if k in self.not_run:
                 r["not_judged"] += 1
             else:
                 r["judged"] += 1
-                r["against"].add("baseline")
-        for k in self.not_compared:
-            row(k[1])["not_judged"] += 1
-        for k in self.versus_of:
-            r = row(k[1])
-            if k in self.not_run:
-                r["not_judged"] += 1
-            else:
-                r["judged"] += 1
-        for k in self.not_gated:
+                if k not in self.versus_of:
+                    r["against"].add("baseline")
+        for k in [*self.not_compared, *self.not_gated]:
             row(k[1])["not_judged"] += 1
         for k in self.only_baseline:
             row(k[1])["missing"] += 1
@@ -217,7 +201,7 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
             continue
         if c["status"] != "ok" and b["status"] != "ok":
             not_run[k] = _not_run_why(c)
-        found = _compare_point(b, c, t, k)
+        found = compare_point(b, c, t, k)
         by_point[k] = found
         verdicts += found
         if b["status"] == c["status"] == "ok" and t.timing != "off" and k[1] != t.versus:
@@ -242,7 +226,7 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
         if v["status"] != "ok":
             not_run[k] = f"{t.versus} did not run here ({_not_run_why(v)})"
             continue
-        found = [replace(x, against=t.versus) for x in _compare_point(v, c, t, k, versus=t.versus)
+        found = [replace(x, against=t.versus) for x in compare_point(v, c, t, k, versus=t.versus)
                  if x.outcome == "regression"]
         verdicts += found
     timing = _judge_timing(timing_cases, policy, benv, cenv, remeasure)
@@ -267,69 +251,6 @@ def _not_run_why(r: dict) -> str:
 
 def _sort_key(k: tuple) -> tuple:
     return tuple("" if v is None else (f"{v:020.6f}" if isinstance(v, (int, float)) else str(v)) for v in k)
-
-
-def _compare_point(b: dict, c: dict, t: Thresholds, k: tuple, versus: str | None = None) -> list[Verdict]:
-    """Accuracy, overflow and status of `c` against `b` (the baseline's point, or the versus
-    implementation's point of the same run)."""
-    other = versus or "baseline"
-    if b["status"] != c["status"]:
-        if b["status"] == "ok" and c["status"] == "error":
-            return [Verdict(k, "status", "regression", "ok", "error", c["message"], math.inf)]
-        if b["status"] == "error" and c["status"] == "ok":
-            return [Verdict(k, "status", "improvement", "error", "ok", b["message"])]
-        return []
-    if c["status"] != "ok":
-        return []
-    out = []
-    nb, nc = _nonfinite(b), _nonfinite(c)
-    where = "" if versus is None else f" (vs {versus})"
-    if nc > nb:
-        # NaN anywhere the reference is not NaN, ±inf where it is finite (docs/METRICS.md "Overflow").
-        out.append(Verdict(k, "overflow", "regression", str(nb), str(nc),
-                           f"{nc - nb} more NaN/±inf value(s) than the {other}", math.inf))
-    elif nc < nb:
-        out.append(Verdict(k, "overflow", "improvement", str(nb), str(nc), f"{nb - nc} fewer non-finite values"))
-    ub, uc = _underflows(b), _underflows(c)
-    if ub is not None and uc is not None and uc > ub:
-        out.append(Verdict(k, "accuracy", "regression", str(ub), str(uc),
-                           f"{uc - ub} more result(s) flushed to zero than the {other}", 1.0))
-    for section, label in (("forward", "forward max bits"), ("backward", "gradient max bits")):
-        # A gradient not measured (a numpy implementation without one) has nothing to compare.
-        out += _worse(k, label, (b[section] or {}).get("max_bits"), (c[section] or {}).get("max_bits"),
-                      t.bits, "bits", where)
-    out += _worse(k, "mean-loss ULPs", b["forward"]["reduced_ulp"], c["forward"]["reduced_ulp"], t.ulp, "ULP",
-                  where)
-    return out
-
-
-def _nonfinite(r: dict) -> int:
-    return A.nonfinite(r["forward"]) + A.nonfinite(r["backward"]) + int(A.reduced_nonfinite(r))
-
-
-def _underflows(r: dict) -> int | None:
-    """Results flushed to zero (forward and gradient); None where the file does not count them."""
-    counts = [s.get("underflow") for s in (r["forward"], r["backward"]) if s]
-    return None if any(c is None for c in counts) else sum(counts)
-
-
-def _worse(k, label, b, c, tolerance, unit, where="") -> list[Verdict]:
-    if b is None or c is None or b == c or (math.isnan(b) and math.isnan(c)):
-        return []
-    delta = c - b  # inf − finite = inf; finite − inf = −inf
-    size = delta if unit == "bits" else math.log2(1 + max(delta, 0))
-    if delta > tolerance:
-        return [Verdict(k, "accuracy", "regression", _num(b), _num(c),
-                        f"{label} up by {_num(delta)} {unit} (tolerance {tolerance:g}){where}", size)]
-    if delta < -tolerance:
-        return [Verdict(k, "accuracy", "improvement", _num(b), _num(c), f"{label} down by {_num(-delta)} {unit}")]
-    return []
-
-
-def _num(v) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ---- timing ---------------------------------------------------------------------------------------

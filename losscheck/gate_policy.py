@@ -72,10 +72,15 @@ class Setting:
     high: float | None = None
     choices: tuple[str, ...] = ()
     flag: str | None = None  # the flag of `bench --baseline` and `compare` overriding it
+    flag_help: str = ""  # the flag's help, before "(default: ...)"
 
     @property
     def default(self):
         return getattr(Thresholds(), self.name)
+
+    @property
+    def default_text(self) -> str:
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
 
     def accepts(self, number: float | None) -> bool:
         """Whether `number` (a value already read as a number; None: not one) is allowed."""
@@ -88,11 +93,14 @@ class Setting:
 
 # In the order of the `gate:` key's help and of the "allowed" list of an unknown key.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("bits", "number", "bits", "a finite number >= 0", flag="--bits"),
-    Setting("ulp", "number", "ulp (allowed increases)", "a finite number >= 0", flag="--ulp"),
-    Setting("time_factor", "number", "time_factor (>= 1)", "a finite number >= 1", low=1.0, flag="--time-factor"),
+    Setting("bits", "number", "bits", "a finite number >= 0", flag="--bits",
+            flag_help="Allowed increase of forward/gradient max bits"),
+    Setting("ulp", "number", "ulp (allowed increases)", "a finite number >= 0", flag="--ulp",
+            flag_help="Allowed increase of the mean loss's ULP error"),
+    Setting("time_factor", "number", "time_factor (>= 1)", "a finite number >= 1", low=1.0, flag="--time-factor",
+            flag_help="Allowed slowdown factor, beyond the noise"),
     Setting("timing", "choice", "timing (relative, absolute, off)", ", ".join(TIMING_MODES), choices=TIMING_MODES,
-            flag="--timing"),
+            flag="--timing", flag_help="Timing gate: relative to torch in the same run, absolute, or off"),
     Setting("versus", "implementation", "versus (an implementation of the run; default torch)",
             "an implementation of the run"),
     Setting("new", "choice", "new (custom, all, none)", ", ".join(NEW_MODES), choices=NEW_MODES),

@@ -83,6 +83,23 @@ def test_run_writes_to_out_and_accepts_a_mapping(tmp_path):
     assert all(r["forward"]["reduced_ulp"] <= 1 for r in res.records)
 
 
+def test_run_shards_resume_and_on_record_share_the_bench_path(run_once, tmp_path):
+    """run(shard=, resume=, on_record=) is bench's path: shard files named as bench names them,
+    whose union is the whole sweep; a resume of a complete file redoes no point."""
+    cfg = losscheck.Config.from_mapping(SWEEP)
+    seen: list[dict] = []
+    parts = [losscheck.run(cfg, threads=1, out=tmp_path, shard=(i, 2), on_record=seen.append) for i in (1, 2)]
+    assert [p.path.name for p in parts] == ["notebook.shard-1-of-2.json", "notebook.shard-2-of-2.json"]
+    assert [p.data["shard"] for p in parts] == [[1, 2], [2, 2]]
+    keys = sorted(record_key(r) for p in parts for r in p.records)
+    assert keys == sorted(record_key(r) for r in run_once.records) == sorted(record_key(r) for r in seen)
+    again: list[dict] = []
+    resumed = losscheck.run(cfg, threads=1, out=parts[0].path, shard=(1, 2), resume=True, on_record=again.append)
+    assert again == [] and resumed.records == parts[0].records and resumed.complete
+    with pytest.raises(TypeError, match="needs out="):
+        losscheck.run(cfg, resume=True)
+
+
 def softplus_mean(xs, ys) -> float:
     mpmath.mp.prec = 200
     terms = [mpmath.log1p(mpmath.exp(mpmath.mpf(x))) - mpmath.mpf(x) * y for x, y in zip(xs, ys)]

@@ -27,11 +27,11 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("measurement", {"losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
-    ("evaluation", {"losscheck.sweep", "losscheck.gate", "losscheck.explain_limits", "losscheck.explain_prose"}),
+    ("evaluation", {"losscheck.sweep", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose"}),
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
-    ("api", {"losscheck.api"}),
+    ("api", {"losscheck.api", "losscheck.bench_run"}),
     ("commands", {"losscheck.commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
@@ -81,7 +81,7 @@ def test_the_import_parser_sees_relative_lazy_and_absolute_imports():
     # A check of the checker: these imports are known to exist in these modules.
     assert "losscheck.gate_policy" in imported("losscheck.config", MODULES["losscheck.config"])
     assert "losscheck.probing" in imported("losscheck.api", MODULES["losscheck.api"])  # inside a function
-    assert "losscheck.sweep" in imported("losscheck.api", MODULES["losscheck.api"])  # `from . import sweep`
+    assert "losscheck.bench_run" in imported("losscheck.api", MODULES["losscheck.api"])  # `from . import bench_run`
     assert "losscheck.reference" in imported("losscheck.losses.base", MODULES["losscheck.losses.base"])
 
 

@@ -17,7 +17,7 @@ from helpers import assert_one_error_line
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from losscheck import cli, results, sweep
+from losscheck import bench_run, cli, results, sweep
 from losscheck.cli import main
 from losscheck.config import parse_config
 
@@ -195,7 +195,7 @@ def test_resume_without_a_file_runs_everything(runner, tmp_path, monkeypatch):
 def test_resume_after_an_interrupt_in_the_middle_of_a_case_has_no_duplicate_point(runner, tmp_path, monkeypatch):
     cfg = _write(tmp_path, "fast.yaml", FAST_CONFIG)
     out = tmp_path / "out"
-    real_tick = cli._Incremental.tick
+    real_tick = bench_run._Incremental.tick
     ticks = []
 
     def tick(self):
@@ -204,7 +204,7 @@ def test_resume_after_an_interrupt_in_the_middle_of_a_case_has_no_duplicate_poin
             raise KeyboardInterrupt
         real_tick(self)
 
-    monkeypatch.setattr(cli._Incremental, "tick", tick)
+    monkeypatch.setattr(bench_run._Incremental, "tick", tick)
     assert _bench(runner, cfg, out).exit_code == 130
     assert len(_raw(out / "fast.json")["records"]) == 4
     monkeypatch.undo()
@@ -386,8 +386,8 @@ def test_merge_function_directly(shards, reference):
 # ---- 5. incremental writing -------------------------------------------------------------------
 
 def test_incremental_writes_are_valid_files_during_the_run(runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli._Incremental.__init__, "__defaults__", (0.0,))  # every=0: save at each point
-    monkeypatch.setattr(cli._Incremental, "DUTY", 0)  # ...however long a write takes
+    monkeypatch.setattr(bench_run._Incremental.__init__, "__defaults__", (0.0,))  # every=0: save at each point
+    monkeypatch.setattr(bench_run._Incremental, "DUTY", 0)  # ...however long a write takes
     real_save = results.save
     seen = []
 
@@ -412,10 +412,10 @@ def test_incremental_writes_are_valid_files_during_the_run(runner, tmp_path, mon
 
 def test_incremental_saves_at_most_every_interval(tmp_path, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench_run.time, "monotonic", lambda: clock[0])
     saves = []
     monkeypatch.setattr(results, "save", lambda data, path: saves.append(data))
-    inc = cli._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
+    inc = bench_run._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
     inc.tick()
     clock[0] += 1.9
     inc.tick()
@@ -630,7 +630,7 @@ def test_merge_of_a_file_whose_environment_is_not_an_object(runner, tmp_path, sh
 def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatch):
     # A write taking 0.5 s pushes the next one 20 x 0.5 = 10 s away (about 5% of the time).
     clock = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench_run.time, "monotonic", lambda: clock[0])
     saves = []
 
     def slow_save(data, path):
@@ -638,7 +638,7 @@ def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatc
         saves.append(data)
 
     monkeypatch.setattr(results, "save", slow_save)
-    inc = cli._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
+    inc = bench_run._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
     clock[0] += 2.0
     inc.tick()
     assert len(saves) == 1
