@@ -52,14 +52,30 @@ def summary(spec: CustomSpec) -> str:
     return f"{spec.function} (custom, {spec.api})"
 
 
-# What user code prints goes to stderr, not to stdout, which is bench's and `probe --json`'s
-# (Python-level prints; a worker process, see worker.py, also sends C-level writes there and
-# turns this off).
+# What user code prints goes to stderr, not to stdout, which is bench's and `probe --json`'s:
+# Python's print and writes to file descriptor 1 alike. A worker process (worker.py) has fd 1
+# on stderr for good and turns this off.
 REDIRECT_STDOUT = True
 
 
+@contextlib.contextmanager
 def _quiet():
-    return contextlib.redirect_stdout(sys.stderr) if REDIRECT_STDOUT else contextlib.nullcontext()
+    if not REDIRECT_STDOUT:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 or 2 to speak of: Python-level output only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _import(function: str, source: str, name: str):

@@ -12,8 +12,7 @@ Limitations:
 * The alarm interrupts Python code: loops, ``time.sleep``, Python-level waits. A single C or
   CUDA call that runs long (one huge matmul, a blocking kernel launch or synchronize) is only
   interrupted when it returns to Python, and one that never returns (a hung kernel) is never
-  interrupted; that needs the point to run in a subprocess that can be killed, which is not
-  done here.
+  interrupted; that needs the point to run in a process that can be killed (worker.py).
 * Signals are delivered to the main thread only, so `deadline` is a no-op in other threads,
   and where SIGALRM/setitimer does not exist (Windows). `enforceable()` says whether a
   timeout can be enforced here.

@@ -15,7 +15,8 @@ isolated); an import failure is the ConfigError it would be in process. It runs 
 * a higher ``oom_score_adj`` than the parent, so that the kernel's OOM killer takes it first;
 * PR_SET_PDEATHSIG, so that it does not outlive a killed run.
 
-The worker enforces the timeout as in process (SIGALRM); the parent kills it later (`kill_after`), which stops a C call that never returns too.
+The worker enforces the timeout as in process (SIGALRM); the parent kills it later
+(`kill_after`), which stops a C call that never returns too.
 A death becomes a `WorkerFailure` whose message is the cause: "killed by signal 11
 (SIGSEGV)", "exited with status 0 during evaluation", "out of memory (killed by the kernel,
 signal 9)" (the cgroup's ``oom_kill`` count rose), "timed out after 300 s".
@@ -37,7 +38,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers the shared-memory pickling of tensors)
+import torch.multiprocessing  # registers the shared-memory pickling of tensors
 
 from . import memory
 from .custom import ImplementationError, NoGradient
@@ -47,6 +48,8 @@ from .isolation import GlobalState, WorkerFailure, deadline, failure_message
 # oom_score_adj added to the parent's for a worker (the kernel's scale ends at 1000).
 OOM_SCORE_BONUS = 500
 _PR_SET_PDEATHSIG = 1
+# How a death while timing is told (the sweep's message starts "while timing: ").
+_TIMED = "in its worker process"
 
 
 @dataclass
@@ -170,6 +173,8 @@ class Worker:
     def request(self, message: tuple, during: str):
         """Send `message`, return the worker's answer; its exception, crash or timeout is a
         WorkerFailure (the worker is then stopped, and started again at the next request)."""
+        if self._proc is not None and not self._proc.is_alive():
+            self.stop()  # died between requests (killed from outside): not this request's fault
         self.ready()
         oom_before = _oom_kills()
         limit = kill_after(self.timeout)
@@ -265,7 +270,7 @@ class RemoteFn:
         device = str(x.device)
         cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
         made = self.worker.request(("calibrate", self.loss, x.detach().cpu(), target.cpu(), cpu, device, reduction,
-                                    threads, min_run_time, rounds), "while being timed")
+                                    threads, min_run_time, rounds), _TIMED)
         return {part: (_RemoteTimer(self.worker, part), number, calibration)
                 for part, (number, calibration) in made.items()}
 
@@ -275,7 +280,8 @@ class _RemoteTimer:
         self.worker, self.part = worker, part
 
     def timeit(self, number: int):
-        return types.SimpleNamespace(times=self.worker.request(("block", self.part, number), "while being timed"))
+        times = self.worker.request(("block", self.part, number), _TIMED)
+        return types.SimpleNamespace(times=times)
 
 
 # ---------------------------------------------------------------------------------------------
