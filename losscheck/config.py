@@ -30,6 +30,7 @@ OPTION_AXES = {"weight": "weights", "pos_weight": "pos_weights", "label_smoothin
                "ignored": "ignored", "targets": "targets"}
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
+ISOLATION_MODES = ("auto", "process", "none")
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -93,6 +94,9 @@ class Config:
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
+    # Where implementations run: "auto" (custom ones in a worker process, built-ins in this
+    # one), "process" (all in workers) or "none" (all here); see worker.py.
+    isolation: str = "auto"
     source: str = "<config>"
 
     @classmethod
@@ -157,6 +161,7 @@ class Config:
             "custom": [{"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api}
                        for c in self.custom],
             "timeout": self.timeout,
+            "isolation": self.isolation,
         }
 
 
@@ -225,6 +230,7 @@ KEYS = {
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
+    "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
 }
 CUSTOM_KEYS = ("name", "function", "losses", "api")
 TIMING_KEYS = ("enabled", "min_run_time", "distributions", "scales")
@@ -303,6 +309,7 @@ def _build(data: dict, source: str) -> Config:
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
         custom=v.custom(data),
         timeout=v.timeout(data),
+        isolation=v.isolation(data),
         source=source,
     )
     # The gate last: `versus` must name one of the run's implementations, custom ones included.
@@ -431,6 +438,13 @@ class _Validator:
             if names.count(n) > 1:
                 self.fail("custom", f"two custom implementations are named {n!r}", "distinct names")
         return tuple(out)
+
+    def isolation(self, data):
+        value = data.get("isolation", "auto")
+        if value not in ISOLATION_MODES:
+            self.fail("isolation", f"unknown value {value!r}{_suggest(str(value), ISOLATION_MODES)}",
+                      ", ".join(ISOLATION_MODES))
+        return value
 
     def timeout(self, data):
         value = data.get("timeout", 300.0)

@@ -17,6 +17,7 @@ The callable has the signature of the built-in implementations (see `losses/base
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -44,7 +45,37 @@ def load(spec: CustomSpec, source: str = "<config>") -> Impl:
     """Import `spec.function` and wrap it; an import failure is a config error (exit 2)."""
     fn = _import(spec.function, source, spec.name)
     wrapped = _numpy_adapter(fn, spec.function) if spec.api == "numpy" else _checked(fn, spec.function)
-    return Impl(spec.name, "custom", wrapped, f"{spec.function} (custom, {spec.api})")
+    return Impl(spec.name, "custom", wrapped, summary(spec))
+
+
+def summary(spec: CustomSpec) -> str:
+    return f"{spec.function} (custom, {spec.api})"
+
+
+# What user code prints goes to stderr, not to stdout, which is bench's and `probe --json`'s:
+# Python's print and writes to file descriptor 1 alike. A worker process (worker.py) has fd 1
+# on stderr for good and turns this off.
+REDIRECT_STDOUT = True
+
+
+@contextlib.contextmanager
+def _quiet():
+    if not REDIRECT_STDOUT:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 or 2 to speak of: Python-level output only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _import(function: str, source: str, name: str):
@@ -98,7 +129,8 @@ def check_signature(fn, function: str, args: tuple, options: dict) -> None:
 def _checked(fn, function):
     def call(x, t, reduction="mean", **options):
         check_signature(fn, function, (x, t, reduction), options)
-        return fn(x, t, reduction, **options)
+        with _quiet():
+            return fn(x, t, reduction, **options)
     return call
 
 
@@ -135,7 +167,7 @@ def _numpy_adapter(fn, function):
         args = (_to_numpy(x), _to_numpy(t), reduction)
         opts = {k: _to_numpy(v) for k, v in options.items()}
         check_signature(fn, function, args, opts)
-        with np.errstate(all="ignore"):  # NaN and inf are what is measured, not news for the terminal
+        with np.errstate(all="ignore"), _quiet():  # NaN and inf are measured, not news for the terminal
             out = fn(*args, **opts)
         grad = None
         if isinstance(out, tuple):

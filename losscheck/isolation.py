@@ -1,4 +1,7 @@
-"""A per-point timeout: ``with deadline(seconds, what): run_point()``.
+"""Keeping audited code from harming the run: the in-process per-point timeout
+(``with deadline(seconds, what): run_point()``), torch's and the process's global state kept
+as it was (`GlobalState`), and the one-line description of a failure (`failure_message`).
+Implementations in a worker process (crashes, hangs in C code): see worker.py.
 
 `deadline` arms a real-time interval timer (``signal.setitimer(ITIMER_REAL, ...)``) whose
 SIGALRM handler raises `PointTimeout` in the main thread. On leaving the block, normally or by
@@ -9,8 +12,7 @@ Limitations:
 * The alarm interrupts Python code: loops, ``time.sleep``, Python-level waits. A single C or
   CUDA call that runs long (one huge matmul, a blocking kernel launch or synchronize) is only
   interrupted when it returns to Python, and one that never returns (a hung kernel) is never
-  interrupted; that needs the point to run in a subprocess that can be killed, which is not
-  done here.
+  interrupted; that needs the point to run in a process that can be killed (worker.py).
 * Signals are delivered to the main thread only, so `deadline` is a no-op in other threads,
   and where SIGALRM/setitimer does not exist (Windows). `enforceable()` says whether a
   timeout can be enforced here.
@@ -25,10 +27,13 @@ re-arms the outer timer with the time it has left (at once, if that time has run
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
+import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 # Re-arm delay for an outer timer whose time ran out while an inner deadline held the timer.
@@ -99,3 +104,64 @@ def deadline(seconds: float | None, what: str = "") -> Iterator[None]:
 
 
 deadline.enforceable = enforceable  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """What an implementation could change for everyone after it: the working directory (a
+    relative --out would move), and torch's default dtype, thread count and grad mode (the
+    implementations after it would be measured under them)."""
+
+    cwd: str
+    default_dtype: object
+    threads: int
+    grad_enabled: bool
+
+    @classmethod
+    def capture(cls) -> GlobalState:
+        import torch
+        return cls(os.getcwd(), torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled())
+
+    def restore(self) -> list[str]:
+        """Put everything back as captured; what had changed, as 'what: before -> now'."""
+        import torch
+        now = GlobalState.capture() if os.path.isdir(self.cwd) else None
+        changed = []
+        if now is None or now.cwd != self.cwd:
+            changed.append(f"working directory: {self.cwd} -> {now.cwd if now else '?'}")
+            os.chdir(self.cwd)
+            now = GlobalState.capture()
+        for what, before, after, put in (
+                ("torch default dtype", self.default_dtype, now.default_dtype, torch.set_default_dtype),
+                ("torch threads", self.threads, now.threads, torch.set_num_threads),
+                ("torch grad mode", self.grad_enabled, now.grad_enabled, torch.set_grad_enabled)):
+            if before != after:
+                changed.append(f"{what}: {before} -> {after}")
+                put(before)
+        return changed
+
+
+class WorkerFailure(Exception):
+    """An implementation's worker process died, was killed or failed at a request; the
+    message is the cause (worker.py)."""
+
+
+def one_line(e: BaseException) -> str:
+    """'Type: first line of the message (at file:line)'; a WorkerFailure's message as is."""
+    if isinstance(e, WorkerFailure):
+        return str(e)
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    loc = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return f"{type(e).__name__}: {first}{loc}"
+
+
+def failure_message(e: BaseException) -> str:
+    """A point's error message for an exception of the code it ran."""
+    from . import memory  # torch: only once a point runs
+    if isinstance(e, PointTimeout):
+        return f"timeout: {e}"
+    if memory.is_oom(e) and not isinstance(e, WorkerFailure):
+        return f"out of memory: {one_line(e)}"
+    return one_line(e)

@@ -7,19 +7,17 @@ share their inputs and their reference, which is computed once.
 from __future__ import annotations
 
 import itertools
-import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from . import custom, inputs, memory, reference as R, timing
+from . import custom, inputs, memory, reference as R, timing, worker
 from .config import Config
-from .custom import ImplementationError, NoGradient
 from .dtypes import FORMATS
 from .environment import device_problem
-from .errors import ConfigError, ReferenceUnavailable
-from .isolation import PointTimeout, deadline
+from .errors import ConfigError, LosscheckError, ReferenceUnavailable
+from .isolation import deadline, failure_message, one_line as _one_line
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
@@ -92,13 +90,33 @@ def count_points(config: Config, shard: tuple[int, int] | None = None, done: set
 
 def resolve(config: Config) -> dict[str, dict[str, Impl]]:
     """loss -> {name: Impl} for the config: built-in implementations, then custom ones
-    (imported here, once; an import failure is a ConfigError)."""
-    loaded = {spec.name: custom.load(spec, config.source) for spec in config.custom}
+    (imported here, once, or by their worker process; an import failure is a ConfigError).
+    Isolated implementations (`config.isolation`: custom ones by default) get a worker each,
+    started here, and their Impl.fn is a `worker.RemoteFn`."""
+    isolated = {i for i in config.implementations if config.isolation == "process"}
+    isolated |= {spec.name for spec in config.custom if config.isolation != "none"}
+    specs = {spec.name: spec for spec in config.custom}
+    workers = {i: worker.Worker(i, specs.get(i), config.source, config.timeout) for i in sorted(isolated)}
+    for w in workers.values():
+        w.start()  # all at once: their imports overlap
+    for w in workers.values():
+        try:
+            w.ready()
+        except worker.WorkerFailure as e:
+            raise LosscheckError(f"{w.name}: its worker process failed {e} (its error is above)") from None
+    loaded = {spec.name: custom.load(spec, config.source) for spec in config.custom if spec.name not in workers}
     out = {}
     for name in config.losses:
         loss = LOSSES[name]
-        out[name] = {i: (loss.implementations[i] if i in loss.implementations else loaded[i])
-                     for i in config.impls_for(name)}
+        row = {}
+        for i in config.impls_for(name):
+            local = loss.implementations[i] if i in loss.implementations else loaded.get(i)
+            if i in workers:
+                kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
+                row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
+            else:
+                row[i] = local
+        out[name] = row
     return out
 
 
@@ -322,74 +340,50 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     if _large(case):
         memory.trim()
     peak = memory.PeakMemory(case.device)
+    shape = tuple(ref.loss.shape)
     try:
-        with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
-            fwd, bwd = _measure(impl, data, ref, case, threshold, record)
-        record["forward"], record["backward"] = fwd, bwd
-        record["forward"]["reference_value"] = ref.value
+        if isinstance(impl.fn, worker.RemoteFn):
+            # In its worker process (the timeout is enforced by killing it); audited here.
+            outputs, record["memory"] = impl.fn.evaluate(data, case.device, case.reduction, shape,
+                                                         torch.get_num_threads())
+            _audit(outputs, ref, threshold, record)
+        else:
+            with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
+                outputs = worker.produce(impl.fn, data, case.device, case.reduction, shape,
+                                         trusted=impl.kind in BUILT_IN_KINDS)
+                _audit(outputs, ref, threshold, record)
+            record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
     # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
-    # exit 0 and a partial file (issue 16). os._exit and crashes need a process of their own.
+    # exit 0 and a partial file (issue 16). os._exit and crashes: see worker.py.
     except (Exception, SystemExit) as e:  # an implementation failing is a result, not a crash
         record["status"] = "error"
-        if isinstance(e, PointTimeout):
-            record["message"] = f"timeout: {e}"
-        elif memory.is_oom(e):
-            record["message"] = f"out of memory: {_one_line(e)}"
-        else:
-            record["message"] = _one_line(e)
+        record["message"] = failure_message(e)
+        record["forward"] = record["backward"] = None
         memory.release(case.device)
-    record["memory"] = peak.result()
+        if not isinstance(impl.fn, worker.RemoteFn):
+            record["memory"] = peak.result()
     return record
 
 
-# Implementations of these kinds are ours: they get the point's tensors without a copy.
+# Implementations of these kinds are ours: they get the point's tensors without a copy (and
+# without the check for writes into them, which needs one).
 BUILT_IN_KINDS = ("naive", "stable", "framework")
 
 
-def _measure(impl, data: PointData, ref: Reference, case: Case, threshold: float, record: dict):
-    x, t, opts = data.on(case.device, copy=impl.kind not in BUILT_IN_KINDS)
-    fwd, bwd = ErrorStats(threshold), ErrorStats(threshold)
-    with torch.no_grad():
-        elements = impl.fn(x, t, "none", **opts)
-    _check_output(elements, tuple(ref.loss.shape), x.dtype, x.device, "none")
-    fwd.add(elements, ref.loss)
-    del elements
-    # A view of the input that requires grad: no copy of it (large vocabularies).
-    xg = x.detach().requires_grad_(True)
-    out = impl.fn(xg, t, case.reduction, **opts)
-    shape = tuple(ref.loss.shape) if case.reduction == "none" else ()
-    _check_output(out, shape, x.dtype, x.device, case.reduction)
+def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict) -> None:
+    """The record's forward and backward from an implementation's outputs (`worker.produce`),
+    against the reference, on the reference's device."""
+    dev = ref.loss.device
+    fwd = ErrorStats(threshold)
+    fwd.add(o.elements.to(dev), ref.loss)
     if ref.reduced is not None:
-        fwd.set_reduced(out.detach(), ref.reduced)
-    try:
-        out.backward(torch.ones_like(out) if case.reduction == "none" else None)
-    except NoGradient as e:
-        record["message"] = f"forward only: {e}"
-        return fwd.as_dict(), None
-    del out
-    if xg.grad is None:
-        raise ImplementationError(f"the {case.reduction!r} result does not depend on the input (no gradient)")
-    bwd.add(xg.grad, ref.grad)
-    return fwd.as_dict(), bwd.as_dict()
-
-
-def _check_output(out, shape, dtype, device, reduction) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise ImplementationError(f"reduction={reduction!r} returned {type(out).__name__}, not a tensor")
-    if tuple(out.shape) != tuple(shape):
-        raise ImplementationError(
-            f"reduction={reduction!r} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if out.dtype != dtype:
-        raise ImplementationError(f"reduction={reduction!r} returned {out.dtype}, expected {dtype}")
-    if out.device != device:
-        raise ImplementationError(f"reduction={reduction!r} returned a tensor on {out.device}, expected {device}")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    loc = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
-    return f"{type(e).__name__}: {first}{loc}"
+        fwd.set_reduced(o.out.to(dev), ref.reduced)
+    record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
+    if o.note:
+        record["message"] = o.note
+    if o.grad is not None:
+        bwd = ErrorStats(threshold)
+        bwd.add(o.grad.to(dev), ref.grad)
+        record["backward"] = bwd.as_dict()

@@ -6,6 +6,7 @@ negligible; `Timer.timeit` then measures blocks (synchronising CUDA), and the pe
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,15 +53,11 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
     out: dict[str, dict | Exception] = {}
     for name, impl in impls.items():
         try:
-            for part, fn in (("forward", _forward(impl, x, target, reduction, options)),
-                             ("backward", _backward(impl, x, target, reduction, options))):
-                timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-                # blocked_autorange warms up and sizes a block so that timer overhead is
-                # negligible; we then make each round's block last about min_run_time / ROUNDS.
-                m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
-                per_run = max(m.median, 1e-9)
-                number = max(m.number_per_run, int(min_run_time / rounds / per_run))
-                timers[(name, part)] = (timer, number, float(m.median))
+            # An implementation in a worker process (worker.RemoteFn) calibrates there and
+            # returns timers whose blocks run there: the rounds stay interleaved.
+            make = getattr(impl, "timers", None) or functools.partial(timers_for, impl)
+            for part, made in make(x, target, reduction, options, threads, min_run_time, rounds).items():
+                timers[(name, part)] = made
         except (Exception, SystemExit) as e:  # an implementation failing here fails its own point only
             out[name] = e
     times: dict[tuple, list[float]] = {key: [] for key in timers}
@@ -87,6 +84,21 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
             "backward_calibration_s": timers[(name, "backward")][2],
             "threads": threads,
         }
+    return out
+
+
+def timers_for(impl: Callable, x, target, reduction, options, threads, min_run_time, rounds) -> dict:
+    """part ("forward", "backward") -> (timer, runs per block, calibrated seconds per run)."""
+    out = {}
+    for part, fn in (("forward", _forward(impl, x, target, reduction, options)),
+                     ("backward", _backward(impl, x, target, reduction, options))):
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        # blocked_autorange warms up and sizes a block so that timer overhead is
+        # negligible; we then make each round's block last about min_run_time / ROUNDS.
+        m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
+        per_run = max(m.median, 1e-9)
+        number = max(m.number_per_run, int(min_run_time / rounds / per_run))
+        out[part] = (timer, number, float(m.median))
     return out
 
 
