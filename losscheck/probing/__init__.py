@@ -48,6 +48,7 @@ Everything a user can get wrong is a `ProbeError` (a `ConfigError`, so: one line
 stderr and exit code 2 through the CLI's group); an implementation that fails is a result
 (``status: error``), as in bench.
 """
+
 from __future__ import annotations
 
 from .convert import Conversion, convert
@@ -55,6 +56,23 @@ from .evaluate import OPTION_FLAGS, ProbeResult, run_probe, supported_flags
 from .load import BLOCK, FILE_SUFFIXES, INLINE_HELP, Loaded, ProbeError, load_array, parse_inline
 from .render import HEADERS, render_table, table_rows, to_dict, to_json
 
-__all__ = ["BLOCK", "FILE_SUFFIXES", "HEADERS", "INLINE_HELP", "OPTION_FLAGS", "Conversion", "Loaded", "ProbeError",
-           "ProbeResult", "convert", "load_array", "parse_inline", "render_table", "run_probe", "supported_flags",
-           "table_rows", "to_dict", "to_json"]
+__all__ = [
+    "BLOCK",
+    "FILE_SUFFIXES",
+    "HEADERS",
+    "INLINE_HELP",
+    "OPTION_FLAGS",
+    "Conversion",
+    "Loaded",
+    "ProbeError",
+    "ProbeResult",
+    "convert",
+    "load_array",
+    "parse_inline",
+    "render_table",
+    "run_probe",
+    "supported_flags",
+    "table_rows",
+    "to_dict",
+    "to_json",
+]

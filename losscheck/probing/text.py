@@ -1,4 +1,5 @@
 """How the probe writes values, shapes, indices and errors for people (shared by its modules)."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import numpy as np
 
 from ..dtypes import FORMATS
 from ..formats import capped_bits
+
 
 def _fmt(v, dtype: str) -> str:
     """A value of `dtype` for people: half-precision values exactly (they are short: 21.875,
@@ -77,6 +79,7 @@ def _bits_cell(b, dtype: str) -> str:
         return "—"
     p = FORMATS[dtype].significand_bits
     return "all bits lost" if (math.isinf(b) or b >= p) else f"{b:.1f}"
+
 
 def _where_from(source: str) -> str:
     return "inline" if source.startswith("--") else source
