@@ -10,8 +10,8 @@ implementations).
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 REDUCTIONS = ("none", "mean", "sum")
 # The built-in implementations, in the order every table, plot and config lists them.

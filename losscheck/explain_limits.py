@@ -4,9 +4,9 @@ each dtype (bisection over its representable values), never typed in."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def _rounded_sigmoid(logit: float, dtype: str) -> float:
     return float(R.round_to(R.sigmoid(np.array([logit], dtype=np.float64)), FORMATS[dtype].torch_dtype)[0])
 
 
-@lru_cache(maxsize=None)
+@cache
 def dtype_limits(dtype: str) -> DtypeLimits:
     """The thresholds of `dtype` that the naive formulas run into, computed now."""
     f = FORMATS[dtype]

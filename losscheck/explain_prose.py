@@ -5,8 +5,8 @@ there; nothing here is a measured value."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -33,9 +33,10 @@ The kinds, from those facts:
   the same holds in the widest dtype swept for that (loss, variant, impl, device) (float64
   in most sweeps): a wrong formula is wrong in every precision, most visibly in the widest,
   while a precision problem is mildest there (torch's float16 gradient p − q with soft or
-  smoothed targets cancels where p ≈ q and loses 8 bits at scale 1, but is right in float64). Elementwise only: a wrong reduced value with every
-  element right is a `reduction`, never a formula error, so a framework implementation is
-  called a formula error only when its elements are wrong on well-conditioned inputs. An
+  smoothed targets cancels where p ≈ q and loses 8 bits at scale 1, but is right in float64).
+  Elementwise only: a wrong reduced value with every element right is a `reduction`, never a
+  formula error, so a framework implementation is called a formula error only when its
+  elements are wrong on well-conditioned inputs. An
   instability is exact at small logits and breaks as they grow; a wrong formula (a missing
   bracket, a wrong sign) is wrong from the start.
 * `overflow` — non-finite forward or gradient elements on finite inputs (every value set
@@ -72,8 +73,7 @@ from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
-from .formats import FORMATS, bits_phrase, precision, ulp_threshold
-from .formats import capped_bits as formats_capped_bits
+from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
 # What every finding holds (results.load checks it).

@@ -162,7 +162,7 @@ def _variants_figure(plt, loss, recs, path) -> bool:
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(2.9 * ncols, 2.2 * nrows + 0.6), squeeze=False, sharex=True, sharey=True
     )
-    for ax, label in zip(axes.flat, labels):
+    for ax, label in zip(axes.flat, labels, strict=False):  # the grid's last row may have spare axes
         mine = [r for r in recs if r["loss"] == label]
         # Bits as a share of each record's precision: 1 = no correct bit left.
         shared = [

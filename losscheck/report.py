@@ -18,10 +18,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from . import analysis as A
-from . import findings as FD
-from . import report_detail as D
-from . import report_findings as RF
+from . import analysis as A, findings as FD, report_detail as D, report_findings as RF
 from .catalog import loss_registry
 from .formats import FORMATS
 from .report_format import (

@@ -12,8 +12,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from . import analysis as A
-from . import findings as FD
+from . import analysis as A, findings as FD
 from .report_format import (
     LOSS_ORDER,
     dtype_rank,

@@ -43,14 +43,13 @@ import math
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from . import safeio
 from .catalog import REDUCTIONS
 from .errors import ResultsError, shorten
-from .findings import findings as findings_of
-from .findings import problem as finding_problem
+from .findings import findings as findings_of, problem as finding_problem
 from .formats import FORMATS
 from .units import format_bytes
 

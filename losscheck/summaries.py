@@ -67,7 +67,7 @@ def status_counts(records: list[dict]) -> dict[str, int]:
 
 
 def _point(key: tuple) -> dict:
-    point = dict(zip(KEY_FIELDS, key))
+    point = dict(zip(KEY_FIELDS, key, strict=True))  # a key is results.record_key: one item per field
     if isinstance(point.get("options"), tuple):  # results.record_key's hashable form of the options dict
         point["options"] = dict(point["options"])
     return point

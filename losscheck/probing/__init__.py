@@ -35,8 +35,8 @@ says otherwise.
 
 Memory: a probe holds what a bench point of the same shape holds (`sweep.INPUT_COPIES`,
 6 copies of the input in the dtype under test: the input, an implementation's own copy of
-it, the reference's gradient, the implementation's gradient and its working copies), plus the per-row outputs. Files are read
-without a float64 copy of the whole input: ``.npy`` files are memory-mapped and ``.pt``
+it, the reference's gradient, the implementation's gradient and its working copies), plus the
+per-row outputs. Files are read without a float64 copy of the whole input: ``.npy`` files are memory-mapped and ``.pt``
 files (zip format, the default since torch 1.6) are loaded with ``mmap=True``; when the
 file's dtype is the dtype under test its tensor is used as is, otherwise it is converted in
 blocks of 2^20 values into one tensor of the dtype. ``.npz`` members and old-format ``.pt``

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, memory, sweep
-from .. import reference as R
+from .. import custom, memory, reference as R, sweep
 from ..analysis import SCALE_FREE
 from ..catalog import IGNORE_INDEX, REDUCTIONS
 from ..config import BUILTIN_IMPLS, DEVICE_RE, Config, custom_spec
@@ -260,7 +259,10 @@ def run_probe(
     all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations] + customs
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
-    results = [_result(impl, rec, outputs.get(impl.name), ref, dtype, shape) for impl, rec in zip(all_impls, records)]
+    results = [
+        _result(impl, rec, outputs.get(impl.name), ref, dtype, shape)
+        for impl, rec in zip(all_impls, records, strict=True)
+    ]
     ref_info = _reference_info(ref, stats, shape, loss)
     notes = _notes(
         loss, shape, stats, conversions, ref, records, outputs, dtype, reduction, target_info, tgt, inp, options
@@ -360,7 +362,7 @@ def _elementwise(impls: list[Impl], records: list[dict], data: sweep.PointData, 
     """Each implementation's "none" output on the CPU (per row: small), for the worst element."""
     out = {}
     x, t, opts = data.on(device)
-    for impl, rec in zip(impls, records):
+    for impl, rec in zip(impls, records, strict=True):
         if rec["status"] != "ok":
             continue
         try:
