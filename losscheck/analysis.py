@@ -116,7 +116,7 @@ def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
             status = "skipped" if all(r["status"] == "skipped" for r in recs) else "error"
             out[key] = Breakdown(None, recs[0].get("message", ""), status)
             continue
-        broken = sorted((r["scale"], breaks(r)) for r in ok if breaks(r))
+        broken = sorted((r["scale"], why) for r in ok if (why := breaks(r)))
         if broken:
             out[key] = Breakdown(broken[0][0], broken[0][1], "measured")
         else:

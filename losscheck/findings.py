@@ -190,8 +190,8 @@ def _total(*sections) -> int:
 
 
 def _worst_element_bits(rec: dict, *sections) -> float | None:
-    bits = [capped_bits(_ulp(s), rec["dtype"]) for s in sections if s and _ulp(s) is not None]
-    bits = [b for b in bits if b is not None]
+    capped = [capped_bits(_ulp(s), rec["dtype"]) for s in sections if s]  # None where no distance
+    bits = [b for b in capped if b is not None]
     return max(bits) if bits else None
 
 
@@ -434,12 +434,11 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
             _classify(r, acc)
         formula = formulas.get(key)
         wide = widest.get((key[0], key[1], key[2], key[4]))
-        if formula is not None and formulas.get((*key[:3], wide, key[4])) is None:
-            formula = None  # right in the widest dtype: a matter of precision, not of the formula
-        if formula is not None:
+        # Wrong in the widest dtype too, or it is a matter of precision, not of the formula.
+        if formula is not None and wide is not None and formulas.get((*key[:3], wide, key[4])) is not None:
             formula.widest = wide
-            for k in PRE_EMPTED_BY_FORMULA:
-                acc.pop(k, None)
+            for pre_empted in PRE_EMPTED_BY_FORMULA:
+                acc.pop(pre_empted, None)
             acc["formula"] = formula
         loss, var, impl, dtype, device = key
         kinds = {recs[0].get("kind", "")} if recs else set()
@@ -454,8 +453,8 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
             ev = _evidence(kind, acc[kind])
             message = _message(kind, subject, ev, dtype)
             if not sweep:
-                for key in ("scales", "first_scale", "distributions"):
-                    del ev[key]
+                for field in ("scales", "first_scale", "distributions"):
+                    del ev[field]
                 message = _SWEEP_CLAUSE.sub("", message)
             out.append(
                 {

@@ -34,7 +34,8 @@ import math
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -248,12 +249,11 @@ class PeakMemory:
             self._state = {}
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:  # None: an exception in the block propagates
         try:
             self._result = self._stop(self._state) if self._state else None
         except Exception:
             self._result = None
-        return False
 
     def result(self) -> dict[str, Any] | None:
         """The measurement after the block, or None if memory could not be measured."""
@@ -441,7 +441,8 @@ def trim() -> None:
         _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM = None
+# None: not looked up yet; False: this C library has no malloc_trim.
+_MALLOC_TRIM: Callable[[int], int] | Literal[False] | None = None
 
 
 def release(device: str | torch.device) -> None:

@@ -175,7 +175,7 @@ def _loss_page(results, loss, records, found, main_name) -> str:
 
 def _header(results: dict) -> str:
     cfg, env, recs = results.get("config", {}), results.get("environment", {}), results["records"]
-    counts = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     for r in recs:
         counts[r["status"]] += 1
     status = ", ".join(f"{counts[s]} {s}" for s in ("ok", "error", "skipped") if counts[s])
@@ -192,7 +192,7 @@ def _header(results: dict) -> str:
 
 
 def _skipped_summary(records: list[dict]) -> str:
-    skipped = defaultdict(int)
+    skipped: dict[tuple, int] = defaultdict(int)
     for r in records:
         if r["status"] == "skipped":
             skipped[(r["device"], r["message"])] += 1

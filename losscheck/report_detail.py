@@ -230,7 +230,7 @@ def _timing(records: list[dict]) -> str:
     if not timed:
         return ""
     impls = impls_of(timed)
-    groups = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in timed:
         groups[(r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])][r["impl"]].append(r["timing"])
     rows = []
@@ -298,7 +298,7 @@ def _memory(records: list[dict]) -> str:
     recs = [r for r in records if r.get("memory")]
     if not recs:
         return ""
-    groups = defaultdict(dict)
+    groups: dict[tuple, dict] = defaultdict(dict)
     for r in recs:
         m = r["memory"]
         extra = m["peak_bytes"] - m.get("baseline_bytes", 0)
@@ -323,7 +323,7 @@ def _memory(records: list[dict]) -> str:
 
 
 def problems(records: list[dict]) -> str:
-    msgs = defaultdict(lambda: defaultdict(int))
+    msgs: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
         if r["status"] == "error":
             msgs[(r["status"], r["message"])][(r["loss"], r["impl"], r["dtype"], r["device"])] += 1

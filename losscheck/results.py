@@ -442,7 +442,8 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
                     "results of different versions or thread counts cannot be merged"
                 )
     shards = [d.get("shard") for _, d in parts]
-    if any(shards) and (not all(shards) or len({s[1] for s in shards}) != 1):
+    given = [s for s in shards if s]
+    if given and (len(given) != len(shards) or len({s[1] for s in given}) != 1):
         raise ResultsError(
             "only shards of one split (all --shard I/N with the same N) can be merged; got "
             + ", ".join("unsharded" if not s else f"{s[0]}/{s[1]}" for s in shards)
@@ -464,11 +465,11 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
         " && ".join(d.get("command", "") for _, d in parts),
         complete=all(d.get("complete", True) for _, d in parts),
     )
-    if any(shards):
+    if given:
         # Complete only when every shard 1..N is here: a missing shard's points would otherwise
         # be absent from the file and pass any gate that does not look for them.
-        n = shards[0][1]
-        missing = sorted(set(range(1, n + 1)) - {s[0] for s in shards})
+        n = given[0][1]
+        missing = sorted(set(range(1, n + 1)) - {s[0] for s in given})
         merged["missing_shards"] = missing
         merged["complete"] = merged["complete"] and not missing
     merged["environments"] = [d["environment"] for _, d in parts]

@@ -89,13 +89,16 @@ def convert(loaded: Loaded, dtype: torch.dtype, what: str = "input") -> tuple[to
         block = loaded.flat_block(rows)
         if isinstance(block, np.ndarray):
             before = torch.from_numpy(np.asarray(block, dtype=np.float64))
-            if not wide_source:
-                block = torch.from_numpy(np.array(block, dtype=block.dtype.newbyteorder("=")))
         else:
             before = block.to(torch.float64)
         # float64 (and integer) sources are rounded from float64 by round_to: torch's own
         # float64 -> half conversion goes through float32 and can round twice.
-        after = R.round_to(before.numpy(), dtype) if wide_source else block.to(dtype)
+        if wide_source:
+            after = R.round_to(before.numpy(), dtype)
+        elif isinstance(block, np.ndarray):
+            after = torch.from_numpy(np.array(block, dtype=block.dtype.newbyteorder("="))).to(dtype)
+        else:
+            after = block.to(dtype)
         flat_out[rows] = after
         _count_changes(conv, before, after.to(torch.float64), start)
     return out, conv

@@ -322,7 +322,7 @@ def _check_memory(case: sweep.Case) -> None:
 
 
 def _case_options(options: dict, soft: bool, target_info: dict) -> tuple:
-    out = {}
+    out: dict[str, object] = {}
     if "weight" in options:
         out["weight"] = "given"
     if "pos_weight" in options:

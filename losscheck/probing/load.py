@@ -57,8 +57,9 @@ class Loaded:
 
     @property
     def dtype_name(self) -> str:
-        d = self.data.dtype
-        return str(d).replace("torch.", "") if isinstance(self.data, torch.Tensor) else np.dtype(d).name
+        if isinstance(self.data, torch.Tensor):
+            return str(self.data.dtype).replace("torch.", "")
+        return np.dtype(self.data.dtype).name
 
     @property
     def floating(self) -> bool:

@@ -37,7 +37,7 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _bits(ulp: float, dtype: str) -> float:
+def _bits(ulp: float, dtype: str) -> float | None:
     """bits = min(log2(1 + ulp), p) (METRICS.md): a NaN or an infinity against a finite
     reference leaves no correct bit, p, never more."""
     return capped_bits(ulp, dtype)

@@ -5,6 +5,7 @@ NaN/inf statistics. Scanned in blocks of `BLOCK` elements so a huge input needs 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
     rows = inp.reshape(-1, inp.shape[-1]) if loss.multiclass else inp.reshape(-1, 1)
     n = rows.shape[0]
     step = max(1, BLOCK // max(1, rows.shape[1]))
-    stats = {
+    stats: dict[str, Any] = {
         "nan": 0,
         "posinf": 0,
         "neginf": 0,
@@ -103,7 +104,7 @@ def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
 def _target(
     loss: Loss, t: Loaded, dtype: torch.dtype, soft: bool, shape: dict, ignore_index: int | None, conversions: list
 ) -> tuple[torch.Tensor, dict]:
-    info = {"source": t.source, "shape": list(t.shape), "from_dtype": t.dtype_name, "kind": "hard"}
+    info: dict[str, Any] = {"source": t.source, "shape": list(t.shape), "from_dtype": t.dtype_name, "kind": "hard"}
     if soft:
         tgt = _nonnegative(
             t,
