@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Pinned to the local CPU build: an unpinned `torch` would pull several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
 
-.PHONY: env bench test quick reports clean
+.PHONY: env bench lint format test quick reports clean
 
 env: $(VENV)/.installed
 
@@ -19,8 +19,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 bench: env
 	$(BIN)/losscheck bench
 
-# The whole test suite.
-test: env
+# Style and types before the tests (configured in pyproject.toml): lint, formatting, mypy.
+# Measured on the 2-core dev machine (load ~14): ruff check + format --check 0.2 s; mypy 1.5 s
+# with its cache (.mypy_cache) warm, 53 s from cold (most of it reading the torch and numpy stubs).
+lint: env
+	$(BIN)/ruff check losscheck
+	$(BIN)/ruff format --check losscheck
+	$(BIN)/mypy losscheck
+
+# Apply ruff's formatting and safe fixes (then `make lint` shows what is left to do by hand).
+format: env
+	$(BIN)/ruff format losscheck
+	$(BIN)/ruff check --fix losscheck
+
+# The whole test suite, after the lint.
+test: env lint
 	$(BIN)/python -m pytest
 
 # The CI-sized sweep (about 10 s).
@@ -36,4 +49,4 @@ reports: bench quick
 	$(BIN)/losscheck bench examples/custom.yaml --out reports
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -28,6 +28,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'losscheck' has no attribute {name!r}")
     import importlib
+
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value  # once: later look-ups do not come here
     return value

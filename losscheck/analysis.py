@@ -2,6 +2,7 @@
 
 Pure functions of result records (plain dicts as stored in the results file).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ def labelled(records: list[dict]) -> list[dict]:
     """Copies of the records whose `loss` is their `loss_label` (the loss itself in
     `base_loss`), and whose `impl` says "(custom)" for a user's implementation: every table
     grouped by loss then keeps variants apart, and shows which implementations are custom."""
-    return [{**r, "loss": loss_label(r), "base_loss": r["loss"],
-             "impl": f"{r['impl']} (custom)" if r.get("kind") == "custom" else r["impl"]} for r in records]
+    return [
+        {
+            **r,
+            "loss": loss_label(r),
+            "base_loss": r["loss"],
+            "impl": f"{r['impl']} (custom)" if r.get("kind") == "custom" else r["impl"],
+        }
+        for r in records
+    ]
 
 
 def loss_rank(label: str, order: list[str]) -> tuple:
@@ -50,8 +58,7 @@ def reduced_nonfinite(record: dict) -> bool:
     """The reduced loss is non-finite although its reference is finite."""
     f = record.get("forward") or {}
     value, ref = f.get("value"), f.get("reference")
-    return (value is not None and ref is not None and math.isfinite(ref)
-            and not math.isfinite(value))
+    return value is not None and ref is not None and math.isfinite(ref) and not math.isfinite(value)
 
 
 def breaks(record: dict) -> str | None:
@@ -109,7 +116,7 @@ def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
             status = "skipped" if all(r["status"] == "skipped" for r in recs) else "error"
             out[key] = Breakdown(None, recs[0].get("message", ""), status)
             continue
-        broken = sorted((r["scale"], breaks(r)) for r in ok if breaks(r))
+        broken = sorted((r["scale"], why) for r in ok if (why := breaks(r)))
         if broken:
             out[key] = Breakdown(broken[0][0], broken[0][1], "measured")
         else:
@@ -133,8 +140,15 @@ def worst(values) -> float | None:
 def point_key(record: dict) -> tuple:
     """The sweep point of a record, whatever the implementation: (loss, dtype, device, batch,
     classes, scale, distribution)."""
-    return (record["loss"], record["dtype"], record["device"], record["batch"], record["classes"],
-            record["scale"], record["distribution"])
+    return (
+        record["loss"],
+        record["dtype"],
+        record["device"],
+        record["batch"],
+        record["classes"],
+        record["scale"],
+        record["distribution"],
+    )
 
 
 @dataclass
@@ -181,8 +195,11 @@ def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tup
             x, y = _measure(ra, section, k), _measure(rb, section, k)
             if math.isnan(x) or math.isnan(y):
                 continue
-            diffs.append(y - x if math.isfinite(x) and math.isfinite(y) else
-                         (math.inf if math.isfinite(x) else (-math.inf if math.isfinite(y) else 0.0)))
+            diffs.append(
+                y - x
+                if math.isfinite(x) and math.isfinite(y)
+                else (math.inf if math.isfinite(x) else (-math.inf if math.isfinite(y) else 0.0))
+            )
         if any(d < 0 for d in diffs):
             v.worse += 1
             v.max_loss_bits = max(v.max_loss_bits, -min(diffs))

@@ -6,11 +6,12 @@ config validation, reports, findings and the gate read them from here, so that r
 or validating needs no torch (the `losses` package imports torch for the
 implementations).
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 REDUCTIONS = ("none", "mean", "sum")
 # The built-in implementations, in the order every table, plot and config lists them.
@@ -18,8 +19,7 @@ BUILTIN_IMPLS = ("naive", "stable", "torch")
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
-OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0,
-                   "targets": "hard"}
+OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0, "targets": "hard"}
 
 
 @dataclass(frozen=True)
@@ -49,51 +49,54 @@ _CE_FORMULAS = Formulas(
 )
 
 # In the registry's order (`losses.LOSSES` has the same keys in the same order).
-LOSS_INFO: dict[str, LossInfo] = {i.name: i for i in (
-    LossInfo(
-        name="bce",
-        summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets, "
-        "per-element weight, pos_weight",
-        formulas=Formulas(
-            loss=r"\ell(p, y) = -\left[y \log p + (1-y)\log(1-p)\right]",
-            naive=r"\ell = -\left[y\log p + (1-y)\log(1-p)\right]",
-            stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
-            gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
+LOSS_INFO: dict[str, LossInfo] = {
+    i.name: i
+    for i in (
+        LossInfo(
+            name="bce",
+            summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets, "
+            "per-element weight, pos_weight",
+            formulas=Formulas(
+                loss=r"\ell(p, y) = -\left[y \log p + (1-y)\log(1-p)\right]",
+                naive=r"\ell = -\left[y\log p + (1-y)\log(1-p)\right]",
+                stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
+                gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
+            ),
+            options=("weight", "pos_weight"),
         ),
-        options=("weight", "pos_weight"),
-    ),
-    LossInfo(
-        name="bce_with_logits",
-        summary="binary cross entropy from logits, hard 0/1 targets, per-element weight, pos_weight",
-        formulas=Formulas(
-            loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
-            naive=r"\sigma(x) = \frac{1}{1+e^{-x}},\ \ell = -\left[y\log\sigma(x) + (1-y)\log(1-\sigma(x))\right]",
-            stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
-            gradient=r"\partial\ell/\partial x = \sigma(x) - y",
+        LossInfo(
+            name="bce_with_logits",
+            summary="binary cross entropy from logits, hard 0/1 targets, per-element weight, pos_weight",
+            formulas=Formulas(
+                loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
+                naive=r"\sigma(x) = \frac{1}{1+e^{-x}},\ \ell = -\left[y\log\sigma(x) + (1-y)\log(1-\sigma(x))\right]",
+                stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
+                gradient=r"\partial\ell/\partial x = \sigma(x) - y",
+            ),
+            options=("weight", "pos_weight"),
         ),
-        options=("weight", "pos_weight"),
-    ),
-    LossInfo(
-        name="cross_entropy",
-        summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
-        "label smoothing, ignore_index",
-        formulas=_CE_FORMULAS,
-        options=("weight", "label_smoothing", "ignored", "targets"),
-    ),
-    LossInfo(
-        name="sequence_cross_entropy",
-        summary="token cross entropy over (batch, time, vocab = `classes`) with padded sequences "
-        "(ignore_index), per-class weight, label smoothing",
-        formulas=Formulas(
-            loss=r"\ell = \frac{1}{|\{(b,\tau): t_{b\tau} \ne \text{pad}\}|}\sum_{t_{b\tau} \ne \text{pad}} "
-                 r"-\log \operatorname{softmax}(x_{b\tau})_{t_{b\tau}}",
-            naive=_CE_FORMULAS.naive,
-            stable=_CE_FORMULAS.stable,
-            gradient=_CE_FORMULAS.gradient,
+        LossInfo(
+            name="cross_entropy",
+            summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
+            "label smoothing, ignore_index",
+            formulas=_CE_FORMULAS,
+            options=("weight", "label_smoothing", "ignored", "targets"),
         ),
-        options=("weight", "label_smoothing"),
-    ),
-)}
+        LossInfo(
+            name="sequence_cross_entropy",
+            summary="token cross entropy over (batch, time, vocab = `classes`) with padded sequences "
+            "(ignore_index), per-class weight, label smoothing",
+            formulas=Formulas(
+                loss=r"\ell = \frac{1}{|\{(b,\tau): t_{b\tau} \ne \text{pad}\}|}\sum_{t_{b\tau} \ne \text{pad}} "
+                r"-\log \operatorname{softmax}(x_{b\tau})_{t_{b\tau}}",
+                naive=_CE_FORMULAS.naive,
+                stable=_CE_FORMULAS.stable,
+                gradient=_CE_FORMULAS.gradient,
+            ),
+            options=("weight", "label_smoothing"),
+        ),
+    )
+}
 
 
 def loss_registry() -> Mapping:

@@ -1,6 +1,7 @@
 """YAML for configs: text -> mapping, refusing a key given twice (PyYAML keeps the last one
 silently), and mapping -> text that reads back as the same mapping. Validation is config.py's;
 this module knows only YAML (and the one-line `ConfigError` of a bad file)."""
+
 from __future__ import annotations
 
 import collections

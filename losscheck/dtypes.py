@@ -4,6 +4,7 @@ One table so that every module agrees on names, significand widths and on the
 integer type used to read a value's bits (for ULP distances). The torch-free facts
 (name, widths) live in `formats.py`; this adds the torch dtype lookup.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,12 @@ class FloatFormat:
         return float(torch.finfo(self.torch_dtype).max)
 
 
-_TORCH = {"float64": (torch.float64, torch.int64), "float32": (torch.float32, torch.int32),
-          "float16": (torch.float16, torch.int16), "bfloat16": (torch.bfloat16, torch.int16)}
+_TORCH = {
+    "float64": (torch.float64, torch.int64),
+    "float32": (torch.float32, torch.int32),
+    "float16": (torch.float16, torch.int16),
+    "bfloat16": (torch.bfloat16, torch.int16),
+}
 
 # Same names, order and widths as formats.FORMATS, with the torch dtypes added.
 FORMATS: dict[str, FloatFormat] = {

@@ -1,4 +1,5 @@
 """One family of user-facing errors, mapped to exit code 2 by the CLI in one place."""
+
 from __future__ import annotations
 
 

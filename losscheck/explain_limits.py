@@ -1,17 +1,19 @@
 """Dtype limits for `explain`: computed from `torch.finfo` and by evaluating the operations in
 each dtype (bisection over its representable values), never typed in."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 import torch
 
 from . import reference as R
 from .dtypes import FORMATS
+
 
 @dataclass(frozen=True)
 class DtypeLimits:
@@ -64,7 +66,7 @@ def _rounded_sigmoid(logit: float, dtype: str) -> float:
     return float(R.round_to(R.sigmoid(np.array([logit], dtype=np.float64)), FORMATS[dtype].torch_dtype)[0])
 
 
-@lru_cache(maxsize=None)
+@cache
 def dtype_limits(dtype: str) -> DtypeLimits:
     """The thresholds of `dtype` that the naive formulas run into, computed now."""
     f = FORMATS[dtype]
@@ -95,23 +97,43 @@ def _num(x: float) -> str:
 
 # Columns of the limits table: key -> (header, legend, value).
 LIMIT_COLUMNS: dict[str, tuple[str, str, Callable[[DtypeLimits], str]]] = {
-    "log_max": ("ln(max)", "ln(finfo.max): exp(x) overflows to inf above it",
-                lambda L: _num(L.log_max)),
-    "exp_overflow": ("exp = inf from", "the smallest x of the dtype with exp(x) = inf, evaluated in it",
-                     lambda L: _num(L.exp_overflow_at)),
-    "exp_underflow": ("exp = 0 at", "exp(x) = 0 at and below this x, evaluated "
-                      "(≈ ln(smallest subnormal / 2))", lambda L: _num(L.exp_underflow_below)),
-    "sigmoid_one": ("σ = 1 from", "the smallest x with 1/(1 + exp(−x)) = 1 exactly, evaluated in the dtype",
-                    lambda L: _num(L.sigmoid_one_at)),
-    "sigmoid_estimate": ("ln(2/ε)", "where e^−x drops below ε/2, half an ULP above 1 (ε = finfo.eps), "
-                         "so that 1 + e^−x rounds to 1: the estimate of “σ = 1 from”",
-                         lambda L: _num(L.sigmoid_one_estimate)),
-    "p_one": ("p = 1 from", "the smallest logit whose p = σ(logit), made as the sweep makes it (σ in "
-              "float64, rounded once to the dtype), is exactly 1 (float64: σ's own rounding, ≈ ln(2/ε))",
-              lambda L: _num(L.p_one_at)),
-    "p_one_estimate": ("ln(4/ε)", "where 1 − e^−x comes within ε/4, half an ULP below 1, of 1 "
-                       "(ε = finfo.eps): the estimate of “p = 1 from”", lambda L: _num(L.p_one_estimate)),
-    "p_zero": ("p = 0 at", "σ(logit) correctly rounded to the dtype is exactly 0 at and below this logit",
-               lambda L: _num(L.p_zero_below)),
+    "log_max": ("ln(max)", "ln(finfo.max): exp(x) overflows to inf above it", lambda L: _num(L.log_max)),
+    "exp_overflow": (
+        "exp = inf from",
+        "the smallest x of the dtype with exp(x) = inf, evaluated in it",
+        lambda L: _num(L.exp_overflow_at),
+    ),
+    "exp_underflow": (
+        "exp = 0 at",
+        "exp(x) = 0 at and below this x, evaluated (≈ ln(smallest subnormal / 2))",
+        lambda L: _num(L.exp_underflow_below),
+    ),
+    "sigmoid_one": (
+        "σ = 1 from",
+        "the smallest x with 1/(1 + exp(−x)) = 1 exactly, evaluated in the dtype",
+        lambda L: _num(L.sigmoid_one_at),
+    ),
+    "sigmoid_estimate": (
+        "ln(2/ε)",
+        "where e^−x drops below ε/2, half an ULP above 1 (ε = finfo.eps), "
+        "so that 1 + e^−x rounds to 1: the estimate of “σ = 1 from”",
+        lambda L: _num(L.sigmoid_one_estimate),
+    ),
+    "p_one": (
+        "p = 1 from",
+        "the smallest logit whose p = σ(logit), made as the sweep makes it (σ in "
+        "float64, rounded once to the dtype), is exactly 1 (float64: σ's own rounding, ≈ ln(2/ε))",
+        lambda L: _num(L.p_one_at),
+    ),
+    "p_one_estimate": (
+        "ln(4/ε)",
+        "where 1 − e^−x comes within ε/4, half an ULP below 1, of 1 (ε = finfo.eps): the estimate of “p = 1 from”",
+        lambda L: _num(L.p_one_estimate),
+    ),
+    "p_zero": (
+        "p = 0 at",
+        "σ(logit) correctly rounded to the dtype is exactly 0 at and below this logit",
+        lambda L: _num(L.p_zero_below),
+    ),
 }
 DEFAULT_LIMIT_COLUMNS = ("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate")

@@ -2,10 +2,11 @@
 that breaks, the stable form, the gradient, the pages it comes from), kept apart from the
 code that measures and prints it (explain.py). Every number in the text is measured live
 there; nothing here is a measured value."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -75,14 +76,14 @@ def _bce_misprint(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 PROSE: dict[str, Prose] = {
     "bce_with_logits": Prose(
         loss="ℓ(x, y) = −[y·log σ(x) + (1−y)·log(1−σ(x))],  σ(x) = 1/(1 + e^−x);  "
-             "equivalently ℓ = log(1 + e^x) − x·y.  The mean loss is (1/N)·Σᵢ ℓ(xᵢ, yᵢ).",
+        "equivalently ℓ = log(1 + e^x) − x·y.  The mean loss is (1/N)·Σᵢ ℓ(xᵢ, yᵢ).",
         inputs="logits x (any real number; ±inf where masked)",
         targets="hard 0/1 labels y",
         naive="σ = 1/(1 + exp(−x));  ℓ = −[y·log σ + (1−y)·log(1−σ)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
         source="Page “BCEWithLogitsLoss 的具体数学公式” prints ℓ(x, y) = −(1/N) Σᵢ [yᵢ·log σ(xᵢ) + (1 − yᵢ)·"
-               "log(1 − σ(xᵢ))] and rightly says it takes the linear output, no sigmoid first. That is "
-               "correct as mathematics; transcribed literally it is exactly the naive form above — "
-               "unstable, not wrong.",
+        "log(1 − σ(xᵢ))] and rightly says it takes the linear output, no sigmoid first. That is "
+        "correct as mathematics; transcribed literally it is exactly the naive form above — "
+        "unstable, not wrong.",
         mechanism=(
             "Large positive x: 1 + exp(−x) rounds to 1, so σ(x) is exactly 1 from the column "
             "“σ = 1 from” below, and 1 − σ(x) = 0. With y = 0 the loss is −log 0 = +inf where the true "
@@ -110,28 +111,27 @@ PROSE: dict[str, Prose] = {
         ),
         gradient="∂ℓ/∂x = σ(x) − y   (for the mean loss: (σ(xᵢ) − yᵢ)/N)",
         gradient_how="With e = exp(−|x|) and σ(−|x|) = e/(1 + e) (small, and exact to its last bit), "
-                     "σ(x) − y is formed as (1 − y) − σ(−|x|) for x ≥ 0 and σ(−|x|) − y for x < 0: for "
-                     "y = 1 and large x that is −e/(1 + e) ≈ −e^−x to full precision, where σ(x) − 1 "
-                     "would be 1 − 1 = 0. e/(1 + e) rather than 1/(1 + exp(|x|)), which would "
-                     "overflow to 0 while the true value is still a (subnormal) number.",
+        "σ(x) − y is formed as (1 − y) − σ(−|x|) for x ≥ 0 and σ(−|x|) − y for x < 0: for "
+        "y = 1 and large x that is −e/(1 + e) ≈ −e^−x to full precision, where σ(x) − 1 "
+        "would be 1 − 1 = 0. e/(1 + e) rather than 1/(1 + exp(|x|)), which would "
+        "overflow to 0 while the true value is still a (subnormal) number.",
         gradient_source="Page “交叉熵损失的反向求导”: with y = σ(a), ∂L/∂a = y − t — correct (its "
-                        "∂L/∂y = −t/y + (1 − t)/(1 − y) times σ′(a) = y(1 − y)).",
+        "∂L/∂y = −t/y + (1 − t)/(1 − y) times σ′(a) = y(1 − y)).",
         limit_columns=("log_max", "exp_overflow", "sigmoid_one", "sigmoid_estimate"),
         probes=_BINARY_LOGIT_PROBES,
     ),
     "bce": Prose(
-        loss="ℓ(p, y) = −[y·log p + (1−y)·log(1−p)] on a probability p ∈ [0, 1].  "
-             "The mean loss is (1/N)·Σᵢ ℓ(pᵢ, yᵢ).",
+        loss="ℓ(p, y) = −[y·log p + (1−y)·log(1−p)] on a probability p ∈ [0, 1].  The mean loss is (1/N)·Σᵢ ℓ(pᵢ, yᵢ).",
         inputs="probabilities p = σ(logit), computed in high precision and rounded once to the dtype — "
-               "so p is exactly 1 (or 0) beyond the columns “p = 1 from” / “p = 0 at” below",
+        "so p is exactly 1 (or 0) beyond the columns “p = 1 from” / “p = 0 at” below",
         targets="hard 0/1 labels y",
         naive="ℓ = −[y·log p + (1−y)·log(1−p)];  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
         source="Page “BCEloss 计算原理” first prints −(1/N) Σᵢ yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ): the bracket "
-               "is missing, so the second term has the wrong sign (it prints the correct "
-               "−(1/N) Σᵢ [yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ)] later). That is a formula error — wrong "
-               "at every scale, in every dtype — which losscheck tells apart from an instability "
-               "(right at small scales, broken beyond a threshold). The page also calls the labels "
-               "“one-hot encoded”, which does not apply to a single binary probability.",
+        "is missing, so the second term has the wrong sign (it prints the correct "
+        "−(1/N) Σᵢ [yᵢ·log ŷᵢ + (1 − yᵢ)·log(1 − ŷᵢ)] later). That is a formula error — wrong "
+        "at every scale, in every dtype — which losscheck tells apart from an instability "
+        "(right at small scales, broken beyond a threshold). The page also calls the labels "
+        "“one-hot encoded”, which does not apply to a single binary probability.",
         mechanism=(
             "Once the logit passes the column “p = 1 from”, p is exactly 1 (or 0 below “p = 0 at”). "
             "With an agreeing target (a confident correct prediction, true loss 0) the naive form is "
@@ -157,11 +157,11 @@ PROSE: dict[str, Prose] = {
         ),
         gradient="∂ℓ/∂p = −y/p + (1−y)/(1−p) = (p − y)/(p(1 − p))",
         gradient_how="For hard targets one term vanishes: it is computed as (1−y)/(1−p) − y/p with "
-                     "0/0-free divisions (0 where the numerator is 0) — one division, nothing "
-                     "subtracted from a nearly equal number; where −1/p overflows but −1/(N·p) of the "
-                     "mean is finite (p tiny), 1/N is applied first.",
+        "0/0-free divisions (0 where the numerator is 0) — one division, nothing "
+        "subtracted from a nearly equal number; where −1/p overflows but −1/(N·p) of the "
+        "mean is finite (p tiny), 1/N is applied first.",
         gradient_source="Page “交叉熵损失的反向求导”: L = −t·log y − (1 − t)·log(1 − y), "
-                        "∂L/∂y = −t/y + (1 − t)/(1 − y) — correct.",
+        "∂L/∂y = −t/y + (1 − t)/(1 − y) — correct.",
         limit_columns=("p_one", "p_one_estimate", "p_zero"),
         probes=_PROBABILITY_PROBES,
         misprint=_bce_misprint,
@@ -170,16 +170,16 @@ PROSE: dict[str, Prose] = {
     ),
     "cross_entropy": Prose(
         loss="ℓ(x, t) = −log softmax(x)_t = −log(e^{x_t} / Σⱼ e^{x_j}) = log Σⱼ e^{x_j} − x_t, for "
-             "logits x ∈ ℝ^C and the target class t (in one-hot form −Σ_c y_c·log ŷ_c, ŷ = softmax(x)). "
-             "The mean loss is (1/N)·Σᵢ ℓ(xᵢ, tᵢ).",
+        "logits x ∈ ℝ^C and the target class t (in one-hot form −Σ_c y_c·log ŷ_c, ŷ = softmax(x)). "
+        "The mean loss is (1/N)·Σᵢ ℓ(xᵢ, tᵢ).",
         inputs="logits x, shape (N, C)",
         targets="class indices t ∈ {0, …, C−1}",
         naive="e = exp(x);  ℓ = −log(e_t / Σⱼ e_j);  mean = (Σᵢ ℓᵢ)/N, summed in the dtype.",
         source="Page “nn.CrossEntropyLoss() 数学计算公式” prints L(x, y) = −Σᵢ₌₁ᶜ yᵢ·log ŷᵢ with "
-               "ŷ = softmax(x): correct, and the naive form above when transcribed. It names an "
-               "F.CrossEntropyLoss() that does not exist (the function is F.cross_entropy, the module "
-               "nn.CrossEntropyLoss) and says targets are turned into one-hot internally; with class "
-               "indices the loss just picks x_t.",
+        "ŷ = softmax(x): correct, and the naive form above when transcribed. It names an "
+        "F.CrossEntropyLoss() that does not exist (the function is F.cross_entropy, the module "
+        "nn.CrossEntropyLoss) and says targets are turned into one-hot internally; with class "
+        "indices the loss just picks x_t.",
         mechanism=(
             "exp(x) overflows for x > ln(max) (column “ln(max)”): any such logit makes Σⱼ e_j = inf, "
             "so e_t/Σ = 0 (+inf loss) or, when the target is the large one, inf/inf = NaN — where "
@@ -198,7 +198,7 @@ PROSE: dict[str, Prose] = {
             "rounds to 0 (spot checks below), and a batch of them has a mean off by most of its bits.",
         ),
         stable="with m = maxⱼ x_j and k the target if it is a maximum (else an argmax):  "
-               "ℓ = (m − x_t) + log1p(s),  s = Σ_{j≠k} e^{x_j − m}",
+        "ℓ = (m − x_t) + log1p(s),  s = Σ_{j≠k} e^{x_j − m}",
         stable_why=(
             "Every exponent x_j − m ≤ 0: no overflow. Both terms are ≥ 0: nothing cancels, and "
             "log1p(s) ≈ s keeps a confident correct loss to full precision where "
@@ -208,12 +208,12 @@ PROSE: dict[str, Prose] = {
         ),
         gradient="∂ℓ/∂x_j = softmax(x)_j − [j = t], i.e. softmax(x) − onehot(t)   (divided by N for the mean)",
         gradient_how="p_j = e^{x_j − m}/(1 + s) for j ≠ t, and p_t − 1 = −(1 + s − e^{x_t − m})/(1 + s) = "
-                     "−Σ_{j≠t} p_j: the target's component is a sum of positive terms, not 1 minus a "
-                     "number close to 1.",
+        "−Σ_{j≠t} p_j: the target's component is a sum of positive terms, not 1 minus a "
+        "number close to 1.",
         gradient_source="Page “交叉熵损失的反向求导” writes ∂L/∂y_k = −z_k/y_k (right: the gradient "
-                        "with respect to the probabilities), then concludes “∂L/∂y_k = y_k − z_k if "
-                        "k = j, y_k if k ≠ j” — which is the gradient with respect to the logits "
-                        "(softmax(a) − onehot), mislabelled as with respect to the probabilities y_k.",
+        "with respect to the probabilities), then concludes “∂L/∂y_k = y_k − z_k if "
+        "k = j, y_k if k ≠ j” — which is the gradient with respect to the logits "
+        "(softmax(a) − onehot), mislabelled as with respect to the probabilities y_k.",
         limit_columns=("log_max", "exp_overflow", "exp_underflow", "sigmoid_one", "sigmoid_estimate"),
         probes=_MULTICLASS_PROBES,
         extras=("mislabel",),

@@ -33,9 +33,10 @@ The kinds, from those facts:
   the same holds in the widest dtype swept for that (loss, variant, impl, device) (float64
   in most sweeps): a wrong formula is wrong in every precision, most visibly in the widest,
   while a precision problem is mildest there (torch's float16 gradient p − q with soft or
-  smoothed targets cancels where p ≈ q and loses 8 bits at scale 1, but is right in float64). Elementwise only: a wrong reduced value with every
-  element right is a `reduction`, never a formula error, so a framework implementation is
-  called a formula error only when its elements are wrong on well-conditioned inputs. An
+  smoothed targets cancels where p ≈ q and loses 8 bits at scale 1, but is right in float64).
+  Elementwise only: a wrong reduced value with every element right is a `reduction`, never a
+  formula error, so a framework implementation is called a formula error only when its
+  elements are wrong on well-conditioned inputs. An
   instability is exact at small logits and breaks as they grow; a wrong formula (a missing
   bracket, a wrong sign) is wrong from the start.
 * `overflow` — non-finite forward or gradient elements on finite inputs (every value set
@@ -63,6 +64,7 @@ missing-bracket BCE returning -inf at large scales is not an "overflow" to fix).
 pre-empt `limit` and `undefined`: those are about special inputs (±inf logits, nothing to
 average), whose fix (a guard, a convention) is separate from the formula's.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +73,7 @@ from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
-from .formats import FORMATS, bits_phrase, precision, ulp_threshold
-from .formats import capped_bits as formats_capped_bits
+from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
 # What every finding holds (results.load checks it).
@@ -84,6 +85,7 @@ FORMULA_MAX_SCALE = 1.0
 
 # ---- bits ------------------------------------------------------------------------------------
 
+
 def capped_bits(ulp, dtype: str) -> float | None:
     """`formats.capped_bits`, rounded to 2 decimals as findings and probe show it."""
     b = formats_capped_bits(ulp, dtype)
@@ -91,11 +93,12 @@ def capped_bits(ulp, dtype: str) -> float | None:
 
 
 def bits_text(bits: float | None, dtype: str) -> str:
-    """"all bits lost" where bits reach p, else "12.3 bits off"."""
+    """ "all bits lost" where bits reach p, else "12.3 bits off"."""
     return "—" if bits is None else bits_phrase(bits, dtype, digits=1)
 
 
 # ---- per record facts ------------------------------------------------------------------------
+
 
 def _n(section: dict | None, key: str) -> int:
     if not section:
@@ -187,8 +190,8 @@ def _total(*sections) -> int:
 
 
 def _worst_element_bits(rec: dict, *sections) -> float | None:
-    bits = [capped_bits(_ulp(s), rec["dtype"]) for s in sections if s and _ulp(s) is not None]
-    bits = [b for b in bits if b is not None]
+    capped = [capped_bits(_ulp(s), rec["dtype"]) for s in sections if s]  # None where no distance
+    bits = [b for b in capped if b is not None]
     return max(bits) if bits else None
 
 
@@ -208,8 +211,13 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
     elements_off = _off(f, t) or _off(b, t)
     reduced_wrong = not undefined and _reduced_wrong(rec, t)
     value = f.get("value")
-    if far or (reduced_wrong and elements_off and not (_nonfinite_result(f) or _nonfinite_result(b))
-               and isinstance(value, (int, float)) and math.isfinite(value)):
+    if far or (
+        reduced_wrong
+        and elements_off
+        and not (_nonfinite_result(f) or _nonfinite_result(b))
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+    ):
         a = acc["saturation"]
         a.add(rec, far, total, _worst_element_bits(rec, f, b))
         a.clamped += _n(f, "clamped") + _n(b, "clamped")
@@ -261,14 +269,19 @@ def _formula(recs: list[dict]) -> _Acc | None:
     for r in wrong:
         b = None if r.get("undefined") else r.get("backward")
         f = r["forward"]
-        acc.add(r, _nonfinite_elements(f) + _nonfinite_elements(b) + _far(f) + _far(b), _total(f, b),
-                _worst_element_bits(r, f, b))
+        acc.add(
+            r,
+            _nonfinite_elements(f) + _nonfinite_elements(b) + _far(f) + _far(b),
+            _total(f, b),
+            _worst_element_bits(r, f, b),
+        )
     acc.every_scale = wrong_scales == {r["scale"] for r in wc}
     acc.smallest = small[0]
     return acc
 
 
 # ---- evidence and messages -------------------------------------------------------------------
+
 
 def _fmt_scale(s: float) -> str:
     return str(int(s)) if float(s).is_integer() and abs(s) < 1e15 else f"{s:g}"
@@ -321,38 +334,58 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
     worst = f", up to {bits_text(ev['worst_bits'], dtype)}" if "worst_bits" in ev else ""
     red = "/".join(ev["reductions"])
     if kind == "formula":
-        return (f"{subject} is wrong elementwise on well-conditioned inputs ({', '.join(ev['distributions'])}) "
-                f"already at scale {_fmt_scale(ev['smallest_scale'])}"
-                f"{' and at every swept scale' if ev['every_scale'] else ''} "
-                f"({_plural(ev['elements'], 'element')} off{worst}"
-                f"{'' if ev['widest_dtype'] == dtype else ', and in ' + ev['widest_dtype'] + ' too'}): "
-                "a formula error, not an instability.")
+        return (
+            f"{subject} is wrong elementwise on well-conditioned inputs ({', '.join(ev['distributions'])}) "
+            f"already at scale {_fmt_scale(ev['smallest_scale'])}"
+            f"{' and at every swept scale' if ev['every_scale'] else ''} "
+            f"({_plural(ev['elements'], 'element')} off{worst}"
+            f"{'' if ev['widest_dtype'] == dtype else ', and in ' + ev['widest_dtype'] + ' too'}): "
+            "a formula error, not an instability."
+        )
     # Elements are counted by the nan/inf counters; a NaN against an infinite reference in a
     # file from before the counters took it in is seen only in max_ulp: a point, no count.
-    counted = (f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} nan, {ev['inf']} ±inf)"
-               if kind in ("overflow", "limit") and ev.get("elements") else "")
+    counted = (
+        f"at {_plural(ev.get('elements', 0), 'element')} ({ev['nan']} nan, {ev['inf']} ±inf)"
+        if kind in ("overflow", "limit") and ev.get("elements")
+        else ""
+    )
     if kind == "overflow":
-        return (f"{subject} returns nan or ±inf {counted or 'at some elements'} where the reference is "
-                f"finite (or, for nan, infinite), from scale {first} ({at}).")
+        return (
+            f"{subject} returns nan or ±inf {counted or 'at some elements'} where the reference is "
+            f"finite (or, for nan, infinite), from scale {first} ({at})."
+        )
     if kind == "saturation":
         clamped = f", {ev['clamped']} clamped against an infinite reference" if ev["clamped"] else ""
-        return (f"{subject} returns finite values more than {ev['threshold_bits']:g} bits off at "
-                f"{_plural(ev['elements'], 'element')}{clamped}{worst}, from scale {first} ({at}): "
-                "silent saturation.")
+        return (
+            f"{subject} returns finite values more than {ev['threshold_bits']:g} bits off at "
+            f"{_plural(ev['elements'], 'element')}{clamped}{worst}, from scale {first} ({at}): "
+            "silent saturation."
+        )
     if kind == "underflow":
-        return (f"{subject} flushes {_plural(ev['elements'], 'non-zero reference value')} to zero, "
-                f"from scale {first} ({at}).")
+        return (
+            f"{subject} flushes {_plural(ev['elements'], 'non-zero reference value')} to zero, "
+            f"from scale {first} ({at})."
+        )
     if kind == "reduction":
-        return (f"{subject} has every element within tolerance but a wrong {red} "
-                f"(returned {', '.join(ev['returned'])}{worst}) at batch {', '.join(map(str, ev['batches']))}, "
-                f"from scale {first} ({at}): the reduction overflows or accumulates error, not the formula.")
+        return (
+            f"{subject} has every element within tolerance but a wrong {red} "
+            f"(returned {', '.join(ev['returned'])}{worst}) at batch {', '.join(map(str, ev['batches']))}, "
+            f"from scale {first} ({at}): the reduction overflows or accumulates error, not the formula."
+        )
     if kind == "limit":
-        return (f"{subject} returns nan or ±inf at ±inf logits where the limit is finite (or, for nan, "
-                f"infinite), {counted + ', ' if counted else ''}at {_plural(ev['points'], 'point')}.")
-    grad = (f", with a nan/inf gradient at {_plural(ev['gradient_nonfinite_points'], 'point')}"
-            if ev["gradient_nonfinite_points"] else "")
-    return (f"{subject} returns {', '.join(ev['returned'])} for the {red} over no elements (every target "
-            f"ignored, or a total weight of 0) where the convention is 0{grad} ({_plural(ev['points'], 'point')}).")
+        return (
+            f"{subject} returns nan or ±inf at ±inf logits where the limit is finite (or, for nan, "
+            f"infinite), {counted + ', ' if counted else ''}at {_plural(ev['points'], 'point')}."
+        )
+    grad = (
+        f", with a nan/inf gradient at {_plural(ev['gradient_nonfinite_points'], 'point')}"
+        if ev["gradient_nonfinite_points"]
+        else ""
+    )
+    return (
+        f"{subject} returns {', '.join(ev['returned'])} for the {red} over no elements (every target "
+        f"ignored, or a total weight of 0) where the convention is 0{grad} ({_plural(ev['points'], 'point')})."
+    )
 
 
 # Where in a sweep (", from scale 30 (3 points, scales 30, 100)"), dropped for a probe.
@@ -362,9 +395,16 @@ _SWEEP_CLAUSE = re.compile(r",? from scale [^ ]+ \(\d+ points?, scales? [^)]*\)"
 def _rank(key: tuple) -> tuple:
     loss, var, impl, dtype, device = key
     order = list(loss_registry())  # the registry's order
-    return (order.index(loss) if loss in order else len(order), loss, var,
-            IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl,
-            list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS), dtype, device)
+    return (
+        order.index(loss) if loss in order else len(order),
+        loss,
+        var,
+        IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER),
+        impl,
+        list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS),
+        dtype,
+        device,
+    )
 
 
 def findings(records: list[dict], sweep: bool = True) -> list[dict]:
@@ -394,40 +434,72 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
             _classify(r, acc)
         formula = formulas.get(key)
         wide = widest.get((key[0], key[1], key[2], key[4]))
-        if formula is not None and formulas.get((*key[:3], wide, key[4])) is None:
-            formula = None  # right in the widest dtype: a matter of precision, not of the formula
-        if formula is not None:
+        # Wrong in the widest dtype too, or it is a matter of precision, not of the formula.
+        if formula is not None and wide is not None and formulas.get((*key[:3], wide, key[4])) is not None:
             formula.widest = wide
-            for k in PRE_EMPTED_BY_FORMULA:
-                acc.pop(k, None)
+            for pre_empted in PRE_EMPTED_BY_FORMULA:
+                acc.pop(pre_empted, None)
             acc["formula"] = formula
         loss, var, impl, dtype, device = key
         kinds = {recs[0].get("kind", "")} if recs else set()
         impl_kind = kinds.pop()
-        subject = (f"{impl}{' (custom)' if impl_kind == 'custom' else ''} {loss}"
-                   f"{f' [{var}]' if var else ''} in {dtype} on {device}")
+        subject = (
+            f"{impl}{' (custom)' if impl_kind == 'custom' else ''} {loss}"
+            f"{f' [{var}]' if var else ''} in {dtype} on {device}"
+        )
         for kind in KINDS:
             if kind not in acc or not acc[kind].recs:
                 continue
             ev = _evidence(kind, acc[kind])
             message = _message(kind, subject, ev, dtype)
             if not sweep:
-                for key in ("scales", "first_scale", "distributions"):
-                    del ev[key]
+                for field in ("scales", "first_scale", "distributions"):
+                    del ev[field]
                 message = _SWEEP_CLAUSE.sub("", message)
-            out.append({"loss": loss, "variant": var, "impl": impl, "impl_kind": impl_kind, "dtype": dtype,
-                        "device": device, "kind": kind, "evidence": ev, "message": message})
+            out.append(
+                {
+                    "loss": loss,
+                    "variant": var,
+                    "impl": impl,
+                    "impl_kind": impl_kind,
+                    "dtype": dtype,
+                    "device": device,
+                    "kind": kind,
+                    "evidence": ev,
+                    "message": message,
+                }
+            )
     return out
 
 
 # The evidence's keys and their types, checked on load where present (the report renders them).
-EVIDENCE_TYPES = {"points": "count", "elements": "count", "of_elements": "count", "nan": "count", "inf": "count",
-                  "clamped": "count", "gradient_nonfinite_points": "count", "first_scale": "number",
-                  "smallest_scale": "number", "worst_bits": "number", "threshold_bits": "number",
-                  "every_scale": "boolean", "scales": "list", "distributions": "list", "batches": "list",
-                  "reductions": "list", "returned": "list", "widest_dtype": "string"}
-_TYPE_TEXT = {"string": "a string", "count": "a count", "number": "a finite number", "boolean": "true or false",
-              "list": "a list of strings and numbers"}
+EVIDENCE_TYPES = {
+    "points": "count",
+    "elements": "count",
+    "of_elements": "count",
+    "nan": "count",
+    "inf": "count",
+    "clamped": "count",
+    "gradient_nonfinite_points": "count",
+    "first_scale": "number",
+    "smallest_scale": "number",
+    "worst_bits": "number",
+    "threshold_bits": "number",
+    "every_scale": "boolean",
+    "scales": "list",
+    "distributions": "list",
+    "batches": "list",
+    "reductions": "list",
+    "returned": "list",
+    "widest_dtype": "string",
+}
+_TYPE_TEXT = {
+    "string": "a string",
+    "count": "a count",
+    "number": "a finite number",
+    "boolean": "true or false",
+    "list": "a list of strings and numbers",
+}
 
 
 def _type_ok(v, kind: str) -> bool:

@@ -5,6 +5,7 @@ ULP distance matching a number of bits lost. `dtypes.py` adds the torch dtypes; 
 that only read results (report, findings, gate, config validation) use this one so that
 they do not import torch.
 """
+
 from __future__ import annotations
 
 import math

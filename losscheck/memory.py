@@ -25,6 +25,7 @@ None instead of raising, so that a sweep never fails because memory could not be
 * `is_oom(exc)` tells an out-of-memory error from the rest; `release(device)` frees what can
   be freed after one; `format_bytes(n)` writes a byte count for people.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,7 +34,8 @@ import math
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -166,10 +168,14 @@ def _cgroup_available() -> int | None:
     """
     own = _own_cgroups()
     hierarchies = (
-        (_ancestors(_CGROUP_ROOT, own.get("v2", "/")), "memory.max", "memory.current", "memory.stat",
-         "inactive_file"),
-        (_ancestors(os.path.join(_CGROUP_ROOT, "memory"), own.get("v1", "/")), "memory.limit_in_bytes",
-         "memory.usage_in_bytes", "memory.stat", "total_inactive_file"),
+        (_ancestors(_CGROUP_ROOT, own.get("v2", "/")), "memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            _ancestors(os.path.join(_CGROUP_ROOT, "memory"), own.get("v1", "/")),
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "memory.stat",
+            "total_inactive_file",
+        ),
     )
     for dirs, limit_name, usage_name, stat_name, inactive in hierarchies:
         room = None
@@ -243,12 +249,11 @@ class PeakMemory:
             self._state = {}
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:  # None: an exception in the block propagates
         try:
             self._result = self._stop(self._state) if self._state else None
         except Exception:
             self._result = None
-        return False
 
     def result(self) -> dict[str, Any] | None:
         """The measurement after the block, or None if memory could not be measured."""
@@ -269,9 +274,12 @@ class PeakMemory:
             return {"kind": "cuda", "dev": dev, "baseline": int(torch.cuda.memory_allocated(dev))}
         if kind == "mps":
             mps = getattr(torch, "mps", None)
-            if (mps is None or not torch.backends.mps.is_available()
-                    or not hasattr(mps, "current_allocated_memory")
-                    or not hasattr(mps, "driver_allocated_memory")):
+            if (
+                mps is None
+                or not torch.backends.mps.is_available()
+                or not hasattr(mps, "current_allocated_memory")
+                or not hasattr(mps, "driver_allocated_memory")
+            ):
                 return {}
             mps.synchronize()
             mps.empty_cache()
@@ -310,8 +318,7 @@ class PeakMemory:
         if peak is None:
             return None
         baseline = int(state["baseline"])
-        return {"peak_bytes": max(int(peak), baseline), "baseline_bytes": baseline,
-                "measure": measure}
+        return {"peak_bytes": max(int(peak), baseline), "baseline_bytes": baseline, "measure": measure}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,17 +361,23 @@ def memory_limit_override() -> int | None:
 def _measured_available(device: str) -> int | None:
     kind = device.split(":", 1)[0]
     if kind == "cpu":
-        found = [v for v in (_kib_field(_read_text(_MEMINFO), "MemAvailable"),
-                             _cgroup_available(), _address_space_available()) if v is not None]
+        found = [
+            v
+            for v in (_kib_field(_read_text(_MEMINFO), "MemAvailable"), _cgroup_available(), _address_space_available())
+            if v is not None
+        ]
         return min(found) if found else None
     if kind == "cuda":
         dev = _cuda_device(device)
         return None if dev is None else int(torch.cuda.mem_get_info(dev)[0])
     if kind == "mps":
         mps = getattr(torch, "mps", None)
-        if (mps is not None and torch.backends.mps.is_available()
-                and hasattr(mps, "recommended_max_memory")
-                and hasattr(mps, "driver_allocated_memory")):
+        if (
+            mps is not None
+            and torch.backends.mps.is_available()
+            and hasattr(mps, "recommended_max_memory")
+            and hasattr(mps, "driver_allocated_memory")
+        ):
             return max(0, int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()))
     return None
 
@@ -428,7 +441,8 @@ def trim() -> None:
         _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM = None
+# None: not looked up yet; False: this C library has no malloc_trim.
+_MALLOC_TRIM: Callable[[int], int] | Literal[False] | None = None
 
 
 def release(device: str | torch.device) -> None:

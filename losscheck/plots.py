@@ -7,6 +7,7 @@ reductions, sequence lengths), one small panel per variant as well; and, where a
 sizes were timed, the median time against the size with interquartile bars, forward and
 forward+backward on separate rows. Everything comes from the results file alone.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,9 +43,11 @@ def write_plots(results: dict, out_dir: Path, stem: str) -> list[tuple[str, str]
     written = []
     for loss in base_losses(records):
         recs = [r for r in records if r["base_loss"] == loss]
-        figures = [("accuracy", f"{loss}: forward and gradient error against logit scale", _accuracy_figure),
-                   ("variants", f"{loss}: forward error per variant", _variants_figure),
-                   ("timing", f"{loss}: time against size (median, interquartile bars)", _timing_figure)]
+        figures = [
+            ("accuracy", f"{loss}: forward and gradient error against logit scale", _accuracy_figure),
+            ("variants", f"{loss}: forward error per variant", _variants_figure),
+            ("timing", f"{loss}: time against size (median, interquartile bars)", _timing_figure),
+        ]
         for kind, title, draw in figures:
             name = f"{stem}-{loss}-{kind}.png"
             if draw(plt, loss, recs, out_dir / name):
@@ -107,8 +110,11 @@ def _legend(fig, ax) -> None:
     from matplotlib.patches import Patch
 
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="grey", lw=0.8, ls="--"), Patch(color="#f4cccc"),
-                Line2D([], [], marker="x", ls="", color="black", ms=8, mew=2)]
+    handles += [
+        Line2D([], [], color="grey", lw=0.8, ls="--"),
+        Patch(color="#f4cccc"),
+        Line2D([], [], marker="x", ls="", color="black", ms=8, mew=2),
+    ]
     labels += ["no correct bit left", "non-finite band", "NaN/±inf result"]
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small", frameon=False)
 
@@ -128,8 +134,7 @@ def _accuracy_figure(plt, loss, recs, path) -> bool:
     colors = _colors(impls)
     has_grad = any(r["backward"] for r in recs)
     rows = [("forward", "forward max bits")] + ([("backward", "gradient max bits")] if has_grad else [])
-    fig, axes = plt.subplots(len(rows), len(dtypes), figsize=(3.6 * len(dtypes), 2.8 * len(rows) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(dtypes), figsize=(3.6 * len(dtypes), 2.8 * len(rows) + 0.6), squeeze=False)
     for i, (section, ylabel) in enumerate(rows):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
@@ -154,17 +159,20 @@ def _variants_figure(plt, loss, recs, path) -> bool:
     colors = _colors(impls)
     ncols = min(VARIANT_COLUMNS, len(labels))
     nrows = math.ceil(len(labels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 2.2 * nrows + 0.6), squeeze=False,
-                             sharex=True, sharey=True)
-    for ax, label in zip(axes.flat, labels):
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.9 * ncols, 2.2 * nrows + 0.6), squeeze=False, sharex=True, sharey=True
+    )
+    for ax, label in zip(axes.flat, labels, strict=False):  # the grid's last row may have spare axes
         mine = [r for r in recs if r["loss"] == label]
         # Bits as a share of each record's precision: 1 = no correct bit left.
-        shared = [{**r, "forward": {**r["forward"], "max_bits": r["forward"]["max_bits"] / _precision(r["dtype"])}}
-                  for r in mine]
+        shared = [
+            {**r, "forward": {**r["forward"], "max_bits": r["forward"]["max_bits"] / _precision(r["dtype"])}}
+            for r in mine
+        ]
         _draw_bits(ax, shared, impls, "forward", 1, colors)
         name = label.split(" [", 1)[1].rstrip("]") if " [" in label else "(as defined)"
         ax.set_title(textwrap.fill(name, 34), fontsize=7)
-    for ax in list(axes.flat)[len(labels):]:
+    for ax in list(axes.flat)[len(labels) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("share of bits lost")
     _legend(fig, axes[0][0])

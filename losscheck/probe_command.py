@@ -3,6 +3,7 @@
 The work lives in `losscheck.probing`; this module is the command layer's thin wrapper, loaded
 by cli.py only when `probe` runs.
 """
+
 from __future__ import annotations
 
 import click
@@ -12,31 +13,76 @@ from . import api
 
 @click.command("probe")
 @click.argument("loss_name", metavar="LOSS")
-@click.option("--input", "input_spec", required=True, metavar="LIST|FILE",
-              help="The input (logits; probabilities for bce): an inline list such as '[inf, 1.0]' (nested for "
-                   "2-D/3-D; inf, -inf, nan accepted) or a .pt/.pth, .npy, .npz file (FILE:KEY for one entry).")
-@click.option("--target", "target_spec", required=True, metavar="LIST|FILE",
-              help="The target, inline or from a file: 0/1 labels (binary losses, the input's shape), class "
-                   "indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets).")
-@click.option("--dtype", default=None, metavar="DTYPE",
-              help="Evaluate in float64, float32, float16 or bfloat16 (default: the input file's dtype if "
-                   "floating, else float32). The input is rounded once to it.")
+@click.option(
+    "--input",
+    "input_spec",
+    required=True,
+    metavar="LIST|FILE",
+    help="The input (logits; probabilities for bce): an inline list such as '[inf, 1.0]' (nested for "
+    "2-D/3-D; inf, -inf, nan accepted) or a .pt/.pth, .npy, .npz file (FILE:KEY for one entry).",
+)
+@click.option(
+    "--target",
+    "target_spec",
+    required=True,
+    metavar="LIST|FILE",
+    help="The target, inline or from a file: 0/1 labels (binary losses, the input's shape), class "
+    "indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets).",
+)
+@click.option(
+    "--dtype",
+    default=None,
+    metavar="DTYPE",
+    help="Evaluate in float64, float32, float16 or bfloat16 (default: the input file's dtype if "
+    "floating, else float32). The input is rounded once to it.",
+)
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE", help="cpu, cuda, cuda:N or mps.")
-@click.option("--weight", default=None, metavar="LIST|FILE",
-              help="Weights: per element for binary losses, per class for cross entropy.")
+@click.option(
+    "--weight",
+    default=None,
+    metavar="LIST|FILE",
+    help="Weights: per element for binary losses, per class for cross entropy.",
+)
 @click.option("--pos-weight", default=None, metavar="NUMBER", help="Weight of the positive term (binary losses).")
 @click.option("--label-smoothing", default=None, metavar="NUMBER", help="Label smoothing in [0, 1] (cross entropy).")
-@click.option("--ignore-index", default=None, metavar="INT",
-              help="Target value to ignore (cross_entropy; sequence_cross_entropy: padding, default -100).")
+@click.option(
+    "--ignore-index",
+    default=None,
+    metavar="INT",
+    help="Target value to ignore (cross_entropy; sequence_cross_entropy: padding, default -100).",
+)
 @click.option("--reduction", default="mean", show_default=True, metavar="none|mean|sum", help="The reduction.")
-@click.option("--impl", "impls", multiple=True, metavar="MODULE:FUNCTION",
-              help="Your own torch implementation, fn(input, target, reduction, **options) "
-                   "('pkg.mod:fn' or 'file.py:fn'); repeatable.")
-@click.option("--numpy-impl", "numpy_impls", multiple=True, metavar="MODULE:FUNCTION",
-              help="Your own numpy implementation (returns loss or (loss, grad)); repeatable.")
+@click.option(
+    "--impl",
+    "impls",
+    multiple=True,
+    metavar="MODULE:FUNCTION",
+    help="Your own torch implementation, fn(input, target, reduction, **options) "
+    "('pkg.mod:fn' or 'file.py:fn'); repeatable.",
+)
+@click.option(
+    "--numpy-impl",
+    "numpy_impls",
+    multiple=True,
+    metavar="MODULE:FUNCTION",
+    help="Your own numpy implementation (returns loss or (loss, grad)); repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
-def probe_command(loss_name, input_spec, target_spec, dtype, device, weight, pos_weight, label_smoothing,
-                  ignore_index, reduction, impls, numpy_impls, as_json) -> None:
+def probe_command(
+    loss_name,
+    input_spec,
+    target_spec,
+    dtype,
+    device,
+    weight,
+    pos_weight,
+    label_smoothing,
+    ignore_index,
+    reduction,
+    impls,
+    numpy_impls,
+    as_json,
+) -> None:
     """Audit LOSS on the exact inputs that broke your training.
 
     Evaluates every implementation (naive, stable, torch and yours) on the input and target
@@ -51,7 +97,18 @@ def probe_command(loss_name, input_spec, target_spec, dtype, device, weight, pos
     losscheck probe cross_entropy --input logits.pt --target labels.pt --dtype bfloat16 --ignore-index -100
     losscheck probe bce --input probs.npy --target y.npy --reduction sum --json
     """
-    result = api.probe(loss_name, input_spec, target_spec, dtype=dtype, device=device, reduction=reduction,
-                       weight=weight, pos_weight=pos_weight, label_smoothing=label_smoothing,
-                       ignore_index=ignore_index, impls=impls, numpy_impls=numpy_impls)
+    result = api.probe(
+        loss_name,
+        input_spec,
+        target_spec,
+        dtype=dtype,
+        device=device,
+        reduction=reduction,
+        weight=weight,
+        pos_weight=pos_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        impls=impls,
+        numpy_impls=numpy_impls,
+    )
     click.echo(result.to_json() if as_json else result.render(), nl=False)

@@ -6,11 +6,13 @@ each time another tenth of the points is done or a minute has passed since the l
 whichever comes first: points done, errors so far, elapsed time and an estimate of what is
 left (from the mean time per point so far).
 """
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 
 def duration(seconds: float) -> str:
@@ -26,8 +28,14 @@ def duration(seconds: float) -> str:
 class LogLines:
     """A stand-in for click's progress bar (`with LogLines(...) as bar: bar.update(1)`)."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None, every_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        stream: TextIO | None = None,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.label, self.every_s, self.clock = total, label, every_s, clock
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.errors = 0
@@ -55,8 +63,10 @@ class LogLines:
             left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             errors = f", {self.errors} error(s)" if self.errors else ""
             eta = f", about {duration(left)} left" if self.done < self.total else ""
-            self._line(f"{self.done}/{self.total} points ({100 * self.done // max(1, self.total)}%){errors}, "
-                       f"{duration(elapsed)} elapsed{eta}")
+            self._line(
+                f"{self.done}/{self.total} points ({100 * self.done // max(1, self.total)}%){errors}, "
+                f"{duration(elapsed)} elapsed{eta}"
+            )
 
     def _line(self, text: str) -> None:
         print(f"{self.label}: {text}", file=self.stream, flush=True)

@@ -10,6 +10,7 @@ written as several: the main page NAME.md with the summaries, and one page per l
 NAME-LOSS.md, holding that loss's full breakdown, findings evidence, tables and every
 measured point, linked from the main page (`write`). `render` always returns one page.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -17,10 +18,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from . import analysis as A
-from . import findings as FD
-from . import report_detail as D
-from . import report_findings as RF
+from . import analysis as A, findings as FD, report_detail as D, report_findings as RF
 from .catalog import loss_registry
 from .formats import FORMATS
 from .report_format import (
@@ -92,8 +90,13 @@ def pages(results: dict, stem: str, plots: list[tuple[str, str]] | str | None = 
     links = {loss: f"{stem}-{loss}.md" for loss in losses}
     out = {f"{stem}.md": _main(results, all_records, records, found, plots, links)}
     for loss in losses:
-        out[links[loss]] = _loss_page(results, loss, [r for r in records if r["base_loss"] == loss],
-                                      [f for f in found if f["loss"] == loss], f"{stem}.md")
+        out[links[loss]] = _loss_page(
+            results,
+            loss,
+            [r for r in records if r["base_loss"] == loss],
+            [f for f in found if f["loss"] == loss],
+            f"{stem}.md",
+        )
     return out
 
 
@@ -117,8 +120,14 @@ def write(results: dict, md_path: Path, plots: list[tuple[str, str]] | str | Non
 def _main(results, all_records, records, found, plots, links: dict[str, str] | None) -> str:
     """The main page; `links` (loss -> page) when the details are on per-loss pages."""
     cfg = results.get("config", {})
-    parts = [_header(results), _skipped_summary(all_records), _breakdown(records, cfg, links is not None),
-             _findings(records, found, links), _plots(plots), D.problems(records)]
+    parts = [
+        _header(results),
+        _skipped_summary(all_records),
+        _breakdown(records, cfg, links is not None),
+        _findings(records, found, links),
+        _plots(plots),
+        D.problems(records),
+    ]
     if links:
         parts.append(_page_index(records, found, links))
     else:
@@ -131,18 +140,28 @@ def _page_index(records, found, links) -> str:
     rows = []
     for loss, name in links.items():
         recs = [r for r in records if r["base_loss"] == loss]
-        rows.append([f"[{loss}]({name})", len({r["loss"] for r in recs}), sum(r["status"] == "ok" for r in recs),
-                     sum(f["loss"] == loss for f in found)])
-    return ("## Details per loss\n\n"
-            "Each loss's full breakdown table, findings evidence, accuracy, overflow, timing and memory tables "
-            "and every measured point are on its own page.\n\n"
-            + tabulate(rows, headers=["loss", "variants", "measured points", "findings"], tablefmt="github"))
+        rows.append(
+            [
+                f"[{loss}]({name})",
+                len({r["loss"] for r in recs}),
+                sum(r["status"] == "ok" for r in recs),
+                sum(f["loss"] == loss for f in found),
+            ]
+        )
+    return (
+        "## Details per loss\n\n"
+        "Each loss's full breakdown table, findings evidence, accuracy, overflow, timing and memory tables "
+        "and every measured point are on its own page.\n\n"
+        + tabulate(rows, headers=["loss", "variants", "measured points", "findings"], tablefmt="github")
+    )
 
 
 def _loss_page(results, loss, records, found, main_name) -> str:
     cfg = results.get("config", {})
-    head = [f"# losscheck report: {md(cfg.get('name', '?'))} — {loss}",
-            f"Part of [{main_name}]({main_name}) (summary, plots, configuration and environment)."]
+    head = [
+        f"# losscheck report: {md(cfg.get('name', '?'))} — {loss}",
+        f"Part of [{main_name}]({main_name}) (summary, plots, configuration and environment).",
+    ]
     spec = loss_registry().get(loss)
     if spec:
         head.append(D.formulas(spec))
@@ -156,7 +175,7 @@ def _loss_page(results, loss, records, found, main_name) -> str:
 
 def _header(results: dict) -> str:
     cfg, env, recs = results.get("config", {}), results.get("environment", {}), results["records"]
-    counts = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     for r in recs:
         counts[r["status"]] += 1
     status = ", ".join(f"{counts[s]} {s}" for s in ("ok", "error", "skipped") if counts[s])
@@ -165,19 +184,22 @@ def _header(results: dict) -> str:
         lines.append(cfg["description"].strip())
     lines.append(
         f"{len(recs)} points ({status}) · torch {env.get('torch', '?')} · {env.get('cpu', '?')} · "
-        f"{env.get('threads', '?')} threads · seed {cfg.get('seed', '?')} · {results.get('created', '')}")
+        f"{env.get('threads', '?')} threads · seed {cfg.get('seed', '?')} · {results.get('created', '')}"
+    )
     if not results.get("complete", True):
         lines.append("> **Incomplete run**: the sweep was interrupted; only the finished points are shown.")
     return "\n\n".join(lines)
 
 
 def _skipped_summary(records: list[dict]) -> str:
-    skipped = defaultdict(int)
+    skipped: dict[tuple, int] = defaultdict(int)
     for r in records:
         if r["status"] == "skipped":
             skipped[(r["device"], r["message"])] += 1
-    return "\n".join(f"> Not run on **{device}**: {md(msg)} ({n} point{'s' if n != 1 else ''} skipped)."
-                     for (device, msg), n in sorted(skipped.items()))
+    return "\n".join(
+        f"> Not run on **{device}**: {md(msg)} ({n} point{'s' if n != 1 else ''} skipped)."
+        for (device, msg), n in sorted(skipped.items())
+    )
 
 
 def _breakdown(records: list[dict], cfg: dict, summary_only: bool = False) -> str:
@@ -192,21 +214,28 @@ def _breakdown(records: list[dict], cfg: dict, summary_only: bool = False) -> st
         rows.append([loss, device, dtype, *(_cell(bd.get((loss, impl, dtype, device))) for impl in impls)])
     thresholds = ", ".join(
         f"{d} {cfg.get('thresholds', {}).get(d, FORMATS[d].default_threshold_bits):g}"
-        for d in order((r["dtype"] for r in records), list(FORMATS)))
+        for d in order((r["dtype"] for r in records), list(FORMATS))
+    )
     intro = (
         "## Breakdown scale\n\n"
         f"The smallest swept logit scale (of {', '.join(fmt_scale(s) for s in scales)}) at which an "
         "implementation produces a non-finite value where the reference is finite, or a mean loss "
-        f"more bits off than the threshold (bits: {thresholds}). `none`: it never breaks within the sweep.")
+        f"more bits off than the threshold (bits: {thresholds}). `none`: it never breaks within the sweep."
+    )
     headers = ["loss", "device", "dtype", *(md(i) for i in impls)]
     full_table = table(rows, headers)
     if len(rows) <= MAX_OPEN_ROWS:
         return intro + "\n\n" + full_table
     summary = _breakdown_summary(bd, impls, keys)
-    full = ("The full table, one row per loss variant, is on each loss's page." if summary_only
-            else collapsible(full_table, len(rows), "rows: every loss variant"))
-    return (intro + "\n\nPer loss, the worst of its variants (the smallest breakdown scale, and in how many "
-            "variants it breaks):\n\n" + tabulate(summary, headers=headers, tablefmt="github") + "\n\n" + full)
+    full = (
+        "The full table, one row per loss variant, is on each loss's page."
+        if summary_only
+        else collapsible(full_table, len(rows), "rows: every loss variant")
+    )
+    return (
+        intro + "\n\nPer loss, the worst of its variants (the smallest breakdown scale, and in how many "
+        "variants it breaks):\n\n" + tabulate(summary, headers=headers, tablefmt="github") + "\n\n" + full
+    )
 
 
 def _cell(b) -> str:
@@ -239,9 +268,11 @@ def _breakdown_summary(bd: dict, impls: list[str], keys: list[tuple]) -> list[li
     return rows
 
 
-_EVIDENCE_INTRO = ("One line per loss variant, implementation and kind, with the dtypes where it happens "
-                   "(the results file's `findings` list holds one quotable sentence per dtype and device, with "
-                   "its evidence).")
+_EVIDENCE_INTRO = (
+    "One line per loss variant, implementation and kind, with the dtypes where it happens "
+    "(the results file's `findings` list holds one quotable sentence per dtype and device, with "
+    "its evidence)."
+)
 
 
 def _findings(records: list[dict], findings: list[dict], links: dict[str, str] | None) -> str:
@@ -249,15 +280,23 @@ def _findings(records: list[dict], findings: list[dict], links: dict[str, str] |
     per implementation and kind, the evidence collapsed or on the per-loss pages."""
     if not records:
         return ""
-    text = ("## Findings\n\n"
-            "Each line: an implementation, the cause of what goes wrong, how often, and its worst case.\n\n"
-            + "\n".join(RF.summary(records, findings)))
+    text = (
+        "## Findings\n\n"
+        "Each line: an implementation, the cause of what goes wrong, how often, and its worst case.\n\n"
+        + "\n".join(RF.summary(records, findings))
+    )
     if links:
-        return text + "\n\nThe evidence, per loss variant: " + ", ".join(
-            f"[{loss}]({name}#findings)" for loss, name in links.items()) + "."
+        return (
+            text
+            + "\n\nThe evidence, per loss variant: "
+            + ", ".join(f"[{loss}]({name}#findings)" for loss, name in links.items())
+            + "."
+        )
     evidence = RF.evidence(records, findings)
-    return (text + f"\n\n<details><summary>Evidence: {plural(len(evidence), 'line')}, per loss variant and "
-            f"implementation</summary>\n\n{_EVIDENCE_INTRO}\n\n" + "\n".join(evidence) + "\n\n</details>")
+    return (
+        text + f"\n\n<details><summary>Evidence: {plural(len(evidence), 'line')}, per loss variant and "
+        f"implementation</summary>\n\n{_EVIDENCE_INTRO}\n\n" + "\n".join(evidence) + "\n\n</details>"
+    )
 
 
 def _plots(plots) -> str:
@@ -271,15 +310,19 @@ def _plots(plots) -> str:
 def _footer(results: dict) -> str:
     # Imported here: the rest of this module does not need the config's validator.
     from .config import as_input, to_yaml
+
     env = results.get("environment", {})
     # In the input format whichever schema wrote the file, so that the block can be run again.
     cfg = as_input(results.get("config", {}))
-    env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a}: {b}" for a, b in v.items())]
-                for k, v in env.items()]
-    return "\n\n".join([
-        "## Configuration (as run)",
-        "```yaml\n" + to_yaml(cfg).rstrip() + "\n```",
-        "## Environment",
-        tabulate(env_rows, headers=["", ""], tablefmt="github"),
-        f"Reproduce: `{results.get('command', 'losscheck bench')}`",
-    ])
+    env_rows = [
+        [k, v if not isinstance(v, dict) else ", ".join(f"{a}: {b}" for a, b in v.items())] for k, v in env.items()
+    ]
+    return "\n\n".join(
+        [
+            "## Configuration (as run)",
+            "```yaml\n" + to_yaml(cfg).rstrip() + "\n```",
+            "## Environment",
+            tabulate(env_rows, headers=["", ""], tablefmt="github"),
+            f"Reproduce: `{results.get('command', 'losscheck bench')}`",
+        ]
+    )

@@ -2,6 +2,7 @@
 label, every measured point, infinite logits, undefined means, `stable` against `torch`,
 timing, memory and errors. report.py puts them after the summary of a small report, or on a
 page per loss (NAME-LOSS.md) when one page would be too big to read."""
+
 from __future__ import annotations
 
 import statistics
@@ -57,12 +58,14 @@ def _nonfinite_inputs(records: list[dict]) -> str:
             worst = A.worst(r["forward"]["max_bits"] for r in rs)
             row.append("" if not rs else f"{share(bad_f, n_f)} · {share(bad_b, n_b)} · {fmt_bits(worst, key[2])}")
         rows.append(row)
-    return ("## Infinite logits\n\n"
-            "Inputs with ±inf logits (as masking with −inf produces), where the reference is the limit "
-            "value (e.g. BCE-with-logits at x = −inf, y = 0 is 0; a −inf non-target logit has probability "
-            "0). Per implementation: share of elements that are NaN/±inf although the limit is finite, "
-            "forward · gradient, and the worst forward error in bits.\n\n"
-            + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows)))
+    return (
+        "## Infinite logits\n\n"
+        "Inputs with ±inf logits (as masking with −inf produces), where the reference is the limit "
+        "value (e.g. BCE-with-logits at x = −inf, y = 0 is 0; a −inf non-target logit has probability "
+        "0). Per implementation: share of elements that are NaN/±inf although the limit is finite, "
+        "forward · gradient, and the worst forward error in bits.\n\n"
+        + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
+    )
 
 
 def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
@@ -72,15 +75,42 @@ def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
     rows = []
     for (loss, dtype, device), v in sorted(vs.items(), key=lambda kv: row_order(kv[0][0], kv[0][2], kv[0][1])):
         gain = f"{v.max_gain_bits:.1f} ({v.max_gain_where})" if v.max_gain_bits > 0 else "0"
-        rows.append([loss, device, dtype, v.points, v.better, v.points - v.better - v.worse, v.worse,
-                     v.a_finite_b_not, gain, fmt_bits(v.max_loss_bits, dtype) if v.worse else "—"])
-    text = table(rows, ["loss", "device", "dtype", "points", "better", "same", "worse", f"{b} non-finite",
-                          "largest gain, bits (where)", "largest loss, bits"])
-    return (f"## `{a}` against `{b}`\n\n"
-            f"Point by point, on forward max bits, mean-loss bits (log2(1 + ULP)) and gradient max bits: "
-            f"`better` = more accurate on one measure and worse on none; `{b} non-finite` = points where "
-            f"`{b}` returns NaN/inf and `{a}` does not; gain = the largest difference in bits where both "
-            "are finite.\n\n" + collapsible(text, len(rows)))
+        rows.append(
+            [
+                loss,
+                device,
+                dtype,
+                v.points,
+                v.better,
+                v.points - v.better - v.worse,
+                v.worse,
+                v.a_finite_b_not,
+                gain,
+                fmt_bits(v.max_loss_bits, dtype) if v.worse else "—",
+            ]
+        )
+    text = table(
+        rows,
+        [
+            "loss",
+            "device",
+            "dtype",
+            "points",
+            "better",
+            "same",
+            "worse",
+            f"{b} non-finite",
+            "largest gain, bits (where)",
+            "largest loss, bits",
+        ],
+    )
+    return (
+        f"## `{a}` against `{b}`\n\n"
+        f"Point by point, on forward max bits, mean-loss bits (log2(1 + ULP)) and gradient max bits: "
+        f"`better` = more accurate on one measure and worse on none; `{b} non-finite` = points where "
+        f"`{b}` returns NaN/inf and `{a}` does not; gain = the largest difference in bits where both "
+        "are finite.\n\n" + collapsible(text, len(rows))
+    )
 
 
 def loss_section(loss: str, recs: list[dict], level: int = 2) -> str:
@@ -93,7 +123,7 @@ def loss_section(loss: str, recs: list[dict], level: int = 2) -> str:
     groups = defaultdict(list)
     for r in recs:
         groups[(r["device"], r["dtype"], r["scale"])].append(r)
-    for (device, dtype, scale) in sorted(groups, key=lambda k: (k[0], dtype_rank(k[1]), k[2])):
+    for device, dtype, scale in sorted(groups, key=lambda k: (k[0], dtype_rank(k[1]), k[2])):
         g = groups[(device, dtype, scale)]
         acc, ovf = [device, dtype, fmt_scale(scale)], [device, dtype, fmt_scale(scale)]
         for impl in impls:
@@ -119,12 +149,13 @@ def loss_section(loss: str, recs: list[dict], level: int = 2) -> str:
     head.append(
         "**Accuracy** — worst over distributions, batch sizes and classes: forward max bits of error "
         "per element / mean-loss error in ULPs / gradient max bits (0 = correctly rounded; "
-        "the dtype's significand width = no correct bit).\n\n"
-        + collapsible(table(acc_rows, headers), len(acc_rows)))
+        "the dtype's significand width = no correct bit).\n\n" + collapsible(table(acc_rows, headers), len(acc_rows))
+    )
     head.append(
         "**Overflow** — share of elements that are NaN or ±inf where the reference is finite, forward / "
         "gradient, and the number of finite values more than the threshold off (silent saturation).\n\n"
-        + collapsible(table(ovf_rows, headers), len(ovf_rows)))
+        + collapsible(table(ovf_rows, headers), len(ovf_rows))
+    )
     if len({r["batch"] for r in recs}) > 1:
         head.append(_reductiontable(recs, impls))
     head.append(all_points(recs))
@@ -150,9 +181,11 @@ def _reductiontable(recs: list[dict], impls: list[str]) -> str:
             bad = sum(A.reduced_nonfinite(r) for r in mine)
             row.append("" if not mine else fmt_num(worst) + (f" ({bad} non-finite)" if bad else ""))
         rows.append(row)
-    return ("**Mean loss by batch size** — worst mean-loss error in ULPs over scales and distributions, "
-            "and how many points returned a non-finite mean (the reduction overflowing).\n\n"
-            + collapsible(table(rows, ["device", "dtype", "batch", *_heads(impls)]), len(rows)))
+    return (
+        "**Mean loss by batch size** — worst mean-loss error in ULPs over scales and distributions, "
+        "and how many points returned a non-finite mean (the reduction overflowing).\n\n"
+        + collapsible(table(rows, ["device", "dtype", "batch", *_heads(impls)]), len(rows))
+    )
 
 
 def all_points(recs: list[dict]) -> str:
@@ -170,18 +203,22 @@ def all_points(recs: list[dict]) -> str:
         cells = [_point_cell(points[key].get(impl)) for impl in impls]
         rows.append([*key[:5], fmt_scale(key[5]), *cells])
     text = table(rows, ["device", "dtype", "batch", "classes", "distribution", "scale", *_heads(impls)])
-    return (f"<details><summary>All {len(ok)} measured points</summary>\n\n"
-            "Each cell: forward max ULP / forward mean bits / mean-loss ULP / gradient max ULP, the NaN/±inf "
-            "element counts forward and gradient where there are any, and the median forward+backward time.\n\n"
-            f"{text}\n\n</details>")
+    return (
+        f"<details><summary>All {len(ok)} measured points</summary>\n\n"
+        "Each cell: forward max ULP / forward mean bits / mean-loss ULP / gradient max ULP, the NaN/±inf "
+        "element counts forward and gradient where there are any, and the median forward+backward time.\n\n"
+        f"{text}\n\n</details>"
+    )
 
 
 def _point_cell(r: dict | None) -> str:
     if r is None:
         return ""
     f, b, t = r["forward"], bwd(r), r.get("timing") or {}
-    cell = (f"{fmt_num(f['max_ulp'])} / {fmt_bits(f['mean_bits'], r['dtype'], unit='')} / "
-            f"{fmt_num(f['reduced_ulp'])} / {fmt_num(b.get('max_ulp'))}")
+    cell = (
+        f"{fmt_num(f['max_ulp'])} / {fmt_bits(f['mean_bits'], r['dtype'], unit='')} / "
+        f"{fmt_num(f['reduced_ulp'])} / {fmt_num(b.get('max_ulp'))}"
+    )
     bad_f, bad_b = A.nonfinite(f), A.nonfinite(b)
     if bad_f or bad_b:
         cell += f" · {bad_f}+{bad_b} nan/inf"
@@ -193,15 +230,20 @@ def _timing(records: list[dict]) -> str:
     if not timed:
         return ""
     impls = impls_of(timed)
-    groups = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in timed:
         groups[(r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])][r["impl"]].append(r["timing"])
     rows = []
     for key in sorted(groups, key=lambda k: (*row_order(*k[:3]), k[3], k[4] or 0)):
         g = groups[key]
-        med = {i: (statistics.median(t["forward_median_s"] for t in ts),
-                   statistics.median(t["backward_median_s"] for t in ts),
-                   statistics.median(t["forward_iqr_s"] for t in ts)) for i, ts in g.items()}
+        med = {
+            i: (
+                statistics.median(t["forward_median_s"] for t in ts),
+                statistics.median(t["backward_median_s"] for t in ts),
+                statistics.median(t["forward_iqr_s"] for t in ts),
+            )
+            for i, ts in g.items()
+        }
         base = med.get("torch")
         row = [key[0], key[1], key[2], key[3], key[4] if key[4] is not None else "—"]
         for impl in impls:
@@ -215,11 +257,13 @@ def _timing(records: list[dict]) -> str:
             row.append(cell)
         rows.append(row)
     threads = sorted({r["timing"].get("threads") for r in timed}, key=str)
-    return ("## Timing\n\n"
-            f"Median forward ±IQR / forward+backward time of the mean loss (torch.utils.benchmark, "
-            f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `torch` measured in the "
-            "same run.\n\n"
-            + collapsible(table(rows, ["loss", "device", "dtype", "batch", "classes", *_heads(impls)]), len(rows)))
+    return (
+        "## Timing\n\n"
+        f"Median forward ±IQR / forward+backward time of the mean loss (torch.utils.benchmark, "
+        f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `torch` measured in the "
+        "same run.\n\n"
+        + collapsible(table(rows, ["loss", "device", "dtype", "batch", "classes", *_heads(impls)]), len(rows))
+    )
 
 
 def _undefined(records: list[dict]) -> str:
@@ -239,12 +283,14 @@ def _undefined(records: list[dict]) -> str:
             grads = f"gradient NaN/inf at {bad_grad} of {len(rs)} points" if bad_grad else "gradient finite"
             row.append("" if not rs else f"{' / '.join(values)}, {grads}")
         rows.append(row)
-    return ("## Undefined means\n\n"
-            f"{recs[0]['undefined'][0].upper()}{recs[0]['undefined'][1:]}. The reference of these points "
-            "(reduced value and gradient) is that convention, 0; each cell: the means the implementation "
-            "returned, and at how many points its gradient had NaN/inf (±inf logits in the `nonfinite` "
-            "value set can cause those too).\n\n"
-            + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows)))
+    return (
+        "## Undefined means\n\n"
+        f"{recs[0]['undefined'][0].upper()}{recs[0]['undefined'][1:]}. The reference of these points "
+        "(reduced value and gradient) is that convention, 0; each cell: the means the implementation "
+        "returned, and at how many points its gradient had NaN/inf (±inf logits in the `nonfinite` "
+        "value set can cause those too).\n\n"
+        + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
+    )
 
 
 def _memory(records: list[dict]) -> str:
@@ -252,7 +298,7 @@ def _memory(records: list[dict]) -> str:
     recs = [r for r in records if r.get("memory")]
     if not recs:
         return ""
-    groups = defaultdict(dict)
+    groups: dict[tuple, dict] = defaultdict(dict)
     for r in recs:
         m = r["memory"]
         extra = m["peak_bytes"] - m.get("baseline_bytes", 0)
@@ -268,14 +314,16 @@ def _memory(records: list[dict]) -> str:
             row.append("" if v is None else f"+{format_bytes(v[0])} (peak {format_bytes(v[1])})")
         rows.append(row)
     measures = sorted({r["memory"]["measure"] for r in recs})
-    return ("## Peak memory\n\n"
-            f"Largest peak per loss, dtype, size and implementation over its points: growth above the process's "
-            f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
-            + collapsible(table(rows, ["loss", "device", "dtype", "rows", "classes", *_heads(impls)]), len(rows)))
+    return (
+        "## Peak memory\n\n"
+        f"Largest peak per loss, dtype, size and implementation over its points: growth above the process's "
+        f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
+        + collapsible(table(rows, ["loss", "device", "dtype", "rows", "classes", *_heads(impls)]), len(rows))
+    )
 
 
 def problems(records: list[dict]) -> str:
-    msgs = defaultdict(lambda: defaultdict(int))
+    msgs: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
         if r["status"] == "error":
             msgs[(r["status"], r["message"])][(r["loss"], r["impl"], r["dtype"], r["device"])] += 1
@@ -288,4 +336,5 @@ def problems(records: list[dict]) -> str:
             places += f", … ({len(where)} groups)"
         rows.append([status, sum(where.values()), md(msg), places])
     return "## Errors\n\n" + collapsible(
-        table(rows, ["status", "points", "message", "where (loss/impl/dtype/device)"]), len(rows))
+        table(rows, ["status", "points", "message", "where (loss/impl/dtype/device)"]), len(rows)
+    )

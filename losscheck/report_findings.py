@@ -5,14 +5,14 @@ implementation and kind, for a collapsed section or a per-loss page.
 findings.py decides what the findings are (the results file's `findings` list); this module
 only groups and words them.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from collections import defaultdict
 
-from . import analysis as A
-from . import findings as FD
+from . import analysis as A, findings as FD
 from .report_format import (
     LOSS_ORDER,
     dtype_rank,
@@ -28,7 +28,7 @@ from .report_format import (
 # What each kind of finding means, as the report's findings list says it once per line.
 KIND_TEXT = {
     "formula": "**formula error** (wrong elementwise on well-conditioned inputs from the smallest scale: "
-               "not an instability)",
+    "not an instability)",
     "overflow": "**overflow** (NaN/±inf elements where the reference is finite)",
     "saturation": "**silent saturation** (finite elements more than the threshold off, clamping included)",
     "underflow": "**underflow** (non-zero values flushed to zero)",
@@ -80,8 +80,14 @@ def _severity(f: dict) -> tuple:
     most elements and points."""
     ev = f["evidence"]
     scale = _num(ev.get("first_scale", ev.get("smallest_scale")), math.inf)
-    return (scale, -_num(ev.get("worst_bits"), 0.0), -_num(ev.get("elements"), 0.0),
-            -_num(ev.get("points"), 0.0), dtype_rank(f["dtype"]), _label(f))
+    return (
+        scale,
+        -_num(ev.get("worst_bits"), 0.0),
+        -_num(ev.get("elements"), 0.0),
+        -_num(ev.get("points"), 0.0),
+        dtype_rank(f["dtype"]),
+        _label(f),
+    )
 
 
 def summary(records: list[dict], findings: list[dict]) -> list[str]:
@@ -106,17 +112,31 @@ def summary(records: list[dict], findings: list[dict]) -> list[str]:
             worst = min(fs, key=_severity)
             losses = order((f["loss"] for f in fs), LOSS_ORDER)
             variants = {_label(f) for f in fs}
-            dtypes = sorted({label_dtype(f["dtype"], f["device"]) for f in fs}, key=lambda d: dtype_rank(d.split("@")[0]))
-            spread = (f"{plural(len(variants), 'loss variant')} of {', '.join(losses)}" if len(variants) > len(losses)
-                      else ", ".join(losses))
-            lines.append(f"- **{impl}** — {KIND_TEXT[kind]}: {plural(len(fs), 'finding')} in {spread}; "
-                         f"{', '.join(dtypes)}. Worst: {_label(worst)}, {where(worst)}.")
+            dtypes = sorted(
+                {label_dtype(f["dtype"], f["device"]) for f in fs}, key=lambda d: dtype_rank(d.split("@")[0])
+            )
+            spread = (
+                f"{plural(len(variants), 'loss variant')} of {', '.join(losses)}"
+                if len(variants) > len(losses)
+                else ", ".join(losses)
+            )
+            lines.append(
+                f"- **{impl}** — {KIND_TEXT[kind]}: {plural(len(fs), 'finding')} in {spread}; "
+                f"{', '.join(dtypes)}. Worst: {_label(worst)}, {where(worst)}."
+            )
         flagged = {_label(f) for fs in kinds.values() for f in fs}
         clean = labels.get(impl, set()) - flagged
         if clean:
             n = len(labels[impl])
-            lines.append(f"- **{impl}**: no finding in " + (f"any of its {plural(n, 'loss variant')}" if not flagged
-                         else f"{len(clean)} of its {n} loss variants") + ".")
+            lines.append(
+                f"- **{impl}**: no finding in "
+                + (
+                    f"any of its {plural(n, 'loss variant')}"
+                    if not flagged
+                    else f"{len(clean)} of its {n} loss variants"
+                )
+                + "."
+            )
     return lines + cost_findings(records, by_base=True)
 
 
@@ -142,16 +162,20 @@ def evidence(records: list[dict], findings: list[dict]) -> list[str]:
             continue
         for kind in FD.KINDS:
             if kind in kinds:
-                lines.append(f"- **{label} / {impl}** — {KIND_TEXT[kind]}: "
-                             + "; ".join(where(f) for f in kinds[kind]) + ".")
+                lines.append(
+                    f"- **{label} / {impl}** — {KIND_TEXT[kind]}: " + "; ".join(where(f) for f in kinds[kind]) + "."
+                )
     return lines
 
 
 def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
     """loss -> forward+backward time ratios impl/base over the points where both were timed."""
     key = A.point_key
-    timed = {(key(r), r["impl"]): r["timing"]["backward_median_s"]
-             for r in records if r["status"] == "ok" and r.get("timing")}
+    timed = {
+        (key(r), r["impl"]): r["timing"]["backward_median_s"]
+        for r in records
+        if r["status"] == "ok" and r.get("timing")
+    }
     out: dict[str, list[float]] = defaultdict(list)
     for (k, i), t in timed.items():
         if i == impl and (k, base) in timed and timed[(k, base)] > 0:
@@ -169,7 +193,9 @@ def cost_findings(records: list[dict], by_base: bool = False) -> list[str]:
             pooled[label.split(" [", 1)[0]] += ratios
         per_label = pooled
     for loss, ratios in per_label.items():
-        lines.append(f"- Stability costs, {loss}: `stable` forward+backward takes ×{min(ratios):.2f} to "
-                     f"×{max(ratios):.2f} the time of `torch` (median ×{statistics.median(ratios):.2f} over "
-                     f"{len(ratios)} timed points).")
+        lines.append(
+            f"- Stability costs, {loss}: `stable` forward+backward takes ×{min(ratios):.2f} to "
+            f"×{max(ratios):.2f} the time of `torch` (median ×{statistics.median(ratios):.2f} over "
+            f"{len(ratios)} timed points)."
+        )
     return lines

@@ -1,5 +1,6 @@
 """How the reports say numbers, names and groups: shared by the report's pages (report.py,
 report_findings.py, report_detail.py) so that a value reads the same wherever it appears."""
+
 from __future__ import annotations
 
 import math

@@ -35,6 +35,7 @@ when the file is loaded.
 A file whose name ends in `.gz` is written gzip-compressed (`save`); `load` recognises
 compressed content by its magic bytes whatever the name, so every command reads both.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,26 +47,52 @@ import math
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from . import safeio
 from .catalog import REDUCTIONS
 from .errors import ResultsError, shorten
-from .findings import findings as findings_of
-from .findings import problem as finding_problem
+from .findings import findings as findings_of, problem as finding_problem
 from .formats import FORMATS
 from .units import format_bytes
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # A record's sweep key: what matches points across runs (gate), shards (merge), resumes.
-KEY_FIELDS = ("loss", "impl", "dtype", "device", "batch", "classes", "scale", "distribution",
-              "reduction", "options", "time")
+KEY_FIELDS = (
+    "loss",
+    "impl",
+    "dtype",
+    "device",
+    "batch",
+    "classes",
+    "scale",
+    "distribution",
+    "reduction",
+    "options",
+    "time",
+)
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
-RECORD_KEYS = ("loss", "impl", "kind", "dtype", "device", "batch", "classes", "scale",
-               "distribution", "reduction", "options", "time", "status", "message", "forward",
-               "backward", "timing")
+RECORD_KEYS = (
+    "loss",
+    "impl",
+    "kind",
+    "dtype",
+    "device",
+    "batch",
+    "classes",
+    "scale",
+    "distribution",
+    "reduction",
+    "options",
+    "time",
+    "status",
+    "message",
+    "forward",
+    "backward",
+    "timing",
+)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -78,8 +105,7 @@ def _hashable(v):
     return tuple(sorted(v.items())) if isinstance(v, dict) else v
 
 
-def make_results(config: dict, environment: dict, records: list[dict], command: str,
-                 complete: bool = True) -> dict:
+def make_results(config: dict, environment: dict, records: list[dict], command: str, complete: bool = True) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -151,9 +177,11 @@ def exclusive(path: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.read(fd, 32).decode("ascii", "replace").strip()
-            raise ResultsError(f"{path}: another losscheck run is writing it"
-                               + (f" (pid {other})" if other.isdigit() else "")
-                               + "; wait for it to finish, or give this run another --out") from None
+            raise ResultsError(
+                f"{path}: another losscheck run is writing it"
+                + (f" (pid {other})" if other.isdigit() else "")
+                + "; wait for it to finish, or give this run another --out"
+            ) from None
         held = True
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode("ascii"))
@@ -202,8 +230,9 @@ def _read_text(p: Path) -> str:
         unzip = zlib.decompressobj(wbits=31)
         raw = unzip.decompress(raw, safeio.RESULTS_LIMIT + 1)
         if len(raw) > safeio.RESULTS_LIMIT:
-            raise safeio.UnsafeInput(f"decompresses to more than the {format_bytes(safeio.RESULTS_LIMIT)} "
-                                     "a results file may be")
+            raise safeio.UnsafeInput(
+                f"decompresses to more than the {format_bytes(safeio.RESULTS_LIMIT)} a results file may be"
+            )
         if not unzip.eof:
             raise EOFError("truncated gzip stream")
     return raw.decode()
@@ -229,8 +258,10 @@ def load(path: str | Path) -> dict:
         raise ResultsError(f"{path}: not a losscheck results file (no schema_version)")
     version = data["schema_version"]
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise ResultsError(f"{path}: schema_version {version!r} is not supported; "
-                           f"this losscheck reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        raise ResultsError(
+            f"{path}: schema_version {version!r} is not supported; "
+            f"this losscheck reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+        )
     for key in ("environment", "config", "records"):
         if key not in data:
             raise ResultsError(f"{path}: key '{key}' missing")
@@ -257,8 +288,7 @@ def load(path: str | Path) -> dict:
         for section in NUMERIC_SECTIONS:
             values = rec.get(section)
             if isinstance(values, dict):
-                rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v
-                                for k, v in values.items()}
+                rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
@@ -297,8 +327,15 @@ def _is_finite(v) -> bool:
     return _is_number(v) and math.isfinite(float(v))
 
 
-KEY_TYPES = (("loss", str), ("impl", str), ("kind", str), ("dtype", str), ("device", str),
-             ("distribution", str), ("message", str))
+KEY_TYPES = (
+    ("loss", str),
+    ("impl", str),
+    ("kind", str),
+    ("dtype", str),
+    ("device", str),
+    ("distribution", str),
+    ("message", str),
+)
 COUNT_KEYS = ("n", "nan", "inf", "saturated")
 OPTIONAL_COUNT_KEYS = ("clamped", "underflow")
 
@@ -321,13 +358,15 @@ def _record_problem(rec: dict) -> str | None:
     if rec["reduction"] not in REDUCTIONS:
         return f"'reduction' must be one of {', '.join(REDUCTIONS)}"
     if not isinstance(rec["options"], dict) or not all(
-            isinstance(k, str) and (isinstance(v, str) or _is_finite(v)) for k, v in rec["options"].items()):
+        isinstance(k, str) and (isinstance(v, str) or _is_finite(v)) for k, v in rec["options"].items()
+    ):
         return "'options' must be an object of option -> string or number"
     if not (rec["time"] is None or (type(rec["time"]) is int and rec["time"] > 0)):
         return "'time' must be a positive integer or null"
     mem = rec.get("memory")
-    if mem is not None and not (isinstance(mem, dict) and type(mem.get("peak_bytes")) is int
-                                and isinstance(mem.get("measure"), str)):
+    if mem is not None and not (
+        isinstance(mem, dict) and type(mem.get("peak_bytes")) is int and isinstance(mem.get("measure"), str)
+    ):
         return "'memory' must be null or an object with an integer 'peak_bytes' and a 'measure'"
     if rec["status"] != "ok":
         return None
@@ -401,17 +440,23 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
     (first_path, first), rest = parts[0], parts[1:]
     for path, data in rest:
         if not same_config(first["config"], data["config"]):
-            raise ResultsError(f"{path}: made with another config than {first_path}; "
-                               "only shards of one config can be merged")
+            raise ResultsError(
+                f"{path}: made with another config than {first_path}; only shards of one config can be merged"
+            )
         for field in MERGE_CHECKED:
             a, b = first["environment"].get(field), data["environment"].get(field)
             if a != b:
-                raise ResultsError(f"{path}: environment '{field}' is {b!r}, {first_path} has {a!r}; "
-                                   "results of different versions or thread counts cannot be merged")
+                raise ResultsError(
+                    f"{path}: environment '{field}' is {b!r}, {first_path} has {a!r}; "
+                    "results of different versions or thread counts cannot be merged"
+                )
     shards = [d.get("shard") for _, d in parts]
-    if any(shards) and (not all(shards) or len({s[1] for s in shards}) != 1):
-        raise ResultsError("only shards of one split (all --shard I/N with the same N) can be merged; got "
-                           + ", ".join("unsharded" if not s else f"{s[0]}/{s[1]}" for s in shards))
+    given = [s for s in shards if s]
+    if given and (len(given) != len(shards) or len({s[1] for s in given}) != 1):
+        raise ResultsError(
+            "only shards of one split (all --shard I/N with the same N) can be merged; got "
+            + ", ".join("unsharded" if not s else f"{s[0]}/{s[1]}" for s in shards)
+        )
     seen: dict[tuple, str] = {}
     records = []
     for path, data in parts:
@@ -422,14 +467,18 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
             seen[key] = path
             records.append(r)
     records.sort(key=lambda r: (r.get("index", 0), r["impl"]))
-    merged = make_results(first["config"], first["environment"], records,
-                          " && ".join(d.get("command", "") for _, d in parts),
-                          complete=all(d.get("complete", True) for _, d in parts))
-    if any(shards):
+    merged = make_results(
+        first["config"],
+        first["environment"],
+        records,
+        " && ".join(d.get("command", "") for _, d in parts),
+        complete=all(d.get("complete", True) for _, d in parts),
+    )
+    if given:
         # Complete only when every shard 1..N is here: a missing shard's points would otherwise
         # be absent from the file and pass any gate that does not look for them.
-        n = shards[0][1]
-        missing = sorted(set(range(1, n + 1)) - {s[0] for s in shards})
+        n = given[0][1]
+        missing = sorted(set(range(1, n + 1)) - {s[0] for s in given})
         merged["missing_shards"] = missing
         merged["complete"] = merged["complete"] and not missing
     merged["environments"] = [d["environment"] for _, d in parts]

@@ -10,6 +10,7 @@
   node once) and refused past a bound, before anything is constructed.
 (Error messages quoting a bad value are capped where they are made: `errors.shorten`.)
 """
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,13 @@ RESULTS_LIMIT = 2 << 30
 # ~1 M; 4 M leaves room for generated configs and refuses a bomb in microseconds.
 YAML_EXPANSION_LIMIT = 1 << 22
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class UnsafeInput(Exception):
@@ -59,8 +64,7 @@ def read_bounded(path: str | Path, limit: int, what: str = "file") -> bytes:
     """
     st = check_regular(path, what)
     if st.st_size > limit:
-        raise UnsafeInput(f"is {format_bytes(st.st_size)}, larger than the {format_bytes(limit)} "
-                          f"a {what} may be")
+        raise UnsafeInput(f"is {format_bytes(st.st_size)}, larger than the {format_bytes(limit)} a {what} may be")
     with open(path, "rb") as f:
         # The file may have grown since stat (or be a /proc file whose size reads 0): the
         # bound holds for what is read, not for what stat said.
@@ -91,15 +95,16 @@ def check_yaml_expansion(root: yaml.Node | None, limit: int = YAML_EXPANSION_LIM
             own = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
             total = own + sum(size[id(c)] for c in _children(node))
             if total > limit:
-                raise UnsafeInput(f"aliases expand to more than {limit:,} values and characters "
-                                  "(a YAML alias bomb?); write the values out, or nest fewer aliases")
+                raise UnsafeInput(
+                    f"aliases expand to more than {limit:,} values and characters "
+                    "(a YAML alias bomb?); write the values out, or nest fewer aliases"
+                )
             size[key] = total
             continue
         if key in size:
             continue
         if key in on_path:
-            raise UnsafeInput("document refers to itself through an alias (it is recursive); "
-                              "a config is a tree")
+            raise UnsafeInput("document refers to itself through an alias (it is recursive); a config is a tree")
         on_path.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in _children(node) if id(c) not in size)
@@ -111,4 +116,3 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return [n for pair in node.value for n in pair]
     return []
-

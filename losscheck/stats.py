@@ -11,6 +11,7 @@ current values against the baseline's values scaled by f, and the p-value is exa
 distribution of U under exchangeability, counted, not approximated). Both samples' noise
 is in it: a wide baseline or a wide current sample makes U less extreme.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
         lo = math.floor(pos)
         hi = min(lo + 1, len(s) - 1)
         return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
     return q(0.25), q(0.5), q(0.75)
 
 
@@ -78,7 +80,7 @@ def slower_p(current: list[float], baseline: list[float], factor: float = 1.0) -
             u += 1.0 if c > b else (0.5 if c == b else 0.0)
     counts = _u_distribution(len(current), len(baseline))
     total = sum(counts)
-    return sum(counts[math.floor(u):]) / total
+    return sum(counts[math.floor(u) :]) / total
 
 
 def smallest_p(n: int, m: int) -> float:
@@ -103,8 +105,10 @@ def stability(sample: list[float], what: str = "") -> Stability:
         return Stability(False, f"{label}median is not positive")
     spread = (q3 - q1) / m
     if spread > UNSTABLE_SPREAD:
-        return Stability(False, f"{label}is unstable: its interquartile range is {spread:.0%} of its median "
-                                f"(limit {UNSTABLE_SPREAD:.0%})")
+        return Stability(
+            False,
+            f"{label}is unstable: its interquartile range is {spread:.0%} of its median (limit {UNSTABLE_SPREAD:.0%})",
+        )
     return Stability(True)
 
 
@@ -115,8 +119,11 @@ def stall(times: list[float], calibration: float | None, what: str = "") -> Stab
         return Stability(True)
     m = median(times)
     if m / calibration > UNSTABLE_DRIFT:
-        return Stability(False, f"{what + ' ' if what else ''}is unstable: its median {_t(m)} is "
-                                f"×{m / calibration:.3g} the {_t(calibration)} measured while calibrating (a stall)")
+        return Stability(
+            False,
+            f"{what + ' ' if what else ''}is unstable: its median {_t(m)} is "
+            f"×{m / calibration:.3g} the {_t(calibration)} measured while calibrating (a stall)",
+        )
     return Stability(True)
 
 

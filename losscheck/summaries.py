@@ -4,6 +4,7 @@ Kept out of the commands so that a script (or a test) gets the same dicts withou
 and torch-free: `inventory` says what is installed through `importlib.util.find_spec` and
 `importlib.metadata`, which import nothing.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -19,9 +20,13 @@ from .results import KEY_FIELDS
 BUILTIN_KINDS = {"naive": "naive", "stable": "stable", "torch": "framework"}
 STATUSES = ("ok", "error", "skipped")
 # What losscheck uses and for what: `list` says which are installed here.
-PACKAGES = {"torch": "every measurement (bench, explain, probe)", "numpy": "--numpy-impl, the float64 reference",
-            "matplotlib": "the PNG plots (extra `plots`)", "mpmath": "the reference's certification (extra `test`)",
-            "hypothesis": "property tests (extra `test`)"}
+PACKAGES = {
+    "torch": "every measurement (bench, explain, probe)",
+    "numpy": "--numpy-impl, the float64 reference",
+    "matplotlib": "the PNG plots (extra `plots`)",
+    "mpmath": "the reference's certification (extra `test`)",
+    "hypothesis": "property tests (extra `test`)",
+}
 
 
 def package_version(name: str) -> str | None:
@@ -38,11 +43,19 @@ def inventory() -> dict:
     """What `losscheck list` shows: losses and their implementations, dtypes, value sets,
     reductions and which of the packages losscheck uses are installed."""
     return {
-        "losses": [{"name": info.name, "summary": info.summary, "options": list(info.options),
-                    "implementations": [{"name": i, "kind": BUILTIN_KINDS[i]} for i in BUILTIN_IMPLS]}
-                   for info in LOSS_INFO.values()],
-        "dtypes": [{"name": f.name, "significand_bits": f.significand_bits,
-                    "default_threshold_bits": f.default_threshold_bits} for f in FORMATS.values()],
+        "losses": [
+            {
+                "name": info.name,
+                "summary": info.summary,
+                "options": list(info.options),
+                "implementations": [{"name": i, "kind": BUILTIN_KINDS[i]} for i in BUILTIN_IMPLS],
+            }
+            for info in LOSS_INFO.values()
+        ],
+        "dtypes": [
+            {"name": f.name, "significand_bits": f.significand_bits, "default_threshold_bits": f.default_threshold_bits}
+            for f in FORMATS.values()
+        ],
         "distributions": [{"name": d, "inputs": DESCRIPTIONS[d]} for d in DISTRIBUTIONS],
         "reductions": list(REDUCTIONS),
         "packages": {name: {"version": package_version(name), "used_for": why} for name, why in PACKAGES.items()},
@@ -54,7 +67,7 @@ def status_counts(records: list[dict]) -> dict[str, int]:
 
 
 def _point(key: tuple) -> dict:
-    point = dict(zip(KEY_FIELDS, key))
+    point = dict(zip(KEY_FIELDS, key, strict=True))  # a key is results.record_key: one item per field
     if isinstance(point.get("options"), tuple):  # results.record_key's hashable form of the options dict
         point["options"] = dict(point["options"])
     return point
@@ -75,8 +88,17 @@ def comparison_summary(comparison, markdown_path=None, junit_path=None) -> dict:
         "new": len(comparison.only_current),
         "not_run": len(comparison.not_run),
         "not_gated": len(comparison.not_gated),
-        "regression_points": [{**_point(v.key), "gate": v.gate, "baseline": v.baseline, "current": v.current,
-                               "why": v.why, "against": v.against} for v in comparison.regressions],
+        "regression_points": [
+            {
+                **_point(v.key),
+                "gate": v.gate,
+                "baseline": v.baseline,
+                "current": v.current,
+                "why": v.why,
+                "against": v.against,
+            }
+            for v in comparison.regressions
+        ],
         "comparison": str(markdown_path) if markdown_path else None,
         "junit": str(junit_path) if junit_path else None,
     }
@@ -84,5 +106,11 @@ def comparison_summary(comparison, markdown_path=None, junit_path=None) -> dict:
 
 def bench_summary(records: list[dict], complete: bool, json_path, md_path, gate: dict | None) -> dict:
     """What `bench --json` prints: points by status, the output paths, the gate's summary (or None)."""
-    return {"points": len(records), "status": status_counts(records), "complete": complete,
-            "results": str(json_path), "report": str(md_path), "gate": gate}
+    return {
+        "points": len(records),
+        "status": status_counts(records),
+        "complete": complete,
+        "results": str(json_path),
+        "report": str(md_path),
+        "gate": gate,
+    }

@@ -1,5 +1,6 @@
 """Numbers written for people, with no dependency (the report imports this, not memory.py,
 which imports torch)."""
+
 from __future__ import annotations
 
 

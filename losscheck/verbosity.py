@@ -7,6 +7,7 @@ bar, no "wrote ..." lines, no Markdown comparison on stdout). 0: the default. 1 
 bench also prints each point as it finishes. Errors (exit 2) and warnings are never
 silenced. Torch-free: the group (cli.py) imports it.
 """
+
 from __future__ import annotations
 
 import click
@@ -18,15 +19,28 @@ def _add(delta: int):
     def callback(ctx: click.Context, param, count: int) -> None:
         root = ctx.find_root()
         root.meta[_KEY] = root.meta.get(_KEY, 0) + delta * (count or 0)
+
     return callback
 
 
 def options(f):
     """Adds -q/--quiet and -v/--verbose (both repeatable) to a command or group."""
-    f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_add(+1),
-                     help="More output (repeatable; bench: one line per finished point).")(f)
-    return click.option("-q", "--quiet", count=True, expose_value=False, callback=_add(-1),
-                        help="Less output (repeatable): -q the one-line result only, -qq errors only.")(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_add(+1),
+        help="More output (repeatable; bench: one line per finished point).",
+    )(f)
+    return click.option(
+        "-q",
+        "--quiet",
+        count=True,
+        expose_value=False,
+        callback=_add(-1),
+        help="Less output (repeatable): -q the one-line result only, -qq errors only.",
+    )(f)
 
 
 def level() -> int:

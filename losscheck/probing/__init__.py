@@ -35,8 +35,8 @@ says otherwise.
 
 Memory: a probe holds what a bench point of the same shape holds (`sweep.INPUT_COPIES`,
 6 copies of the input in the dtype under test: the input, an implementation's own copy of
-it, the reference's gradient, the implementation's gradient and its working copies), plus the per-row outputs. Files are read
-without a float64 copy of the whole input: ``.npy`` files are memory-mapped and ``.pt``
+it, the reference's gradient, the implementation's gradient and its working copies), plus the
+per-row outputs. Files are read without a float64 copy of the whole input: ``.npy`` files are memory-mapped and ``.pt``
 files (zip format, the default since torch 1.6) are loaded with ``mmap=True``; when the
 file's dtype is the dtype under test its tensor is used as is, otherwise it is converted in
 blocks of 2^20 values into one tensor of the dtype. ``.npz`` members and old-format ``.pt``
@@ -48,6 +48,7 @@ Everything a user can get wrong is a `ProbeError` (a `ConfigError`, so: one line
 stderr and exit code 2 through the CLI's group); an implementation that fails is a result
 (``status: error``), as in bench.
 """
+
 from __future__ import annotations
 
 from .convert import Conversion, convert
@@ -55,6 +56,23 @@ from .evaluate import OPTION_FLAGS, ProbeResult, run_probe, supported_flags
 from .load import BLOCK, FILE_SUFFIXES, INLINE_HELP, Loaded, ProbeError, load_array, parse_inline
 from .render import HEADERS, render_table, table_rows, to_dict, to_json
 
-__all__ = ["BLOCK", "FILE_SUFFIXES", "HEADERS", "INLINE_HELP", "OPTION_FLAGS", "Conversion", "Loaded", "ProbeError",
-           "ProbeResult", "convert", "load_array", "parse_inline", "render_table", "run_probe", "supported_flags",
-           "table_rows", "to_dict", "to_json"]
+__all__ = [
+    "BLOCK",
+    "FILE_SUFFIXES",
+    "HEADERS",
+    "INLINE_HELP",
+    "OPTION_FLAGS",
+    "Conversion",
+    "Loaded",
+    "ProbeError",
+    "ProbeResult",
+    "convert",
+    "load_array",
+    "parse_inline",
+    "render_table",
+    "run_probe",
+    "supported_flags",
+    "table_rows",
+    "to_dict",
+    "to_json",
+]

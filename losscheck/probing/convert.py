@@ -1,4 +1,5 @@
 """Converting a loaded array once to the dtype under test, saying what the rounding changed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from .. import reference as R
 from ..dtypes import fmt
 from .load import BLOCK, Loaded
 from .text import _index, _plural, _where_from
+
 
 @dataclass
 class Conversion:
@@ -26,18 +28,27 @@ class Conversion:
     example: tuple | None = None  # (index in the original shape, before, after)
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "shape": list(self.shape), "from_dtype": self.from_dtype,
-                "dtype": self.to_dtype, "changed": self.changed, "overflowed": self.overflowed,
-                "flushed_to_zero": self.flushed,
-                "example": None if self.example is None else
-                {"index": list(self.example[0]), "before": self.example[1], "after": self.example[2]}}
+        return {
+            "source": self.source,
+            "shape": list(self.shape),
+            "from_dtype": self.from_dtype,
+            "dtype": self.to_dtype,
+            "changed": self.changed,
+            "overflowed": self.overflowed,
+            "flushed_to_zero": self.flushed,
+            "example": None
+            if self.example is None
+            else {"index": list(self.example[0]), "before": self.example[1], "after": self.example[2]},
+        }
 
     def sentence(self) -> str | None:
         if not self.changed:
             return None
         n = int(np.prod(self.shape, dtype=np.int64))
-        s = (f"converting the {self.what} ({self.from_dtype}, {_where_from(self.source)}) to {self.to_dtype} "
-             f"changed {self.changed} of {n} value{'s' if n > 1 else ''}")
+        s = (
+            f"converting the {self.what} ({self.from_dtype}, {_where_from(self.source)}) to {self.to_dtype} "
+            f"changed {self.changed} of {n} value{'s' if n > 1 else ''}"
+        )
         if self.example is not None:
             idx, before, after = self.example
             s += f" (e.g. {_index(idx)}: {before!r} -> {after!r})"
@@ -60,8 +71,14 @@ def convert(loaded: Loaded, dtype: torch.dtype, what: str = "input") -> tuple[to
     if isinstance(data, torch.Tensor) and data.dtype == dtype:
         return data.contiguous(), conv
     same = _numpy_dtype(dtype)  # None for bfloat16: numpy has none (and dtype == None means float64!)
-    if (isinstance(data, np.ndarray) and same is not None and data.dtype == same and data.dtype.isnative
-            and data.flags.c_contiguous and data.flags.writeable):
+    if (
+        isinstance(data, np.ndarray)
+        and same is not None
+        and data.dtype == same
+        and data.dtype.isnative
+        and data.flags.c_contiguous
+        and data.flags.writeable
+    ):
         return torch.from_numpy(data), conv
     out = torch.empty(loaded.shape, dtype=dtype)
     flat_out = out.view(-1)
@@ -72,13 +89,16 @@ def convert(loaded: Loaded, dtype: torch.dtype, what: str = "input") -> tuple[to
         block = loaded.flat_block(rows)
         if isinstance(block, np.ndarray):
             before = torch.from_numpy(np.asarray(block, dtype=np.float64))
-            if not wide_source:
-                block = torch.from_numpy(np.array(block, dtype=block.dtype.newbyteorder("=")))
         else:
             before = block.to(torch.float64)
         # float64 (and integer) sources are rounded from float64 by round_to: torch's own
         # float64 -> half conversion goes through float32 and can round twice.
-        after = R.round_to(before.numpy(), dtype) if wide_source else block.to(dtype)
+        if wide_source:
+            after = R.round_to(before.numpy(), dtype)
+        elif isinstance(block, np.ndarray):
+            after = torch.from_numpy(np.array(block, dtype=block.dtype.newbyteorder("="))).to(dtype)
+        else:
+            after = block.to(dtype)
         flat_out[rows] = after
         _count_changes(conv, before, after.to(torch.float64), start)
     return out, conv

@@ -1,5 +1,6 @@
 """The probe itself: validate the options and shapes, build bench's point and evaluate every
 implementation exactly as a sweep point is measured (`sweep.evaluate`)."""
+
 from __future__ import annotations
 
 import math
@@ -8,25 +9,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, memory, sweep
-from .. import reference as R
+from .. import custom, memory, reference as R, sweep
+from ..analysis import SCALE_FREE
+from ..catalog import IGNORE_INDEX, REDUCTIONS
 from ..config import BUILTIN_IMPLS, DEVICE_RE, Config, custom_spec
-from ..dtypes import FORMATS, fmt
+from ..dtypes import FORMATS
 from ..environment import device_problem
 from ..errors import ReferenceUnavailable
-from ..catalog import IGNORE_INDEX, REDUCTIONS
+from ..findings import findings as findings_of
 from ..losses import LOSSES, Impl, Loss, Reference, reference
 from ..metrics import int_or_inf, ulp_distance
-from ..analysis import SCALE_FREE
-from ..findings import findings as findings_of
 from .convert import Conversion, convert
-from .load import BLOCK, Loaded, ProbeError, _as_loaded
+from .load import ProbeError, _as_loaded
 from .notes import _notes
-from .text import _bits, _fmt, _index, _num, _one_line, _plural, _shape, _unravel
+from .text import _bits, _fmt, _index, _one_line, _plural, _unravel
+from .validate import _input_stats, _layout, _target, _weight
 
 # Loss option (`Loss.options`) -> the flag that sets it.
-OPTION_FLAGS = {"weight": "--weight", "pos_weight": "--pos-weight", "label_smoothing": "--label-smoothing",
-                "ignored": "--ignore-index", "targets": "soft targets"}
+OPTION_FLAGS = {
+    "weight": "--weight",
+    "pos_weight": "--pos-weight",
+    "label_smoothing": "--label-smoothing",
+    "ignored": "--ignore-index",
+    "targets": "soft targets",
+}
 DISTRIBUTION = "normal"  # any valid value set: the Case only names the point
 
 
@@ -54,15 +60,18 @@ class ProbeResult:
     def render(self) -> str:
         """The terminal table, the findings and the notes (what `losscheck probe` prints)."""
         from .render import render_table
+
         return render_table(self)
 
     def to_dict(self) -> dict:
         from .render import to_dict
+
         return to_dict(self)
 
     def to_json(self) -> str:
         """Strict JSON (what `losscheck probe --json` prints)."""
         from .render import to_json
+
         return to_json(self)
 
 
@@ -75,8 +84,11 @@ def supported_flags(loss: Loss) -> list[str]:
 
 def _unsupported(loss: Loss, flag: str) -> ProbeError:
     flags = supported_flags(loss)
-    return ProbeError(flag, f"{loss.name} does not support {flag}",
-                      f"{loss.name}'s options: {', '.join(flags) if flags else 'none'}, --reduction")
+    return ProbeError(
+        flag,
+        f"{loss.name} does not support {flag}",
+        f"{loss.name}'s options: {', '.join(flags) if flags else 'none'}, --reduction",
+    )
 
 
 def _check_option(loss: Loss, option: str, flag: str) -> None:
@@ -104,9 +116,21 @@ def _integer(value, flag: str) -> int:
         raise ProbeError(flag, f"{value!r} is not an integer", "an integer, e.g. -100") from None
 
 
-def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device: str = "cpu",
-              reduction: str = "mean", weight=None, pos_weight=None, label_smoothing=None,
-              ignore_index=None, impls=(), numpy_impls=()) -> ProbeResult:
+def run_probe(
+    loss_name: str,
+    input,
+    target,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    reduction: str = "mean",
+    weight=None,
+    pos_weight=None,
+    label_smoothing=None,
+    ignore_index=None,
+    impls=(),
+    numpy_impls=(),
+) -> ProbeResult:
     """Evaluate every implementation of `loss_name` on the given input and target, exactly as
     bench evaluates a sweep point. `input`, `target` and `weight` are specs (inline list or
     file), `Loaded`, tensors or numpy arrays; `impls`/`numpy_impls` are 'module:function' specs."""
@@ -123,17 +147,20 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     if problem:
         raise ProbeError("--device", problem, "a device present here (cpu always is)")
     # Options the loss does not support: before reading anything.
-    for option, flag, value in (("weight", "--weight", weight), ("pos_weight", "--pos-weight", pos_weight),
-                                ("label_smoothing", "--label-smoothing", label_smoothing),
-                                ("ignored", "--ignore-index", ignore_index)):
+    for option, flag, value in (
+        ("weight", "--weight", weight),
+        ("pos_weight", "--pos-weight", pos_weight),
+        ("label_smoothing", "--label-smoothing", label_smoothing),
+        ("ignored", "--ignore-index", ignore_index),
+    ):
         if value is not None:
             _check_option(loss, option, flag)
     if pos_weight is not None:
-        pos_weight = _number(pos_weight, "--pos-weight", "a positive finite number",
-                             lambda x: math.isfinite(x) and x > 0)
+        pos_weight = _number(
+            pos_weight, "--pos-weight", "a positive finite number", lambda x: math.isfinite(x) and x > 0
+        )
     if label_smoothing is not None:
-        label_smoothing = _number(label_smoothing, "--label-smoothing", "a number in [0, 1]",
-                                  lambda x: 0 <= x <= 1)
+        label_smoothing = _number(label_smoothing, "--label-smoothing", "a number in [0, 1]", lambda x: 0 <= x <= 1)
     if ignore_index is not None:
         ignore_index = _integer(ignore_index, "--ignore-index")
     if loss.sequence and ignore_index is None:
@@ -150,10 +177,26 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     if soft:
         _check_option(loss, "targets", "--target")
         if ignore_index is not None and not loss.sequence:
-            raise ProbeError("--ignore-index", "applies to class-index targets, not to soft targets",
-                             "a target of class indices (N,), or no --ignore-index")
-    _check_memory(sweep.Case(0, loss_name, device, dtype, shape["batch"], shape["classes"], DISTRIBUTION, 1.0,
-                             reduction, (("targets", "soft"),) if soft else (), shape["time"]))
+            raise ProbeError(
+                "--ignore-index",
+                "applies to class-index targets, not to soft targets",
+                "a target of class indices (N,), or no --ignore-index",
+            )
+    _check_memory(
+        sweep.Case(
+            0,
+            loss_name,
+            device,
+            dtype,
+            shape["batch"],
+            shape["classes"],
+            DISTRIBUTION,
+            1.0,
+            reduction,
+            (("targets", "soft"),) if soft else (),
+            shape["time"],
+        )
+    )
 
     inp, in_conv = convert(src_in, tdtype, "input")
     in_source, in_shape = src_in.source, src_in.shape
@@ -163,9 +206,12 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     stats = _input_stats(loss, inp)
     if loss.input_kind == "probabilities" and stats["outside"]:
         i, v = stats["outside_example"]
-        raise ProbeError(in_source, f"{loss.name} takes probabilities in [0, 1]; {stats['outside']} values "
-                         f"are outside (e.g. {_index(_unravel(i, in_shape))}: {_fmt(v, dtype)})",
-                         "probabilities in [0, 1] (for logits use bce_with_logits)")
+        raise ProbeError(
+            in_source,
+            f"{loss.name} takes probabilities in [0, 1]; {stats['outside']} values "
+            f"are outside (e.g. {_index(_unravel(i, in_shape))}: {_fmt(v, dtype)})",
+            "probabilities in [0, 1] (for logits use bce_with_logits)",
+        )
 
     conversions = [in_conv]
     tgt, target_info = _target(loss, src_t, tdtype, soft, shape, ignore_index, conversions)
@@ -176,15 +222,29 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     if pos_weight is not None:
         pw = R.round_to(np.array([pos_weight]), tdtype)
         if float(pw[0]) != pos_weight:
-            conversions.append(Conversion("pos_weight", "--pos-weight", "float64", dtype, (1,), 1, 0, 0,
-                                          ((0,), pos_weight, float(pw[0]))))
+            conversions.append(
+                Conversion(
+                    "pos_weight", "--pos-weight", "float64", dtype, (1,), 1, 0, 0, ((0,), pos_weight, float(pw[0]))
+                )
+            )
         options["pos_weight"] = pw
     if label_smoothing:
         options["label_smoothing"] = label_smoothing
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
-    case = sweep.Case(0, loss_name, device, dtype, shape["batch"], shape["classes"], DISTRIBUTION, 1.0,
-                      reduction, _case_options(options, soft, target_info), shape["time"])
+    case = sweep.Case(
+        0,
+        loss_name,
+        device,
+        dtype,
+        shape["batch"],
+        shape["classes"],
+        DISTRIBUTION,
+        1.0,
+        reduction,
+        _case_options(options, soft, target_info),
+        shape["time"],
+    )
 
     config = _config(loss_name, dtype, device, reduction, shape)
     data = sweep.PointData(inp, tgt, options)
@@ -199,14 +259,31 @@ def run_probe(loss_name: str, input, target, *, dtype: str | None = None, device
     all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations] + customs
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
-    results = [_result(impl, rec, outputs.get(impl.name), ref, dtype, shape)
-               for impl, rec in zip(all_impls, records)]
+    results = [
+        _result(impl, rec, outputs.get(impl.name), ref, dtype, shape)
+        for impl, rec in zip(all_impls, records, strict=True)
+    ]
     ref_info = _reference_info(ref, stats, shape, loss)
-    notes = _notes(loss, shape, stats, conversions, ref, records, outputs, dtype, reduction, target_info, tgt, inp,
-                   options)
-    return ProbeResult(loss_name, dtype, device, reduction, in_conv, target_info,
-                       _options_info(options, soft, dtype), ref_info, results, notes, records, case, ref, data,
-                       _findings(records, bool(stats["inf_rows"].any())))
+    notes = _notes(
+        loss, shape, stats, conversions, ref, records, outputs, dtype, reduction, target_info, tgt, inp, options
+    )
+    return ProbeResult(
+        loss_name,
+        dtype,
+        device,
+        reduction,
+        in_conv,
+        target_info,
+        _options_info(options, soft, dtype),
+        ref_info,
+        results,
+        notes,
+        records,
+        case,
+        ref,
+        data,
+        _findings(records, bool(stats["inf_rows"].any())),
+    )
 
 
 def _findings(records: list[dict], infinite_logits: bool) -> list[dict]:
@@ -228,175 +305,24 @@ def _custom_impls(impls, numpy_impls) -> list[Impl]:
     names = [i.name for i in out]
     for n in names:
         if names.count(n) > 1:
-            raise ProbeError("--impl", f"two implementations are named {n!r}",
-                             "functions of distinct names (rename one)")
+            raise ProbeError(
+                "--impl", f"two implementations are named {n!r}", "functions of distinct names (rename one)"
+            )
     return out
-
-
-def _layout(loss: Loss, x: Loaded, t: Loaded) -> dict:
-    """Validate the shapes; batch, classes, time as a sweep Case has them, and soft targets."""
-    xs, ts = x.shape, t.shape
-    if not loss.multiclass:
-        if ts != xs:
-            raise ProbeError("--target", f"shape {_shape(ts)} does not match the input's {_shape(xs)}",
-                             f"a target of the input's shape {_shape(xs)}")
-        n = max(1, x.numel)
-        return {"batch": n, "classes": None, "time": None, "soft": False, "shape": xs, "rows": n}
-    if loss.sequence:
-        if len(xs) != 3:
-            raise ProbeError("--input", f"{loss.name} takes (B, T, V) logits, got shape {_shape(xs)}",
-                             "a 3-D input (batch, time, vocab)")
-        if ts != xs[:2]:
-            hint = " (soft targets are supported by cross_entropy)" if ts == xs else ""
-            raise ProbeError("--target", f"shape {_shape(ts)} does not match the input's {_shape(xs)}{hint}",
-                             f"class indices of shape {_shape(xs[:2])}")
-        return {"batch": xs[0], "classes": xs[2], "time": xs[1], "soft": False, "shape": xs,
-                "rows": xs[0] * xs[1]}
-    if len(xs) != 2:
-        hint = "; for (B, T, V) logits use sequence_cross_entropy" if len(xs) == 3 else ""
-        raise ProbeError("--input", f"{loss.name} takes (N, C) logits, got shape {_shape(xs)}{hint}",
-                         "a 2-D input (rows, classes)")
-    if ts == xs[:1]:
-        soft = False
-    elif ts == xs:
-        if not t.floating:
-            raise ProbeError("--target", f"a target of the input's shape {_shape(xs)} holds class probabilities "
-                             f"(soft targets), but its dtype is {t.dtype_name}",
-                             "floating probabilities, or class indices of shape " + _shape(xs[:1]))
-        soft = True
-    else:
-        raise ProbeError("--target", f"shape {_shape(ts)} does not match the input's {_shape(xs)}",
-                         f"class indices {_shape(xs[:1])} or class probabilities {_shape(xs)}")
-    return {"batch": xs[0], "classes": xs[1], "time": None, "soft": soft, "shape": xs, "rows": xs[0]}
 
 
 def _check_memory(case: sweep.Case) -> None:
     problem = sweep.memory_problem(case)
     if problem:
-        raise ProbeError("--input", f"too large to probe here: {problem}",
-                         "a smaller slice of the input, or more memory (LOSSCHECK_MEMORY_LIMIT caps the estimate)")
-
-
-def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
-    """NaN/±inf counts of the converted input, rows holding ±inf, and (bce) values outside [0, 1]."""
-    rows = inp.reshape(-1, inp.shape[-1]) if loss.multiclass else inp.reshape(-1, 1)
-    n = rows.shape[0]
-    step = max(1, BLOCK // max(1, rows.shape[1]))
-    stats = {"nan": 0, "posinf": 0, "neginf": 0, "outside": 0, "outside_example": None,
-             "inf_rows": np.zeros(n, dtype=bool), "nan_rows": np.zeros(n, dtype=bool)}
-    for start in range(0, n, step):
-        block = rows[start:start + step]
-        nan, pinf, ninf = block.isnan(), block == math.inf, block == -math.inf
-        stats["nan"] += int(nan.sum())
-        stats["posinf"] += int(pinf.sum())
-        stats["neginf"] += int(ninf.sum())
-        stats["inf_rows"][start:start + step] = (pinf | ninf).any(1).numpy()
-        stats["nan_rows"][start:start + step] = nan.any(1).numpy()
-        if loss.input_kind == "probabilities":
-            outside = (block < 0) | (block > 1)
-            k = int(outside.sum())
-            if k and stats["outside_example"] is None:
-                i = int(outside.reshape(-1).nonzero()[0, 0])
-                stats["outside_example"] = (start + i, float(block.reshape(-1)[i]))
-            stats["outside"] += k
-    return stats
-
-
-def _target(loss: Loss, t: Loaded, dtype: torch.dtype, soft: bool, shape: dict, ignore_index: int | None,
-            conversions: list) -> tuple[torch.Tensor, dict]:
-    info = {"source": t.source, "shape": list(t.shape), "from_dtype": t.dtype_name, "kind": "hard"}
-    if soft:
-        tgt = _nonnegative(t, dtype, "soft target", conversions, "soft targets must be finite probabilities >= 0",
-                           "class probabilities (rows of values in [0, 1])")
-        info.update(kind="soft", dtype=fmt(dtype).name)
-        return tgt, info
-    if not loss.multiclass:
-        labels = t.data.reshape(-1)
-        bad = _first_where(labels, lambda b: (b != 0) & (b != 1))
-        if bad is not None:
-            i, v = bad
-            raise ProbeError(t.source, f"{loss.name} takes hard 0/1 targets; found {_num(v)} at "
-                             f"{_index(_unravel(i, t.shape))}", "0 and 1 (soft binary targets are not supported)")
-        tgt, _ = convert(t, dtype, "target")
-        info.update(dtype=fmt(dtype).name, positives=int(_count(tgt.reshape(-1), lambda b: b == 1)))
-        return tgt.reshape(-1), info
-    # Class indices, int64.
-    data = t.data
-    if t.floating:
-        values = data.to(torch.float64) if isinstance(data, torch.Tensor) else torch.from_numpy(
-            np.asarray(data, dtype=np.float64))
-        bad = _first_where(values, lambda b: ~b.isfinite() | (b != b.round()) | (b.abs() > 2.0**62))
-        if bad is not None:
-            i, v = bad
-            raise ProbeError(t.source, f"class indices must be integers; found {v!r} at "
-                             f"{_index(_unravel(i, t.shape))}", f"integers in [0, {shape['classes']})")
-        tgt = values.to(torch.int64)
-    elif isinstance(data, torch.Tensor):
-        tgt = data.to(torch.int64)
-    else:
-        tgt = torch.from_numpy(np.asarray(data, dtype=np.int64))
-    c = shape["classes"]
-    ignored = tgt == ignore_index if ignore_index is not None else torch.zeros_like(tgt, dtype=torch.bool)
-    out = ((tgt < 0) | (tgt >= c)) & ~ignored
-    if out.any():
-        i = int(out.reshape(-1).nonzero()[0, 0])
-        v = int(tgt.reshape(-1)[i])
-        hint = (f"; pass --ignore-index {v} if it marks ignored positions" if v < 0 and ignore_index is None
-                and "ignored" in loss.options else "")
-        allowed = f"class indices in [0, {c})" + (f" or the ignore index {ignore_index}"
-                                                  if ignore_index is not None else "")
-        raise ProbeError(t.source, f"target {v} at {_index(_unravel(i, t.shape))} is out of range [0, {c}){hint}",
-                         allowed)
-    info.update(dtype="int64", ignored=int(ignored.sum()), kept=int((~ignored).sum()))
-    if ignore_index is not None:
-        info["ignore_index"] = ignore_index
-    return tgt, info
-
-
-def _weight(loss: Loss, w: Loaded, dtype: torch.dtype, input_shape: tuple, shape: dict, conversions: list):
-    if loss.multiclass:
-        want = (shape["classes"],)
-        if w.shape != want:
-            raise ProbeError("--weight", f"shape {_shape(w.shape)}: {loss.name} takes one weight per class",
-                             f"a weight of shape {_shape(want)}")
-    elif w.shape != input_shape and w.shape != (shape["rows"],):
-        raise ProbeError("--weight", f"shape {_shape(w.shape)}: {loss.name} takes one weight per element",
-                         f"a weight of the input's shape {_shape(input_shape)}")
-    tensor = _nonnegative(w, dtype, "weight", conversions, f"weights must be finite and >= 0 in {fmt(dtype).name}",
-                          "finite non-negative weights")
-    return tensor.reshape(-1) if not loss.multiclass else tensor
-
-
-def _nonnegative(x: Loaded, dtype: torch.dtype, what: str, conversions: list, rule: str, allowed: str) -> torch.Tensor:
-    """`x` converted to `dtype` (the conversion noted), refused unless every value is finite and >= 0."""
-    tensor, conv = convert(x, dtype, what)
-    conversions.append(conv)
-    bad = _first_where(tensor, lambda b: ~b.isfinite() | (b < 0))
-    if bad is not None:
-        i, v = bad
-        raise ProbeError(x.source, f"{rule}; found {v!r} at {_index(_unravel(i, x.shape))}", allowed)
-    return tensor
-
-
-def _first_where(t, predicate) -> tuple[int, float] | None:
-    """The first flat index (and value) where `predicate(block)` holds, scanning in blocks."""
-    flat = t.reshape(-1)
-    for start in range(0, flat.shape[0], BLOCK):
-        block = flat[start:start + BLOCK]
-        block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block, dtype=np.float64))
-        hit = predicate(block)
-        if bool(hit.any()):
-            i = int(hit.nonzero()[0, 0])
-            return start + i, float(block[i])
-    return None
-
-
-def _count(t: torch.Tensor, predicate) -> int:
-    return sum(int(predicate(t[s:s + BLOCK]).sum()) for s in range(0, t.shape[0], BLOCK))
+        raise ProbeError(
+            "--input",
+            f"too large to probe here: {problem}",
+            "a smaller slice of the input, or more memory (LOSSCHECK_MEMORY_LIMIT caps the estimate)",
+        )
 
 
 def _case_options(options: dict, soft: bool, target_info: dict) -> tuple:
-    out = {}
+    out: dict[str, object] = {}
     if "weight" in options:
         out["weight"] = "given"
     if "pos_weight" in options:
@@ -413,9 +339,18 @@ def _case_options(options: dict, soft: bool, target_info: dict) -> tuple:
 
 def _config(loss_name: str, dtype: str, device: str, reduction: str, shape: dict) -> Config:
     """The one-point config bench would run for this probe (what `sweep.evaluate` reads)."""
-    mapping = {"name": "probe", "losses": [loss_name], "implementations": list(BUILTIN_IMPLS), "scales": [1],
-               "batch_sizes": [shape["batch"]], "dtypes": [dtype], "devices": [device],
-               "distributions": [DISTRIBUTION], "reductions": [reduction], "timing": False}
+    mapping = {
+        "name": "probe",
+        "losses": [loss_name],
+        "implementations": list(BUILTIN_IMPLS),
+        "scales": [1],
+        "batch_sizes": [shape["batch"]],
+        "dtypes": [dtype],
+        "devices": [device],
+        "distributions": [DISTRIBUTION],
+        "reductions": [reduction],
+        "timing": False,
+    }
     if shape["classes"] is not None and shape["classes"] >= 2:
         mapping["classes"] = [shape["classes"]]
     if shape["time"] is not None:
@@ -427,7 +362,7 @@ def _elementwise(impls: list[Impl], records: list[dict], data: sweep.PointData, 
     """Each implementation's "none" output on the CPU (per row: small), for the worst element."""
     out = {}
     x, t, opts = data.on(device)
-    for impl, rec in zip(impls, records):
+    for impl, rec in zip(impls, records, strict=True):
         if rec["status"] != "ok":
             continue
         try:
@@ -446,13 +381,25 @@ def _worst(y: torch.Tensor, ref: Reference, dtype: str, shape: dict) -> dict | N
     i = int(torch.argmax(d))  # the first of the largest
     ulp = float(d[i])
     index = _unravel(i, tuple(ref.loss.shape) if shape["classes"] is not None else shape["shape"])
-    return {"index": list(index), "value": float(y.reshape(-1)[i]), "reference": float(ref.loss.reshape(-1)[i]),
-            "ulp": int_or_inf(ulp), "bits": _bits(ulp, dtype)}
+    return {
+        "index": list(index),
+        "value": float(y.reshape(-1)[i]),
+        "reference": float(ref.loss.reshape(-1)[i]),
+        "ulp": int_or_inf(ulp),
+        "bits": _bits(ulp, dtype),
+    }
 
 
 def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype: str, shape: dict) -> dict:
-    out = {"impl": impl.name, "kind": impl.kind, "status": rec["status"], "message": rec["message"],
-           "forward": None, "backward": None, "returned": None}
+    out = {
+        "impl": impl.name,
+        "kind": impl.kind,
+        "status": rec["status"],
+        "message": rec["message"],
+        "forward": None,
+        "backward": None,
+        "returned": None,
+    }
     if rec["forward"] is not None:
         fwd = dict(rec["forward"])
         fwd["reduced_bits"] = None if fwd["reduced_ulp"] is None else _bits(float(fwd["reduced_ulp"]), dtype)
@@ -462,8 +409,11 @@ def _result(impl: Impl, rec: dict, y: torch.Tensor | None, ref: Reference, dtype
         out["backward"] = dict(rec["backward"])
     if y is not None:
         yf = y.reshape(-1)
-        out["returned"] = {"nan": int(yf.isnan().sum()), "posinf": int((yf == math.inf).sum()),
-                           "neginf": int((yf == -math.inf).sum())}
+        out["returned"] = {
+            "nan": int(yf.isnan().sum()),
+            "posinf": int((yf == math.inf).sum()),
+            "neginf": int((yf == -math.inf).sum()),
+        }
     return out
 
 
@@ -478,20 +428,30 @@ def _reference_info(ref: Reference, stats: dict, shape: dict, loss: Loss) -> dic
     if undefined is None and ref.value is not None and math.isnan(ref.value):
         why = []
         if no_limit.any():
-            why.append(f"{_plural(int(no_limit.sum()), 'row')} without a limit (several +inf logits with the "
-                       "target among them, or every logit -inf)")
+            why.append(
+                f"{_plural(int(no_limit.sum()), 'row')} without a limit (several +inf logits with the "
+                "target among them, or every logit -inf)"
+            )
         if stats["nan"]:
             why.append(f"{_plural(stats['nan'], 'NaN input')}")
         undefined = f"the {ref.reduction} is NaN: " + (" and ".join(why) or "a NaN element") + " (see the notes)"
     limits = np.flatnonzero(stats["inf_rows"] & ~stats["nan_rows"])
-    return {"forward": None if ref.reduced is None else float(ref.reduced),
-            "value": ref.value, "reduction": ref.reduction, "undefined": undefined,
-            "nan": int(nan.sum()), "posinf": int((flat == math.inf).sum()),
-            "neginf": int((flat == -math.inf).sum()),
-            "limits": {"count": int(len(limits)),
-                       "examples": [{"index": list(_unravel(int(i), rows_shape)), "reference": float(flat[int(i)])}
-                                    for i in limits[:5]]},
-            "no_limit": int(no_limit.sum())}
+    return {
+        "forward": None if ref.reduced is None else float(ref.reduced),
+        "value": ref.value,
+        "reduction": ref.reduction,
+        "undefined": undefined,
+        "nan": int(nan.sum()),
+        "posinf": int((flat == math.inf).sum()),
+        "neginf": int((flat == -math.inf).sum()),
+        "limits": {
+            "count": int(len(limits)),
+            "examples": [
+                {"index": list(_unravel(int(i), rows_shape)), "reference": float(flat[int(i)])} for i in limits[:5]
+            ],
+        },
+        "no_limit": int(no_limit.sum()),
+    }
 
 
 def _options_info(options: dict, soft: bool, dtype: str) -> dict:

@@ -1,6 +1,7 @@
 """Reading a probe's arrays: inline lists and .pt/.pth/.npy/.npz files, never converted here.
 
 Everything a user can get wrong is a `ProbeError` (a `ConfigError`: one line, exit code 2)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from .text import _one_line
 BLOCK = 1 << 20
 FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 KEYED_SUFFIXES = (".pt", ".pth", ".npz")
-INLINE_HELP = ("a JSON-style list ('[inf, 1.0]', nested for 2-D/3-D; inf, -inf, nan accepted), "
-               "or a .pt/.pth, .npy or .npz file (FILE.pt:KEY, FILE.npz:KEY for one entry)")
+INLINE_HELP = (
+    "a JSON-style list ('[inf, 1.0]', nested for 2-D/3-D; inf, -inf, nan accepted), "
+    "or a .pt/.pth, .npy or .npz file (FILE.pt:KEY, FILE.npz:KEY for one entry)"
+)
 # Loss option (`Loss.options`) -> the flag that sets it.
 
 
@@ -33,6 +36,7 @@ class ProbeError(ConfigError):
 
 
 # ---- loading ------------------------------------------------------------------------------
+
 
 @dataclass
 class Loaded:
@@ -53,8 +57,9 @@ class Loaded:
 
     @property
     def dtype_name(self) -> str:
-        d = self.data.dtype
-        return str(d).replace("torch.", "") if isinstance(self.data, torch.Tensor) else np.dtype(d).name
+        if isinstance(self.data, torch.Tensor):
+            return str(self.data.dtype).replace("torch.", "")
+        return np.dtype(self.data.dtype).name
 
     @property
     def floating(self) -> bool:
@@ -80,6 +85,7 @@ _NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf(ini
 
 def parse_inline(text: str, source: str) -> np.ndarray:
     """A JSON-style (nested) list of numbers -> float64 array (int64 if every value is an integer)."""
+
     def word(m: re.Match) -> str:
         sign, w = m.groups()
         if w.lower() == "nan":
@@ -94,14 +100,15 @@ def parse_inline(text: str, source: str) -> np.ndarray:
     try:
         data = json.loads(_WORD.sub(word, text))
     except json.JSONDecodeError as e:
-        raise ProbeError(source, f"cannot read {_short(text)!r} as a list of numbers: {e.msg} at column {e.colno}",
-                         INLINE_HELP) from None
+        raise ProbeError(
+            source, f"cannot read {_short(text)!r} as a list of numbers: {e.msg} at column {e.colno}", INLINE_HELP
+        ) from None
     shape = _nested_shape(data, source)
     if 0 in shape:
         raise ProbeError(source, "empty list", "at least one value")
     leaves = _leaves(data)
     if all(isinstance(v, int) for v in leaves):
-        if any(not -2**63 <= v < 2**63 for v in leaves):
+        if any(not -(2**63) <= v < 2**63 for v in leaves):
             raise ProbeError(source, "an integer beyond the int64 range", "integers of int64")
         return np.array(data, dtype=np.int64)
     try:
@@ -129,8 +136,11 @@ def _nested_shape(obj, source: str, depth: int = 0) -> tuple[int, ...]:
             return (0,)
         shapes = {_nested_shape(o, source, depth + 1) for o in obj}
         if len(shapes) != 1:
-            raise ProbeError(source, f"ragged nested list (rows of different shapes at depth {depth + 1})",
-                             "a rectangular list of lists")
+            raise ProbeError(
+                source,
+                f"ragged nested list (rows of different shapes at depth {depth + 1})",
+                "a rectangular list of lists",
+            )
         return (len(obj),) + shapes.pop()
     if isinstance(obj, bool) or not isinstance(obj, (int, float)):
         raise ProbeError(source, f"{json.dumps(obj)} is not a number", INLINE_HELP)
@@ -145,7 +155,7 @@ def _leaves(obj) -> list:
 
 def _short(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= n else text[:n - 1] + "…"
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def load_array(spec: str, what: str = "--input") -> Loaded:
@@ -198,8 +208,9 @@ def _load_file(path: Path, key: str | None, source: str) -> Loaded:
                 names = list(z.files)
                 if key is None:
                     if len(names) != 1:
-                        raise ProbeError(str(path), f"holds {len(names)} arrays ({', '.join(names[:8])}): "
-                                         "name one", f"{path}:KEY")
+                        raise ProbeError(
+                            str(path), f"holds {len(names)} arrays ({', '.join(names[:8])}): name one", f"{path}:KEY"
+                        )
                     key = names[0]
                 elif key not in names:
                     raise ProbeError(str(path), f"no array named {key!r}", ", ".join(names[:20]))
@@ -221,8 +232,11 @@ def _torch_entry(path: Path, key: str | None) -> torch.Tensor:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # an old-format (non-zip) file
     except Exception as e:  # not a torch file, or one holding objects weights_only refuses
-        raise ProbeError(str(path), f"cannot read with torch.load(weights_only=True): {_one_line(e)}",
-                         "a file saved with torch.save(tensor) or torch.save({'name': tensor})") from None
+        raise ProbeError(
+            str(path),
+            f"cannot read with torch.load(weights_only=True): {_one_line(e)}",
+            "a file saved with torch.save(tensor) or torch.save({'name': tensor})",
+        ) from None
     if isinstance(obj, torch.Tensor):
         if key is not None:
             raise ProbeError(f"{path}:{key}", "the file holds a single tensor, not a dict", str(path))
@@ -236,19 +250,22 @@ def _torch_entry(path: Path, key: str | None) -> torch.Tensor:
             return obj[key]
         tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
         if len(tensors) != 1:
-            raise ProbeError(str(path), f"holds {len(tensors)} tensors ({', '.join(map(str, tensors[:8]))}): "
-                             "name one", f"{path}:KEY")
+            raise ProbeError(
+                str(path), f"holds {len(tensors)} tensors ({', '.join(map(str, tensors[:8]))}): name one", f"{path}:KEY"
+            )
         return obj[tensors[0]]
-    raise ProbeError(str(path), f"holds a {type(obj).__name__}, not a tensor",
-                     "a tensor, or a dict of tensors with FILE.pt:KEY")
+    raise ProbeError(
+        str(path), f"holds a {type(obj).__name__}, not a tensor", "a tensor, or a dict of tensors with FILE.pt:KEY"
+    )
 
 
 def _checked_tensor(t: torch.Tensor, source: str) -> torch.Tensor:
     if t.layout != torch.strided or t.is_quantized:
         raise ProbeError(source, f"a {t.layout} tensor is not supported", "a dense tensor")
     if t.is_complex() or (t.is_floating_point() and t.dtype not in (f.torch_dtype for f in FORMATS.values())):
-        raise ProbeError(source, f"unsupported dtype {str(t.dtype).replace('torch.', '')}",
-                         ", ".join(FORMATS) + ", integers")
+        raise ProbeError(
+            source, f"unsupported dtype {str(t.dtype).replace('torch.', '')}", ", ".join(FORMATS) + ", integers"
+        )
     if t.numel() == 0:
         raise ProbeError(source, f"empty tensor of shape {tuple(t.shape)}", "at least one value")
     return t.detach().cpu()

@@ -1,5 +1,6 @@
 """The probe's explanations: where the true value is a limit or undefined, and what each
 implementation did there."""
+
 from __future__ import annotations
 
 import math
@@ -11,21 +12,38 @@ from ..losses import Loss, Reference
 from ..metrics import int_or_inf, ulp_distance
 from .text import _fmt, _index, _num, _plural, _shape, _signed, _unravel
 
-def _notes(loss: Loss, shape: dict, stats: dict, conversions: list, ref: Reference, records: list[dict],
-           outputs: dict, dtype: str, reduction: str, target_info: dict, tgt: torch.Tensor, inp: torch.Tensor,
-           options: dict) -> list[str]:
+
+def _notes(
+    loss: Loss,
+    shape: dict,
+    stats: dict,
+    conversions: list,
+    ref: Reference,
+    records: list[dict],
+    outputs: dict,
+    dtype: str,
+    reduction: str,
+    target_info: dict,
+    tgt: torch.Tensor,
+    inp: torch.Tensor,
+    options: dict,
+) -> list[str]:
     notes: list[str] = []
     if not loss.multiclass and len(shape["shape"]) != 1:
-        notes.append(f"the input of shape {_shape(shape['shape'])} is flattened to ({shape['rows']},): "
-                     f"{loss.name} is elementwise, so the mean and sum are unchanged; indices are in the input's shape")
+        notes.append(
+            f"the input of shape {_shape(shape['shape'])} is flattened to ({shape['rows']},): "
+            f"{loss.name} is elementwise, so the mean and sum are unchanged; indices are in the input's shape"
+        )
     for conv in conversions:
         s = conv.sentence()
         if s:
             notes.append(s)
     if target_info.get("ignored"):
-        notes.append(f"ignore_index {target_info['ignore_index']}: {target_info['ignored']} of "
-                     f"{target_info['ignored'] + target_info['kept']} targets ignored"
-                     + (f"; the mean is over the other {target_info['kept']}" if target_info["kept"] else ""))
+        notes.append(
+            f"ignore_index {target_info['ignore_index']}: {target_info['ignored']} of "
+            f"{target_info['ignored'] + target_info['kept']} targets ignored"
+            + (f"; the mean is over the other {target_info['kept']}" if target_info["kept"] else "")
+        )
     rows_shape = tuple(ref.loss.shape) if loss.multiclass else shape["shape"]
     ref_flat = ref.loss.reshape(-1)
     ref_nan = ref_flat.isnan().numpy()
@@ -35,9 +53,11 @@ def _notes(loss: Loss, shape: dict, stats: dict, conversions: list, ref: Referen
         k = int(stats["nan_rows"].sum())
         first = int(np.argmax(stats["nan_rows"]))
         where = "rows" if loss.multiclass else "elements"
-        notes.append(f"the input holds {_plural(stats['nan'], 'NaN value')} (in {_plural(k, where[:-1])}, e.g. "
-                     f"{_index(_unravel(first, rows_shape))}): "
-                     "the loss is undefined there (NaN in, NaN out) — the NaN comes from upstream of the loss")
+        notes.append(
+            f"the input holds {_plural(stats['nan'], 'NaN value')} (in {_plural(k, where[:-1])}, e.g. "
+            f"{_index(_unravel(first, rows_shape))}): "
+            "the loss is undefined there (NaN in, NaN out) — the NaN comes from upstream of the loss"
+        )
 
     # ±inf inputs: the reference is the limit.
     limit_rows = stats["inf_rows"] & ~stats["nan_rows"]
@@ -47,14 +67,17 @@ def _notes(loss: Loss, shape: dict, stats: dict, conversions: list, ref: Referen
         first = int(idx[0])
         example = _describe_row(loss, inp, tgt, first, rows_shape, dtype)
         lim = ref_flat[first]
-        what = ("the limit does not exist (NaN)" if math.isnan(float(lim))
-                else f"limit {_signed(_fmt(float(lim), dtype))}")
+        what = (
+            "the limit does not exist (NaN)" if math.isnan(float(lim)) else f"limit {_signed(_fmt(float(lim), dtype))}"
+        )
         noun = ("row" if loss.multiclass else "element") + ("s" if len(idx) > 1 else "")
-        s = (f"{len(idx)} {noun} with ±inf logits: the true loss there is a limit, not a number "
-             f"(e.g. {example}: {what})")
+        s = f"{len(idx)} {noun} with ±inf logits: the true loss there is a limit, not a number (e.g. {example}: {what})"
         if len(has_limit):
-            there = "There" if len(idx) == 1 else (f"At the {len(has_limit)} with a limit"
-                                                   if len(has_limit) < len(idx) else f"At these {len(idx)}")
+            there = (
+                "There"
+                if len(idx) == 1
+                else (f"At the {len(has_limit)} with a limit" if len(has_limit) < len(idx) else f"At these {len(idx)}")
+            )
             s += f". {there}: " + _what_each_did(records, outputs, ref_flat, has_limit, rows_shape, dtype)
         notes.append(s)
 
@@ -64,9 +87,11 @@ def _notes(loss: Loss, shape: dict, stats: dict, conversions: list, ref: Referen
         idx = np.flatnonzero(undefined_rows)
         first = int(idx[0])
         example = _describe_row(loss, inp, tgt, first, rows_shape, dtype)
-        notes.append(f"{len(idx)} {'rows have' if len(idx) > 1 else 'row has'} no limit (reference NaN: several "
-                     f"+inf logits with the target among them, or every logit -inf; e.g. {example})"
-                     + ("" if reduction == "none" else f", so the {reduction} is undefined (NaN) too"))
+        notes.append(
+            f"{len(idx)} {'rows have' if len(idx) > 1 else 'row has'} no limit (reference NaN: several "
+            f"+inf logits with the target among them, or every logit -inf; e.g. {example})"
+            + ("" if reduction == "none" else f", so the {reduction} is undefined (NaN) too")
+        )
 
     # 0/0: every target ignored.
     if ref.undefined:
@@ -80,15 +105,22 @@ def _notes(loss: Loss, shape: dict, stats: dict, conversions: list, ref: Referen
     if inf_ref:
         idx = np.flatnonzero(inf_mask)
         first = int(idx[0])
-        notes.append(f"the reference is +inf at {inf_ref} element{'s' if inf_ref > 1 else ''} "
-                     f"(e.g. {_describe_row(loss, inp, tgt, first, rows_shape, dtype)}): the true loss there is "
-                     f"infinite or beyond {dtype}'s range, so +inf is exact and a finite value is silent "
-                     "saturation. " + _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype,
-                                                     "the reference"))
-    if ref.value is not None and math.isfinite(ref.value) and ref.reduced is not None \
-            and not math.isfinite(float(ref.reduced)):
-        notes.append(f"the {reduction} {ref.value:.6g} is beyond {dtype}'s range: correctly rounded it is "
-                     f"{_fmt(float(ref.reduced), dtype)}")
+        notes.append(
+            f"the reference is +inf at {inf_ref} element{'s' if inf_ref > 1 else ''} "
+            f"(e.g. {_describe_row(loss, inp, tgt, first, rows_shape, dtype)}): the true loss there is "
+            f"infinite or beyond {dtype}'s range, so +inf is exact and a finite value is silent "
+            "saturation. " + _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, "the reference")
+        )
+    if (
+        ref.value is not None
+        and math.isfinite(ref.value)
+        and ref.reduced is not None
+        and not math.isfinite(float(ref.reduced))
+    ):
+        notes.append(
+            f"the {reduction} {ref.value:.6g} is beyond {dtype}'s range: correctly rounded it is "
+            f"{_fmt(float(ref.reduced), dtype)}"
+        )
     for rec in records:
         if rec["status"] == "error":
             notes.append(f"{rec['impl']} failed: {rec['message']}")
@@ -101,8 +133,10 @@ def _describe_row(loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows
     where = _index(_unravel(i, rows_shape))
     if not loss.multiclass:
         kind = "p" if loss.input_kind == "probabilities" else "input"
-        return (f"{where}: {kind} {_signed(_fmt(float(inp.reshape(-1)[i]), dtype))}, "
-                f"target {_num(float(tgt.reshape(-1)[i]))}")
+        return (
+            f"{where}: {kind} {_signed(_fmt(float(inp.reshape(-1)[i]), dtype))}, "
+            f"target {_num(float(tgt.reshape(-1)[i]))}"
+        )
     row = inp.reshape(-1, inp.shape[-1])[i]
     pos = int((row == math.inf).sum())
     neg = int((row == -math.inf).sum())
@@ -114,8 +148,10 @@ def _describe_row(loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows
     if tgt.is_floating_point():
         return f"row {where}: {', '.join(parts) or 'finite logits'}, soft target"
     t = int(tgt.reshape(-1)[i])
-    return (f"row {where}: {', '.join(parts) or 'finite logits'}, target {t} "
-            f"(logit {_signed(_fmt(float(row[t]), dtype)) if 0 <= t < row.shape[0] else 'ignored'})")
+    return (
+        f"row {where}: {', '.join(parts) or 'finite logits'}, target {t} "
+        f"(logit {_signed(_fmt(float(row[t]), dtype)) if 0 <= t < row.shape[0] else 'ignored'})"
+    )
 
 
 def _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, word: str = "the limit") -> str:
@@ -143,13 +179,16 @@ def _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, word: str
         bits = []
         if nan.any():
             j = int(torch.nonzero(nan)[0, 0])
-            bits.append(f"nan at {int(nan.sum())} (e.g. {_index(_unravel(int(idx[j]), rows_shape))}, "
-                        f"{word.split()[-1]} {_signed(_fmt(float(refs[j]), dtype))})")
+            bits.append(
+                f"nan at {int(nan.sum())} (e.g. {_index(_unravel(int(idx[j]), rows_shape))}, "
+                f"{word.split()[-1]} {_signed(_fmt(float(refs[j]), dtype))})"
+            )
         if inf.any():
             bits.append(f"a wrong infinity at {int(inf.sum())}")
         if finite_off.any():
-            bits.append(f"a finite value off by up to {int_or_inf(float(d[finite_off].max()))} ULP "
-                        f"at {int(finite_off.sum())}")
+            bits.append(
+                f"a finite value off by up to {int_or_inf(float(d[finite_off].max()))} ULP at {int(finite_off.sum())}"
+            )
         if exact.any():
             bits.append(f"{word} at {int(exact.sum())}")
         parts.append(f"{name} returned " + ", ".join(bits))

@@ -1,4 +1,5 @@
 """How the probe writes values, shapes, indices and errors for people (shared by its modules)."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import numpy as np
 
 from ..dtypes import FORMATS
 from ..formats import capped_bits
+
 
 def _fmt(v, dtype: str) -> str:
     """A value of `dtype` for people: half-precision values exactly (they are short: 21.875,
@@ -35,7 +37,7 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _bits(ulp: float, dtype: str) -> float:
+def _bits(ulp: float, dtype: str) -> float | None:
     """bits = min(log2(1 + ulp), p) (METRICS.md): a NaN or an infinity against a finite
     reference leaves no correct bit, p, never more."""
     return capped_bits(ulp, dtype)
@@ -77,6 +79,7 @@ def _bits_cell(b, dtype: str) -> str:
         return "—"
     p = FORMATS[dtype].significand_bits
     return "all bits lost" if (math.isinf(b) or b >= p) else f"{b:.1f}"
+
 
 def _where_from(source: str) -> str:
     return "inline" if source.startswith("--") else source
