@@ -5,6 +5,7 @@ allowed (with the closest allowed spelling when one is close); after this module
 trusts its inputs. `Config.as_dict()` writes the input format back, so the configuration a
 report shows "as run" can be run again.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -15,19 +16,23 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-
-from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
-from .formats import FORMATS
 from . import safeio
+from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
 from .config_yaml import read_yaml, to_yaml  # noqa: F401  (to_yaml: config.to_yaml for its users)
 from .errors import ConfigError
+from .formats import FORMATS
 from .gate_policy import BY_NAME, CHECK_ORDER, GATE_KEYS, GatePolicy, Thresholds, key_help
 from .inputs import DISTRIBUTIONS
 
 CUSTOM_APIS = ("torch", "numpy")
 # Option of a loss (`Loss.options`) -> the config key sweeping it.
-OPTION_AXES = {"weight": "weights", "pos_weight": "pos_weights", "label_smoothing": "label_smoothing",
-               "ignored": "ignored", "targets": "targets"}
+OPTION_AXES = {
+    "weight": "weights",
+    "pos_weight": "pos_weights",
+    "label_smoothing": "label_smoothing",
+    "ignored": "ignored",
+    "targets": "targets",
+}
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
 ISOLATION_MODES = ("auto", "process", "none")
@@ -100,7 +105,7 @@ class Config:
     source: str = "<config>"
 
     @classmethod
-    def from_mapping(cls, data, source: str = "<mapping>") -> "Config":
+    def from_mapping(cls, data, source: str = "<mapping>") -> Config:
         """A validated config from a Python mapping of the YAML keys (lists may be tuples), with
         the checks and one-line `ConfigError`s of a YAML file: what code builds, no YAML text."""
         return config_from_dict(data, source)
@@ -146,8 +151,12 @@ class Config:
             "devices": list(self.devices),
             "distributions": list(self.distributions),
             "seed": self.seed,
-            "timing": {"enabled": t.enabled, "min_run_time": t.min_run_time,
-                       "distributions": list(t.distributions), "scales": list(t.scales)},
+            "timing": {
+                "enabled": t.enabled,
+                "min_run_time": t.min_run_time,
+                "distributions": list(t.distributions),
+                "scales": list(t.scales),
+            },
             "thresholds": dict(self.thresholds),
             "threads": self.threads,
             "gate": _gate_as_input(self.gate, self.all_impls()),
@@ -158,8 +167,9 @@ class Config:
             "ignored": list(self.ignored),
             "targets": list(self.targets),
             "sequence_lengths": list(self.sequence_lengths),
-            "custom": [{"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api}
-                       for c in self.custom],
+            "custom": [
+                {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
+            ],
             "timeout": self.timeout,
             "isolation": self.isolation,
         }
@@ -174,8 +184,9 @@ def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
     if gate["versus"] not in impls:
         del gate["versus"]
     defaults = asdict(policy.default)
-    gate["losses"] = {loss: {k: v for k, v in asdict(t).items() if v != defaults[k]}
-                      for loss, t in policy.per_loss.items()}
+    gate["losses"] = {
+        loss: {k: v for k, v in asdict(t).items() if v != defaults[k]} for loss, t in policy.per_loss.items()
+    }
     return gate
 
 
@@ -192,9 +203,13 @@ def as_input(stored: dict) -> dict:
     if isinstance(gate, dict) and ("default" in gate or "per_loss" in gate):
         default = gate.get("default") if isinstance(gate.get("default"), dict) else {}
         per_loss = gate.get("per_loss") if isinstance(gate.get("per_loss"), dict) else {}
-        out["gate"] = {**default, "losses": {
-            loss: {k: v for k, v in t.items() if k not in default or default[k] != v}
-            if isinstance(t, dict) else t for loss, t in per_loss.items()}}
+        out["gate"] = {
+            **default,
+            "losses": {
+                loss: {k: v for k, v in t.items() if k not in default or default[k] != v} if isinstance(t, dict) else t
+                for loss, t in per_loss.items()
+            },
+        }
     return out
 
 
@@ -266,8 +281,9 @@ def config_from_dict(data, source: str = "<config>") -> Config:
     """Validate a config given as an already-parsed mapping (what `parse_config` makes of the
     YAML, or `Config.as_dict()`): code holding a dict need not write YAML. Lists may be tuples."""
     if not isinstance(data, dict):
-        raise ConfigError(source, "", f"expected a mapping of keys at top level, got {_typename(data)}",
-                          ", ".join(KEYS))
+        raise ConfigError(
+            source, "", f"expected a mapping of keys at top level, got {_typename(data)}", ", ".join(KEYS)
+        )
     return _build(data, source)
 
 
@@ -281,8 +297,7 @@ def _build(data: dict, source: str) -> Config:
     v = _Validator(source)
     name = v.string(data, "name")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(source, "name", f"{name!r} is not usable as a file name",
-                          "letters, digits, '_', '.', '-'")
+        raise ConfigError(source, "name", f"{name!r} is not usable as a file name", "letters, digits, '_', '.', '-'")
     cfg = Config(
         name=name,
         description=v.string(data, "description", ""),
@@ -331,8 +346,7 @@ def _suggest(value, allowed) -> str:
 
 
 def _typename(x) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(x), type(x).__name__)
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(x), type(x).__name__)
 
 
 class _Validator:
@@ -387,8 +401,13 @@ class _Validator:
             allowed = f"numbers in [0, {maximum:g}]" if maximum is not None else "finite numbers >= 0"
         for value in self._list(data, key):
             number = _as_number(value)
-            if (number is None or not math.isfinite(number) or (positive and number <= 0)
-                    or number < 0 or (maximum is not None and number > maximum)):
+            if (
+                number is None
+                or not math.isfinite(number)
+                or (positive and number <= 0)
+                or number < 0
+                or (maximum is not None and number > maximum)
+            ):
                 self.fail(key, f"bad value {value!r}", allowed)
             out.append(number)
         if len(set(out)) != len(out):
@@ -426,13 +445,19 @@ class _Validator:
             if isinstance(e, str):
                 e = {"function": e}
             if not isinstance(e, dict):
-                self.fail(where, f"expected a mapping or a 'module:function' string, got {_typename(e)}",
-                          ", ".join(CUSTOM_KEYS))
+                self.fail(
+                    where,
+                    f"expected a mapping or a 'module:function' string, got {_typename(e)}",
+                    ", ".join(CUSTOM_KEYS),
+                )
             for k in e:
                 if k not in CUSTOM_KEYS:
                     self.fail(f"{where}.{k}", "unknown key" + _suggest(k, CUSTOM_KEYS), ", ".join(CUSTOM_KEYS))
-            out.append(custom_spec(e.get("function"), e.get("name"), e.get("losses", []), e.get("api", "torch"),
-                                   self.source, where))
+            out.append(
+                custom_spec(
+                    e.get("function"), e.get("name"), e.get("losses", []), e.get("api", "torch"), self.source, where
+                )
+            )
         names = [c.name for c in out]
         for n in names:
             if names.count(n) > 1:
@@ -442,8 +467,11 @@ class _Validator:
     def isolation(self, data):
         value = data.get("isolation", "auto")
         if value not in ISOLATION_MODES:
-            self.fail("isolation", f"unknown value {value!r}{_suggest(str(value), ISOLATION_MODES)}",
-                      ", ".join(ISOLATION_MODES))
+            self.fail(
+                "isolation",
+                f"unknown value {value!r}{_suggest(str(value), ISOLATION_MODES)}",
+                ", ".join(ISOLATION_MODES),
+            )
         return value
 
     def timeout(self, data):
@@ -475,8 +503,9 @@ class _Validator:
         dists = tuple(self._sublist(t, "distributions", base.distributions, ", ".join(DISTRIBUTIONS)))
         for d in dists:
             if d not in DISTRIBUTIONS:
-                self.fail("timing.distributions", f"unknown value {d!r}{_suggest(d, DISTRIBUTIONS)}",
-                          ", ".join(DISTRIBUTIONS))
+                self.fail(
+                    "timing.distributions", f"unknown value {d!r}{_suggest(d, DISTRIBUTIONS)}", ", ".join(DISTRIBUTIONS)
+                )
         scales = []
         for s in self._sublist(t, "scales", base.scales, "positive numbers from `scales`"):
             n = _as_number(s)
@@ -503,8 +532,7 @@ class _Validator:
         g = data.get("gate", {})
         if not isinstance(g, dict):
             self.fail("gate", f"expected a mapping, got {_typename(g)}", ", ".join(GATE_KEYS + ("losses",)))
-        default = self._thresholds_of(g, "gate", Thresholds(), cfg.all_impls() if cfg else None,
-                                      extra=("losses",))
+        default = self._thresholds_of(g, "gate", Thresholds(), cfg.all_impls() if cfg else None, extra=("losses",))
         per_loss = {}
         losses = g.get("losses", {})
         if not isinstance(losses, dict):
@@ -514,11 +542,13 @@ class _Validator:
             if loss not in known:
                 self.fail(f"gate.losses.{loss}", "unknown loss" + _suggest(loss, known), ", ".join(known))
             if not isinstance(overrides, dict):
-                self.fail(f"gate.losses.{loss}", f"expected a mapping, got {_typename(overrides)}",
-                          ", ".join(GATE_KEYS))
+                self.fail(
+                    f"gate.losses.{loss}", f"expected a mapping, got {_typename(overrides)}", ", ".join(GATE_KEYS)
+                )
             # A loss's own `versus` must be run for that loss (a custom one may apply to others only).
-            per_loss[loss] = self._thresholds_of(overrides, f"gate.losses.{loss}", default,
-                                                 cfg.impls_for(loss) if cfg else None)
+            per_loss[loss] = self._thresholds_of(
+                overrides, f"gate.losses.{loss}", default, cfg.impls_for(loss) if cfg else None
+            )
         return GatePolicy(default, per_loss)
 
     def _thresholds_of(self, g: dict, where: str, base: Thresholds, impls, extra=()) -> Thresholds:
@@ -532,8 +562,9 @@ class _Validator:
                 continue
             if setting.kind == "choice":
                 if g[k] not in setting.choices:
-                    self.fail(f"{where}.{k}", f"unknown value {g[k]!r}{_suggest(g[k], setting.choices)}",
-                              setting.allowed)
+                    self.fail(
+                        f"{where}.{k}", f"unknown value {g[k]!r}{_suggest(g[k], setting.choices)}", setting.allowed
+                    )
                 values[k] = g[k]
                 continue
             n = _as_number(g[k])
@@ -544,8 +575,12 @@ class _Validator:
             versus = g["versus"]
             if not isinstance(versus, str) or (impls is not None and versus not in impls):
                 allowed = ", ".join(impls) if impls is not None else BY_NAME["versus"].allowed
-                self.fail(f"{where}.versus", f"{versus!r} is not an implementation of the run"
-                          + (_suggest(versus, impls) if impls is not None else ""), allowed)
+                self.fail(
+                    f"{where}.versus",
+                    f"{versus!r} is not an implementation of the run"
+                    + (_suggest(versus, impls) if impls is not None else ""),
+                    allowed,
+                )
             values["versus"] = versus
         return replace(base, **values)
 
@@ -559,17 +594,17 @@ class _Validator:
                 self.fail(f"thresholds.{k}", "unknown dtype" + _suggest(k, FORMATS), ", ".join(FORMATS))
             n = _as_number(value)
             if n is None or not (0 < n <= FORMATS[k].significand_bits):
-                self.fail(f"thresholds.{k}", f"bad value {value!r}",
-                          f"bits in (0, {FORMATS[k].significand_bits}]")
+                self.fail(f"thresholds.{k}", f"bad value {value!r}", f"bits in (0, {FORMATS[k].significand_bits}]")
             out[k] = n
         return out
 
 
-def custom_spec(function, name=None, losses=(), api="torch", source="<command line>",
-                where="--impl") -> CustomSpec:
+def custom_spec(function, name=None, losses=(), api="torch", source="<command line>", where="--impl") -> CustomSpec:
     """Validate one custom implementation's description (config entry or --impl)."""
+
     def fail(key, problem, allowed):
         raise ConfigError(source, f"{where}.{key}" if where.startswith("custom") else where, problem, allowed)
+
     spec_help = "'package.module:function' or 'path/to/file.py:function'"
     if not isinstance(function, str) or function.count(":") < 1 or not all(function.rsplit(":", 1)):
         fail("function", f"bad value {function!r}", spec_help)

@@ -12,30 +12,30 @@ Per-loss prose lives in `PROSE`, keyed by loss name; a loss without an entry (on
 `LOSSES` later) is explained from its own `summary`, its implementations' summaries and
 its formulas, with the same live numbers.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from tabulate import tabulate
 
-from . import analysis, inputs, sweep
-from . import reference as R
+from . import analysis, inputs, reference as R, sweep
 from .config import BUILTIN_IMPLS, Config
 from .dtypes import FORMATS
+
+# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py.
+from .explain_limits import LIMIT_COLUMNS, dtype_limits
+from .explain_prose import _BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe, Prose
 from .formats import bits_phrase, capped_bits, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
-# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py.
-from .explain_limits import LIMIT_COLUMNS, dtype_limits
-from .explain_prose import (_BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe,
-                            Prose)
 
 # The section headers, in order (the tests look for them).
 SECTIONS = (
@@ -62,6 +62,7 @@ WIDTH = 100  # prose is wrapped to this many columns
 
 # ---- the live sweep -------------------------------------------------------------------
 
+
 def sweep_implementations(loss: Loss) -> tuple[str, ...]:
     """The built-in implementations this loss has, in the usual order."""
     return tuple(i for i in BUILTIN_IMPLS if i in loss.implementations)
@@ -78,11 +79,20 @@ def sweep_batch(loss: Loss) -> int:
 def sweep_mapping(loss_name: str, dtypes: tuple[str, ...]) -> dict:
     """The config of the sweep `explain` runs, as a mapping (`Config.from_mapping`)."""
     loss = LOSSES[loss_name]
-    return {"name": "explain", "losses": [loss_name], "implementations": list(sweep_implementations(loss)),
-            "scales": list(SCALES), "batch_sizes": [sweep_batch(loss)], "classes": [CLASSES],
-            **({"sequence_lengths": [SEQUENCE_LENGTH]} if is_sequence(loss) else {}),
-            "dtypes": list(dtypes), "devices": ["cpu"], "distributions": list(DISTRIBUTIONS), "seed": SEED,
-            "timing": False}
+    return {
+        "name": "explain",
+        "losses": [loss_name],
+        "implementations": list(sweep_implementations(loss)),
+        "scales": list(SCALES),
+        "batch_sizes": [sweep_batch(loss)],
+        "classes": [CLASSES],
+        **({"sequence_lengths": [SEQUENCE_LENGTH]} if is_sequence(loss) else {}),
+        "dtypes": list(dtypes),
+        "devices": ["cpu"],
+        "distributions": list(DISTRIBUTIONS),
+        "seed": SEED,
+        "timing": False,
+    }
 
 
 @dataclass
@@ -108,13 +118,20 @@ def run_live(loss_name: str, dtypes: tuple[str, ...], threads: int = 1) -> Live:
 
 # ---- text helpers ------------------------------------------------------------------------
 
+
 def _para(text: str) -> str:
     return textwrap.fill(text, WIDTH, break_on_hyphens=False, break_long_words=False)
 
 
 def _bullet(text: str, indent: str = "") -> str:
-    return textwrap.fill(text, WIDTH, initial_indent=indent + "- ", subsequent_indent=indent + "  ",
-                         break_on_hyphens=False, break_long_words=False)
+    return textwrap.fill(
+        text,
+        WIDTH,
+        initial_indent=indent + "- ",
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def _table(rows, headers) -> str:
@@ -143,10 +160,34 @@ def _fmt_value(v: float) -> str:
 
 
 _LATEX_SYMBOLS = {
-    "sigma": "σ", "ell": "ℓ", "partial": "∂", "sum": "Σ", "prod": "Π", "cdot": "·", "infty": "∞",
-    "alpha": "α", "beta": "β", "gamma": "γ", "mu": "μ", "epsilon": "ε", "varepsilon": "ε",
-    "lambda": "λ", "pi": "π", "tau": "τ", "theta": "θ", "times": "×", "leq": "≤", "le": "≤",
-    "geq": "≥", "ge": "≥", "neq": "≠", "ne": "≠", "in": "∈", "to": "→", "quad": " ", "qquad": " ",
+    "sigma": "σ",
+    "ell": "ℓ",
+    "partial": "∂",
+    "sum": "Σ",
+    "prod": "Π",
+    "cdot": "·",
+    "infty": "∞",
+    "alpha": "α",
+    "beta": "β",
+    "gamma": "γ",
+    "mu": "μ",
+    "epsilon": "ε",
+    "varepsilon": "ε",
+    "lambda": "λ",
+    "pi": "π",
+    "tau": "τ",
+    "theta": "θ",
+    "times": "×",
+    "leq": "≤",
+    "le": "≤",
+    "geq": "≥",
+    "ge": "≥",
+    "neq": "≠",
+    "ne": "≠",
+    "in": "∈",
+    "to": "→",
+    "quad": " ",
+    "qquad": " ",
 }
 _LATEX_DROP = ("left", "right", "big", "Big", "bigg", "Bigg", "textstyle", "displaystyle", "limits")
 
@@ -163,6 +204,7 @@ def unlatex(s: str) -> str:
 
     def sup(m: re.Match) -> str:
         return "^" + (m.group(1) if len(m.group(1)) <= 2 else f"({m.group(1)})")
+
     for _ in range(20):  # innermost groups first, until nothing changes
         new = re.sub(r"\\(?:text|mathrm|operatorname|mathbf|mathit)\{([^{}]*)\}", r"\1", s)
         new = re.sub(r"\^\{([^{}]*)\}", sup, new)
@@ -175,6 +217,7 @@ def unlatex(s: str) -> str:
     def word(m: re.Match) -> str:
         name = m.group(1)
         return _LATEX_SYMBOLS.get(name, " " + name)  # log, exp, max, ...: a word, spaced
+
     s = re.sub(r"\\([A-Za-z]+)", word, s)
     s = s.replace("{", "").replace("}", "").replace("-", "−").replace("\x00", "{").replace("\x01", "}")
     s = re.sub(r"([(\[]) +", r"\1", s)
@@ -183,6 +226,7 @@ def unlatex(s: str) -> str:
 
 
 # ---- live pieces ---------------------------------------------------------------------------
+
 
 def _probe_tensors(loss: Loss, probe: Probe, dtype: torch.dtype):
     logits = np.array([probe.logits], dtype=np.float64)
@@ -203,8 +247,9 @@ def _judge(value: torch.Tensor, ref: torch.Tensor, threshold_bits: float) -> str
     return text
 
 
-def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
-                gradient: bool = False, dtype: str = PROBE_DTYPE) -> str:
+def spot_checks(
+    loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...], gradient: bool = False, dtype: str = PROBE_DTYPE
+) -> str:
     """A table: each probe, the exact value (reference rounded to `dtype`), each implementation.
 
     `gradient`: the derivative of the loss with respect to the input (the first logit, or
@@ -237,8 +282,12 @@ def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
                 row.append(f"error: {type(e).__name__}")
         rows.append(row)
     what = "∂ℓ/∂" + ("p" if loss.input_kind == "probabilities" else "x" if not loss.multiclass else "x₀")
-    headers = ["input"] + (["p"] if loss.input_kind == "probabilities" else []) + \
-        [f"exact {what}" if gradient else "exact ℓ"] + list(impls)
+    headers = (
+        ["input"]
+        + (["p"] if loss.input_kind == "probabilities" else [])
+        + [f"exact {what}" if gradient else "exact ℓ"]
+        + list(impls)
+    )
     return _table(rows, headers)
 
 
@@ -308,25 +357,47 @@ def describe_record(record: dict) -> str:
     return ", ".join(parts) or (analysis.breaks(record) or "")
 
 
-def _max_logit(loss: Loss, loss_name: str, batch: int, classes: int | None, scale: float,
-               distribution: str, seed: int, time: int | None = None, device: str = "cpu") -> float | None:
+def _max_logit(
+    loss: Loss,
+    loss_name: str,
+    batch: int,
+    classes: int | None,
+    scale: float,
+    distribution: str,
+    seed: int,
+    time: int | None = None,
+    device: str = "cpu",
+) -> float | None:
     """The largest |logit| of a sweep point's inputs (regenerated on its device: they depend
     on the seed and the device only)."""
     try:
         if time:
-            return max(float(x.abs().max()) for _, x, _ in
-                       inputs.generate_blocks(loss_name, batch, classes, float(scale), distribution, seed, time,
-                                              device))
-        logits, _ = inputs.generate(loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed,
-                                    device)
+            return max(
+                float(x.abs().max())
+                for _, x, _ in inputs.generate_blocks(
+                    loss_name, batch, classes, float(scale), distribution, seed, time, device
+                )
+            )
+        logits, _ = inputs.generate(
+            loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed, device
+        )
         return float(logits.abs().max())
     except Exception:  # a loss whose inputs are made differently, a device absent here: only a hint
         return None
 
 
 def _where(loss: Loss, r: dict) -> str:
-    m = _max_logit(loss, r["loss"], r["batch"], r["classes"], r["scale"], r["distribution"], r["seed"],
-                   r.get("time"), r.get("device") or "cpu")
+    m = _max_logit(
+        loss,
+        r["loss"],
+        r["batch"],
+        r["classes"],
+        r["scale"],
+        r["distribution"],
+        r["seed"],
+        r.get("time"),
+        r.get("device") or "cpu",
+    )
     return r["distribution"] + (f" (|logit| ≤ {m:.3g})" if m is not None else "")
 
 
@@ -338,9 +409,15 @@ def what_goes_wrong(live: Live, loss: Loss, impls: tuple[str, ...], dtypes: tupl
             b = live.breakdowns.get((loss.name, impl, d, "cpu"))
             if b is None or b.scale is None:
                 continue
-            broken = [r for r in live.records
-                      if r["impl"] == impl and r["dtype"] == d and r["scale"] == b.scale
-                      and r["distribution"] not in analysis.SCALE_FREE and analysis.breaks(r)]
+            broken = [
+                r
+                for r in live.records
+                if r["impl"] == impl
+                and r["dtype"] == d
+                and r["scale"] == b.scale
+                and r["distribution"] not in analysis.SCALE_FREE
+                and analysis.breaks(r)
+            ]
             details = "; ".join(f"{_where(loss, r)}: {describe_record(r)}" for r in broken)
             out.append(_bullet(f"{impl}, {d}, scale {b.scale:g}: {details}"))
     return out
@@ -357,8 +434,10 @@ def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
         ref = reference(loss, inp, target)
         row = [f"{scale:g}", _fmt_value(ref.mean_value)]
         with torch.no_grad():
-            for fn in (loss.implementations["naive"].fn if "naive" in loss.implementations else None,
-                       lambda p, y, _r: prose.misprint(p, y).mean()):
+            for fn in (
+                loss.implementations["naive"].fn if "naive" in loss.implementations else None,
+                lambda p, y, _r: prose.misprint(p, y).mean(),
+            ):
                 if fn is None:
                     row.append("—")
                     continue
@@ -367,9 +446,15 @@ def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
                 row.append(f"{_fmt_value(float(got))} ({bits_phrase(capped_bits(ulp, dtype), dtype)})")
         rows.append(row)
     table = _table(rows, ["scale", "exact mean", "naive", "as misprinted"])
-    return (_para(f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "
-                  f"misprinted {prose.misprint_label} is wrong already at scale 1, where the correct "
-                  "formula is exact:") + "\n\n" + table)
+    return (
+        _para(
+            f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "
+            f"misprinted {prose.misprint_label} is wrong already at scale 1, where the correct "
+            "formula is exact:"
+        )
+        + "\n\n"
+        + table
+    )
 
 
 def _clamp_demo(loss: Loss) -> str:
@@ -378,8 +463,10 @@ def _clamp_demo(loss: Loss) -> str:
     logit = 40.0
     p = loss.make_input(np.array([logit]), tdtype)
     y = loss.make_target(np.array([0]), tdtype)
-    lines = [f"- logit {logit:g}, y = 0, float32: p = σ(logit) rounds to {_fmt_value(float(p[0]))}; the true "
-             f"loss of the logit is softplus({logit:g}) = {_fmt_value(float(R.softplus(np.array([logit]))[0]))}."]
+    lines = [
+        f"- logit {logit:g}, y = 0, float32: p = σ(logit) rounds to {_fmt_value(float(p[0]))}; the true "
+        f"loss of the logit is softplus({logit:g}) = {_fmt_value(float(R.softplus(np.array([logit]))[0]))}."
+    ]
     for name in ("torch", "stable", "naive"):
         if name in loss.implementations:
             with torch.no_grad():
@@ -388,11 +475,16 @@ def _clamp_demo(loss: Loss) -> str:
     if "bce_with_logits" in LOSSES and "stable" in LOSSES["bce_with_logits"].implementations:
         lg = LOSSES["bce_with_logits"]
         with torch.no_grad():
-            v = float(lg.implementations["stable"].fn(lg.make_input(np.array([logit]), tdtype),
-                                                      lg.make_target(np.array([0]), tdtype), "none")[0])
+            v = float(
+                lg.implementations["stable"].fn(
+                    lg.make_input(np.array([logit]), tdtype), lg.make_target(np.array([0]), tdtype), "none"
+                )[0]
+            )
         lines.append(f"- bce_with_logits stable on the logit: {_fmt_value(v)}")
-    return ("Clamping, evaluated now — a clamped 100 is neither the loss of the rounded p (+inf) nor "
-            "that of the logit:\n" + "\n".join(lines))
+    return (
+        "Clamping, evaluated now — a clamped 100 is neither the loss of the rounded p (+inf) nor "
+        "that of the logit:\n" + "\n".join(lines)
+    )
 
 
 def _mislabel_demo(loss: Loss) -> str:
@@ -408,17 +500,21 @@ def _mislabel_demo(loss: Loss) -> str:
 
     def vec(v):
         return "(" + ", ".join(f"{float(a):.4f}" for a in v) + ")"
-    return "\n".join([
-        "Evaluated now by autograd, x = (2, 1, 0.1), t = 0:",
-        f"- ∂L/∂x = {vec(x.grad)}; softmax(x) − onehot = {vec(p.detach() - onehot)} — the page's formula",
-        f"- ∂L/∂p = {vec(pl.grad)} = −onehot/p — what the gradient with respect to the probabilities is",
-    ])
+
+    return "\n".join(
+        [
+            "Evaluated now by autograd, x = (2, 1, 0.1), t = 0:",
+            f"- ∂L/∂x = {vec(x.grad)}; softmax(x) − onehot = {vec(p.detach() - onehot)} — the page's formula",
+            f"- ∂L/∂p = {vec(pl.grad)} = −onehot/p — what the gradient with respect to the probabilities is",
+        ]
+    )
 
 
 _DEMOS: dict[str, Callable[[Loss], str]] = {"clamp": _clamp_demo, "mislabel": _mislabel_demo}
 
 
 # ---- the explanation ----------------------------------------------------------------------------
+
 
 def _fallback_prose(loss: Loss) -> Prose:
     """Prose for a loss without an entry in PROSE: its summaries and formulas."""
@@ -431,9 +527,15 @@ def _fallback_prose(loss: Loss) -> Prose:
 
     def summary(name: str) -> str:
         return impls[name].summary if name in impls else "(no such implementation)"
+
     multi = loss.multiclass
-    probes = (_PROBABILITY_PROBES if loss.input_kind == "probabilities"
-              else _MULTICLASS_PROBES if multi else _BINARY_LOGIT_PROBES)
+    probes = (
+        _PROBABILITY_PROBES
+        if loss.input_kind == "probabilities"
+        else _MULTICLASS_PROBES
+        if multi
+        else _BINARY_LOGIT_PROBES
+    )
     return Prose(
         loss=formula("loss") or loss.summary,
         inputs=loss.input_kind,
@@ -456,13 +558,14 @@ def _fallback_prose(loss: Loss) -> Prose:
 
 def _normal_reach(loss: Loss, loss_name: str) -> str:
     time = SEQUENCE_LENGTH if is_sequence(loss) else None
-    k = _max_logit(loss, loss_name, sweep_batch(loss), CLASSES if loss.multiclass else None, 1.0, "normal",
-                   SEED, time)
+    k = _max_logit(loss, loss_name, sweep_batch(loss), CLASSES if loss.multiclass else None, 1.0, "normal", SEED, time)
     if k is None:
         return ""
-    return (f" At scale s the `normal` inputs reach |logit| ≈ {k:.2f}·s (N(0, 1)·s), so "
-            f"they cross a limit L from scale L/{k:.2f} on; the largest |logit| of each broken point "
-            "is given below.")
+    return (
+        f" At scale s the `normal` inputs reach |logit| ≈ {k:.2f}·s (N(0, 1)·s), so "
+        f"they cross a limit L from scale L/{k:.2f} on; the largest |logit| of each broken point "
+        "is given below."
+    )
 
 
 def known_losses() -> str:
@@ -489,8 +592,15 @@ def explain(loss_name: str, dtypes: tuple[str, ...] | None = None, threads: int 
     out: list[str] = [f"# losscheck explain {loss_name}", "", _para(loss.summary + "."), ""]
 
     # 1. The loss
-    out += [f"## {SECTIONS[0]}", "", _para(prose.loss), "",
-            _bullet(f"input: {prose.inputs}"), _bullet(f"targets: {prose.targets}"), ""]
+    out += [
+        f"## {SECTIONS[0]}",
+        "",
+        _para(prose.loss),
+        "",
+        _bullet(f"input: {prose.inputs}"),
+        _bullet(f"targets: {prose.targets}"),
+        "",
+    ]
     if impls:
         out += ["Implementations measured:"]
         for name in impls:
@@ -511,38 +621,65 @@ def explain(loss_name: str, dtypes: tuple[str, ...] | None = None, threads: int 
     # 3. Why it breaks
     out += [f"## {SECTIONS[2]}", ""]
     out += [_bullet(m) for m in prose.mechanism]
-    out += ["", "Limits of each dtype, computed now from torch.finfo and by evaluating in the dtype:", "",
-            _limits_table(dtypes, prose.limit_columns), ""]
+    out += [
+        "",
+        "Limits of each dtype, computed now from torch.finfo and by evaluating in the dtype:",
+        "",
+        _limits_table(dtypes, prose.limit_columns),
+        "",
+    ]
     if prose.probes:
         try:
             table = spot_checks(loss, prose.probes, impls)
-            out += [f"Spot checks in {PROBE_DTYPE}, evaluated now (✗: non-finite where the exact value is "
-                    f"finite, or more than {FORMATS[PROBE_DTYPE].default_threshold_bits:g} bits off):", "",
-                    table, ""]
+            out += [
+                f"Spot checks in {PROBE_DTYPE}, evaluated now (✗: non-finite where the exact value is "
+                f"finite, or more than {FORMATS[PROBE_DTYPE].default_threshold_bits:g} bits off):",
+                "",
+                table,
+                "",
+            ]
         except Exception as e:  # a loss whose inputs are not shaped like these probes
             out += [f"(spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
     n_points = len(live.records)
     thresholds = ", ".join(f"{d} {live.config.threshold_bits(d):g}" for d in dtypes)
-    shape = (f"{SEQUENCE_BATCH} sequences of {SEQUENCE_LENGTH} tokens" if is_sequence(loss)
-             else f"batch {BATCH}") + (f", {CLASSES} classes" if loss.multiclass else "")
-    out += [_para(f"Breakdown scale, measured now by a losscheck sweep ({n_points} points: scales "
-                  f"{', '.join(f'{s:g}' for s in SCALES)}; distributions {', '.join(DISTRIBUTIONS)}; "
-                  f"{shape}; cpu, {threads} thread{'s' if threads != 1 else ''}; {live.seconds:.1f} s):"), "",
-            _breakdown_table(live, loss_name, impls, dtypes), "",
-            _para("The breakdown scale is the smallest swept logit scale at which any point has a "
-                  "non-finite value (loss, mean or gradient) where the exact value is finite, or a mean "
-                  f"loss more than half the significand bits off (threshold in bits: {thresholds}); "
-                  "“none”: it never breaks within the sweep." + _normal_reach(loss, loss_name)), ""]
+    shape = (f"{SEQUENCE_BATCH} sequences of {SEQUENCE_LENGTH} tokens" if is_sequence(loss) else f"batch {BATCH}") + (
+        f", {CLASSES} classes" if loss.multiclass else ""
+    )
+    out += [
+        _para(
+            f"Breakdown scale, measured now by a losscheck sweep ({n_points} points: scales "
+            f"{', '.join(f'{s:g}' for s in SCALES)}; distributions {', '.join(DISTRIBUTIONS)}; "
+            f"{shape}; cpu, {threads} thread{'s' if threads != 1 else ''}; {live.seconds:.1f} s):"
+        ),
+        "",
+        _breakdown_table(live, loss_name, impls, dtypes),
+        "",
+        _para(
+            "The breakdown scale is the smallest swept logit scale at which any point has a "
+            "non-finite value (loss, mean or gradient) where the exact value is finite, or a mean "
+            f"loss more than half the significand bits off (threshold in bits: {thresholds}); "
+            "“none”: it never breaks within the sweep." + _normal_reach(loss, loss_name)
+        ),
+        "",
+    ]
     wrong = what_goes_wrong(live, loss, impls, dtypes)
     if wrong:
         out += ["What goes wrong at the breakdown scale:"] + wrong + [""]
     if "stable" in impls:
-        unstable = [d for d in dtypes
-                    if (b := live.breakdowns.get((loss_name, "stable", d, "cpu"))) is not None
-                    and (b.scale is not None or b.status != "measured")]
+        unstable = [
+            d
+            for d in dtypes
+            if (b := live.breakdowns.get((loss_name, "stable", d, "cpu"))) is not None
+            and (b.scale is not None or b.status != "measured")
+        ]
         if unstable:
-            out += [_para(f"NOTE: `stable` does not hold in {', '.join(unstable)} (see the table) — that "
-                          "contradicts its design and is worth a bug report."), ""]
+            out += [
+                _para(
+                    f"NOTE: `stable` does not hold in {', '.join(unstable)} (see the table) — that "
+                    "contradicts its design and is worth a bug report."
+                ),
+                "",
+            ]
         else:
             out += [_para(f"`stable` never breaks in this sweep ({', '.join(dtypes)})."), ""]
 
@@ -563,8 +700,13 @@ def explain(loss_name: str, dtypes: tuple[str, ...] | None = None, threads: int 
     if prose.probes:
         try:
             table = spot_checks(loss, prose.probes, impls, gradient=True)
-            out += [f"Gradient spot checks in {PROBE_DTYPE}, by autograd through each implementation "
-                    "(batch of one), evaluated now:", "", table, ""]
+            out += [
+                f"Gradient spot checks in {PROBE_DTYPE}, by autograd through each implementation "
+                "(batch of one), evaluated now:",
+                "",
+                table,
+                "",
+            ]
         except Exception as e:
             out += [f"(gradient spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -20,6 +20,7 @@ Verdicts sit on top of the distance: a finite value against ±inf is clamped (in
 bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
 format's precision p — see `ErrorStats` and METRICS.md ("Accuracy", "Overflow").
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ class _Bits:
     ints: torch.Tensor  # the values' bits, signed integers of the format's width
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "_Bits":
+    def of(cls, t: torch.Tensor) -> _Bits:
         f = fmt(t.dtype)
         return cls(f, t.detach().view(f.int_dtype))
 
@@ -243,7 +244,7 @@ class _Accumulator:
 
     COUNTERS = ("saturated", "underflow", "clamped", "nan", "posinf", "neginf")
 
-    def __init__(self, stats: "ErrorStats", device: torch.device):
+    def __init__(self, stats: ErrorStats, device: torch.device):
         self.stats = stats
         self.p = stats._format.significand_bits
         self.on_host = device.type in _SUMMARY_ON_HOST
@@ -269,8 +270,9 @@ class _Accumulator:
         else:
             vmin, vmax = torch.aminmax(pair.vm)
             rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
-            flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
-                                 (v.ints ^ r.ints).amin() < 0])
+            flags = torch.stack(
+                [vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()), (v.ints ^ r.ints).amin() < 0]
+            )
             zeros, v_special, r_special, signs_differ = flags.tolist()
             special = v_special or r_special
         if not special and v.f.total_bits <= 32:
@@ -416,7 +418,7 @@ class ErrorStats:
         acc = _Accumulator(self, value.device)
         # Bounded chunks: the temporaries are a few float64/integer copies of a chunk.
         for start in range(0, n, CHUNK):
-            acc.add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
+            acc.add(_Bits.of(value[start : start + CHUNK]), _Bits.of(reference[start : start + CHUNK]))
         acc.flush()
         self.n += n
 

@@ -15,9 +15,10 @@ Both never hold more than a bounded chunk of values in working precision at once
 (`chunk_elements`), and are rounded to the target dtype exactly once (correct rounding,
 see `round_to`).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,7 +76,8 @@ def work_dtype(dtype: torch.dtype) -> type:
             raise ReferenceUnavailable(
                 "the x87 FPU is set to double precision in this process (a native library changed "
                 "its precision control): long double arithmetic is not extended, so there is no "
-                "float64 reference")
+                "float64 reference"
+            )
         return np.longdouble
     fmt(dtype)  # raises KeyError for unsupported dtypes
     return np.float64
@@ -371,6 +373,7 @@ def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
     if weight is None and pos_weight is None:
         return loss, grad
     from . import doubledouble as D
+
     f = None
     if pos_weight is not None:
         f = D.dd(torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0))
@@ -390,6 +393,7 @@ def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None
     numpy float64 arrays (the tests' mpmath certification, explain) are run through
     `on_tensors` on the CPU and answered as numpy, so what is certified is the torch path.
     """
+
     def chunk(x, *args, **options):
         if isinstance(x, torch.Tensor):
             return on_tensors(x, *args, **options)
@@ -397,6 +401,7 @@ def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None
             return extended(x, *args, **options)
         out = on_tensors(*(_tensor(a) for a in (x, *args)), **{k: _tensor(v) for k, v in options.items()})
         return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
     chunk.__doc__ = on_tensors.__doc__
     chunk.on_tensors, chunk.extended, chunk.dd = on_tensors, extended, dd
     return chunk
