@@ -140,7 +140,10 @@ def _run(
     done = {results.record_key(r) for r in records}
     total = sweep.count_points(config, shard, done)
     env = environment.capture(threads)
-    make = lambda complete: _results(config, env, records, command, complete, shard)
+
+    def make(complete: bool) -> dict:
+        return _results(config, env, records, command, complete, shard)
+
     saver = _Incremental(make, json_path) if json_path is not None else None
     complete = False
 

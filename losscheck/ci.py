@@ -60,7 +60,7 @@ def judge(
     """The comparison of two results documents under `current`'s stored gate policy with
     `overrides` (None: the configured value), and that policy; `names` name them in errors.
     Shared by `check` (the commands) and `losscheck.compare` (the API)."""
-    for name, data in zip(names, (baseline, current)):
+    for name, data in zip(names, (baseline, current), strict=True):
         if data.get("complete") is False:
             raise LosscheckError(
                 f"{name}: the run was interrupted (complete: false); the gate compares complete runs only"

@@ -28,7 +28,7 @@ def _value(field: str, v) -> str:
 
 
 def _point(key: tuple) -> list:
-    return [_value(f, v) for f, v in zip(KEY_FIELDS, key)]
+    return [_value(f, v) for f, v in zip(KEY_FIELDS, key, strict=True)]
 
 
 def _point_table(rows: list[list], extra: list[str]) -> str:

@@ -124,7 +124,7 @@ class Config:
         names = [o for o in loss_registry()[loss].options if o in OPTION_AXES]
         out = []
         for values in itertools.product(*(getattr(self, OPTION_AXES[o]) for o in names)):
-            opts = {o: v for o, v in zip(names, values) if v != OPTION_DEFAULTS[o]}
+            opts = {o: v for o, v in zip(names, values, strict=True) if v != OPTION_DEFAULTS[o]}
             if opts.get("targets") == "soft" and opts.get("ignored"):
                 continue
             out.append(opts)

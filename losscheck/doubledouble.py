@@ -421,7 +421,7 @@ def where_scaled(c, a, b):
     """torch.where on scaled dds (hi, lo, k); a plain dd (hi, lo) has k = 0."""
     a = a if len(a) == 3 else (*a, torch.zeros_like(a[0], dtype=torch.int64))
     b = b if len(b) == 3 else (*b, torch.zeros_like(b[0], dtype=torch.int64))
-    return tuple(torch.where(c, u, v) for u, v in zip(a, b))
+    return tuple(torch.where(c, u, v) for u, v in zip(a, b, strict=True))
 
 
 def exact_scaled(value, like):

@@ -196,7 +196,7 @@ def unlatex(s: str) -> str:
     """A best-effort LaTeX -> unicode text for the `Formulas` of a loss without prose."""
     s = s.replace("\\{", "\x00").replace("\\}", "\x01").replace("\\|", "‖")
     s = re.sub(r"\\[,;: !]", " ", s)
-    s = re.sub(r"\\(?:%s)\b" % "|".join(_LATEX_DROP), "", s)
+    s = re.sub(r"\\(?:" + "|".join(_LATEX_DROP) + r")\b", "", s)
 
     def frac(m: re.Match) -> str:
         a, b = (x if re.fullmatch(r"[\w.]+", x) else f"({x})" for x in (m.group(1), m.group(2)))
@@ -340,7 +340,7 @@ def describe_record(record: dict) -> str:
     shown_ref = f.get("reference_value", ref)
     ulp = f.get("reduced_ulp")
     if value is not None and ref is not None:
-        if not math.isfinite(value) and not (value == ref):
+        if not math.isfinite(value) and value != ref:
             parts.append(f"mean loss {_fmt_value(value)} (reference {_fmt_value(shown_ref)})")
         elif ulp is not None and ulp > ulp_threshold(record["threshold_bits"]):
             v, r = _fmt_pair(value, shown_ref)

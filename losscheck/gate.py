@@ -263,11 +263,14 @@ def compare(
         if k not in not_run and not any(v.outcome in ("regression", "improvement") for v in by_point.get(k, []))
     )
     timing_note = timing.note
-    meta = lambda d: {
-        "created": d.get("created"),
-        "command": d.get("command"),
-        "git_revision": d.get("environment", {}).get("git_revision"),
-    }
+
+    def meta(d: dict) -> dict:
+        return {
+            "created": d.get("created"),
+            "command": d.get("command"),
+            "git_revision": d.get("environment", {}).get("git_revision"),
+        }
+
     kinds = {r["impl"]: r.get("kind", "") for r in (*baseline["records"], *current["records"])}
     return Comparison(
         sorted(verdicts, key=lambda v: _sort_key(v.key)),
@@ -335,7 +338,7 @@ def _samples(timing: dict, versus: dict | None, part: str, mode: str) -> tuple[l
         return None, "no timing of the versus implementation at this point"
     if len(theirs) != len(own) or min(theirs) <= 0:
         return None, "the versus implementation's blocks do not pair with these"
-    return [a / v for a, v in zip(own, theirs)], ""
+    return [a / v for a, v in zip(own, theirs, strict=True)], ""
 
 
 def _stable(sample: list[float], timing: dict, versus: dict | None, part: str, side: str) -> stats.Stability:

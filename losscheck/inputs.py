@@ -89,9 +89,7 @@ def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
         raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
     if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:
         return False
-    if distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits":
-        return False
-    return True
+    return not (distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits")
 
 
 def distributions_for(multiclass: bool, input_kind: str) -> tuple[str, ...]:

@@ -364,7 +364,7 @@ class _Accumulator:
         bits_sum, largest, *counts = torch.stack(parts).tolist()
         s._bits_sum = bits_sum
         s.max_ulp = max(s.max_ulp, largest)
-        for c, k in zip(self.COUNTERS, counts):
+        for c, k in zip(self.COUNTERS, counts, strict=True):
             setattr(s, c, getattr(s, c) + int(k))
 
 

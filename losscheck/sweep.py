@@ -327,7 +327,11 @@ def run_case(
             # The peak while the inputs and the reference were made (shared by the implementations).
             r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
     if config.timing.applies(case.distribution, case.scale):
-        ok = {impl.name: impl.fn for impl, r in zip(impls, out) if r["status"] == "ok" and r["backward"] is not None}
+        ok = {
+            impl.name: impl.fn
+            for impl, r in zip(impls, out, strict=True)
+            if r["status"] == "ok" and r["backward"] is not None
+        }
         if ok:
             x, t, opts = data.on(case.device)
             timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads, opts, case.reduction)
@@ -351,7 +355,7 @@ def remeasurer(
     def retime(key: tuple, names: list[str]) -> dict:
         if not by_key:
             by_key.update({record_key(c.key("")): c for c in cases(config)})
-        case = by_key.get(record_key({**dict(zip(_KEY_NAMES, key)), "impl": ""}))
+        case = by_key.get(record_key({**dict(zip(_KEY_NAMES, key, strict=True)), "impl": ""}))
         if case is None:
             raise KeyError(f"no point {key} in the config")
         data = point_data(LOSSES[case.loss], case, config.seed)

@@ -51,7 +51,7 @@ def _probabilities(e, total):
 
 def _set(a, idx, v):
     """a[rows, idx] = v for scaled dds (idx: one column per row)."""
-    return tuple(u.scatter(1, idx[:, None], w[:, None]) for u, w in zip(a, v))
+    return tuple(u.scatter(1, idx[:, None], w[:, None]) for u, w in zip(a, v, strict=True))
 
 
 def _finite(x, t, masked=None):
