@@ -31,21 +31,21 @@ def _gate_options(f):
     The threshold flags are made from gate_policy.SETTINGS (the flag, its help, what it
     allows, the default); the command receives them as one `overrides` dict, setting name ->
     value (None: the config's)."""
-    flagged = [s for s in SETTINGS if s.flag]
+    flagged = [(s.flag, s) for s in SETTINGS if s.flag]
 
     @functools.wraps(f)
     def command(*args, **kwargs):
-        return f(*args, overrides={s.name: kwargs.pop(s.name) for s in flagged}, **kwargs)
+        return f(*args, overrides={s.name: kwargs.pop(s.name) for _, s in flagged}, **kwargs)
 
     options = [
         click.option(
-            s.flag,
+            flag,
             s.name,
             type=_flag_type(s),
             default=None,
             help=f"{s.flag_help} (default: the config's gate.{s.name}, {s.default_text}).",
         )
-        for s in flagged
+        for flag, s in flagged
     ]
     options += [
         click.option(
@@ -120,15 +120,15 @@ def _gate(
 ) -> dict:
     """Compare and write the outputs; print the Markdown (-q: one verdict line; --json:
     nothing, the caller prints the summary). Returns the summary (summaries.comparison_summary)."""
-    markdown_path = Path(markdown_path) if markdown_path else results.beside(current_path, ".compare.md")
+    md_path = Path(markdown_path) if markdown_path else results.beside(current_path, ".compare.md")
     comparison, markdown = ci.check(
-        baseline, current, current_path, overrides, markdown_path, junit_path, remeasure, allow_missing, losses
+        baseline, current, current_path, overrides, md_path, junit_path, remeasure, allow_missing, losses
     )
-    summary = summaries.comparison_summary(comparison, markdown_path, junit_path)
+    summary = summaries.comparison_summary(comparison, md_path, junit_path)
     level = verbosity.level()
     if not as_json and level >= 0:
         click.echo(markdown, nl=False)
-        click.echo(f"comparison written to {markdown_path}", err=True)
+        click.echo(f"comparison written to {md_path}", err=True)
     elif not as_json and level == -1:  # -q: the verdict in one line, in place of the Markdown
         click.echo(
             f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "

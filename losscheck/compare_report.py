@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 
 from tabulate import tabulate
 
@@ -141,7 +142,7 @@ def _setting_text(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _key_section(title: str, items: list[tuple[tuple, list]], extra: list[str] = (), intro: str = "") -> str:
+def _key_section(title: str, items: list[tuple[tuple, list]], extra: Sequence[str] = (), intro: str = "") -> str:
     if not items:
         return ""
     rows = [_point(k) + [md(c) for c in cells] for k, cells in items[:MAX_ROWS]]

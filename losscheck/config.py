@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from . import safeio
 from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
@@ -201,8 +202,9 @@ def as_input(stored: dict) -> dict:
     out = {k: v for k, v in stored.items() if k != "source"}
     gate = out.get("gate")
     if isinstance(gate, dict) and ("default" in gate or "per_loss" in gate):
-        default = gate.get("default") if isinstance(gate.get("default"), dict) else {}
-        per_loss = gate.get("per_loss") if isinstance(gate.get("per_loss"), dict) else {}
+        stored_default, stored_per_loss = gate.get("default"), gate.get("per_loss")
+        default: dict = stored_default if isinstance(stored_default, dict) else {}
+        per_loss: dict = stored_per_loss if isinstance(stored_per_loss, dict) else {}
         out["gate"] = {
             **default,
             "losses": {
@@ -353,7 +355,7 @@ class _Validator:
     def __init__(self, source: str):
         self.source = source
 
-    def fail(self, key, problem, allowed=None):
+    def fail(self, key, problem, allowed=None) -> NoReturn:
         # Fall back to the key's description so that every message says what is allowed
         # (the module's contract); `string`/`integer` failures used to omit it.
         raise ConfigError(self.source, key, problem, allowed or KEYS.get(key))
@@ -602,7 +604,7 @@ class _Validator:
 def custom_spec(function, name=None, losses=(), api="torch", source="<command line>", where="--impl") -> CustomSpec:
     """Validate one custom implementation's description (config entry or --impl)."""
 
-    def fail(key, problem, allowed):
+    def fail(key, problem, allowed) -> NoReturn:
         raise ConfigError(source, f"{where}.{key}" if where.startswith("custom") else where, problem, allowed)
 
     spec_help = "'package.module:function' or 'path/to/file.py:function'"

@@ -88,6 +88,8 @@ def _import(function: str, source: str, name: str):
             if not path.is_file():
                 raise ConfigError(source, key, f"file {module_name!r} not found", "an existing .py file")
             mod_spec = importlib.util.spec_from_file_location(f"losscheck_custom_{path.stem}", path)
+            if mod_spec is None or mod_spec.loader is None:  # e.g. a name Python does not load as source
+                raise ConfigError(source, key, f"cannot load {module_name!r} as a module", "a .py file")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
@@ -106,7 +108,7 @@ def _import(function: str, source: str, name: str):
             ),
             "an importable module or .py file",
         ) from None
-    obj = module
+    obj: object = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:

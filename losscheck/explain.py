@@ -97,7 +97,7 @@ def sweep_mapping(loss_name: str, dtypes: tuple[str, ...]) -> dict:
 
 @dataclass
 class Live:
-    config: object
+    config: Config
     records: list[dict]
     breakdowns: dict[tuple, analysis.Breakdown]
     seconds: float
@@ -346,6 +346,7 @@ def describe_record(record: dict) -> str:
             v, r = _fmt_pair(value, shown_ref)
             p = precision(record.get("dtype"))
             bits = capped_bits(ulp, record.get("dtype"))  # never more than p (docs/METRICS.md)
+            assert bits is not None, "a finite distance in a known dtype has bits"
             off = "all its bits" if p is not None and bits >= p else f"{bits:.0f} bits"
             parts.append(f"mean off by {off} ({v} vs reference {r})")
     if f.get("saturated") and not parts:
@@ -427,23 +428,30 @@ def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
     """The source page's misprinted formula against the reference on the sweep's own inputs."""
     dtype = "float64" if "float64" in live.config.dtypes else live.config.dtypes[0]
     tdtype = FORMATS[dtype].torch_dtype
+    misprint = prose.misprint
+    assert misprint is not None, "called only for a loss whose prose has a misprint"
+    fns: tuple[Callable | None, ...] = (
+        loss.implementations["naive"].fn if "naive" in loss.implementations else None,
+        lambda p, y, _r: misprint(p, y).mean(),
+    )
     rows = []
     for scale in SCALES[:4]:
         logits, labels = inputs.generate(loss.name, loss.multiclass, BATCH, None, float(scale), "normal", SEED)
         inp, target = loss.make_input(logits, tdtype), loss.make_target(labels, tdtype)
         ref = reference(loss, inp, target)
-        row = [f"{scale:g}", _fmt_value(ref.mean_value)]
+        mean_value, mean = ref.mean_value, ref.mean
+        assert mean_value is not None and mean is not None, "a mean reduction has a mean"
+        row = [f"{scale:g}", _fmt_value(mean_value)]
         with torch.no_grad():
-            for fn in (
-                loss.implementations["naive"].fn if "naive" in loss.implementations else None,
-                lambda p, y, _r: prose.misprint(p, y).mean(),
-            ):
+            for fn in fns:
                 if fn is None:
                     row.append("—")
                     continue
                 got = fn(inp, target, "mean")
-                ulp = float(ulp_distance(got.reshape(1), ref.mean.reshape(1))[0])
-                row.append(f"{_fmt_value(float(got))} ({bits_phrase(capped_bits(ulp, dtype), dtype)})")
+                ulp = float(ulp_distance(got.reshape(1), mean.reshape(1))[0])
+                bits = capped_bits(ulp, dtype)
+                assert bits is not None, "a sweep dtype has a precision"
+                row.append(f"{_fmt_value(float(got))} ({bits_phrase(bits, dtype)})")
         rows.append(row)
     table = _table(rows, ["scale", "exact mean", "naive", "as misprinted"])
     return (

@@ -480,9 +480,10 @@ def _remeasured(remeasure: Remeasure, case: _TimingCase):
     except Exception as e:  # a re-measure must never crash the gate: the verdict says why
         return f"{type(e).__name__}: {e}"
     tm, tv = timed.get(names[0]), timed.get(case.versus) if len(names) > 1 else None
-    for x in (tm, tv) if len(names) > 1 else (tm,):
-        if not isinstance(x, dict):
-            return f"{x!r}"
+    if not isinstance(tm, dict):
+        return f"{tm!r}"
+    if len(names) > 1 and not isinstance(tv, dict):
+        return f"{tv!r}"
     sample, why = _samples(tm, tv, case.part, case.t.timing)
     return why if sample is None else (sample, (tm, tv))
 

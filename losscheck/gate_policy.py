@@ -89,6 +89,7 @@ class Setting:
         if number is None or number != number or number in (float("inf"), float("-inf")):
             return False
         if self.kind == "probability":
+            assert self.high is not None, "a probability setting has a high end"
             return self.low < number <= self.high
         return number >= self.low
 

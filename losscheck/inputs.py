@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 
 class _Torch:
@@ -43,7 +44,10 @@ class _Torch:
         return getattr(module, name)
 
 
-torch = _Torch()
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = _Torch()
 
 # Named in results files (the config's `inputs`, see results.py): a change of what any seed
 # draws must change it, so that `compare` and the gate can tell that points differ in input.
@@ -170,6 +174,7 @@ def generate(
     labels float64 0/1 (binary) or int64 class indices."""
     draws = generator_for(seed, loss, batch, classes, float(scale), distribution, device=device)
     if multiclass:
+        assert classes is not None, "a multi-class point has classes"
         return _multiclass(draws, batch, int(classes), float(scale), distribution)
     return _binary(draws, batch, float(scale), distribution)
 
@@ -290,7 +295,7 @@ def rows_blocks(rows: int, classes: int) -> list[slice]:
 def generate_blocks(
     loss: str,
     batch: int,
-    classes: int,
+    classes: int | None,  # None only for a binary loss, which never comes here
     scale: float,
     distribution: str,
     seed: int,
@@ -300,6 +305,7 @@ def generate_blocks(
     """(rows slice, float64 logits, labels) for each block of a multi-class point's rows
     (batch·time rows for sequence losses), on `device`. One block is exactly `generate`'s
     values."""
+    assert classes is not None, "a multi-class point has classes"
     rows = batch * (time or 1)
     key = (loss, batch, classes, float(scale), distribution) + ((time,) if time else ())
     for i, block in enumerate(rows_blocks(rows, classes)):
@@ -352,6 +358,7 @@ def option_values(
         mask[torch.randperm(rows, generator=d.g, device=d.device)[: int(round(fraction * rows))]] = True
         out["ignored"] = mask
     if options.get("targets", "hard") == "soft":
+        assert classes is not None, "soft targets are multi-class"
         d = generator_for(seed, loss, "soft", rows, classes, device=device)
         # Dirichlet(1, …, 1): independent Exp(1) draws divided by their row's sum.
         noise = d.exponential((rows, int(classes)))

@@ -33,9 +33,10 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 # Re-arm delay for an outer timer whose time ran out while an inner deadline held the timer.
 _EXPIRED_DELAY_S = 1e-4
@@ -134,11 +135,12 @@ class GlobalState:
             changed.append(f"working directory: {self.cwd} -> {now.cwd if now else '?'}")
             os.chdir(self.cwd)
             now = GlobalState.capture()
-        for what, before, after, put in (
+        checks: list[tuple[str, Any, Any, Callable[[Any], Any]]] = [
             ("torch default dtype", self.default_dtype, now.default_dtype, torch.set_default_dtype),
             ("torch threads", self.threads, now.threads, torch.set_num_threads),
             ("torch grad mode", self.grad_enabled, now.grad_enabled, torch.set_grad_enabled),
-        ):
+        ]
+        for what, before, after, put in checks:
             if before != after:
                 changed.append(f"{what}: {before} -> {after}")
                 put(before)

@@ -246,7 +246,7 @@ class _Accumulator:
 
     def __init__(self, stats: ErrorStats, device: torch.device):
         self.stats = stats
-        self.p = stats._format.significand_bits
+        self.p = stats.float_format.significand_bits
         self.on_host = device.type in _SUMMARY_ON_HOST
         self.ulp_threshold = ulp_threshold(stats.threshold_bits)
         self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
@@ -403,6 +403,12 @@ class ErrorStats:
     reduced_reference: float | None = None
     _format: FloatFormat | None = field(default=None, repr=False)
 
+    @property
+    def float_format(self) -> FloatFormat:
+        # Set by the first `add`/`add_reduced`; read only once elements were counted.
+        assert self._format is not None, "no values were added yet"
+        return self._format
+
     def add(self, value: torch.Tensor, reference: torch.Tensor) -> None:
         """Stream the elements of `value` against `reference` (same dtype, any shape, on
         any device): tensor reductions on that device, chunk by chunk, and one transfer of
@@ -435,7 +441,7 @@ class ErrorStats:
         return self.nan + self.posinf + self.neginf
 
     def as_dict(self) -> dict:
-        max_bits = bits(self.max_ulp, self._format) if self.n else None
+        max_bits = bits(self.max_ulp, self.float_format) if self.n else None
         return {
             "n": self.n,
             "max_ulp": int_or_inf(self.max_ulp) if self.n else None,

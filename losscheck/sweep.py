@@ -132,6 +132,7 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
             else:
+                assert local is not None, "the config's implementations are validated: each exists"
                 row[i] = local
         out[name] = row
     return out
@@ -167,7 +168,9 @@ class _InputCache:
     every dtype, reduction and option set of that input reuses them."""
 
     def __init__(self, seed: int):
-        self.seed, self.key, self.value = seed, None, None
+        self.seed = seed
+        self.key: tuple | None = None
+        self.value: tuple | None = None
 
     def get(self, loss: Loss, case: Case):
         key = (case.loss, case.device, case.batch, case.classes, case.time, case.distribution, case.scale)
@@ -223,7 +226,7 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     dtype = FORMATS[case.dtype].torch_dtype
     device = torch.device(case.device)
     rows = rows_of(case)
-    if loss.multiclass and rows * case.classes > inputs.GENERATE_CHUNK:
+    if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
         for block, x, t in inputs.generate_blocks(
@@ -255,10 +258,12 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         target = target.clone()
         mask = values.get("ignored")
         if loss.sequence:
+            assert case.time is not None, "a sequence point has a time"
             mask = inputs.sequence_padding(case.batch, case.time, seed, device).reshape(-1)
         target[torch.as_tensor(mask, device=target.device)] = IGNORE_INDEX
         options["ignore_index"] = IGNORE_INDEX
     if loss.sequence:
+        assert case.time is not None and case.classes is not None, "a sequence point has time and classes"
         inp = inp.reshape(case.batch, case.time, case.classes)
         target = target.reshape(case.batch, case.time)
     return PointData(inp, target, options)
@@ -303,10 +308,10 @@ def run_case(
     config: Config, case: Case, threads: int, cache: _InputCache | None = None, impls: dict[str, Impl] | None = None
 ) -> list[dict]:
     loss = LOSSES[case.loss]
-    impls = list((impls if impls is not None else resolve(config)[case.loss]).values())
+    chosen = list((impls if impls is not None else resolve(config)[case.loss]).values())
     problem = device_problem(case.device) or memory_problem(case)
     if problem:
-        return [_record(config, case, i, "skipped", problem) for i in impls]
+        return [_record(config, case, i, "skipped", problem) for i in chosen]
     if _large(case):
         memory.trim()  # the previous points' freed memory goes back: this point's peak is its own
     setup = memory.PeakMemory(case.device)
@@ -315,12 +320,12 @@ def run_case(
             data = point_data(loss, case, config.seed, cache)
             ref = reference(loss, data.inp, data.target, data.options, case.reduction)
     except ReferenceUnavailable as e:
-        return [_record(config, case, i, "skipped", str(e)) for i in impls]
+        return [_record(config, case, i, "skipped", str(e)) for i in chosen]
     except Exception as e:  # a bug of ours, or memory, at one point must not lose the rest of the sweep
         what = "out of memory while building the point" if memory.is_oom(e) else "reference"
         memory.release(case.device)
-        return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in impls]
-    out = [evaluate(config, case, loss, impl, data, ref) for impl in impls]
+        return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in chosen]
+    out = [evaluate(config, case, loss, impl, data, ref) for impl in chosen]
     built = setup.result()
     for r in out:
         if r["memory"] and built:
@@ -329,7 +334,7 @@ def run_case(
     if config.timing.applies(case.distribution, case.scale):
         ok = {
             impl.name: impl.fn
-            for impl, r in zip(impls, out, strict=True)
+            for impl, r in zip(chosen, out, strict=True)
             if r["status"] == "ok" and r["backward"] is not None
         }
         if ok:

@@ -50,14 +50,14 @@ def time_case(
     options: dict | None = None,
     reduction: str = "mean",
     rounds: int = ROUNDS,
-) -> dict[str, dict | Exception]:
+) -> dict[str, dict | BaseException]:
     """Forward (no autograd graph) and forward+backward of the reduced loss of each
     implementation (called with the point's `options`), interleaved over `rounds` rounds;
     per implementation its timing dict (with the raw per-run time of every block, and the
-    per-run time measured while calibrating), or the exception it raised while being timed."""
+    per-run time measured while calibrating), or the exception it raised while being timed (SystemExit included)."""
     options = options or {}
     timers: dict[tuple, tuple] = {}
-    out: dict[str, dict | Exception] = {}
+    out: dict[str, dict | BaseException] = {}
     for name, impl in impls.items():
         try:
             # An implementation in a worker process (worker.RemoteFn) calibrates there and

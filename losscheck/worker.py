@@ -37,6 +37,9 @@ import sys
 import types
 import weakref
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import torch
 import torch.multiprocessing  # registers the shared-memory pickling of tensors
@@ -149,8 +152,9 @@ class Worker:
 
     def __init__(self, name: str, spec=None, source: str = "<config>", timeout: float | None = None):
         self.name, self.spec, self.source, self.timeout = name, spec, source, timeout
-        self._proc = self._conn = None
-        self._finalizer = None
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._finalizer: weakref.finalize | None = None
         self.starts = 0
 
     def start(self) -> None:
@@ -177,7 +181,7 @@ class Worker:
         if self._ready:
             return
         try:
-            reply = self._conn.recv()
+            reply = self._pipe().recv()
         except (EOFError, OSError):
             raise WorkerFailure(self._death("while starting")) from None
         if reply[0] == "config_error":
@@ -193,22 +197,29 @@ class Worker:
         self.ready()
         oom_before = _oom_kills()
         limit = kill_after(self.timeout)
+        conn = self._pipe()
         try:
-            self._conn.send(message)
-            if limit is not None and not self._conn.poll(limit):
+            conn.send(message)
+            if limit is not None and not conn.poll(limit):
                 self.stop()
                 raise WorkerFailure(
                     f"timed out after {limit:g} s {during}: its worker process did not answer and was killed"
                 )
-            reply = self._conn.recv()
+            reply = conn.recv()
         except (EOFError, OSError):
             raise WorkerFailure(self._death(during, oom_before)) from None
         if reply[0] == "error":
             raise WorkerFailure(reply[1])
         return reply[1]
 
+    def _pipe(self) -> Connection:
+        # Called after start(): the process and its pipe are set together.
+        assert self._conn is not None, "the worker is not started"
+        return self._conn
+
     def _death(self, during: str, oom_before: int | None = None) -> str:
         proc = self._proc
+        assert proc is not None, "a worker that died was started"
         proc.join(5)
         code = proc.exitcode
         self.stop()
@@ -382,7 +393,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
                 peak = memory.PeakMemory(device)
                 with peak, deadline(timeout, f"{name} (evaluation)"):
                     outputs = produce(fn, data, device, reduction, args[7], state).cpu()
-                reply = ("ok", (outputs, peak.result()))
+                reply: tuple[str, Any] = ("ok", (outputs, peak.result()))
                 del outputs
             elif kind == "calibrate":
                 x, t, opts = data.on(device)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,12 +71,12 @@ class Loss:
     multiclass: bool
     input_kind: str  # "logits" or "probabilities"
     implementations: dict[str, Impl]
-    reference_chunk: Callable[..., tuple[np.ndarray, np.ndarray]]
+    reference_chunk: R.ChunkFunction  # numpy arrays or tensors in, the same kind out
     formulas: Formulas
     # Sweep options this loss supports (keys of OPTION_DEFAULTS).
     options: tuple[str, ...] = field(default=())
     # Each row's share of the mean's denominator; None: 1 per row.
-    denominators: Callable[..., np.ndarray] | None = None
+    denominators: Callable[..., Any] | None = None  # arrays or tensors, as reference_chunk
     # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
     sequence: bool = False
 
@@ -247,6 +248,8 @@ def _reference_dd(
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.chunk_elements(device)
+    dd_chunk = loss.reference_chunk.dd
+    assert dd_chunk is not None, "reference() takes this path only for a loss with a dd formulation"
     opts = {
         k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
         for k, v in (options or {}).items()
@@ -273,9 +276,7 @@ def _reference_dd(
     grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
     total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
     for rows in R.row_chunks(n, row_elems, chunk):
-        lw, gw = loss.reference_chunk.dd(
-            x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows)
-        )
+        lw, gw = dd_chunk(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows))
         loss_out[rows] = D.round_scaled(*lw)
         if undefined:
             gw = D.exact_scaled(0.0, gw[0])
@@ -303,7 +304,7 @@ def _reference_dd(
         loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
         grad=grad_out.reshape(inp.shape),
         reduced=reduced,
-        value=None if reduced is None else float(D.ldexp(value[0] + value[1], value[2])),
+        value=None if reduced is None or value is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
         undefined=undefined,
     )

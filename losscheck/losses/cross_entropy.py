@@ -144,7 +144,7 @@ class _Stable(torch.autograd.Function):
         m_all = torch.empty(n, 1, dtype=c, device=x.device)
         s_all = torch.empty(n, 1, dtype=c, device=x.device)
         k_all = torch.empty(n, 1, dtype=torch.int64, device=x.device)
-        kept = [] if n * classes <= KEEP_ELEMENTS else None
+        kept: list | None = [] if n * classes <= KEEP_ELEMENTS else None
         for rows in _blocks(n, classes):
             xc = x[rows].to(c)
             m = xc.amax(1, keepdim=True)
