@@ -20,11 +20,12 @@ OVER_LIMIT: dict[str, str] = {}
 LAYERS: list[tuple[str, set[str]]] = [
     # No torch-dependent logic of the package above: facts, formats, errors, the gate's settings.
     ("foundation", {"losscheck", "losscheck.errors", "losscheck.formats", "losscheck.units", "losscheck.stats",
-                    "losscheck.timing", "losscheck.isolation", "losscheck.environment", "losscheck.catalog",
+                    "losscheck.timing", "losscheck.environment", "losscheck.catalog",
                     "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes",
                     "losscheck.safeio", "losscheck.progress"}),
-    ("config", {"losscheck.config"}),
-    ("measurement", {"losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
+    ("config", {"losscheck.config", "losscheck.config_sections"}),
+    # isolation: its error messages ask memory whether an exception is an out-of-memory one.
+    ("measurement", {"losscheck.isolation", "losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
     ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose"}),
