@@ -3,9 +3,9 @@
 Exit codes: 0 success, 1 regression (the gate), 2 usage/config/input error (one line on
 stderr, no traceback), 130 interrupted (the finished points are written).
 
-The group loads a command's module only when that command runs (commands.py, probe_command.py), and
-lists the commands from the summaries kept here, so that `--help` and `--version` import
-neither torch nor any command module.
+The group loads a command's module only when that command runs (commands.py, info_commands.py,
+probe_command.py), and lists the commands from the summaries kept here, so that `--help` and
+`--version` import neither torch nor any command module.
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Accept RESULTS_PATH as the baseline the gate compares against.",
     ),
     "report": ("losscheck.commands", "report_cmd", "Re-render the Markdown report (and plots) from a results file."),
-    "list": ("losscheck.commands", "list_cmd", "Losses, implementations, dtypes, value sets and devices here."),
-    "explain": ("losscheck.commands", "explain_cmd", "Why LOSS breaks: formulas, limits and a live breakdown sweep."),
+    "list": ("losscheck.info_commands", "list_cmd", "Losses, implementations, dtypes, value sets and devices here."),
+    "explain": (
+        "losscheck.info_commands",
+        "explain_cmd",
+        "Why LOSS breaks: formulas, limits and a live breakdown sweep.",
+    ),
     "probe": ("losscheck.probe_command", "probe_command", "Audit LOSS on the exact inputs that broke your training."),
 }
 

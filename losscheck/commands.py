@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
 from . import ci, plots, report, results, summaries, verbosity
-from .catalog import LOSS_INFO
-from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
+from .config import custom_spec, load_config
 from .errors import LosscheckError
-from .formats import FORMATS
 from .gate_policy import SETTINGS
 from .progress import LogLines
 
@@ -73,22 +69,6 @@ def _flag_type(setting) -> click.ParamType:
     if setting.kind == "probability":
         return click.FloatRange(min=setting.low, max=setting.high, min_open=True)
     return click.FloatRange(min=setting.low)
-
-
-def _json_option(what: str):
-    return click.option(
-        "--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object on stdout instead of text."
-    )
-
-
-def _say(message: str, min_level: int = 0, err: bool = False) -> None:
-    """Echo `message` when the verbosity (-q/-v) is at least `min_level`."""
-    if verbosity.level() >= min_level:
-        click.echo(message, err=err)
-
-
-def _print_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
 
 
 class ShardType(click.ParamType):
@@ -209,7 +189,7 @@ def _gate(
     "--loss", "only_losses", multiple=True, metavar="LOSS", help="Run only these losses of the config (repeatable)."
 )
 @_gate_options
-@_json_option("the points by status, the output paths and the gate's verdict")
+@verbosity.json_option("the points by status, the output paths and the gate's verdict")
 @verbosity.options
 def bench(
     config_path: str | None,
@@ -287,7 +267,7 @@ def bench(
         resume=resume,
         shard=shard,
         progress=bar,
-        on_record=lambda r: _say(_point_line(r), 1, err=True),
+        on_record=lambda r: verbosity.say(_point_line(r), 1, err=True),
         on_interrupt=lambda n: click.echo(
             f"\ninterrupted: writing the {n} finished points (continue with --resume)", err=True
         ),
@@ -295,7 +275,7 @@ def bench(
     )
     counts = summaries.status_counts(run.records)
     if not as_json:
-        _say(
+        verbosity.say(
             f"{len(run.records)} points ({counts['ok']} ok, {counts['error']} error, "
             f"{counts['skipped']} skipped) -> {json_path}, {md_path}",
             min_level=-1,
@@ -315,7 +295,7 @@ def bench(
             as_json=as_json,
         )
     if as_json:
-        _print_json(summaries.bench_summary(run.records, run.complete, json_path, md_path, gate))
+        verbosity.print_json(summaries.bench_summary(run.records, run.complete, json_path, md_path, gate))
     if not run.complete:
         sys.exit(130)
     if gate and gate["failed"]:
@@ -344,7 +324,7 @@ def _point_line(r: dict) -> str:
     help="Where to write the Markdown comparison (default: CURRENT_PATH with .compare.md).",
 )
 @_gate_options
-@_json_option("the verdict, its counts and every regression")
+@verbosity.json_option("the verdict, its counts and every regression")
 @verbosity.options
 def compare_cmd(
     baseline_path: str,
@@ -384,7 +364,7 @@ def compare_cmd(
         as_json=as_json,
     )
     if as_json:
-        _print_json(summary)
+        verbosity.print_json(summary)
     if summary["failed"]:
         sys.exit(1)
 
@@ -423,7 +403,7 @@ def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
         if missing
         else "incomplete (a shard was interrupted)"
     )
-    _say(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}", min_level=-1)
+    verbosity.say(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}", min_level=-1)
 
 
 @click.command("baseline")
@@ -446,7 +426,7 @@ def baseline_cmd(results_path: str, output: str) -> None:
       losscheck bench configs/ci.yaml -o out && losscheck baseline out/ci.json -o reports/baseline.json
     """
     data, warnings = ci.accept(results_path, output)
-    _say(f"baseline: {len(data['records'])} points from {results_path} -> {output}", min_level=-1)
+    verbosity.say(f"baseline: {len(data['records'])} points from {results_path} -> {output}", min_level=-1)
     if warnings:
         # Accepted all the same: these timings will be "not judged" by the gate, not failed.
         click.echo(
@@ -530,123 +510,4 @@ def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plot
         return
     target = Path(output) if output else results.beside(results_path, ".md")
     _write_report(data, target, with_plots)
-    _say(f"wrote {target}")
-
-
-@click.command("list")
-@click.option(
-    "--devices",
-    "check_devices",
-    is_flag=True,
-    help="Also check whether CUDA and MPS can be used (imports torch: a few seconds).",
-)
-@_json_option("the losses, implementations, dtypes, value sets and installed packages")
-@verbosity.options
-def list_cmd(check_devices: bool, as_json: bool) -> None:
-    """Losses, implementations, dtypes, value sets and devices here.
-
-    Imports no torch (packages are found with importlib.util.find_spec) unless --devices
-    asks whether CUDA or MPS can be used: that is torch's to say.
-
-    \b
-    Examples:
-      losscheck list
-      losscheck list --devices --json
-    """
-    data = summaries.inventory()
-    data["devices"] = _devices(check_devices)
-    if as_json:
-        _print_json(data)
-        return
-    rows = [
-        [loss["name"], loss["summary"], ", ".join(f"{i['name']} ({i['kind']})" for i in loss["implementations"])]
-        for loss in data["losses"]
-    ]
-    click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
-    click.echo()
-    click.echo(
-        tabulate(
-            [[f["name"], f["significand_bits"], f"{f['default_threshold_bits']:g}"] for f in data["dtypes"]],
-            headers=["dtype", "significand bits", "default threshold (bits)"],
-            tablefmt="simple",
-        )
-    )
-    click.echo()
-    click.echo(
-        tabulate(
-            [[d["name"], d["inputs"]] for d in data["distributions"]],
-            headers=["distribution", "inputs"],
-            tablefmt="simple",
-        )
-    )
-    click.echo()
-    click.echo(tabulate(list(data["devices"].items()), headers=["device", "status"], tablefmt="simple"))
-    click.echo()
-    options = {name: info.options for name, info in LOSS_INFO.items()}
-    option_rows = [
-        [key, KEYS[key], ", ".join(n for n, opts in options.items() if option in opts)]
-        for option, key in OPTION_AXES.items()
-    ]
-    option_rows += [
-        ["reductions", KEYS["reductions"], "every loss"],
-        ["sequence_lengths", KEYS["sequence_lengths"], "sequence_cross_entropy"],
-    ]
-    click.echo(tabulate(option_rows, headers=["config key", "values", "losses"], tablefmt="simple"))
-    click.echo()
-    click.echo(
-        tabulate(
-            [[name, p["version"] or "not installed", p["used_for"]] for name, p in data["packages"].items()],
-            headers=["package", "version", "used for"],
-            tablefmt="simple",
-        )
-    )
-    click.echo(
-        f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
-        "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)"
-    )
-
-
-def _devices(check: bool) -> dict[str, str]:
-    """Device -> "available" or why not; without `check`, CUDA and MPS are "not checked"
-    (the cpu always runs)."""
-    if not check:
-        return {"cpu": "available", "cuda": "not checked (list --devices)", "mps": "not checked (list --devices)"}
-    from . import environment  # imports torch
-
-    return {d: environment.device_problem(d) or "available" for d in ("cpu", "cuda", "mps")}
-
-
-@click.command("explain")
-@click.argument("loss")
-@click.option(
-    "--dtype",
-    "dtypes",
-    multiple=True,
-    metavar="DTYPE",
-    help=f"Dtypes of the live breakdown measurement, any of {', '.join(FORMATS)} (default: all).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="CPU threads for the live breakdown sweep.",
-)
-@verbosity.options
-def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
-    """Why LOSS breaks: formulas, limits and a live breakdown sweep.
-
-    Prints the formula of LOSS, its naive transcription, why it breaks (dtype limits and a
-    small sweep measured now), the stable rewriting and the gradient, as Markdown.
-
-    \b
-    Example:
-      losscheck explain cross_entropy --dtype float16
-    """
-    from . import explain  # measures live, with torch
-
-    try:
-        text = explain.explain(loss, dtypes or None, threads)
-    except ValueError as e:
-        raise LosscheckError(str(e)) from None
-    click.echo(text)
+    verbosity.say(f"wrote {target}")

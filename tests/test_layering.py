@@ -28,12 +28,13 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("measurement", {"losscheck.isolation", "losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
-    ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose"}),
+    ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
+                   "losscheck.explain_live", "losscheck.explain_text"}),
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
     ("api", {"losscheck.api", "losscheck.bench_run"}),
-    ("commands", {"losscheck.commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
+    ("commands", {"losscheck.commands", "losscheck.info_commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
 
