@@ -13,6 +13,7 @@ the CLI prints. The results are the results file's document (schema 3): `Results
 exactly what `save` writes and `load` reads, so a file and an object are interchangeable.
 Torch is imported only by `run` and `probe`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -98,6 +99,7 @@ class Verdict:
     def render(self) -> str:
         """The Markdown comparison `losscheck compare` writes."""
         from .compare_report import render_markdown
+
         return render_markdown(self.comparison, self.policy, self.baseline_name, self.current_name)
 
     def __bool__(self) -> bool:
@@ -110,13 +112,25 @@ def _config(config) -> Config:
     if isinstance(config, Mapping):
         return Config.from_mapping(dict(config))
     from .errors import ConfigError
-    raise ConfigError("<api>", "config", f"expected a Config or a mapping, got {type(config).__name__}",
-                      "losscheck.Config.from_mapping({...}) or a dict of the config's keys")
+
+    raise ConfigError(
+        "<api>",
+        "config",
+        f"expected a Config or a mapping, got {type(config).__name__}",
+        "losscheck.Config.from_mapping({...}) or a dict of the config's keys",
+    )
 
 
-def run(config: Config | Mapping, *, threads: int | None = None, out: str | Path | None = None,
-        resume: bool = False, shard: tuple[int, int] | None = None,
-        on_record: Callable[[dict], None] | None = None, command: str = "losscheck.run") -> Results:
+def run(
+    config: Config | Mapping,
+    *,
+    threads: int | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    command: str = "losscheck.run",
+) -> Results:
     """Run the sweep of `config` (a Config, or a mapping validated as one) in this process and
     return its results; the same path as `losscheck bench` (losscheck/bench_run.py).
 
@@ -140,8 +154,9 @@ def run(config: Config | Mapping, *, threads: int | None = None, out: str | Path
             path = path / f"{bench_run.stem(cfg, shard)}.json"
     before = torch.get_num_threads()
     try:
-        outcome = bench_run.run(cfg, path, threads=threads, command=command, resume=resume, shard=shard,
-                                on_record=on_record)
+        outcome = bench_run.run(
+            cfg, path, threads=threads, command=command, resume=resume, shard=shard, on_record=on_record
+        )
     finally:
         torch.set_num_threads(before)  # the sweep sets the process-wide count; a library leaves it
     return Results(outcome.document(), path)
@@ -167,8 +182,13 @@ def render(res: Results | dict | str | Path) -> str:
     return report.render(_document(res))
 
 
-def compare(baseline: Results | dict | str | Path, current: Results | dict | str | Path, *,
-            allow_missing: bool = False, **thresholds) -> Verdict:
+def compare(
+    baseline: Results | dict | str | Path,
+    current: Results | dict | str | Path,
+    *,
+    allow_missing: bool = False,
+    **thresholds,
+) -> Verdict:
     """Gate `current` against `baseline` with the policy stored in `current`'s config and the
     given overrides (the names of `gate:` / the flags: bits, ulp, time_factor, timing, ...)."""
     for name in thresholds:
@@ -188,12 +208,37 @@ def _name(x, default: str) -> str:
     return default
 
 
-def probe(loss: str, input, target, *, dtype: str | None = None, device: str = "cpu", reduction: str = "mean",
-          weight=None, pos_weight=None, label_smoothing=None, ignore_index=None, impls=(), numpy_impls=()):
+def probe(
+    loss: str,
+    input,
+    target,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    reduction: str = "mean",
+    weight=None,
+    pos_weight=None,
+    label_smoothing=None,
+    ignore_index=None,
+    impls=(),
+    numpy_impls=(),
+):
     """Audit `loss` on these exact tensors (or arrays, lists, or file specs as `losscheck probe`
     takes them), as bench measures a point; returns a `probing.ProbeResult` (`.render()`,
     `.to_json()`, `.results`, `.findings`)."""
     from .probing import run_probe
-    return run_probe(loss, input, target, dtype=dtype, device=device, reduction=reduction, weight=weight,
-                     pos_weight=pos_weight, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                     impls=impls, numpy_impls=numpy_impls)
+
+    return run_probe(
+        loss,
+        input,
+        target,
+        dtype=dtype,
+        device=device,
+        reduction=reduction,
+        weight=weight,
+        pos_weight=pos_weight,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        impls=impls,
+        numpy_impls=numpy_impls,
+    )

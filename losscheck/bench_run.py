@@ -6,6 +6,7 @@ earlier run of the same config are kept, not redone), shards, and the results do
 the command line it records. What it leaves to its caller: progress display, the report,
 the gate, printing and exit codes (the CLI), or returning a `Results` (the API).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ def thread_count(config, threads: int | None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads > 4 * cpus:
         # torch segfaults on absurd counts (--threads 100000); more than a few per CPU only slows.
-        raise LosscheckError(f"--threads {threads}: more than 4 × the {cpus} CPU(s) this process may use; "
-                             f"allowed: 1 to {4 * cpus}")
+        raise LosscheckError(
+            f"--threads {threads}: more than 4 × the {cpus} CPU(s) this process may use; allowed: 1 to {4 * cpus}"
+        )
     return threads
 
 
@@ -38,14 +40,36 @@ def stem(config, shard: tuple[int, int] | None) -> str:
     return config.name if not shard else f"{config.name}.shard-{shard[0]}-of-{shard[1]}"
 
 
-def bench_command(config_path: str | None, out_dir: str, compress: bool, threads: int,
-                  shard: tuple[int, int] | None, impls=(), numpy_impls=(), only_losses=()) -> str:
+def bench_command(
+    config_path: str | None,
+    out_dir: str,
+    compress: bool,
+    threads: int,
+    shard: tuple[int, int] | None,
+    impls=(),
+    numpy_impls=(),
+    only_losses=(),
+) -> str:
     """The command line a results file records: enough to run the same sweep again."""
-    flags = [*(f for i in impls for f in ("--impl", i)), *(f for i in numpy_impls for f in ("--numpy-impl", i)),
-             *(f for loss in only_losses for f in ("--loss", loss))]
-    return shlex.join(["losscheck", "bench", *([config_path] if config_path else []), "--out", out_dir,
-                       *(["--gzip"] if compress else []), "--threads", str(threads),
-                       *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []), *flags])
+    flags = [
+        *(f for i in impls for f in ("--impl", i)),
+        *(f for i in numpy_impls for f in ("--numpy-impl", i)),
+        *(f for loss in only_losses for f in ("--loss", loss)),
+    ]
+    return shlex.join(
+        [
+            "losscheck",
+            "bench",
+            *([config_path] if config_path else []),
+            "--out",
+            out_dir,
+            *(["--gzip"] if compress else []),
+            "--threads",
+            str(threads),
+            *(["--shard", f"{shard[0]}/{shard[1]}"] if shard else []),
+            *flags,
+        ]
+    )
 
 
 @dataclass
@@ -72,11 +96,20 @@ class _NoProgress:
         pass
 
 
-def run(config, json_path: Path | None, *, threads: int, command: str, impls=None, resume: bool = False,
-        shard: tuple[int, int] | None = None, on_record: Callable[[dict], None] | None = None,
-        progress: Callable[[int], AbstractContextManager] | None = None,
-        on_interrupt: Callable[[int], None] | None = None,
-        on_saved: Callable[[Path], None] | None = None) -> Outcome:
+def run(
+    config,
+    json_path: Path | None,
+    *,
+    threads: int,
+    command: str,
+    impls=None,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    progress: Callable[[int], AbstractContextManager] | None = None,
+    on_interrupt: Callable[[int], None] | None = None,
+    on_saved: Callable[[Path], None] | None = None,
+) -> Outcome:
     """Run the sweep of `config` (validated; `impls`: sweep.resolve's table, resolved here if
     None) with `threads`, saving to `json_path` as it goes (None: no file, and no resume).
 
@@ -93,19 +126,24 @@ def run(config, json_path: Path | None, *, threads: int, command: str, impls=Non
         return _run(config, None, threads, command, impls, False, shard, on_record, progress, on_interrupt, None)
     # One writer per results file, and a directory that can be written, before any point runs.
     with results.exclusive(json_path):
-        return _run(config, json_path, threads, command, impls, resume, shard, on_record, progress, on_interrupt,
-                    on_saved)
+        return _run(
+            config, json_path, threads, command, impls, resume, shard, on_record, progress, on_interrupt, on_saved
+        )
 
 
-def _run(config, json_path, threads, command, impls, resume, shard, on_record, progress, on_interrupt,
-         on_saved) -> Outcome:
+def _run(
+    config, json_path, threads, command, impls, resume, shard, on_record, progress, on_interrupt, on_saved
+) -> Outcome:
     from . import environment, sweep
 
     records: list[dict] = _resumed(json_path, config, threads) if resume else []
     done = {results.record_key(r) for r in records}
     total = sweep.count_points(config, shard, done)
     env = environment.capture(threads)
-    make = lambda complete: _results(config, env, records, command, complete, shard)
+
+    def make(complete: bool) -> dict:
+        return _results(config, env, records, command, complete, shard)
+
     saver = _Incremental(make, json_path) if json_path is not None else None
     complete = False
 
@@ -117,7 +155,7 @@ def _run(config, json_path, threads, command, impls, resume, shard, on_record, p
         if on_record:
             on_record(r)
 
-    with (progress(total) if progress else _NoProgress()) as bar:
+    with progress(total) if progress else _NoProgress() as bar:
         try:
             sweep.run(config, threads, shard=shard, done=done, impls=impls, on_record=record)
             complete = True
@@ -134,8 +172,9 @@ def _run(config, json_path, threads, command, impls, resume, shard, on_record, p
 
 
 def _results(config, env, records, command, complete, shard) -> dict:
-    data = results.make_results(config.as_dict(), env, sorted(records, key=lambda r: (r["index"], r["impl"])),
-                                command, complete)
+    data = results.make_results(
+        config.as_dict(), env, sorted(records, key=lambda r: (r["index"], r["impl"])), command, complete
+    )
     if shard:
         data["shard"] = list(shard)
     return data
@@ -176,10 +215,13 @@ def _resumed(json_path: Path, config, threads: int) -> list[dict]:
     here = environment.capture(threads)
     for field in results.MERGE_CHECKED:
         if data["environment"].get(field) != here.get(field):
-            raise LosscheckError(f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
-                                 f"{here.get(field)!r}; --resume does not mix versions or thread counts "
-                                 "(rerun without it, or with the same --threads)")
+            raise LosscheckError(
+                f"{json_path}: made with {field} {data['environment'].get(field)!r}, this is "
+                f"{here.get(field)!r}; --resume does not mix versions or thread counts "
+                "(rerun without it, or with the same --threads)"
+            )
     if any("index" not in r for r in data["records"]):
-        raise LosscheckError(f"{json_path}: written before --resume support (records lack 'index'); "
-                             "rerun without --resume")
+        raise LosscheckError(
+            f"{json_path}: written before --resume support (records lack 'index'); rerun without --resume"
+        )
     return list(data["records"])

@@ -3,10 +3,11 @@
 Exit codes: 0 success, 1 regression (the gate), 2 usage/config/input error (one line on
 stderr, no traceback), 130 interrupted (the finished points are written).
 
-The group loads a command's module only when that command runs (commands.py, probe_command.py), and
-lists the commands from the summaries kept here, so that `--help` and `--version` import
-neither torch nor any command module.
+The group loads a command's module only when that command runs (commands.py, info_commands.py,
+probe_command.py), and lists the commands from the summaries kept here, so that `--help` and
+`--version` import neither torch nor any command module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,22 +22,26 @@ from .errors import LosscheckError
 # on one line of an 80-column `--help` listing (at most 60 characters), so that Click never
 # shortens it with "...".
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "bench": ("losscheck.commands", "bench",
-              "Run the sweep of CONFIG_PATH (or of the embedded default)."),
-    "compare": ("losscheck.commands", "compare_cmd",
-                "Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression."),
-    "merge": ("losscheck.commands", "merge_cmd",
-              "Merge the results of the shards of one run (bench --shard)."),
-    "baseline": ("losscheck.commands", "baseline_cmd",
-                 "Accept RESULTS_PATH as the baseline the gate compares against."),
-    "report": ("losscheck.commands", "report_cmd",
-               "Re-render the Markdown report (and plots) from a results file."),
-    "list": ("losscheck.commands", "list_cmd",
-             "Losses, implementations, dtypes, value sets and devices here."),
-    "explain": ("losscheck.commands", "explain_cmd",
-                "Why LOSS breaks: formulas, limits and a live breakdown sweep."),
-    "probe": ("losscheck.probe_command", "probe_command",
-              "Audit LOSS on the exact inputs that broke your training."),
+    "bench": ("losscheck.commands", "bench", "Run the sweep of CONFIG_PATH (or of the embedded default)."),
+    "compare": (
+        "losscheck.commands",
+        "compare_cmd",
+        "Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression.",
+    ),
+    "merge": ("losscheck.commands", "merge_cmd", "Merge the results of the shards of one run (bench --shard)."),
+    "baseline": (
+        "losscheck.commands",
+        "baseline_cmd",
+        "Accept RESULTS_PATH as the baseline the gate compares against.",
+    ),
+    "report": ("losscheck.commands", "report_cmd", "Re-render the Markdown report (and plots) from a results file."),
+    "list": ("losscheck.info_commands", "list_cmd", "Losses, implementations, dtypes, value sets and devices here."),
+    "explain": (
+        "losscheck.info_commands",
+        "explain_cmd",
+        "Why LOSS breaks: formulas, limits and a live breakdown sweep.",
+    ),
+    "probe": ("losscheck.probe_command", "probe_command", "Audit LOSS on the exact inputs that broke your training."),
 }
 
 

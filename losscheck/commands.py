@@ -4,22 +4,19 @@ them is invoked): each parses, calls one core function, renders, maps to an exit
 This module imports no torch at load: compare, merge, baseline and report work from the
 JSON alone, and bench validates its config before it imports the sweep (and torch).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
 from . import ci, plots, report, results, summaries, verbosity
-from .catalog import LOSS_INFO
-from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES, custom_spec, load_config
+from .config import custom_spec, load_config
 from .errors import LosscheckError
-from .formats import FORMATS
 from .gate_policy import SETTINGS
 from .progress import LogLines
 
@@ -30,20 +27,35 @@ def _gate_options(f):
     The threshold flags are made from gate_policy.SETTINGS (the flag, its help, what it
     allows, the default); the command receives them as one `overrides` dict, setting name ->
     value (None: the config's)."""
-    flagged = [s for s in SETTINGS if s.flag]
+    flagged = [(s.flag, s) for s in SETTINGS if s.flag]
 
     @functools.wraps(f)
     def command(*args, **kwargs):
-        return f(*args, overrides={s.name: kwargs.pop(s.name) for s in flagged}, **kwargs)
+        return f(*args, overrides={s.name: kwargs.pop(s.name) for _, s in flagged}, **kwargs)
 
-    options = [click.option(s.flag, s.name, type=_flag_type(s), default=None,
-                            help=f"{s.flag_help} (default: the config's gate.{s.name}, {s.default_text}).")
-               for s in flagged]
+    options = [
+        click.option(
+            flag,
+            s.name,
+            type=_flag_type(s),
+            default=None,
+            help=f"{s.flag_help} (default: the config's gate.{s.name}, {s.default_text}).",
+        )
+        for flag, s in flagged
+    ]
     options += [
-        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
-                     help="Write JUnit XML, one test case per point (not run: skipped, never passed)."),
-        click.option("--allow-missing", is_flag=True,
-                     help="Points of the baseline absent from the current run do not fail the gate."),
+        click.option(
+            "--junit",
+            "junit_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Write JUnit XML, one test case per point (not run: skipped, never passed).",
+        ),
+        click.option(
+            "--allow-missing",
+            is_flag=True,
+            help="Points of the baseline absent from the current run do not fail the gate.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -57,21 +69,6 @@ def _flag_type(setting) -> click.ParamType:
     if setting.kind == "probability":
         return click.FloatRange(min=setting.low, max=setting.high, min_open=True)
     return click.FloatRange(min=setting.low)
-
-
-def _json_option(what: str):
-    return click.option("--json", "as_json", is_flag=True,
-                        help=f"Print {what} as one JSON object on stdout instead of text.")
-
-
-def _say(message: str, min_level: int = 0, err: bool = False) -> None:
-    """Echo `message` when the verbosity (-q/-v) is at least `min_level`."""
-    if verbosity.level() >= min_level:
-        click.echo(message, err=err)
-
-
-def _print_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
 
 
 class ShardType(click.ParamType):
@@ -89,59 +86,129 @@ class ShardType(click.ParamType):
         return (i, n)
 
 
-def _gate(baseline: str, current: dict, current_path: Path, overrides: dict, junit_path,
-          allow_missing: bool = False, remeasure=None, losses: tuple[str, ...] = (),
-          markdown_path: str | None = None, as_json: bool = False) -> dict:
+def _gate(
+    baseline: str,
+    current: dict,
+    current_path: Path,
+    overrides: dict,
+    junit_path,
+    allow_missing: bool = False,
+    remeasure=None,
+    losses: tuple[str, ...] = (),
+    markdown_path: str | None = None,
+    as_json: bool = False,
+) -> dict:
     """Compare and write the outputs; print the Markdown (-q: one verdict line; --json:
     nothing, the caller prints the summary). Returns the summary (summaries.comparison_summary)."""
-    markdown_path = Path(markdown_path) if markdown_path else results.beside(current_path, ".compare.md")
-    comparison, markdown = ci.check(baseline, current, current_path, overrides, markdown_path, junit_path,
-                                    remeasure, allow_missing, losses)
-    summary = summaries.comparison_summary(comparison, markdown_path, junit_path)
+    md_path = Path(markdown_path) if markdown_path else results.beside(current_path, ".compare.md")
+    comparison, markdown = ci.check(
+        baseline, current, current_path, overrides, md_path, junit_path, remeasure, allow_missing, losses
+    )
+    summary = summaries.comparison_summary(comparison, md_path, junit_path)
     level = verbosity.level()
     if not as_json and level >= 0:
         click.echo(markdown, nl=False)
-        click.echo(f"comparison written to {markdown_path}", err=True)
+        click.echo(f"comparison written to {md_path}", err=True)
     elif not as_json and level == -1:  # -q: the verdict in one line, in place of the Markdown
-        click.echo(f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "
-                   f"regression(s), {summary['improvements']} improvement(s), {summary['missing']} missing")
+        click.echo(
+            f"gate: {summary['verdict']}: {summary['compared']} points compared, {summary['regressions']} "
+            f"regression(s), {summary['improvements']} improvement(s), {summary['missing']} missing"
+        )
     return summary
 
 
 @click.command()
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "--output-dir", "out_dir", default="reports", show_default=True,
-              type=click.Path(file_okay=False),
-              help="Directory for <name>.json and <name>.md (and <name>-<loss>.md for a big report).")
-@click.option("--gzip", "compress", is_flag=True,
-              help="Write <name>.json.gz (gzip) instead of <name>.json; every command reads either.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: the config's `threads`, else torch's default).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress: a bar on a terminal, otherwise a line per tenth of the points or per minute "
-                   "(default: on unless -q or -v is given).")
-@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
-              help="Gate the run against this results file: exit 1 on regression.")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from its results file, without redoing its points.")
-@click.option("--shard", type=ShardType(), default=None, metavar="I/N",
-              help="Run a deterministic 1/N of the points (shard I of N); merge shards with `losscheck merge`.")
-@click.option("--impl", "impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
-              help="Also audit your own implementation (torch tensors in and out): 'pkg.mod:fn' or "
-                   "'file.py:fn', for the config's losses or those named before '='. Runs that code.")
-@click.option("--numpy-impl", "numpy_impls", multiple=True, metavar="[LOSS,...=]MODULE:FUNCTION",
-              help="Like --impl for a numpy implementation (arrays in, loss or (loss, grad) out; CPU).")
-@click.option("--loss", "only_losses", multiple=True, metavar="LOSS",
-              help="Run only these losses of the config (repeatable).")
+@click.option(
+    "-o",
+    "--out",
+    "--output-dir",
+    "out_dir",
+    default="reports",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for <name>.json and <name>.md (and <name>-<loss>.md for a big report).",
+)
+@click.option(
+    "--gzip",
+    "compress",
+    is_flag=True,
+    help="Write <name>.json.gz (gzip) instead of <name>.json; every command reads either.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads (default: the config's `threads`, else torch's default).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress: a bar on a terminal, otherwise a line per tenth of the points or per minute "
+    "(default: on unless -q or -v is given).",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Gate the run against this results file: exit 1 on regression.",
+)
+@click.option(
+    "--plots/--no-plots",
+    "with_plots",
+    default=True,
+    show_default=True,
+    help="PNG plots next to the report (needs matplotlib: the `plots` extra).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run from its results file, without redoing its points."
+)
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    metavar="I/N",
+    help="Run a deterministic 1/N of the points (shard I of N); merge shards with `losscheck merge`.",
+)
+@click.option(
+    "--impl",
+    "impls",
+    multiple=True,
+    metavar="[LOSS,...=]MODULE:FUNCTION",
+    help="Also audit your own implementation (torch tensors in and out): 'pkg.mod:fn' or "
+    "'file.py:fn', for the config's losses or those named before '='. Runs that code.",
+)
+@click.option(
+    "--numpy-impl",
+    "numpy_impls",
+    multiple=True,
+    metavar="[LOSS,...=]MODULE:FUNCTION",
+    help="Like --impl for a numpy implementation (arrays in, loss or (loss, grad) out; CPU).",
+)
+@click.option(
+    "--loss", "only_losses", multiple=True, metavar="LOSS", help="Run only these losses of the config (repeatable)."
+)
 @_gate_options
-@_json_option("the points by status, the output paths and the gate's verdict")
+@verbosity.json_option("the points by status, the output paths and the gate's verdict")
 @verbosity.options
-def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | None, progress: bool | None,
-          baseline: str | None, with_plots: bool, resume: bool, shard: tuple[int, int] | None,
-          impls: tuple[str, ...], numpy_impls: tuple[str, ...], only_losses: tuple[str, ...],
-          overrides: dict, junit_path, allow_missing, as_json: bool) -> None:
+def bench(
+    config_path: str | None,
+    out_dir: str,
+    compress: bool,
+    threads: int | None,
+    progress: bool | None,
+    baseline: str | None,
+    with_plots: bool,
+    resume: bool,
+    shard: tuple[int, int] | None,
+    impls: tuple[str, ...],
+    numpy_impls: tuple[str, ...],
+    only_losses: tuple[str, ...],
+    overrides: dict,
+    junit_path,
+    allow_missing,
+    as_json: bool,
+) -> None:
     """Run the sweep of CONFIG_PATH (or of the embedded default).
 
     Writes OUT/NAME.json (the results, saved as the sweep goes) and OUT/NAME.md (the
@@ -178,26 +245,57 @@ def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | 
     # minute, since silence there looks like a hang. Nothing with --no-progress, nor with -q
     # or -v (a line per point) unless --progress asks for it.
     show = verbosity.level() == 0 if progress is None else progress
-    bar = None if not show else (lambda total: LogLines(total, stem) if not sys.stderr.isatty() else
-                                 click.progressbar(length=total, label=f"{stem}: {total} points", file=sys.stderr,
-                                                   show_pos=True, show_eta=True))
+    bar = (
+        None
+        if not show
+        else (
+            lambda total: (
+                LogLines(total, stem)
+                if not sys.stderr.isatty()
+                else click.progressbar(
+                    length=total, label=f"{stem}: {total} points", file=sys.stderr, show_pos=True, show_eta=True
+                )
+            )
+        )
+    )
     run = bench_run.run(
-        config, json_path, threads=threads, command=command, impls=impl_table, resume=resume, shard=shard,
-        progress=bar, on_record=lambda r: _say(_point_line(r), 1, err=True),
-        on_interrupt=lambda n: click.echo(f"\ninterrupted: writing the {n} finished points "
-                                          "(continue with --resume)", err=True),
-        on_saved=lambda path: _write_report(results.load(path), md_path, with_plots))
+        config,
+        json_path,
+        threads=threads,
+        command=command,
+        impls=impl_table,
+        resume=resume,
+        shard=shard,
+        progress=bar,
+        on_record=lambda r: verbosity.say(_point_line(r), 1, err=True),
+        on_interrupt=lambda n: click.echo(
+            f"\ninterrupted: writing the {n} finished points (continue with --resume)", err=True
+        ),
+        on_saved=lambda path: _write_report(results.load(path), md_path, with_plots),
+    )
     counts = summaries.status_counts(run.records)
     if not as_json:
-        _say(f"{len(run.records)} points ({counts['ok']} ok, {counts['error']} error, "
-             f"{counts['skipped']} skipped) -> {json_path}, {md_path}", min_level=-1)
+        verbosity.say(
+            f"{len(run.records)} points ({counts['ok']} ok, {counts['error']} error, "
+            f"{counts['skipped']} skipped) -> {json_path}, {md_path}",
+            min_level=-1,
+        )
     gate = None
     if run.complete and baseline:
         # Suspected slowdowns are re-measured here, in the same run, before they are called.
-        gate = _gate(baseline, results.load(json_path), json_path, overrides, junit_path, allow_missing,
-                     sweep.remeasurer(config, impl_table, threads), only_losses, as_json=as_json)
+        gate = _gate(
+            baseline,
+            results.load(json_path),
+            json_path,
+            overrides,
+            junit_path,
+            allow_missing,
+            sweep.remeasurer(config, impl_table, threads),
+            only_losses,
+            as_json=as_json,
+        )
     if as_json:
-        _print_json(summaries.bench_summary(run.records, run.complete, json_path, md_path, gate))
+        verbosity.print_json(summaries.bench_summary(run.records, run.complete, json_path, md_path, gate))
     if not run.complete:
         sys.exit(130)
     if gate and gate["failed"]:
@@ -206,21 +304,37 @@ def bench(config_path: str | None, out_dir: str, compress: bool, threads: int | 
 
 def _point_line(r: dict) -> str:
     """One finished point, as bench -v prints it."""
-    where = f"{r['loss']} {r['impl']} {r['dtype']} {r['device']} batch {r['batch']} scale {r['scale']:g} " \
-            f"{r['distribution']}" + (f" {r['options']}" if r.get("options") else "")
+    where = (
+        f"{r['loss']} {r['impl']} {r['dtype']} {r['device']} batch {r['batch']} scale {r['scale']:g} "
+        f"{r['distribution']}" + (f" {r['options']}" if r.get("options") else "")
+    )
     return f"{where}: {r['status']}" + (f" ({r['message']})" if r.get("message") else "")
 
 
 @click.command("compare")
 @click.argument("baseline_path", type=click.Path(dir_okay=False))
 @click.argument("current_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "--out", "output", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the Markdown comparison (default: CURRENT_PATH with .compare.md).")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the Markdown comparison (default: CURRENT_PATH with .compare.md).",
+)
 @_gate_options
-@_json_option("the verdict, its counts and every regression")
+@verbosity.json_option("the verdict, its counts and every regression")
 @verbosity.options
-def compare_cmd(baseline_path: str, current_path: str, output: str | None, overrides: dict, junit_path,
-                allow_missing: bool, as_json: bool) -> None:
+def compare_cmd(
+    baseline_path: str,
+    current_path: str,
+    output: str | None,
+    overrides: dict,
+    junit_path,
+    allow_missing: bool,
+    as_json: bool,
+) -> None:
     """Gate CURRENT_PATH against BASELINE_PATH: exit 1 on a regression.
 
     The Markdown comparison goes to stdout, to -o FILE (default: next to CURRENT_PATH,
@@ -239,19 +353,36 @@ def compare_cmd(baseline_path: str, current_path: str, output: str | None, overr
       2  bad input: a results file unreadable, of another schema or incomplete
     """
     current = results.load(current_path)
-    summary = _gate(baseline_path, current, Path(current_path), overrides, junit_path, allow_missing, markdown_path=output, as_json=as_json)
+    summary = _gate(
+        baseline_path,
+        current,
+        Path(current_path),
+        overrides,
+        junit_path,
+        allow_missing,
+        markdown_path=output,
+        as_json=as_json,
+    )
     if as_json:
-        _print_json(summary)
+        verbosity.print_json(summary)
     if summary["failed"]:
         sys.exit(1)
 
 
 @click.command("merge")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(dir_okay=False),
-              help="The merged results file (its report goes next to it, .md).")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the merged report.")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The merged results file (its report goes next to it, .md).",
+)
+@click.option(
+    "--plots/--no-plots", "with_plots", default=True, show_default=True, help="PNG plots next to the merged report."
+)
 @verbosity.options
 def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
     """Merge the results of the shards of one run (bench --shard).
@@ -265,16 +396,27 @@ def merge_cmd(paths: tuple[str, ...], output: str, with_plots: bool) -> None:
     results.save(merged, out)
     _write_report(results.load(out), results.beside(out, ".md"), with_plots)
     missing = merged.get("missing_shards")
-    state = ("complete" if merged["complete"] else
-             f"incomplete: shard(s) {', '.join(map(str, missing))} missing (not passed by any gate)"
-             if missing else "incomplete (a shard was interrupted)")
-    _say(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}", min_level=-1)
+    state = (
+        "complete"
+        if merged["complete"]
+        else f"incomplete: shard(s) {', '.join(map(str, missing))} missing (not passed by any gate)"
+        if missing
+        else "incomplete (a shard was interrupted)"
+    )
+    verbosity.say(f"merged {len(paths)} files, {len(merged['records'])} points, {state} -> {out}", min_level=-1)
 
 
 @click.command("baseline")
 @click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "--out", "output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the baseline (e.g. reports/baseline.json).")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the baseline (e.g. reports/baseline.json).",
+)
 @verbosity.options
 def baseline_cmd(results_path: str, output: str) -> None:
     """Accept RESULTS_PATH as the baseline the gate compares against.
@@ -284,11 +426,14 @@ def baseline_cmd(results_path: str, output: str) -> None:
       losscheck bench configs/ci.yaml -o out && losscheck baseline out/ci.json -o reports/baseline.json
     """
     data, warnings = ci.accept(results_path, output)
-    _say(f"baseline: {len(data['records'])} points from {results_path} -> {output}", min_level=-1)
+    verbosity.say(f"baseline: {len(data['records'])} points from {results_path} -> {output}", min_level=-1)
     if warnings:
         # Accepted all the same: these timings will be "not judged" by the gate, not failed.
-        click.echo(f"warning: {len(warnings)} timing(s) of {results_path} seem unstable; the gate will not "
-                   "judge them (re-run on a quieter machine to gate them):", err=True)
+        click.echo(
+            f"warning: {len(warnings)} timing(s) of {results_path} seem unstable; the gate will not "
+            "judge them (re-run on a quieter machine to gate them):",
+            err=True,
+        )
         for w in warnings[:20]:
             click.echo(f"  {w}", err=True)
         if len(warnings) > 20:
@@ -302,8 +447,9 @@ def _with_flags(config, impls, numpy_impls, only_losses):
         if missing:
             raise LosscheckError(f"--loss {missing[0]}: not among the config's losses ({', '.join(config.losses)})")
         config = dataclasses.replace(config, losses=tuple(x for x in config.losses if x in only_losses))
-    specs = [parse_impl_flag(i, "torch", "--impl") for i in impls] + \
-        [parse_impl_flag(i, "numpy", "--numpy-impl") for i in numpy_impls]
+    specs = [parse_impl_flag(i, "torch", "--impl") for i in impls] + [
+        parse_impl_flag(i, "numpy", "--numpy-impl") for i in numpy_impls
+    ]
     names = [c.name for c in config.custom]
     for spec in specs:
         if spec.name in names:
@@ -324,19 +470,34 @@ def parse_impl_flag(value: str, api: str, flag: str):
 def _write_report(data: dict, md_path: Path, with_plots: bool) -> None:
     figures = None
     if with_plots:
-        figures = (plots.write_plots(data, md_path.parent, md_path.stem) if plots.available()
-                   else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only")
+        figures = (
+            plots.write_plots(data, md_path.parent, md_path.stem)
+            if plots.available()
+            else f"matplotlib is not installed ({plots.INSTALL_HINT}); tables only"
+        )
     report.write(data, md_path, figures)
 
 
 @click.command("report")
 @click.argument("results_path", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "--out", "output", type=click.Path(dir_okay=False), default=None,
-              help="Markdown file to write (default: next to the results, .md). A big report also writes "
-                   "one page per loss beside it, FILE's name with -LOSS (e.g. options-cross_entropy.md).")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Markdown file to write (default: next to the results, .md). A big report also writes "
+    "one page per loss beside it, FILE's name with -LOSS (e.g. options-cross_entropy.md).",
+)
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the Markdown instead of writing a file (no plots).")
-@click.option("--plots/--no-plots", "with_plots", default=True, show_default=True,
-              help="PNG plots next to the report (needs matplotlib: the `plots` extra).")
+@click.option(
+    "--plots/--no-plots",
+    "with_plots",
+    default=True,
+    show_default=True,
+    help="PNG plots next to the report (needs matplotlib: the `plots` extra).",
+)
 @verbosity.options
 def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plots: bool) -> None:
     """Re-render the Markdown report (and plots) from a results file.
@@ -349,87 +510,4 @@ def report_cmd(results_path: str, output: str | None, to_stdout: bool, with_plot
         return
     target = Path(output) if output else results.beside(results_path, ".md")
     _write_report(data, target, with_plots)
-    _say(f"wrote {target}")
-
-
-@click.command("list")
-@click.option("--devices", "check_devices", is_flag=True,
-              help="Also check whether CUDA and MPS can be used (imports torch: a few seconds).")
-@_json_option("the losses, implementations, dtypes, value sets and installed packages")
-@verbosity.options
-def list_cmd(check_devices: bool, as_json: bool) -> None:
-    """Losses, implementations, dtypes, value sets and devices here.
-
-    Imports no torch (packages are found with importlib.util.find_spec) unless --devices
-    asks whether CUDA or MPS can be used: that is torch's to say.
-
-    \b
-    Examples:
-      losscheck list
-      losscheck list --devices --json
-    """
-    data = summaries.inventory()
-    data["devices"] = _devices(check_devices)
-    if as_json:
-        _print_json(data)
-        return
-    rows = [[loss["name"], loss["summary"], ", ".join(f"{i['name']} ({i['kind']})" for i in loss["implementations"])]
-            for loss in data["losses"]]
-    click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate([[f["name"], f["significand_bits"], f"{f['default_threshold_bits']:g}"] for f in data["dtypes"]],
-                        headers=["dtype", "significand bits", "default threshold (bits)"], tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate([[d["name"], d["inputs"]] for d in data["distributions"]], headers=["distribution", "inputs"],
-                        tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate(list(data["devices"].items()), headers=["device", "status"], tablefmt="simple"))
-    click.echo()
-    options = {name: info.options for name, info in LOSS_INFO.items()}
-    option_rows = [[key, KEYS[key], ", ".join(n for n, opts in options.items() if option in opts)]
-                   for option, key in OPTION_AXES.items()]
-    option_rows += [["reductions", KEYS["reductions"], "every loss"],
-                    ["sequence_lengths", KEYS["sequence_lengths"], "sequence_cross_entropy"]]
-    click.echo(tabulate(option_rows, headers=["config key", "values", "losses"], tablefmt="simple"))
-    click.echo()
-    click.echo(tabulate([[name, p["version"] or "not installed", p["used_for"]] for name, p in data["packages"].items()],
-                        headers=["package", "version", "used for"], tablefmt="simple"))
-    click.echo(f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
-               "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)")
-
-
-def _devices(check: bool) -> dict[str, str]:
-    """Device -> "available" or why not; without `check`, CUDA and MPS are "not checked"
-    (the cpu always runs)."""
-    if not check:
-        return {"cpu": "available", "cuda": "not checked (list --devices)", "mps": "not checked (list --devices)"}
-    from . import environment  # imports torch
-
-    return {d: environment.device_problem(d) or "available" for d in ("cpu", "cuda", "mps")}
-
-
-@click.command("explain")
-@click.argument("loss")
-@click.option("--dtype", "dtypes", multiple=True, metavar="DTYPE",
-              help=f"Dtypes of the live breakdown measurement, any of {', '.join(FORMATS)} (default: all).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPU threads for the live breakdown sweep.")
-@verbosity.options
-def explain_cmd(loss: str, dtypes: tuple[str, ...], threads: int) -> None:
-    """Why LOSS breaks: formulas, limits and a live breakdown sweep.
-
-    Prints the formula of LOSS, its naive transcription, why it breaks (dtype limits and a
-    small sweep measured now), the stable rewriting and the gradient, as Markdown.
-
-    \b
-    Example:
-      losscheck explain cross_entropy --dtype float16
-    """
-    from . import explain  # measures live, with torch
-
-    try:
-        text = explain.explain(loss, dtypes or None, threads)
-    except ValueError as e:
-        raise LosscheckError(str(e)) from None
-    click.echo(text)
-
+    verbosity.say(f"wrote {target}")

@@ -15,6 +15,7 @@ The callable has the signature of the built-in implementations (see `losses/base
   to the input — of the sum of the elements for ``reduction="none"``. Without a gradient
   only the forward is audited.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,6 +88,8 @@ def _import(function: str, source: str, name: str):
             if not path.is_file():
                 raise ConfigError(source, key, f"file {module_name!r} not found", "an existing .py file")
             mod_spec = importlib.util.spec_from_file_location(f"losscheck_custom_{path.stem}", path)
+            if mod_spec is None or mod_spec.loader is None:  # e.g. a name Python does not load as source
+                raise ConfigError(source, key, f"cannot load {module_name!r} as a module", "a .py file")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
@@ -97,18 +100,28 @@ def _import(function: str, source: str, name: str):
     except ConfigError:
         raise
     except Exception as e:  # the user's module failing to import is a bad input, not a crash
-        raise ConfigError(source, key, f"cannot import {module_name!r}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": "),
-                          "an importable module or .py file") from None
-    obj = module
+        raise ConfigError(
+            source,
+            key,
+            f"cannot import {module_name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(
+                ": "
+            ),
+            "an importable module or .py file",
+        ) from None
+    obj: object = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ConfigError(source, key, f"{module_name!r} has no attribute {attr!r}",
-                              "a callable defined in that module")
+            raise ConfigError(
+                source, key, f"{module_name!r} has no attribute {attr!r}", "a callable defined in that module"
+            )
     if not callable(obj):
-        raise ConfigError(source, key, f"{function!r} is a {type(obj).__name__}, not a callable",
-                          "a function fn(input, target, reduction='mean', **options)")
+        raise ConfigError(
+            source,
+            key,
+            f"{function!r} is a {type(obj).__name__}, not a callable",
+            "a function fn(input, target, reduction='mean', **options)",
+        )
     return obj
 
 
@@ -122,8 +135,10 @@ def check_signature(fn, function: str, args: tuple, options: dict) -> None:
         sig.bind(*args, **options)
     except TypeError as e:
         passed = ", ".join(["input", "target", "reduction", *(f"{k}=" for k in options)])
-        raise ImplementationError(f"{function}{sig} cannot be called as fn({passed}): {e}; "
-                                  "expected fn(input, target, reduction='mean', **options)") from None
+        raise ImplementationError(
+            f"{function}{sig} cannot be called as fn({passed}): {e}; "
+            "expected fn(input, target, reduction='mean', **options)"
+        ) from None
 
 
 def _checked(fn, function):
@@ -131,6 +146,7 @@ def _checked(fn, function):
         check_signature(fn, function, (x, t, reduction), options)
         with _quiet():
             return fn(x, t, reduction, **options)
+
     return call
 
 
@@ -179,6 +195,7 @@ def _numpy_adapter(fn, function):
         if grad is not None and g.shape != x.shape:
             raise ImplementationError(f"returned a gradient of shape {tuple(g.shape)}, expected {tuple(x.shape)}")
         return _NumpyCall.apply(x, loss, g) if x.requires_grad else loss
+
     return call
 
 

@@ -15,6 +15,7 @@ Accuracy (tests/test_doubledouble.py, against mpmath): relative errors of about 
 exp/expm1/log/log1p/softplus/sigmoid, far below the 1/64 ULP of float64 (2**-59) that the
 reference needs. inf and NaN propagate as IEEE does; ±inf arguments give the functions' limits.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ import torch
 F64 = torch.float64
 _SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
 # a·SPLITTER overflows beyond this: such operands are split scaled down by 2**-28 (exact).
-_SPLIT_MAX = 2.0 ** 995
+_SPLIT_MAX = 2.0**995
 # ln 2 in three float64 parts (mpmath, 300 bits): k·ln2 for |k| < 2**11 to ~2**-150.
 _LN2 = (0.6931471805599453, 2.3190468138462996e-17, 5.707708438416212e-34)
 # Taylor coefficients 1/n! of expm1 as dd (exact fractions rounded twice).
@@ -43,6 +44,7 @@ _EXP_CLAMP = 2000.0
 
 
 # ---- error-free transformations -----------------------------------------------------------------
+
 
 def two_sum(a, b):
     """a + b = s + e exactly (Knuth), elementwise."""
@@ -70,8 +72,8 @@ def two_prod(a, b):
     overflow, are scaled by 2**-28 for the error term, which is then scaled back (exact)."""
     p = a * b
     # Near overflow, ah·bh may round above the largest float: scale a down too.
-    sa = torch.where((a.abs() > _SPLIT_MAX) | (p.abs() > 2.0 ** 1000), 2.0 ** -28, 1.0)
-    sb = torch.where(b.abs() > _SPLIT_MAX, 2.0 ** -28, 1.0)
+    sa = torch.where((a.abs() > _SPLIT_MAX) | (p.abs() > 2.0**1000), 2.0**-28, 1.0)
+    sb = torch.where(b.abs() > _SPLIT_MAX, 2.0**-28, 1.0)
     a2, b2 = a * sa, b * sb
     p2 = a2 * b2
     ah, al = split(a2)
@@ -96,6 +98,7 @@ def _ieee(plain, hi, lo):
 
 
 # ---- dd arithmetic --------------------------------------------------------------------------------
+
 
 def dd(x, lo=None):
     """A float64 tensor (or number, on `lo`'s device) as a dd."""
@@ -154,7 +157,7 @@ def div(a, b):
     """dd / dd: three quotient digits with exact remainders (~2**-104 relative); b = 0 or
     ±inf give IEEE's answer for the leading parts."""
     # A dividend near overflow is divided scaled by 2**-2 (exact): q1·b may round above it.
-    big = a[0].abs() > 2.0 ** 1000
+    big = a[0].abs() > 2.0**1000
     a = (torch.where(big, a[0] * 0.25, a[0]), torch.where(big, a[1] * 0.25, a[1]))
     q1 = a[0] / b[0]
     r = sub(a, mul_d(b, q1))
@@ -211,7 +214,7 @@ def round_scaled(hi, lo, k=None):
     d = m - back
     half = ldexp(torch.ones_like(m), (-1075 - kk).clamp(-1022, 1023))
     tie = (kk < -1021) & (d.abs() == half) & (lo * d > 0)
-    h = torch.where(tie, h + torch.sign(d) * 2.0 ** -1074, h)
+    h = torch.where(tie, h + torch.sign(d) * 2.0**-1074, h)
     return torch.where(signed_zero.isnan(), h, signed_zero)
 
 
@@ -222,11 +225,14 @@ def to_float64(a):
 
 # ---- elementary functions ------------------------------------------------------------------------
 
+
 def _expm1_reduced(r):
     """expm1(r) as dd for |r| <= ~0.35: Taylor on r/2**_HALVINGS, then
     expm1(2x) = expm1(x)·(2 + expm1(x)) _HALVINGS times (no cancellation, unlike squaring exp)."""
-    x = (ldexp(r[0], torch.full_like(r[0], -_HALVINGS, dtype=torch.int64)),
-         ldexp(r[1], torch.full_like(r[1], -_HALVINGS, dtype=torch.int64)))
+    x = (
+        ldexp(r[0], torch.full_like(r[0], -_HALVINGS, dtype=torch.int64)),
+        ldexp(r[1], torch.full_like(r[1], -_HALVINGS, dtype=torch.int64)),
+    )
     # Terms of degree >= 5 are below 2**-40 relative: their sum in float64 is exact enough
     # (2**-93); the leading ones in dd.
     tail = torch.full_like(x[0], _INV_FACT[_DEGREE - 2][0])
@@ -276,7 +282,7 @@ def expm1(a):
     """expm1(a) of a dd."""
     small = a[0].abs() < 0.34
     # Below 2**-900, expm1(a) = a·(1 + a/2 + …) is a to 2**-900 (and a/2**8 would lose bits).
-    tiny = a[0].abs() < 2.0 ** -900
+    tiny = a[0].abs() < 2.0**-900
     r = (torch.where(small & ~tiny, a[0], 0.0), torch.where(small & ~tiny, a[1], 0.0))
     s = _expm1_reduced(r)
     s = torch.where(tiny, a[0], s[0]), torch.where(tiny, a[1], s[1])
@@ -289,7 +295,7 @@ def _log_newton(a):
     the error squares to ~2**-104·|y|). Arguments beyond 2**±900 are scaled by a power
     of two first (log(a) = log(a·2**−e) + e·ln2: no cancellation there)."""
     _, e = torch.frexp(a[0])
-    far = (a[0] > 2.0 ** 900) | (a[0] < 2.0 ** -900)
+    far = (a[0] > 2.0**900) | (a[0] < 2.0**-900)
     e = torch.where(far & a[0].isfinite() & (a[0] > 0), e.to(torch.int64), 0)
     x = ldexp_dd(a, -e)
     y0 = torch.log(x[0])
@@ -312,7 +318,7 @@ def log1p(u):
     c = sub(us, expm1(dd(y0)))
     near = add(dd(y0), mul_d(c, 1.0 / (1.0 + us[0])))
     # Below 2**-900, log1p(u) = u·(1 − u/2 + …) is u to 2**-900.
-    tiny = us[0].abs() < 2.0 ** -900
+    tiny = us[0].abs() < 2.0**-900
     near = torch.where(tiny, us[0], near[0]), torch.where(tiny, us[1], near[1])
     far = _log_newton(add(dd(torch.ones_like(u[0])), u))
     return torch.where(small, near[0], far[0]), torch.where(small, near[1], far[1])
@@ -400,6 +406,7 @@ def logsumexp(x):
 
 # ---- scaled dds (hi, lo, k) ------------------------------------------------------------------------
 
+
 def normalize_scaled(a):
     """The same value with hi in [1/2, 1) (frexp: exact), so that products and quotients of
     the mantissa neither underflow nor overflow; zeros, ±inf and NaN are left as they are."""
@@ -414,7 +421,7 @@ def where_scaled(c, a, b):
     """torch.where on scaled dds (hi, lo, k); a plain dd (hi, lo) has k = 0."""
     a = a if len(a) == 3 else (*a, torch.zeros_like(a[0], dtype=torch.int64))
     b = b if len(b) == 3 else (*b, torch.zeros_like(b[0], dtype=torch.int64))
-    return tuple(torch.where(c, u, v) for u, v in zip(a, b))
+    return tuple(torch.where(c, u, v) for u, v in zip(a, b, strict=True))
 
 
 def exact_scaled(value, like):

@@ -12,30 +12,40 @@ Per-loss prose lives in `PROSE`, keyed by loss name; a loss without an entry (on
 `LOSSES` later) is explained from its own `summary`, its implementations' summaries and
 its formulas, with the same live numbers.
 """
+
 from __future__ import annotations
 
 import math
-import re
-import textwrap
-import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from tabulate import tabulate
 
-from . import analysis, inputs, sweep
-from . import reference as R
-from .config import BUILTIN_IMPLS, Config
+# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py, the
+# live sweep in explain_live.py, the text helpers in explain_text.py.
+from . import analysis, explain_text as T, inputs, reference as R
 from .dtypes import FORMATS
+from .explain_limits import LIMIT_COLUMNS, dtype_limits
+from .explain_live import (  # noqa: F401  (E.DISTRIBUTIONS, E.sweep_mapping, ...: explain.<name> for the tests)
+    BATCH,
+    CLASSES,
+    DISTRIBUTIONS,
+    SCALES,
+    SEED,
+    SEQUENCE_BATCH,
+    SEQUENCE_LENGTH,
+    Live,
+    is_sequence,
+    run_live,
+    sweep_batch,
+    sweep_implementations,
+    sweep_mapping,
+)
+from .explain_prose import _BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe, Prose
+from .explain_text import unlatex  # noqa: F401  (E.unlatex for the tests)
 from .formats import bits_phrase, capped_bits, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
-# The dtype limits and the per-loss prose (data) live in explain_limits.py and explain_prose.py.
-from .explain_limits import LIMIT_COLUMNS, dtype_limits
-from .explain_prose import (_BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe,
-                            Prose)
 
 # The section headers, in order (the tests look for them).
 SECTIONS = (
@@ -46,143 +56,11 @@ SECTIONS = (
     "5. The gradient",
 )
 
-# The live sweep: small enough to run in well under a second per dtype on 2 cores.
-SCALES = (1, 2, 3, 5, 10, 20, 30, 50, 100, 300, 1000, 10000)
-DISTRIBUTIONS = ("normal", "extreme", "confident_correct", "confident_wrong")
-BATCH = 256
-CLASSES = 10
-# Sequence losses (`Loss.sequence`): SEQUENCE_BATCH sequences of SEQUENCE_LENGTH tokens, as
-# many tokens as BATCH rows (the config's default of 64 tokens per sequence is 16 times slower).
-SEQUENCE_BATCH = 32
-SEQUENCE_LENGTH = 8
-SEED = 0
 PROBE_DTYPE = "float32"  # the dtype of the spot checks
-WIDTH = 100  # prose is wrapped to this many columns
-
-
-# ---- the live sweep -------------------------------------------------------------------
-
-def sweep_implementations(loss: Loss) -> tuple[str, ...]:
-    """The built-in implementations this loss has, in the usual order."""
-    return tuple(i for i in BUILTIN_IMPLS if i in loss.implementations)
-
-
-def is_sequence(loss: Loss) -> bool:
-    return bool(getattr(loss, "sequence", False))
-
-
-def sweep_batch(loss: Loss) -> int:
-    return SEQUENCE_BATCH if is_sequence(loss) else BATCH
-
-
-def sweep_mapping(loss_name: str, dtypes: tuple[str, ...]) -> dict:
-    """The config of the sweep `explain` runs, as a mapping (`Config.from_mapping`)."""
-    loss = LOSSES[loss_name]
-    return {"name": "explain", "losses": [loss_name], "implementations": list(sweep_implementations(loss)),
-            "scales": list(SCALES), "batch_sizes": [sweep_batch(loss)], "classes": [CLASSES],
-            **({"sequence_lengths": [SEQUENCE_LENGTH]} if is_sequence(loss) else {}),
-            "dtypes": list(dtypes), "devices": ["cpu"], "distributions": list(DISTRIBUTIONS), "seed": SEED,
-            "timing": False}
-
-
-@dataclass
-class Live:
-    config: object
-    records: list[dict]
-    breakdowns: dict[tuple, analysis.Breakdown]
-    seconds: float
-
-
-def run_live(loss_name: str, dtypes: tuple[str, ...], threads: int = 1) -> Live:
-    """Run the explain sweep for one loss and compute its breakdown scales."""
-    config = Config.from_mapping(sweep_mapping(loss_name, dtypes), "<explain>")
-    before = torch.get_num_threads()
-    start = time.perf_counter()
-    try:
-        records = sweep.run(config, threads)
-    finally:
-        torch.set_num_threads(before)  # sweep.run sets the process-wide thread count
-    seconds = time.perf_counter() - start
-    return Live(config, records, analysis.breakdown_scales(records), seconds)
-
-
-# ---- text helpers ------------------------------------------------------------------------
-
-def _para(text: str) -> str:
-    return textwrap.fill(text, WIDTH, break_on_hyphens=False, break_long_words=False)
-
-
-def _bullet(text: str, indent: str = "") -> str:
-    return textwrap.fill(text, WIDTH, initial_indent=indent + "- ", subsequent_indent=indent + "  ",
-                         break_on_hyphens=False, break_long_words=False)
-
-
-def _table(rows, headers) -> str:
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-
-
-def _fmt_pair(a: float, b: float) -> tuple[str, str]:
-    """Two values with enough digits to tell them apart (up to 17)."""
-    if not (math.isfinite(a) and math.isfinite(b)) or a == b or a == 0 or b == 0:
-        return _fmt_value(a), _fmt_value(b)
-    for digits in range(4, 18):
-        x, y = f"{a:#.{digits}g}", f"{b:#.{digits}g}"
-        if x != y:
-            return x, y
-    return x, y
-
-
-def _fmt_value(v: float) -> str:
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "−inf"
-    if v == 0:
-        return "0"
-    return f"{v:.4g}"
-
-
-_LATEX_SYMBOLS = {
-    "sigma": "σ", "ell": "ℓ", "partial": "∂", "sum": "Σ", "prod": "Π", "cdot": "·", "infty": "∞",
-    "alpha": "α", "beta": "β", "gamma": "γ", "mu": "μ", "epsilon": "ε", "varepsilon": "ε",
-    "lambda": "λ", "pi": "π", "tau": "τ", "theta": "θ", "times": "×", "leq": "≤", "le": "≤",
-    "geq": "≥", "ge": "≥", "neq": "≠", "ne": "≠", "in": "∈", "to": "→", "quad": " ", "qquad": " ",
-}
-_LATEX_DROP = ("left", "right", "big", "Big", "bigg", "Bigg", "textstyle", "displaystyle", "limits")
-
-
-def unlatex(s: str) -> str:
-    """A best-effort LaTeX -> unicode text for the `Formulas` of a loss without prose."""
-    s = s.replace("\\{", "\x00").replace("\\}", "\x01").replace("\\|", "‖")
-    s = re.sub(r"\\[,;: !]", " ", s)
-    s = re.sub(r"\\(?:%s)\b" % "|".join(_LATEX_DROP), "", s)
-
-    def frac(m: re.Match) -> str:
-        a, b = (x if re.fullmatch(r"[\w.]+", x) else f"({x})" for x in (m.group(1), m.group(2)))
-        return f"{a}/{b}"
-
-    def sup(m: re.Match) -> str:
-        return "^" + (m.group(1) if len(m.group(1)) <= 2 else f"({m.group(1)})")
-    for _ in range(20):  # innermost groups first, until nothing changes
-        new = re.sub(r"\\(?:text|mathrm|operatorname|mathbf|mathit)\{([^{}]*)\}", r"\1", s)
-        new = re.sub(r"\^\{([^{}]*)\}", sup, new)
-        new = re.sub(r"_\{([^{}]*)\}", r"_\1", new)
-        new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", frac, new)
-        if new == s:
-            break
-        s = new
-
-    def word(m: re.Match) -> str:
-        name = m.group(1)
-        return _LATEX_SYMBOLS.get(name, " " + name)  # log, exp, max, ...: a word, spaced
-    s = re.sub(r"\\([A-Za-z]+)", word, s)
-    s = s.replace("{", "").replace("}", "").replace("-", "−").replace("\x00", "{").replace("\x01", "}")
-    s = re.sub(r"([(\[]) +", r"\1", s)
-    s = re.sub(r"((?:^|[(\[=,])\s*)−\s+", r"\1−", s)  # a unary minus: no space after it
-    return re.sub(r"\s+", " ", s).strip()
 
 
 # ---- live pieces ---------------------------------------------------------------------------
+
 
 def _probe_tensors(loss: Loss, probe: Probe, dtype: torch.dtype):
     logits = np.array([probe.logits], dtype=np.float64)
@@ -195,7 +73,7 @@ def _judge(value: torch.Tensor, ref: torch.Tensor, threshold_bits: float) -> str
     v = float(value)
     ulp = float(ulp_distance(value.reshape(1), ref.reshape(1))[0])
     bits = metric_bits(ulp, value.dtype)  # capped at the precision (docs/METRICS.md)
-    text = _fmt_value(v)
+    text = T.fmt_value(v)
     if not math.isfinite(ulp):
         return f"{text} ✗"
     if bits > threshold_bits:
@@ -203,8 +81,9 @@ def _judge(value: torch.Tensor, ref: torch.Tensor, threshold_bits: float) -> str
     return text
 
 
-def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
-                gradient: bool = False, dtype: str = PROBE_DTYPE) -> str:
+def spot_checks(
+    loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...], gradient: bool = False, dtype: str = PROBE_DTYPE
+) -> str:
     """A table: each probe, the exact value (reference rounded to `dtype`), each implementation.
 
     `gradient`: the derivative of the loss with respect to the input (the first logit, or
@@ -220,8 +99,8 @@ def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
         exact = ref.grad.reshape(-1) if gradient else ref.loss
         row = [probe.label]
         if loss.input_kind == "probabilities":
-            row.append(_fmt_value(float(inp[0])))
-        row.append(_fmt_value(float(exact[0])))
+            row.append(T.fmt_value(float(inp[0])))
+        row.append(T.fmt_value(float(exact[0])))
         for name in impls:
             fn = loss.implementations[name].fn
             try:
@@ -237,9 +116,13 @@ def spot_checks(loss: Loss, probes: tuple[Probe, ...], impls: tuple[str, ...],
                 row.append(f"error: {type(e).__name__}")
         rows.append(row)
     what = "∂ℓ/∂" + ("p" if loss.input_kind == "probabilities" else "x" if not loss.multiclass else "x₀")
-    headers = ["input"] + (["p"] if loss.input_kind == "probabilities" else []) + \
-        [f"exact {what}" if gradient else "exact ℓ"] + list(impls)
-    return _table(rows, headers)
+    headers = (
+        ["input"]
+        + (["p"] if loss.input_kind == "probabilities" else [])
+        + [f"exact {what}" if gradient else "exact ℓ"]
+        + list(impls)
+    )
+    return T.table(rows, headers)
 
 
 def _limits_table(dtypes: tuple[str, ...], columns: tuple[str, ...]) -> str:
@@ -248,8 +131,8 @@ def _limits_table(dtypes: tuple[str, ...], columns: tuple[str, ...]) -> str:
         L = dtype_limits(d)
         rows.append([d, str(L.significand_bits), f"{L.max:.4g}"] + [LIMIT_COLUMNS[c][2](L) for c in columns])
     headers = ["dtype", "significand bits", "max"] + [LIMIT_COLUMNS[c][0] for c in columns]
-    legend = "\n".join(_bullet(f"{LIMIT_COLUMNS[c][0]}: {LIMIT_COLUMNS[c][1]}") for c in columns)
-    return _table(rows, headers) + "\n\n" + legend
+    legend = "\n".join(T.bullet(f"{LIMIT_COLUMNS[c][0]}: {LIMIT_COLUMNS[c][1]}") for c in columns)
+    return T.table(rows, headers) + "\n\n" + legend
 
 
 def breakdown_cell(b: analysis.Breakdown | None) -> str:
@@ -271,9 +154,9 @@ def _breakdown_table(live: Live, loss_name: str, impls: tuple[str, ...], dtypes:
             b = live.breakdowns.get((loss_name, impl, d, "cpu"))
             row.append(breakdown_cell(b))
             if b is not None and b.status != "measured":
-                notes.append(_bullet(f"{impl}, {d}: {b.status}: {b.reason}"))
+                notes.append(T.bullet(f"{impl}, {d}: {b.status}: {b.reason}"))
         rows.append(row)
-    table = _table(rows, ["implementation"] + list(dtypes))
+    table = T.table(rows, ["implementation"] + list(dtypes))
     return table + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -291,12 +174,13 @@ def describe_record(record: dict) -> str:
     shown_ref = f.get("reference_value", ref)
     ulp = f.get("reduced_ulp")
     if value is not None and ref is not None:
-        if not math.isfinite(value) and not (value == ref):
-            parts.append(f"mean loss {_fmt_value(value)} (reference {_fmt_value(shown_ref)})")
+        if not math.isfinite(value) and value != ref:
+            parts.append(f"mean loss {T.fmt_value(value)} (reference {T.fmt_value(shown_ref)})")
         elif ulp is not None and ulp > ulp_threshold(record["threshold_bits"]):
-            v, r = _fmt_pair(value, shown_ref)
+            v, r = T.fmt_pair(value, shown_ref)
             p = precision(record.get("dtype"))
             bits = capped_bits(ulp, record.get("dtype"))  # never more than p (docs/METRICS.md)
+            assert bits is not None, "a finite distance in a known dtype has bits"
             off = "all its bits" if p is not None and bits >= p else f"{bits:.0f} bits"
             parts.append(f"mean off by {off} ({v} vs reference {r})")
     if f.get("saturated") and not parts:
@@ -308,25 +192,47 @@ def describe_record(record: dict) -> str:
     return ", ".join(parts) or (analysis.breaks(record) or "")
 
 
-def _max_logit(loss: Loss, loss_name: str, batch: int, classes: int | None, scale: float,
-               distribution: str, seed: int, time: int | None = None, device: str = "cpu") -> float | None:
+def _max_logit(
+    loss: Loss,
+    loss_name: str,
+    batch: int,
+    classes: int | None,
+    scale: float,
+    distribution: str,
+    seed: int,
+    time: int | None = None,
+    device: str = "cpu",
+) -> float | None:
     """The largest |logit| of a sweep point's inputs (regenerated on its device: they depend
     on the seed and the device only)."""
     try:
         if time:
-            return max(float(x.abs().max()) for _, x, _ in
-                       inputs.generate_blocks(loss_name, batch, classes, float(scale), distribution, seed, time,
-                                              device))
-        logits, _ = inputs.generate(loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed,
-                                    device)
+            return max(
+                float(x.abs().max())
+                for _, x, _ in inputs.generate_blocks(
+                    loss_name, batch, classes, float(scale), distribution, seed, time, device
+                )
+            )
+        logits, _ = inputs.generate(
+            loss_name, loss.multiclass, batch, classes, float(scale), distribution, seed, device
+        )
         return float(logits.abs().max())
     except Exception:  # a loss whose inputs are made differently, a device absent here: only a hint
         return None
 
 
 def _where(loss: Loss, r: dict) -> str:
-    m = _max_logit(loss, r["loss"], r["batch"], r["classes"], r["scale"], r["distribution"], r["seed"],
-                   r.get("time"), r.get("device") or "cpu")
+    m = _max_logit(
+        loss,
+        r["loss"],
+        r["batch"],
+        r["classes"],
+        r["scale"],
+        r["distribution"],
+        r["seed"],
+        r.get("time"),
+        r.get("device") or "cpu",
+    )
     return r["distribution"] + (f" (|logit| ≤ {m:.3g})" if m is not None else "")
 
 
@@ -338,11 +244,17 @@ def what_goes_wrong(live: Live, loss: Loss, impls: tuple[str, ...], dtypes: tupl
             b = live.breakdowns.get((loss.name, impl, d, "cpu"))
             if b is None or b.scale is None:
                 continue
-            broken = [r for r in live.records
-                      if r["impl"] == impl and r["dtype"] == d and r["scale"] == b.scale
-                      and r["distribution"] not in analysis.SCALE_FREE and analysis.breaks(r)]
+            broken = [
+                r
+                for r in live.records
+                if r["impl"] == impl
+                and r["dtype"] == d
+                and r["scale"] == b.scale
+                and r["distribution"] not in analysis.SCALE_FREE
+                and analysis.breaks(r)
+            ]
             details = "; ".join(f"{_where(loss, r)}: {describe_record(r)}" for r in broken)
-            out.append(_bullet(f"{impl}, {d}, scale {b.scale:g}: {details}"))
+            out.append(T.bullet(f"{impl}, {d}, scale {b.scale:g}: {details}"))
     return out
 
 
@@ -350,26 +262,41 @@ def _misprint_check(loss: Loss, prose: Prose, live: Live) -> str:
     """The source page's misprinted formula against the reference on the sweep's own inputs."""
     dtype = "float64" if "float64" in live.config.dtypes else live.config.dtypes[0]
     tdtype = FORMATS[dtype].torch_dtype
+    misprint = prose.misprint
+    assert misprint is not None, "called only for a loss whose prose has a misprint"
+    fns: tuple[Callable | None, ...] = (
+        loss.implementations["naive"].fn if "naive" in loss.implementations else None,
+        lambda p, y, _r: misprint(p, y).mean(),
+    )
     rows = []
     for scale in SCALES[:4]:
         logits, labels = inputs.generate(loss.name, loss.multiclass, BATCH, None, float(scale), "normal", SEED)
         inp, target = loss.make_input(logits, tdtype), loss.make_target(labels, tdtype)
         ref = reference(loss, inp, target)
-        row = [f"{scale:g}", _fmt_value(ref.mean_value)]
+        mean_value, mean = ref.mean_value, ref.mean
+        assert mean_value is not None and mean is not None, "a mean reduction has a mean"
+        row = [f"{scale:g}", T.fmt_value(mean_value)]
         with torch.no_grad():
-            for fn in (loss.implementations["naive"].fn if "naive" in loss.implementations else None,
-                       lambda p, y, _r: prose.misprint(p, y).mean()):
+            for fn in fns:
                 if fn is None:
                     row.append("—")
                     continue
                 got = fn(inp, target, "mean")
-                ulp = float(ulp_distance(got.reshape(1), ref.mean.reshape(1))[0])
-                row.append(f"{_fmt_value(float(got))} ({bits_phrase(capped_bits(ulp, dtype), dtype)})")
+                ulp = float(ulp_distance(got.reshape(1), mean.reshape(1))[0])
+                bits = capped_bits(ulp, dtype)
+                assert bits is not None, "a sweep dtype has a precision"
+                row.append(f"{T.fmt_value(float(got))} ({bits_phrase(bits, dtype)})")
         rows.append(row)
-    table = _table(rows, ["scale", "exact mean", "naive", "as misprinted"])
-    return (_para(f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "
-                  f"misprinted {prose.misprint_label} is wrong already at scale 1, where the correct "
-                  "formula is exact:") + "\n\n" + table)
+    table = T.table(rows, ["scale", "exact mean", "naive", "as misprinted"])
+    return (
+        T.para(
+            f"Evaluated now on the sweep's own `normal` inputs in {dtype} (batch {BATCH}), the "
+            f"misprinted {prose.misprint_label} is wrong already at scale 1, where the correct "
+            "formula is exact:"
+        )
+        + "\n\n"
+        + table
+    )
 
 
 def _clamp_demo(loss: Loss) -> str:
@@ -378,21 +305,28 @@ def _clamp_demo(loss: Loss) -> str:
     logit = 40.0
     p = loss.make_input(np.array([logit]), tdtype)
     y = loss.make_target(np.array([0]), tdtype)
-    lines = [f"- logit {logit:g}, y = 0, float32: p = σ(logit) rounds to {_fmt_value(float(p[0]))}; the true "
-             f"loss of the logit is softplus({logit:g}) = {_fmt_value(float(R.softplus(np.array([logit]))[0]))}."]
+    lines = [
+        f"- logit {logit:g}, y = 0, float32: p = σ(logit) rounds to {T.fmt_value(float(p[0]))}; the true "
+        f"loss of the logit is softplus({logit:g}) = {T.fmt_value(float(R.softplus(np.array([logit]))[0]))}."
+    ]
     for name in ("torch", "stable", "naive"):
         if name in loss.implementations:
             with torch.no_grad():
                 v = float(loss.implementations[name].fn(p, y, "none")[0])
-            lines.append(f"- {name} on p: {_fmt_value(v)}")
+            lines.append(f"- {name} on p: {T.fmt_value(v)}")
     if "bce_with_logits" in LOSSES and "stable" in LOSSES["bce_with_logits"].implementations:
         lg = LOSSES["bce_with_logits"]
         with torch.no_grad():
-            v = float(lg.implementations["stable"].fn(lg.make_input(np.array([logit]), tdtype),
-                                                      lg.make_target(np.array([0]), tdtype), "none")[0])
-        lines.append(f"- bce_with_logits stable on the logit: {_fmt_value(v)}")
-    return ("Clamping, evaluated now — a clamped 100 is neither the loss of the rounded p (+inf) nor "
-            "that of the logit:\n" + "\n".join(lines))
+            v = float(
+                lg.implementations["stable"].fn(
+                    lg.make_input(np.array([logit]), tdtype), lg.make_target(np.array([0]), tdtype), "none"
+                )[0]
+            )
+        lines.append(f"- bce_with_logits stable on the logit: {T.fmt_value(v)}")
+    return (
+        "Clamping, evaluated now — a clamped 100 is neither the loss of the rounded p (+inf) nor "
+        "that of the logit:\n" + "\n".join(lines)
+    )
 
 
 def _mislabel_demo(loss: Loss) -> str:
@@ -408,17 +342,21 @@ def _mislabel_demo(loss: Loss) -> str:
 
     def vec(v):
         return "(" + ", ".join(f"{float(a):.4f}" for a in v) + ")"
-    return "\n".join([
-        "Evaluated now by autograd, x = (2, 1, 0.1), t = 0:",
-        f"- ∂L/∂x = {vec(x.grad)}; softmax(x) − onehot = {vec(p.detach() - onehot)} — the page's formula",
-        f"- ∂L/∂p = {vec(pl.grad)} = −onehot/p — what the gradient with respect to the probabilities is",
-    ])
+
+    return "\n".join(
+        [
+            "Evaluated now by autograd, x = (2, 1, 0.1), t = 0:",
+            f"- ∂L/∂x = {vec(x.grad)}; softmax(x) − onehot = {vec(p.detach() - onehot)} — the page's formula",
+            f"- ∂L/∂p = {vec(pl.grad)} = −onehot/p — what the gradient with respect to the probabilities is",
+        ]
+    )
 
 
 _DEMOS: dict[str, Callable[[Loss], str]] = {"clamp": _clamp_demo, "mislabel": _mislabel_demo}
 
 
 # ---- the explanation ----------------------------------------------------------------------------
+
 
 def _fallback_prose(loss: Loss) -> Prose:
     """Prose for a loss without an entry in PROSE: its summaries and formulas."""
@@ -431,9 +369,15 @@ def _fallback_prose(loss: Loss) -> Prose:
 
     def summary(name: str) -> str:
         return impls[name].summary if name in impls else "(no such implementation)"
+
     multi = loss.multiclass
-    probes = (_PROBABILITY_PROBES if loss.input_kind == "probabilities"
-              else _MULTICLASS_PROBES if multi else _BINARY_LOGIT_PROBES)
+    probes = (
+        _PROBABILITY_PROBES
+        if loss.input_kind == "probabilities"
+        else _MULTICLASS_PROBES
+        if multi
+        else _BINARY_LOGIT_PROBES
+    )
     return Prose(
         loss=formula("loss") or loss.summary,
         inputs=loss.input_kind,
@@ -456,13 +400,14 @@ def _fallback_prose(loss: Loss) -> Prose:
 
 def _normal_reach(loss: Loss, loss_name: str) -> str:
     time = SEQUENCE_LENGTH if is_sequence(loss) else None
-    k = _max_logit(loss, loss_name, sweep_batch(loss), CLASSES if loss.multiclass else None, 1.0, "normal",
-                   SEED, time)
+    k = _max_logit(loss, loss_name, sweep_batch(loss), CLASSES if loss.multiclass else None, 1.0, "normal", SEED, time)
     if k is None:
         return ""
-    return (f" At scale s the `normal` inputs reach |logit| ≈ {k:.2f}·s (N(0, 1)·s), so "
-            f"they cross a limit L from scale L/{k:.2f} on; the largest |logit| of each broken point "
-            "is given below.")
+    return (
+        f" At scale s the `normal` inputs reach |logit| ≈ {k:.2f}·s (N(0, 1)·s), so "
+        f"they cross a limit L from scale L/{k:.2f} on; the largest |logit| of each broken point "
+        "is given below."
+    )
 
 
 def known_losses() -> str:
@@ -486,85 +431,124 @@ def explain(loss_name: str, dtypes: tuple[str, ...] | None = None, threads: int 
     impls = sweep_implementations(loss)
     live = run_live(loss_name, dtypes, threads)
 
-    out: list[str] = [f"# losscheck explain {loss_name}", "", _para(loss.summary + "."), ""]
+    out: list[str] = [f"# losscheck explain {loss_name}", "", T.para(loss.summary + "."), ""]
 
     # 1. The loss
-    out += [f"## {SECTIONS[0]}", "", _para(prose.loss), "",
-            _bullet(f"input: {prose.inputs}"), _bullet(f"targets: {prose.targets}"), ""]
+    out += [
+        f"## {SECTIONS[0]}",
+        "",
+        T.para(prose.loss),
+        "",
+        T.bullet(f"input: {prose.inputs}"),
+        T.bullet(f"targets: {prose.targets}"),
+        "",
+    ]
     if impls:
         out += ["Implementations measured:"]
         for name in impls:
             impl = loss.implementations[name]
             kind = "" if impl.kind == name else f" ({impl.kind})"
-            out.append(_bullet(f"{name}{kind}: {impl.summary}"))
+            out.append(T.bullet(f"{name}{kind}: {impl.summary}"))
         out.append("")
 
     # 2. As usually printed (naive)
-    out += [f"## {SECTIONS[1]}", "", _para(prose.naive), ""]
+    out += [f"## {SECTIONS[1]}", "", T.para(prose.naive), ""]
     if "naive" in loss.implementations:
-        out += [_para(f"losscheck's `naive` transcribes it literally: {loss.implementations['naive'].summary}."), ""]
+        out += [T.para(f"losscheck's `naive` transcribes it literally: {loss.implementations['naive'].summary}."), ""]
     if prose.source:
-        out += [_para(prose.source), ""]
+        out += [T.para(prose.source), ""]
     if prose.misprint is not None:
         out += [_misprint_check(loss, prose, live), ""]
 
     # 3. Why it breaks
     out += [f"## {SECTIONS[2]}", ""]
-    out += [_bullet(m) for m in prose.mechanism]
-    out += ["", "Limits of each dtype, computed now from torch.finfo and by evaluating in the dtype:", "",
-            _limits_table(dtypes, prose.limit_columns), ""]
+    out += [T.bullet(m) for m in prose.mechanism]
+    out += [
+        "",
+        "Limits of each dtype, computed now from torch.finfo and by evaluating in the dtype:",
+        "",
+        _limits_table(dtypes, prose.limit_columns),
+        "",
+    ]
     if prose.probes:
         try:
             table = spot_checks(loss, prose.probes, impls)
-            out += [f"Spot checks in {PROBE_DTYPE}, evaluated now (✗: non-finite where the exact value is "
-                    f"finite, or more than {FORMATS[PROBE_DTYPE].default_threshold_bits:g} bits off):", "",
-                    table, ""]
+            out += [
+                f"Spot checks in {PROBE_DTYPE}, evaluated now (✗: non-finite where the exact value is "
+                f"finite, or more than {FORMATS[PROBE_DTYPE].default_threshold_bits:g} bits off):",
+                "",
+                table,
+                "",
+            ]
         except Exception as e:  # a loss whose inputs are not shaped like these probes
             out += [f"(spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
     n_points = len(live.records)
     thresholds = ", ".join(f"{d} {live.config.threshold_bits(d):g}" for d in dtypes)
-    shape = (f"{SEQUENCE_BATCH} sequences of {SEQUENCE_LENGTH} tokens" if is_sequence(loss)
-             else f"batch {BATCH}") + (f", {CLASSES} classes" if loss.multiclass else "")
-    out += [_para(f"Breakdown scale, measured now by a losscheck sweep ({n_points} points: scales "
-                  f"{', '.join(f'{s:g}' for s in SCALES)}; distributions {', '.join(DISTRIBUTIONS)}; "
-                  f"{shape}; cpu, {threads} thread{'s' if threads != 1 else ''}; {live.seconds:.1f} s):"), "",
-            _breakdown_table(live, loss_name, impls, dtypes), "",
-            _para("The breakdown scale is the smallest swept logit scale at which any point has a "
-                  "non-finite value (loss, mean or gradient) where the exact value is finite, or a mean "
-                  f"loss more than half the significand bits off (threshold in bits: {thresholds}); "
-                  "“none”: it never breaks within the sweep." + _normal_reach(loss, loss_name)), ""]
+    shape = (f"{SEQUENCE_BATCH} sequences of {SEQUENCE_LENGTH} tokens" if is_sequence(loss) else f"batch {BATCH}") + (
+        f", {CLASSES} classes" if loss.multiclass else ""
+    )
+    out += [
+        T.para(
+            f"Breakdown scale, measured now by a losscheck sweep ({n_points} points: scales "
+            f"{', '.join(f'{s:g}' for s in SCALES)}; distributions {', '.join(DISTRIBUTIONS)}; "
+            f"{shape}; cpu, {threads} thread{'s' if threads != 1 else ''}; {live.seconds:.1f} s):"
+        ),
+        "",
+        _breakdown_table(live, loss_name, impls, dtypes),
+        "",
+        T.para(
+            "The breakdown scale is the smallest swept logit scale at which any point has a "
+            "non-finite value (loss, mean or gradient) where the exact value is finite, or a mean "
+            f"loss more than half the significand bits off (threshold in bits: {thresholds}); "
+            "“none”: it never breaks within the sweep." + _normal_reach(loss, loss_name)
+        ),
+        "",
+    ]
     wrong = what_goes_wrong(live, loss, impls, dtypes)
     if wrong:
         out += ["What goes wrong at the breakdown scale:"] + wrong + [""]
     if "stable" in impls:
-        unstable = [d for d in dtypes
-                    if (b := live.breakdowns.get((loss_name, "stable", d, "cpu"))) is not None
-                    and (b.scale is not None or b.status != "measured")]
+        unstable = [
+            d
+            for d in dtypes
+            if (b := live.breakdowns.get((loss_name, "stable", d, "cpu"))) is not None
+            and (b.scale is not None or b.status != "measured")
+        ]
         if unstable:
-            out += [_para(f"NOTE: `stable` does not hold in {', '.join(unstable)} (see the table) — that "
-                          "contradicts its design and is worth a bug report."), ""]
+            out += [
+                T.para(
+                    f"NOTE: `stable` does not hold in {', '.join(unstable)} (see the table) — that "
+                    "contradicts its design and is worth a bug report."
+                ),
+                "",
+            ]
         else:
-            out += [_para(f"`stable` never breaks in this sweep ({', '.join(dtypes)})."), ""]
+            out += [T.para(f"`stable` never breaks in this sweep ({', '.join(dtypes)})."), ""]
 
     # 4. The stable rewriting
-    out += [f"## {SECTIONS[3]}", "", _para(prose.stable), ""]
-    out += [_bullet(w) for w in prose.stable_why] + [""]
+    out += [f"## {SECTIONS[3]}", "", T.para(prose.stable), ""]
+    out += [T.bullet(w) for w in prose.stable_why] + [""]
     for name in prose.extras:
         if name == "clamp":
             out += [_DEMOS[name](loss), ""]
 
     # 5. The gradient
-    out += [f"## {SECTIONS[4]}", "", _para(prose.gradient), "", _para(prose.gradient_how), ""]
+    out += [f"## {SECTIONS[4]}", "", T.para(prose.gradient), "", T.para(prose.gradient_how), ""]
     if prose.gradient_source:
-        out += [_para(prose.gradient_source), ""]
+        out += [T.para(prose.gradient_source), ""]
     for name in prose.extras:
         if name == "mislabel":
             out += [_DEMOS[name](loss), ""]
     if prose.probes:
         try:
             table = spot_checks(loss, prose.probes, impls, gradient=True)
-            out += [f"Gradient spot checks in {PROBE_DTYPE}, by autograd through each implementation "
-                    "(batch of one), evaluated now:", "", table, ""]
+            out += [
+                f"Gradient spot checks in {PROBE_DTYPE}, by autograd through each implementation "
+                "(batch of one), evaluated now:",
+                "",
+                table,
+                "",
+            ]
         except Exception as e:
             out += [f"(gradient spot checks unavailable for this loss: {type(e).__name__}: {e})", ""]
     return "\n".join(out).rstrip() + "\n"

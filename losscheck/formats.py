@@ -42,9 +42,9 @@ def ulp_threshold(threshold_bits: float) -> float:
     return 2.0**threshold_bits - 1
 
 
-def precision(dtype: str) -> int | None:
+def precision(dtype: str | None) -> int | None:
     """The significand precision p of a dtype name (53, 24, 11, 8); None for an unknown name."""
-    f = FORMATS.get(dtype)
+    f = FORMATS.get(dtype) if dtype is not None else None
     return f.significand_bits if f else None
 
 
@@ -57,7 +57,7 @@ def bits_phrase(bits: float, dtype: str, digits: int = 0) -> str:
     return f"{bits:.{digits}f} bits off"
 
 
-def capped_bits(ulp, dtype: str) -> float | None:
+def capped_bits(ulp, dtype: str | None) -> float | None:
     """min(log2(1 + ulp), p) of a ULP distance in a dtype named by `dtype` (METRICS.md
     "Accuracy"), unrounded; a non-finite distance is p. None where there is no distance, or
     no p to cap an infinite one at."""

@@ -26,6 +26,7 @@ the baseline comparison. Points of the baseline missing from the current run fai
 unless allowed; points not run (skipped, or an error on both sides) are counted, never
 passed.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,9 +127,20 @@ class Comparison:
         rows: dict[str, dict] = {}
 
         def row(impl: str) -> dict:
-            return rows.setdefault(impl, {"impl": impl, "kind": self.kinds.get(impl, ""), "against": set(),
-                                          "judged": 0, "not_judged": 0, "missing": 0, "regressions": set(),
-                                          "worst": None})
+            return rows.setdefault(
+                impl,
+                {
+                    "impl": impl,
+                    "kind": self.kinds.get(impl, ""),
+                    "against": set(),
+                    "judged": 0,
+                    "not_judged": 0,
+                    "missing": 0,
+                    "regressions": set(),
+                    "worst": None,
+                },
+            )
+
         # Matched points are judged against the baseline, new ones against their versus (added below).
         for k in [*self.matched_keys, *self.versus_of]:
             r = row(k[1])
@@ -160,8 +172,14 @@ class Comparison:
                 verdict = "not gated (no baseline)"
             else:
                 verdict = "not judged"
-            out.append({**r, "against": ", ".join(sorted(r["against"])) or "—",
-                        "regressions": len(r["regressions"]), "verdict": verdict})
+            out.append(
+                {
+                    **r,
+                    "against": ", ".join(sorted(r["against"])) or "—",
+                    "regressions": len(r["regressions"]),
+                    "verdict": verdict,
+                }
+            )
         return sorted(out, key=lambda r: (r["verdict"] != "FAIL", r["impl"]))
 
 
@@ -169,8 +187,9 @@ def env_differences(a: dict, b: dict, fields=ENV_FIELDS) -> dict[str, tuple]:
     return {f: (a.get(f), b.get(f)) for f in fields if a.get(f) != b.get(f)}
 
 
-def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeasure | None = None,
-            allow_missing: bool = False) -> Comparison:
+def compare(
+    baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeasure | None = None, allow_missing: bool = False
+) -> Comparison:
     """Judge `current` against `baseline` (results files as loaded). `remeasure`, when given,
     re-times suspected slowdowns in the same run (see the module docstring)."""
     base = {record_key(r): r for r in baseline["records"]}
@@ -196,8 +215,10 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
         t = policy.for_loss(k[0])
         b, c = base[k], cur[k]
         if "inputs" in diffs:
-            not_run[k] = (f"inputs differ: the baseline's were drawn by the {generators[0]} generator, "
-                          f"this run's by {generators[1]} (not the same inputs)")
+            not_run[k] = (
+                f"inputs differ: the baseline's were drawn by the {generators[0]} generator, "
+                f"this run's by {generators[1]} (not the same inputs)"
+            )
             continue
         if c["status"] != "ok" and b["status"] != "ok":
             not_run[k] = _not_run_why(c)
@@ -226,23 +247,50 @@ def compare(baseline: dict, current: dict, policy: GatePolicy, remeasure: Remeas
         if v["status"] != "ok":
             not_run[k] = f"{t.versus} did not run here ({_not_run_why(v)})"
             continue
-        found = [replace(x, against=t.versus) for x in compare_point(v, c, t, k, versus=t.versus)
-                 if x.outcome == "regression"]
+        found = [
+            replace(x, against=t.versus)
+            for x in compare_point(v, c, t, k, versus=t.versus)
+            if x.outcome == "regression"
+        ]
         verdicts += found
     timing = _judge_timing(timing_cases, policy, benv, cenv, remeasure)
     verdicts += timing.verdicts
     for v in timing.verdicts:
         by_point.setdefault(v.key, []).append(v)
-    unchanged = sum(1 for k in matched if k not in not_run
-                    and not any(v.outcome in ("regression", "improvement") for v in by_point.get(k, [])))
+    unchanged = sum(
+        1
+        for k in matched
+        if k not in not_run and not any(v.outcome in ("regression", "improvement") for v in by_point.get(k, []))
+    )
     timing_note = timing.note
-    meta = lambda d: {"created": d.get("created"), "command": d.get("command"),
-                      "git_revision": d.get("environment", {}).get("git_revision")}
+
+    def meta(d: dict) -> dict:
+        return {
+            "created": d.get("created"),
+            "command": d.get("command"),
+            "git_revision": d.get("environment", {}).get("git_revision"),
+        }
+
     kinds = {r["impl"]: r.get("kind", "") for r in (*baseline["records"], *current["records"])}
-    return Comparison(sorted(verdicts, key=lambda v: _sort_key(v.key)), len(matched), unchanged,
-                     sorted(set(base) - set(cur), key=_sort_key), sorted(set(cur) - set(base), key=_sort_key),
-                     diffs, timing_note, meta(baseline), meta(current), matched, not_compared, not_run,
-                     versus_of, not_gated, kinds, allow_missing, timing.summary)
+    return Comparison(
+        sorted(verdicts, key=lambda v: _sort_key(v.key)),
+        len(matched),
+        unchanged,
+        sorted(set(base) - set(cur), key=_sort_key),
+        sorted(set(cur) - set(base), key=_sort_key),
+        diffs,
+        timing_note,
+        meta(baseline),
+        meta(current),
+        matched,
+        not_compared,
+        not_run,
+        versus_of,
+        not_gated,
+        kinds,
+        allow_missing,
+        timing.summary,
+    )
 
 
 def _not_run_why(r: dict) -> str:
@@ -254,6 +302,7 @@ def _sort_key(k: tuple) -> tuple:
 
 
 # ---- timing ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class _TimingCase:
@@ -289,7 +338,7 @@ def _samples(timing: dict, versus: dict | None, part: str, mode: str) -> tuple[l
         return None, "no timing of the versus implementation at this point"
     if len(theirs) != len(own) or min(theirs) <= 0:
         return None, "the versus implementation's blocks do not pair with these"
-    return [a / v for a, v in zip(own, theirs)], ""
+    return [a / v for a, v in zip(own, theirs, strict=True)], ""
 
 
 def _stable(sample: list[float], timing: dict, versus: dict | None, part: str, side: str) -> stats.Stability:
@@ -300,8 +349,9 @@ def _stable(sample: list[float], timing: dict, versus: dict | None, part: str, s
         return s
     for tm, who in ((timing, ""), (versus, " (versus)")):
         if tm:
-            s = stats.stall(tm.get(f"{part}_times_s") or [], tm.get(f"{part}_calibration_s"),
-                            f"the {side}'s timing{who}")
+            s = stats.stall(
+                tm.get(f"{part}_times_s") or [], tm.get(f"{part}_calibration_s"), f"the {side}'s timing{who}"
+            )
             if not s.ok:
                 return s
     return s
@@ -314,8 +364,9 @@ class _TimingOutcome:
     note: str
 
 
-def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv: dict,
-                  remeasure: Remeasure | None) -> _TimingOutcome:
+def _judge_timing(
+    cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv: dict, remeasure: Remeasure | None
+) -> _TimingOutcome:
     summary = TimingSummary(mode=policy.default.timing, false_alarm=policy.default.false_alarm)
     verdicts: list[Verdict] = []
     if not cases:
@@ -330,8 +381,11 @@ def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv
     env_diff = {m: env_differences(benv, cenv, TIMING_ENV if m == "relative" else ENV_FIELDS) for m in modes}
     if any(env_diff.values()):
         parts = sorted({f for d in env_diff.values() for f in d})
-        note = ("timings are not judged where the environments differ in what decides kernel choice or speed ("
-                + ", ".join(f"{f}: {benv.get(f)!r} -> {cenv.get(f)!r}" for f in parts) + ")")
+        note = (
+            "timings are not judged where the environments differ in what decides kernel choice or speed ("
+            + ", ".join(f"{f}: {benv.get(f)!r} -> {cenv.get(f)!r}" for f in parts)
+            + ")"
+        )
     ready: list[tuple[_TimingCase, list[float], list[float]]] = []
     for case in cases:
         mode = case.t.timing
@@ -340,8 +394,12 @@ def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv
             continue
         bmed, cmed = case.base.get(f"{case.part}_median_s"), case.cur.get(f"{case.part}_median_s")
         if bmed is not None and cmed is not None and max(bmed, cmed) < case.t.min_time:
-            skip(case, f"too short to time reliably (medians {stats._t(bmed)} and {stats._t(cmed)}, "
-                       f"both under {stats._t(case.t.min_time)})", "too short to time reliably")
+            skip(
+                case,
+                f"too short to time reliably (medians {stats._t(bmed)} and {stats._t(cmed)}, "
+                f"both under {stats._t(case.t.min_time)})",
+                "too short to time reliably",
+            )
             continue
         bs, why = _samples(case.base, case.base_versus, case.part, mode)
         if bs is None:
@@ -364,8 +422,9 @@ def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv
         f = case.t.time_factor
         unit = "s" if case.t.timing == "absolute" else f"× {case.versus}"
         bmed, cmed = stats.median(bs), stats.median(cs)
-        cur_stable = _stable(cs, case.cur, case.cur_versus if case.t.timing == "relative" else None, case.part,
-                             "current run")
+        cur_stable = _stable(
+            cs, case.cur, case.cur_versus if case.t.timing == "relative" else None, case.part, "current run"
+        )
         suspected = cmed > f * bmed and stats.slower_p(cs, bs, f) <= SCREEN
         summary.suspected += suspected
         sample, stable, how = cs, cur_stable, "not re-measured (comparing two files)"
@@ -387,14 +446,29 @@ def _judge_timing(cases: list[_TimingCase], policy: GatePolicy, benv: dict, cenv
         p = stats.slower_p(sample, bs, f)
         if smed > f * bmed and p <= summary.per_test:
             summary.confirmed += 1
-            verdicts.append(Verdict(
-                case.key, "timing", "regression", f"{bmed:.4g} {unit}", f"{smed:.4g} {unit}",
-                f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's (> ×{f:g}; exact rank "
-                f"test p = {p:.2g} <= {summary.per_test:.2g} = {summary.false_alarm:g}/{summary.judged}; {how})",
-                math.log2(smed / bmed)))
+            verdicts.append(
+                Verdict(
+                    case.key,
+                    "timing",
+                    "regression",
+                    f"{bmed:.4g} {unit}",
+                    f"{smed:.4g} {unit}",
+                    f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's (> ×{f:g}; exact rank "
+                    f"test p = {p:.2g} <= {summary.per_test:.2g} = {summary.false_alarm:g}/{summary.judged}; {how})",
+                    math.log2(smed / bmed),
+                )
+            )
         elif smed * f < bmed and stats.slower_p(bs, sample, f) <= summary.per_test:
-            verdicts.append(Verdict(case.key, "timing", "improvement", f"{bmed:.4g} {unit}", f"{smed:.4g} {unit}",
-                                    f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's"))
+            verdicts.append(
+                Verdict(
+                    case.key,
+                    "timing",
+                    "improvement",
+                    f"{bmed:.4g} {unit}",
+                    f"{smed:.4g} {unit}",
+                    f"{case.label} {case.t.timing} time ×{smed / bmed:.2f} the baseline's",
+                )
+            )
     return _TimingOutcome(verdicts, summary, note)
 
 
@@ -406,9 +480,10 @@ def _remeasured(remeasure: Remeasure, case: _TimingCase):
     except Exception as e:  # a re-measure must never crash the gate: the verdict says why
         return f"{type(e).__name__}: {e}"
     tm, tv = timed.get(names[0]), timed.get(case.versus) if len(names) > 1 else None
-    for x in (tm, tv) if len(names) > 1 else (tm,):
-        if not isinstance(x, dict):
-            return f"{x!r}"
+    if not isinstance(tm, dict):
+        return f"{tm!r}"
+    if len(names) > 1 and not isinstance(tv, dict):
+        return f"{tv!r}"
     sample, why = _samples(tm, tv, case.part, case.t.timing)
     return why if sample is None else (sample, (tm, tv))
 

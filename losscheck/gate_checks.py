@@ -8,14 +8,14 @@ cur, thresholds, key, versus)` -> a Verdict or None. Timing is not judged point 
 false-alarm rate holds over all the run's timing comparisons together (gate.py, `_judge_timing`);
 `TIMING` declares what it reads and says how it judges.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import analysis as A
-from . import stats
+from . import analysis as A, stats
 from .gate_policy import Thresholds
 
 
@@ -75,8 +75,15 @@ class CountCheck:
         if nb is None or nc is None:
             return None
         if nc > nb:
-            return Verdict(k, self.name, "regression", str(nb), str(nc),
-                           f"{nc - nb} {self.more.format(other=versus or 'baseline')}", self.size)
+            return Verdict(
+                k,
+                self.name,
+                "regression",
+                str(nb),
+                str(nc),
+                f"{nc - nb} {self.more.format(other=versus or 'baseline')}",
+                self.size,
+            )
         if nc < nb and self.fewer:
             return Verdict(k, self.name, "improvement", str(nb), str(nc), f"{nb - nc} {self.fewer}")
         return None
@@ -109,11 +116,19 @@ class ToleranceCheck:
         size = delta if self.unit == "bits" else math.log2(1 + max(delta, 0))
         where = "" if versus is None else f" (vs {versus})"
         if delta > tolerance:
-            return Verdict(k, self.name, "regression", _num(vb), _num(vc),
-                           f"{self.label} up by {_num(delta)} {self.unit} (tolerance {tolerance:g}){where}", size)
+            return Verdict(
+                k,
+                self.name,
+                "regression",
+                _num(vb),
+                _num(vc),
+                f"{self.label} up by {_num(delta)} {self.unit} (tolerance {tolerance:g}){where}",
+                size,
+            )
         if delta < -tolerance:
-            return Verdict(k, self.name, "improvement", _num(vb), _num(vc),
-                           f"{self.label} down by {_num(-delta)} {self.unit}")
+            return Verdict(
+                k, self.name, "improvement", _num(vb), _num(vc), f"{self.label} down by {_num(-delta)} {self.unit}"
+            )
         return None
 
     def describe(self, t: Thresholds) -> tuple[str, str]:
@@ -136,10 +151,15 @@ STATUS = StatusCheck()
 # The checks of a point that ran on both sides, in the order of its verdicts.
 VALUE_CHECKS = (
     # NaN anywhere the reference is not NaN, ±inf where it is finite (docs/METRICS.md "Overflow").
-    CountCheck("overflow", _nonfinite, "more NaN/±inf value(s) than the {other}", "fewer non-finite values",
-               math.inf, "a new non-finite value"),
-    CountCheck("accuracy", _underflows, "more result(s) flushed to zero than the {other}", None, 1.0,
-               "flush to zero"),
+    CountCheck(
+        "overflow",
+        _nonfinite,
+        "more NaN/±inf value(s) than the {other}",
+        "fewer non-finite values",
+        math.inf,
+        "a new non-finite value",
+    ),
+    CountCheck("accuracy", _underflows, "more result(s) flushed to zero than the {other}", None, 1.0, "flush to zero"),
     ToleranceCheck("forward max bits", "forward", "max_bits", "bits", "forward", "max bits", ("bits",)),
     ToleranceCheck("gradient max bits", "backward", "max_bits", "bits", "gradient", "max bits", ("bits",)),
     ToleranceCheck("mean-loss ULPs", "forward", "reduced_ulp", "ULP", "mean-loss", "error", ("ulp",)),
@@ -182,10 +202,12 @@ class TimingCheck:
     reads: tuple[str, ...] = ("timing", "time_factor", "false_alarm", "min_time", "versus")
 
     def describe(self, t: Thresholds) -> str:
-        return (f"Timing ({t.timing}): slower by more than ×{t.time_factor:g} by an exact one-sided rank test at "
-                f"{t.false_alarm:g} divided by the number of timing comparisons judged, confirmed by a re-measure "
-                f"in the same run where one is possible; operations under {stats._t(t.min_time)} on both sides, "
-                "unstable samples and other environments are not judged.")
+        return (
+            f"Timing ({t.timing}): slower by more than ×{t.time_factor:g} by an exact one-sided rank test at "
+            f"{t.false_alarm:g} divided by the number of timing comparisons judged, confirmed by a re-measure "
+            f"in the same run where one is possible; operations under {stats._t(t.min_time)} on both sides, "
+            "unstable samples and other environments are not judged."
+        )
 
 
 TIMING = TimingCheck()
@@ -195,5 +217,7 @@ NEW_READS = ("new", "versus")
 
 def describe_policy(t: Thresholds) -> str:
     """The "Thresholds" paragraph of a comparison under `t`."""
-    return (f"A regression: {describe_checks(t)}. An implementation without a baseline ({t.new} ones, `gate.new`) "
-            f"is held to the same tolerances against `{t.versus}` in the same run. {TIMING.describe(t)}")
+    return (
+        f"A regression: {describe_checks(t)}. An implementation without a baseline ({t.new} ones, `gate.new`) "
+        f"is held to the same tolerances against `{t.versus}` in the same run. {TIMING.describe(t)}"
+    )

@@ -6,6 +6,7 @@ Config validation (config.py: the `gate:` keys, their one-line errors and the ke
 the command-line flags and the gate (gate.py) read them from here. This module imports
 nothing of the package, so that config.py need not import the gate (it sits below it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -47,13 +48,14 @@ class GatePolicy:
     def for_loss(self, loss: str) -> Thresholds:
         return self.per_loss.get(loss, self.default)
 
-    def with_overrides(self, **overrides) -> "GatePolicy":
+    def with_overrides(self, **overrides) -> GatePolicy:
         """Command-line values replace the configured ones, per-loss ones included."""
         given = {k: v for k, v in overrides.items() if v is not None}
         if not given:
             return self
-        return GatePolicy(replace(self.default, **given),
-                          {loss: replace(t, **given) for loss, t in self.per_loss.items()})
+        return GatePolicy(
+            replace(self.default, **given), {loss: replace(t, **given) for loss, t in self.per_loss.items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -87,33 +89,64 @@ class Setting:
         if number is None or number != number or number in (float("inf"), float("-inf")):
             return False
         if self.kind == "probability":
+            assert self.high is not None, "a probability setting has a high end"
             return self.low < number <= self.high
         return number >= self.low
 
 
 # In the order of the `gate:` key's help and of the "allowed" list of an unknown key.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("bits", "number", "bits", "a finite number >= 0", flag="--bits",
-            flag_help="Allowed increase of forward/gradient max bits"),
-    Setting("ulp", "number", "ulp (allowed increases)", "a finite number >= 0", flag="--ulp",
-            flag_help="Allowed increase of the mean loss's ULP error"),
-    Setting("time_factor", "number", "time_factor (>= 1)", "a finite number >= 1", low=1.0, flag="--time-factor",
-            flag_help="Allowed slowdown factor, beyond the noise"),
-    Setting("timing", "choice", "timing (relative, absolute, off)", ", ".join(TIMING_MODES), choices=TIMING_MODES,
-            flag="--timing", flag_help="Timing gate: relative to torch in the same run, absolute, or off"),
-    Setting("versus", "implementation", "versus (an implementation of the run; default torch)",
-            "an implementation of the run"),
+    Setting(
+        "bits",
+        "number",
+        "bits",
+        "a finite number >= 0",
+        flag="--bits",
+        flag_help="Allowed increase of forward/gradient max bits",
+    ),
+    Setting(
+        "ulp",
+        "number",
+        "ulp (allowed increases)",
+        "a finite number >= 0",
+        flag="--ulp",
+        flag_help="Allowed increase of the mean loss's ULP error",
+    ),
+    Setting(
+        "time_factor",
+        "number",
+        "time_factor (>= 1)",
+        "a finite number >= 1",
+        low=1.0,
+        flag="--time-factor",
+        flag_help="Allowed slowdown factor, beyond the noise",
+    ),
+    Setting(
+        "timing",
+        "choice",
+        "timing (relative, absolute, off)",
+        ", ".join(TIMING_MODES),
+        choices=TIMING_MODES,
+        flag="--timing",
+        flag_help="Timing gate: relative to torch in the same run, absolute, or off",
+    ),
+    Setting(
+        "versus",
+        "implementation",
+        "versus (an implementation of the run; default torch)",
+        "an implementation of the run",
+    ),
     Setting("new", "choice", "new (custom, all, none)", ", ".join(NEW_MODES), choices=NEW_MODES),
     Setting("min_time", "number", "min_time (seconds)", "seconds >= 0"),
-    Setting("false_alarm", "probability", "false_alarm (in (0, 0.5])", "a probability in (0, 0.5]", low=0.0,
-            high=0.5),
+    Setting("false_alarm", "probability", "false_alarm (in (0, 0.5])", "a probability in (0, 0.5]", low=0.0, high=0.5),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 GATE_KEYS = tuple(s.name for s in SETTINGS)
 # The order in which a `gate:` mapping's values are checked (its first error is the one
 # reported): numbers, then the probability, the choices, and `versus` last.
-CHECK_ORDER = tuple(s.name for kind in ("number", "probability", "choice", "implementation")
-                    for s in SETTINGS if s.kind == kind)
+CHECK_ORDER = tuple(
+    s.name for kind in ("number", "probability", "choice", "implementation") for s in SETTINGS if s.kind == kind
+)
 # Above 0.5 a "regression" would be likelier a false alarm than not: hence false_alarm's (0, 0.5].
 
 

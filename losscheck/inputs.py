@@ -25,10 +25,12 @@ N(0, 1) values come from the inverse CDF, √2·erfinv(v), v uniform on the odd 
 infinite draw), and 5 times faster than torch's float64 `randn` on the CPU (scalar
 Box–Muller); tails reach ±8.3 σ.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 
 class _Torch:
@@ -42,7 +44,10 @@ class _Torch:
         return getattr(module, name)
 
 
-torch = _Torch()
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = _Torch()
 
 # Named in results files (the config's `inputs`, see results.py): a change of what any seed
 # draws must change it, so that `compare` and the gate can tell that points differ in input.
@@ -88,9 +93,7 @@ def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
         raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
     if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:
         return False
-    if distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits":
-        return False
-    return True
+    return not (distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits")
 
 
 def distributions_for(multiclass: bool, input_kind: str) -> tuple[str, ...]:
@@ -111,7 +114,7 @@ class _Draws:
         """Uniform on the odd multiples of 2**-53 in (−1, 1) (torch's float64 `rand` gives
         multiples of 2**-53 in [0, 1)): every step exact, symmetric, never ±1."""
         u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g)
-        return u.mul_(2).sub_(1 - 2.0 ** -53)
+        return u.mul_(2).sub_(1 - 2.0**-53)
 
     def uniform(self, lo: float, hi: float, shape) -> torch.Tensor:
         return torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)
@@ -122,7 +125,9 @@ class _Draws:
 
     def exponential(self, shape) -> torch.Tensor:
         """Exp(1) draws: −log(1 − u), 1 − u in (0, 1] exactly."""
-        return pieces(torch.log, torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).neg_().add_(1)).neg_()
+        return pieces(
+            torch.log, torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).neg_().add_(1)
+        ).neg_()
 
     def integers(self, lo: int, hi: int, shape) -> torch.Tensor:
         return torch.randint(lo, hi, shape, device=self.device, generator=self.g)
@@ -155,12 +160,21 @@ def generator_for(seed: int, *key: object, device="cpu") -> _Draws:
     return _Draws(seed, key, device)
 
 
-def generate(loss: str, multiclass: bool, batch: int, classes: int | None, scale: float,
-             distribution: str, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    loss: str,
+    multiclass: bool,
+    batch: int,
+    classes: int | None,
+    scale: float,
+    distribution: str,
+    seed: int,
+    device="cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) on `device`: logits float64 of shape (batch,) or (batch, classes);
     labels float64 0/1 (binary) or int64 class indices."""
     draws = generator_for(seed, loss, batch, classes, float(scale), distribution, device=device)
     if multiclass:
+        assert classes is not None, "a multi-class point has classes"
         return _multiclass(draws, batch, int(classes), float(scale), distribution)
     return _binary(draws, batch, float(scale), distribution)
 
@@ -278,11 +292,20 @@ def rows_blocks(rows: int, classes: int) -> list[slice]:
     return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
 
 
-def generate_blocks(loss: str, batch: int, classes: int, scale: float, distribution: str, seed: int,
-                    time: int | None = None, device="cpu"):
+def generate_blocks(
+    loss: str,
+    batch: int,
+    classes: int | None,  # None only for a binary loss, which never comes here
+    scale: float,
+    distribution: str,
+    seed: int,
+    time: int | None = None,
+    device="cpu",
+):
     """(rows slice, float64 logits, labels) for each block of a multi-class point's rows
     (batch·time rows for sequence losses), on `device`. One block is exactly `generate`'s
     values."""
+    assert classes is not None, "a multi-class point has classes"
     rows = batch * (time or 1)
     key = (loss, batch, classes, float(scale), distribution) + ((time,) if time else ())
     for i, block in enumerate(rows_blocks(rows, classes)):
@@ -299,8 +322,16 @@ def sequence_padding(batch: int, time: int, seed: int, device="cpu") -> torch.Te
     return torch.arange(time, device=d.device)[None, :] >= lengths[:, None]
 
 
-def option_values(loss: str, multiclass: bool, options: dict, rows: int, classes: int | None,
-                  labels: torch.Tensor, seed: int, device="cpu") -> dict:
+def option_values(
+    loss: str,
+    multiclass: bool,
+    options: dict,
+    rows: int,
+    classes: int | None,
+    labels: torch.Tensor,
+    seed: int,
+    device="cpu",
+) -> dict:
     """The tensors and numbers behind a point's options (METRICS.md "Inputs": generated in
     float64 from the seed on `device`; rounded to the dtype by the caller):
 
@@ -324,9 +355,10 @@ def option_values(loss: str, multiclass: bool, options: dict, rows: int, classes
     if fraction:
         d = generator_for(seed, loss, "ignored", rows, fraction, device=device)
         mask = torch.zeros(rows, dtype=torch.bool, device=d.device)
-        mask[torch.randperm(rows, generator=d.g, device=d.device)[:int(round(fraction * rows))]] = True
+        mask[torch.randperm(rows, generator=d.g, device=d.device)[: int(round(fraction * rows))]] = True
         out["ignored"] = mask
     if options.get("targets", "hard") == "soft":
+        assert classes is not None, "soft targets are multi-class"
         d = generator_for(seed, loss, "soft", rows, classes, device=device)
         # Dirichlet(1, …, 1): independent Exp(1) draws divided by their row's sum.
         noise = d.exponential((rows, int(classes)))

@@ -24,6 +24,7 @@ outer timer expires first, the inner deadline arms nothing and the outer one fir
 otherwise the inner deadline takes the timer over and, on exit, restores the outer handler and
 re-arms the outer timer with the time it has left (at once, if that time has run out meanwhile).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,10 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 # Re-arm delay for an outer timer whose time ran out while an inner deadline held the timer.
 _EXPIRED_DELAY_S = 1e-4
@@ -120,21 +122,25 @@ class GlobalState:
     @classmethod
     def capture(cls) -> GlobalState:
         import torch
+
         return cls(os.getcwd(), torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled())
 
     def restore(self) -> list[str]:
         """Put everything back as captured; what had changed, as 'what: before -> now'."""
         import torch
+
         now = GlobalState.capture() if os.path.isdir(self.cwd) else None
         changed = []
         if now is None or now.cwd != self.cwd:
             changed.append(f"working directory: {self.cwd} -> {now.cwd if now else '?'}")
             os.chdir(self.cwd)
             now = GlobalState.capture()
-        for what, before, after, put in (
-                ("torch default dtype", self.default_dtype, now.default_dtype, torch.set_default_dtype),
-                ("torch threads", self.threads, now.threads, torch.set_num_threads),
-                ("torch grad mode", self.grad_enabled, now.grad_enabled, torch.set_grad_enabled)):
+        checks: list[tuple[str, Any, Any, Callable[[Any], Any]]] = [
+            ("torch default dtype", self.default_dtype, now.default_dtype, torch.set_default_dtype),
+            ("torch threads", self.threads, now.threads, torch.set_num_threads),
+            ("torch grad mode", self.grad_enabled, now.grad_enabled, torch.set_grad_enabled),
+        ]
+        for what, before, after, put in checks:
             if before != after:
                 changed.append(f"{what}: {before} -> {after}")
                 put(before)
@@ -160,6 +166,7 @@ def one_line(e: BaseException) -> str:
 def failure_message(e: BaseException) -> str:
     """A point's error message for an exception of the code it ran."""
     from . import memory  # torch: only once a point runs
+
     if isinstance(e, PointTimeout):
         return f"timeout: {e}"
     if memory.is_oom(e) and not isinstance(e, WorkerFailure):

@@ -20,6 +20,7 @@ Verdicts sit on top of the distance: a finite value against ±inf is clamped (in
 bits), exactly 0 against a non-zero value is underflow, and `bits` never exceeds the
 format's precision p — see `ErrorStats` and METRICS.md ("Accuracy", "Overflow").
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ class _Bits:
     ints: torch.Tensor  # the values' bits, signed integers of the format's width
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "_Bits":
+    def of(cls, t: torch.Tensor) -> _Bits:
         f = fmt(t.dtype)
         return cls(f, t.detach().view(f.int_dtype))
 
@@ -243,9 +244,9 @@ class _Accumulator:
 
     COUNTERS = ("saturated", "underflow", "clamped", "nan", "posinf", "neginf")
 
-    def __init__(self, stats: "ErrorStats", device: torch.device):
+    def __init__(self, stats: ErrorStats, device: torch.device):
         self.stats = stats
-        self.p = stats._format.significand_bits
+        self.p = stats.float_format.significand_bits
         self.on_host = device.type in _SUMMARY_ON_HOST
         self.ulp_threshold = ulp_threshold(stats.threshold_bits)
         self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
@@ -269,8 +270,9 @@ class _Accumulator:
         else:
             vmin, vmax = torch.aminmax(pair.vm)
             rmin, rmax = torch.aminmax(r.ints.view(r.f.torch_dtype))  # NaN propagates
-            flags = torch.stack([vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()),
-                                 (v.ints ^ r.ints).amin() < 0])
+            flags = torch.stack(
+                [vmin == 0, vmax >= pair.inf_bits, ~(rmin.isfinite() & rmax.isfinite()), (v.ints ^ r.ints).amin() < 0]
+            )
             zeros, v_special, r_special, signs_differ = flags.tolist()
             special = v_special or r_special
         if not special and v.f.total_bits <= 32:
@@ -362,7 +364,7 @@ class _Accumulator:
         bits_sum, largest, *counts = torch.stack(parts).tolist()
         s._bits_sum = bits_sum
         s.max_ulp = max(s.max_ulp, largest)
-        for c, k in zip(self.COUNTERS, counts):
+        for c, k in zip(self.COUNTERS, counts, strict=True):
             setattr(s, c, getattr(s, c) + int(k))
 
 
@@ -401,6 +403,12 @@ class ErrorStats:
     reduced_reference: float | None = None
     _format: FloatFormat | None = field(default=None, repr=False)
 
+    @property
+    def float_format(self) -> FloatFormat:
+        # Set by the first `add`/`add_reduced`; read only once elements were counted.
+        assert self._format is not None, "no values were added yet"
+        return self._format
+
     def add(self, value: torch.Tensor, reference: torch.Tensor) -> None:
         """Stream the elements of `value` against `reference` (same dtype, any shape, on
         any device): tensor reductions on that device, chunk by chunk, and one transfer of
@@ -416,7 +424,7 @@ class ErrorStats:
         acc = _Accumulator(self, value.device)
         # Bounded chunks: the temporaries are a few float64/integer copies of a chunk.
         for start in range(0, n, CHUNK):
-            acc.add(_Bits.of(value[start:start + CHUNK]), _Bits.of(reference[start:start + CHUNK]))
+            acc.add(_Bits.of(value[start : start + CHUNK]), _Bits.of(reference[start : start + CHUNK]))
         acc.flush()
         self.n += n
 
@@ -433,7 +441,7 @@ class ErrorStats:
         return self.nan + self.posinf + self.neginf
 
     def as_dict(self) -> dict:
-        max_bits = bits(self.max_ulp, self._format) if self.n else None
+        max_bits = bits(self.max_ulp, self.float_format) if self.n else None
         return {
             "n": self.n,
             "max_ulp": int_or_inf(self.max_ulp) if self.n else None,

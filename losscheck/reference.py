@@ -15,9 +15,11 @@ Both never hold more than a bounded chunk of values in working precision at once
 (`chunk_elements`), and are rounded to the target dtype exactly once (correct rounding,
 see `round_to`).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -75,7 +77,8 @@ def work_dtype(dtype: torch.dtype) -> type:
             raise ReferenceUnavailable(
                 "the x87 FPU is set to double precision in this process (a native library changed "
                 "its precision control): long double arithmetic is not extended, so there is no "
-                "float64 reference")
+                "float64 reference"
+            )
         return np.longdouble
     fmt(dtype)  # raises KeyError for unsupported dtypes
     return np.float64
@@ -205,7 +208,9 @@ class TensorCompensatedSum:
     """
 
     def __init__(self) -> None:
-        self._hi = self._lo = self._plain = None
+        self._hi: torch.Tensor | None = None
+        self._lo: torch.Tensor | None = None
+        self._plain: torch.Tensor | None = None
         self._waiting: list[torch.Tensor] = []
         self._count = 0
 
@@ -233,12 +238,18 @@ class TensorCompensatedSum:
             half = x.numel() // 2
             x, e = _two_sum(x[:half], x[half:])
             err = err + e.sum()
-        total, e = _two_sum(self._hi, x[0])
+        hi0, lo0, plain0 = self._parts()
+        total, e = _two_sum(hi0, x[0])
         ok = total.isfinite() & e.isfinite()
-        self._hi = torch.where(ok, total, self._hi)
-        self._lo = torch.where(ok, self._lo + err + e, self._lo)
+        self._hi = torch.where(ok, total, hi0)
+        self._lo = torch.where(ok, lo0 + err + e, lo0)
         # inf/NaN terms: IEEE's sum is the answer (any order gives the same inf or NaN).
-        self._plain = self._plain + torch.where(ok, 0.0, plain)
+        self._plain = plain0 + torch.where(ok, 0.0, plain)
+
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The three are set together, by the first flush of any terms; callers check _hi first.
+        assert self._hi is not None and self._lo is not None and self._plain is not None
+        return self._hi, self._lo, self._plain
 
     def total_dd(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum as a double-double (hi, lo) of shape () (inf/NaN terms: IEEE's sum in hi)."""
@@ -246,17 +257,19 @@ class TensorCompensatedSum:
         if self._hi is None:
             z = torch.zeros((), dtype=WORK, device=device)
             return z, z.clone()
-        hi, lo = _two_sum(self._hi, self._lo)
-        hi, lo = _two_sum(hi, self._plain + lo)
+        hi0, lo0, plain0 = self._parts()
+        hi, lo = _two_sum(hi0, lo0)
+        hi, lo = _two_sum(hi, plain0 + lo)
         ok = hi.isfinite()
-        return torch.where(ok, hi, self._hi + self._lo + self._plain), torch.where(ok, lo, 0.0)
+        return torch.where(ok, hi, hi0 + lo0 + plain0), torch.where(ok, lo, 0.0)
 
     def mean(self, count: int, work=None) -> torch.Tensor:
         """The sum divided by `count`, a float64 tensor of shape ()."""
         self._flush()
         if self._hi is None:
             return torch.zeros((), dtype=WORK)
-        return (self._hi + self._lo + self._plain) / count
+        hi0, lo0, plain0 = self._parts()
+        return (hi0 + lo0 + plain0) / count
 
 
 def _two_sum(a, b):
@@ -326,13 +339,13 @@ def binary_factor(positive, weight, pos_weight, work: type = np.float64):
             w = weight.to(WORK)
             f = w if f is None else f * w
         return f
-    f = None
+    factor = None
     if pos_weight is not None:
-        f = np.where(positive, np.asarray(pos_weight, dtype=work).reshape(-1)[0], work(1))
+        factor = np.where(positive, np.asarray(pos_weight, dtype=work).reshape(-1)[0], work(1))
     if weight is not None:
-        w = np.asarray(weight, dtype=work)
-        f = w if f is None else f * w
-    return f
+        w_np: np.ndarray = np.asarray(weight, dtype=work)
+        factor = w_np if factor is None else factor * w_np
+    return factor
 
 
 def weigh_binary(loss, grad, inp, positive, weight=None, pos_weight=None):
@@ -371,6 +384,7 @@ def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
     if weight is None and pos_weight is None:
         return loss, grad
     from . import doubledouble as D
+
     f = None
     if pos_weight is not None:
         f = D.dd(torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0))
@@ -381,7 +395,18 @@ def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
     return D.weigh_scaled(loss, f, nan_input), D.weigh_scaled(grad, f, nan_input)
 
 
-def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None = None) -> Callable:
+class ChunkFunction(Protocol):
+    """What `chunk_function` returns: callable on tensors or arrays (tensors or arrays back),
+    with its formulations as attributes (`dd`: the double-double one, None if the loss has none)."""
+
+    on_tensors: Callable
+    extended: Callable
+    dd: Callable | None
+
+    def __call__(self, x: Any, *args: Any, **options: Any) -> Any: ...
+
+
+def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None = None) -> ChunkFunction:
     """A loss's `reference_chunk` (or `denominators`) from its two formulations: `on_tensors`
     (torch float64 tensors, any device: float32/float16/bfloat16 targets) and `extended`
     (numpy long double arrays: float64 targets, until issue 13's double-double replaces it).
@@ -390,6 +415,7 @@ def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None
     numpy float64 arrays (the tests' mpmath certification, explain) are run through
     `on_tensors` on the CPU and answered as numpy, so what is certified is the torch path.
     """
+
     def chunk(x, *args, **options):
         if isinstance(x, torch.Tensor):
             return on_tensors(x, *args, **options)
@@ -397,9 +423,11 @@ def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None
             return extended(x, *args, **options)
         out = on_tensors(*(_tensor(a) for a in (x, *args)), **{k: _tensor(v) for k, v in options.items()})
         return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
     chunk.__doc__ = on_tensors.__doc__
-    chunk.on_tensors, chunk.extended, chunk.dd = on_tensors, extended, dd
-    return chunk
+    out = cast(ChunkFunction, chunk)  # a function with attributes: the checker cannot see them set
+    out.on_tensors, out.extended, out.dd = on_tensors, extended, dd
+    return out
 
 
 def _tensor(v):

@@ -4,11 +4,12 @@ A record is a plain dict (it goes to JSON as is); `results.py` owns the file for
 Points of one input (same loss, device, dtype, batch, classes, distribution, scale)
 share their inputs and their reference, which is computed once.
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -47,10 +48,19 @@ class Case:
     time: int | None = None  # sequence length (sequence losses)
 
     def key(self, impl: str) -> dict:
-        return {"loss": self.loss, "impl": impl, "dtype": self.dtype, "device": self.device,
-                "batch": self.batch, "classes": self.classes, "scale": self.scale,
-                "distribution": self.distribution, "reduction": self.reduction,
-                "options": dict(self.options), "time": self.time}
+        return {
+            "loss": self.loss,
+            "impl": impl,
+            "dtype": self.dtype,
+            "device": self.device,
+            "batch": self.batch,
+            "classes": self.classes,
+            "scale": self.scale,
+            "distribution": self.distribution,
+            "reduction": self.reduction,
+            "options": dict(self.options),
+            "time": self.time,
+        }
 
 
 def cases(config: Config) -> Iterator[Case]:
@@ -63,8 +73,15 @@ def cases(config: Config) -> Iterator[Case]:
         times = config.sequence_lengths if loss.sequence else (None,)
         option_sets = [tuple(sorted(o.items())) for o in config.option_sets(loss_name)]
         for batch, c, time, dist, scale, opts, reduction, device, dtype in itertools.product(
-            config.batch_sizes, classes, times, config.distributions, config.scales,
-            option_sets, config.reductions, config.devices, config.dtypes,
+            config.batch_sizes,
+            classes,
+            times,
+            config.distributions,
+            config.scales,
+            option_sets,
+            config.reductions,
+            config.devices,
+            config.dtypes,
         ):
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
@@ -115,14 +132,20 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
             else:
+                assert local is not None, "the config's implementations are validated: each exists"
                 row[i] = local
         out[name] = row
     return out
 
 
-def run(config: Config, threads: int, on_record: Callable[[dict], None] | None = None,
-        shard: tuple[int, int] | None = None, done: set | None = None,
-        impls: dict[str, dict[str, Impl]] | None = None) -> list[dict]:
+def run(
+    config: Config,
+    threads: int,
+    on_record: Callable[[dict], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    done: set | None = None,
+    impls: dict[str, dict[str, Impl]] | None = None,
+) -> list[dict]:
     """Run the points of `config` (of one shard, less those `done`); `on_record` sees each
     record as soon as it exists. `impls`: `resolve(config)`, if already done."""
     impls = impls if impls is not None else resolve(config)
@@ -145,19 +168,30 @@ class _InputCache:
     every dtype, reduction and option set of that input reuses them."""
 
     def __init__(self, seed: int):
-        self.seed, self.key, self.value = seed, None, None
+        self.seed = seed
+        self.key: tuple | None = None
+        self.value: tuple | None = None
 
     def get(self, loss: Loss, case: Case):
         key = (case.loss, case.device, case.batch, case.classes, case.time, case.distribution, case.scale)
         if key != self.key:
             self.value = None  # free the previous input before making the next
             if loss.multiclass:
-                ((_, x, t),) = inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
-                                                      case.distribution, self.seed, case.time, case.device)
+                ((_, x, t),) = inputs.generate_blocks(
+                    case.loss,
+                    case.batch,
+                    case.classes,
+                    case.scale,
+                    case.distribution,
+                    self.seed,
+                    case.time,
+                    case.device,
+                )
                 self.value = x, t
             else:
-                self.value = inputs.generate(case.loss, False, case.batch, None, case.scale,
-                                             case.distribution, self.seed, case.device)
+                self.value = inputs.generate(
+                    case.loss, False, case.batch, None, case.scale, case.distribution, self.seed, case.device
+                )
             self.key = key
         return self.value
 
@@ -192,24 +226,28 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     dtype = FORMATS[case.dtype].torch_dtype
     device = torch.device(case.device)
     rows = rows_of(case)
-    if loss.multiclass and rows * case.classes > inputs.GENERATE_CHUNK:
+    if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
-        for block, x, t in inputs.generate_blocks(case.loss, case.batch, case.classes, case.scale,
-                                                  case.distribution, seed, case.time, device):
+        for block, x, t in inputs.generate_blocks(
+            case.loss, case.batch, case.classes, case.scale, case.distribution, seed, case.time, device
+        ):
             inp[block] = loss.make_input(x, dtype)
             labels[block] = torch.as_tensor(t, device=device)
             del x
     else:
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
         inp = loss.make_input(logits, dtype)
-    values = inputs.option_values(case.loss, loss.multiclass, dict(case.options), rows, case.classes,
-                                  labels, seed, device)
+    values = inputs.option_values(
+        case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
+    )
     options: dict = {}
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
     if "pos_weight" in values:
-        options["pos_weight"] = R.round_to(torch.full((1,), values["pos_weight"], dtype=torch.float64, device=device), dtype)
+        options["pos_weight"] = R.round_to(
+            torch.full((1,), values["pos_weight"], dtype=torch.float64, device=device), dtype
+        )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
     if "soft" in values:
@@ -220,10 +258,12 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         target = target.clone()
         mask = values.get("ignored")
         if loss.sequence:
+            assert case.time is not None, "a sequence point has a time"
             mask = inputs.sequence_padding(case.batch, case.time, seed, device).reshape(-1)
         target[torch.as_tensor(mask, device=target.device)] = IGNORE_INDEX
         options["ignore_index"] = IGNORE_INDEX
     if loss.sequence:
+        assert case.time is not None and case.classes is not None, "a sequence point has time and classes"
         inp = inp.reshape(case.batch, case.time, case.classes)
         target = target.reshape(case.batch, case.time)
     return PointData(inp, target, options)
@@ -257,18 +297,21 @@ def memory_problem(case: Case) -> str | None:
     except ValueError as e:  # a malformed LOSSCHECK_MEMORY_LIMIT
         raise ConfigError("LOSSCHECK_MEMORY_LIMIT", "", str(e)) from None
     if available is not None and need > available:
-        return (f"needs about {memory.format_bytes(need)} (estimate: {INPUT_COPIES} copies of the input), "
-                f"{memory.format_bytes(available)} available on {case.device}")
+        return (
+            f"needs about {memory.format_bytes(need)} (estimate: {INPUT_COPIES} copies of the input), "
+            f"{memory.format_bytes(available)} available on {case.device}"
+        )
     return None
 
 
-def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None = None,
-             impls: dict[str, Impl] | None = None) -> list[dict]:
+def run_case(
+    config: Config, case: Case, threads: int, cache: _InputCache | None = None, impls: dict[str, Impl] | None = None
+) -> list[dict]:
     loss = LOSSES[case.loss]
-    impls = list((impls if impls is not None else resolve(config)[case.loss]).values())
+    chosen = list((impls if impls is not None else resolve(config)[case.loss]).values())
     problem = device_problem(case.device) or memory_problem(case)
     if problem:
-        return [_record(config, case, i, "skipped", problem) for i in impls]
+        return [_record(config, case, i, "skipped", problem) for i in chosen]
     if _large(case):
         memory.trim()  # the previous points' freed memory goes back: this point's peak is its own
     setup = memory.PeakMemory(case.device)
@@ -277,20 +320,23 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
             data = point_data(loss, case, config.seed, cache)
             ref = reference(loss, data.inp, data.target, data.options, case.reduction)
     except ReferenceUnavailable as e:
-        return [_record(config, case, i, "skipped", str(e)) for i in impls]
+        return [_record(config, case, i, "skipped", str(e)) for i in chosen]
     except Exception as e:  # a bug of ours, or memory, at one point must not lose the rest of the sweep
         what = "out of memory while building the point" if memory.is_oom(e) else "reference"
         memory.release(case.device)
-        return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in impls]
-    out = [evaluate(config, case, loss, impl, data, ref) for impl in impls]
+        return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in chosen]
+    out = [evaluate(config, case, loss, impl, data, ref) for impl in chosen]
     built = setup.result()
     for r in out:
         if r["memory"] and built:
             # The peak while the inputs and the reference were made (shared by the implementations).
             r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
     if config.timing.applies(case.distribution, case.scale):
-        ok = {impl.name: impl.fn for impl, r in zip(impls, out)
-              if r["status"] == "ok" and r["backward"] is not None}
+        ok = {
+            impl.name: impl.fn
+            for impl, r in zip(chosen, out, strict=True)
+            if r["status"] == "ok" and r["backward"] is not None
+        }
         if ok:
             x, t, opts = data.on(case.device)
             timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads, opts, case.reduction)
@@ -304,8 +350,9 @@ def run_case(config: Config, case: Case, threads: int, cache: _InputCache | None
     return out
 
 
-def remeasurer(config: Config, impls: dict[str, dict[str, Impl]], threads: int,
-                rounds: int = timing.REMEASURE_ROUNDS) -> Callable[[tuple, list], dict]:
+def remeasurer(
+    config: Config, impls: dict[str, dict[str, Impl]], threads: int, rounds: int = timing.REMEASURE_ROUNDS
+) -> Callable[[tuple, list], dict]:
     """The gate's re-measure in this run: (record key, implementation names) -> their timings,
     measured again interleaved on the point's inputs (see gate.py)."""
     by_key: dict[tuple, Case] = {}
@@ -313,7 +360,7 @@ def remeasurer(config: Config, impls: dict[str, dict[str, Impl]], threads: int,
     def retime(key: tuple, names: list[str]) -> dict:
         if not by_key:
             by_key.update({record_key(c.key("")): c for c in cases(config)})
-        case = by_key.get(record_key({**dict(zip(_KEY_NAMES, key)), "impl": ""}))
+        case = by_key.get(record_key({**dict(zip(_KEY_NAMES, key, strict=True)), "impl": ""}))
         if case is None:
             raise KeyError(f"no point {key} in the config")
         data = point_data(LOSSES[case.loss], case, config.seed)
@@ -321,14 +368,24 @@ def remeasurer(config: Config, impls: dict[str, dict[str, Impl]], threads: int,
         fns = {n: impls[case.loss][n].fn for n in names}
         torch.set_num_threads(threads)
         return timing.time_case(fns, x, t, config.timing.min_run_time, threads, opts, case.reduction, rounds)
+
     return retime
 
 
 def _record(config: Config, case: Case, impl, status: str, message: str = "") -> dict:
-    return {**case.key(impl.name), "index": case.index, "kind": impl.kind, "seed": config.seed,
-            "threshold_bits": config.threshold_bits(case.dtype),
-            "status": status, "message": message,
-            "forward": None, "backward": None, "timing": None, "memory": None}
+    return {
+        **case.key(impl.name),
+        "index": case.index,
+        "kind": impl.kind,
+        "seed": config.seed,
+        "threshold_bits": config.threshold_bits(case.dtype),
+        "status": status,
+        "message": message,
+        "forward": None,
+        "backward": None,
+        "timing": None,
+        "memory": None,
+    }
 
 
 def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref: Reference) -> dict:
@@ -344,13 +401,15 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     try:
         if isinstance(impl.fn, worker.RemoteFn):
             # In its worker process (the timeout is enforced by killing it); audited here.
-            outputs, record["memory"] = impl.fn.evaluate(data, case.device, case.reduction, shape,
-                                                         torch.get_num_threads())
+            outputs, record["memory"] = impl.fn.evaluate(
+                data, case.device, case.reduction, shape, torch.get_num_threads()
+            )
             _audit(outputs, ref, threshold, record)
         else:
             with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
-                outputs = worker.produce(impl.fn, data, case.device, case.reduction, shape,
-                                         trusted=impl.kind in BUILT_IN_KINDS)
+                outputs = worker.produce(
+                    impl.fn, data, case.device, case.reduction, shape, trusted=impl.kind in BUILT_IN_KINDS
+                )
                 _audit(outputs, ref, threshold, record)
             record["memory"] = peak.result()
         if ref.undefined:

@@ -4,16 +4,16 @@
 negligible; `Timer.timeit` then measures blocks (synchronising CUDA), and the per-run times
 (block time / block size) give the median and the interquartile range.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils import benchmark
-
 
 # Blocks per timed callable. They are taken in rounds across all the implementations of a
 # point (naive, stable, torch, naive, stable, torch, ...), so that a burst of load on a
@@ -36,21 +36,28 @@ class Timing:
     runs: int  # number of blocks measured
 
     @classmethod
-    def of(cls, times: list[float]) -> "Timing":
+    def of(cls, times: list[float]) -> Timing:
         q1, median, q3 = np.percentile(times, [25, 50, 75])
         return cls(float(median), float(q3 - q1), float(q1), float(q3), len(times))
 
 
-def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
-              min_run_time: float, threads: int, options: dict | None = None,
-              reduction: str = "mean", rounds: int = ROUNDS) -> dict[str, dict | Exception]:
+def time_case(
+    impls: dict[str, Callable],
+    x: torch.Tensor,
+    target: torch.Tensor,
+    min_run_time: float,
+    threads: int,
+    options: dict | None = None,
+    reduction: str = "mean",
+    rounds: int = ROUNDS,
+) -> dict[str, dict | BaseException]:
     """Forward (no autograd graph) and forward+backward of the reduced loss of each
     implementation (called with the point's `options`), interleaved over `rounds` rounds;
     per implementation its timing dict (with the raw per-run time of every block, and the
-    per-run time measured while calibrating), or the exception it raised while being timed."""
+    per-run time measured while calibrating), or the exception it raised while being timed (SystemExit included)."""
     options = options or {}
     timers: dict[tuple, tuple] = {}
-    out: dict[str, dict | Exception] = {}
+    out: dict[str, dict | BaseException] = {}
     for name, impl in impls.items():
         try:
             # An implementation in a worker process (worker.RemoteFn) calibrates there and
@@ -74,12 +81,18 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
             continue
         f, b = Timing.of(times[(name, "forward")]), Timing.of(times[(name, "backward")])
         out[name] = {
-            "forward_median_s": f.median_s, "forward_iqr_s": f.iqr_s,
-            "forward_q1_s": f.q1_s, "forward_q3_s": f.q3_s, "forward_runs": f.runs,
+            "forward_median_s": f.median_s,
+            "forward_iqr_s": f.iqr_s,
+            "forward_q1_s": f.q1_s,
+            "forward_q3_s": f.q3_s,
+            "forward_runs": f.runs,
             "forward_times_s": times[(name, "forward")],
             "forward_calibration_s": timers[(name, "forward")][2],
-            "backward_median_s": b.median_s, "backward_iqr_s": b.iqr_s,
-            "backward_q1_s": b.q1_s, "backward_q3_s": b.q3_s, "backward_runs": b.runs,
+            "backward_median_s": b.median_s,
+            "backward_iqr_s": b.iqr_s,
+            "backward_q1_s": b.q1_s,
+            "backward_q3_s": b.q3_s,
+            "backward_runs": b.runs,
             "backward_times_s": times[(name, "backward")],
             "backward_calibration_s": timers[(name, "backward")][2],
             "threads": threads,
@@ -90,8 +103,10 @@ def time_case(impls: dict[str, Callable], x: torch.Tensor, target: torch.Tensor,
 def timers_for(impl: Callable, x, target, reduction, options, threads, min_run_time, rounds) -> dict:
     """part ("forward", "backward") -> (timer, runs per block, calibrated seconds per run)."""
     out = {}
-    for part, fn in (("forward", _forward(impl, x, target, reduction, options)),
-                     ("backward", _backward(impl, x, target, reduction, options))):
+    for part, fn in (
+        ("forward", _forward(impl, x, target, reduction, options)),
+        ("backward", _backward(impl, x, target, reduction, options)),
+    ):
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
         # blocked_autorange warms up and sizes a block so that timer overhead is
         # negligible; we then make each round's block last about min_run_time / ROUNDS.
@@ -106,6 +121,7 @@ def _forward(impl, x, target, reduction, options):
     def forward():
         with torch.no_grad():
             impl(x, target, reduction, **options)
+
     return forward
 
 
@@ -116,4 +132,5 @@ def _backward(impl, x, target, reduction, options):
         xg.grad = None
         out = impl(xg, target, reduction, **options)
         out.backward(torch.ones_like(out) if reduction == "none" else None)
+
     return forward_backward

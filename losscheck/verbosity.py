@@ -10,6 +10,8 @@ silenced. Torch-free: the group (cli.py) imports it.
 
 from __future__ import annotations
 
+import json
+
 import click
 
 _KEY = "losscheck.verbosity"
@@ -47,3 +49,20 @@ def level() -> int:
     """The verbosity of the running command (0 outside a command)."""
     ctx = click.get_current_context(silent=True)
     return ctx.find_root().meta.get(_KEY, 0) if ctx else 0
+
+
+def say(message: str, min_level: int = 0, err: bool = False) -> None:
+    """Echo `message` when the verbosity (-q/-v) is at least `min_level`."""
+    if level() >= min_level:
+        click.echo(message, err=err)
+
+
+def json_option(what: str):
+    """`--json`: a command prints `what` as one JSON object (print_json) in place of its text."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help=f"Print {what} as one JSON object on stdout instead of text."
+    )
+
+
+def print_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))

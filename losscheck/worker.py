@@ -27,6 +27,7 @@ first in the worker, so that CUDA memory is never shared between processes). Tim
 the worker, block by block on the parent's request, so that its rounds stay interleaved with
 those of the implementations in the parent (timing.py).
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -36,6 +37,9 @@ import sys
 import types
 import weakref
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import torch
 import torch.multiprocessing  # registers the shared-memory pickling of tensors
@@ -65,8 +69,9 @@ class Outputs:
         return Outputs(self.elements.cpu(), self.out.cpu(), None if self.grad is None else self.grad.cpu(), self.note)
 
 
-def produce(fn, data, device: str, reduction: str, shape: tuple, state: GlobalState | None = None,
-            trusted: bool = False) -> Outputs:
+def produce(
+    fn, data, device: str, reduction: str, shape: tuple, state: GlobalState | None = None, trusted: bool = False
+) -> Outputs:
     """Call `fn` as the sweep does (reduction "none" without autograd, then the point's
     reduction and its backward) on a copy of `data` (sweep.PointData) on `device`, and check
     what it returned and what it left behind: an implementation that changed its inputs in
@@ -98,13 +103,18 @@ def produce(fn, data, device: str, reduction: str, shape: tuple, state: GlobalSt
         changed = state.restore()
     if changed:
         raise ImplementationError(f"changed the global state ({'; '.join(changed)}); put back")
-    pairs = () if trusted else (("input", x, data.inp), ("target", t, data.target),
-                                *((k, opts[k], v) for k, v in data.options.items()))
-    modified = [name for name, mine, original in pairs
-                if isinstance(original, torch.Tensor) and not _same_bits(mine, original)]
+    pairs = (
+        ()
+        if trusted
+        else (("input", x, data.inp), ("target", t, data.target), *((k, opts[k], v) for k, v in data.options.items()))
+    )
+    modified = [
+        name for name, mine, original in pairs if isinstance(original, torch.Tensor) and not _same_bits(mine, original)
+    ]
     if modified:
-        raise ImplementationError(f"modified its {', '.join(modified)} in place (its results are not those "
-                                  "of the point's inputs)")
+        raise ImplementationError(
+            f"modified its {', '.join(modified)} in place (its results are not those of the point's inputs)"
+        )
     return Outputs(elements.detach(), out.detach(), grad, note)
 
 
@@ -112,8 +122,7 @@ def check_output(out, shape, dtype, device, reduction) -> None:
     if not isinstance(out, torch.Tensor):
         raise ImplementationError(f"reduction={reduction!r} returned {type(out).__name__}, not a tensor")
     if tuple(out.shape) != tuple(shape):
-        raise ImplementationError(
-            f"reduction={reduction!r} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
+        raise ImplementationError(f"reduction={reduction!r} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
     if out.dtype != dtype:
         raise ImplementationError(f"reduction={reduction!r} returned {out.dtype}, expected {dtype}")
     if out.device != device:
@@ -143,8 +152,9 @@ class Worker:
 
     def __init__(self, name: str, spec=None, source: str = "<config>", timeout: float | None = None):
         self.name, self.spec, self.source, self.timeout = name, spec, source, timeout
-        self._proc = self._conn = None
-        self._finalizer = None
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._finalizer: weakref.finalize | None = None
         self.starts = 0
 
     def start(self) -> None:
@@ -152,8 +162,12 @@ class Worker:
             return
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, self.name, self.spec, self.source, self.timeout),
-                           name=f"losscheck-worker-{self.name}", daemon=True)
+        proc = ctx.Process(
+            target=_serve,
+            args=(child, self.name, self.spec, self.source, self.timeout),
+            name=f"losscheck-worker-{self.name}",
+            daemon=True,
+        )
         proc.start()
         child.close()  # ours closed: the worker's death is an EOF here
         self._proc, self._conn, self._ready = proc, parent, False
@@ -167,7 +181,7 @@ class Worker:
         if self._ready:
             return
         try:
-            reply = self._conn.recv()
+            reply = self._pipe().recv()
         except (EOFError, OSError):
             raise WorkerFailure(self._death("while starting")) from None
         if reply[0] == "config_error":
@@ -183,21 +197,29 @@ class Worker:
         self.ready()
         oom_before = _oom_kills()
         limit = kill_after(self.timeout)
+        conn = self._pipe()
         try:
-            self._conn.send(message)
-            if limit is not None and not self._conn.poll(limit):
+            conn.send(message)
+            if limit is not None and not conn.poll(limit):
                 self.stop()
-                raise WorkerFailure(f"timed out after {limit:g} s {during}: its worker process did not answer "
-                                    "and was killed")
-            reply = self._conn.recv()
+                raise WorkerFailure(
+                    f"timed out after {limit:g} s {during}: its worker process did not answer and was killed"
+                )
+            reply = conn.recv()
         except (EOFError, OSError):
             raise WorkerFailure(self._death(during, oom_before)) from None
         if reply[0] == "error":
             raise WorkerFailure(reply[1])
         return reply[1]
 
+    def _pipe(self) -> Connection:
+        # Called after start(): the process and its pipe are set together.
+        assert self._conn is not None, "the worker is not started"
+        return self._conn
+
     def _death(self, during: str, oom_before: int | None = None) -> str:
         proc = self._proc
+        assert proc is not None, "a worker that died was started"
         proc.join(5)
         code = proc.exitcode
         self.stop()
@@ -246,9 +268,14 @@ def _oom_kills() -> int | None:
     """OOM kills so far in this process's memory cgroup (v2 memory.events, v1 memory.oom_control),
     or None where unreadable. A worker lives in the parent's cgroup, so its kill counts there."""
     own = memory._own_cgroups()
-    for path in ((os.path.join(memory._CGROUP_ROOT, own["v2"].lstrip("/"), "memory.events") if "v2" in own else None),
-                 (os.path.join(memory._CGROUP_ROOT, "memory", own["v1"].lstrip("/"), "memory.oom_control")
-                  if "v1" in own else None)):
+    for path in (
+        (os.path.join(memory._CGROUP_ROOT, own["v2"].lstrip("/"), "memory.events") if "v2" in own else None),
+        (
+            os.path.join(memory._CGROUP_ROOT, "memory", own["v1"].lstrip("/"), "memory.oom_control")
+            if "v1" in own
+            else None
+        ),
+    ):
         text = memory._read_text(path) if path else None
         for line in (text or "").splitlines():
             if line.startswith("oom_kill "):
@@ -267,17 +294,33 @@ class RemoteFn:
 
     def evaluate(self, data, device: str, reduction: str, shape: tuple, threads: int) -> tuple[Outputs, dict | None]:
         """`produce` in the worker: (outputs on the CPU, the worker's peak memory)."""
-        return self.worker.request(("evaluate", self.loss, data.inp, data.target, data.options, device,
-                                    reduction, threads, shape), "during evaluation")
+        return self.worker.request(
+            ("evaluate", self.loss, data.inp, data.target, data.options, device, reduction, threads, shape),
+            "during evaluation",
+        )
 
     def timers(self, x, target, reduction, options, threads, min_run_time, rounds) -> dict:
         """timing.timers_for in the worker; each block is measured there on request."""
         device = str(x.device)
         cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
-        made = self.worker.request(("calibrate", self.loss, x.detach().cpu(), target.cpu(), cpu, device, reduction,
-                                    threads, min_run_time, rounds), _TIMED)
-        return {part: (_RemoteTimer(self.worker, part), number, calibration)
-                for part, (number, calibration) in made.items()}
+        made = self.worker.request(
+            (
+                "calibrate",
+                self.loss,
+                x.detach().cpu(),
+                target.cpu(),
+                cpu,
+                device,
+                reduction,
+                threads,
+                min_run_time,
+                rounds,
+            ),
+            _TIMED,
+        )
+        return {
+            part: (_RemoteTimer(self.worker, part), number, calibration) for part, (number, calibration) in made.items()
+        }
 
 
 class _RemoteTimer:
@@ -309,6 +352,7 @@ def _harden() -> None:
         pass  # not Linux, or not allowed: the parent is then as likely a victim as before
     try:
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
@@ -319,6 +363,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
     from . import custom, timing
     from .losses import LOSSES
     from .sweep import PointData
+
     custom.REDIRECT_STDOUT = False  # fd 1 is stderr already
     try:
         loaded = custom.load(spec, source) if spec is not None else None
@@ -348,7 +393,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
                 peak = memory.PeakMemory(device)
                 with peak, deadline(timeout, f"{name} (evaluation)"):
                     outputs = produce(fn, data, device, reduction, args[7], state).cpu()
-                reply = ("ok", (outputs, peak.result()))
+                reply: tuple[str, Any] = ("ok", (outputs, peak.result()))
                 del outputs
             elif kind == "calibrate":
                 x, t, opts = data.on(device)

@@ -20,19 +20,21 @@ OVER_LIMIT: dict[str, str] = {}
 LAYERS: list[tuple[str, set[str]]] = [
     # No torch-dependent logic of the package above: facts, formats, errors, the gate's settings.
     ("foundation", {"losscheck", "losscheck.errors", "losscheck.formats", "losscheck.units", "losscheck.stats",
-                    "losscheck.timing", "losscheck.isolation", "losscheck.environment", "losscheck.catalog",
+                    "losscheck.timing", "losscheck.environment", "losscheck.catalog",
                     "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes",
                     "losscheck.safeio", "losscheck.progress"}),
-    ("config", {"losscheck.config"}),
-    ("measurement", {"losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
+    ("config", {"losscheck.config", "losscheck.config_sections"}),
+    # isolation: its error messages ask memory whether an exception is an out-of-memory one.
+    ("measurement", {"losscheck.isolation", "losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
-    ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose"}),
+    ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
+                   "losscheck.explain_live", "losscheck.explain_text"}),
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
     ("api", {"losscheck.api", "losscheck.bench_run"}),
-    ("commands", {"losscheck.commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
+    ("commands", {"losscheck.commands", "losscheck.info_commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
 

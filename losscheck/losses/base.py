@@ -31,10 +31,12 @@ row's share of the mean's denominator (1 per element, the target's class weight 
 weighted cross entropy, 0 for an ignored target). `reference()` below divides, and
 rounds once.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +60,6 @@ class Impl:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
 
 
-
 # OPTION_DEFAULTS: options a loss may support (`Loss.options`), with the record value that
 # means "not set" (in catalog.py, with Formulas and REDUCTIONS, so that readers need no torch).
 
@@ -70,12 +71,12 @@ class Loss:
     multiclass: bool
     input_kind: str  # "logits" or "probabilities"
     implementations: dict[str, Impl]
-    reference_chunk: Callable[..., tuple[np.ndarray, np.ndarray]]
+    reference_chunk: R.ChunkFunction  # numpy arrays or tensors in, the same kind out
     formulas: Formulas
     # Sweep options this loss supports (keys of OPTION_DEFAULTS).
     options: tuple[str, ...] = field(default=())
     # Each row's share of the mean's denominator; None: 1 per row.
-    denominators: Callable[..., np.ndarray] | None = None
+    denominators: Callable[..., Any] | None = None  # arrays or tensors, as reference_chunk
     # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
     sequence: bool = False
 
@@ -139,8 +140,9 @@ def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     return x, (target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1))
 
 
-def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None,
-              reduction: str = "mean") -> Reference:
+def reference(
+    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None, reduction: str = "mean"
+) -> Reference:
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
     float32/float16/bfloat16 inputs are evaluated in float64 tensors on their own device,
@@ -192,8 +194,10 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
         denominator = total_d.mean(1, work)
     undefined = None
     if reduction == "mean" and bool(denominator == 0):
-        undefined = ("every target is ignored: the mean is 0/0, undefined; "
-                     "the sensible answer is 0 with gradient 0 (nothing to learn from)")
+        undefined = (
+            "every target is ignored: the mean is 0/0, undefined; "
+            "the sensible answer is 0 with gradient 0 (nothing to learn from)"
+        )
     divide = reduction == "mean" and not undefined
     loss_out = torch.empty(n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
@@ -217,8 +221,7 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
-                              else target.shape),
+        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
         grad=grad_out.reshape(inp.shape),
         reduced=reduced,
         value=None if value is None else float(value),
@@ -231,20 +234,26 @@ def reference(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict
 _DD_SHIFT = 64
 
 
-def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None,
-                  reduction: str) -> Reference:
+def _reference_dd(
+    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None, reduction: str
+) -> Reference:
     """`reference` for float64 inputs in double-double (losscheck.doubledouble), on the
     input's device: each chunk's loss and gradient come as scaled dds (hi, lo, k), rounded
     to float64 once (`round_scaled`: correctly, subnormals included); the sums that reduce
     them and the mean's denominator are carried as dds, and divided in dd before rounding."""
     from .. import doubledouble as D
+
     device = inp.device
     x_rows, t_rows = rows_of(loss, inp, target)
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.chunk_elements(device)
-    opts = {k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                else v) for k, v in (options or {}).items()}
+    dd_chunk = loss.reference_chunk.dd
+    assert dd_chunk is not None, "reference() takes this path only for a loss with a dd formulation"
+    opts = {
+        k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in (options or {}).items()
+    }
     per_row = {k for k in opts if k == "weight" and not loss.multiclass}
 
     def chunk_options(rows):
@@ -258,15 +267,16 @@ def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: 
         denominator = total_d.total_dd(device)
     undefined = None
     if reduction == "mean" and bool(denominator[0] == 0):
-        undefined = ("every target is ignored: the mean is 0/0, undefined; "
-                     "the sensible answer is 0 with gradient 0 (nothing to learn from)")
+        undefined = (
+            "every target is ignored: the mean is 0/0, undefined; "
+            "the sensible answer is 0 with gradient 0 (nothing to learn from)"
+        )
     divide = reduction == "mean" and not undefined
     loss_out = torch.empty(n, dtype=torch.float64, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
     total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
     for rows in R.row_chunks(n, row_elems, chunk):
-        lw, gw = loss.reference_chunk.dd(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device),
-                                         **chunk_options(rows))
+        lw, gw = dd_chunk(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows))
         loss_out[rows] = D.round_scaled(*lw)
         if undefined:
             gw = D.exact_scaled(0.0, gw[0])
@@ -291,17 +301,17 @@ def _reference_dd(loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: 
             value = (*D.div(value[:2], denominator), value[2])
         reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass
-                              else target.shape),
+        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
         grad=grad_out.reshape(inp.shape),
         reduced=reduced,
-        value=None if reduced is None else float(D.ldexp(value[0] + value[1], value[2])),
+        value=None if reduced is None or value is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
         undefined=undefined,
     )
 
 
 # ---- helpers shared by the implementations --------------------------------------------
+
 
 def compute_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
     """The precision `stable` computes in before rounding once to `dtype`.
@@ -334,8 +344,13 @@ def reduce_naive(loss: torch.Tensor, reduction: str, denominator=None) -> torch.
     return total / (loss.numel() if denominator is None else denominator)
 
 
-def reduce_accurate(loss: torch.Tensor, reduction: str, dtype: torch.dtype,
-                    low: torch.Tensor | None = None, denominator: torch.Tensor | None = None) -> torch.Tensor:
+def reduce_accurate(
+    loss: torch.Tensor,
+    reduction: str,
+    dtype: torch.dtype,
+    low: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reduce in a wide accumulator and round once to `dtype`.
 
     `low`, when given, holds each element's rounding error (loss + low is the element to

@@ -1,6 +1,7 @@
 """Binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets,
 per-element `weight` and `pos_weight` (the positive term multiplied by it, as in
 `binary_cross_entropy_with_logits`; torch's `binary_cross_entropy` has no pos_weight)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,7 @@ import torch.nn.functional as F
 
 from .. import reference as R
 from ..catalog import LOSS_INFO
-from .base import (Impl, Loss, binary_factor, compute_dtype, grad_scale, reduce_accurate, reduce_naive,
-                   scale_grad)
+from .base import Impl, Loss, binary_factor, compute_dtype, grad_scale, reduce_accurate, reduce_naive, scale_grad
 
 
 def naive(p: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
@@ -112,6 +112,7 @@ def _reference_dd(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
     # `_reference_tensors` in double-double (float64 targets): −log p or −log1p(−p) to
     # ~2**-100; −1/p or 1/(1 − p) with 1 − p exact (TwoSum). Scaled dds (hi, lo, k).
     from .. import doubledouble as D
+
     positive = y > 0.5
     lp, l1 = D.log(D.dd(p)), D.log1p(D.dd(-p))
     loss = D.where_scaled(positive, D.neg(lp), D.neg(l1))
@@ -134,8 +135,12 @@ LOSS = Loss(
     implementations={
         "naive": Impl("naive", "naive", naive, "−[y·log p + (1−y)·log(1−p)]"),
         "stable": Impl("stable", "stable", stable, "−[xlogy(y,p) + xlog1py(1−y,−p)], no clamp, exact limits"),
-        "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy (clamps log at "
-                      "−100; pos_weight folded into weight)"),
+        "torch": Impl(
+            "torch",
+            "framework",
+            framework,
+            "torch.nn.functional.binary_cross_entropy (clamps log at −100; pos_weight folded into weight)",
+        ),
     },
     reference_chunk=reference_chunk,
     formulas=INFO.formulas,

@@ -1,5 +1,6 @@
 """Binary cross entropy computed from logits, with hard 0/1 targets, per-element `weight`
 and `pos_weight` (torch's: the positive term is multiplied by it)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from . import bce
 from ..catalog import LOSS_INFO
+from . import bce
 from .base import Impl, Loss, binary_factor, compute_dtype, reduce_accurate, scale_grad, two_sum
 
 
@@ -92,6 +93,7 @@ def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
     # `_reference_tensors` in double-double (float64 targets): softplus(z) and ±σ(z) as
     # scaled dds, so that subnormal losses and gradients (z < −708) round correctly.
     from .. import doubledouble as D
+
     positive = y > 0.5
     z = torch.where(positive, -x, x)
     loss = D.softplus_scaled(z)
@@ -112,7 +114,12 @@ LOSS = Loss(
     input_kind="logits",
     implementations={
         "naive": Impl("naive", "naive", naive, "−[y·log σ(x) + (1−y)·log(1−σ(x))], σ = 1/(1+e^−x)"),
-        "stable": Impl("stable", "stable", stable, "max(x,0) − x·y + log1p(e^−|x|), gradient σ(x) − y without cancellation, limits at ±inf"),
+        "stable": Impl(
+            "stable",
+            "stable",
+            stable,
+            "max(x,0) − x·y + log1p(e^−|x|), gradient σ(x) − y without cancellation, limits at ±inf",
+        ),
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.binary_cross_entropy_with_logits"),
     },
     reference_chunk=reference_chunk,

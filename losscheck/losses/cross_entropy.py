@@ -1,4 +1,5 @@
 """Softmax cross entropy over C classes, with class-index targets."""
+
 from __future__ import annotations
 
 import math
@@ -7,12 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from . import cross_entropy_dd
-from .cross_entropy_extended import _denominators_extended, _reference_extended
 from ..catalog import LOSS_INFO
-from .base import (Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive,
-                   scale_grad, two_sum)
-
+from . import cross_entropy_dd
+from .base import Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
+from .cross_entropy_extended import _denominators_extended, _reference_extended
 
 IGNORE_INDEX = -100
 # Rows per block of `stable`: at most this many values in the compute precision at once,
@@ -46,8 +45,14 @@ def _denominator(t, weight, ignore_index, n, dtype):
     return keep.sum()
 
 
-def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
-          label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
+def naive(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    reduction: str = "mean",
+    weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
     """−Σ_j w_j q_j log p_j with p = exp(x)/Σ exp(x) and q the one-hot (or soft, or
     smoothed) target, as printed; the mean divided by Σ w_t."""
     e = torch.exp(x)
@@ -61,8 +66,7 @@ def naive(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None
         wq = q if weight is None else q * weight
         if not soft and weight is not None:
             # torch weights the target term by w_t and the smoothing term by each w_j.
-            wq = (1 - label_smoothing) * weight[safe][:, None] * F.one_hot(safe, c) + \
-                label_smoothing / c * weight
+            wq = (1 - label_smoothing) * weight[safe][:, None] * F.one_hot(safe, c) + label_smoothing / c * weight
         loss = -(wq * torch.log(p)).sum(1)
     else:
         loss = -torch.log(e.gather(1, safe[:, None]).squeeze(1) / e.sum(1))
@@ -140,7 +144,7 @@ class _Stable(torch.autograd.Function):
         m_all = torch.empty(n, 1, dtype=c, device=x.device)
         s_all = torch.empty(n, 1, dtype=c, device=x.device)
         k_all = torch.empty(n, 1, dtype=torch.int64, device=x.device)
-        kept = [] if n * classes <= KEEP_ELEMENTS else None
+        kept: list | None = [] if n * classes <= KEEP_ELEMENTS else None
         for rows in _blocks(n, classes):
             xc = x[rows].to(c)
             m = xc.amax(1, keepdim=True)
@@ -173,8 +177,7 @@ class _Stable(torch.autograd.Function):
                     hard = torch.where(drop, 0.0, hard * wt)
                     hard_low = torch.where(drop, 0.0, hard_low * wt)
                 if label_smoothing:
-                    hard = (1 - label_smoothing) * hard + label_smoothing / classes * \
-                        _weighted_nll(xc, m, lse, wc)
+                    hard = (1 - label_smoothing) * hard + label_smoothing / classes * _weighted_nll(xc, m, lse, wc)
                     hard_low = (1 - label_smoothing) * hard_low
                 loss[rows], low[rows] = hard, hard_low
             else:
@@ -254,20 +257,39 @@ def _weighted_nll(xc, m, lse, cw):
     return torch.where(cw > 0, cw * nll, 0.0).sum(1)
 
 
-def stable(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
-           label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
+def stable(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    reduction: str = "mean",
+    weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
     """Max-shifted log1p form (no cancellation), computed one precision up in blocks of rows, rounded once."""
     return _Stable.apply(x, t, reduction, weight, label_smoothing, ignore_index)
 
 
-def framework(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", weight=None,
-              label_smoothing: float = 0.0, ignore_index: int | None = None) -> torch.Tensor:
-    return F.cross_entropy(x, t, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
-                           ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index)
+def framework(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    reduction: str = "mean",
+    weight=None,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    return F.cross_entropy(
+        x,
+        t,
+        weight=weight,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index,
+    )
 
 
-def _reference_tensors(x: torch.Tensor, t: torch.Tensor, weight=None, label_smoothing: float = 0.0,
-                       ignore_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_tensors(
+    x: torch.Tensor, t: torch.Tensor, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`).
 
     Options as torch defines them: the row of a hard target t is w_t·(−log p_t), with label
@@ -313,8 +335,9 @@ def _reference_tensors(x: torch.Tensor, t: torch.Tensor, weight=None, label_smoo
     return loss, grad
 
 
-def _denominators_tensors(t: torch.Tensor, weight=None, label_smoothing: float = 0.0,
-                          ignore_index: int | None = None) -> torch.Tensor:
+def _denominators_tensors(
+    t: torch.Tensor, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None
+) -> torch.Tensor:
     """Each row's share of the mean's denominator (torch): w_t, or 1, for a kept hard
     target, 0 for an ignored one; 1 for soft targets. float64, on the targets' device."""
     ones = torch.ones(t.shape[0], dtype=torch.float64, device=t.device)
@@ -371,8 +394,7 @@ def _nll_and_probabilities(x):
     one = (npos == 1)[:, None]
     several = torch.where(pos, math.nan, 0.0).to(x.dtype)
     p = torch.where(special[:, None], torch.where(one, pos.to(x.dtype), several), p)
-    nll = torch.where(special[:, None], torch.where(pos, torch.where(one, 0.0, math.nan), math.inf).to(x.dtype),
-                      nll)
+    nll = torch.where(special[:, None], torch.where(pos, torch.where(one, 0.0, math.nan), math.inf).to(x.dtype), nll)
     p = torch.where(allneg[:, None], math.nan, p)
     nll = torch.where(allneg[:, None], math.nan, nll)
     return nll, p
@@ -457,7 +479,12 @@ LOSS = Loss(
     input_kind="logits",
     implementations={
         "naive": Impl("naive", "naive", naive, "−log(exp(x_t) / Σ_j exp(x_j))"),
-        "stable": Impl("stable", "stable", stable, "(m − x_t) + log1p(Σ_{j≠argmax} e^{x_j−m}), gradient without cancellation, limits at ±inf"),
+        "stable": Impl(
+            "stable",
+            "stable",
+            stable,
+            "(m − x_t) + log1p(Σ_{j≠argmax} e^{x_j−m}), gradient without cancellation, limits at ±inf",
+        ),
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.cross_entropy"),
     },
     reference_chunk=reference_chunk,

@@ -6,6 +6,7 @@ Values are "scaled dds" (hi, lo, k) = (hi + lo)·2**k where they may be subnorma
 probability exp(x_j − m)/(1 + s), a loss log1p(s) ≈ s of a confident row), so that
 `doubledouble.round_scaled` rounds them correctly; k is 0 elsewhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def _probabilities(e, total):
 
 def _set(a, idx, v):
     """a[rows, idx] = v for scaled dds (idx: one column per row)."""
-    return tuple(u.scatter(1, idx[:, None], w[:, None]) for u, w in zip(a, v))
+    return tuple(u.scatter(1, idx[:, None], w[:, None]) for u, w in zip(a, v, strict=True))
 
 
 def _finite(x, t, masked=None):
@@ -80,7 +81,7 @@ def _finite(x, t, masked=None):
 def _shift(x):
     """2 where the chunk holds logits beyond 2**1020 (x_j − m and the row sums may exceed
     float64's range while the mean does not): those are carried scaled by 2**-2; else 0."""
-    big = bool(((x.abs() > 2.0 ** 1020) & x.isfinite()).any())
+    big = bool(((x.abs() > 2.0**1020) & x.isfinite()).any())
     return torch.tensor(2 if big else 0, dtype=torch.int64, device=x.device)
 
 
@@ -124,8 +125,10 @@ def _nll_and_probabilities(x):
     xs = torch.where(masked, m[:, None], xf)
     sh = _shift(x)
     lse = D.ldexp_dd(l1p[:2], l1p[2] - sh)
-    nll = D.add(D.two_sum(D.ldexp(m[:, None].expand_as(xs), -sh), D.ldexp(-xs, -sh)),
-                (lse[0][:, None].expand_as(xs), lse[1][:, None].expand_as(xs)))
+    nll = D.add(
+        D.two_sum(D.ldexp(m[:, None].expand_as(xs), -sh), D.ldexp(-xs, -sh)),
+        (lse[0][:, None].expand_as(xs), lse[1][:, None].expand_as(xs)),
+    )
     nll = (*nll, sh.expand_as(xs))
     at_k = tuple(v[:, None].expand_as(xs) for v in D.ldexp_dd(l1p[:2], l1p[2] - sh)) + (sh.expand_as(xs),)
     nll = D.where_scaled(torch.zeros_like(masked).scatter_(1, k[:, None], True), at_k, nll)
@@ -168,24 +171,27 @@ def _plain_add(a, b):
     return (*D.add(D.ldexp_dd(a[:2], a[2]), D.ldexp_dd(b[:2], b[2])), _zeros_k(a[0]))
 
 
-
-
 def reference_dd(x, t, weight=None, label_smoothing: float = 0.0, ignore_index=None):
     """Loss and gradient (scaled dds) of the summed cross entropy, options as torch defines
     them (see `cross_entropy._reference_tensors`), for float64 x on any device."""
     classes = x.shape[1]
     eps = float(label_smoothing)
-    one_minus = D.two_sum(torch.tensor(1.0, dtype=x.dtype, device=x.device),
-                          torch.tensor(-eps, dtype=x.dtype, device=x.device))
-    over_c = D.div(D.dd(torch.tensor(eps, dtype=x.dtype, device=x.device)),
-                   D.dd(torch.tensor(float(classes), dtype=x.dtype, device=x.device)))
+    one_minus = D.two_sum(
+        torch.tensor(1.0, dtype=x.dtype, device=x.device), torch.tensor(-eps, dtype=x.dtype, device=x.device)
+    )
+    over_c = D.div(
+        D.dd(torch.tensor(eps, dtype=x.dtype, device=x.device)),
+        D.dd(torch.tensor(float(classes), dtype=x.dtype, device=x.device)),
+    )
     one_minus = (float(one_minus[0]), float(one_minus[1]))
     over_c = (float(over_c[0]), float(over_c[1]))
     if t.is_floating_point():  # soft targets
         q = D.dd(t.to(x.dtype))
         if eps:
-            q = D.add(D.mul(q, (torch.full_like(q[0], one_minus[0]), torch.full_like(q[0], one_minus[1]))),
-                      (torch.full_like(q[0], over_c[0]), torch.full_like(q[0], over_c[1])))
+            q = D.add(
+                D.mul(q, (torch.full_like(q[0], one_minus[0]), torch.full_like(q[0], one_minus[1]))),
+                (torch.full_like(q[0], over_c[0]), torch.full_like(q[0], over_c[1])),
+            )
         if weight is not None:
             q = D.mul_d(q, weight.to(x.dtype).expand_as(q[0]))
         return _weighted(x, q)

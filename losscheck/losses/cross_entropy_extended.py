@@ -2,6 +2,7 @@
 one on an x86 CPU; `reference.path`): the formulation of `cross_entropy._reference_tensors`,
 operation for operation, with x − m carried exactly (`two_diff`). `cross_entropy_dd` is the
 same in double-double on any device."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,9 @@ import numpy as np
 from .. import reference as R
 
 
-def _reference_extended(x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: float = 0.0,
-                    ignore_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _reference_extended(
+    x: np.ndarray, t: np.ndarray, weight=None, label_smoothing: float = 0.0, ignore_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Loss and gradient of the summed loss; at ±inf logits, their limits (see `_limits`).
 
     Options as torch defines them: the row of a hard target t is w_t·(−log p_t), with label

@@ -7,12 +7,13 @@ training code calls it; the mean is over the real (non-padding) tokens. Large
 vocabularies (32k, 128k) are the point: `stable` works in blocks of rows, and the
 reference in chunks, so their memory does not grow with batch·time·vocab.
 """
+
 from __future__ import annotations
 
 import torch
 
-from . import cross_entropy as ce
 from ..catalog import LOSS_INFO
+from . import cross_entropy as ce
 from .base import Impl, Loss
 
 
@@ -20,6 +21,7 @@ def _tokens(fn):
     def impl(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", **options) -> torch.Tensor:
         out = fn(x.reshape(-1, x.shape[-1]), t.reshape(-1), reduction, **options)
         return out.reshape(t.shape) if reduction == "none" else out
+
     impl.__name__ = impl.__qualname__ = fn.__name__
     impl.__doc__ = fn.__doc__
     return impl
@@ -37,8 +39,12 @@ LOSS = Loss(
     implementations={
         "naive": Impl("naive", "naive", naive, "cross_entropy naive on x.view(-1, V), padding masked"),
         "stable": Impl("stable", "stable", stable, "cross_entropy stable on x.view(-1, V), blocks of rows"),
-        "torch": Impl("torch", "framework", framework,
-                      "torch.nn.functional.cross_entropy(x.view(-1, V), t.view(-1), ignore_index=-100)"),
+        "torch": Impl(
+            "torch",
+            "framework",
+            framework,
+            "torch.nn.functional.cross_entropy(x.view(-1, V), t.view(-1), ignore_index=-100)",
+        ),
     },
     reference_chunk=ce.reference_chunk,
     formulas=INFO.formulas,
