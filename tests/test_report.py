@@ -410,8 +410,9 @@ def test_breakdown_scale_is_the_smallest_breaking_scale():
 
 
 def test_committed_quick_report_findings_render_from_the_derived_list():
-    # An old results file with infinite logits: findings derived on load, rendered as listed.
-    data = results.load(Path(__file__).parent.parent / "reports" / "quick.json")
+    # An earlier gallery's quick.json (gzip: read transparently), with infinite logits: findings
+    # derived on load where absent, rendered as listed.
+    data = results.load(Path(__file__).parent / "data" / "quick_gallery_v3.json.gz")
     assert any(r["distribution"] in analysis.SCALE_FREE for r in data["records"])
     found, _ = parse_findings(report.render(data))
     assert (found, _) == expected_lines(data)
