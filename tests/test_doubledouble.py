@@ -18,7 +18,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from losscheck import doubledouble as D
@@ -29,7 +29,14 @@ from losscheck.losses.base import reference
 mpmath.mp.prec = 300
 F = torch.float64
 LONGDOUBLE_OK = np.finfo(np.longdouble).nmant >= 63
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized, as the project's other property tests: CI runs the same examples every time (a
+# fresh clone has no example database), and a failure found once is pinned with @example.
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# The low part of a plain (unscaled) double-double cannot resolve below the smallest subnormal:
+# for results under 2**-1016, 1/64 ULP of float64 is finer than that, and each operation rounds
+# the low part to 2**-1074 (found by hypothesis: logsumexp([0, -706, -706]) = 4.9e-307 is 0.53 of
+# 2**-1074 off). Functions whose results may be that small carry a scale (`*_scaled`).
+DD_FLOOR = mpmath.mpf(2) ** -1074
 
 
 def _ulp(v) -> mpmath.mpf:
@@ -140,6 +147,7 @@ def test_sigmoid_within_1_64_ulp(xs):
 @SETTINGS
 @given(st.lists(st.lists(st.one_of(st.floats(-800, 800), st.floats(-1e300, 1e300)), min_size=3, max_size=3),
                 min_size=1, max_size=6))
+@example([[0.0, -706.0, -706.0]])
 def test_logsumexp_within_1_64_ulp(rows):
     x = torch.tensor(rows, dtype=F)
     out = D.logsumexp(x)
@@ -149,7 +157,7 @@ def test_logsumexp_within_1_64_ulp(rows):
         rest.remove(m)
         # m + log1p(Σ e^(x_j − m)): log(1 + tiny) at 300 bits would keep too few of tiny's bits
         want = m + mpmath.log1p(mpmath.fsum(mpmath.exp(mpmath.mpf(v) - m) for v in rest))
-        assert abs(_value((out[0][i], out[1][i])) - want) <= _ulp(want) / 64
+        assert abs(_value((out[0][i], out[1][i])) - want) <= max(_ulp(want) / 64, DD_FLOOR)
 
 
 @SETTINGS
