@@ -45,27 +45,33 @@ def _nonfinite_inputs(records: list[dict]) -> str:
     recs = [r for r in records if r["distribution"] in A.SCALE_FREE and r["status"] == "ok"]
     if not recs:
         return ""
-    impls = impls_of(recs)
-    rows = []
-    for key, group in by_loss_device_dtype(recs):
-        row = list(key)
-        for impl in impls:
-            rs = group.get(impl, [])
-            n_f = sum(r["forward"]["n"] for r in rs)
-            n_b = sum(bwd(r).get("n", 0) for r in rs)
-            bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
-            bad_b = sum(A.nonfinite(r["backward"]) for r in rs)
-            worst = A.worst(r["forward"]["max_bits"] for r in rs)
-            row.append("" if not rs else f"{share(bad_f, n_f)} · {share(bad_b, n_b)} · {fmt_bits(worst, key[2])}")
-        rows.append(row)
+
+    def cell(rs: list[dict], dtype: str) -> str:
+        n_f = sum(r["forward"]["n"] for r in rs)
+        n_b = sum(bwd(r).get("n", 0) for r in rs)
+        bad_f = sum(A.nonfinite(r["forward"]) for r in rs)
+        bad_b = sum(A.nonfinite(r["backward"]) for r in rs)
+        worst = A.worst(r["forward"]["max_bits"] for r in rs)
+        return f"{share(bad_f, n_f)} · {share(bad_b, n_b)} · {fmt_bits(worst, dtype)}"
+
     return (
         "## Infinite logits\n\n"
         "Inputs with ±inf logits (as masking with −inf produces), where the reference is the limit "
         "value (e.g. BCE-with-logits at x = −inf, y = 0 is 0; a −inf non-target logit has probability "
         "0). Per implementation: share of elements that are NaN/±inf although the limit is finite, "
-        "forward · gradient, and the worst forward error in bits.\n\n"
-        + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
+        "forward · gradient, and the worst forward error in bits.\n\n" + _per_impl_table(recs, cell)
     )
+
+
+def _per_impl_table(recs: list[dict], cell) -> str:
+    """A collapsible table: a row per (loss, device, dtype), a column per implementation whose
+    cell is `cell(its records, dtype)` (empty where it has none)."""
+    impls = impls_of(recs)
+    rows = [
+        [*key, *(cell(group[impl], key[2]) if group.get(impl) else "" for impl in impls)]
+        for key, group in by_loss_device_dtype(recs)
+    ]
+    return collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
 
 
 def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
@@ -272,24 +278,19 @@ def _undefined(records: list[dict]) -> str:
     recs = [r for r in records if r.get("undefined") and r["status"] == "ok"]
     if not recs:
         return ""
-    impls = impls_of(recs)
-    rows = []
-    for key, group in by_loss_device_dtype(recs):
-        row = list(key)
-        for impl in impls:
-            rs = group.get(impl, [])
-            values = sorted({fmt_num(r["forward"]["value"]) for r in rs})
-            bad_grad = sum(1 for r in rs if A.nonfinite(r["backward"]))
-            grads = f"gradient NaN/inf at {bad_grad} of {len(rs)} points" if bad_grad else "gradient finite"
-            row.append("" if not rs else f"{' / '.join(values)}, {grads}")
-        rows.append(row)
+
+    def cell(rs: list[dict], dtype: str) -> str:
+        values = sorted({fmt_num(r["forward"]["value"]) for r in rs})
+        bad_grad = sum(1 for r in rs if A.nonfinite(r["backward"]))
+        grads = f"gradient NaN/inf at {bad_grad} of {len(rs)} points" if bad_grad else "gradient finite"
+        return f"{' / '.join(values)}, {grads}"
+
     return (
         "## Undefined means\n\n"
         f"{recs[0]['undefined'][0].upper()}{recs[0]['undefined'][1:]}. The reference of these points "
         "(reduced value and gradient) is that convention, 0; each cell: the means the implementation "
         "returned, and at how many points its gradient had NaN/inf (±inf logits in the `nonfinite` "
-        "value set can cause those too).\n\n"
-        + collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
+        "value set can cause those too).\n\n" + _per_impl_table(recs, cell)
     )
 
 

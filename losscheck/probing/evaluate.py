@@ -182,21 +182,7 @@ def run_probe(
                 "applies to class-index targets, not to soft targets",
                 "a target of class indices (N,), or no --ignore-index",
             )
-    _check_memory(
-        sweep.Case(
-            0,
-            loss_name,
-            device,
-            dtype,
-            shape["batch"],
-            shape["classes"],
-            DISTRIBUTION,
-            1.0,
-            reduction,
-            (("targets", "soft"),) if soft else (),
-            shape["time"],
-        )
-    )
+    _check_memory(_case(loss_name, device, dtype, shape, reduction, (("targets", "soft"),) if soft else ()))
 
     inp, in_conv = convert(src_in, tdtype, "input")
     in_source, in_shape = src_in.source, src_in.shape
@@ -232,19 +218,7 @@ def run_probe(
         options["label_smoothing"] = label_smoothing
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
-    case = sweep.Case(
-        0,
-        loss_name,
-        device,
-        dtype,
-        shape["batch"],
-        shape["classes"],
-        DISTRIBUTION,
-        1.0,
-        reduction,
-        _case_options(options, soft, target_info),
-        shape["time"],
-    )
+    case = _case(loss_name, device, dtype, shape, reduction, _case_options(options, soft, target_info))
 
     config = _config(loss_name, dtype, device, reduction, shape)
     data = sweep.PointData(inp, tgt, options)
@@ -319,6 +293,23 @@ def _check_memory(case: sweep.Case) -> None:
             f"too large to probe here: {problem}",
             "a smaller slice of the input, or more memory (LOSSCHECK_MEMORY_LIMIT caps the estimate)",
         )
+
+
+def _case(loss_name: str, device: str, dtype: str, shape: dict, reduction: str, options: tuple) -> sweep.Case:
+    """The probe's inputs as the one sweep point they are (for the memory estimate and the record)."""
+    return sweep.Case(
+        0,
+        loss_name,
+        device,
+        dtype,
+        shape["batch"],
+        shape["classes"],
+        DISTRIBUTION,
+        1.0,
+        reduction,
+        options,
+        shape["time"],
+    )
 
 
 def _case_options(options: dict, soft: bool, target_info: dict) -> tuple:
