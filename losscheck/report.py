@@ -37,6 +37,7 @@ from .report_format import (
     row_order,
     table,
 )
+from .results import STATUSES
 
 # Re-exported: what callers of the report module have used.
 KIND_TEXT, cost_ratios = RF.KIND_TEXT, RF.cost_ratios
@@ -178,7 +179,7 @@ def _header(results: dict) -> str:
     counts: dict[str, int] = defaultdict(int)
     for r in recs:
         counts[r["status"]] += 1
-    status = ", ".join(f"{counts[s]} {s}" for s in ("ok", "error", "skipped") if counts[s])
+    status = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
     lines = [f"# losscheck report: {cfg.get('name', '?')}"]
     if cfg.get("description"):
         lines.append(cfg["description"].strip())

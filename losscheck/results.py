@@ -74,25 +74,7 @@ KEY_FIELDS = (
     "time",
 )
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
-RECORD_KEYS = (
-    "loss",
-    "impl",
-    "kind",
-    "dtype",
-    "device",
-    "batch",
-    "classes",
-    "scale",
-    "distribution",
-    "reduction",
-    "options",
-    "time",
-    "status",
-    "message",
-    "forward",
-    "backward",
-    "timing",
-)
+RECORD_KEYS = (*KEY_FIELDS[:2], "kind", *KEY_FIELDS[2:], "status", "message", *NUMERIC_SECTIONS)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 

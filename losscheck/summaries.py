@@ -13,12 +13,11 @@ import importlib.util
 from .catalog import BUILTIN_IMPLS, LOSS_INFO, REDUCTIONS
 from .formats import FORMATS
 from .inputs import DESCRIPTIONS, DISTRIBUTIONS
-from .results import KEY_FIELDS
+from .results import KEY_FIELDS, STATUSES
 
 # The kind each built-in implementation name has in every loss (losses/*.py: `Impl(name, kind, ...)`;
 # tests/test_cli.py checks this against the registry).
 BUILTIN_KINDS = {"naive": "naive", "stable": "stable", "torch": "framework"}
-STATUSES = ("ok", "error", "skipped")
 # What losscheck uses and for what: `list` says which are installed here.
 PACKAGES = {
     "torch": "every measurement (bench, explain, probe)",

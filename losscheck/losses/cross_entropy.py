@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
-from ..catalog import LOSS_INFO
+from ..catalog import IGNORE_INDEX, LOSS_INFO
 from . import cross_entropy_dd
 from .base import Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
 from .cross_entropy_extended import _denominators_extended, _reference_extended
 
-IGNORE_INDEX = -100
 # Rows per block of `stable`: at most this many values in the compute precision at once,
 # so that a 512 × 128k float32 point needs a few MiB of float64 work space, not 512 MiB.
 BLOCK_ELEMENTS = 1 << 20

@@ -93,7 +93,7 @@ def parse_inline(text: str, source: str) -> np.ndarray:
         return ("-" if sign == "-" else "") + "Infinity"
 
     # Depth is checked on the text first: json's recursive decoder overflows the stack on a
-    # few thousand '[' (a RecursionError traceback), long before `_nested_shape` could refuse.
+    # few thousand '[' (a RecursionError traceback), before any shape is read.
     depth = _bracket_depth(text)
     if depth > 8:
         raise ProbeError(source, f"lists nested {depth} deep", "at most 3 dimensions")
@@ -130,8 +130,6 @@ def _bracket_depth(text: str) -> int:
 
 def _nested_shape(obj, source: str, depth: int = 0) -> tuple[int, ...]:
     if isinstance(obj, list):
-        if depth > 8:
-            raise ProbeError(source, "lists nested more than 8 deep", "at most 3 dimensions")
         if not obj:
             return (0,)
         shapes = {_nested_shape(o, source, depth + 1) for o in obj}
