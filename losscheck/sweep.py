@@ -229,15 +229,17 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
+        offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
         for block, x, t in inputs.generate_blocks(
             case.loss, case.batch, case.classes, case.scale, case.distribution, seed, case.time, device
         ):
-            inp[block] = loss.make_input(x, dtype)
+            inp[block] = loss.make_input(x if offsets is None else x + offsets[block], dtype)
             labels[block] = torch.as_tensor(t, device=device)
             del x
     else:
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
-        inp = loss.make_input(logits, dtype)
+        offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
+        inp = loss.make_input(logits if offsets is None else logits + offsets, dtype)
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
