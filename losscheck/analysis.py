@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .formats import FORMATS, bits_phrase, ulp_threshold
+from .formats import FORMATS, bits_phrase, counted_in, ulp_threshold
 
 
 def variant(record: dict) -> str:
@@ -77,8 +77,9 @@ def breaks(record: dict) -> str | None:
     if nonfinite(b):
         return "bwd non-finite"
     r = f.get("reduced_ulp")
-    if r is not None and r > ulp_threshold(record["threshold_bits"]):
-        return f"mean {bits_phrase(math.log2(1 + r), record['dtype'])}"
+    dtype, threshold = counted_in(record)
+    if r is not None and r > ulp_threshold(threshold):
+        return f"mean {bits_phrase(math.log2(1 + r), dtype)}"
     return None
 
 

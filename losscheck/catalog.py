@@ -19,7 +19,17 @@ BUILTIN_IMPLS = ("naive", "stable", "torch")
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
-OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0, "targets": "hard"}
+OPTION_DEFAULTS = {
+    "weight": "none",
+    "pos_weight": 1.0,
+    "label_smoothing": 0.0,
+    "ignored": 0.0,
+    "targets": "hard",
+    "precision": "native",
+}
+# How a loss is run on half-precision inputs (precision.py); every loss has the axis.
+PRECISIONS = ("native", "autocast", "upcast")
+EVERY_LOSS_OPTIONS = ("precision",)
 
 
 @dataclass(frozen=True)

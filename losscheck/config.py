@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import safeio
-from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
+from .catalog import BUILTIN_IMPLS, EVERY_LOSS_OPTIONS, OPTION_DEFAULTS, PRECISIONS, REDUCTIONS, loss_registry
 from .config_sections import (  # noqa: F401  (CUSTOM_APIS, TIMING_KEYS, ...: config.<name> for their users)
     CUSTOM_APIS,
     CUSTOM_KEYS,
@@ -44,6 +44,7 @@ OPTION_AXES = {
     "label_smoothing": "label_smoothing",
     "ignored": "ignored",
     "targets": "targets",
+    "precision": "precision",
 }
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
@@ -75,6 +76,7 @@ class Config:
     label_smoothing: tuple[float, ...] = (0.0,)
     ignored: tuple[float, ...] = (0.0,)
     targets: tuple[str, ...] = ("hard",)
+    precision: tuple[str, ...] = ("native",)
     sequence_lengths: tuple[int, ...] = (64,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
@@ -101,7 +103,7 @@ class Config:
         """The option combinations swept for `loss`: the product of the axes of the options
         it supports, each as a dict of the values that differ from the default (soft
         targets with ignored ones are left out: torch ignores only class indices)."""
-        names = [o for o in loss_registry()[loss].options if o in OPTION_AXES]
+        names = [o for o in loss_registry()[loss].options + EVERY_LOSS_OPTIONS if o in OPTION_AXES]
         out = []
         for values in itertools.product(*(getattr(self, OPTION_AXES[o]) for o in names)):
             opts = {o: v for o, v in zip(names, values, strict=True) if v != OPTION_DEFAULTS[o]}
@@ -146,6 +148,7 @@ class Config:
             "label_smoothing": list(self.label_smoothing),
             "ignored": list(self.ignored),
             "targets": list(self.targets),
+            "precision": list(self.precision),
             "sequence_lengths": list(self.sequence_lengths),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
@@ -223,6 +226,8 @@ KEYS = {
     "label_smoothing": "list of numbers in [0, 1] (cross entropy)",
     "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
     "targets": "list of hard, soft (cross_entropy: class indices or class probabilities)",
+    "precision": "list of native, autocast, upcast (float16/bfloat16 points: the loss as given, under "
+    "torch.autocast, on a float32 upcast)",
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
@@ -300,6 +305,7 @@ def _build(data: dict, source: str) -> Config:
         label_smoothing=v.numbers(data, "label_smoothing", default=(0.0,), maximum=1.0),
         ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
+        precision=v.choices(data, "precision", PRECISIONS, ("native",)),
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
         custom=v.custom(data),
         timeout=v.timeout(data),

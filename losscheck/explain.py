@@ -43,7 +43,7 @@ from .explain_live import (  # noqa: F401  (E.DISTRIBUTIONS, E.sweep_mapping, ..
 )
 from .explain_prose import _BINARY_LOGIT_PROBES, _MULTICLASS_PROBES, _PROBABILITY_PROBES, PROSE, Probe, Prose
 from .explain_text import unlatex  # noqa: F401  (E.unlatex for the tests)
-from .formats import bits_phrase, capped_bits, precision
+from .formats import bits_phrase, capped_bits, counted_in, precision
 from .losses import LOSSES, Loss, reference
 from .metrics import bits as metric_bits, ulp_distance, ulp_threshold
 
@@ -176,10 +176,10 @@ def describe_record(record: dict) -> str:
     if value is not None and ref is not None:
         if not math.isfinite(value) and value != ref:
             parts.append(f"mean loss {T.fmt_value(value)} (reference {T.fmt_value(shown_ref)})")
-        elif ulp is not None and ulp > ulp_threshold(record["threshold_bits"]):
+        elif ulp is not None and ulp > ulp_threshold(counted_in(record)[1]):
             v, r = T.fmt_pair(value, shown_ref)
-            p = precision(record.get("dtype"))
-            bits = capped_bits(ulp, record.get("dtype"))  # never more than p (docs/METRICS.md)
+            p = precision(counted_in(record)[0])
+            bits = capped_bits(ulp, counted_in(record)[0])  # never more than p (docs/METRICS.md)
             assert bits is not None, "a finite distance in a known dtype has bits"
             off = "all its bits" if p is not None and bits >= p else f"{bits:.0f} bits"
             parts.append(f"mean off by {off} ({v} vs reference {r})")

@@ -73,7 +73,7 @@ from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
-from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
+from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, counted_in, precision, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
 # What every finding holds (results.load checks it).
@@ -190,7 +190,8 @@ def _total(*sections) -> int:
 
 
 def _worst_element_bits(rec: dict, *sections) -> float | None:
-    capped = [capped_bits(_ulp(s), rec["dtype"]) for s in sections if s]  # None where no distance
+    # Each section in its own dtype (a widened forward: formats.counted_in); None where no distance.
+    capped = [capped_bits(_ulp(s), s.get("dtype", rec["dtype"])) for s in sections if s]
     bits = [b for b in capped if b is not None]
     return max(bits) if bits else None
 
@@ -201,6 +202,8 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
     # At an undefined mean the gradient is that of 0/0: judged by `undefined` only.
     b = None if undefined else rec.get("backward")
     t = ulp_threshold(float(rec["threshold_bits"]))
+    f_dtype, f_threshold = counted_in(rec)
+    tf = ulp_threshold(f_threshold)  # t but for a forward a precision policy widened
     total = _total(f, b)
     if _nonfinite_result(f) or _nonfinite_result(b):
         a = acc["limit" if rec["distribution"] in SCALE_FREE else "overflow"]
@@ -208,8 +211,8 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
         a.nan += _n(f, "nan") + _n(b, "nan")
         a.inf += _n(f, "inf") + _n(b, "inf")
     far = _far(f) + _far(b)
-    elements_off = _off(f, t) or _off(b, t)
-    reduced_wrong = not undefined and _reduced_wrong(rec, t)
+    elements_off = _off(f, tf) or _off(b, t)
+    reduced_wrong = not undefined and _reduced_wrong(rec, tf)
     value = f.get("value")
     if far or (
         reduced_wrong
@@ -226,7 +229,7 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
         acc["underflow"].add(rec, under, total)
     if reduced_wrong and not elements_off:
         a = acc["reduction"]
-        a.add(rec, 0, total, capped_bits(f.get("reduced_ulp"), rec["dtype"]))
+        a.add(rec, 0, total, capped_bits(f.get("reduced_ulp"), f_dtype))
         a.returned.add(_value_str(value))
     if undefined:
         grad = rec.get("backward")
@@ -255,7 +258,9 @@ def _formula(recs: list[dict]) -> _Acc | None:
 
     def off(r):
         t = ulp_threshold(float(r["threshold_bits"]))
-        return _off(r["forward"], t) or (not r.get("undefined") and _off(r.get("backward"), t))
+        return _off(r["forward"], ulp_threshold(counted_in(r)[1])) or (
+            not r.get("undefined") and _off(r.get("backward"), t)
+        )
 
     # Every well-conditioned point at those scales, not some: an instability can reach the
     # tail of a large sample already at scale 1 (|x| ≈ 5 among 2^18 normal draws, where

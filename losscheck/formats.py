@@ -72,3 +72,18 @@ def capped_bits(ulp, dtype: str | None) -> float | None:
         return None if p is None else float(p)
     b = math.log2(1 + max(ulp, 0.0))
     return float(min(b, p)) if p is not None else b
+
+
+def counted_in(rec: dict, section: str = "forward") -> tuple[str, float]:
+    """(dtype, threshold bits) a record section's ULPs and bits are counted in: the record's,
+    but for a forward that a precision policy widened (a float32 loss of a bfloat16 point),
+    which carries its own (`dtype`, `threshold_bits`: the input's threshold moved to the
+    wider significand, METRICS.md "Precision policies")."""
+    s = rec.get(section) or {}
+    return s.get("dtype", rec.get("dtype", "")), float(s.get("threshold_bits", rec["threshold_bits"]))
+
+
+def widened_threshold(threshold: float, out_dtype: str, inp_dtype: str) -> float:
+    """The input's breakdown threshold in bits of a wider `out_dtype`: the same relative
+    error on the wider significand (bfloat16's 4 of 8 bits are float32's 20 of 24)."""
+    return threshold + (precision(out_dtype) or 0) - (precision(inp_dtype) or 0)

@@ -56,7 +56,7 @@ INPUTS_GENERATOR = "torch-1"
 # Every loss: random and extreme finite logits.
 COMMON_DISTRIBUTIONS = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong")
 # Multi-class losses only: value sets with no binary counterpart (as PyTorch's op tests use).
-MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min")
+MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min", "common_offset")
 # Losses taking logits only: ±inf logits. For probability inputs (bce) σ(±inf) is exactly
 # 0 or 1, which large scales already produce.
 LOGIT_DISTRIBUTIONS = ("nonfinite",)
@@ -76,10 +76,36 @@ DESCRIPTIONS = {
     "(loss scale + log1p((C−1)·e^−scale))",
     "target_min": "multi-class: target logit −scale, others N(0, 1); the target is the row "
     "minimum (min(−scale, the others' minimum) where an N(0, 1) draw is below −scale)",
+    "common_offset": "multi-class: logits N(0, 1)·scale plus a large offset shared by the row, which the "
+    "exact loss ignores; the one value set that depends on the dtype: even rows 1e6, odd rows 1e8 in float32, "
+    "4096/32768 in float16, 256/65536 in bfloat16, 1e12/1e16 in float64",
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
 }
+
+
+# `common_offset`: the row offsets (even rows, odd rows) per dtype. Softmax is shift-invariant, so
+# the exact loss of the rounded row ignores the offset; what an implementation gets is the
+# variation that survives rounding next to it (optax's stability tests use 1e6/1e8 in float32,
+# 4096 in float16, 256 in bfloat16; MLX#4188: logits at 1e8 gave loss 0 and a zero gradient).
+# The only inputs that depend on the dtype, added after generation (`row_offsets`).
+COMMON_OFFSETS = {
+    "float64": (1e12, 1e16),
+    "float32": (1e6, 1e8),
+    "float16": (4096.0, 32768.0),
+    "bfloat16": (256.0, 65536.0),
+}
+
+
+def row_offsets(distribution: str, dtype: str, rows: int, device="cpu") -> torch.Tensor | None:
+    """The (rows, 1) float64 offsets `distribution` adds to the logits in `dtype`, or None
+    where it adds none (every value set but `common_offset`)."""
+    if distribution != "common_offset":
+        return None
+    even, odd = COMMON_OFFSETS[dtype]
+    parity = torch.arange(rows, device=device) % 2 == 1
+    return _pick(parity, odd, even).reshape(rows, 1)
 
 
 def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
@@ -242,6 +268,8 @@ def _multiclass(d: _Draws, n, c, scale, dist):
         x[rows, t] = torch.clamp(x.amin(dim=1), max=-scale)
     elif dist == "nonfinite":
         x = _multiclass_nonfinite(d, n, c, scale, t)
+    elif dist == "common_offset":
+        x = d.normal((n, c), scale)  # the offset is the dtype's: `row_offsets`, added in sweep.point_data
     else:
         raise ValueError(f"unknown distribution {dist!r}")
     return x, t

@@ -126,6 +126,7 @@ def _main(results, all_records, records, found, plots, links: dict[str, str] | N
         _skipped_summary(all_records),
         _breakdown(records, cfg, links is not None),
         _findings(records, found, links),
+        RF.policy_survival(records, found),
         _plots(plots),
         D.problems(records),
     ]

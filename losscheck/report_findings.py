@@ -13,6 +13,7 @@ import statistics
 from collections import defaultdict
 
 from . import analysis as A, findings as FD
+from .catalog import PRECISIONS
 from .report_format import (
     LOSS_ORDER,
     dtype_rank,
@@ -199,3 +200,53 @@ def cost_findings(records: list[dict], by_base: bool = False) -> list[str]:
             f"{len(ratios)} timed points)."
         )
     return lines
+
+
+POLICIES = tuple(p for p in PRECISIONS if p != "native")
+
+
+def _without(variant: str, part: str) -> str:
+    return ", ".join(p for p in variant.split(", ") if p and p != part)
+
+
+def policy_survival(records: list[dict], findings: list[dict]) -> str:
+    """A section saying, for each framework finding in float16/bfloat16 on the dtype as given,
+    whether it is still there when the same loss runs under autocast and on a float32 upcast
+    (issue 15: what a mixed-precision training loop sees). Empty without such points."""
+    swept = {
+        (r.get("base_loss", r["loss"]), _without(A.variant(r), f"precision={p}"), r["dtype"], r["device"], p)
+        for r in records
+        for p in POLICIES
+        if (r.get("options") or {}).get("precision") == p
+    }
+    if not swept:
+        return ""
+    found = {(f["loss"], f["variant"], f["impl"], f["dtype"], f["device"], f["kind"]) for f in findings}
+    rows = []
+    for f in findings:
+        native = f["impl_kind"] == "framework" and "precision=" not in f["variant"]
+        if not native or f["dtype"] not in ("float16", "bfloat16"):
+            continue
+        cells = []
+        for p in POLICIES:
+            key = (f["loss"], f["variant"], f["dtype"], f["device"], p)
+            under = ", ".join(x for x in (f["variant"], f"precision={p}") if x)
+            under = ", ".join(sorted(under.split(", ")))
+            if key not in swept:
+                cells.append("not swept")
+            elif (f["loss"], under, f["impl"], f["dtype"], f["device"], f["kind"]) in found:
+                cells.append("survives")
+            else:
+                cells.append("gone")
+        label = f"{f['loss']} [{f['variant']}]" if f["variant"] else f["loss"]
+        rows.append([md(label), impl_name(f["impl"]), label_dtype(f["dtype"], f["device"]), f["kind"], *cells])
+    if not rows:
+        return ""
+    head = "| loss | implementation | dtype | finding | under autocast | on a float32 upcast |\n" + "|---" * 6 + "|\n"
+    return (
+        "## Precision policies\n\nEach framework finding in a half-precision dtype, run as given, and whether "
+        "the same finding is there when the loss runs under `torch.autocast` or on an explicit float32 upcast "
+        "(a wider output is audited in its own dtype, its threshold the input's: METRICS.md).\n\n"
+        + head
+        + "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+    )

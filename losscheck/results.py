@@ -27,6 +27,10 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       torch.Generator on the point's device, see losscheck/inputs.py); absent: the former
       numpy generator ("numpy"). Files of different generators hold other input values at
       the same points: merge refuses them, compare and the gate do not judge their points.
+      Precision policies (losscheck/precision.py): `options.precision` ("autocast",
+      "upcast"; absent: native) on float16/bfloat16 points; such records carry
+      `output_dtype` and `compute_dtype`, and a forward the policy widened carries its own
+      `dtype` and `threshold_bits` (its ULPs are of that dtype: formats.counted_in).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

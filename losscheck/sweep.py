@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import custom, inputs, memory, reference as R, timing, worker
+from . import custom, inputs, memory, precision, reference as R, timing, worker
 from .config import Config
 from .dtypes import FORMATS
 from .environment import device_problem
 from .errors import ConfigError, LosscheckError, ReferenceUnavailable
+from .formats import widened_threshold
 from .isolation import deadline, failure_message, one_line as _one_line
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .metrics import ErrorStats
@@ -46,6 +47,11 @@ class Case:
     reduction: str = "mean"
     options: tuple = ()  # sorted (name, value) pairs of the options set (see Config.option_sets)
     time: int | None = None  # sequence length (sequence losses)
+
+    @property
+    def policy(self) -> str:
+        """The precision policy the implementations run under (precision.py)."""
+        return dict(self.options).get("precision", "native")
 
     def key(self, impl: str) -> dict:
         return {
@@ -85,7 +91,9 @@ def cases(config: Config) -> Iterator[Case]:
         ):
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
-            if inputs.applies(dist, loss.multiclass, loss.input_kind):
+            if inputs.applies(dist, loss.multiclass, loss.input_kind) and precision.applies(
+                dict(opts).get("precision", "native"), dtype
+            ):
                 yield Case(index, loss_name, device, dtype, batch, c, dist, scale, reduction, opts, time)
                 index += 1
 
@@ -229,15 +237,17 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
+        offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
         for block, x, t in inputs.generate_blocks(
             case.loss, case.batch, case.classes, case.scale, case.distribution, seed, case.time, device
         ):
-            inp[block] = loss.make_input(x, dtype)
+            inp[block] = loss.make_input(x if offsets is None else x + offsets[block], dtype)
             labels[block] = torch.as_tensor(t, device=device)
             del x
     else:
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
-        inp = loss.make_input(logits, dtype)
+        offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
+        inp = loss.make_input(logits if offsets is None else logits + offsets, dtype)
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
@@ -325,7 +335,21 @@ def run_case(
         what = "out of memory while building the point" if memory.is_oom(e) else "reference"
         memory.release(case.device)
         return [_record(config, case, i, "error", f"{what}: {_one_line(e)}") for i in chosen]
-    out = [evaluate(config, case, loss, impl, data, ref) for impl in chosen]
+    refs = {ref.loss.dtype: ref}
+
+    def ref_in(dtype: torch.dtype) -> Reference:
+        # The point's reference rounded to a wider output's dtype (precision policies): the
+        # same exact values (the inputs widen exactly), computed once per point.
+        if dtype not in refs:
+            widened = {
+                k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in data.options.items()
+            }
+            target = data.target.to(dtype) if data.target.is_floating_point() else data.target
+            refs[dtype] = reference(loss, data.inp.to(dtype), target, widened, case.reduction)
+        return refs[dtype]
+
+    out = [evaluate(config, case, loss, impl, data, ref, ref_in) for impl in chosen]
     built = setup.result()
     for r in out:
         if r["memory"] and built:
@@ -333,7 +357,7 @@ def run_case(
             r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
     if config.timing.applies(case.distribution, case.scale):
         ok = {
-            impl.name: impl.fn
+            impl.name: precision.wrap(impl.fn, case.policy, case.device)
             for impl, r in zip(chosen, out, strict=True)
             if r["status"] == "ok" and r["backward"] is not None
         }
@@ -388,12 +412,22 @@ def _record(config: Config, case: Case, impl, status: str, message: str = "") ->
     }
 
 
-def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref: Reference) -> dict:
+def evaluate(
+    config: Config,
+    case: Case,
+    loss: Loss,
+    impl,
+    data: PointData,
+    ref: Reference,
+    ref_in: Callable[[torch.dtype], Reference] | None = None,
+) -> dict:
     """Accuracy, overflow and peak memory of one implementation at one point (timing: see
     `run_case`). Whatever the implementation does — raise, hang past the timeout, run out
-    of memory, return garbage — ends up in the record, not in the sweep."""
+    of memory, return garbage — ends up in the record, not in the sweep. `ref_in(dtype)`:
+    the reference rounded to a wider dtype, for outputs a precision policy widened."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
+    audit = _Audit(ref, threshold, case, ref_in)
     if _large(case):
         memory.trim()
     peak = memory.PeakMemory(case.device)
@@ -401,16 +435,23 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
     try:
         if isinstance(impl.fn, worker.RemoteFn):
             # In its worker process (the timeout is enforced by killing it); audited here.
-            outputs, record["memory"] = impl.fn.evaluate(
+            remote = impl.fn.with_policy(case.policy)
+            outputs, record["memory"] = remote.evaluate(
                 data, case.device, case.reduction, shape, torch.get_num_threads()
             )
-            _audit(outputs, ref, threshold, record)
+            audit(outputs, record)
         else:
             with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
                 outputs = worker.produce(
-                    impl.fn, data, case.device, case.reduction, shape, trusted=impl.kind in BUILT_IN_KINDS
+                    impl.fn,
+                    data,
+                    case.device,
+                    case.reduction,
+                    shape,
+                    trusted=impl.kind in BUILT_IN_KINDS,
+                    policy=case.policy,
                 )
-                _audit(outputs, ref, threshold, record)
+                audit(outputs, record)
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
@@ -431,18 +472,43 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
 BUILT_IN_KINDS = ("naive", "stable", "framework")
 
 
-def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict) -> None:
+@dataclass
+class _Audit:
     """The record's forward and backward from an implementation's outputs (`worker.produce`),
-    against the reference, on the reference's device."""
-    dev = ref.loss.device
-    fwd = ErrorStats(threshold)
-    fwd.add(o.elements.to(dev), ref.loss)
-    if ref.reduced is not None:
-        fwd.set_reduced(o.out.to(dev), ref.reduced)
-    record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
-    if o.note:
-        record["message"] = o.note
-    if o.grad is not None:
-        bwd = ErrorStats(threshold)
-        bwd.add(o.grad.to(dev), ref.grad)
-        record["backward"] = bwd.as_dict()
+    against the reference, on the reference's device. A forward wider than the input (a
+    precision policy's float32 for a bfloat16 point) is audited against the reference rounded
+    to its dtype, with the input's threshold moved to its significand (precision.threshold_in);
+    the gradient reaches the input in its own dtype and is audited as always."""
+
+    ref: Reference
+    threshold: float
+    case: Case
+    ref_in: Callable[[torch.dtype], Reference] | None = None
+
+    def __call__(self, o: worker.Outputs, record: dict) -> None:
+        case, ref, threshold = self.case, self.ref, self.threshold
+        notes = [o.note]
+        if case.policy != "native":
+            out_dtype = str(o.out.dtype).removeprefix("torch.")
+            record["output_dtype"] = out_dtype
+            # What the loss computed in: the upcast's float32, or the dtype autocast ran its
+            # last operation in, which its output carries.
+            record["compute_dtype"] = "float32" if case.policy == "upcast" else out_dtype
+            if o.out.dtype != ref.loss.dtype and self.ref_in is not None:
+                ref = self.ref_in(o.out.dtype)
+                threshold = widened_threshold(threshold, out_dtype, case.dtype)
+            notes.append(precision.cuda_note(case.loss, case.policy, case.device))
+        dev = ref.loss.device
+        fwd = ErrorStats(threshold)
+        fwd.add(o.elements.to(dev), ref.loss)
+        if ref.reduced is not None:
+            fwd.set_reduced(o.out.to(dev), ref.reduced)
+        record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
+        if ref is not self.ref:  # counted in the wider dtype (formats.counted_in)
+            record["forward"].update(dtype=record["output_dtype"], threshold_bits=threshold)
+        if any(notes):
+            record["message"] = "; ".join(n for n in notes if n)
+        if o.grad is not None:
+            bwd = ErrorStats(self.threshold)
+            bwd.add(o.grad.to(dev), self.ref.grad)
+            record["backward"] = bwd.as_dict()

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.multiprocessing  # registers the shared-memory pickling of tensors
 
-from . import memory
+from . import memory, precision
 from .custom import ImplementationError, NoGradient
 from .errors import ConfigError
 from .isolation import GlobalState, WorkerFailure, deadline, failure_message
@@ -70,7 +70,14 @@ class Outputs:
 
 
 def produce(
-    fn, data, device: str, reduction: str, shape: tuple, state: GlobalState | None = None, trusted: bool = False
+    fn,
+    data,
+    device: str,
+    reduction: str,
+    shape: tuple,
+    state: GlobalState | None = None,
+    trusted: bool = False,
+    policy: str = "native",
 ) -> Outputs:
     """Call `fn` as the sweep does (reduction "none" without autograd, then the point's
     reduction and its backward) on a copy of `data` (sweep.PointData) on `device`, and check
@@ -79,17 +86,19 @@ def produce(
     `shape` is the reference's per-element shape; `state`: what to keep (default: now).
     `trusted` (the built-ins, which tests/test_inputs.py shows never write into their inputs):
     the point's own tensors, neither copied nor compared afterwards (a copy and a comparison
-    of a large input cost about a fifth of a forward+backward each)."""
+    of a large input cost about a fifth of a forward+backward each). `policy`: the precision
+    policy the call runs under (precision.py; its outputs may then be wider than the input)."""
     state = state or GlobalState.capture()
+    fn = precision.wrap(fn, policy, device)
     x, t, opts = data.on(device, copy=not trusted)
     try:
         with torch.no_grad():
             elements = fn(x, t, "none", **opts)
-        check_output(elements, shape, x.dtype, x.device, "none")
+        check_output(elements, shape, x.dtype, x.device, "none", policy)
         # A view of the input that requires grad: no copy of it (large vocabularies).
         xg = x.detach().requires_grad_(True)
         out = fn(xg, t, reduction, **opts)
-        check_output(out, shape if reduction == "none" else (), x.dtype, x.device, reduction)
+        check_output(out, shape if reduction == "none" else (), x.dtype, x.device, reduction, policy)
         grad, note = None, ""
         try:
             out.backward(torch.ones_like(out) if reduction == "none" else None)
@@ -118,13 +127,14 @@ def produce(
     return Outputs(elements.detach(), out.detach(), grad, note)
 
 
-def check_output(out, shape, dtype, device, reduction) -> None:
+def check_output(out, shape, dtype, device, reduction, policy: str = "native") -> None:
     if not isinstance(out, torch.Tensor):
         raise ImplementationError(f"reduction={reduction!r} returned {type(out).__name__}, not a tensor")
     if tuple(out.shape) != tuple(shape):
         raise ImplementationError(f"reduction={reduction!r} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if out.dtype != dtype:
-        raise ImplementationError(f"reduction={reduction!r} returned {out.dtype}, expected {dtype}")
+    if not precision.accepts(out.dtype, dtype, policy):
+        wider = "" if policy == "native" else " or a wider floating dtype"
+        raise ImplementationError(f"reduction={reduction!r} returned {out.dtype}, expected {dtype}{wider}")
     if out.device != device:
         raise ImplementationError(f"reduction={reduction!r} returned a tensor on {out.device}, expected {device}")
 
@@ -286,16 +296,31 @@ def _oom_kills() -> int | None:
 class RemoteFn:
     """An implementation of `loss` evaluated in `worker` (what `Impl.fn` holds when isolated)."""
 
-    def __init__(self, worker: Worker, loss: str):
-        self.worker, self.loss = worker, loss
+    def __init__(self, worker: Worker, loss: str, policy: str = "native"):
+        self.worker, self.loss, self.policy = worker, loss, policy
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"{self.worker.name} runs in a worker process: use evaluate() or timing.time_case")
 
+    def with_policy(self, policy: str) -> RemoteFn:
+        """This implementation called under a precision policy (precision.wrap), in its worker."""
+        return RemoteFn(self.worker, self.loss, policy)
+
     def evaluate(self, data, device: str, reduction: str, shape: tuple, threads: int) -> tuple[Outputs, dict | None]:
         """`produce` in the worker: (outputs on the CPU, the worker's peak memory)."""
         return self.worker.request(
-            ("evaluate", self.loss, data.inp, data.target, data.options, device, reduction, threads, shape),
+            (
+                "evaluate",
+                self.loss,
+                data.inp,
+                data.target,
+                data.options,
+                device,
+                reduction,
+                threads,
+                self.policy,
+                shape,
+            ),
             "during evaluation",
         )
 
@@ -313,6 +338,7 @@ class RemoteFn:
                 device,
                 reduction,
                 threads,
+                self.policy,
                 min_run_time,
                 rounds,
             ),
@@ -382,7 +408,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         device = "cpu"
         try:
             if kind in ("evaluate", "calibrate"):
-                loss, inp, target, options, device, reduction, threads = args[:7]
+                loss, inp, target, options, device, reduction, threads, policy = args[:8]
                 fn = loaded.fn if loaded is not None else LOSSES[loss].implementations[name].fn
                 timers.clear()
                 torch.set_num_threads(threads)
@@ -392,12 +418,13 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
             if kind == "evaluate":
                 peak = memory.PeakMemory(device)
                 with peak, deadline(timeout, f"{name} (evaluation)"):
-                    outputs = produce(fn, data, device, reduction, args[7], state).cpu()
+                    outputs = produce(fn, data, device, reduction, args[8], state, policy=policy).cpu()
                 reply: tuple[str, Any] = ("ok", (outputs, peak.result()))
                 del outputs
             elif kind == "calibrate":
                 x, t, opts = data.on(device)
-                timers.update(timing.timers_for(fn, x, t, reduction, opts, threads, *args[7:]))
+                fn = precision.wrap(fn, policy, device)
+                timers.update(timing.timers_for(fn, x, t, reduction, opts, threads, *args[8:]))
                 reply = ("ok", {part: (number, calibration) for part, (_, number, calibration) in timers.items()})
             elif kind == "block":
                 part, number = args

@@ -141,6 +141,8 @@ def test_distributions_keep_their_moments():
 def test_every_dtype_sees_the_float64_values_rounded_once(loss_name):
     loss = LOSSES[loss_name]
     for dist in inputs.distributions_for(loss.multiclass, loss.input_kind):
+        if dist == "common_offset":  # the one value set whose inputs depend on the dtype: below
+            continue
         f64 = sweep.point_data(loss, _case(loss_name, dist, "float64"), 4)
         for name in ("float32", "float16", "bfloat16"):
             dtype = FORMATS[name].torch_dtype
@@ -261,3 +263,25 @@ def test_built_in_implementations_never_write_into_their_inputs(loss_name):
 
 
 _CONFIG = load_config(ROOT / "configs" / "quick.yaml")
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "sequence_cross_entropy"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_common_offset_adds_the_dtypes_offsets_to_the_shared_draws(loss_name, dtype):
+    """Even rows get the dtype's first offset, odd rows its second, on top of the N(0, 1)·scale
+    draws every dtype shares; then the sum is rounded once, like every input."""
+    loss = LOSSES[loss_name]
+    case = _case(loss_name, "common_offset", dtype, batch=6, classes=5, time=3 if loss.sequence else None)
+    got = sweep.point_data(loss, case, 4).inp.reshape(-1, 5)
+    ((_, draws, _),) = inputs.generate_blocks(loss_name, case.batch, 5, case.scale, "common_offset", 4, case.time)
+    even, odd = inputs.COMMON_OFFSETS[dtype]
+    offsets = torch.tensor([even, odd], dtype=torch.float64)[torch.arange(got.shape[0]) % 2].reshape(-1, 1)
+    assert torch.equal(got, R.round_to(draws + offsets, FORMATS[dtype].torch_dtype))
+    # The offset dominates: every logit of a row is within the draws' spread of it.
+    assert bool(((got.double() - offsets).abs() <= draws.abs().amax() + offsets * 2**-7).all())
+
+
+def test_common_offset_is_a_multiclass_value_set_only():
+    assert inputs.applies("common_offset", True, "logits")
+    assert not inputs.applies("common_offset", False, "logits")
+    assert inputs.row_offsets("normal", "float32", 4) is None
