@@ -19,7 +19,15 @@ BUILTIN_IMPLS = ("naive", "stable", "torch")
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
-OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0, "targets": "hard"}
+# `spatial`: the d1×d2×… positions of an (N, C, d1, d2, …) input ("none": (N, C)).
+OPTION_DEFAULTS = {
+    "weight": "none",
+    "pos_weight": 1.0,
+    "label_smoothing": 0.0,
+    "ignored": 0.0,
+    "targets": "hard",
+    "spatial": "none",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ LOSS_INFO: dict[str, LossInfo] = {
             summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
             "label smoothing, ignore_index",
             formulas=_CE_FORMULAS,
-            options=("weight", "label_smoothing", "ignored", "targets"),
+            options=("weight", "label_smoothing", "ignored", "targets", "spatial"),
         ),
         LossInfo(
             name="sequence_cross_entropy",

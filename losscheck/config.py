@@ -35,7 +35,7 @@ from .config_yaml import read_yaml, to_yaml  # noqa: F401  (to_yaml: config.to_y
 from .errors import ConfigError
 from .formats import FORMATS
 from .gate_policy import GATE_KEYS, GatePolicy, key_help  # noqa: F401  (GATE_KEYS: config.GATE_KEYS for its users)
-from .inputs import DISTRIBUTIONS
+from .inputs import DISTRIBUTIONS, GRAD_OUTPUTS
 
 # Option of a loss (`Loss.options`) -> the config key sweeping it.
 OPTION_AXES = {
@@ -44,6 +44,7 @@ OPTION_AXES = {
     "label_smoothing": "label_smoothing",
     "ignored": "ignored",
     "targets": "targets",
+    "spatial": "spatial",
 }
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
@@ -76,6 +77,10 @@ class Config:
     ignored: tuple[float, ...] = (0.0,)
     targets: tuple[str, ...] = ("hard",)
     sequence_lengths: tuple[int, ...] = (64,)
+    # Upstream gradients of `reduction: none` points (sweep.cases), and (N, C, d…) positions
+    # as option values ("none", "4x4": see `_spatial`).
+    grad_outputs: tuple[str, ...] = ("ones",)
+    spatial: tuple[str, ...] = ("none",)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -147,12 +152,19 @@ class Config:
             "ignored": list(self.ignored),
             "targets": list(self.targets),
             "sequence_lengths": list(self.sequence_lengths),
+            "grad_outputs": list(self.grad_outputs),
+            "spatial": [spatial_dims(s) for s in self.spatial],
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
             "timeout": self.timeout,
             "isolation": self.isolation,
         }
+
+
+def spatial_dims(value: str) -> list[int]:
+    """An option value of `spatial` ("none", "4x4") as the list of dimensions it names."""
+    return [] if value == "none" else [int(d) for d in value.split("x")]
 
 
 def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
@@ -224,6 +236,8 @@ KEYS = {
     "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
     "targets": "list of hard, soft (cross_entropy: class indices or class probabilities)",
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
+    "grad_outputs": f"list of {', '.join(GRAD_OUTPUTS)}: upstream gradients of reduction none points",
+    "spatial": "list of lists of positive integers: the d1, d2, … of (N, C, d1, d2, …) inputs ([] for (N, C))",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -301,6 +315,8 @@ def _build(data: dict, source: str) -> Config:
         ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
+        grad_outputs=v.choices(data, "grad_outputs", GRAD_OUTPUTS, ("ones",)),
+        spatial=v.spatial(data),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -385,6 +401,19 @@ class _Validator(SectionChecks):
         if len(set(values)) != len(values):
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
+
+    def spatial(self, data):
+        allowed = KEYS["spatial"]
+        out = []
+        for value in self._list(data, "spatial", [[]]):
+            if not isinstance(value, (list, tuple)) or not all(
+                type(d) is int and d >= 1 for d in value
+            ):
+                self.fail("spatial", f"bad value {value!r}", allowed)
+            out.append("x".join(map(str, value)) or "none")
+        if len(set(out)) != len(out):
+            self.fail("spatial", f"duplicate values in {data['spatial']!r}", "each value at most once")
+        return tuple(out)
 
     def devices(self, data):
         values = self._list(data, "devices", DEFAULTS["devices"])

@@ -92,7 +92,9 @@ def produce(
         check_output(out, shape if reduction == "none" else (), x.dtype, x.device, reduction)
         grad, note = None, ""
         try:
-            out.backward(torch.ones_like(out) if reduction == "none" else None)
+            # The point's upstream gradient (sweep.PointData.grad_output) for "none": ones by default.
+            up = getattr(data, "grad_output", None) if reduction == "none" else None
+            out.backward(up.to(x.device) if up is not None else torch.ones_like(out) if reduction == "none" else None)
         except NoGradient as e:
             note = f"forward only: {e}"
         else:

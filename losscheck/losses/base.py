@@ -131,17 +131,62 @@ class Reference:
         return self.value if self.reduction == "mean" else None
 
 
+def class_dim(loss: Loss, inp: torch.Tensor) -> int:
+    """Where the classes are: the last dimension of (N, C) and of sequence (B, T, V) inputs,
+    dimension 1 of (N, C, d1, d2, …) inputs, as torch's cross_entropy and nll_loss take them."""
+    return 1 if loss.multiclass and not loss.sequence and inp.dim() > 2 else -1
+
+
 def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary."""
+    """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary;
+    the class dimension of (N, C, d…) inputs (and soft targets) moved last first."""
     if not loss.multiclass:
         return inp.reshape(-1), target.reshape(-1)
+    if class_dim(loss, inp) == 1:
+        inp = inp.movedim(1, -1)
+        target = target.movedim(1, -1) if target.is_floating_point() else target
     c = inp.shape[-1]
     x = inp.reshape(-1, c)
     return x, (target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1))
 
 
+def element_shape(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the per-element loss (reduction "none"): the target's, less the class
+    dimension of soft targets."""
+    if loss.multiclass and target.is_floating_point():
+        dim = class_dim(loss, inp)
+        return tuple(s for i, s in enumerate(target.shape) if i != dim % target.dim())
+    return tuple(target.shape)
+
+
+def _unrows(loss: Loss, grad_rows: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """The reverse of `rows_of` for a gradient: rows back to the input's layout."""
+    if class_dim(loss, inp) == 1:
+        return grad_rows.reshape(inp.movedim(1, -1).shape).movedim(-1, 1)
+    return grad_rows.reshape(inp.shape)
+
+
+def _upstream_rows(grad_output: torch.Tensor | None, reduction: str) -> torch.Tensor | None:
+    """The upstream gradient per row (METRICS.md "Upstream gradients"): only for "none"."""
+    if grad_output is None or reduction != "none":
+        return None
+    return grad_output.reshape(-1)
+
+
+def _weigh_rows(gw, g):
+    """g_i·∇ℓ_i: each row's gradient times its upstream gradient; a zero removes the row
+    (0 even where ∇ℓ_i is infinite), a NaN gradient (no limit) stays NaN."""
+    g = g[:, None] if gw.ndim == 2 else g
+    return R.weigh(gw, g, undefined=gw != gw)
+
+
 def reference(
-    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None, reduction: str = "mean"
+    loss: Loss,
+    inp: torch.Tensor,
+    target: torch.Tensor,
+    options: dict | None = None,
+    reduction: str = "mean",
+    grad_output: torch.Tensor | None = None,
 ) -> Reference:
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
@@ -154,14 +199,15 @@ def reference(
     `options` are the implementation's keyword options (tensors are read exactly in
     working precision). The mean's denominator is summed first (it depends on the
     targets and weights only), so that the gradient of the mean is divided once and
-    rounded once.
+    rounded once. `grad_output` (reduction "none" only; shaped like the per-element loss, in
+    the dtype): the gradient is that of Σ g_i·ℓ_i, each row's scaled exactly before rounding.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
     how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
-        return _reference_dd(loss, inp, target, options, reduction)
+        return _reference_dd(loss, inp, target, options, reduction, grad_output)
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
@@ -178,6 +224,8 @@ def reference(
 
     opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
     per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
+    upstream = _upstream_rows(grad_output, reduction)
+    g_rows = None if upstream is None else read(upstream)
 
     def chunk_options(rows):
         return {**opts, **{k: v[rows] for k, v in per_row.items()}}
@@ -208,6 +256,8 @@ def reference(
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
+            if g_rows is not None:
+                gw = _weigh_rows(gw, g_rows[rows])
             grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)
     value = None
@@ -221,8 +271,8 @@ def reference(
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
-        grad=grad_out.reshape(inp.shape),
+        loss=loss_out.reshape(element_shape(loss, inp, target)),
+        grad=_unrows(loss, grad_out, inp),
         reduced=reduced,
         value=None if value is None else float(value),
         reduction=reduction,
@@ -235,7 +285,12 @@ _DD_SHIFT = 64
 
 
 def _reference_dd(
-    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None, reduction: str
+    loss: Loss,
+    inp: torch.Tensor,
+    target: torch.Tensor,
+    options: dict | None,
+    reduction: str,
+    grad_output: torch.Tensor | None = None,
 ) -> Reference:
     """`reference` for float64 inputs in double-double (losscheck.doubledouble), on the
     input's device: each chunk's loss and gradient come as scaled dds (hi, lo, k), rounded
@@ -255,6 +310,7 @@ def _reference_dd(
         for k, v in (options or {}).items()
     }
     per_row = {k for k in opts if k == "weight" and not loss.multiclass}
+    upstream = _upstream_rows(grad_output, reduction)
 
     def chunk_options(rows):
         return {k: (v[rows] if k in per_row else v) for k, v in opts.items()}
@@ -284,6 +340,9 @@ def _reference_dd(
             gw = D.normalize_scaled(gw)
             d = (denominator[0].expand_as(gw[0]), denominator[1].expand_as(gw[0]))
             gw = (*D.div(gw[:2], d), gw[2])
+        if upstream is not None:
+            g = upstream[rows].to(device=device, dtype=R.WORK)
+            gw = D.weigh_scaled(gw, g[:, None] if gw[0].dim() == 2 else g, undefined=gw[0].isnan())
         grad_out[rows] = D.round_scaled(*gw)
         for t, shift in ((total, 0), (total_scaled, _DD_SHIFT)):
             t.add(D.ldexp(lw[0], lw[2] - shift))
@@ -301,8 +360,8 @@ def _reference_dd(
             value = (*D.div(value[:2], denominator), value[2])
         reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
-        grad=grad_out.reshape(inp.shape),
+        loss=loss_out.reshape(element_shape(loss, inp, target)),
+        grad=_unrows(loss, grad_out, inp),
         reduced=reduced,
         value=None if reduced is None or value is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
@@ -446,3 +505,23 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, n)
         return out
     n = safe_denominator(n)
     return out / (n.to(grad.dtype) if isinstance(n, torch.Tensor) else n)
+
+
+def class_dim_last(fn):
+    """`fn` of (N, C) rows also on (N, C, d1, d2, …) inputs, as torch's cross_entropy and
+    nll_loss take them: the class dimension moved last and the positions flattened to rows
+    (soft targets likewise), the per-element result shaped (N, d1, d2, …) again. How the
+    naive and stable implementations see an image-shaped input; torch's own get it as is."""
+
+    def impl(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", **options) -> torch.Tensor:
+        if x.dim() <= 2:
+            return fn(x, t, reduction, **options)
+        c = x.shape[1]
+        rows = x.movedim(1, -1).reshape(-1, c)
+        t_rows = t.movedim(1, -1).reshape(-1, c) if t.is_floating_point() else t.reshape(-1)
+        out = fn(rows, t_rows, reduction, **options)
+        return out.reshape(x.shape[:1] + x.shape[2:]) if reduction == "none" else out
+
+    impl.__name__ = impl.__qualname__ = fn.__name__
+    impl.__doc__ = fn.__doc__
+    return impl
