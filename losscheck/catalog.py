@@ -91,6 +91,19 @@ LOSS_INFO: dict[str, LossInfo] = {
             options=("weight", "label_smoothing", "ignored", "targets", "spatial"),
         ),
         LossInfo(
+            name="nll_loss",
+            summary="negative log likelihood on log-probabilities (log_softmax of the value set's logits, "
+            "rounded once), class-index targets, per-class weight, ignore_index, (N, C, d…) inputs",
+            formulas=Formulas(
+                loss=r"\ell(x, t) = -w_t\,x_t",
+                naive=r"\ell = -w_t x_t,\ \bar\ell = \textstyle\sum_i \ell_i \big/ \sum_i w_{t_i} \text{ in the dtype}",
+                stable=r"\bar\ell = \operatorname{round}\Big(\textstyle\sum_i \ell_i \big/ \sum_i w_{t_i}\Big)"
+                r" \text{ accumulated wide}",
+                gradient=r"\partial\ell/\partial x_j = -w_t\,[j = t]",
+            ),
+            options=("weight", "ignored", "spatial"),
+        ),
+        LossInfo(
             name="sequence_cross_entropy",
             summary="token cross entropy over (batch, time, vocab = `classes`) with padded sequences "
             "(ignore_index), per-class weight, label smoothing",

@@ -638,8 +638,11 @@ CE_OPTION_SETS = [
 ]
 SEQ_OPTION_SETS = [{k: v for k, v in (("weight", w), ("label_smoothing", ls)) if v not in ("none", 0.0)}
                    for w in ("none", "random") for ls in (0.0, 0.1)]
+NLL_OPTION_SETS = [{k: v for k, v in (("weight", w), ("ignored", ig)) if v not in ("none", 0.0)}
+                   for w in ("none", "random") for ig in (0.0, 0.25, 1.0)]
 OPTION_SETS = {"bce": BINARY_OPTION_SETS, "bce_with_logits": BINARY_OPTION_SETS,
-               "cross_entropy": CE_OPTION_SETS, "sequence_cross_entropy": SEQ_OPTION_SETS}
+               "cross_entropy": CE_OPTION_SETS, "nll_loss": NLL_OPTION_SETS,
+               "sequence_cross_entropy": SEQ_OPTION_SETS}
 SCALES = (1.0, 100.0, 1e4)
 
 

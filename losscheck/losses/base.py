@@ -69,7 +69,7 @@ class Loss:
     name: str
     summary: str
     multiclass: bool
-    input_kind: str  # "logits" or "probabilities"
+    input_kind: str  # "logits", "probabilities" or "log_probabilities" (rows of log_softmax)
     implementations: dict[str, Impl]
     reference_chunk: R.ChunkFunction  # numpy arrays or tensors in, the same kind out
     formulas: Formulas
@@ -88,6 +88,10 @@ class Loss:
             p = pieces(R.sigmoid, logits) if isinstance(logits, torch.Tensor) else R.sigmoid(logits)
             return R.round_to(p, dtype)
         x = torch.as_tensor(logits, dtype=torch.float64)
+        if self.input_kind == "log_probabilities":
+            # log_softmax of the value set's logits in float64, rounded once below (saturated
+            # as a logit would be: a log-probability of −1e8 is not −inf).
+            x = torch.log_softmax(x, dim=-1)
         if dtype == torch.float64:  # no finite float64 value is beyond float64's range
             return x.clone()
         out = R.round_to(x, dtype)
