@@ -27,6 +27,7 @@ OPTION_DEFAULTS = {
     "ignored": 0.0,
     "targets": "hard",
     "spatial": "none",
+    "dim": -1,
 }
 
 
@@ -102,6 +103,19 @@ LOSS_INFO: dict[str, LossInfo] = {
                 gradient=r"\partial\ell/\partial x_j = -w_t\,[j = t]",
             ),
             options=("weight", "ignored", "spatial"),
+        ),
+        LossInfo(
+            name="log_softmax",
+            summary="log_softmax along `dim` (-1: rows of (N, C); 0: the same rows as columns of (C, N)), "
+            "a tensor output audited element by element, gradient of Σ g·out",
+            formulas=Formulas(
+                loss=r"y_j = x_j - \log \textstyle\sum_k e^{x_k}",
+                naive=r"y_j = x_j - \log\left(\textstyle\sum_k e^{x_k}\right)",
+                stable=r"m = \max_k x_k,\ y_j = (x_j - m) - \log \textstyle\sum_k e^{x_k - m}",
+                gradient=r"\partial(\textstyle\sum_j g_j y_j)/\partial x_k = g_k - \operatorname{softmax}(x)_k "
+                r"\textstyle\sum_j g_j",
+            ),
+            options=("dim",),
         ),
         LossInfo(
             name="sequence_cross_entropy",

@@ -45,7 +45,9 @@ OPTION_AXES = {
     "ignored": "ignored",
     "targets": "targets",
     "spatial": "spatial",
+    "dim": "dims",
 }
+DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -81,6 +83,7 @@ class Config:
     # as option values ("none", "4x4": see `_spatial`).
     grad_outputs: tuple[str, ...] = ("ones",)
     spatial: tuple[str, ...] = ("none",)
+    dims: tuple[int, ...] = (-1,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -154,6 +157,7 @@ class Config:
             "sequence_lengths": list(self.sequence_lengths),
             "grad_outputs": list(self.grad_outputs),
             "spatial": [spatial_dims(s) for s in self.spatial],
+            "dims": list(self.dims),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -238,6 +242,7 @@ KEYS = {
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
     "grad_outputs": f"list of {', '.join(GRAD_OUTPUTS)}: upstream gradients of reduction none points",
     "spatial": "list of lists of positive integers: the d1, d2, … of (N, C, d1, d2, …) inputs ([] for (N, C))",
+    "dims": "list of -1, 0: the dimension of log_softmax (-1: (N, C) rows; 0: the same rows as columns of (C, N))",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -317,6 +322,7 @@ def _build(data: dict, source: str) -> Config:
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
         grad_outputs=v.choices(data, "grad_outputs", GRAD_OUTPUTS, ("ones",)),
         spatial=v.spatial(data),
+        dims=v.dims(data),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -414,6 +420,15 @@ class _Validator(SectionChecks):
         if len(set(out)) != len(out):
             self.fail("spatial", f"duplicate values in {data['spatial']!r}", "each value at most once")
         return tuple(out)
+
+    def dims(self, data):
+        values = self._list(data, "dims", (-1,))
+        for value in values:
+            if type(value) is not int or value not in DIMS:
+                self.fail("dims", f"bad value {value!r}", ", ".join(map(str, DIMS)))
+        if len(set(values)) != len(values):
+            self.fail("dims", f"duplicate values in {values!r}", "each value at most once")
+        return tuple(values)
 
     def devices(self, data):
         values = self._list(data, "devices", DEFAULTS["devices"])

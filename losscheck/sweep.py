@@ -296,6 +296,11 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
             target = target.reshape(case.batch, *dims, -1).movedim(-1, 1).contiguous()
         else:
             target = target.reshape(case.batch, *dims)
+    dim = int(dict(case.options).get("dim", -1))
+    if dim != -1:
+        # log_softmax along dimension 0: the value set's rows as the columns of (C, N).
+        inp = inp.T.contiguous()
+        options["dim"] = dim
     grad_output = None
     kind = dict(case.options).get("grad_output")
     if kind is not None:

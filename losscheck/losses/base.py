@@ -79,6 +79,10 @@ class Loss:
     denominators: Callable[..., Any] | None = None  # arrays or tensors, as reference_chunk
     # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
     sequence: bool = False
+    # A tensor output shaped like the input (log_softmax): per element, not per row; its
+    # reference takes the upstream gradient itself (`grad_output=`), as a row's gradient is
+    # then no multiple of that of its sum (METRICS.md "Tensor outputs").
+    elementwise: bool = False
 
     def make_input(self, logits, dtype: torch.dtype) -> torch.Tensor:
         """The input under test from float64 logits (a tensor, on its device, or numpy
@@ -135,20 +139,30 @@ class Reference:
         return self.value if self.reduction == "mean" else None
 
 
-def class_dim(loss: Loss, inp: torch.Tensor) -> int:
+def class_dim(loss: Loss, inp: torch.Tensor, options: dict | None = None) -> int:
     """Where the classes are: the last dimension of (N, C) and of sequence (B, T, V) inputs,
-    dimension 1 of (N, C, d1, d2, …) inputs, as torch's cross_entropy and nll_loss take them."""
-    return 1 if loss.multiclass and not loss.sequence and inp.dim() > 2 else -1
+    dimension 1 of (N, C, d1, d2, …) inputs, as torch's cross_entropy and nll_loss take them;
+    option `dim` of an elementwise function (log_softmax)."""
+    if loss.elementwise:
+        return int((options or {}).get("dim", -1)) % inp.dim()
+    return 1 if loss.multiclass and not loss.sequence and inp.dim() > 2 else inp.dim() - 1
 
 
-def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _classes_last(loss: Loss, t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t if dim == t.dim() - 1 else t.movedim(dim, -1)
+
+
+def rows_of(
+    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary;
     the class dimension of (N, C, d…) inputs (and soft targets) moved last first."""
     if not loss.multiclass:
         return inp.reshape(-1), target.reshape(-1)
-    if class_dim(loss, inp) == 1:
-        inp = inp.movedim(1, -1)
-        target = target.movedim(1, -1) if target.is_floating_point() else target
+    dim = class_dim(loss, inp, options)
+    if dim != inp.dim() - 1:
+        inp = inp.movedim(dim, -1)
+        target = target.movedim(dim, -1) if target.is_floating_point() else target
     c = inp.shape[-1]
     x = inp.reshape(-1, c)
     return x, (target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1))
@@ -156,24 +170,37 @@ def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.
 
 def element_shape(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
     """The shape of the per-element loss (reduction "none"): the target's, less the class
-    dimension of soft targets."""
+    dimension of soft targets; the input's for an elementwise function."""
+    if loss.elementwise:
+        return tuple(inp.shape)
     if loss.multiclass and target.is_floating_point():
         dim = class_dim(loss, inp)
         return tuple(s for i, s in enumerate(target.shape) if i != dim % target.dim())
     return tuple(target.shape)
 
 
-def _unrows(loss: Loss, grad_rows: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+def _unrows(loss: Loss, grad_rows: torch.Tensor, inp: torch.Tensor, options: dict | None = None) -> torch.Tensor:
     """The reverse of `rows_of` for a gradient: rows back to the input's layout."""
-    if class_dim(loss, inp) == 1:
-        return grad_rows.reshape(inp.movedim(1, -1).shape).movedim(-1, 1)
+    dim = class_dim(loss, inp, options) if loss.multiclass else 0
+    if loss.multiclass and dim != inp.dim() - 1:
+        return grad_rows.reshape(inp.movedim(dim, -1).shape).movedim(-1, dim)
     return grad_rows.reshape(inp.shape)
 
 
-def _upstream_rows(grad_output: torch.Tensor | None, reduction: str) -> torch.Tensor | None:
-    """The upstream gradient per row (METRICS.md "Upstream gradients"): only for "none"."""
+def _per_element(loss: Loss, loss_rows: torch.Tensor, inp, target, layout) -> torch.Tensor:
+    """The per-element losses (R,), or an elementwise function's rows (R, C), in their shape."""
+    if loss.elementwise:
+        return _unrows(loss, loss_rows, inp, layout)
+    return loss_rows.reshape(element_shape(loss, inp, target))
+
+
+def _upstream_rows(loss: Loss, grad_output, reduction: str, inp, options) -> torch.Tensor | None:
+    """The upstream gradient as rows (METRICS.md "Upstream gradients"): only for "none"; (R,)
+    per row, or (R, C) laid out as the input's rows for an elementwise function."""
     if grad_output is None or reduction != "none":
         return None
+    if loss.elementwise:
+        return rows_of(loss, grad_output, grad_output, options)[0]
     return grad_output.reshape(-1)
 
 
@@ -215,7 +242,9 @@ def reference(
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
-    x_rows, t_rows = rows_of(loss, inp, target)
+    layout = options  # `dim` of an elementwise function: where its rows lie, not a formula's option
+    x_rows, t_rows = rows_of(loss, inp, target, layout)
+    options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.CHUNK_ELEMENTS if ext else R.chunk_elements(device)
@@ -228,7 +257,7 @@ def reference(
 
     opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
     per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
-    upstream = _upstream_rows(grad_output, reduction)
+    upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
     g_rows = None if upstream is None else read(upstream)
 
     def chunk_options(rows):
@@ -237,7 +266,8 @@ def reference(
     def new_sum():
         return R.CompensatedSum() if ext else R.TensorCompensatedSum()
 
-    denominator = work(n) if ext else torch.tensor(float(n), dtype=R.WORK, device=device)
+    count = x_rows.numel() if loss.elementwise else n  # the mean of a tensor output: over every element
+    denominator = work(count) if ext else torch.tensor(float(count), dtype=R.WORK, device=device)
     if loss.denominators is not None:
         total_d = new_sum()
         for rows in R.row_chunks(n, row_elems, chunk):
@@ -251,16 +281,18 @@ def reference(
             "the sensible answer is 0 with gradient 0 (nothing to learn from)"
         )
     divide = reduction == "mean" and not undefined
-    loss_out = torch.empty(n, dtype=dtype, device=device)
+    loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
     total = new_sum()
     for rows in R.row_chunks(n, row_elems, chunk):
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows))
+            # An elementwise function's reference takes the upstream gradient: its own VJP.
+            extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
+            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows), **extra)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
-            if g_rows is not None:
+            if g_rows is not None and not loss.elementwise:
                 gw = _weigh_rows(gw, g_rows[rows])
             grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)
@@ -275,8 +307,8 @@ def reference(
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
     return Reference(
-        loss=loss_out.reshape(element_shape(loss, inp, target)),
-        grad=_unrows(loss, grad_out, inp),
+        loss=_per_element(loss, loss_out, inp, target, layout),
+        grad=_unrows(loss, grad_out, inp, layout),
         reduced=reduced,
         value=None if value is None else float(value),
         reduction=reduction,
@@ -303,7 +335,9 @@ def _reference_dd(
     from .. import doubledouble as D
 
     device = inp.device
-    x_rows, t_rows = rows_of(loss, inp, target)
+    layout = options  # `dim` of an elementwise function: where its rows lie, not a formula's option
+    x_rows, t_rows = rows_of(loss, inp, target, layout)
+    options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.chunk_elements(device)
@@ -314,12 +348,13 @@ def _reference_dd(
         for k, v in (options or {}).items()
     }
     per_row = {k for k in opts if k == "weight" and not loss.multiclass}
-    upstream = _upstream_rows(grad_output, reduction)
+    upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
 
     def chunk_options(rows):
         return {k: (v[rows] if k in per_row else v) for k, v in opts.items()}
 
-    denominator = D.dd(torch.tensor(float(n), dtype=R.WORK, device=device))
+    count = x_rows.numel() if loss.elementwise else n  # the mean of a tensor output: over every element
+    denominator = D.dd(torch.tensor(float(count), dtype=R.WORK, device=device))
     if loss.denominators is not None:
         total_d = R.TensorCompensatedSum()
         for rows in R.row_chunks(n, row_elems, chunk):
@@ -332,11 +367,16 @@ def _reference_dd(
             "the sensible answer is 0 with gradient 0 (nothing to learn from)"
         )
     divide = reduction == "mean" and not undefined
-    loss_out = torch.empty(n, dtype=torch.float64, device=device)
+    loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=torch.float64, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
     total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
     for rows in R.row_chunks(n, row_elems, chunk):
-        lw, gw = dd_chunk(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows))
+        extra = {}
+        if loss.elementwise and upstream is not None:  # the upstream gradient's own VJP
+            extra["grad_output"] = upstream[rows].to(device=device, dtype=R.WORK)
+        lw, gw = dd_chunk(
+            x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows), **extra
+        )
         loss_out[rows] = D.round_scaled(*lw)
         if undefined:
             gw = D.exact_scaled(0.0, gw[0])
@@ -344,7 +384,7 @@ def _reference_dd(
             gw = D.normalize_scaled(gw)
             d = (denominator[0].expand_as(gw[0]), denominator[1].expand_as(gw[0]))
             gw = (*D.div(gw[:2], d), gw[2])
-        if upstream is not None:
+        if upstream is not None and not loss.elementwise:
             g = upstream[rows].to(device=device, dtype=R.WORK)
             gw = D.weigh_scaled(gw, g[:, None] if gw[0].dim() == 2 else g, undefined=gw[0].isnan())
         grad_out[rows] = D.round_scaled(*gw)
@@ -364,8 +404,8 @@ def _reference_dd(
             value = (*D.div(value[:2], denominator), value[2])
         reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
     return Reference(
-        loss=loss_out.reshape(element_shape(loss, inp, target)),
-        grad=_unrows(loss, grad_out, inp),
+        loss=_per_element(loss, loss_out, inp, target, layout),
+        grad=_unrows(loss, grad_out, inp, layout),
         reduced=reduced,
         value=None if reduced is None or value is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
