@@ -79,8 +79,8 @@ def framework(x, t=None, reduction: str = "mean", dim: int = -1) -> torch.Tensor
 
 
 def _scaled_reference(x: torch.Tensor, g: torch.Tensor | None):
-    """(out, grad) of float64 rows (R, C) as scaled dds (hi, lo, k): out_j = (x_j − m) − log s,
-    s = Σ exp(x_j − m) ≥ 1 (no cancellation: both terms ≤ 0), and g_j − p_j·Σ g with
+    """(out, grad) of float64 rows (R, C) as scaled dds (hi, lo, k): out_j = (x_j − m) − log1p(r),
+    r = Σ_{k≠argmax} exp(x_k − m) (no cancellation: both terms ≤ 0), and g_j − p_j·Σ g with
     p_j = exp(x_j − m)/s carried scaled (a subnormal product rounds correctly). Limits at ±inf
     logits: a −inf logit has out −inf, p 0; a unique +inf logit out 0, p 1 (the others −inf, 0);
     several +inf: NaN for them; every logit −inf (C > 1): NaN."""
@@ -89,14 +89,21 @@ def _scaled_reference(x: torch.Tensor, g: torch.Tensor | None):
     npos = pos.sum(1, keepdim=True)
     allneg = neg.all(1, keepdim=True) & (x.shape[1] > 1)
     special = (npos > 0) | allneg | x.isnan().any(1, keepdim=True)
-    xs = torch.where(neg | special, 0.0, x)  # −inf logits: masked after the exponential
-    m = xs.amax(1, keepdim=True)
+    # −inf logits take the row's (finite) maximum, masked after the exponential; the rows
+    # replaced by their limits below are computed on zeros.
+    finite_max = torch.where(neg | special, -math.inf, x).amax(1, keepdim=True)
+    xs = torch.where(special, 0.0, torch.where(neg, finite_max, x))
+    m, a = torch.where(neg, -math.inf, xs).max(1, keepdim=True)  # a: never a masked logit
+    m = torch.where(special, 0.0, m)
     d = D.two_sum(xs, -m)  # x − m exactly
     eh, el, ek = D.exp_scaled(d)
     eh, el = eh.masked_fill(neg, 0.0), el.masked_fill(neg, 0.0)
-    e = (D.ldexp(eh, ek), D.ldexp(el, ek))  # for the sum only: its terms that matter are normal
-    s = D.row_sum(e)
-    log_s = D.log(s)
+    # r = Σ_{k≠a} e^{x_k − m} and log s = log1p(r): s = 1 + r as a dd would keep r only to
+    # 2**-106 absolute, which for r = 1e-23 is a relative 1e-10 (the dominant entry's −r).
+    e = (D.ldexp(eh, ek).scatter(1, a, 0.0), D.ldexp(el, ek).scatter(1, a, 0.0))
+    r = D.row_sum(e)
+    s = D.add(D.dd(torch.ones_like(r[0])), r)
+    log_s = D.log1p(r)
     out = D.sub(d, (log_s[0][:, None].expand_as(x), log_s[1][:, None].expand_as(x)))
     total = D.row_sum((g, torch.zeros_like(g)))
     # p_j·Σg = e_j·(Σg/s), e_j scaled.
@@ -110,12 +117,15 @@ def _scaled_reference(x: torch.Tensor, g: torch.Tensor | None):
     one = npos == 1
     lim_out = torch.where(pos, torch.where(one, 0.0, math.nan), -math.inf)
     lim_p = torch.where(pos, torch.where(one, 1.0, math.nan), 0.0)
-    lim_grad = g - lim_p * total[0][:, None]
+    # g_j − p_j·Σg: g_j for p_j = 0; for a unique +inf, g_k − Σg in dd (one rounding).
+    lim_hi, lim_lo = D.sub(D.dd(g), (total[0][:, None].expand_as(x), total[1][:, None].expand_as(x)))
+    lim_grad = torch.where(lim_p == 1, lim_hi, g - lim_p * total[0][:, None])
+    lim_lo = torch.where(lim_p == 1, lim_lo, 0.0)
     undefined = allneg | x.isnan().any(1, keepdim=True)
     lim_out = torch.where(undefined, math.nan, lim_out)
     lim_grad = torch.where(undefined, math.nan, lim_grad)
     out = D.where_scaled(special.expand_as(x), (lim_out, torch.zeros_like(x), zeros), out)
-    grad = D.where_scaled(special.expand_as(x), (lim_grad, torch.zeros_like(x), zeros), grad)
+    grad = D.where_scaled(special.expand_as(x), (lim_grad, lim_lo, zeros), grad)
     return out, grad
 
 
