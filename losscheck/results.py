@@ -27,6 +27,10 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       torch.Generator on the point's device, see losscheck/inputs.py); absent: the former
       numpy generator ("numpy"). Files of different generators hold other input values at
       the same points: merge refuses them, compare and the gate do not judge their points.
+      Issue 15: `options` may hold `grad_output` (the upstream gradient of a `reduction: none`
+      point: "random", "onehot", "zeros"; absent for ones, so earlier files keep their keys),
+      `spatial` ("100x1025": an (N, C, d…) input) and `dim` (log_softmax); the losses
+      `nll_loss` and `log_softmax` (whose `forward` counts every output element).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
