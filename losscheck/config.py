@@ -412,9 +412,7 @@ class _Validator(SectionChecks):
         allowed = KEYS["spatial"]
         out = []
         for value in self._list(data, "spatial", [[]]):
-            if not isinstance(value, (list, tuple)) or not all(
-                type(d) is int and d >= 1 for d in value
-            ):
+            if not isinstance(value, (list, tuple)) or not all(type(d) is int and d >= 1 for d in value):
                 self.fail("spatial", f"bad value {value!r}", allowed)
             out.append("x".join(map(str, value)) or "none")
         if len(set(out)) != len(out):

@@ -6,8 +6,7 @@ from . import bce, bce_with_logits, cross_entropy, log_softmax, nll_loss, sequen
 from .base import IGNORE_INDEX, OPTION_DEFAULTS, Impl, Loss, Reference, reference
 
 LOSSES: dict[str, Loss] = {
-    m.LOSS.name: m.LOSS
-    for m in (bce, bce_with_logits, cross_entropy, nll_loss, log_softmax, sequence_cross_entropy)
+    m.LOSS.name: m.LOSS for m in (bce, bce_with_logits, cross_entropy, nll_loss, log_softmax, sequence_cross_entropy)
 }
 
 __all__ = ["IGNORE_INDEX", "LOSSES", "OPTION_DEFAULTS", "Impl", "Loss", "Reference", "reference"]

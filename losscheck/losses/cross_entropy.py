@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, LOSS_INFO
 from . import cross_entropy_dd
-from .base import Impl, Loss, accumulate_dtype, class_dim_last, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
+from .base import (
+    Impl,
+    Loss,
+    accumulate_dtype,
+    class_dim_last,
+    compute_dtype,
+    reduce_accurate,
+    reduce_naive,
+    scale_grad,
+    two_sum,
+)
 from .cross_entropy_extended import _denominators_extended, _reference_extended
 
 # Rows per block of `stable`: at most this many values in the compute precision at once,

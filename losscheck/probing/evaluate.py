@@ -190,7 +190,7 @@ def run_probe(
                 "applies to class-index targets, not to soft targets",
                 "a target of class indices (N,), or no --ignore-index",
             )
-    layout = (("targets", "soft"),) if soft else ()
+    layout: tuple[tuple[str, str], ...] = (("targets", "soft"),) if soft else ()
     if len(shape["shape"]) > 2 and not loss.sequence:  # (N, C, d1, d2, …)
         layout += (("spatial", "x".join(map(str, shape["shape"][2:]))),)
     _check_memory(_case(loss_name, device, dtype, shape, reduction, tuple(sorted(layout))))
