@@ -295,3 +295,24 @@ def test_probe_spatial_input():
     rows = api.probe("cross_entropy", "[[1, 3], [2, 4], [3, -2], [1, 0]]", "[0, 1, 1, 1]", dtype="float32")
     assert res.reference["value"] == rows.reference["value"]
     assert all(r["status"] == "ok" for r in res.results)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_log_softmax_stable_never_breaks(dtype):
+    """As tests/test_losses.py's for the losses: every value set and scale, both layouts, every
+    upstream gradient: `stable` within an ULP of the reference, ±inf limits included."""
+    cfg = parse_config(
+        "name: ls\nlosses: [log_softmax]\nimplementations: [stable]\nscales: [1, 10000]\nbatch_sizes: [16]\n"
+        f"classes: [6]\ndtypes: [{dtype}]\n"
+        "distributions: [normal, extreme, confident_correct, ties, dominant, target_min, nonfinite]\n"
+        "reductions: [none, mean, sum]\ngrad_outputs: [ones, random, onehot]\ndims: [-1, 0]\ntiming: false\n",
+        "<test>",
+    )
+    records = sweep.run(cfg, 1)
+    assert len(records) == 7 * 2 * 2 * 5
+    bad = [
+        (r["distribution"], r["scale"], r["options"], r["reduction"], r["forward"]["max_ulp"], r["backward"]["max_ulp"])
+        for r in records
+        if r["forward"]["max_ulp"] > 1 or r["backward"]["max_ulp"] > 1 or r["forward"]["nan"] or r["backward"]["nan"]
+    ]
+    assert not bad, bad[:10]

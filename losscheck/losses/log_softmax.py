@@ -37,22 +37,29 @@ class _Stable(torch.autograd.Function):
     log1p, not log: the dominant entry's −r (−1e-16 for a gap of 37) is 0 through
     log Σ e^{x_k − m}, as torch.log_softmax computes it. The backward g_j − p_j·Σg, with the
     dominant entry as (g_a·r − Σ_{k≠a} g_k)/(1 + r): 1 − p_a would cancel (p_a ≈ 1).
-    (−inf logits: masked by exp; +inf ones give NaN.)"""
+    −inf logits are masked by exp; rows with +inf logits get their limits."""
 
     @staticmethod
     def forward(ctx, x, dim):
         xc = x.to(compute_dtype(x.dtype, x.device))
+        # Rows with +inf logits: their limits (METRICS.md "Tensor outputs"), computed on zeros.
+        pos = xc == math.inf
+        npos = pos.sum(dim, keepdim=True)
+        xc = torch.where(npos > 0, 0.0, xc)
         a = xc.argmax(dim, keepdim=True)
         shifted = xc - xc.gather(dim, a)
         e = torch.exp(shifted).scatter(dim, a, 0.0)
         r = e.sum(dim, keepdim=True)
-        ctx.save_for_backward(e, r, a)
+        # The limit's probabilities: 1 at a unique +inf, NaN at several (undefined split), 0 beside.
+        p_inf = torch.where(pos, torch.where(npos == 1, 1.0, math.nan), 0.0).to(xc.dtype)
+        ctx.save_for_backward(e, r, a, npos, p_inf)
         ctx.dim = dim
-        return shifted - torch.log1p(r)
+        out = shifted - torch.log1p(r)
+        return torch.where(npos > 0, torch.where(pos, torch.where(npos == 1, 0.0, math.nan), -math.inf), out)
 
     @staticmethod
     def backward(ctx, g):
-        e, r, a = ctx.saved_tensors
+        e, r, a, npos, p_inf = ctx.saved_tensors
         dim = ctx.dim
         g = g.to(e.dtype)
         total = 1 + r
@@ -60,7 +67,9 @@ class _Stable(torch.autograd.Function):
         g_a = g.gather(dim, a)
         grad = g - e * ((g_a + others) / total)
         grad = grad.scatter(dim, a, (g_a * r - others) / total)
-        return grad, None
+        # +inf rows: g_j − p_j·Σg, i.e. g_j beside the +inf and −Σ_{k≠j} g_k at a unique one.
+        limit = torch.where(p_inf == 0, g, g - p_inf * g.sum(dim, keepdim=True))
+        return torch.where(npos > 0, limit, grad), None
 
 
 def stable(x, t=None, reduction: str = "mean", dim: int = -1) -> torch.Tensor:
@@ -164,7 +173,7 @@ LOSS = Loss(
     input_kind="logits",
     implementations={
         "naive": Impl("naive", "naive", naive, "x − log(Σ exp(x)) along dim, in the dtype"),
-        "stable": Impl("stable", "stable", stable, "torch.log_softmax one precision up, rounded once"),
+        "stable": Impl("stable", "stable", stable, "(x − x_max) − log1p(Σ_{k≠max} e^{x_k − x_max}) one precision up"),
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.log_softmax(x, dim)"),
     },
     reference_chunk=reference_chunk,
