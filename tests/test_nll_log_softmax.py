@@ -282,6 +282,7 @@ def test_probe_grad_output_values_and_errors():
     plain = api.probe("cross_entropy", "[[1, 2, 3], [3, 1, -2]]", "[0, 2]", reduction="none")
     assert torch.equal(res.ref.grad, torch.stack([2 * plain.ref.grad[0], -0.5 * plain.ref.grad[1]]))
     assert res.case.options == (("grad_output", "given"),)
+    assert "upstream gradient: given" in res.render()
     named = api.probe("cross_entropy", "[[1, 2, 3], [3, 1, -2]]", "[0, 2]", reduction="none", grad_output="zeros")
     assert float(named.ref.grad.abs().sum()) == 0.0
     assert_one_error_line(runner.invoke(main, [*args, "--grad-output", "ones"]), "--grad-output", "none")
