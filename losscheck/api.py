@@ -222,6 +222,7 @@ def probe(
     ignore_index=None,
     impls=(),
     numpy_impls=(),
+    grad_output=None,
 ):
     """Audit `loss` on these exact tensors (or arrays, lists, or file specs as `losscheck probe`
     takes them), as bench measures a point; returns a `probing.ProbeResult` (`.render()`,
@@ -241,4 +242,5 @@ def probe(
         ignore_index=ignore_index,
         impls=impls,
         numpy_impls=numpy_impls,
+        grad_output=grad_output,
     )

@@ -19,6 +19,7 @@ BUILTIN_IMPLS = ("naive", "stable", "torch")
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
+# `spatial`: the d1×d2×… positions of an (N, C, d1, d2, …) input ("none": (N, C)).
 OPTION_DEFAULTS = {
     "weight": "none",
     "pos_weight": 1.0,
@@ -26,6 +27,8 @@ OPTION_DEFAULTS = {
     "ignored": 0.0,
     "targets": "hard",
     "precision": "native",
+    "spatial": "none",
+    "dim": -1,
 }
 # How a loss is run on half-precision inputs (precision.py); every loss has the axis.
 PRECISIONS = ("native", "autocast", "upcast")
@@ -90,7 +93,33 @@ LOSS_INFO: dict[str, LossInfo] = {
             summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
             "label smoothing, ignore_index",
             formulas=_CE_FORMULAS,
-            options=("weight", "label_smoothing", "ignored", "targets"),
+            options=("weight", "label_smoothing", "ignored", "targets", "spatial"),
+        ),
+        LossInfo(
+            name="nll_loss",
+            summary="negative log likelihood on log-probabilities (log_softmax of the value set's logits, "
+            "rounded once), class-index targets, per-class weight, ignore_index, (N, C, d…) inputs",
+            formulas=Formulas(
+                loss=r"\ell(x, t) = -w_t\,x_t",
+                naive=r"\ell = -w_t x_t,\ \bar\ell = \textstyle\sum_i \ell_i \big/ \sum_i w_{t_i} \text{ in the dtype}",
+                stable=r"\bar\ell = \operatorname{round}\Big(\textstyle\sum_i \ell_i \big/ \sum_i w_{t_i}\Big)"
+                r" \text{ accumulated wide}",
+                gradient=r"\partial\ell/\partial x_j = -w_t\,[j = t]",
+            ),
+            options=("weight", "ignored", "spatial"),
+        ),
+        LossInfo(
+            name="log_softmax",
+            summary="log_softmax along `dim` (-1: rows of (N, C); 0: the same rows as columns of (C, N)), "
+            "a tensor output audited element by element, gradient of Σ g·out",
+            formulas=Formulas(
+                loss=r"y_j = x_j - \log \textstyle\sum_k e^{x_k}",
+                naive=r"y_j = x_j - \log\left(\textstyle\sum_k e^{x_k}\right)",
+                stable=r"m = \max_k x_k,\ y_j = (x_j - m) - \log \textstyle\sum_k e^{x_k - m}",
+                gradient=r"\partial(\textstyle\sum_j g_j y_j)/\partial x_k = g_k - \operatorname{softmax}(x)_k "
+                r"\textstyle\sum_j g_j",
+            ),
+            options=("dim",),
         ),
         LossInfo(
             name="sequence_cross_entropy",

@@ -35,7 +35,7 @@ from .config_yaml import read_yaml, to_yaml  # noqa: F401  (to_yaml: config.to_y
 from .errors import ConfigError
 from .formats import FORMATS
 from .gate_policy import GATE_KEYS, GatePolicy, key_help  # noqa: F401  (GATE_KEYS: config.GATE_KEYS for its users)
-from .inputs import DISTRIBUTIONS
+from .inputs import DISTRIBUTIONS, GRAD_OUTPUTS
 
 # Option of a loss (`Loss.options`) -> the config key sweeping it.
 OPTION_AXES = {
@@ -45,7 +45,10 @@ OPTION_AXES = {
     "ignored": "ignored",
     "targets": "targets",
     "precision": "precision",
+    "spatial": "spatial",
+    "dim": "dims",
 }
+DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -78,6 +81,11 @@ class Config:
     targets: tuple[str, ...] = ("hard",)
     precision: tuple[str, ...] = ("native",)
     sequence_lengths: tuple[int, ...] = (64,)
+    # Upstream gradients of `reduction: none` points (sweep.cases), and (N, C, d…) positions
+    # as option values ("none", "4x4": see `_spatial`).
+    grad_outputs: tuple[str, ...] = ("ones",)
+    spatial: tuple[str, ...] = ("none",)
+    dims: tuple[int, ...] = (-1,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -150,12 +158,20 @@ class Config:
             "targets": list(self.targets),
             "precision": list(self.precision),
             "sequence_lengths": list(self.sequence_lengths),
+            "grad_outputs": list(self.grad_outputs),
+            "spatial": [spatial_dims(s) for s in self.spatial],
+            "dims": list(self.dims),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
             "timeout": self.timeout,
             "isolation": self.isolation,
         }
+
+
+def spatial_dims(value: str) -> list[int]:
+    """An option value of `spatial` ("none", "4x4") as the list of dimensions it names."""
+    return [] if value == "none" else [int(d) for d in value.split("x")]
 
 
 def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
@@ -229,6 +245,9 @@ KEYS = {
     "precision": "list of native, autocast, upcast (float16/bfloat16 points: the loss as given, under "
     "torch.autocast, on a float32 upcast)",
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
+    "grad_outputs": f"list of {', '.join(GRAD_OUTPUTS)}: upstream gradients of reduction none points",
+    "spatial": "list of lists of positive integers: the d1, d2, … of (N, C, d1, d2, …) inputs ([] for (N, C))",
+    "dims": "list of -1, 0: the dimension of log_softmax (-1: (N, C) rows; 0: the same rows as columns of (C, N))",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -307,6 +326,9 @@ def _build(data: dict, source: str) -> Config:
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
         precision=v.choices(data, "precision", PRECISIONS, ("native",)),
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
+        grad_outputs=v.choices(data, "grad_outputs", GRAD_OUTPUTS, ("ones",)),
+        spatial=v.spatial(data),
+        dims=v.dims(data),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -390,6 +412,26 @@ class _Validator(SectionChecks):
                 self.fail(key, f"bad value {value!r}", f"integers >= {minimum}")
         if len(set(values)) != len(values):
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
+        return tuple(values)
+
+    def spatial(self, data):
+        allowed = KEYS["spatial"]
+        out = []
+        for value in self._list(data, "spatial", [[]]):
+            if not isinstance(value, (list, tuple)) or not all(type(d) is int and d >= 1 for d in value):
+                self.fail("spatial", f"bad value {value!r}", allowed)
+            out.append("x".join(map(str, value)) or "none")
+        if len(set(out)) != len(out):
+            self.fail("spatial", f"duplicate values in {data['spatial']!r}", "each value at most once")
+        return tuple(out)
+
+    def dims(self, data):
+        values = self._list(data, "dims", (-1,))
+        for value in values:
+            if type(value) is not int or value not in DIMS:
+                self.fail("dims", f"bad value {value!r}", ", ".join(map(str, DIMS)))
+        if len(set(values)) != len(values):
+            self.fail("dims", f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
     def devices(self, data):

@@ -397,3 +397,25 @@ def option_values(
         onehot[torch.arange(rows, device=d.device), torch.as_tensor(labels, device=d.device)] = 1.0
         out["soft"] = SOFT_MIX * onehot + (1 - SOFT_MIX) * noise
     return out
+
+
+# Upstream gradients of a `reduction: none` point (METRICS.md "Upstream gradients"): ones (the
+# gradient of the sum), N(0, 1) values, one element 1 and the rest 0, all 0.
+GRAD_OUTPUTS = ("ones", "random", "onehot", "zeros")
+
+
+def grad_output_values(kind: str, loss: str, shape: tuple, seed: int, device="cpu") -> torch.Tensor:
+    """The float64 upstream gradient `kind` of a point whose per-element loss has `shape`,
+    from the seed (rounded to the dtype by the caller): the same for every dtype and scale."""
+    if kind not in GRAD_OUTPUTS:
+        raise ValueError(f"unknown grad_output {kind!r}; known: {', '.join(GRAD_OUTPUTS)}")
+    shape = tuple(int(s) for s in shape)
+    if kind in ("ones", "zeros"):
+        return torch.full(shape, 1.0 if kind == "ones" else 0.0, dtype=torch.float64, device=device)
+    d = generator_for(seed, loss, "grad_output", kind, shape, device=device)
+    if kind == "random":
+        return d.normal(shape)
+    out = torch.zeros(math.prod(shape), dtype=torch.float64, device=d.device)
+    if out.numel():
+        out[d.integers(0, out.numel(), (1,))] = 1.0
+    return out.reshape(shape)

@@ -67,6 +67,13 @@ from . import api
     metavar="MODULE:FUNCTION",
     help="Your own numpy implementation (returns loss or (loss, grad)); repeatable.",
 )
+@click.option(
+    "--grad-output",
+    default=None,
+    metavar="LIST|FILE|KIND",
+    help="With --reduction none: the upstream gradient, shaped like the per-element loss (inline or a "
+    "file), or ones, random, onehot, zeros (drawn as bench does); the audited gradient is that of Σ g·loss.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
 def probe_command(
     loss_name,
@@ -81,6 +88,7 @@ def probe_command(
     reduction,
     impls,
     numpy_impls,
+    grad_output,
     as_json,
 ) -> None:
     """Audit LOSS on the exact inputs that broke your training.
@@ -110,5 +118,6 @@ def probe_command(
         ignore_index=ignore_index,
         impls=impls,
         numpy_impls=numpy_impls,
+        grad_output=grad_output,
     )
     click.echo(result.to_json() if as_json else result.render(), nl=False)

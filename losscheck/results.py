@@ -31,6 +31,10 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       "upcast"; absent: native) on float16/bfloat16 points; such records carry
       `output_dtype` and `compute_dtype`, and a forward the policy widened carries its own
       `dtype` and `threshold_bits` (its ULPs are of that dtype: formats.counted_in).
+      Issue 15: `options` may hold `grad_output` (the upstream gradient of a `reduction: none`
+      point: "random", "onehot", "zeros"; absent for ones, so earlier files keep their keys),
+      `spatial` ("100x1025": an (N, C, d…) input) and `dim` (log_softmax); the losses
+      `nll_loss` and `log_softmax` (whose `forward` counts every output element).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

@@ -8,19 +8,21 @@ share their inputs and their reference, which is computed once.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from . import custom, inputs, memory, precision, reference as R, timing, worker
-from .config import Config
+from .config import Config, spatial_dims
 from .dtypes import FORMATS
 from .environment import device_problem
 from .errors import ConfigError, LosscheckError, ReferenceUnavailable
 from .formats import widened_threshold
 from .isolation import deadline, failure_message, one_line as _one_line
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
+from .losses.base import element_shape
 from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
@@ -91,10 +93,15 @@ def cases(config: Config) -> Iterator[Case]:
         ):
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
-            if inputs.applies(dist, loss.multiclass, loss.input_kind) and precision.applies(
-                dict(opts).get("precision", "native"), dtype
-            ):
-                yield Case(index, loss_name, device, dtype, batch, c, dist, scale, reduction, opts, time)
+            if not inputs.applies(dist, loss.multiclass, loss.input_kind):
+                continue
+            if not precision.applies(dict(opts).get("precision", "native"), dtype):
+                continue
+            # Upstream gradients are an axis of `reduction: none` points only: a reduced loss
+            # has one upstream number, which scales its gradient exactly (METRICS.md).
+            for up in config.grad_outputs if reduction == "none" else ("ones",):
+                o = opts if up == "ones" else tuple(sorted((*opts, ("grad_output", up))))
+                yield Case(index, loss_name, device, dtype, batch, c, dist, scale, reduction, o, time)
                 index += 1
 
 
@@ -181,7 +188,7 @@ class _InputCache:
         self.value: tuple | None = None
 
     def get(self, loss: Loss, case: Case):
-        key = (case.loss, case.device, case.batch, case.classes, case.time, case.distribution, case.scale)
+        key = (case.loss, case.device, case.batch, case.classes, _times(case), case.distribution, case.scale)
         if key != self.key:
             self.value = None  # free the previous input before making the next
             if loss.multiclass:
@@ -192,7 +199,7 @@ class _InputCache:
                     case.scale,
                     case.distribution,
                     self.seed,
-                    case.time,
+                    _times(case),
                     case.device,
                 )
                 self.value = x, t
@@ -212,6 +219,9 @@ class PointData:
     inp: torch.Tensor
     target: torch.Tensor
     options: dict  # the implementations' keyword options (tensors and numbers)
+    # The upstream gradient of a `reduction: none` point (like the per-element loss, in the
+    # dtype); None: ones.
+    grad_output: torch.Tensor | None = None
 
     def on(self, device: str, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Copies on `device` (on the CPU too): an implementation that writes into its input
@@ -223,8 +233,20 @@ class PointData:
         return self.inp.to(device, copy=copy), self.target.to(device, copy=copy), opts
 
 
+def spatial_of(case: Case) -> tuple[int, ...]:
+    """The d1, d2, … of an (N, C, d1, d2, …) point; () for (N, C)."""
+    return tuple(spatial_dims(dict(case.options).get("spatial", "none")))
+
+
+def _times(case: Case) -> int | None:
+    """Rows per batch entry, for the generator: the sequence length, or the positions of an
+    (N, C, d…) input (its rows are those of N·d1·d2·… independent (1, C) rows)."""
+    positions = math.prod(spatial_of(case))
+    return case.time if positions == 1 else (case.time or 1) * positions
+
+
 def rows_of(case: Case) -> int:
-    return case.batch * (case.time or 1)
+    return case.batch * (_times(case) or 1)
 
 
 def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = None) -> PointData:
@@ -239,7 +261,7 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         labels = torch.empty(rows, dtype=torch.int64, device=device)
         offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
         for block, x, t in inputs.generate_blocks(
-            case.loss, case.batch, case.classes, case.scale, case.distribution, seed, case.time, device
+            case.loss, case.batch, case.classes, case.scale, case.distribution, seed, _times(case), device
         ):
             inp[block] = loss.make_input(x if offsets is None else x + offsets[block], dtype)
             labels[block] = torch.as_tensor(t, device=device)
@@ -276,7 +298,25 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         assert case.time is not None and case.classes is not None, "a sequence point has time and classes"
         inp = inp.reshape(case.batch, case.time, case.classes)
         target = target.reshape(case.batch, case.time)
-    return PointData(inp, target, options)
+    dims = spatial_of(case)
+    if dims:
+        # Rows (N·d1·d2·…, C) as torch's (N, C, d1, d2, …), contiguous as a model's output is.
+        inp = inp.reshape(case.batch, *dims, -1).movedim(-1, 1).contiguous()
+        if target.is_floating_point():
+            target = target.reshape(case.batch, *dims, -1).movedim(-1, 1).contiguous()
+        else:
+            target = target.reshape(case.batch, *dims)
+    dim = int(dict(case.options).get("dim", -1))
+    if dim != -1:
+        # log_softmax along dimension 0: the value set's rows as the columns of (C, N).
+        inp = inp.T.contiguous()
+        options["dim"] = dim
+    grad_output = None
+    kind = dict(case.options).get("grad_output")
+    if kind is not None:
+        shape = element_shape(loss, inp, target)
+        grad_output = R.round_to(inputs.grad_output_values(kind, case.loss, shape, seed, device), dtype)
+    return PointData(inp, target, options, grad_output)
 
 
 def estimate_bytes(case: Case) -> int:
@@ -328,7 +368,7 @@ def run_case(
     try:
         with setup:
             data = point_data(loss, case, config.seed, cache)
-            ref = reference(loss, data.inp, data.target, data.options, case.reduction)
+            ref = reference(loss, data.inp, data.target, data.options, case.reduction, data.grad_output)
     except ReferenceUnavailable as e:
         return [_record(config, case, i, "skipped", str(e)) for i in chosen]
     except Exception as e:  # a bug of ours, or memory, at one point must not lose the rest of the sweep

@@ -101,7 +101,9 @@ def produce(
         check_output(out, shape if reduction == "none" else (), x.dtype, x.device, reduction, policy)
         grad, note = None, ""
         try:
-            out.backward(torch.ones_like(out) if reduction == "none" else None)
+            # The point's upstream gradient (sweep.PointData.grad_output) for "none": ones by default.
+            up = getattr(data, "grad_output", None) if reduction == "none" else None
+            out.backward(up.to(x.device) if up is not None else torch.ones_like(out) if reduction == "none" else None)
         except NoGradient as e:
             note = f"forward only: {e}"
         else:
@@ -320,6 +322,7 @@ class RemoteFn:
                 threads,
                 self.policy,
                 shape,
+                data.grad_output,
             ),
             "during evaluation",
         )
@@ -418,6 +421,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
             if kind == "evaluate":
                 peak = memory.PeakMemory(device)
                 with peak, deadline(timeout, f"{name} (evaluation)"):
+                    data.grad_output = args[9]  # the point's upstream gradient (None: ones)
                     outputs = produce(fn, data, device, reduction, args[8], state, policy=policy).cpu()
                 reply: tuple[str, Any] = ("ok", (outputs, peak.result()))
                 del outputs

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from losscheck.losses import LOSSES
 
-# Losses on (N,) or (N, C) rows; sequence losses (B, T, V) are tested in test_options.py.
-FLAT_LOSSES = {name: loss for name, loss in LOSSES.items() if not loss.sequence}
+# Losses of one value per (N,) or (N, C) row; sequence losses (B, T, V) are tested in test_options.py,
+# tensor outputs (log_softmax, one value per element) in test_nll_log_softmax.py.
+FLAT_LOSSES = {name: loss for name, loss in LOSSES.items() if not loss.sequence and not loss.elementwise}
 
 
 def assert_one_error_line(result, *fragments):

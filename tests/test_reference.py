@@ -203,8 +203,13 @@ def _exact_cross_entropy(row, t: int):
     return loss, grad
 
 
+def exact_nll_loss(row, t: int):
+    """−x_t, gradient −1 at the target: the input is the log-probability itself."""
+    return -MP.mpf(row[t]), [MP.mpf(-1 if j == t else 0) for j in range(len(row))]
+
+
 EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits,
-         "cross_entropy": exact_cross_entropy}
+         "cross_entropy": exact_cross_entropy, "nll_loss": exact_nll_loss}
 
 
 # ---- certification --------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def test_applies_per_kind_of_loss():
         "bce": set(),
         "bce_with_logits": {"nonfinite"},
         "cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
+        "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
     }
     new = set(NEW_MULTICLASS) | {"nonfinite"}
     for name, loss in FLAT_LOSSES.items():

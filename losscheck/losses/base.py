@@ -69,7 +69,7 @@ class Loss:
     name: str
     summary: str
     multiclass: bool
-    input_kind: str  # "logits" or "probabilities"
+    input_kind: str  # "logits", "probabilities" or "log_probabilities" (rows of log_softmax)
     implementations: dict[str, Impl]
     reference_chunk: R.ChunkFunction  # numpy arrays or tensors in, the same kind out
     formulas: Formulas
@@ -79,6 +79,10 @@ class Loss:
     denominators: Callable[..., Any] | None = None  # arrays or tensors, as reference_chunk
     # Sequence losses take (batch, time, vocab) logits and (batch, time) targets.
     sequence: bool = False
+    # A tensor output shaped like the input (log_softmax): per element, not per row; its
+    # reference takes the upstream gradient itself (`grad_output=`), as a row's gradient is
+    # then no multiple of that of its sum (METRICS.md "Tensor outputs").
+    elementwise: bool = False
 
     def make_input(self, logits, dtype: torch.dtype) -> torch.Tensor:
         """The input under test from float64 logits (a tensor, on its device, or numpy
@@ -88,6 +92,10 @@ class Loss:
             p = pieces(R.sigmoid, logits) if isinstance(logits, torch.Tensor) else R.sigmoid(logits)
             return R.round_to(p, dtype)
         x = torch.as_tensor(logits, dtype=torch.float64)
+        if self.input_kind == "log_probabilities":
+            # log_softmax of the value set's logits in float64, rounded once below (saturated
+            # as a logit would be: a log-probability of −1e8 is not −inf).
+            x = torch.log_softmax(x, dim=-1)
         if dtype == torch.float64:  # no finite float64 value is beyond float64's range
             return x.clone()
         out = R.round_to(x, dtype)
@@ -131,17 +139,85 @@ class Reference:
         return self.value if self.reduction == "mean" else None
 
 
-def rows_of(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary."""
+def class_dim(loss: Loss, inp: torch.Tensor, options: dict | None = None) -> int:
+    """Where the classes are: the last dimension of (N, C) and of sequence (B, T, V) inputs,
+    dimension 1 of (N, C, d1, d2, …) inputs, as torch's cross_entropy and nll_loss take them;
+    option `dim` of an elementwise function (log_softmax)."""
+    if loss.elementwise:
+        return int((options or {}).get("dim", -1)) % inp.dim()
+    return 1 if loss.multiclass and not loss.sequence and inp.dim() > 2 else inp.dim() - 1
+
+
+def _classes_last(loss: Loss, t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t if dim == t.dim() - 1 else t.movedim(dim, -1)
+
+
+def rows_of(
+    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and target as rows: (R, C) and (R,) or (R, C) for multi-class, (R,) for binary;
+    the class dimension of (N, C, d…) inputs (and soft targets) moved last first."""
     if not loss.multiclass:
         return inp.reshape(-1), target.reshape(-1)
+    dim = class_dim(loss, inp, options)
+    if dim != inp.dim() - 1:
+        inp = inp.movedim(dim, -1)
+        target = target.movedim(dim, -1) if target.is_floating_point() else target
     c = inp.shape[-1]
     x = inp.reshape(-1, c)
     return x, (target.reshape(-1, c) if target.is_floating_point() else target.reshape(-1))
 
 
+def element_shape(loss: Loss, inp: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the per-element loss (reduction "none"): the target's, less the class
+    dimension of soft targets; the input's for an elementwise function."""
+    if loss.elementwise:
+        return tuple(inp.shape)
+    if loss.multiclass and target.is_floating_point():
+        dim = class_dim(loss, inp)
+        return tuple(s for i, s in enumerate(target.shape) if i != dim % target.dim())
+    return tuple(target.shape)
+
+
+def _unrows(loss: Loss, grad_rows: torch.Tensor, inp: torch.Tensor, options: dict | None = None) -> torch.Tensor:
+    """The reverse of `rows_of` for a gradient: rows back to the input's layout."""
+    dim = class_dim(loss, inp, options) if loss.multiclass else 0
+    if loss.multiclass and dim != inp.dim() - 1:
+        return grad_rows.reshape(inp.movedim(dim, -1).shape).movedim(-1, dim)
+    return grad_rows.reshape(inp.shape)
+
+
+def _per_element(loss: Loss, loss_rows: torch.Tensor, inp, target, layout) -> torch.Tensor:
+    """The per-element losses (R,), or an elementwise function's rows (R, C), in their shape."""
+    if loss.elementwise:
+        return _unrows(loss, loss_rows, inp, layout)
+    return loss_rows.reshape(element_shape(loss, inp, target))
+
+
+def _upstream_rows(loss: Loss, grad_output, reduction: str, inp, options) -> torch.Tensor | None:
+    """The upstream gradient as rows (METRICS.md "Upstream gradients"): only for "none"; (R,)
+    per row, or (R, C) laid out as the input's rows for an elementwise function."""
+    if grad_output is None or reduction != "none":
+        return None
+    if loss.elementwise:
+        return rows_of(loss, grad_output, grad_output, options)[0]
+    return grad_output.reshape(-1)
+
+
+def _weigh_rows(gw, g):
+    """g_i·∇ℓ_i: each row's gradient times its upstream gradient; a zero removes the row
+    (0 even where ∇ℓ_i is infinite), a NaN gradient (no limit) stays NaN."""
+    g = g[:, None] if gw.ndim == 2 else g
+    return R.weigh(gw, g, undefined=gw != gw)
+
+
 def reference(
-    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None = None, reduction: str = "mean"
+    loss: Loss,
+    inp: torch.Tensor,
+    target: torch.Tensor,
+    options: dict | None = None,
+    reduction: str = "mean",
+    grad_output: torch.Tensor | None = None,
 ) -> Reference:
     """Evaluate `loss`'s reference on `inp`/`target` chunk by chunk (bounded memory).
 
@@ -154,18 +230,21 @@ def reference(
     `options` are the implementation's keyword options (tensors are read exactly in
     working precision). The mean's denominator is summed first (it depends on the
     targets and weights only), so that the gradient of the mean is divided once and
-    rounded once.
+    rounded once. `grad_output` (reduction "none" only; shaped like the per-element loss, in
+    the dtype): the gradient is that of Σ g_i·ℓ_i, each row's scaled exactly before rounding.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
     dtype = inp.dtype
     how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
-        return _reference_dd(loss, inp, target, options, reduction)
+        return _reference_dd(loss, inp, target, options, reduction, grad_output)
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
-    x_rows, t_rows = rows_of(loss, inp, target)
+    layout = options  # `dim` of an elementwise function: where its rows lie, not a formula's option
+    x_rows, t_rows = rows_of(loss, inp, target, layout)
+    options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.CHUNK_ELEMENTS if ext else R.chunk_elements(device)
@@ -178,6 +257,8 @@ def reference(
 
     opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
     per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
+    upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
+    g_rows = None if upstream is None else read(upstream)
 
     def chunk_options(rows):
         return {**opts, **{k: v[rows] for k, v in per_row.items()}}
@@ -185,7 +266,8 @@ def reference(
     def new_sum():
         return R.CompensatedSum() if ext else R.TensorCompensatedSum()
 
-    denominator = work(n) if ext else torch.tensor(float(n), dtype=R.WORK, device=device)
+    count = x_rows.numel() if loss.elementwise else n  # the mean of a tensor output: over every element
+    denominator = work(count) if ext else torch.tensor(float(count), dtype=R.WORK, device=device)
     if loss.denominators is not None:
         total_d = new_sum()
         for rows in R.row_chunks(n, row_elems, chunk):
@@ -199,15 +281,19 @@ def reference(
             "the sensible answer is 0 with gradient 0 (nothing to learn from)"
         )
     divide = reduction == "mean" and not undefined
-    loss_out = torch.empty(n, dtype=dtype, device=device)
+    loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
     total = new_sum()
     for rows in R.row_chunks(n, row_elems, chunk):
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows))
+            # An elementwise function's reference takes the upstream gradient: its own VJP.
+            extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
+            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows), **extra)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
+            if g_rows is not None and not loss.elementwise:
+                gw = _weigh_rows(gw, g_rows[rows])
             grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)
     value = None
@@ -221,8 +307,8 @@ def reference(
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
-        grad=grad_out.reshape(inp.shape),
+        loss=_per_element(loss, loss_out, inp, target, layout),
+        grad=_unrows(loss, grad_out, inp, layout),
         reduced=reduced,
         value=None if value is None else float(value),
         reduction=reduction,
@@ -235,7 +321,12 @@ _DD_SHIFT = 64
 
 
 def _reference_dd(
-    loss: Loss, inp: torch.Tensor, target: torch.Tensor, options: dict | None, reduction: str
+    loss: Loss,
+    inp: torch.Tensor,
+    target: torch.Tensor,
+    options: dict | None,
+    reduction: str,
+    grad_output: torch.Tensor | None = None,
 ) -> Reference:
     """`reference` for float64 inputs in double-double (losscheck.doubledouble), on the
     input's device: each chunk's loss and gradient come as scaled dds (hi, lo, k), rounded
@@ -244,7 +335,9 @@ def _reference_dd(
     from .. import doubledouble as D
 
     device = inp.device
-    x_rows, t_rows = rows_of(loss, inp, target)
+    layout = options  # `dim` of an elementwise function: where its rows lie, not a formula's option
+    x_rows, t_rows = rows_of(loss, inp, target, layout)
+    options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
     chunk = R.chunk_elements(device)
@@ -255,11 +348,13 @@ def _reference_dd(
         for k, v in (options or {}).items()
     }
     per_row = {k for k in opts if k == "weight" and not loss.multiclass}
+    upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
 
     def chunk_options(rows):
         return {k: (v[rows] if k in per_row else v) for k, v in opts.items()}
 
-    denominator = D.dd(torch.tensor(float(n), dtype=R.WORK, device=device))
+    count = x_rows.numel() if loss.elementwise else n  # the mean of a tensor output: over every element
+    denominator = D.dd(torch.tensor(float(count), dtype=R.WORK, device=device))
     if loss.denominators is not None:
         total_d = R.TensorCompensatedSum()
         for rows in R.row_chunks(n, row_elems, chunk):
@@ -272,11 +367,16 @@ def _reference_dd(
             "the sensible answer is 0 with gradient 0 (nothing to learn from)"
         )
     divide = reduction == "mean" and not undefined
-    loss_out = torch.empty(n, dtype=torch.float64, device=device)
+    loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=torch.float64, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=torch.float64, device=device)
     total, total_scaled = R.TensorCompensatedSum(), R.TensorCompensatedSum()
     for rows in R.row_chunks(n, row_elems, chunk):
-        lw, gw = dd_chunk(x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows))
+        extra = {}
+        if loss.elementwise and upstream is not None:  # the upstream gradient's own VJP
+            extra["grad_output"] = upstream[rows].to(device=device, dtype=R.WORK)
+        lw, gw = dd_chunk(
+            x_rows[rows].detach().to(R.WORK), t_rows[rows].detach().to(device), **chunk_options(rows), **extra
+        )
         loss_out[rows] = D.round_scaled(*lw)
         if undefined:
             gw = D.exact_scaled(0.0, gw[0])
@@ -284,6 +384,9 @@ def _reference_dd(
             gw = D.normalize_scaled(gw)
             d = (denominator[0].expand_as(gw[0]), denominator[1].expand_as(gw[0]))
             gw = (*D.div(gw[:2], d), gw[2])
+        if upstream is not None and not loss.elementwise:
+            g = upstream[rows].to(device=device, dtype=R.WORK)
+            gw = D.weigh_scaled(gw, g[:, None] if gw[0].dim() == 2 else g, undefined=gw[0].isnan())
         grad_out[rows] = D.round_scaled(*gw)
         for t, shift in ((total, 0), (total_scaled, _DD_SHIFT)):
             t.add(D.ldexp(lw[0], lw[2] - shift))
@@ -301,8 +404,8 @@ def _reference_dd(
             value = (*D.div(value[:2], denominator), value[2])
         reduced = D.round_scaled(*(v.reshape(1) for v in value))[0]
     return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
-        grad=grad_out.reshape(inp.shape),
+        loss=_per_element(loss, loss_out, inp, target, layout),
+        grad=_unrows(loss, grad_out, inp, layout),
         reduced=reduced,
         value=None if reduced is None or value is None else float(D.ldexp(value[0] + value[1], value[2])),
         reduction=reduction,
@@ -446,3 +549,23 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str, n)
         return out
     n = safe_denominator(n)
     return out / (n.to(grad.dtype) if isinstance(n, torch.Tensor) else n)
+
+
+def class_dim_last(fn):
+    """`fn` of (N, C) rows also on (N, C, d1, d2, …) inputs, as torch's cross_entropy and
+    nll_loss take them: the class dimension moved last and the positions flattened to rows
+    (soft targets likewise), the per-element result shaped (N, d1, d2, …) again. How the
+    naive and stable implementations see an image-shaped input; torch's own get it as is."""
+
+    def impl(x: torch.Tensor, t: torch.Tensor, reduction: str = "mean", **options) -> torch.Tensor:
+        if x.dim() <= 2:
+            return fn(x, t, reduction, **options)
+        c = x.shape[1]
+        rows = x.movedim(1, -1).reshape(-1, c)
+        t_rows = t.movedim(1, -1).reshape(-1, c) if t.is_floating_point() else t.reshape(-1)
+        out = fn(rows, t_rows, reduction, **options)
+        return out.reshape(x.shape[:1] + x.shape[2:]) if reduction == "none" else out
+
+    impl.__name__ = impl.__qualname__ = fn.__name__
+    impl.__doc__ = fn.__doc__
+    return impl

@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, LOSS_INFO
 from . import cross_entropy_dd
-from .base import Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
+from .base import (
+    Impl,
+    Loss,
+    accumulate_dtype,
+    class_dim_last,
+    compute_dtype,
+    reduce_accurate,
+    reduce_naive,
+    scale_grad,
+    two_sum,
+)
 from .cross_entropy_extended import _denominators_extended, _reference_extended
 
 # Rows per block of `stable`: at most this many values in the compute precision at once,
@@ -477,11 +487,11 @@ LOSS = Loss(
     multiclass=True,
     input_kind="logits",
     implementations={
-        "naive": Impl("naive", "naive", naive, "−log(exp(x_t) / Σ_j exp(x_j))"),
+        "naive": Impl("naive", "naive", class_dim_last(naive), "−log(exp(x_t) / Σ_j exp(x_j))"),
         "stable": Impl(
             "stable",
             "stable",
-            stable,
+            class_dim_last(stable),
             "(m − x_t) + log1p(Σ_{j≠argmax} e^{x_j−m}), gradient without cancellation, limits at ±inf",
         ),
         "torch": Impl("torch", "framework", framework, "torch.nn.functional.cross_entropy"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, memory, reference as R, sweep
+from .. import custom, inputs, memory, reference as R, sweep
 from ..analysis import SCALE_FREE
 from ..catalog import IGNORE_INDEX, REDUCTIONS
 from ..config import BUILTIN_IMPLS, DEVICE_RE, Config, custom_spec
@@ -18,11 +18,12 @@ from ..environment import device_problem
 from ..errors import ReferenceUnavailable
 from ..findings import findings as findings_of
 from ..losses import LOSSES, Impl, Loss, Reference, reference
+from ..losses.base import element_shape
 from ..metrics import int_or_inf, ulp_distance
 from .convert import Conversion, convert
 from .load import ProbeError, _as_loaded
 from .notes import _notes
-from .text import _bits, _fmt, _index, _one_line, _plural, _unravel
+from .text import _bits, _fmt, _index, _one_line, _plural, _shape, _unravel
 from .validate import _input_stats, _layout, _target, _weight
 
 # Loss option (`Loss.options`) -> the flag that sets it.
@@ -130,10 +131,13 @@ def run_probe(
     ignore_index=None,
     impls=(),
     numpy_impls=(),
+    grad_output=None,
 ) -> ProbeResult:
     """Evaluate every implementation of `loss_name` on the given input and target, exactly as
     bench evaluates a sweep point. `input`, `target` and `weight` are specs (inline list or
-    file), `Loaded`, tensors or numpy arrays; `impls`/`numpy_impls` are 'module:function' specs."""
+    file), `Loaded`, tensors or numpy arrays; `impls`/`numpy_impls` are 'module:function' specs.
+    `grad_output` (reduction "none"): the upstream gradient, a spec like `input`'s or one of
+    inputs.GRAD_OUTPUTS (drawn from seed 0 as bench draws them)."""
     if loss_name not in LOSSES:
         raise ProbeError("LOSS", f"unknown loss {loss_name!r}", ", ".join(LOSSES))
     loss = LOSSES[loss_name]
@@ -163,6 +167,10 @@ def run_probe(
         label_smoothing = _number(label_smoothing, "--label-smoothing", "a number in [0, 1]", lambda x: 0 <= x <= 1)
     if ignore_index is not None:
         ignore_index = _integer(ignore_index, "--ignore-index")
+    if grad_output is not None and reduction != "none":
+        raise ProbeError(
+            "--grad-output", f"applies to --reduction none, not {reduction}", "--reduction none, or no --grad-output"
+        )
     if loss.sequence and ignore_index is None:
         ignore_index = IGNORE_INDEX
     customs = _custom_impls(impls, numpy_impls)
@@ -182,7 +190,10 @@ def run_probe(
                 "applies to class-index targets, not to soft targets",
                 "a target of class indices (N,), or no --ignore-index",
             )
-    _check_memory(_case(loss_name, device, dtype, shape, reduction, (("targets", "soft"),) if soft else ()))
+    layout: tuple[tuple[str, str], ...] = (("targets", "soft"),) if soft else ()
+    if len(shape["shape"]) > 2 and not loss.sequence:  # (N, C, d1, d2, …)
+        layout += (("spatial", "x".join(map(str, shape["shape"][2:]))),)
+    _check_memory(_case(loss_name, device, dtype, shape, reduction, tuple(sorted(layout))))
 
     inp, in_conv = convert(src_in, tdtype, "input")
     in_source, in_shape = src_in.source, src_in.shape
@@ -218,12 +229,16 @@ def run_probe(
         options["label_smoothing"] = label_smoothing
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
-    case = _case(loss_name, device, dtype, shape, reduction, _case_options(options, soft, target_info))
+    upstream, up_name = _upstream(grad_output, loss, loss_name, inp, tgt, tdtype, device, conversions)
+    case_options = dict(_case_options(options, soft, target_info)) | dict(layout)
+    if up_name:
+        case_options["grad_output"] = up_name
+    case = _case(loss_name, device, dtype, shape, reduction, tuple(sorted(case_options.items())))
 
     config = _config(loss_name, dtype, device, reduction, shape)
-    data = sweep.PointData(inp, tgt, options)
+    data = sweep.PointData(inp, tgt, options, upstream)
     try:
-        ref = reference(loss, inp, tgt, options, reduction)
+        ref = reference(loss, inp, tgt, options, reduction, upstream)
     except ReferenceUnavailable as e:
         raise ProbeError("--dtype", str(e), "float32, float16, bfloat16") from None
     except Exception as e:
@@ -258,6 +273,26 @@ def run_probe(
         data,
         _findings(records, bool(stats["inf_rows"].any())),
     )
+
+
+def _upstream(spec, loss: Loss, loss_name: str, inp, tgt, tdtype, device: str, conversions: list):
+    """(the upstream gradient in the dtype, its record name) of `--grad-output`, or (None, None):
+    a named kind (inputs.GRAD_OUTPUTS, from seed 0) or values shaped like the per-element loss."""
+    if spec is None:
+        return None, None
+    shape = element_shape(loss, inp, tgt)
+    if isinstance(spec, str) and spec in inputs.GRAD_OUTPUTS:
+        return R.round_to(inputs.grad_output_values(spec, loss_name, shape, 0, device), tdtype), spec
+    loaded = _as_loaded(spec, "--grad-output")
+    if tuple(loaded.shape) != tuple(shape):
+        raise ProbeError(
+            "--grad-output",
+            f"shape {_shape(loaded.shape)} is not that of the per-element loss {_shape(shape)}",
+            f"values of shape {_shape(shape)}, or one of {', '.join(inputs.GRAD_OUTPUTS)}",
+        )
+    values, conv = convert(loaded, tdtype, "grad_output")
+    conversions.append(conv)
+    return values.to(device), "given"
 
 
 def _findings(records: list[dict], infinite_logits: bool) -> list[dict]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..losses import Loss, Reference
+from ..losses.base import rows_of
 from ..metrics import int_or_inf, ulp_distance
 from .text import _fmt, _index, _num, _plural, _shape, _signed, _unravel
 
@@ -137,7 +138,7 @@ def _describe_row(loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows
             f"{where}: {kind} {_signed(_fmt(float(inp.reshape(-1)[i]), dtype))}, "
             f"target {_num(float(tgt.reshape(-1)[i]))}"
         )
-    row = inp.reshape(-1, inp.shape[-1])[i]
+    row = rows_of(loss, inp, inp)[0][i]  # (N, C, d…) inputs: classes in dimension 1
     pos = int((row == math.inf).sum())
     neg = int((row == -math.inf).sum())
     parts = []

@@ -80,6 +80,9 @@ def render_table(result: ProbeResult) -> str:
             "options: " + ", ".join(f"{k} {v if k != 'weight' else _shape(v['shape'])}" for k, v in opts.items())
         )
     ref = result.reference
+    upstream = dict(result.case.options).get("grad_output")
+    if upstream:  # the audited gradient is that of Σ g·loss (METRICS.md "Upstream gradients")
+        head.append(f"upstream gradient: {upstream} (the gradient audited is that of Σ g·loss)")
     if result.reduction == "none":
         head.append("reference: per element (reduction none)")
     else:

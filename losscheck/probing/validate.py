@@ -12,6 +12,7 @@ import torch
 
 from ..dtypes import fmt
 from ..losses import Loss
+from ..losses.base import rows_of
 from .convert import convert
 from .load import BLOCK, Loaded, ProbeError
 from .text import _index, _num, _shape, _unravel
@@ -44,12 +45,18 @@ def _layout(loss: Loss, x: Loaded, t: Loaded) -> dict:
                 f"class indices of shape {_shape(xs[:2])}",
             )
         return {"batch": xs[0], "classes": xs[2], "time": xs[1], "soft": False, "shape": xs, "rows": xs[0] * xs[1]}
-    if len(xs) != 2:
+    spatial = "spatial" in loss.options
+    if len(xs) != 2 and not (spatial and len(xs) > 2):
         hint = "; for (B, T, V) logits use sequence_cross_entropy" if len(xs) == 3 else ""
         raise ProbeError(
-            "--input", f"{loss.name} takes (N, C) logits, got shape {_shape(xs)}{hint}", "a 2-D input (rows, classes)"
+            "--input",
+            f"{loss.name} takes (N, C) logits, got shape {_shape(xs)}{hint}",
+            "a 2-D input (rows, classes)" + (", or (N, C, d1, d2, …)" if spatial else ""),
         )
-    if ts == xs[:1]:
+    # (N, C, d1, d2, …) as torch takes it: classes in dimension 1, targets (N, d1, d2, …).
+    hard = xs[:1] + xs[2:]
+    rows = xs[0] * math.prod(xs[2:])
+    if ts == hard:
         soft = False
     elif ts == xs:
         if not t.floating:
@@ -57,21 +64,21 @@ def _layout(loss: Loss, x: Loaded, t: Loaded) -> dict:
                 "--target",
                 f"a target of the input's shape {_shape(xs)} holds class probabilities "
                 f"(soft targets), but its dtype is {t.dtype_name}",
-                "floating probabilities, or class indices of shape " + _shape(xs[:1]),
+                "floating probabilities, or class indices of shape " + _shape(hard),
             )
         soft = True
     else:
         raise ProbeError(
             "--target",
             f"shape {_shape(ts)} does not match the input's {_shape(xs)}",
-            f"class indices {_shape(xs[:1])} or class probabilities {_shape(xs)}",
+            f"class indices {_shape(hard)} or class probabilities {_shape(xs)}",
         )
-    return {"batch": xs[0], "classes": xs[1], "time": None, "soft": soft, "shape": xs, "rows": xs[0]}
+    return {"batch": xs[0], "classes": xs[1], "time": None, "soft": soft, "shape": xs, "rows": rows}
 
 
 def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
     """NaN/±inf counts of the converted input, rows holding ±inf, and (bce) values outside [0, 1]."""
-    rows = inp.reshape(-1, inp.shape[-1]) if loss.multiclass else inp.reshape(-1, 1)
+    rows = rows_of(loss, inp, inp)[0] if loss.multiclass else inp.reshape(-1, 1)
     n = rows.shape[0]
     step = max(1, BLOCK // max(1, rows.shape[1]))
     stats: dict[str, Any] = {
