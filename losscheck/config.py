@@ -16,9 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn
 
-from . import safeio
-from . import families
-from .catalog import BUILTIN_IMPLS, DEFAULT_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
+from . import families, safeio
+from .catalog import BUILTIN_IMPLS, DEFAULT_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its users)
 from .config_sections import (  # noqa: F401  (CUSTOM_APIS, TIMING_KEYS, ...: config.<name> for their users)
     CUSTOM_APIS,
     CUSTOM_KEYS,

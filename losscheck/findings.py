@@ -71,8 +71,8 @@ import math
 import re
 from collections import defaultdict
 
-from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from . import families
+from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import loss_registry
 from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
 

@@ -44,9 +44,9 @@ from .gate_checks import Verdict, compare_point
 # The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
 # without importing this module); re-exported here, where the gate's users have found them.
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
-
-DEFAULT_VERSUS = Thresholds().versus
 from .results import inputs_generator, record_key
+
+DEFAULT_VERSUS = Thresholds().versus  # the framework family (gate_policy: families.framework())
 
 # Environment fields that decide which kernels run, and so their speed: timings measured
 # under different values are not compared (relative mode included: a ratio to torch of a

@@ -90,7 +90,8 @@ def list_cmd(check_devices: bool, as_json: bool) -> None:
         )
     )
     click.echo(
-        f"\nimplementation names for configs: {', '.join(f['name'] for f in data['families'])}; your own: `custom:` in a config, "
+        f"\nimplementation names for configs: {', '.join(f['name'] for f in data['families'])}; "
+        "your own: `custom:` in a config, "
         "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)"
     )
 

@@ -9,8 +9,7 @@ from collections import defaultdict
 
 from tabulate import tabulate
 
-from . import analysis as A
-from . import families
+from . import analysis as A, families
 from .catalog import LOSS_INFO
 from .formats import FORMATS, precision
 

@@ -117,3 +117,17 @@ def test_unavailable_without_a_cxx_compiler(monkeypatch):
 def test_mps_points_are_skipped_as_unsupported():
     assert TC.FAMILY.unsupported("float32", "mps") == "torch_compile does not run on mps (runs on cpu, cuda)"
     assert TC.FAMILY.unsupported("bfloat16", "cuda:1") is None
+
+
+def test_graph_breaks_are_counted_and_said():
+    def broken(x, target, reduction="mean", **options):
+        y = torch.nn.functional.softplus(-x)
+        torch._dynamo.graph_break()  # the rest runs as a second graph; the break itself eagerly
+        return (y + (1 - target) * x).mean() if reduction == "mean" else y + (1 - target) * x
+
+    c = TC.Compiled(broken, "test", "eager")
+    x, y = torch.randn(8), torch.randint(0, 2, (8,)).float()
+    assert torch.allclose(c(x, y, "mean"), broken(x, y, "mean"))
+    rec = c.take_record()
+    assert rec["compile"]["graph_breaks"] >= 1 and rec["compile"]["fallback"] is None
+    assert rec["message"].startswith("partly eager: ") and "skip" not in rec

@@ -98,8 +98,9 @@ class Compiled:
         before = _counts()
         start = time.perf_counter()
         try:
-            with warnings.catch_warnings(), torch._dynamo.config.patch(
-                recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+            with (
+                warnings.catch_warnings(),
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True),
             ):
                 # Importing Inductor warns of torch's own deprecations (torch.jit): noise to the
                 # user, an error under pytest's filterwarnings.
@@ -149,6 +150,8 @@ class Compiled:
             out["timing"] = None
         if self.fallback:
             out["skip"] = f"torch.compile fell back to eager: {self.fallback}"
+        elif self.breaks:  # still compiled, but not all of it: say so where the point is read
+            out["message"] = f"partly eager: {self.breaks} graph break(s) at this point"
         self._frozen = None
         self._reset()
         return out
