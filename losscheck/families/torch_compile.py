@@ -28,6 +28,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
+from typing import Any
 
 from . import Family, Unsupported
 
@@ -47,10 +48,11 @@ def _compiler() -> str | None:
 def _one_line(e: BaseException) -> str:
     """The compiler's own reason in one line: dynamo wraps a backend's exception (its first
     line is only "backend='inductor' raised:"), so the innermost cause, first non-blank line."""
-    seen = 0
-    while seen < 8 and (getattr(e, "inner_exception", None) or e.__cause__) is not None:
-        e = getattr(e, "inner_exception", None) or e.__cause__
-        seen += 1
+    for _ in range(8):
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     return f"{type(e).__name__}: {first}"[:300]
 
@@ -73,7 +75,7 @@ class Compiled:
         self.eager = eager
         self.label = label
         self.backend = backend  # tests pass others (a failing one, "eager" for speed)
-        self._compiled = None
+        self._compiled: Any = None
         self._frozen: tuple | None = None  # counts when `prepare` ended: compilation since then was timed
         self._reset()
 

@@ -77,7 +77,7 @@ class ProbeResult:
 
 def probed_families() -> tuple[str, ...]:
     """The families a probe runs: the default ones that can run here."""
-    return tuple(n for n in families.defaults() if families.get(n).unavailable() is None)
+    return tuple(f.name for f in families.all_families() if f.default and f.unavailable() is None)
 
 
 def supported_flags(loss: Loss) -> list[str]:
