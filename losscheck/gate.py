@@ -46,6 +46,8 @@ from .gate_checks import Verdict, compare_point
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
 from .results import inputs_generator, record_key
 
+DEFAULT_VERSUS = Thresholds().versus  # the framework family (gate_policy: families.framework())
+
 # Environment fields that decide which kernels run, and so their speed: timings measured
 # under different values are not compared (relative mode included: a ratio to torch of a
 # microsecond-scale operation depends on the instruction set, see issue 12).
@@ -488,7 +490,7 @@ def _remeasured(remeasure: Remeasure, case: _TimingCase):
     return why if sample is None else (sample, (tm, tv))
 
 
-def unstable_timings(data: dict, versus: str = "torch") -> list[str]:
+def unstable_timings(data: dict, versus: str = DEFAULT_VERSUS) -> list[str]:
     """Warnings for the timings of a results file that the gate could not judge as a baseline
     (`losscheck baseline` prints them; accepting is not refused)."""
     out = []

@@ -35,6 +35,11 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       point: "random", "onehot", "zeros"; absent for ones, so earlier files keep their keys),
       `spatial` ("100x1025": an (N, C, d…) input) and `dim` (log_softmax); the losses
       `nll_loss` and `log_softmax` (whose `forward` counts every output element).
+      Records of the `torch_compile` family carry an optional `compile` object: `seconds`
+      (compilation at this point, 0 where earlier points compiled its graphs; kept out of
+      `timing`), `graphs` (compiled here), `graph_breaks`, `fallback` (null, or why
+      torch.compile would have run it eagerly: the point is then `skipped`) and, only when
+      true, `compiled_while_timed` (its timing was dropped).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

@@ -390,7 +390,7 @@ def _harden() -> None:
 def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
     _harden()
     from . import custom, timing
-    from .losses import LOSSES
+    from .losses import LOSSES, implementation
     from .sweep import PointData
 
     custom.REDIRECT_STDOUT = False  # fd 1 is stderr already
@@ -412,7 +412,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         try:
             if kind in ("evaluate", "calibrate"):
                 loss, inp, target, options, device, reduction, threads, policy = args[:8]
-                fn = loaded.fn if loaded is not None else LOSSES[loss].implementations[name].fn
+                fn = loaded.fn if loaded is not None else implementation(LOSSES[loss], name).fn
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, inputs, memory, reference as R, sweep
+from .. import custom, families, inputs, memory, reference as R, sweep
 from ..analysis import SCALE_FREE
 from ..catalog import IGNORE_INDEX, REDUCTIONS
-from ..config import BUILTIN_IMPLS, DEVICE_RE, Config, custom_spec
+from ..config import DEVICE_RE, Config, custom_spec
 from ..dtypes import FORMATS
 from ..environment import device_problem
 from ..errors import ReferenceUnavailable
 from ..findings import findings as findings_of
-from ..losses import LOSSES, Impl, Loss, Reference, reference
+from ..losses import LOSSES, Impl, Loss, Reference, implementation, reference
 from ..losses.base import element_shape
 from ..metrics import int_or_inf, ulp_distance
 from .convert import Conversion, convert
@@ -74,6 +74,11 @@ class ProbeResult:
         from .render import to_json
 
         return to_json(self)
+
+
+def probed_families() -> tuple[str, ...]:
+    """The families a probe runs: the default ones that can run here."""
+    return tuple(f.name for f in families.all_families() if f.default and f.unavailable() is None)
 
 
 def supported_flags(loss: Loss) -> list[str]:
@@ -245,7 +250,7 @@ def run_probe(
         if memory.is_oom(e):
             raise ProbeError("--input", f"out of memory while computing the reference: {_one_line(e)}") from None
         raise
-    all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations] + customs
+    all_impls = [implementation(loss, i) for i in probed_families()] + customs
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
     results = [
@@ -368,7 +373,7 @@ def _config(loss_name: str, dtype: str, device: str, reduction: str, shape: dict
     mapping = {
         "name": "probe",
         "losses": [loss_name],
-        "implementations": list(BUILTIN_IMPLS),
+        "implementations": list(probed_families()),
         "scales": [1],
         "batch_sizes": [shape["batch"]],
         "dtypes": [dtype],
