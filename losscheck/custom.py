@@ -13,12 +13,28 @@ The callable has the signature of the built-in implementations (see `losses/base
 * ``api: numpy``: numpy arrays in (CPU only; options too), and out either the loss, or
   ``(loss, grad)`` with ``grad`` the gradient of the returned (reduced) loss with respect
   to the input — of the sum of the elements for ``reduction="none"``. Without a gradient
-  only the forward is audited.
+  only the forward is audited. Arrays arrive in the point's dtype exactly (bfloat16 as
+  ``ml_dtypes.bfloat16``, from ``pip install 'losscheck[jax]'``; without it bfloat16 points
+  are skipped) and results must come back in it: nothing is converted, so the audit is of
+  the precision the code really computes in. Results may be numpy arrays or scalars, or any
+  array with ``__array__`` or ``__dlpack__`` (JAX, torch); read-only ones are copied.
+
+Either route may declare keyword parameters it wants told (never passed otherwise, so that
+``**options`` receives the point's options only):
+
+* ``loss_name``: the loss it runs as ("bce", "cross_entropy", ...), for one function
+  registered for several losses;
+* ``need_grad`` (numpy): False when no gradient is wanted (the forward pass, and its
+  timing: a function that always computes its gradient has it in its forward time).
+
+A point whose dtype or device the route cannot represent is skipped, saying why
+(`errors.Unsupported`); an adapter error names the route to use instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -30,7 +46,7 @@ import numpy as np
 import torch
 
 from .config import CustomSpec
-from .errors import ConfigError
+from .errors import ConfigError, Unsupported
 from .losses import Impl
 
 
@@ -45,8 +61,7 @@ class NoGradient(ImplementationError):
 def load(spec: CustomSpec, source: str = "<config>") -> Impl:
     """Import `spec.function` and wrap it; an import failure is a config error (exit 2)."""
     fn = _import(spec.function, source, spec.name)
-    wrapped = _numpy_adapter(fn, spec.function) if spec.api == "numpy" else _checked(fn, spec.function)
-    return Impl(spec.name, "custom", wrapped, summary(spec))
+    return Impl(spec.name, "custom", _Adapter(fn, spec.function, spec.api), summary(spec))
 
 
 def summary(spec: CustomSpec) -> str:
@@ -141,24 +156,111 @@ def check_signature(fn, function: str, args: tuple, options: dict) -> None:
         ) from None
 
 
-def _checked(fn, function):
-    def call(x, t, reduction="mean", **options):
-        check_signature(fn, function, (x, t, reduction), options)
-        with _quiet():
-            return fn(x, t, reduction, **options)
+def _accepts(fn, keyword: str) -> bool:
+    """Whether `fn` declares a parameter named `keyword` (not merely **kwargs: options go
+    there, and a keyword it did not ask for would reach its code as one)."""
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
-    return call
+
+class _Adapter:
+    """`fn` called as the sweep calls an implementation, through its route (`api`); `loss`:
+    the loss it runs as, passed as ``loss_name=`` to a function that declares it."""
+
+    def __init__(self, fn, function: str, api: str, loss: str | None = None):
+        self.fn, self.function, self.api, self.loss = fn, function, api, loss
+        self.extra: dict[str, object] = {"loss_name": loss} if loss is not None and _accepts(fn, "loss_name") else {}
+        self.needs_grad = _accepts(fn, "need_grad")
+
+    def bound(self, loss: str) -> _Adapter:
+        return _Adapter(self.fn, self.function, self.api, loss)
+
+    def __call__(self, x, t, reduction="mean", **options):
+        if self.api == "numpy":
+            return self._numpy(x, t, reduction, options)
+        check_signature(self.fn, self.function, (x, t, reduction), {**options, **self.extra})
+        with _quiet():
+            out = self.fn(x, t, reduction, **options, **self.extra)
+        if isinstance(out, torch.Tensor):
+            if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad and out.is_floating_point():
+                raise ImplementationError(
+                    f"reduction={reduction!r} returned a tensor that does not require grad (no autograd graph "
+                    "from the input): use api: numpy for code without autograd, returning (loss, grad)"
+                )
+        elif isinstance(out, (np.ndarray, np.generic, tuple)) or hasattr(out, "__array__"):
+            raise ImplementationError(
+                f"reduction={reduction!r} returned {type(out).__name__}, not a tensor: "
+                "use api: numpy for code that returns numpy arrays (or objects with __array__ or __dlpack__)"
+            )
+        return out
+
+    def _numpy(self, x, t, reduction, options):
+        dtype = numpy_dtype(x.dtype)  # Unsupported (the point skipped) where numpy cannot hold it
+        if x.device.type != "cpu":
+            raise Unsupported(f"api: numpy runs on the CPU only; use api: torch for code that runs on {x.device.type}")
+        args = (_to_numpy(x), _to_numpy(t), reduction)
+        opts = {k: _to_numpy(v) for k, v in options.items()}
+        extra = dict(self.extra)
+        if self.needs_grad:  # a function that can skip its gradient is timed forward only too
+            extra["need_grad"] = bool(x.requires_grad)
+        check_signature(self.fn, self.function, args, {**opts, **extra})
+        with np.errstate(all="ignore"), _quiet():  # NaN and inf are measured, not news for the terminal
+            out = self.fn(*args, **opts, **extra)
+        grad = None
+        if isinstance(out, tuple):
+            if len(out) != 2:
+                raise ImplementationError(f"returned a tuple of {len(out)}; expected loss or (loss, grad)")
+            out, grad = out
+        loss = _from_numpy(out, "loss", dtype)
+        g = x.new_empty(0) if grad is None else _from_numpy(grad, "grad", dtype)
+        if grad is not None and g.shape != x.shape:
+            raise ImplementationError(f"returned a gradient of shape {tuple(g.shape)}, expected {tuple(x.shape)}")
+        return _NumpyCall.apply(x, loss, g) if x.requires_grad else loss
+
+
+def for_loss(impl: Impl, loss: str) -> Impl:
+    """`impl` (from `load`) as an implementation of `loss`: a function that declares a
+    ``loss_name`` parameter is told it."""
+    fn = impl.fn
+    return dataclasses.replace(impl, fn=fn.bound(loss)) if isinstance(fn, _Adapter) else impl
+
+
+# numpy's own dtypes for the formats it has; bfloat16 is ml_dtypes' (`numpy_dtype`).
+_NUMPY: dict[torch.dtype, np.dtype] = {
+    torch.float64: np.dtype(np.float64),
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16),
+}
+ML_DTYPES_HINT = "pip install 'losscheck[jax]' (or ml_dtypes)"
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype that holds `dtype` exactly, the one a numpy implementation receives
+    and must return. Never a wider one: code run in float32 instead of bfloat16 hides the
+    very bfloat16 bugs it is audited for (issue 14: optax's #1020 vanished that way).
+    Unsupported (the point is skipped, saying why) where numpy cannot represent it."""
+    if dtype in _NUMPY:
+        return _NUMPY[dtype]
+    if dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise Unsupported(f"api: numpy needs ml_dtypes for bfloat16 ({ML_DTYPES_HINT})") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    raise Unsupported(f"api: numpy cannot represent {dtype}; use api: torch")
 
 
 def _to_numpy(v):
-    if isinstance(v, torch.Tensor):
-        v = v.detach()
-        if v.device.type != "cpu":
-            raise ImplementationError("numpy implementations run on the CPU only")
-        if v.dtype == torch.bfloat16:  # numpy has no bfloat16: its values exactly, in float32
-            return v.float().numpy()
-        return v.numpy()
-    return v
+    """A tensor's values as a numpy array of the same dtype (bfloat16: ml_dtypes'), sharing
+    its memory where numpy can."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    v = v.detach()
+    if v.dtype == torch.bfloat16:  # same bits, read as ml_dtypes.bfloat16
+        return v.view(torch.int16).numpy().view(numpy_dtype(v.dtype))
+    return v.numpy()
 
 
 class _NumpyCall(torch.autograd.Function):
@@ -178,36 +280,45 @@ class _NumpyCall(torch.autograd.Function):
         return grad * u, None, None
 
 
-def _numpy_adapter(fn, function):
-    def call(x, t, reduction="mean", **options):
-        args = (_to_numpy(x), _to_numpy(t), reduction)
-        opts = {k: _to_numpy(v) for k, v in options.items()}
-        check_signature(fn, function, args, opts)
-        with np.errstate(all="ignore"), _quiet():  # NaN and inf are measured, not news for the terminal
-            out = fn(*args, **opts)
-        grad = None
-        if isinstance(out, tuple):
-            if len(out) != 2:
-                raise ImplementationError(f"returned a tuple of {len(out)}; expected loss or (loss, grad)")
-            out, grad = out
-        loss = _from_numpy(out, "loss", x)
-        g = x.new_empty(0) if grad is None else _from_numpy(grad, "grad", x)
-        if grad is not None and g.shape != x.shape:
-            raise ImplementationError(f"returned a gradient of shape {tuple(g.shape)}, expected {tuple(x.shape)}")
-        return _NumpyCall.apply(x, loss, g) if x.requires_grad else loss
+def _as_array(a, what: str) -> np.ndarray:
+    """What a numpy implementation returned, as a numpy array: numpy arrays and scalars, and
+    other arrays (JAX, CuPy on the host, torch) through ``__array__`` or DLPack."""
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, (float, int, np.generic)):
+        return np.asarray(a)
+    if isinstance(a, torch.Tensor):  # its __array__ refuses bfloat16 and tensors that require grad
+        a = a.detach().cpu()
+        return _to_numpy(a) if a.is_floating_point() else a.numpy()
+    try:
+        if hasattr(a, "__array__"):
+            return np.asarray(a)
+        if hasattr(a, "__dlpack__"):
+            return np.from_dlpack(a)
+    except (TypeError, ValueError, RuntimeError, BufferError) as e:
+        raise ImplementationError(f"returned a {type(a).__name__} {what} numpy cannot read: {_first_line(e)}") from None
+    raise ImplementationError(
+        f"returned {type(a).__name__} as the {what}, not an array: api: numpy expects numpy arrays "
+        "(or arrays with __array__ or __dlpack__); use api: torch for code returning tensors"
+    )
 
-    return call
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
-def _from_numpy(a, what, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(a, (float, int, np.floating, np.integer)):
-        a = np.asarray(a)
-    if not isinstance(a, np.ndarray):
-        raise ImplementationError(f"returned {type(a).__name__} as the {what}, not a numpy array")
-    if a.dtype.kind != "f":
+def _from_numpy(a, what: str, dtype: np.dtype) -> torch.Tensor:
+    a = _as_array(a, what)
+    if a.dtype.kind not in "fV" or (a.dtype.kind == "V" and a.dtype.itemsize != 2):
         raise ImplementationError(f"returned a {a.dtype} {what}, expected floating values")
-    want = {torch.bfloat16: np.float32}.get(like.dtype)
-    out = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
-    if want is not None and a.dtype == want:
-        return out.to(like.dtype)  # bfloat16 results come back as float32 holding bfloat16 values
-    return out
+    if a.dtype != dtype:
+        # Never converted: the audit is of the dtype the implementation computes in.
+        raise ImplementationError(
+            f"returned a {a.dtype} {what} for {dtype} input; api: numpy returns the input's dtype (not converted)"
+        )
+    if not (a.flags.c_contiguous and a.flags.writeable):
+        # torch.from_numpy warns on read-only arrays (JAX's are): a copy, which torch may own.
+        a = np.array(a, order="C", copy=True)
+    if dtype.kind == "V":  # ml_dtypes.bfloat16: same bits, read as torch.bfloat16
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

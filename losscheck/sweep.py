@@ -17,7 +17,7 @@ from . import custom, inputs, memory, reference as R, timing, worker
 from .config import Config
 from .dtypes import FORMATS
 from .environment import device_problem
-from .errors import ConfigError, LosscheckError, ReferenceUnavailable
+from .errors import ConfigError, LosscheckError, ReferenceUnavailable, Unsupported
 from .isolation import deadline, failure_message, one_line as _one_line
 from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
 from .metrics import ErrorStats
@@ -128,6 +128,7 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         row = {}
         for i in config.impls_for(name):
             local = loss.implementations[i] if i in loss.implementations else loaded.get(i)
+            local = custom.for_loss(local, name) if local is not None else None
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
@@ -414,6 +415,9 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
+    except Unsupported as e:  # a dtype the route cannot represent, a missing optional dependency
+        record["status"], record["message"] = "skipped", str(e)
+        record["forward"] = record["backward"] = None
     # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
     # exit 0 and a partial file (issue 16). os._exit and crashes: see worker.py.
     except (Exception, SystemExit) as e:  # an implementation failing is a result, not a crash

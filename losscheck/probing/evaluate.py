@@ -230,7 +230,8 @@ def run_probe(
         if memory.is_oom(e):
             raise ProbeError("--input", f"out of memory while computing the reference: {_one_line(e)}") from None
         raise
-    all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations] + customs
+    all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations]
+    all_impls += [custom.for_loss(c, loss_name) for c in customs]
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
     results = [
