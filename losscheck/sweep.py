@@ -252,6 +252,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
     if "soft" in values:
+        if case.distribution in inputs.MASKED_SOFT:
+            values["soft"] = inputs.zero_masked(values["soft"], inp)
         target = R.round_to(values["soft"], dtype)
     else:
         target = loss.make_target(labels, dtype)
