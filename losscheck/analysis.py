@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from . import families
 from .formats import FORMATS, bits_phrase, ulp_threshold
 
 
@@ -178,8 +179,10 @@ def _measure(record: dict, section: str, key: str) -> float:
     return capped(s[key], record["dtype"])
 
 
-def versus(records: list[dict], a: str = "stable", b: str = "torch") -> dict[tuple, Versus]:
-    """(loss, dtype, device) -> Versus of implementation a against b, point by point."""
+def versus(records: list[dict], a: str = "stable", b: str | None = None) -> dict[tuple, Versus]:
+    """(loss, dtype, device) -> Versus of implementation a against b (default: the framework
+    family, families.framework()), point by point."""
+    b = b or families.framework()
     key = point_key
     ok = [r for r in records if r["status"] == "ok"]
     bs = {key(r): r for r in ok if r["impl"] == b}

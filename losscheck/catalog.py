@@ -13,9 +13,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import families
+
 REDUCTIONS = ("none", "mean", "sum")
-# The built-in implementations, in the order every table, plot and config lists them.
-BUILTIN_IMPLS = ("naive", "stable", "torch")
+# The built-in implementations (the families' names), in the order every table, plot and config
+# lists them, and those a config without `implementations:` runs. Code that must see a family
+# registered later (a test's) asks `families` itself.
+BUILTIN_IMPLS = families.names()
+DEFAULT_IMPLS = families.defaults()
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import safeio
-from .catalog import BUILTIN_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
+from . import families
+from .catalog import BUILTIN_IMPLS, DEFAULT_IMPLS, OPTION_DEFAULTS, REDUCTIONS, loss_registry
 from .config_sections import (  # noqa: F401  (CUSTOM_APIS, TIMING_KEYS, ...: config.<name> for their users)
     CUSTOM_APIS,
     CUSTOM_KEYS,
@@ -228,7 +229,7 @@ KEYS = {
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
 }
-DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": BUILTIN_IMPLS}
+DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": DEFAULT_IMPLS}
 
 
 def default_config_text() -> str:
@@ -281,7 +282,7 @@ def _build(data: dict, source: str) -> Config:
         name=name,
         description=v.string(data, "description", ""),
         losses=v.choices(data, "losses", tuple(loss_registry())),
-        implementations=v.choices(data, "implementations", BUILTIN_IMPLS, DEFAULTS["implementations"]),
+        implementations=v.choices(data, "implementations", families.names(), DEFAULTS["implementations"]),
         scales=v.numbers(data, "scales", positive=True),
         batch_sizes=v.ints(data, "batch_sizes", minimum=1),
         classes=v.ints(data, "classes", minimum=2, default=DEFAULTS["classes"]),

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn
 
-from .catalog import BUILTIN_IMPLS, loss_registry
+from . import families
+from .catalog import loss_registry
 from .errors import ConfigError
 from .formats import FORMATS
 from .gate_policy import BY_NAME, CHECK_ORDER, GATE_KEYS, GatePolicy, Thresholds
@@ -263,7 +264,7 @@ def custom_spec(function, name=None, losses=(), api="torch", source="<command li
     name = attr.rsplit(".", 1)[-1] if name is None else name
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
         fail("name", f"bad value {name!r}", "a name of letters, digits, '_', '.', '-'")
-    if name in BUILTIN_IMPLS:
+    if name in families.names():
         fail("name", f"{name!r} is a built-in implementation's name", "another name (e.g. my_" + name + ")")
     if isinstance(losses, str):
         losses = [losses]

@@ -28,7 +28,7 @@ Either route may declare keyword parameters it wants told (never passed otherwis
   timing: a function that always computes its gradient has it in its forward time).
 
 A point whose dtype or device the route cannot represent is skipped, saying why
-(`errors.Unsupported`); an adapter error names the route to use instead.
+(`families.Unsupported`); an adapter error names the route to use instead.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from .config import CustomSpec
-from .errors import ConfigError, Unsupported
+from .errors import ConfigError
+from .families import Unsupported
 from .losses import Impl
 
 
@@ -217,7 +218,7 @@ class _Adapter:
         g = x.new_empty(0) if grad is None else _from_numpy(grad, "grad", dtype)
         if grad is not None and g.shape != x.shape:
             raise ImplementationError(f"returned a gradient of shape {tuple(g.shape)}, expected {tuple(x.shape)}")
-        return _NumpyCall.apply(x, loss, g) if x.requires_grad else loss
+        return WithGradient.apply(x, loss, g) if x.requires_grad else loss
 
 
 def for_loss(impl: Impl, loss: str) -> Impl:
@@ -263,7 +264,7 @@ def _to_numpy(v):
     return v.numpy()
 
 
-class _NumpyCall(torch.autograd.Function):
+class WithGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, loss, grad):
         ctx.save_for_backward(grad)

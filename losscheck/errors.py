@@ -35,7 +35,3 @@ class ResultsError(LosscheckError):
 class ReferenceUnavailable(Exception):
     """The reference cannot be computed on this platform; the point is skipped, not failed."""
 
-
-class Unsupported(Exception):
-    """An implementation cannot run a point as it is (a dtype its route cannot represent, an
-    optional dependency not installed): the point is skipped with this reason, not failed."""

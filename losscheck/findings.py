@@ -72,7 +72,8 @@ import re
 from collections import defaultdict
 
 from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
-from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
+from . import families
+from .catalog import loss_registry
 from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
 
 KINDS = ("formula", "overflow", "saturation", "underflow", "reduction", "limit", "undefined")
@@ -399,8 +400,7 @@ def _rank(key: tuple) -> tuple:
         order.index(loss) if loss in order else len(order),
         loss,
         var,
-        IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER),
-        impl,
+        *families.order_key(impl),
         list(FORMATS).index(dtype) if dtype in FORMATS else len(FORMATS),
         dtype,
         device,

@@ -44,6 +44,8 @@ from .gate_checks import Verdict, compare_point
 # The settings, Thresholds and GatePolicy are declared in gate_policy.py (config validates them
 # without importing this module); re-exported here, where the gate's users have found them.
 from .gate_policy import NEW_MODES, TIMING_MODES, GatePolicy, Thresholds  # noqa: F401
+
+DEFAULT_VERSUS = Thresholds().versus
 from .results import inputs_generator, record_key
 
 # Environment fields that decide which kernels run, and so their speed: timings measured
@@ -488,7 +490,7 @@ def _remeasured(remeasure: Remeasure, case: _TimingCase):
     return why if sample is None else (sample, (tm, tv))
 
 
-def unstable_timings(data: dict, versus: str = "torch") -> list[str]:
+def unstable_timings(data: dict, versus: str = DEFAULT_VERSUS) -> list[str]:
     """Warnings for the timings of a results file that the gate could not judge as a baseline
     (`losscheck baseline` prints them; accepting is not refused)."""
     out = []

@@ -4,12 +4,15 @@ default and per-loss overrides).
 
 Config validation (config.py: the `gate:` keys, their one-line errors and the key's help),
 the command-line flags and the gate (gate.py) read them from here. This module imports
-nothing of the package, so that config.py need not import the gate (it sits below it).
+nothing of the package but the (torch-free) families registry, so that config.py need not
+import the gate (it sits below it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+from . import families
 
 TIMING_MODES = ("relative", "absolute", "off")
 NEW_MODES = ("custom", "all", "none")
@@ -25,7 +28,7 @@ class Thresholds:
     timing: str = "relative"  # relative | absolute | off
     # An implementation without a baseline counterpart is judged against this one of the same
     # run; relative timing is measured against it too.
-    versus: str = "torch"
+    versus: str = families.framework()  # "torch"
     new: str = "custom"  # which such implementations are gated: custom | all | none
     # Operations whose baseline and current medians are both shorter than this (seconds) are
     # not timing-gated: too short to time reliably.

@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from . import summaries, verbosity
 from .catalog import LOSS_INFO
-from .config import BUILTIN_IMPLS, KEYS, OPTION_AXES
+from .config import KEYS, OPTION_AXES
 from .errors import LosscheckError
 from .formats import FORMATS
 
@@ -46,6 +46,12 @@ def list_cmd(check_devices: bool, as_json: bool) -> None:
         for loss in data["losses"]
     ]
     click.echo(tabulate(rows, headers=["loss", "what", "implementations"], tablefmt="simple"))
+    click.echo()
+    fam_rows = [
+        [f["name"], f["kind"], "yes" if f["default"] else "no", f["unavailable"] or "available", f["summary"]]
+        for f in data["families"]
+    ]
+    click.echo(tabulate(fam_rows, headers=["family", "kind", "default", "here", "what"], tablefmt="simple"))
     click.echo()
     click.echo(
         tabulate(
@@ -84,7 +90,7 @@ def list_cmd(check_devices: bool, as_json: bool) -> None:
         )
     )
     click.echo(
-        f"\nimplementation names for configs: {', '.join(BUILTIN_IMPLS)}; your own: `custom:` in a config, "
+        f"\nimplementation names for configs: {', '.join(f['name'] for f in data['families'])}; your own: `custom:` in a config, "
         "or bench --impl [LOSS=]module:function (kind: custom; this imports and runs that code)"
     )
 

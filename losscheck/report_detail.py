@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from . import analysis as A
+from . import analysis as A, families
 from .catalog import loss_registry
 from .report_format import (
     bwd,
@@ -74,7 +74,8 @@ def _per_impl_table(recs: list[dict], cell) -> str:
     return collapsible(table(rows, ["loss", "device", "dtype", *_heads(impls)]), len(rows))
 
 
-def _versus(records: list[dict], a: str = "stable", b: str = "torch") -> str:
+def _versus(records: list[dict], a: str = "stable", b: str | None = None) -> str:
+    b = b or families.framework()
     vs = A.versus(records, a, b)
     if not vs:
         return ""
@@ -236,6 +237,7 @@ def _timing(records: list[dict]) -> str:
     if not timed:
         return ""
     impls = impls_of(timed)
+    framework = families.framework()
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in timed:
         groups[(r["loss"], r["device"], r["dtype"], r["batch"], r["classes"])][r["impl"]].append(r["timing"])
@@ -250,7 +252,7 @@ def _timing(records: list[dict]) -> str:
             )
             for i, ts in g.items()
         }
-        base = med.get("torch")
+        base = med.get(framework)
         row = [key[0], key[1], key[2], key[3], key[4] if key[4] is not None else "—"]
         for impl in impls:
             if impl not in med:
@@ -258,7 +260,7 @@ def _timing(records: list[dict]) -> str:
                 continue
             f, b, iqr = med[impl]
             cell = f"{fmt_time(f)} ±{fmt_time(iqr)} / {fmt_time(b)}"
-            if base and impl != "torch":
+            if base and impl != framework:
                 cell += f" (×{f / base[0]:.2f} / ×{b / base[1]:.2f})"
             row.append(cell)
         rows.append(row)
@@ -266,7 +268,7 @@ def _timing(records: list[dict]) -> str:
     return (
         "## Timing\n\n"
         f"Median forward ±IQR / forward+backward time of the mean loss (torch.utils.benchmark, "
-        f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `torch` measured in the "
+        f"{', '.join(map(str, threads))} thread(s)); in brackets, the ratio to `{framework}` measured in the "
         "same run.\n\n"
         + collapsible(table(rows, ["loss", "device", "dtype", "batch", "classes", *_heads(impls)]), len(rows))
     )

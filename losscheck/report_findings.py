@@ -12,7 +12,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from . import analysis as A, findings as FD
+from . import analysis as A, families, findings as FD
 from .report_format import (
     LOSS_ORDER,
     dtype_rank,
@@ -168,8 +168,10 @@ def evidence(records: list[dict], findings: list[dict]) -> list[str]:
     return lines
 
 
-def cost_ratios(records: list[dict], impl: str = "stable", base: str = "torch") -> dict[str, list[float]]:
-    """loss -> forward+backward time ratios impl/base over the points where both were timed."""
+def cost_ratios(records: list[dict], impl: str = "stable", base: str | None = None) -> dict[str, list[float]]:
+    """loss -> forward+backward time ratios impl/base (default: the framework family) over the
+    points where both were timed."""
+    base = base or families.framework()
     key = A.point_key
     timed = {
         (key(r), r["impl"]): r["timing"]["backward_median_s"]

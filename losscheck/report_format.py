@@ -10,10 +10,10 @@ from collections import defaultdict
 from tabulate import tabulate
 
 from . import analysis as A
-from .catalog import BUILTIN_IMPLS, LOSS_INFO
+from . import families
+from .catalog import LOSS_INFO
 from .formats import FORMATS, precision
 
-IMPL_ORDER = BUILTIN_IMPLS
 LOSS_ORDER = list(LOSS_INFO)
 MAX_OPEN_ROWS = 24  # longer tables are collapsed (or summarised first)
 
@@ -83,7 +83,7 @@ def impl_name(impl: str, kind: str | None = None) -> str:
 
 def impls_of(records) -> list[str]:
     seen = list(dict.fromkeys(r["impl"] for r in records))
-    return sorted(seen, key=lambda i: (IMPL_ORDER.index(i) if i in IMPL_ORDER else len(IMPL_ORDER), i))
+    return sorted(seen, key=families.order_key)
 
 
 def order(values, ordering):

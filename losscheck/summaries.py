@@ -10,14 +10,15 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 
-from .catalog import BUILTIN_IMPLS, LOSS_INFO, REDUCTIONS
+from . import families
+from .catalog import LOSS_INFO, REDUCTIONS
 from .formats import FORMATS
 from .inputs import DESCRIPTIONS, DISTRIBUTIONS
 from .results import KEY_FIELDS, STATUSES
 
-# The kind each built-in implementation name has in every loss (losses/*.py: `Impl(name, kind, ...)`;
-# tests/test_cli.py checks this against the registry).
-BUILTIN_KINDS = {"naive": "naive", "stable": "stable", "torch": "framework"}
+# The kind of each built-in implementation (the families' kinds; tests/test_cli_conventions.py
+# checks it against the losses' own implementations).
+BUILTIN_KINDS = {f.name: f.kind for f in families.all_families()}
 # What losscheck uses and for what: `list` says which are installed here.
 PACKAGES = {
     "torch": "every measurement (bench, explain, probe)",
@@ -39,17 +40,31 @@ def package_version(name: str) -> str | None:
 
 
 def inventory() -> dict:
-    """What `losscheck list` shows: losses and their implementations, dtypes, value sets,
-    reductions and which of the packages losscheck uses are installed."""
+    """What `losscheck list` shows: losses and their implementations, the implementation
+    families with their availability here (nothing imported), dtypes, value sets, reductions
+    and which of the packages losscheck uses are installed."""
+    fams = families.all_families()
     return {
         "losses": [
             {
                 "name": info.name,
                 "summary": info.summary,
                 "options": list(info.options),
-                "implementations": [{"name": i, "kind": BUILTIN_KINDS[i]} for i in BUILTIN_IMPLS],
+                "implementations": [{"name": f.name, "kind": f.kind} for f in fams],
             }
             for info in LOSS_INFO.values()
+        ],
+        "families": [
+            {
+                "name": f.name,
+                "kind": f.kind,
+                "summary": f.summary,
+                "default": f.default,
+                "requires": list(f.requires),
+                "unavailable": f.unavailable(),  # None: available
+                "install": f.install or None,
+            }
+            for f in fams
         ],
         "dtypes": [
             {"name": f.name, "significand_bits": f.significand_bits, "default_threshold_bits": f.default_threshold_bits}

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import custom, inputs, memory, reference as R, timing, worker
+from . import custom, families, inputs, memory, reference as R, timing, worker
 from .config import Config
 from .dtypes import FORMATS
 from .environment import device_problem
-from .errors import ConfigError, LosscheckError, ReferenceUnavailable, Unsupported
+from .errors import ConfigError, LosscheckError, ReferenceUnavailable
 from .isolation import deadline, failure_message, one_line as _one_line
-from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, reference
+from .losses import IGNORE_INDEX, LOSSES, Impl, Loss, Reference, implementation, reference
 from .metrics import ErrorStats
 from .results import KEY_FIELDS as _KEY_NAMES, record_key
 
@@ -127,8 +127,8 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         loss = LOSSES[name]
         row = {}
         for i in config.impls_for(name):
-            local = loss.implementations[i] if i in loss.implementations else loaded.get(i)
-            local = custom.for_loss(local, name) if local is not None else None
+            local = implementation(loss, i) if families.get(i) else loaded.get(i)
+            local = custom.for_loss(local, name) if local is not None else None  # loss_name= (custom.py)
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
@@ -342,6 +342,9 @@ def run_case(
         }
         if ok:
             x, t, opts = data.on(case.device)
+            for impl, r in zip(chosen, out, strict=True):
+                if impl.name in ok and _prepare(impl, x, t, case.reduction, opts, r):
+                    del ok[impl.name]
             timed = timing.time_case(ok, x, t, config.timing.min_run_time, threads, opts, case.reduction)
             for r in out:
                 result = timed.get(r["impl"])
@@ -350,7 +353,39 @@ def run_case(
                     r["forward"] = r["backward"] = None
                 elif result is not None:
                     r["timing"] = result
+    for impl, r in zip(chosen, out, strict=True):
+        _take_record(impl, r)
     return out
+
+
+def _prepare(impl: Impl, x, t, reduction: str, opts: dict, record: dict) -> bool:
+    """A family's untimed preparation before timing (families/__init__.py: `prepare`, e.g.
+    compilation for the timed calls); True if it failed (the record says why)."""
+    prepare = getattr(impl.fn, "prepare", None)
+    if prepare is None:
+        return False
+    try:
+        prepare(x, t, reduction, opts)
+    except families.Unsupported as e:
+        record.update(status="skipped", message=str(e), forward=None, backward=None)
+        return True
+    except Exception as e:  # noqa: BLE001  (the implementation's failure is its point's)
+        record.update(status="error", message=f"while preparing: {_one_line(e)}", forward=None, backward=None)
+        return True
+    return False
+
+
+def _take_record(impl: Impl, record: dict) -> None:
+    """Fields a family adds to its record (families/__init__.py: `take_record`); "skip": the
+    point is skipped with that reason, its measurements dropped (never reported as they are)."""
+    take = getattr(impl.fn, "take_record", None)
+    fields = take() if take is not None else None
+    if not fields:
+        return
+    skip = fields.pop("skip", None)
+    record.update(fields)
+    if skip and record["status"] == "ok":
+        record.update(status="skipped", message=skip, forward=None, backward=None, timing=None)
 
 
 def remeasurer(
@@ -401,6 +436,11 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
         memory.trim()
     peak = memory.PeakMemory(case.device)
     shape = tuple(ref.loss.shape)
+    family = families.get(impl.name) if impl.kind in BUILT_IN_KINDS else None
+    unsupported = family and family.unsupported(case.dtype, case.device, dict(case.options))
+    if unsupported:
+        record.update(status="skipped", message=unsupported)
+        return record
     try:
         if isinstance(impl.fn, worker.RemoteFn):
             # In its worker process (the timeout is enforced by killing it); audited here.
@@ -417,9 +457,8 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
-    except Unsupported as e:  # a dtype the route cannot represent, a missing optional dependency
-        record["status"], record["message"] = "skipped", str(e)
-        record["forward"] = record["backward"] = None
+    except families.Unsupported as e:  # the family cannot run this point: skipped, saying why
+        record.update(status="skipped", message=str(e), forward=None, backward=None)
     # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
     # exit 0 and a partial file (issue 16). os._exit and crashes: see worker.py.
     except (Exception, SystemExit) as e:  # an implementation failing is a result, not a crash

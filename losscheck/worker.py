@@ -46,7 +46,8 @@ import torch.multiprocessing  # registers the shared-memory pickling of tensors
 
 from . import memory
 from .custom import ImplementationError, NoGradient
-from .errors import ConfigError, Unsupported
+from .errors import ConfigError
+from .families import Unsupported
 from .isolation import GlobalState, WorkerFailure, deadline, failure_message
 
 # oom_score_adj added to the parent's for a worker (the kernel's scale ends at 1000).
@@ -363,7 +364,7 @@ def _harden() -> None:
 def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
     _harden()
     from . import custom, timing
-    from .losses import LOSSES
+    from .losses import LOSSES, implementation
     from .sweep import PointData
 
     custom.REDIRECT_STDOUT = False  # fd 1 is stderr already
@@ -385,7 +386,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         try:
             if kind in ("evaluate", "calibrate"):
                 loss, inp, target, options, device, reduction, threads = args[:7]
-                fn = custom.for_loss(loaded, loss).fn if loaded is not None else LOSSES[loss].implementations[name].fn
+                fn = custom.for_loss(loaded, loss).fn if loaded is not None else implementation(LOSSES[loss], name).fn
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)

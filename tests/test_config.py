@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from losscheck.config import (BUILTIN_IMPLS, KEYS, TIMING_KEYS, Config, default_config_text, load_config,
+from losscheck.config import (BUILTIN_IMPLS, DEFAULT_IMPLS, KEYS, TIMING_KEYS, Config, default_config_text, load_config,
                               parse_config)
 from losscheck.dtypes import FORMATS
 from losscheck.errors import ConfigError, LosscheckError
@@ -49,7 +49,7 @@ def test_base_config_is_valid_and_gets_the_defaults():
     assert cfg.source == SOURCE
     assert cfg.losses == ("bce", "cross_entropy")
     assert cfg.scales == (1.0, 100.0)
-    assert cfg.implementations == BUILTIN_IMPLS
+    assert cfg.implementations == DEFAULT_IMPLS
     assert cfg.devices == ("cpu",)
     assert cfg.classes == (10,)
     assert cfg.seed == 0
@@ -221,7 +221,7 @@ def test_embedded_default_loads():
     assert cfg.source == "<embedded default.yaml>"
     assert set(cfg.losses) == set(FLAT_LOSSES)  # sequence losses: configs/sequence.yaml
     assert set(cfg.dtypes) == set(FORMATS)
-    assert cfg.implementations == BUILTIN_IMPLS
+    assert cfg.implementations == DEFAULT_IMPLS
 
 
 def test_embedded_default_is_configs_default_yaml():

@@ -18,7 +18,7 @@ from losscheck import custom, results
 from losscheck.cli import main
 from losscheck.config import CustomSpec
 from losscheck.dtypes import FORMATS
-from losscheck.errors import Unsupported
+from losscheck.families import Unsupported
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

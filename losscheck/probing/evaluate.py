@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, memory, reference as R, sweep
+from .. import custom, families, memory, reference as R, sweep
 from ..analysis import SCALE_FREE
 from ..catalog import IGNORE_INDEX, REDUCTIONS
-from ..config import BUILTIN_IMPLS, DEVICE_RE, Config, custom_spec
+from ..config import DEVICE_RE, Config, custom_spec
 from ..dtypes import FORMATS
 from ..environment import device_problem
 from ..errors import ReferenceUnavailable
 from ..findings import findings as findings_of
-from ..losses import LOSSES, Impl, Loss, Reference, reference
+from ..losses import LOSSES, Impl, Loss, Reference, implementation, reference
 from ..metrics import int_or_inf, ulp_distance
 from .convert import Conversion, convert
 from .load import ProbeError, _as_loaded
@@ -73,6 +73,12 @@ class ProbeResult:
         from .render import to_json
 
         return to_json(self)
+
+
+def probed_families() -> tuple[str, ...]:
+    """The families a probe runs: every one that can run here, not only the defaults (the
+    user's tensors through every framework installed: optax's #896 shows in `jax` only)."""
+    return tuple(f.name for f in families.all_families() if f.unavailable() is None)
 
 
 def supported_flags(loss: Loss) -> list[str]:
@@ -230,7 +236,7 @@ def run_probe(
         if memory.is_oom(e):
             raise ProbeError("--input", f"out of memory while computing the reference: {_one_line(e)}") from None
         raise
-    all_impls = [loss.implementations[i] for i in BUILTIN_IMPLS if i in loss.implementations]
+    all_impls = [implementation(loss, i) for i in probed_families()]
     all_impls += [custom.for_loss(c, loss_name) for c in customs]
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
@@ -334,7 +340,7 @@ def _config(loss_name: str, dtype: str, device: str, reduction: str, shape: dict
     mapping = {
         "name": "probe",
         "losses": [loss_name],
-        "implementations": list(BUILTIN_IMPLS),
+        "implementations": list(probed_families()),
         "scales": [1],
         "batch_sizes": [shape["batch"]],
         "dtypes": [dtype],
