@@ -34,4 +34,3 @@ class ResultsError(LosscheckError):
 
 class ReferenceUnavailable(Exception):
     """The reference cannot be computed on this platform; the point is skipped, not failed."""
-

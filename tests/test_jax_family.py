@@ -72,10 +72,12 @@ def test_bench_finds_optax_1020_in_bfloat16(tmp_path):
     assert bf["forward"]["value"] == 0.0 and bf["forward"]["underflow"] == 2  # both rows flushed to 0
     assert bf["forward"]["reference_value"] == pytest.approx(EXACT_1020, rel=1e-6)
     assert bf["forward"]["reference"] == pytest.approx(EXACT_1020, rel=2**-8)  # rounded to bfloat16
-    # The reference and the careful implementations are right where optax is not, and optax
-    # itself is right in float32: the bug is bfloat16's.
+    # The careful implementation is right where optax is not. In float32 optax is not flushed
+    # but still off by 0.3% (measured): the loss is lse − x_t ≈ 20.000264 − 20, and an ULP of
+    # 20 in float32 is 1.9e-6, so about 9 of its 24 bits cancel.
     assert by[("stable", "bfloat16")]["forward"]["value"] == bf["forward"]["reference"]
-    assert by[("jax", "float32")]["forward"]["value"] == pytest.approx(EXACT_1020, rel=2**-20)
+    f32 = by[("jax", "float32")]["forward"]
+    assert 2**-12 < abs(f32["value"] / EXACT_1020 - 1) < 2**-6 and f32["underflow"] == 0
 
 
 def test_bench_finds_optax_896_nan_at_masked_soft_targets(tmp_path):
@@ -105,10 +107,12 @@ def _probe(*args) -> dict:
 
 
 def test_probe_runs_jax_on_the_users_tensors_optax_896():
-    by, data = _probe("cross_entropy", "--input", "[[-inf, 0]]", "--target", "[[0, 1]]", "--dtype", "float32")
+    by, data = _probe("cross_entropy", "--input", "[[-inf, 0.0]]", "--target", "[[0.0, 1.0]]", "--dtype", "float32")
+    assert data["target"]["kind"] == "soft"
     assert "jax" in by and by["jax"]["status"] == "ok"
-    assert math.isnan(float(by["jax"]["value"]))
+    assert math.isnan(float(by["jax"]["forward"]["value"])) and by["jax"]["forward"]["nan"] == 1
     assert float(data["reference"]["value"]) == 0.0
+    assert float(by["stable"]["forward"]["value"]) == 0.0
 
 
 def test_probe_runs_jax_on_the_users_tensors_optax_1020(tmp_path):
@@ -117,7 +121,7 @@ def test_probe_runs_jax_on_the_users_tensors_optax_1020(tmp_path):
     torch.save(x, tmp_path / "logits.pt")
     by, data = _probe("cross_entropy", "--input", str(tmp_path / "logits.pt"), "--target", "[7]")
     assert data["dtype"] == "bfloat16"
-    assert float(by["jax"]["value"]) == 0.0
+    assert float(by["jax"]["forward"]["value"]) == 0.0 and by["jax"]["forward"]["underflow"] == 1
     assert float(data["reference"]["value"]) == pytest.approx(EXACT_1020, rel=1e-6)
 
 

@@ -112,7 +112,7 @@ def _cross_entropy(jnp, optax, x, t, reduction, weight=None, label_smoothing=0.0
     return _reduce(jnp, loss, reduction, None if keep is None and weight is None else jnp.sum(share))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(multiclass: bool, reduction: str, statics: tuple, with_grad: bool):
     """The jitted loss (with_grad: loss and its vjp in one program) for these static options."""
     jax, jnp, optax = _modules()
@@ -217,7 +217,7 @@ def describe(loss) -> str:
         return "optax: none (no BCE on probabilities)"
     if not loss.multiclass:
         return "optax.sigmoid_binary_cross_entropy, jitted, weights as a JAX user multiplies them"
-    return "optax.softmax_cross_entropy(_with_integer_labels), jitted, smoothing/weights/ignore as a JAX user writes them"
+    return "optax.softmax_cross_entropy(_with_integer_labels), jitted; smoothing, weights, ignore_index by hand"
 
 
 FAMILY = Family(
