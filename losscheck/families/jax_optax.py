@@ -145,12 +145,12 @@ class _Arrays:
         self.entries: dict[int, tuple] = {}
 
     def get(self, jnp, t):
-        from .. import custom
+        from .. import arrays
 
         entry = self.entries.get(id(t))
         if entry is not None and entry[0]() is t and entry[1] == t._version:
             return entry[2]
-        a = custom._to_numpy(t)  # the exact dtype (bfloat16: ml_dtypes')
+        a = arrays.to_numpy(t)  # the exact dtype (bfloat16: ml_dtypes')
         if a.dtype.kind == "i":
             a = a.astype("int32")  # class indices: JAX's default integer width
         array = jnp.asarray(a)
@@ -173,14 +173,14 @@ class OptaxLoss:
         import numpy as np
         import torch
 
-        from .. import custom
+        from .. import arrays
 
         if x.device.type != "cpu":
             raise Unsupported(f"the jax family runs on the CPU (jax[cpu]), not on {x.device.type}")
         if "pos_weight" in options:
             raise Unsupported("optax's sigmoid_binary_cross_entropy has no pos_weight")
         jax, jnp, _ = _modules()
-        dtype = custom.numpy_dtype(x.dtype)
+        dtype = arrays.numpy_dtype(x.dtype)
         with_grad = x.requires_grad and torch.is_grad_enabled()
         statics = tuple(sorted((k, v) for k, v in options.items() if k in ("label_smoothing", "ignore_index")))
         with jax.enable_x64(x.dtype == torch.float64):
@@ -189,10 +189,10 @@ class OptaxLoss:
             args.append(None if weight is None else self.arrays.get(jnp, weight))
             out = jax.block_until_ready(_compiled(self.multiclass, reduction, statics, with_grad)(*args))
         value, grad = out if with_grad else (out, None)
-        loss = custom._from_numpy(np.asarray(value), "loss", dtype)
+        loss = arrays.from_numpy(np.asarray(value), "loss", dtype)
         if grad is None:
             return loss
-        return custom.WithGradient.apply(x, loss, custom._from_numpy(np.asarray(grad), "grad", dtype))
+        return arrays.WithGradient.apply(x, loss, arrays.from_numpy(np.asarray(grad), "grad", dtype))
 
     def prepare(self, x, target, reduction, options) -> None:
         """Compile the forward the timing runs (the evaluation compiled the others)."""
