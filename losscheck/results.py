@@ -27,6 +27,11 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       torch.Generator on the point's device, see losscheck/inputs.py); absent: the former
       numpy generator ("numpy"). Files of different generators hold other input values at
       the same points: merge refuses them, compare and the gate do not judge their points.
+      Records of the `torch_compile` family carry an optional `compile` object: `seconds`
+      (compilation at this point, 0 where earlier points compiled its graphs; kept out of
+      `timing`), `graphs` (compiled here), `graph_breaks`, `fallback` (null, or why
+      torch.compile would have run it eagerly: the point is then `skipped`) and, only when
+      true, `compiled_while_timed` (its timing was dropped).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

@@ -109,6 +109,7 @@ def test_list_shows_families_with_availability_and_install_command(runner):
     assert out.exit_code == 0 and text.exit_code == 0
     fams = {f["name"]: f for f in json.loads(out.stdout)["families"]}
     assert fams["torch"]["unavailable"] is None and fams["torch"]["kind"] == "framework"
+    assert fams["torch_compile"]["kind"] == "framework" and fams["torch_compile"]["default"] is False
     assert "pip install no-such-package" in fams["missing"]["unavailable"]
     assert [f for f in fams][:3] == ["naive", "stable", "torch"]
     line = next(li for li in text.stdout.splitlines() if li.startswith("missing "))
