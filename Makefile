@@ -1,5 +1,6 @@
 # Two entry points do everything on a fresh clone: `make bench` and `make test`.
-# Both create (or refresh, when pyproject.toml changes) the virtual environment first.
+# Both create (or refresh, when pyproject.toml changes) the virtual environment first, with the
+# optional extras (the `jax` family), so that both show every implementation family.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e '.[test]'
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e '.[test,jax]'
 	touch $@
 
 # The main job: `losscheck bench` on the embedded default config -> reports/default.{json,md}

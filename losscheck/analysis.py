@@ -101,7 +101,7 @@ class Breakdown:
 # Value sets whose points do not depend on the scale in a way a breakdown scale can
 # describe: infinite logits break an implementation at every scale or at none. They are
 # reported in a table of their own.
-SCALE_FREE = ("nonfinite",)
+SCALE_FREE = ("nonfinite", "masked")  # value sets with ±inf logits (inputs.py)
 
 
 def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:

@@ -13,12 +13,28 @@ The callable has the signature of the built-in implementations (see `losses/base
 * ``api: numpy``: numpy arrays in (CPU only; options too), and out either the loss, or
   ``(loss, grad)`` with ``grad`` the gradient of the returned (reduced) loss with respect
   to the input — of the sum of the elements for ``reduction="none"``. Without a gradient
-  only the forward is audited.
+  only the forward is audited. Arrays arrive in the point's dtype exactly (bfloat16 as
+  ``ml_dtypes.bfloat16``, from ``pip install 'losscheck[jax]'``; without it bfloat16 points
+  are skipped) and results must come back in it: nothing is converted, so the audit is of
+  the precision the code really computes in. Results may be numpy arrays or scalars, or any
+  array with ``__array__`` or ``__dlpack__`` (JAX, torch); read-only ones are copied.
+
+Either route may declare keyword parameters it wants told (never passed otherwise, so that
+``**options`` receives the point's options only):
+
+* ``loss_name``: the loss it runs as ("bce", "cross_entropy", ...), for one function
+  registered for several losses;
+* ``need_grad`` (numpy): False when no gradient is wanted (the forward pass, and its
+  timing: a function that always computes its gradient has it in its forward time).
+
+A point whose dtype or device the route cannot represent is skipped, saying why
+(`families.Unsupported`); an adapter error names the route to use instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -29,24 +45,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arrays import (  # noqa: F401  (ImplementationError, NoGradient: custom.<name> for worker.py)
+    ImplementationError,
+    NoGradient,
+    WithGradient,
+    from_numpy as _from_numpy,
+    numpy_dtype,
+    to_numpy as _to_numpy,
+)
 from .config import CustomSpec
 from .errors import ConfigError
+from .families import Unsupported
 from .losses import Impl
-
-
-class ImplementationError(Exception):
-    """An implementation returned something unusable (shape, dtype, device, no gradient)."""
-
-
-class NoGradient(ImplementationError):
-    """A numpy implementation returned no gradient: only its forward can be audited."""
 
 
 def load(spec: CustomSpec, source: str = "<config>") -> Impl:
     """Import `spec.function` and wrap it; an import failure is a config error (exit 2)."""
     fn = _import(spec.function, source, spec.name)
-    wrapped = _numpy_adapter(fn, spec.function) if spec.api == "numpy" else _checked(fn, spec.function)
-    return Impl(spec.name, "custom", wrapped, summary(spec))
+    return Impl(spec.name, "custom", _Adapter(fn, spec.function, spec.api), summary(spec))
 
 
 def summary(spec: CustomSpec) -> str:
@@ -141,73 +157,72 @@ def check_signature(fn, function: str, args: tuple, options: dict) -> None:
         ) from None
 
 
-def _checked(fn, function):
-    def call(x, t, reduction="mean", **options):
-        check_signature(fn, function, (x, t, reduction), options)
+def _accepts(fn, keyword: str) -> bool:
+    """Whether `fn` declares a parameter named `keyword` (not merely **kwargs: options go
+    there, and a keyword it did not ask for would reach its code as one)."""
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Adapter:
+    """`fn` called as the sweep calls an implementation, through its route (`api`); `loss`:
+    the loss it runs as, passed as ``loss_name=`` to a function that declares it."""
+
+    def __init__(self, fn, function: str, api: str, loss: str | None = None):
+        self.fn, self.function, self.api, self.loss = fn, function, api, loss
+        self.extra: dict[str, object] = {"loss_name": loss} if loss is not None and _accepts(fn, "loss_name") else {}
+        self.needs_grad = _accepts(fn, "need_grad")
+
+    def bound(self, loss: str) -> _Adapter:
+        return _Adapter(self.fn, self.function, self.api, loss)
+
+    def __call__(self, x, t, reduction="mean", **options):
+        if self.api == "numpy":
+            return self._numpy(x, t, reduction, options)
+        check_signature(self.fn, self.function, (x, t, reduction), {**options, **self.extra})
         with _quiet():
-            return fn(x, t, reduction, **options)
+            out = self.fn(x, t, reduction, **options, **self.extra)
+        if isinstance(out, torch.Tensor):
+            if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad and out.is_floating_point():
+                raise ImplementationError(
+                    f"reduction={reduction!r} returned a tensor that does not require grad (no autograd graph "
+                    "from the input): use api: numpy for code without autograd, returning (loss, grad)"
+                )
+        elif isinstance(out, (np.ndarray, np.generic, tuple)) or hasattr(out, "__array__"):
+            raise ImplementationError(
+                f"reduction={reduction!r} returned {type(out).__name__}, not a tensor: "
+                "use api: numpy for code that returns numpy arrays (or objects with __array__ or __dlpack__)"
+            )
+        return out
 
-    return call
-
-
-def _to_numpy(v):
-    if isinstance(v, torch.Tensor):
-        v = v.detach()
-        if v.device.type != "cpu":
-            raise ImplementationError("numpy implementations run on the CPU only")
-        if v.dtype == torch.bfloat16:  # numpy has no bfloat16: its values exactly, in float32
-            return v.float().numpy()
-        return v.numpy()
-    return v
-
-
-class _NumpyCall(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, loss, grad):
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
-            raise NoGradient("the numpy implementation returned no gradient (return (loss, grad) to audit it)")
-        u = grad_output
-        while u.dim() < grad.dim():
-            u = u.unsqueeze(-1)
-        return grad * u, None, None
-
-
-def _numpy_adapter(fn, function):
-    def call(x, t, reduction="mean", **options):
+    def _numpy(self, x, t, reduction, options):
+        dtype = numpy_dtype(x.dtype)  # Unsupported (the point skipped) where numpy cannot hold it
+        if x.device.type != "cpu":
+            raise Unsupported(f"api: numpy runs on the CPU only; use api: torch for code that runs on {x.device.type}")
         args = (_to_numpy(x), _to_numpy(t), reduction)
         opts = {k: _to_numpy(v) for k, v in options.items()}
-        check_signature(fn, function, args, opts)
+        extra = dict(self.extra)
+        if self.needs_grad:  # a function that can skip its gradient is timed forward only too
+            extra["need_grad"] = bool(x.requires_grad)
+        check_signature(self.fn, self.function, args, {**opts, **extra})
         with np.errstate(all="ignore"), _quiet():  # NaN and inf are measured, not news for the terminal
-            out = fn(*args, **opts)
+            out = self.fn(*args, **opts, **extra)
         grad = None
         if isinstance(out, tuple):
             if len(out) != 2:
                 raise ImplementationError(f"returned a tuple of {len(out)}; expected loss or (loss, grad)")
             out, grad = out
-        loss = _from_numpy(out, "loss", x)
-        g = x.new_empty(0) if grad is None else _from_numpy(grad, "grad", x)
+        loss = _from_numpy(out, "loss", dtype)
+        g = x.new_empty(0) if grad is None else _from_numpy(grad, "grad", dtype)
         if grad is not None and g.shape != x.shape:
             raise ImplementationError(f"returned a gradient of shape {tuple(g.shape)}, expected {tuple(x.shape)}")
-        return _NumpyCall.apply(x, loss, g) if x.requires_grad else loss
-
-    return call
+        return WithGradient.apply(x, loss, g) if x.requires_grad else loss
 
 
-def _from_numpy(a, what, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(a, (float, int, np.floating, np.integer)):
-        a = np.asarray(a)
-    if not isinstance(a, np.ndarray):
-        raise ImplementationError(f"returned {type(a).__name__} as the {what}, not a numpy array")
-    if a.dtype.kind != "f":
-        raise ImplementationError(f"returned a {a.dtype} {what}, expected floating values")
-    want = {torch.bfloat16: np.float32}.get(like.dtype)
-    out = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
-    if want is not None and a.dtype == want:
-        return out.to(like.dtype)  # bfloat16 results come back as float32 holding bfloat16 values
-    return out
+def for_loss(impl: Impl, loss: str) -> Impl:
+    """`impl` (from `load`) as an implementation of `loss`: a function that declares a
+    ``loss_name`` parameter is told it."""
+    fn = impl.fn
+    return dataclasses.replace(impl, fn=fn.bound(loss)) if isinstance(fn, _Adapter) else impl

@@ -56,7 +56,8 @@ INPUTS_GENERATOR = "torch-1"
 # Every loss: random and extreme finite logits.
 COMMON_DISTRIBUTIONS = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong")
 # Multi-class losses only: value sets with no binary counterpart (as PyTorch's op tests use).
-MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min", "common_offset")
+# `dominant_target` and `masked` reach optax's bugs #1020 and #896 (issue 14 item 5).
+MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min", "common_offset", "dominant_target", "masked")
 # Losses taking logits only: ±inf logits. For probability inputs (bce) σ(±inf) is exactly
 # 0 or 1, which large scales already produce.
 LOGIT_DISTRIBUTIONS = ("nonfinite",)
@@ -79,6 +80,10 @@ DESCRIPTIONS = {
     "common_offset": "multi-class: logits N(0, 1)·scale plus a large offset shared by the row, which the "
     "exact loss ignores; the one value set that depends on the dtype: even rows 1e6, odd rows 1e8 in float32, "
     "4096/32768 in float16, 256/65536 in bfloat16, 1e12/1e16 in float64",
+    "dominant_target": "multi-class: every logit 0 but the target's, +scale (loss log1p((C−1)·e^−scale); "
+    "optax #1020 in bfloat16 at a vocabulary of 128256 and scale 20: 0.0 for 2.643e-4)",
+    "masked": "multi-class: logits N(0, 1)·scale, about half the non-targets −inf (at least one); soft "
+    "targets are exactly 0 there (optax #896: logits [−inf, 0], targets [0, 1], loss 0)",
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
@@ -260,6 +265,16 @@ def _multiclass(d: _Draws, n, c, scale, dist):
         x = torch.zeros((n, c), dtype=torch.float64, device=d.device)
         if c > 1:
             x[rows, d.other_class(t, c)] = scale
+    elif dist == "dominant_target":
+        x = torch.zeros((n, c), dtype=torch.float64, device=d.device)
+        x[rows, t] = scale
+    elif dist == "masked":
+        x = d.normal((n, c), scale)
+        if c > 1:
+            masked = d.uniform(0.0, 1.0, (n, c)) < 0.5
+            masked[rows, d.other_class(t, c)] = True
+            masked[rows, t] = False
+            x[masked] = -math.inf
     elif dist == "target_min":
         # −scale, or the others' minimum where an N(0, 1) draw is below −scale (small
         # scales): the target is always the row minimum.
@@ -340,6 +355,17 @@ def generate_blocks(
         draws = generator_for(seed, *key, device=device) if i == 0 else generator_for(seed, *key, i, device=device)
         x, t = _multiclass(draws, block.stop - block.start, int(classes), float(scale), distribution)
         yield block, x, t
+
+
+# Value sets whose soft targets put no probability on a −inf (masked) logit (`zero_masked`).
+MASKED_SOFT = ("masked",)
+
+
+def zero_masked(soft: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Soft target rows (float64) with exactly 0 where the logit is −inf, renormalized: what
+    a masked vocabulary's target distribution is (0·log 0 = 0, no 0·(−inf) to take)."""
+    q = soft.masked_fill(torch.isneginf(logits.reshape(soft.shape)), 0.0)
+    return q / q.cumsum(dim=1)[:, -1:]  # cumsum: a sum in row order whatever the threads
 
 
 def sequence_padding(batch: int, time: int, seed: int, device="cpu") -> torch.Tensor:

@@ -143,6 +143,7 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         row = {}
         for i in config.impls_for(name):
             local = implementation(loss, i) if families.get(i) else loaded.get(i)
+            local = custom.for_loss(local, name) if local is not None else None  # loss_name= (custom.py)
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
@@ -283,6 +284,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
     if "soft" in values:
+        if case.distribution in inputs.MASKED_SOFT:
+            values["soft"] = inputs.zero_masked(values["soft"], inp)
         target = R.round_to(values["soft"], dtype)
     else:
         target = loss.make_target(labels, dtype)

@@ -47,6 +47,7 @@ import torch.multiprocessing  # registers the shared-memory pickling of tensors
 from . import memory, precision
 from .custom import ImplementationError, NoGradient
 from .errors import ConfigError
+from .families import Unsupported
 from .isolation import GlobalState, WorkerFailure, deadline, failure_message
 
 # oom_score_adj added to the parent's for a worker (the kernel's scale ends at 1000).
@@ -222,6 +223,8 @@ class Worker:
             raise WorkerFailure(self._death(during, oom_before)) from None
         if reply[0] == "error":
             raise WorkerFailure(reply[1])
+        if reply[0] == "skipped":
+            raise Unsupported(reply[1])
         return reply[1]
 
     def _pipe(self) -> Connection:
@@ -412,7 +415,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         try:
             if kind in ("evaluate", "calibrate"):
                 loss, inp, target, options, device, reduction, threads, policy = args[:8]
-                fn = loaded.fn if loaded is not None else implementation(LOSSES[loss], name).fn
+                fn = custom.for_loss(loaded, loss).fn if loaded is not None else implementation(LOSSES[loss], name).fn
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)
@@ -435,6 +438,8 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
                 reply = ("ok", list(timers[part][0].timeit(number=number).times))
             else:
                 reply = ("error", f"unknown request {kind!r}")
+        except Unsupported as e:  # the point is skipped, saying why
+            reply = ("skipped", str(e))
         except (Exception, SystemExit) as e:  # the implementation's failure is its point's
             reply = ("error", failure_message(e))
             memory.release(device)

@@ -20,7 +20,7 @@ OVER_LIMIT: dict[str, str] = {}
 LAYERS: list[tuple[str, set[str]]] = [
     # No torch-dependent logic of the package above: facts, formats, errors, the gate's settings.
     ("foundation", {"losscheck", "losscheck.errors", "losscheck.formats", "losscheck.units", "losscheck.stats",
-                    "losscheck.timing", "losscheck.environment", "losscheck.catalog", "losscheck.families*",
+                    "losscheck.timing", "losscheck.environment", "losscheck.catalog", "losscheck.families*", "losscheck.arrays",
                     "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes",
                     "losscheck.safeio", "losscheck.progress"}),
     ("config", {"losscheck.config", "losscheck.config_sections"}),

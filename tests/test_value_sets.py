@@ -519,3 +519,94 @@ def test_soft_target_on_a_finite_logit_beside_several_plus_inf_has_a_limit(work)
         xg = inp.clone().requires_grad_(True)
         ce_module.stable(xg, tq, "sum").backward()
         assert _same(xg.grad, ref.grad)
+
+
+# ---- dominant_target and masked: the value sets of optax #1020 and #896 (issue 14 item 5) ----
+
+def _point(loss_name, dist, dtype, batch, classes, scale, options=()):
+    from losscheck import sweep
+
+    case = sweep.Case(0, loss_name, "cpu", dtype, batch, classes, dist, float(scale), "mean", tuple(options))
+    data = sweep.point_data(LOSSES[loss_name], case, seed=0)
+    return data, reference(LOSSES[loss_name], data.inp, data.target, data.options, "mean")
+
+
+@pytest.mark.parametrize("scale", [0.5, 20.0, 1e4])
+def test_dominant_target_is_all_zeros_but_the_target(scale):
+    x, t = _gen("cross_entropy", 16, 9, scale, "dominant_target")
+    expected = np.zeros((16, 9))
+    expected[np.arange(16), t] = scale
+    assert np.array_equal(x, expected)
+
+
+def test_masked_rows_hide_at_least_one_non_target_never_the_target():
+    x, t = _gen("cross_entropy", 400, 6, 3.0, "masked")
+    rows = np.arange(400)
+    assert np.isfinite(x[rows, t]).all()
+    masked = np.isneginf(x)
+    assert (masked.sum(axis=1) >= 1).all() and not np.isposinf(x).any()
+    assert 0.4 < masked.sum() / (400 * 5) < 0.75  # each other non-target with probability ½
+    x2, _ = _gen("cross_entropy", 5, 1, 3.0, "masked")  # one class: nothing to mask
+    assert np.isfinite(x2).all()
+
+
+def test_masked_soft_targets_are_exactly_zero_at_minus_inf_logits():
+    data, _ = _point("cross_entropy", "masked", "float32", 64, 7, 2.0, (("targets", "soft"),))
+    masked = torch.isneginf(data.inp)
+    assert masked.any() and bool((data.target[masked] == 0).all())
+    assert bool((data.target[~masked] > 0).all())
+    assert torch.allclose(data.target.double().sum(dim=1), torch.ones(64, dtype=torch.float64), atol=1e-6)
+    # Other value sets keep their soft targets as they were (no zero anywhere).
+    other, _ = _point("cross_entropy", "nonfinite", "float32", 64, 7, 2.0, (("targets", "soft"),))
+    assert bool((other.target > 0).all())
+
+
+def _mp_cross_entropy(row, q):
+    """−Σ q_j log p_j over q_j > 0 and its gradient (Σ q)·p − q, in mpmath (a −inf logit:
+    p_j = 0); Σ q is 1 only up to the targets' rounding to the dtype."""
+    finite = [MP.mpf(float(v)) for v in row if math.isfinite(v)]
+    m = max(finite)
+    s = MP.fsum(MP.exp(v - m) for v in finite)
+    lse = m + MP.log(s)
+    p = [MP.exp(MP.mpf(float(v)) - lse) if math.isfinite(v) else MP.mpf(0) for v in row]
+    loss = MP.fsum(-MP.mpf(float(qj)) * (MP.mpf(float(v)) - lse) for v, qj in zip(row, q) if qj > 0)
+    total = MP.fsum(MP.mpf(float(qj)) for qj in q)
+    return loss, [total * pj - MP.mpf(float(qj)) for pj, qj in zip(p, q)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", pytest.param("float64", marks=needs_longdouble)])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_masked_soft_reference_is_certified_by_mpmath(dtype, classes):
+    """optax #896 (classes 2: logits [−inf, x], targets [0, 1], loss exactly 0): the reference
+    is the correctly rounded −Σ q log p, gradient 0 at the masked logits."""
+    data, ref = _point("cross_entropy", "masked", dtype, 8, classes, 3.0, (("targets", "soft"),))
+    x, q = data.inp.double(), data.target.double()
+    total = MP.mpf(0)
+    for i in range(8):
+        loss, grad = _mp_cross_entropy(x[i].tolist(), q[i].tolist())
+        total += loss
+        assert float(ref.loss[i]) == round_exact(loss, dtype).nearest, (i, loss)
+        for j in range(classes):
+            want = round_exact(grad[j] / 8, dtype)
+            assert float(ref.grad[i, j]) in (want.nearest, want.below, want.above) if want.tie \
+                else float(ref.grad[i, j]) == want.nearest, (i, j)
+        if classes == 2:
+            assert float(ref.loss[i]) == 0.0 and q[i].tolist() in ([0.0, 1.0], [1.0, 0.0])
+    assert float(ref.reduced) == round_exact(total / 8, dtype).nearest
+
+
+def test_dominant_target_reference_at_the_optax_1020_point():
+    """bfloat16, vocabulary 128256, every logit 0 but the target's at 20: loss
+    log1p(128255·e^−20) = 2.643183e-4, correctly rounded to bfloat16."""
+    c = 128256
+    data, ref = _point("cross_entropy", "dominant_target", "bfloat16", 2, c, 20)
+    exact = MP.log1p((c - 1) * MP.exp(-20))
+    assert abs(float(exact) - 2.643183e-4) < 1e-10
+    want = round_exact(exact, "bfloat16").nearest
+    assert ref.loss.tolist() == [want, want] and float(ref.reduced) == want
+    assert ref.value == pytest.approx(float(exact), rel=1e-12)
+    # The target's gradient is −(1 − p_t)/2 per row of the mean, every other p_j/2.
+    p_other = MP.exp(-20) / (1 + (c - 1) * MP.exp(-20))
+    target = data.target.tolist()
+    assert float(ref.grad[0, target[0]]) == round_exact(-(1 - (1 - (c - 1) * p_other)) / 2, "bfloat16").nearest
+    assert float(ref.grad[0, (target[0] + 1) % c]) == round_exact(p_other / 2, "bfloat16").nearest

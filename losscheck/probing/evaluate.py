@@ -77,8 +77,9 @@ class ProbeResult:
 
 
 def probed_families() -> tuple[str, ...]:
-    """The families a probe runs: the default ones that can run here."""
-    return tuple(f.name for f in families.all_families() if f.default and f.unavailable() is None)
+    """The families a probe runs: every one that can run here, not only the defaults (the
+    user's tensors through every framework installed: optax's #896 shows in `jax` only)."""
+    return tuple(f.name for f in families.all_families() if f.unavailable() is None)
 
 
 def supported_flags(loss: Loss) -> list[str]:
@@ -250,7 +251,8 @@ def run_probe(
         if memory.is_oom(e):
             raise ProbeError("--input", f"out of memory while computing the reference: {_one_line(e)}") from None
         raise
-    all_impls = [implementation(loss, i) for i in probed_families()] + customs
+    all_impls = [implementation(loss, i) for i in probed_families()]
+    all_impls += [custom.for_loss(c, loss_name) for c in customs]
     records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
     outputs = _elementwise(all_impls, records, data, device)
     results = [
