@@ -71,7 +71,7 @@ import math
 import re
 from collections import defaultdict
 
-from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
+from .analysis import NOT_SCORED, SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import BUILTIN_IMPLS as IMPL_ORDER, loss_registry
 from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, precision, ulp_threshold
 
@@ -416,7 +416,7 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
     evidence and messages (the probe's scale and value set are nominal)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("status") == "ok" and isinstance(r.get("forward"), dict):
+        if r.get("status") == "ok" and isinstance(r.get("forward"), dict) and r["distribution"] not in NOT_SCORED:
             groups[(r["loss"], variant(r), r["impl"], r["dtype"], r["device"])].append(r)
     formulas = {key: _formula(recs) for key, recs in groups.items()} if sweep else {}
     # The widest dtype tested for formula errors, per (loss, variant, impl, device).

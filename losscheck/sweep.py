@@ -238,6 +238,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     else:
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
         inp = loss.make_input(logits, dtype)
+    if case.distribution == inputs.OUT_OF_DOMAIN:
+        inp = inputs.out_of_domain(inp, loss.input_kind, loss.multiclass)
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
@@ -414,6 +416,8 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
+        if ref.out_of_domain:
+            record["out_of_domain"] = {**record.get("out_of_domain", {}), "reference": ref.out_of_domain}
     # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
     # exit 0 and a partial file (issue 16). os._exit and crashes: see worker.py.
     except (Exception, SystemExit) as e:  # an implementation failing is a result, not a crash
@@ -423,7 +427,34 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
         memory.release(case.device)
         if not isinstance(impl.fn, worker.RemoteFn):
             record["memory"] = peak.result()
+        if ref.out_of_domain:
+            record["out_of_domain"] = _outcome(ref, None)
     return record
+
+
+def _outcome(ref: Reference, o: worker.Outputs | None) -> dict:
+    """What an implementation did with the out-of-domain inputs of a point (`ref.outside`):
+    raised (no outputs), returned NaN at every such element, loss and gradient, or returned
+    a number at some (`forward_numbers`, `backward_numbers`: how many); `reduced_nan`: whether
+    its mean or sum is NaN (None for reduction "none")."""
+    out = {"reference": ref.out_of_domain, "elements": int(ref.outside.sum()) if ref.outside is not None else 0}
+    if o is None:
+        return {**out, "outcome": "raised"}
+    rows = ref.outside.to(o.elements.device)
+    fwd = int((~o.elements.reshape(rows.shape)[rows].isnan()).sum())
+    bwd = None
+    if o.grad is not None:
+        g = o.grad.reshape(*rows.shape, -1)[rows.to(o.grad.device)]
+        bwd = int((~g.isnan()).sum())
+    reduced = None if ref.reduced is None else bool(torch.as_tensor(o.out).isnan().all())
+    numbers = fwd + (bwd or 0)
+    return {
+        **out,
+        "outcome": "number" if numbers else "nan",
+        "forward_numbers": fwd,
+        "backward_numbers": bwd,
+        "reduced_nan": reduced,
+    }
 
 
 # Implementations of these kinds are ours: they get the point's tensors without a copy (and
@@ -435,14 +466,28 @@ def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict) ->
     """The record's forward and backward from an implementation's outputs (`worker.produce`),
     against the reference, on the reference's device."""
     dev = ref.loss.device
+    # Out-of-domain elements have no true value: scored are the others (and no reduced value,
+    # which includes them); what was returned there is recorded apart (`_outcome`).
+    keep = None if ref.outside is None else ~ref.outside
     fwd = ErrorStats(threshold)
-    fwd.add(o.elements.to(dev), ref.loss)
-    if ref.reduced is not None:
+    fwd.add(*_kept(o.elements.to(dev), ref.loss, keep))
+    if ref.reduced is not None and keep is None:
         fwd.set_reduced(o.out.to(dev), ref.reduced)
     record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
     if o.note:
         record["message"] = o.note
     if o.grad is not None:
         bwd = ErrorStats(threshold)
-        bwd.add(o.grad.to(dev), ref.grad)
+        bwd.add(*_kept(o.grad.to(dev), ref.grad, keep))
         record["backward"] = bwd.as_dict()
+    if keep is not None:
+        record["out_of_domain"] = _outcome(ref, o)
+
+
+def _kept(values: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor | None):
+    """The values and reference at the in-domain elements (`keep`: rows, shaped like the
+    loss), flattened; all of them where every input is in the domain."""
+    if keep is None:
+        return values, reference
+    rows = keep.reshape(-1)
+    return values.reshape(rows.shape[0], -1)[rows].reshape(-1), reference.reshape(rows.shape[0], -1)[rows].reshape(-1)

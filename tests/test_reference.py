@@ -203,7 +203,7 @@ def _exact_cross_entropy(row, t: int):
     return loss, grad
 
 
-EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits,
+EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits, "sigmoid_bce": exact_bce_with_logits,
          "cross_entropy": exact_cross_entropy}
 
 

@@ -35,7 +35,7 @@ rounds once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
-from ..inputs import pieces
+from ..inputs import outside_domain, pieces
 
 KINDS = ("naive", "stable", "framework", "custom")
 
@@ -121,6 +121,11 @@ class Reference:
     # Why the reduced value is undefined (e.g. 0/0: every target ignored), else None. The
     # reduced value and gradient are then the sensible convention, 0 (nothing to learn).
     undefined: str | None = None
+    # Inputs outside the loss's domain (NaN; probabilities beyond [0, 1]): which elements (rows
+    # of a multi-class loss; shaped like `loss`) and why, else None. There is no true value
+    # there: the reference is NaN, and implementations are recorded, not scored (METRICS.md).
+    outside: torch.Tensor | None = None
+    out_of_domain: str | None = None
 
     @property
     def mean(self) -> torch.Tensor | None:
@@ -161,7 +166,7 @@ def reference(
     dtype = inp.dtype
     how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
-        return _reference_dd(loss, inp, target, options, reduction)
+        return _mark_domain(loss, inp, _reference_dd(loss, inp, target, options, reduction))
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
@@ -176,8 +181,8 @@ def reference(
             return R.to_work(t, work) if t.is_floating_point() else t.detach().cpu().numpy()
         return t.detach().to(device=device, dtype=R.WORK) if t.is_floating_point() else t.detach().to(device)
 
-    opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
-    per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
+    opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in _binary_options(loss, inp, options).items()}
+    per_row = {k: v for k, v in opts.items() if _per_element(loss, k, v)}
 
     def chunk_options(rows):
         return {**opts, **{k: v[rows] for k, v in per_row.items()}}
@@ -220,14 +225,54 @@ def reference(
     reduced = None
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
-    return Reference(
-        loss=loss_out.reshape(target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape),
-        grad=grad_out.reshape(inp.shape),
-        reduced=reduced,
-        value=None if value is None else float(value),
-        reduction=reduction,
-        undefined=undefined,
+    return _mark_domain(
+        loss,
+        inp,
+        Reference(
+            loss=loss_out.reshape(
+                target.shape[:-1] if target.is_floating_point() and loss.multiclass else target.shape
+            ),
+            grad=grad_out.reshape(inp.shape),
+            reduced=reduced,
+            value=None if value is None else float(value),
+            reduction=reduction,
+            undefined=undefined,
+        ),
     )
+
+
+def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
+    """`ref`, marked where the input is outside the loss's domain (`inputs.outside_domain`)."""
+    bad = outside_domain(inp, loss.input_kind)
+    if not bool(bad.any()):
+        return ref
+    rows = (bad.any(-1) if loss.multiclass else bad).reshape(ref.loss.shape)
+    what = "NaN or outside [0, 1]" if loss.input_kind == "probabilities" else "NaN"
+    why = (
+        f"{int(rows.sum())} of {rows.numel()} {'rows' if loss.multiclass else 'elements'} have inputs outside "
+        f"the domain of {loss.name} ({what}): there is no true value, the reference is NaN there"
+    )
+    return replace(ref, outside=rows, out_of_domain=why)
+
+
+def _per_element(loss: Loss, name: str, value) -> bool:
+    """Whether an option holds one value per element of a binary loss (sliced with the rows
+    of each chunk): its weight, and a pos_weight spread by `_binary_options`."""
+    if loss.multiclass:
+        return False
+    return name == "weight" or (
+        name == "pos_weight" and int(np.size(value) if isinstance(value, np.ndarray) else value.numel()) > 1
+    )
+
+
+def _binary_options(loss: Loss, inp: torch.Tensor, options: dict | None) -> dict:
+    """`options`, with a binary loss's pos_weight vector (one per class of (N, C) multi-label
+    inputs, as torch broadcasts it against the input) spread over the input's elements."""
+    opts = dict(options or {})
+    pw = opts.get("pos_weight")
+    if not loss.multiclass and isinstance(pw, torch.Tensor) and pw.numel() > 1:
+        opts["pos_weight"] = torch.broadcast_to(pw, inp.shape).reshape(-1)
+    return opts
 
 
 # The sum of the losses is also carried scaled by 2**-_DD_SHIFT, for means of losses near 1e308.
@@ -252,9 +297,9 @@ def _reference_dd(
     assert dd_chunk is not None, "reference() takes this path only for a loss with a dd formulation"
     opts = {
         k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-        for k, v in (options or {}).items()
+        for k, v in _binary_options(loss, inp, options).items()
     }
-    per_row = {k for k in opts if k == "weight" and not loss.multiclass}
+    per_row = {k for k, v in opts.items() if _per_element(loss, k, v)}
 
     def chunk_options(rows):
         return {k: (v[rows] if k in per_row else v) for k, v in opts.items()}
