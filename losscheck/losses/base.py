@@ -34,6 +34,7 @@ rounds once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -252,7 +253,17 @@ def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
         f"{int(rows.sum())} of {rows.numel()} {'rows' if loss.multiclass else 'elements'} have inputs outside "
         f"the domain of {loss.name} ({what}): there is no true value, the reference is NaN there"
     )
-    return replace(ref, outside=rows, out_of_domain=why)
+    # A formula may still give a number there (−log p at p = 1 + ulp): no true value all the same.
+    elems = rows.reshape(*rows.shape, *([1] * (inp.dim() - rows.dim()))).expand(inp.shape)
+    return replace(
+        ref,
+        loss=ref.loss.masked_fill(rows, math.nan),
+        grad=ref.grad.masked_fill(elems, math.nan),
+        reduced=None if ref.reduced is None else torch.full_like(ref.reduced, math.nan),
+        value=None if ref.value is None else math.nan,
+        outside=rows,
+        out_of_domain=why,
+    )
 
 
 def _per_element(loss: Loss, name: str, value) -> bool:
