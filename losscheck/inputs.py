@@ -398,6 +398,7 @@ def option_values(
         y = torch.as_tensor(labels, device=d.device).to(torch.float64)
         out["soft"] = SOFT_MIX * y + (1 - SOFT_MIX) * d.uniform(0.0, 1.0, (rows,))
     elif options.get("targets", "hard") == "soft":
+        assert classes is not None, "soft targets of a multi-class loss"
         d = generator_for(seed, loss, "soft", rows, classes, device=device)
         # Dirichlet(1, …, 1): independent Exp(1) draws divided by their row's sum.
         noise = d.exponential((rows, int(classes)))

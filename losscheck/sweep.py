@@ -437,7 +437,8 @@ def _outcome(ref: Reference, o: worker.Outputs | None) -> dict:
     raised (no outputs), returned NaN at every such element, loss and gradient, or returned
     a number at some (`forward_numbers`, `backward_numbers`: how many); `reduced_nan`: whether
     its mean or sum is NaN (None for reduction "none")."""
-    out = {"reference": ref.out_of_domain, "elements": int(ref.outside.sum()) if ref.outside is not None else 0}
+    assert ref.outside is not None, "called for points with out-of-domain inputs only"
+    out = {"reference": ref.out_of_domain, "elements": int(ref.outside.sum())}
     if o is None:
         return {**out, "outcome": "raised"}
     rows = ref.outside.to(o.elements.device)

@@ -244,10 +244,17 @@ def reference(
 
 def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
     """`ref`, marked where the input is outside the loss's domain (`inputs.outside_domain`)."""
-    bad = outside_domain(inp, loss.input_kind)
-    if not bool(bad.any()):
+    if loss.input_kind == "logits" and not bool(ref.loss.isnan().any()):
+        return ref  # a NaN logit makes its row's reference NaN: no pass over a large input otherwise
+    if loss.multiclass:
+        # Rows in blocks: a bool copy of a 2**32-value input would be 4 GiB.
+        flat = inp.reshape(-1, inp.shape[-1])
+        rows = torch.cat([outside_domain(flat[b], loss.input_kind).any(-1) for b in R.row_chunks(*flat.shape)])
+    else:
+        rows = outside_domain(inp, loss.input_kind)
+    if not bool(rows.any()):
         return ref
-    rows = (bad.any(-1) if loss.multiclass else bad).reshape(ref.loss.shape)
+    rows = rows.reshape(ref.loss.shape)
     what = "NaN or outside [0, 1]" if loss.input_kind == "probabilities" else "NaN"
     why = (
         f"{int(rows.sum())} of {rows.numel()} {'rows' if loss.multiclass else 'elements'} have inputs outside "

@@ -129,10 +129,10 @@ def _target(
         tgt, conv = convert(t, dtype, "target")
         conversions.append(conv)  # soft labels round to the dtype: the reference sees the rounded ones
         flat = tgt.reshape(-1)
-        soft = _count(flat, lambda b: (b != 0) & (b != 1))
+        n_soft = _count(flat, lambda b: (b != 0) & (b != 1))
         info.update(dtype=fmt(dtype).name, positives=int(_count(flat, lambda b: b == 1)))
-        if soft:
-            info.update(kind="soft", soft=int(soft))
+        if n_soft:
+            info.update(kind="soft", soft=n_soft)
         return flat, info
     # Class indices, int64.
     data = t.data
