@@ -9,14 +9,17 @@ signature of ``torch.nn.functional``'s losses — where
 * ``input`` is a floating tensor of the dtype under test: logits of shape ``(N,)`` for
   binary losses, ``(N, C)`` for multi-class ones (``(B, T, V)`` for sequence losses), or
   probabilities for ``bce``;
-* ``target`` is a tensor of hard 0/1 labels in the input's dtype (binary losses), of
+* ``target`` is a tensor of labels in [0, 1] in the input's dtype (binary losses: hard 0/1,
+  or soft with ``targets: soft``), of
   int64 class indices of the input's shape less its last dimension (multi-class losses;
   ``ignore_index`` marks an ignored position), or of class probabilities like the input
   (soft targets);
 * ``reduction`` is ``"none"``, ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``;
 * ``options`` are the keyword options a sweep point sets, and only those: ``weight``
   (a tensor in the input's dtype: per element for binary losses, per class for
-  multi-class ones), ``pos_weight`` (binary: a one-element tensor), ``label_smoothing``
+  multi-class ones), ``pos_weight`` (binary: a one-element tensor, any finite value; a probe
+  of (N, C) multi-label inputs passes one per element, its per-class vector spread over the
+  flattened input), ``label_smoothing``
   (a float) and ``ignore_index`` (an int, -100 as in torch);
 
 and returns the loss in the input's dtype: shaped like the target's rows for
