@@ -234,12 +234,14 @@ def test_stable_soft_is_within_a_few_ulp(loss_name, name, pw):
 
 
 @pytest.mark.parametrize("name,width", [pytest.param("float64", 64, marks=needs_longdouble), ("float32", 32)])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_soft_logits_reference_random(name, width, data):
     n = data.draw(st.integers(1, 6), label="n")
     fl = st.floats(width=width, allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
     x = data.draw(st.lists(st.one_of(fl, st.sampled_from([math.inf, -math.inf])), min_size=n, max_size=n))
+    # Subnormal targets and pos_weights included: pos_weight·y is formed from their significands
+    # (found here: y = 2.2e-309 times pos_weight 0.289 lost the product's error term as a plain dd).
     y = data.draw(st.lists(st.floats(0, 1, width=width), min_size=n, max_size=n))
     pw = data.draw(st.floats(-8, 8, width=width), label="pos_weight")
     dt = FORMATS[name].torch_dtype
@@ -248,7 +250,7 @@ def test_soft_logits_reference_random(name, width, data):
 
 
 @pytest.mark.parametrize("name,width", [pytest.param("float64", 64, marks=needs_longdouble), ("float32", 32)])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_soft_probabilities_reference_random(name, width, data):
     n = data.draw(st.integers(1, 6), label="n")

@@ -35,12 +35,20 @@ def soft_mask(y):
 
 
 def _factors(y: torch.Tensor, pos_weight):
-    """(a, b) = (pos_weight·y, 1 − y) as dds, both exact (TwoProd, TwoSum)."""
+    """(a, k, b): a·2**k = pos_weight·y and b = 1 − y, exact (TwoProd of the significands, so
+    that a subnormal product keeps its error term; TwoSum)."""
     one = torch.ones_like(y)
     b = D.two_sum(one, -y)
+    zero = torch.zeros_like(y, dtype=torch.int64)
     if pos_weight is None:
-        return D.dd(y), b
-    return D.two_prod(_pos_weight(pos_weight, y), y), b
+        return D.dd(y), zero, b
+    (mp, ep), (my, ey) = torch.frexp(_pos_weight(pos_weight, y)), torch.frexp(y)
+    return D.two_prod(mp, my), (ep + ey).to(torch.int64), b
+
+
+def _shift(a, k):
+    """A scaled dd times 2**k (exact)."""
+    return a[0], a[1], a[2] + k
 
 
 def _pos_weight(pos_weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -64,22 +72,22 @@ def _weigh(a, factor, nan):
 
 def logits_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
     """Loss and gradient from logits (float64 tensors), as scaled dds (hi, lo, k)."""
-    a, b = _factors(y, pos_weight)
+    a, k, b = _factors(y, pos_weight)
     nan = x.isnan()
-    loss = _add_scaled(_weigh(D.softplus_scaled(-x), a, nan), _weigh(D.softplus_scaled(x), b, nan))
+    loss = _add_scaled(_shift(_weigh(D.softplus_scaled(-x), a, nan), k), _weigh(D.softplus_scaled(x), b, nan))
     neg_a = (-a[0], -a[1])
-    grad = _add_scaled(_weigh(D.sigmoid_scaled(x), b, nan), _weigh(D.sigmoid_scaled(-x), neg_a, nan))
+    grad = _add_scaled(_weigh(D.sigmoid_scaled(x), b, nan), _shift(_weigh(D.sigmoid_scaled(-x), neg_a, nan), k))
     return _weighted(loss, grad, weight, nan)
 
 
 def probabilities_dd(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
     """Loss and gradient on probabilities (float64 tensors), as scaled dds (hi, lo, k)."""
-    a, b = _factors(y, pos_weight)
+    a, k, b = _factors(y, pos_weight)
     nan = p.isnan()
     zero_k = torch.zeros_like(p, dtype=torch.int64)
     neg_log_p = (*D.neg(D.log(D.dd(p))), zero_k)
     neg_log_q = (*D.neg(D.log1p(D.dd(-p))), zero_k)
-    loss = _add_scaled(_weigh(neg_log_p, a, nan), _weigh(neg_log_q, b, nan))
+    loss = _add_scaled(_shift(_weigh(neg_log_p, a, nan), k), _weigh(neg_log_q, b, nan))
     one = D.dd(torch.ones_like(p))
     q = D.two_sum(one[0], -p)  # 1 − p, exact
     inv_p = D.reciprocal_scaled(p)  # 1/p, scaled: a subnormal p's reciprocal is beyond float64
@@ -93,7 +101,7 @@ def probabilities_dd(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=N
         num = D.add(D.add(D.dd(p), D.neg(D.two_prod(pw, y))), D.mul_d(D.mul_d(D.two_sum(pw, -one[0]), y), p))
     inside = _weigh(inv_p, D.div(num, q), nan)
     # At p = 0 and p = 1 the two terms b/(1 − p) and −a/p, one of them infinite or 0.
-    ends = _add_scaled(_weigh((*D.div(one, q), zero_k), b, nan), _weigh(inv_p, (-a[0], -a[1]), nan))
+    ends = _add_scaled(_weigh((*D.div(one, q), zero_k), b, nan), _shift(_weigh(inv_p, (-a[0], -a[1]), nan), k))
     grad = D.where_scaled((p == 0) | (p == 1), ends, inside)
     return _weighted(loss, grad, weight, nan)
 
