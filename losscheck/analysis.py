@@ -102,13 +102,17 @@ class Breakdown:
 # describe: infinite logits break an implementation at every scale or at none. They are
 # reported in a table of their own.
 SCALE_FREE = ("nonfinite", "masked")  # value sets with ±inf logits (inputs.py)
+# Value sets whose points are recorded, not scored: out-of-domain inputs have no true value, so
+# they count in no breakdown and no finding (METRICS.md, "Out-of-domain inputs"); the report
+# tabulates what each implementation did with them.
+NOT_SCORED = ("out_of_domain",)
 
 
 def breakdown_scales(records: list[dict]) -> dict[tuple, Breakdown]:
     """(loss, impl, dtype, device) -> the smallest swept scale at which any point breaks."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r["distribution"] in SCALE_FREE:
+        if r["distribution"] in SCALE_FREE + NOT_SCORED:
             continue
         groups[(r["loss"], r["impl"], r["dtype"], r["device"])].append(r)
     out = {}

@@ -72,26 +72,39 @@ LOSS_INFO: dict[str, LossInfo] = {
     for i in (
         LossInfo(
             name="bce",
-            summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 targets, "
-            "per-element weight, pos_weight",
+            summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 or soft "
+            "targets, per-element weight, pos_weight",
             formulas=Formulas(
                 loss=r"\ell(p, y) = -\left[y \log p + (1-y)\log(1-p)\right]",
                 naive=r"\ell = -\left[y\log p + (1-y)\log(1-p)\right]",
                 stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
                 gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
             ),
-            options=("weight", "pos_weight"),
+            options=("weight", "pos_weight", "targets"),
         ),
         LossInfo(
             name="bce_with_logits",
-            summary="binary cross entropy from logits, hard 0/1 targets, per-element weight, pos_weight",
+            summary="binary cross entropy from logits, hard 0/1 or soft targets, per-element weight, pos_weight",
             formulas=Formulas(
                 loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
                 naive=r"\sigma(x) = \frac{1}{1+e^{-x}},\ \ell = -\left[y\log\sigma(x) + (1-y)\log(1-\sigma(x))\right]",
                 stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
                 gradient=r"\partial\ell/\partial x = \sigma(x) - y",
             ),
-            options=("weight", "pos_weight"),
+            options=("weight", "pos_weight", "targets"),
+        ),
+        LossInfo(
+            name="sigmoid_bce",
+            summary="binary cross entropy on sigmoid(logits) as training code writes it "
+            "(binary_cross_entropy(x.sigmoid(), y)), gradient with respect to the logits; "
+            "per-element weight, pos_weight",
+            formulas=Formulas(
+                loss=r"\ell(x, y) = -\left[y \log \sigma(x) + (1-y)\log(1-\sigma(x))\right]",
+                naive=r"p = \sigma(x)\ \text{in the dtype},\ \ell = -\left[y\log p + (1-y)\log(1-p)\right]",
+                stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
+                gradient=r"\partial\ell/\partial x = \sigma(x) - y",
+            ),
+            options=("weight", "pos_weight", "targets"),
         ),
         LossInfo(
             name="cross_entropy",

@@ -246,10 +246,11 @@ KEYS = {
     "gate": key_help(),
     "reductions": "list of none, mean, sum",
     "weights": "list of none, random (per-element weights for binary losses, per-class for cross entropy)",
-    "pos_weights": "list of positive numbers (binary losses; 1 means unset)",
+    "pos_weights": "list of finite numbers, zero and negative ones too (binary losses; 1 means unset)",
     "label_smoothing": "list of numbers in [0, 1] (cross entropy)",
     "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
-    "targets": "list of hard, soft (cross_entropy: class indices or class probabilities)",
+    "targets": "list of hard, soft (cross_entropy: class indices or class probabilities; "
+    "binary losses: 0/1 labels or soft labels 0.9·y + 0.1·U(0, 1))",
     "precision": "list of native, autocast, upcast (float16/bfloat16 points: the loss as given, under "
     "torch.autocast, on a float32 upcast)",
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
@@ -328,7 +329,9 @@ def _build(data: dict, source: str) -> Config:
         threads=v.integer(data, "threads", None, minimum=1),
         reductions=v.choices(data, "reductions", REDUCTIONS, ("mean",)),
         weights=v.choices(data, "weights", WEIGHT_KINDS, ("none",)),
-        pos_weights=v.numbers(data, "pos_weights", positive=True, default=(1.0,)),
+        # Zero and negative too: torch takes any finite pos_weight (a zero one removes the
+        # positive term; a negative one makes it a reward).
+        pos_weights=v.numbers(data, "pos_weights", signed=True, default=(1.0,)),
         label_smoothing=v.numbers(data, "label_smoothing", default=(0.0,), maximum=1.0),
         ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
@@ -390,12 +393,14 @@ class _Validator(SectionChecks):
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
 
-    def numbers(self, data, key, positive=False, default=None, maximum=None):
+    def numbers(self, data, key, positive=False, default=None, maximum=None, signed=False):
         if key not in data and default is not None:
             return default
         out = []
         if positive:
             allowed = "positive finite numbers (e.g. 10, 1e4)"
+        elif signed:
+            allowed = "finite numbers (zero and negative ones too)"
         else:
             allowed = f"numbers in [0, {maximum:g}]" if maximum is not None else "finite numbers >= 0"
         for value in self._list(data, key):
@@ -404,7 +409,7 @@ class _Validator(SectionChecks):
                 number is None
                 or not math.isfinite(number)
                 or (positive and number <= 0)
-                or number < 0
+                or (number < 0 and not signed)
                 or (maximum is not None and number > maximum)
             ):
                 self.fail(key, f"bad value {value!r}", allowed)

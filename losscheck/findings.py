@@ -72,7 +72,7 @@ import re
 from collections import defaultdict
 
 from . import families
-from .analysis import SCALE_FREE, WELL_CONDITIONED, variant
+from .analysis import NOT_SCORED, SCALE_FREE, WELL_CONDITIONED, variant
 from .catalog import loss_registry
 from .formats import FORMATS, bits_phrase, capped_bits as formats_capped_bits, counted_in, precision, ulp_threshold
 
@@ -421,7 +421,7 @@ def findings(records: list[dict], sweep: bool = True) -> list[dict]:
     evidence and messages (the probe's scale and value set are nominal)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("status") == "ok" and isinstance(r.get("forward"), dict):
+        if r.get("status") == "ok" and isinstance(r.get("forward"), dict) and r["distribution"] not in NOT_SCORED:
             groups[(r["loss"], variant(r), r["impl"], r["dtype"], r["device"])].append(r)
     formulas = {key: _formula(recs) for key, recs in groups.items()} if sweep else {}
     # The widest dtype tested for formula errors, per (loss, variant, impl, device).

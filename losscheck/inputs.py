@@ -61,9 +61,13 @@ MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min", "common_offset", "
 # Losses taking logits only: ±inf logits. For probability inputs (bce) σ(±inf) is exactly
 # 0 or 1, which large scales already produce.
 LOGIT_DISTRIBUTIONS = ("nonfinite",)
-DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
+# Every loss: inputs outside the loss's domain (NaN; probabilities above 1 or below 0), made in
+# the dtype under test (`out_of_domain`): what each implementation does with them is recorded,
+# not scored (METRICS.md, "Out-of-domain inputs").
+OUT_OF_DOMAIN = "out_of_domain"
+DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
 # What `generate` accepts for binary losses (bce: see `applies`, nonfinite does not apply).
-BINARY_DISTRIBUTIONS = COMMON_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
+BINARY_DISTRIBUTIONS = COMMON_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
 DESCRIPTIONS = {
     "normal": "logits N(0, 1)·scale",
     "uniform": "logits U(−scale, scale)",
@@ -87,6 +91,9 @@ DESCRIPTIONS = {
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
+    OUT_OF_DOMAIN: "N(0, 1)·scale logits, then by element (row) index mod 4 in the dtype: "
+    "probability inputs 0: 1 + ulp(1) (just above 1), 1: −ulp(1)/2 (just below 0), 2: NaN; "
+    "logit inputs 2: NaN (multi-class: the row's first logit); recorded, not scored",
 }
 
 
@@ -213,7 +220,7 @@ def generate(
 def _binary(d: _Draws, n, scale, dist):
     y = d.integers(0, 2, (n,)).to(torch.float64)
     i = torch.arange(n, device=d.device)
-    if dist == "normal":
+    if dist in ("normal", OUT_OF_DOMAIN):  # out_of_domain: see `out_of_domain`
         x = d.normal((n,), scale)
     elif dist == "uniform":
         x = d.symmetric((n,)).mul_(scale)
@@ -241,7 +248,7 @@ def _binary(d: _Draws, n, scale, dist):
 def _multiclass(d: _Draws, n, c, scale, dist):
     t = d.integers(0, c, (n,))
     rows = torch.arange(n, device=d.device)
-    if dist == "normal":
+    if dist in ("normal", OUT_OF_DOMAIN):  # out_of_domain: see `out_of_domain`
         x = d.normal((n, c), scale)
     elif dist == "uniform":
         x = d.symmetric((n, c)).mul_(scale)
@@ -318,6 +325,32 @@ def _multiclass_nonfinite(d: _Draws, n, c, scale, t):
     return x
 
 
+def out_of_domain(inp: torch.Tensor, input_kind: str, multiclass: bool) -> torch.Tensor:
+    """The `out_of_domain` value set's input from an N(0, 1)·scale one already in the dtype
+    under test (a copy): by element index mod 4 (rows of a multi-class input), probabilities
+    become 1 + ulp(1) (0), −ulp(1)/2 (1) and NaN (2), logits NaN (2); index 3 stays in
+    the domain. Made in the dtype because no rounding of an in-domain value leaves it."""
+    out = inp.clone()
+    flat = out.reshape(-1, out.shape[-1]) if multiclass else out.reshape(-1)
+    kind = torch.arange(flat.shape[0], device=out.device) % 4
+    if input_kind == "probabilities":
+        eps = torch.finfo(out.dtype).eps
+        flat[kind == 0] = 1 + eps  # the next value above 1: p = 1.0000001 in float32 (pytorch#51866)
+        flat[kind == 1] = -eps / 2
+    if multiclass:
+        flat[kind == 2, 0] = math.nan
+    else:
+        flat[kind == 2] = math.nan
+    return out
+
+
+def outside_domain(inp: torch.Tensor, input_kind: str) -> torch.Tensor:
+    """Where an input value is outside its loss's domain: NaN, and for probabilities a value
+    below 0 or above 1 (elementwise, bool)."""
+    bad = inp.isnan()
+    return bad | (inp < 0) | (inp > 1) if input_kind == "probabilities" else bad
+
+
 # ---- options and sequences ---------------------------------------------------------------
 
 # Multi-class logits of more values than this are generated in blocks of rows, each from
@@ -392,7 +425,8 @@ def option_values(
     * ``weight``: per element (binary) or per class, log-uniform in WEIGHT_RANGE;
     * ``pos_weight``, ``label_smoothing``: the number;
     * ``ignored``: a bool mask of exactly round(fraction·rows) ignored targets;
-    * ``soft``: target rows 0.9·onehot(t) + 0.1·Dirichlet(1) (for ``targets: soft``).
+    * ``soft``: target rows 0.9·onehot(t) + 0.1·Dirichlet(1) (for ``targets: soft``); binary
+      losses: 0.9·y + 0.1·U(0, 1) per element.
 
     They do not depend on the scale or value set, so every scale sees the same weights.
     """
@@ -411,8 +445,14 @@ def option_values(
         mask = torch.zeros(rows, dtype=torch.bool, device=d.device)
         mask[torch.randperm(rows, generator=d.g, device=d.device)[: int(round(fraction * rows))]] = True
         out["ignored"] = mask
-    if options.get("targets", "hard") == "soft":
-        assert classes is not None, "soft targets are multi-class"
+    if options.get("targets", "hard") == "soft" and classes is None:
+        # Binary: 0.9·y + 0.1·U(0, 1), in [0, 1] (at most 1 after rounding): soft labels as
+        # label smoothing makes them, and hard ones only where u is 0 or 1.
+        d = generator_for(seed, loss, "soft", rows, device=device)
+        y = torch.as_tensor(labels, device=d.device).to(torch.float64)
+        out["soft"] = SOFT_MIX * y + (1 - SOFT_MIX) * d.uniform(0.0, 1.0, (rows,))
+    elif options.get("targets", "hard") == "soft":
+        assert classes is not None, "soft targets of a multi-class loss"
         d = generator_for(seed, loss, "soft", rows, classes, device=device)
         # Dirichlet(1, …, 1): independent Exp(1) draws divided by their row's sum.
         noise = d.exponential((rows, int(classes)))

@@ -26,8 +26,8 @@ from . import api
     "target_spec",
     required=True,
     metavar="LIST|FILE",
-    help="The target, inline or from a file: 0/1 labels (binary losses, the input's shape), class "
-    "indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets).",
+    help="The target, inline or from a file: labels in [0, 1] (binary losses, the input's shape: hard 0/1 or "
+    "soft), class indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets).",
 )
 @click.option(
     "--dtype",
@@ -43,7 +43,13 @@ from . import api
     metavar="LIST|FILE",
     help="Weights: per element for binary losses, per class for cross entropy.",
 )
-@click.option("--pos-weight", default=None, metavar="NUMBER", help="Weight of the positive term (binary losses).")
+@click.option(
+    "--pos-weight",
+    default=None,
+    metavar="NUMBER|ARRAY",
+    help="Weight of the positive term (binary losses): a number (zero and negative too), or one per class "
+    "of (N, C) multi-label inputs (an inline list or a file).",
+)
 @click.option("--label-smoothing", default=None, metavar="NUMBER", help="Label smoothing in [0, 1] (cross entropy).")
 @click.option(
     "--ignore-index",

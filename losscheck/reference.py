@@ -327,6 +327,13 @@ def softplus_and_sigmoid(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sp, torch.where(z >= 0, torch.reciprocal(ope), e.div_(ope))
 
 
+def _per_element(pos_weight):
+    """pos_weight as it multiplies the elements: its one value, or one per element (a
+    per-class vector already broadcast to the rows by `losses.reference`)."""
+    flat = pos_weight.reshape(-1)
+    return flat[0] if flat.shape[0] == 1 else flat
+
+
 def binary_factor(positive, weight, pos_weight, work: type = np.float64):
     """w·(pos_weight if y = 1 else 1) in working precision (exact for the dtypes under
     test: a product of two of their values fits in float64/long double); None if unset.
@@ -334,14 +341,14 @@ def binary_factor(positive, weight, pos_weight, work: type = np.float64):
     if isinstance(positive, torch.Tensor):
         f = None
         if pos_weight is not None:
-            f = torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0)
+            f = torch.where(positive, _per_element(pos_weight).to(WORK), 1.0)
         if weight is not None:
             w = weight.to(WORK)
             f = w if f is None else f * w
         return f
     factor = None
     if pos_weight is not None:
-        factor = np.where(positive, np.asarray(pos_weight, dtype=work).reshape(-1)[0], work(1))
+        factor = np.where(positive, _per_element(np.asarray(pos_weight, dtype=work)), work(1))
     if weight is not None:
         w_np: np.ndarray = np.asarray(weight, dtype=work)
         factor = w_np if factor is None else factor * w_np
@@ -387,7 +394,7 @@ def weigh_binary_dd(loss, grad, inp, positive, weight=None, pos_weight=None):
 
     f = None
     if pos_weight is not None:
-        f = D.dd(torch.where(positive, pos_weight.reshape(-1)[0].to(WORK), 1.0))
+        f = D.dd(torch.where(positive, _per_element(pos_weight).to(WORK), 1.0))
     if weight is not None:
         w = weight.to(WORK).expand_as(inp)
         f = D.dd(w) if f is None else D.two_prod(f[0], w)

@@ -35,7 +35,7 @@ def _heads(impls: list[str]) -> list[str]:
 
 def sections(records: list[dict], level: int = 2) -> list[str]:
     """Every detail section of `records` (all of one loss, or all of the run), in reading order."""
-    parts = [_undefined(records), _nonfinite_inputs(records), _versus(records)]
+    parts = [_undefined(records), _nonfinite_inputs(records), _out_of_domain(records), _versus(records)]
     parts += [loss_section(loss, [r for r in records if r["loss"] == loss], level) for loss in losses_of(records)]
     parts += [_timing(records), _memory(records), problems(records)]
     return [p for p in parts if p]
@@ -61,6 +61,32 @@ def _nonfinite_inputs(records: list[dict]) -> str:
         "0). Per implementation: share of elements that are NaN/±inf although the limit is finite, "
         "forward · gradient, and the worst forward error in bits.\n\n" + _per_impl_table(recs, cell)
     )
+
+
+def _out_of_domain(records: list[dict]) -> str:
+    """What each implementation did with inputs outside the loss's domain (the `out_of_domain`
+    value set): recorded, not scored (METRICS.md, "Out-of-domain inputs")."""
+    recs = [r for r in records if r.get("out_of_domain")]
+    if not recs:
+        return ""
+
+    def cell(rs: list[dict], dtype: str) -> str:
+        outcomes = [r["out_of_domain"].get("outcome", "?") for r in rs]
+        parts = [f"{word} {outcomes.count(key)}" for key, word in _OUTCOMES if outcomes.count(key)]
+        silent = sum(1 for r in rs if r["out_of_domain"].get("reduced_nan") is False)
+        return " · ".join(parts) + (f" (a number as the mean/sum at {silent})" if silent else "")
+
+    return (
+        "## Out-of-domain inputs\n\n"
+        "Inputs with no true loss (NaN; probabilities just above 1 or below 0, as pytorch#51866): "
+        "the reference is marked out of domain, and these elements count in no accuracy figure, "
+        "breakdown or finding. Per implementation, the points where it raised, returned NaN at every "
+        "such element (loss and gradient), or returned a number at some — a number is silent.\n\n"
+        + _per_impl_table(recs, cell)
+    )
+
+
+_OUTCOMES = (("raised", "raised"), ("nan", "NaN"), ("number", "number"))
 
 
 def _per_impl_table(recs: list[dict], cell) -> str:
@@ -328,7 +354,8 @@ def _memory(records: list[dict]) -> str:
 def problems(records: list[dict]) -> str:
     msgs: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
-        if r["status"] == "error":
+        # Raising on out-of-domain inputs is an outcome (tabulated apart), not an error of the audit.
+        if r["status"] == "error" and (r.get("out_of_domain") or {}).get("outcome") != "raised":
             msgs[(r["status"], r["message"])][(r["loss"], r["impl"], r["dtype"], r["device"])] += 1
     if not msgs:
         return ""

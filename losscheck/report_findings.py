@@ -138,7 +138,40 @@ def summary(records: list[dict], findings: list[dict]) -> list[str]:
                 )
                 + "."
             )
-    return lines + cost_findings(records, by_base=True)
+    return lines + chain_findings(records, findings) + cost_findings(records, by_base=True)
+
+
+# The sigmoid→BCE chain and the form the advice says to use instead (issue 15): `torch` of each.
+CHAIN, WITH_LOGITS = "sigmoid_bce", "bce_with_logits"
+
+
+def chain_findings(records: list[dict], findings: list[dict]) -> list[str]:
+    """One line per dtype and device where both were run without options: the breakdown scale
+    and finding kinds of torch's binary_cross_entropy(x.sigmoid(), y) against torch's
+    binary_cross_entropy_with_logits, so that "use the with-logits form" is measured."""
+    bd = A.breakdown_scales(records)
+    kinds: dict[tuple, list[str]] = defaultdict(list)
+    for f in findings:
+        if f["impl"] == "torch" and not f["variant"] and f["loss"] in (CHAIN, WITH_LOGITS):
+            kinds[(f["loss"], f["dtype"], f["device"])].append(f["kind"])
+
+    def said(loss: str, dtype: str, device: str) -> str:
+        b = bd[(loss, "torch", dtype, device)]
+        if b.status != "measured":
+            return b.status
+        text = f"breaks from scale {fmt_scale(b.scale)} ({b.reason})" if b.scale is not None else "never breaks"
+        found = [k for k in FD.KINDS if k in kinds[(loss, dtype, device)]]
+        return text + (f", findings: {', '.join(found)}" if found else ", no finding")
+
+    lines = []
+    pairs = sorted({(k[2], k[3]) for k in bd if k[0] == CHAIN and k[1] == "torch" and (WITH_LOGITS, *k[1:]) in bd})
+    for dtype, device in sorted(pairs, key=lambda p: dtype_rank(p[0])):
+        lines.append(
+            f"- **sigmoid→BCE against with-logits**, {label_dtype(dtype, device)}: `torch` "
+            f"binary_cross_entropy(x.sigmoid(), y) {said(CHAIN, dtype, device)}; "
+            f"binary_cross_entropy_with_logits {said(WITH_LOGITS, dtype, device)}."
+        )
+    return lines
 
 
 def evidence(records: list[dict], findings: list[dict]) -> list[str]:

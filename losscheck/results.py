@@ -40,6 +40,15 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       `timing`), `graphs` (compiled here), `graph_breaks`, `fallback` (null, or why
       torch.compile would have run it eagerly: the point is then `skipped`) and, only when
       true, `compiled_while_timed` (its timing was dropped).
+      A record of a point whose inputs are outside the loss's domain (the `out_of_domain`
+      value set: NaN, probabilities beyond [0, 1]) has an optional `out_of_domain` object:
+      `reference` (why there is no true value), `elements` (how many elements, rows for
+      multi-class losses), `outcome` ("raised", "nan": NaN at every such element, loss and
+      gradient, or "number"), and unless it raised `forward_numbers`, `backward_numbers`
+      (non-NaN results there; backward null without gradient) and `reduced_nan` (whether
+      the mean/sum is NaN; null for reduction "none"). Its `forward`/`backward` score the
+      other elements only, and `forward.reduced_ulp` is null. Records of soft binary targets
+      and of zero or negative `pos_weight` use the existing `options` (`targets: soft`).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -303,6 +312,8 @@ def load(path: str | Path) -> dict:
 
 
 STATUSES = ("ok", "error", "skipped")
+# What an implementation did with a point's out-of-domain inputs (record field `out_of_domain`).
+OUT_OF_DOMAIN_OUTCOMES = ("raised", "nan", "number")
 METRIC_KEYS = ("n", "max_ulp", "max_bits", "mean_bits", "reduced_ulp", "nan", "inf", "saturated")
 TIMING_NUMBERS = ("forward_median_s", "forward_iqr_s", "backward_median_s", "backward_iqr_s")
 
@@ -363,6 +374,9 @@ def _record_problem(rec: dict) -> str | None:
         isinstance(mem, dict) and type(mem.get("peak_bytes")) is int and isinstance(mem.get("measure"), str)
     ):
         return "'memory' must be null or an object with an integer 'peak_bytes' and a 'measure'"
+    ood = rec.get("out_of_domain")
+    if ood is not None and not (isinstance(ood, dict) and ood.get("outcome") in OUT_OF_DOMAIN_OUTCOMES):
+        return f"'out_of_domain' must be an object whose 'outcome' is one of {', '.join(OUT_OF_DOMAIN_OUTCOMES)}"
     if rec["status"] != "ok":
         return None
     if not _is_finite(rec.get("threshold_bits")):
@@ -385,7 +399,8 @@ def _record_problem(rec: dict) -> str | None:
         for key in OPTIONAL_COUNT_KEYS:  # schema 3; absent in older files
             if key in values and not (type(values[key]) is int and values[key] >= 0):
                 return f"'{section}.{key}' must be a count"
-        if section == "forward" and values["reduced_ulp"] is None and rec["reduction"] != "none":
+        # Out-of-domain points have no reduced reference (their inputs have no true loss).
+        if section == "forward" and values["reduced_ulp"] is None and rec["reduction"] != "none" and not ood:
             return "'forward.reduced_ulp' must be a number"
     timing = rec["timing"]
     if timing is not None:

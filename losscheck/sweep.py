@@ -271,6 +271,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         logits, labels = (cache or _InputCache(seed)).get(loss, case)
         offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
         inp = loss.make_input(logits if offsets is None else logits + offsets, dtype)
+    if case.distribution == inputs.OUT_OF_DOMAIN:
+        inp = inputs.out_of_domain(inp, loss.input_kind, loss.multiclass)
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
@@ -544,6 +546,8 @@ def evaluate(
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
+        if ref.out_of_domain:
+            record["out_of_domain"] = {**record.get("out_of_domain", {}), "reference": ref.out_of_domain}
     except families.Unsupported as e:  # the family cannot run this point: skipped, saying why
         record.update(status="skipped", message=str(e), forward=None, backward=None)
     # SystemExit too: audited code calling sys.exit() used to end the sweep (and the gate) with
@@ -555,7 +559,35 @@ def evaluate(
         memory.release(case.device)
         if not isinstance(impl.fn, worker.RemoteFn):
             record["memory"] = peak.result()
+        if ref.out_of_domain:
+            record["out_of_domain"] = _outcome(ref, None)
     return record
+
+
+def _outcome(ref: Reference, o: worker.Outputs | None) -> dict:
+    """What an implementation did with the out-of-domain inputs of a point (`ref.outside`):
+    raised (no outputs), returned NaN at every such element, loss and gradient, or returned
+    a number at some (`forward_numbers`, `backward_numbers`: how many); `reduced_nan`: whether
+    its mean or sum is NaN (None for reduction "none")."""
+    assert ref.outside is not None, "called for points with out-of-domain inputs only"
+    out = {"reference": ref.out_of_domain, "elements": int(ref.outside.sum())}
+    if o is None:
+        return {**out, "outcome": "raised"}
+    rows = ref.outside.to(o.elements.device)
+    fwd = int((~o.elements.reshape(rows.shape)[rows].isnan()).sum())
+    bwd = None
+    if o.grad is not None:
+        g = o.grad.reshape(*rows.shape, -1)[rows.to(o.grad.device)]
+        bwd = int((~g.isnan()).sum())
+    reduced = None if ref.reduced is None else bool(torch.as_tensor(o.out).isnan().all())
+    numbers = fwd + (bwd or 0)
+    return {
+        **out,
+        "outcome": "number" if numbers else "nan",
+        "forward_numbers": fwd,
+        "backward_numbers": bwd,
+        "reduced_nan": reduced,
+    }
 
 
 # Implementations of these kinds are ours: they get the point's tensors without a copy (and
@@ -568,7 +600,7 @@ class _Audit:
     """The record's forward and backward from an implementation's outputs (`worker.produce`),
     against the reference, on the reference's device. A forward wider than the input (a
     precision policy's float32 for a bfloat16 point) is audited against the reference rounded
-    to its dtype, with the input's threshold moved to its significand (precision.threshold_in);
+    to its dtype, with the input's threshold moved to its significand (formats.widened_threshold);
     the gradient reaches the input in its own dtype and is audited as always."""
 
     ref: Reference
@@ -590,9 +622,12 @@ class _Audit:
                 threshold = widened_threshold(threshold, out_dtype, case.dtype)
             notes.append(precision.cuda_note(case.loss, case.policy, case.device))
         dev = ref.loss.device
+        # Out-of-domain elements have no true value: scored are the others (and no reduced value,
+        # which includes them); what was returned there is recorded apart (`_outcome`).
+        keep = None if self.ref.outside is None else ~self.ref.outside
         fwd = ErrorStats(threshold)
-        fwd.add(o.elements.to(dev), ref.loss)
-        if ref.reduced is not None:
+        fwd.add(*_kept(o.elements.to(dev), ref.loss, keep))
+        if ref.reduced is not None and keep is None:
             fwd.set_reduced(o.out.to(dev), ref.reduced)
         record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
         if ref is not self.ref:  # counted in the wider dtype (formats.counted_in)
@@ -601,5 +636,16 @@ class _Audit:
             record["message"] = "; ".join(n for n in notes if n)
         if o.grad is not None:
             bwd = ErrorStats(self.threshold)
-            bwd.add(o.grad.to(dev), self.ref.grad)
+            bwd.add(*_kept(o.grad.to(dev), self.ref.grad, keep))
             record["backward"] = bwd.as_dict()
+        if keep is not None:
+            record["out_of_domain"] = _outcome(self.ref, o)
+
+
+def _kept(values: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor | None):
+    """The values and reference at the in-domain elements (`keep`: rows, shaped like the
+    loss), flattened; all of them where every input is in the domain."""
+    if keep is None:
+        return values, reference
+    rows = keep.reshape(-1)
+    return values.reshape(rows.shape[0], -1)[rows].reshape(-1), reference.reshape(rows.shape[0], -1)[rows].reshape(-1)

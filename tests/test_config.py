@@ -61,7 +61,7 @@ def test_base_config_is_valid_and_gets_the_defaults():
 # (overrides, key named in the message, the bad value as it appears, what is allowed)
 BAD = {
     "unknown top-level key": ({"colour": "red"}, "colour", "unknown key", "losses"),
-    "unknown loss": ({"losses": ["bce", "hinge"]}, "losses", "'hinge'", "bce, bce_with_logits, cross_entropy"),
+    "unknown loss": ({"losses": ["bce", "hinge"]}, "losses", "'hinge'", "bce, bce_with_logits, sigmoid_bce, cross_entropy"),
     "unknown implementation": ({"implementations": ["naive", "fast"]}, "implementations", "'fast'",
                                "naive, stable, torch"),
     "unknown dtype": ({"dtypes": ["float32", "float8"]}, "dtypes", "'float8'", "float64, float32, float16, bfloat16"),

@@ -143,6 +143,8 @@ def test_every_dtype_sees_the_float64_values_rounded_once(loss_name):
     for dist in inputs.distributions_for(loss.multiclass, loss.input_kind):
         if dist == "common_offset":  # the one value set whose inputs depend on the dtype: below
             continue
+        if dist == inputs.OUT_OF_DOMAIN:
+            continue  # made in the dtype, NaN included (tests/test_out_of_domain.py)
         f64 = sweep.point_data(loss, _case(loss_name, dist, "float64"), 4)
         for name in ("float32", "float16", "bfloat16"):
             dtype = FORMATS[name].torch_dtype
@@ -258,7 +260,9 @@ def test_built_in_implementations_never_write_into_their_inputs(loss_name):
             for impl in loss.implementations.values():
                 assert impl.kind in sweep.BUILT_IN_KINDS
                 rec = sweep.evaluate(_CONFIG, case, loss, impl, data, ref)
-                assert rec["status"] == "ok", rec["message"]
+                # (torch's BCE raises on out-of-domain probabilities: a recorded outcome)
+                raised = rec.get("out_of_domain", {}).get("outcome") == "raised"
+                assert rec["status"] == "ok" or raised, rec["message"]
                 assert _identical(before, (data.inp, data.target, data.options)), (impl.name, case)
 
 

@@ -208,7 +208,7 @@ def exact_nll_loss(row, t: int):
     return -MP.mpf(row[t]), [MP.mpf(-1 if j == t else 0) for j in range(len(row))]
 
 
-EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits,
+EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits, "sigmoid_bce": exact_bce_with_logits,
          "cross_entropy": exact_cross_entropy, "nll_loss": exact_nll_loss}
 
 
@@ -376,6 +376,10 @@ def _cases():
     for loss_name, loss in FLAT_LOSSES.items():
         for case in COMMON + (MULTICLASS_ONLY if loss.multiclass else []) + \
                 (LOGITS_ONLY if loss.input_kind == "logits" else []):
+            if loss_name == "nll_loss" and case == "undefined":
+                # Its log-probabilities of rows without a limit are NaN: inputs out of the domain,
+                # with no true value (METRICS.md; tests/test_out_of_domain.py).
+                continue
             yield loss_name, case
 
 

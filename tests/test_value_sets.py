@@ -82,6 +82,7 @@ def test_applies_per_kind_of_loss():
     expected = {  # loss: the new distributions that apply to it
         "bce": set(),
         "bce_with_logits": {"nonfinite"},
+        "sigmoid_bce": {"nonfinite"},
         "cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
         "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
     }

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from .. import families
-from . import bce, bce_with_logits, cross_entropy, log_softmax, nll_loss, sequence_cross_entropy
+from . import bce, bce_with_logits, cross_entropy, log_softmax, nll_loss, sequence_cross_entropy, sigmoid_bce
 from .base import IGNORE_INDEX, OPTION_DEFAULTS, Impl, Loss, Reference, reference
 
 LOSSES: dict[str, Loss] = {
-    m.LOSS.name: m.LOSS for m in (bce, bce_with_logits, cross_entropy, nll_loss, log_softmax, sequence_cross_entropy)
+    m.LOSS.name: m.LOSS
+    for m in (
+        bce,
+        bce_with_logits,
+        sigmoid_bce,
+        cross_entropy,
+        nll_loss,
+        log_softmax,
+        sequence_cross_entropy,
+    )
 }
 
 

@@ -9,14 +9,17 @@ signature of ``torch.nn.functional``'s losses — where
 * ``input`` is a floating tensor of the dtype under test: logits of shape ``(N,)`` for
   binary losses, ``(N, C)`` for multi-class ones (``(B, T, V)`` for sequence losses), or
   probabilities for ``bce``;
-* ``target`` is a tensor of hard 0/1 labels in the input's dtype (binary losses), of
+* ``target`` is a tensor of labels in [0, 1] in the input's dtype (binary losses: hard 0/1,
+  or soft with ``targets: soft``), of
   int64 class indices of the input's shape less its last dimension (multi-class losses;
   ``ignore_index`` marks an ignored position), or of class probabilities like the input
   (soft targets);
 * ``reduction`` is ``"none"``, ``"mean"`` or ``"sum"``, as in ``torch.nn.functional``;
 * ``options`` are the keyword options a sweep point sets, and only those: ``weight``
   (a tensor in the input's dtype: per element for binary losses, per class for
-  multi-class ones), ``pos_weight`` (binary: a one-element tensor), ``label_smoothing``
+  multi-class ones), ``pos_weight`` (binary: a one-element tensor, any finite value; a probe
+  of (N, C) multi-label inputs passes one per element, its per-class vector spread over the
+  flattened input), ``label_smoothing``
   (a float) and ``ignore_index`` (an int, -100 as in torch);
 
 and returns the loss in the input's dtype: shaped like the target's rows for
@@ -34,8 +37,9 @@ rounds once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +47,7 @@ import torch
 
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
-from ..inputs import pieces
+from ..inputs import outside_domain, pieces
 
 KINDS = ("naive", "stable", "framework", "custom")
 
@@ -129,6 +133,11 @@ class Reference:
     # Why the reduced value is undefined (e.g. 0/0: every target ignored), else None. The
     # reduced value and gradient are then the sensible convention, 0 (nothing to learn).
     undefined: str | None = None
+    # Inputs outside the loss's domain (NaN; probabilities beyond [0, 1]): which elements (rows
+    # of a multi-class loss; shaped like `loss`) and why, else None. There is no true value
+    # there: the reference is NaN, and implementations are recorded, not scored (METRICS.md).
+    outside: torch.Tensor | None = None
+    out_of_domain: str | None = None
 
     @property
     def mean(self) -> torch.Tensor | None:
@@ -238,7 +247,7 @@ def reference(
     dtype = inp.dtype
     how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:
-        return _reference_dd(loss, inp, target, options, reduction, grad_output)
+        return _mark_domain(loss, inp, _reference_dd(loss, inp, target, options, reduction, grad_output))
     work = R.work_dtype(dtype)
     ext = work is not np.float64
     device = inp.device
@@ -255,8 +264,8 @@ def reference(
             return R.to_work(t, work) if t.is_floating_point() else t.detach().cpu().numpy()
         return t.detach().to(device=device, dtype=R.WORK) if t.is_floating_point() else t.detach().to(device)
 
-    opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in (options or {}).items()}
-    per_row = {k: v for k, v in opts.items() if k == "weight" and not loss.multiclass}
+    opts = {k: (read(v) if isinstance(v, torch.Tensor) else v) for k, v in _binary_options(loss, inp, options).items()}
+    per_row = {k: v for k, v in opts.items() if _per_element_option(loss, k, v)}
     upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
     g_rows = None if upstream is None else read(upstream)
 
@@ -306,14 +315,73 @@ def reference(
     reduced = None
     if value is not None:
         reduced = R.round_to(np.asarray([value], dtype=work) if ext else value.reshape(1), dtype)[0].to(device)
-    return Reference(
-        loss=_per_element(loss, loss_out, inp, target, layout),
-        grad=_unrows(loss, grad_out, inp, layout),
-        reduced=reduced,
-        value=None if value is None else float(value),
-        reduction=reduction,
-        undefined=undefined,
+    return _mark_domain(
+        loss,
+        inp,
+        Reference(
+            loss=_per_element(loss, loss_out, inp, target, layout),
+            grad=_unrows(loss, grad_out, inp, layout),
+            reduced=reduced,
+            value=None if value is None else float(value),
+            reduction=reduction,
+            undefined=undefined,
+        ),
     )
+
+
+def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
+    """`ref`, marked where the input is outside the loss's domain (`inputs.outside_domain`)."""
+    if loss.input_kind == "logits" and not bool(ref.loss.isnan().any()):
+        return ref  # a NaN logit makes its row's reference NaN: no pass over a large input otherwise
+    if loss.elementwise:
+        # A function with one output per input (log_softmax): a NaN input makes its row's
+        # outputs NaN along whichever dimension it normalises, which the reference shows.
+        rows = ref.loss.isnan() if bool(outside_domain(inp, loss.input_kind).any()) else ref.loss.isnan() & False
+    elif loss.multiclass:
+        # Rows in blocks: a bool copy of a 2**32-value input would be 4 GiB.
+        flat = inp.reshape(-1, inp.shape[-1])
+        rows = torch.cat([outside_domain(flat[b], loss.input_kind).any(-1) for b in R.row_chunks(*flat.shape)])
+    else:
+        rows = outside_domain(inp, loss.input_kind)
+    if not bool(rows.any()):
+        return ref
+    rows = rows.reshape(ref.loss.shape)
+    what = "NaN or outside [0, 1]" if loss.input_kind == "probabilities" else "NaN"
+    why = (
+        f"{int(rows.sum())} of {rows.numel()} {'rows' if loss.multiclass else 'elements'} have inputs outside "
+        f"the domain of {loss.name} ({what}): there is no true value, the reference is NaN there"
+    )
+    # A formula may still give a number there (−log p at p = 1 + ulp): no true value all the same.
+    elems = rows.reshape(*rows.shape, *([1] * (inp.dim() - rows.dim()))).expand(inp.shape)
+    return replace(
+        ref,
+        loss=ref.loss.masked_fill(rows, math.nan),
+        grad=ref.grad.masked_fill(elems, math.nan),
+        reduced=None if ref.reduced is None else torch.full_like(ref.reduced, math.nan),
+        value=None if ref.value is None else math.nan,
+        outside=rows,
+        out_of_domain=why,
+    )
+
+
+def _per_element_option(loss: Loss, name: str, value) -> bool:
+    """Whether an option holds one value per element of a binary loss (sliced with the rows
+    of each chunk): its weight, and a pos_weight spread by `_binary_options`."""
+    if loss.multiclass:
+        return False
+    return name == "weight" or (
+        name == "pos_weight" and int(np.size(value) if isinstance(value, np.ndarray) else value.numel()) > 1
+    )
+
+
+def _binary_options(loss: Loss, inp: torch.Tensor, options: dict | None) -> dict:
+    """`options`, with a binary loss's pos_weight vector (one per class of (N, C) multi-label
+    inputs, as torch broadcasts it against the input) spread over the input's elements."""
+    opts = dict(options or {})
+    pw = opts.get("pos_weight")
+    if not loss.multiclass and isinstance(pw, torch.Tensor) and pw.numel() > 1:
+        opts["pos_weight"] = torch.broadcast_to(pw, inp.shape).reshape(-1)
+    return opts
 
 
 # The sum of the losses is also carried scaled by 2**-_DD_SHIFT, for means of losses near 1e308.
@@ -345,9 +413,9 @@ def _reference_dd(
     assert dd_chunk is not None, "reference() takes this path only for a loss with a dd formulation"
     opts = {
         k: (v.detach().to(device=device, dtype=R.WORK) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-        for k, v in (options or {}).items()
+        for k, v in _binary_options(loss, inp, options).items()
     }
-    per_row = {k for k in opts if k == "weight" and not loss.multiclass}
+    per_row = {k for k, v in opts.items() if _per_element_option(loss, k, v)}
     upstream = _upstream_rows(loss, grad_output, reduction, inp, layout)
 
     def chunk_options(rows):

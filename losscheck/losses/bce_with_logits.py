@@ -1,5 +1,7 @@
-"""Binary cross entropy computed from logits, with hard 0/1 targets, per-element `weight`
-and `pos_weight` (torch's: the positive term is multiplied by it)."""
+"""Binary cross entropy computed from logits, with hard 0/1 or soft targets in [0, 1],
+per-element `weight` and `pos_weight` (torch's: the positive term is multiplied by it; one
+value, or one per class of (N, C) multi-label inputs; zero and negative values as torch takes
+them)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import reference as R
 from ..catalog import LOSS_INFO
-from . import bce
+from . import bce, soft_binary
 from .base import Impl, Loss, binary_factor, compute_dtype, reduce_accurate, scale_grad, two_sum
 
 
@@ -28,34 +30,60 @@ class _Stable(torch.autograd.Function):
     # at ±inf, σ(−|x|) = 0 gives the limits 1 − y and −y.
     # weight and pos_weight multiply each element's loss and gradient by one factor,
     # w·(pos_weight if y = 1 else 1), formed in the compute precision.
+    # Soft targets (some y neither 0 nor 1) take the general form with a = pos_weight·y and
+    # b = 1 − y: a·max(−x, 0) + b·max(x, 0) + (a + b)·log1p(e^−|x|), a zero coefficient
+    # removing its term at ±inf (the limits of pytorch#135359's table); the gradient
+    # b·σ(x) − a·σ(−x) as (1 − y) − σ(−|x|)·(a + b) for x ≥ 0, σ(−|x|)·(a + b) − a below
+    # (σ(x) − y for pos_weight 1, as for hard targets). Hard targets keep the form above.
     @staticmethod
     def forward(ctx, x, y, reduction, weight=None, pos_weight=None):
         c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
-        z = torch.where(yc > 0.5, -xc, xc)
-        loss, low = two_sum(torch.relu(z), torch.log1p(torch.exp(-xc.abs())))
-        f = binary_factor(yc, weight, pos_weight)
+        ctx.soft = bool(soft_binary.soft_mask(yc).any())
+        log1p_e = torch.log1p(torch.exp(-xc.abs()))
+        if ctx.soft:
+            a, b = _coefficients(yc, pos_weight)
+            loss, low = two_sum(_times(a, torch.relu(-xc)) + _times(b, torch.relu(xc)), (a + b) * log1p_e)
+            f = None if weight is None else weight.to(c)
+        else:
+            z = torch.where(yc > 0.5, -xc, xc)
+            loss, low = two_sum(torch.relu(z), log1p_e)
+            f = binary_factor(yc, weight, pos_weight)
         if f is not None:
             # A zero weight gives 0 (and no error term) where the loss is +inf.
             loss, low = bce.weigh(loss, f, xc), bce.weigh(low, f, xc)
-        ctx.save_for_backward(x, y, f)
+        ctx.save_for_backward(x, y, f, pos_weight)
         ctx.reduction = reduction
         return reduce_accurate(loss, reduction, x.dtype, low)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, y, f = ctx.saved_tensors
+        x, y, f, pos_weight = ctx.saved_tensors
         c = compute_dtype(x.dtype, x.device)
         xc, yc = x.to(c), y.to(c)
         # σ(−|x|) as e/(1 + e), e = exp(−|x|): 1/(1 + exp(|x|)) would overflow to 0 where
         # the true value is still a (subnormal) number.
         e = torch.exp(-xc.abs())
         small = e / (1 + e)
-        g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
+        if ctx.soft:
+            a, b = _coefficients(yc, pos_weight)
+            g = torch.where(xc >= 0, b - small * (a + b), small * (a + b) - a)
+        else:
+            g = torch.where(xc >= 0, (1 - yc) - small, small - yc)
         if f is not None:
             g = bce.weigh(g, f, xc)
-        g = scale_grad(g, grad_output, ctx.reduction, x.shape[0])
+        g = scale_grad(g, grad_output, ctx.reduction, x.numel())
         return g.to(x.dtype), None, None, None, None
+
+
+def _coefficients(y: torch.Tensor, pos_weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos_weight·y, 1 − y) in y's (compute) precision."""
+    return (y if pos_weight is None else pos_weight.to(y.dtype) * y), 1 - y
+
+
+def _times(coefficient: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """coefficient·term, 0 where the coefficient is exactly 0 (its term removed, even at ±inf)."""
+    return torch.where(coefficient == 0, 0.0, coefficient * term)
 
 
 def stable(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=None, pos_weight=None) -> torch.Tensor:
@@ -68,7 +96,7 @@ def framework(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", weight=
 
 
 def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
-    # Hard targets: loss = softplus(z) with z = x (y = 0) or −x (y = 1), and
+    # Hard targets (soft ones: soft_binary): loss = softplus(z) with z = x (y = 0) or −x (y = 1), and
     # σ(x) − y = ±σ(z). Both are evaluated without cancellation, so the working
     # precision's rounding errors are all that remain; weights multiply both exactly
     # enough (one working-precision rounding).
@@ -77,7 +105,8 @@ def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight
     loss, sig = R.softplus_and_sigmoid(z)
     grad = torch.where(positive, -sig, sig)
     # A zero weight removes the element: 0 and gradient 0 where the loss is infinite too.
-    return R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
+    loss, grad = R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
+    return soft_binary.on_tensors(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
 
 
 def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=None):
@@ -86,7 +115,8 @@ def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
     loss, grad = R.softplus(z), sign * R.sigmoid(z)
-    return R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
+    loss, grad = R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
+    return soft_binary.on_extended(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
 
 
 def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
@@ -99,7 +129,8 @@ def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
     loss = D.softplus_scaled(z)
     sh, sl, sk = D.sigmoid_scaled(z)
     grad = (torch.where(positive, -sh, sh), torch.where(positive, -sl, sl), sk)
-    return R.weigh_binary_dd(loss, grad, x, positive, weight, pos_weight)
+    loss, grad = R.weigh_binary_dd(loss, grad, x, positive, weight, pos_weight)
+    return soft_binary.on_dd(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
 
 
 reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd)

@@ -25,10 +25,12 @@ undefined (0/0 when every target is ignored; several +inf logits in one row; a N
 Its findings are bench's (`findings.findings` on its records, every kind but `formula`,
 which needs a sweep), printed under the table and in the JSON's `findings`.
 
-Shapes: binary losses (``bce`` on probabilities in [0, 1], ``bce_with_logits``) take an
-input of any shape with a target of the same shape, flattened to ``(N,)`` (the losses are
-elementwise, so the mean and sum do not change; element indices are reported in the
-original shape); ``cross_entropy`` takes ``(N, C)`` logits with ``(N,)`` class indices or an
+Shapes: binary losses (``bce`` on probabilities — values beyond [0, 1] and NaN are measured
+as out of domain, not refused —, ``bce_with_logits``, ``sigmoid_bce``) take an input of any
+shape with a target of labels in [0, 1] (hard or soft) of the same shape, flattened to
+``(N,)`` (the losses are elementwise, so the mean and sum do not change; element indices are
+reported in the original shape; a per-class ``--pos-weight`` vector is spread with them);
+``cross_entropy`` takes ``(N, C)`` logits with ``(N,)`` class indices or an
 ``(N, C)`` floating target (soft targets); ``sequence_cross_entropy`` takes ``(B, T, V)``
 logits with ``(B, T)`` class indices, ``-100`` marking padding unless ``--ignore-index``
 says otherwise.

@@ -23,7 +23,7 @@ from ..metrics import int_or_inf, ulp_distance
 from .convert import Conversion, convert
 from .load import ProbeError, _as_loaded
 from .notes import _notes
-from .text import _bits, _fmt, _index, _one_line, _plural, _shape, _unravel
+from .text import _bits, _one_line, _plural, _shape, _unravel
 from .validate import _input_stats, _layout, _target, _weight
 
 # Loss option (`Loss.options`) -> the flag that sets it.
@@ -165,10 +165,9 @@ def run_probe(
     ):
         if value is not None:
             _check_option(loss, option, flag)
-    if pos_weight is not None:
-        pos_weight = _number(
-            pos_weight, "--pos-weight", "a positive finite number", lambda x: math.isfinite(x) and x > 0
-        )
+    if pos_weight is not None and _scalar(pos_weight):
+        # Any finite number, zero and negative ones too: torch takes them.
+        pos_weight = _number(pos_weight, "--pos-weight", "a finite number", math.isfinite)
     if label_smoothing is not None:
         label_smoothing = _number(label_smoothing, "--label-smoothing", "a number in [0, 1]", lambda x: 0 <= x <= 1)
     if ignore_index is not None:
@@ -202,27 +201,21 @@ def run_probe(
     _check_memory(_case(loss_name, device, dtype, shape, reduction, tuple(sorted(layout))))
 
     inp, in_conv = convert(src_in, tdtype, "input")
-    in_source, in_shape = src_in.source, src_in.shape
+    in_shape = src_in.shape
     del src_in  # an .npz member or old-format .pt file is in memory: keep only the converted copy
     if not loss.multiclass:
         inp = inp.reshape(-1)
     stats = _input_stats(loss, inp)
-    if loss.input_kind == "probabilities" and stats["outside"]:
-        i, v = stats["outside_example"]
-        raise ProbeError(
-            in_source,
-            f"{loss.name} takes probabilities in [0, 1]; {stats['outside']} values "
-            f"are outside (e.g. {_index(_unravel(i, in_shape))}: {_fmt(v, dtype)})",
-            "probabilities in [0, 1] (for logits use bce_with_logits)",
-        )
-
+    # Probabilities outside [0, 1] (and NaN inputs) are measured, not refused: the reference marks
+    # them out of domain and each implementation's outcome is recorded (raised, NaN or a number).
     conversions = [in_conv]
     tgt, target_info = _target(loss, src_t, tdtype, soft, shape, ignore_index, conversions)
     del src_t
     options: dict = {}
     if weight is not None:
         options["weight"] = _weight(loss, _as_loaded(weight, "--weight"), tdtype, in_shape, shape, conversions)
-    if pos_weight is not None:
+    pw_record = None  # a per-class pos_weight as the record names it (the options hold it per element)
+    if isinstance(pos_weight, float):
         pw = R.round_to(np.array([pos_weight]), tdtype)
         if float(pw[0]) != pos_weight:
             conversions.append(
@@ -231,12 +224,18 @@ def run_probe(
                 )
             )
         options["pos_weight"] = pw
+    elif pos_weight is not None:
+        per_class = _pos_weight_vector(_as_loaded(pos_weight, "--pos-weight"), tdtype, in_shape, conversions)
+        # The binary input is flattened (see the package's docstring): the vector with it.
+        options["pos_weight"] = torch.broadcast_to(per_class, in_shape).reshape(-1)
+        pw_record = _pos_weight_record(per_class)
+    soft = soft or target_info.get("kind") == "soft"  # binary soft labels are told by their values
     if label_smoothing:
         options["label_smoothing"] = label_smoothing
     if ignore_index is not None:
         options["ignore_index"] = ignore_index
     upstream, up_name = _upstream(grad_output, loss, loss_name, inp, tgt, tdtype, device, conversions)
-    case_options = dict(_case_options(options, soft, target_info)) | dict(layout)
+    case_options = dict(_case_options(options, soft, target_info, pw_record)) | dict(layout)
     if up_name:
         case_options["grad_output"] = up_name
     case = _case(loss_name, device, dtype, shape, reduction, tuple(sorted(case_options.items())))
@@ -270,7 +269,7 @@ def run_probe(
         reduction,
         in_conv,
         target_info,
-        _options_info(options, soft, dtype),
+        _options_info(options, soft, dtype, pw_record),
         ref_info,
         results,
         notes,
@@ -354,12 +353,47 @@ def _case(loss_name: str, device: str, dtype: str, shape: dict, reduction: str, 
     )
 
 
-def _case_options(options: dict, soft: bool, target_info: dict) -> tuple:
+def _scalar(value) -> bool:
+    """Whether a --pos-weight is one number (else an array spec: a per-class vector)."""
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _pos_weight_vector(w, dtype: torch.dtype, input_shape: tuple, conversions: list) -> torch.Tensor:
+    """A per-class pos_weight: one finite value per class of (N, C) multi-label inputs (the
+    input's last dimension), broadcast over the rows as torch does."""
+    classes = input_shape[-1] if input_shape else 1
+    if w.shape not in ((classes,), (1,)):
+        raise ProbeError(
+            "--pos-weight",
+            f"shape {_shape(w.shape)}: pos_weight is one number or one per class (the input's last dimension)",
+            f"a number, or a vector of shape ({classes},)",
+        )
+    tensor, conv = convert(w, dtype, "pos_weight")
+    conversions.append(conv)
+    if not bool(tensor.isfinite().all()):
+        raise ProbeError(w.source, "pos_weight values must be finite", "finite numbers (zero and negative too)")
+    return tensor
+
+
+def _pos_weight_record(pw: torch.Tensor):
+    """pos_weight as records and the JSON hold it: its number, or the list of its values."""
+    return float(pw[0]) if pw.numel() == 1 else tuple(float(v) for v in pw)
+
+
+def _case_options(options: dict, soft: bool, target_info: dict, pw_record=None) -> tuple:
     out: dict[str, object] = {}
     if "weight" in options:
         out["weight"] = "given"
     if "pos_weight" in options:
-        out["pos_weight"] = float(options["pos_weight"][0])
+        out["pos_weight"] = pw_record if pw_record is not None else _pos_weight_record(options["pos_weight"])
     if "label_smoothing" in options:
         out["label_smoothing"] = options["label_smoothing"]
     if target_info.get("ignored"):
@@ -487,13 +521,13 @@ def _reference_info(ref: Reference, stats: dict, shape: dict, loss: Loss) -> dic
     }
 
 
-def _options_info(options: dict, soft: bool, dtype: str) -> dict:
+def _options_info(options: dict, soft: bool, dtype: str, pw_record=None) -> dict:
     out: dict = {"targets": "soft" if soft else "hard"}
     if "weight" in options:
         w = options["weight"]
         out["weight"] = {"shape": list(w.shape), "dtype": dtype}
     if "pos_weight" in options:
-        out["pos_weight"] = float(options["pos_weight"][0])
+        out["pos_weight"] = pw_record if pw_record is not None else _pos_weight_record(options["pos_weight"])
     if "label_smoothing" in options:
         out["label_smoothing"] = options["label_smoothing"]
     if "ignore_index" in options:

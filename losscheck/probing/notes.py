@@ -13,6 +13,9 @@ from ..losses.base import rows_of
 from ..metrics import int_or_inf, ulp_distance
 from .text import _fmt, _index, _num, _plural, _shape, _signed, _unravel
 
+# What an implementation did with out-of-domain inputs (a record's `out_of_domain.outcome`).
+_OUTCOME_TEXT = {"raised": "raised an error", "nan": "returned NaN there", "number": "returned a number there (silent)"}
+
 
 def _notes(
     loss: Loss,
@@ -49,6 +52,17 @@ def _notes(
     ref_flat = ref.loss.reshape(-1)
     ref_nan = ref_flat.isnan().numpy()
 
+    if stats["outside"]:
+        i, v = stats["outside_example"]
+        notes.append(
+            f"{_plural(stats['outside'], 'probability')} outside [0, 1] (e.g. {_index(_unravel(i, rows_shape))}: "
+            f"{_fmt(v, dtype)}): outside the loss's domain, no true value; not scored"
+        )
+    if ref.out_of_domain:
+        did = "; ".join(
+            f"{r['impl']} {_OUTCOME_TEXT[r['out_of_domain']['outcome']]}" for r in records if r.get("out_of_domain")
+        )
+        notes.append(f"out-of-domain inputs: {did}")
     # A NaN input: upstream of the loss.
     if stats["nan"]:
         k = int(stats["nan_rows"].sum())

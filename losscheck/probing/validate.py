@@ -125,17 +125,22 @@ def _target(
         return tgt, info
     if not loss.multiclass:
         labels = t.data.reshape(-1)
-        bad = _first_where(labels, lambda b: (b != 0) & (b != 1))
+        bad = _first_where(labels, lambda b: ~((b >= 0) & (b <= 1)))
         if bad is not None:
             i, v = bad
             raise ProbeError(
                 t.source,
-                f"{loss.name} takes hard 0/1 targets; found {_num(v)} at {_index(_unravel(i, t.shape))}",
-                "0 and 1 (soft binary targets are not supported)",
+                f"{loss.name} takes targets in [0, 1]; found {_num(v)} at {_index(_unravel(i, t.shape))}",
+                "hard 0/1 labels or soft labels in [0, 1]",
             )
-        tgt, _ = convert(t, dtype, "target")
-        info.update(dtype=fmt(dtype).name, positives=int(_count(tgt.reshape(-1), lambda b: b == 1)))
-        return tgt.reshape(-1), info
+        tgt, conv = convert(t, dtype, "target")
+        conversions.append(conv)  # soft labels round to the dtype: the reference sees the rounded ones
+        flat = tgt.reshape(-1)
+        n_soft = _count(flat, lambda b: (b != 0) & (b != 1))
+        info.update(dtype=fmt(dtype).name, positives=int(_count(flat, lambda b: b == 1)))
+        if n_soft:
+            info.update(kind="soft", soft=n_soft)
+        return flat, info
     # Class indices, int64.
     data = t.data
     if t.floating:
