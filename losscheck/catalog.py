@@ -19,7 +19,17 @@ BUILTIN_IMPLS = ("naive", "stable", "torch")
 IGNORE_INDEX = -100  # torch's default ignore_index; ignored targets carry it
 
 # Options a loss may support (`Loss.options`), with the record value that means "not set".
-OPTION_DEFAULTS = {"weight": "none", "pos_weight": 1.0, "label_smoothing": 0.0, "ignored": 0.0, "targets": "hard"}
+OPTION_DEFAULTS = {
+    "weight": "none",
+    "pos_weight": 1.0,
+    "label_smoothing": 0.0,
+    "ignored": 0.0,
+    "targets": "hard",
+    # linear_cross_entropy: the hidden size H, and the vocabulary chunks of chunked
+    # implementations (0: their own choice).
+    "hidden": 256,
+    "chunks": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,19 @@ LOSS_INFO: dict[str, LossInfo] = {
                 gradient=_CE_FORMULAS.gradient,
             ),
             options=("weight", "label_smoothing"),
+        ),
+        LossInfo(
+            name="linear_cross_entropy",
+            summary="fused linear cross entropy: hidden states (N, H) times a classifier (V = `classes`, H) "
+            "without the N × V logits, gradients for both; label smoothing, ignore_index",
+            formulas=Formulas(
+                loss=r"z = h W^\top,\ \ell(h, W, t) = -\log \frac{e^{z_t}}{\sum_j e^{z_j}}",
+                naive=r"z = h W^\top \text{ in the dtype},\ \ell = -\log\left(e^{z_t} \big/ \textstyle\sum_j e^{z_j}\right)",
+                stable=r"\text{per vocabulary chunk: online } m, s = \textstyle\sum_{j \ne k} e^{z_j - m};\ "
+                r"\ell = (m - z_t) + \operatorname{log1p}(s)",
+                gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^\top h",
+            ),
+            options=("label_smoothing", "ignored", "hidden", "chunks"),
         ),
     )
 }

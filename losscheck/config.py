@@ -44,6 +44,8 @@ OPTION_AXES = {
     "label_smoothing": "label_smoothing",
     "ignored": "ignored",
     "targets": "targets",
+    "hidden": "hidden_sizes",
+    "chunks": "chunks",
 }
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
@@ -76,6 +78,8 @@ class Config:
     ignored: tuple[float, ...] = (0.0,)
     targets: tuple[str, ...] = ("hard",)
     sequence_lengths: tuple[int, ...] = (64,)
+    hidden_sizes: tuple[int, ...] = (OPTION_DEFAULTS["hidden"],)
+    chunks: tuple[int, ...] = (OPTION_DEFAULTS["chunks"],)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -147,6 +151,8 @@ class Config:
             "ignored": list(self.ignored),
             "targets": list(self.targets),
             "sequence_lengths": list(self.sequence_lengths),
+            "hidden_sizes": list(self.hidden_sizes),
+            "chunks": list(self.chunks),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -224,6 +230,9 @@ KEYS = {
     "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
     "targets": "list of hard, soft (cross_entropy: class indices or class probabilities)",
     "sequence_lengths": "list of positive integers (sequence_cross_entropy: tokens per sequence)",
+    "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
+    "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
+    "0: their own choice)",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -301,6 +310,8 @@ def _build(data: dict, source: str) -> Config:
         ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
         sequence_lengths=v.ints(data, "sequence_lengths", minimum=1, default=(64,)),
+        hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
+        chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),

@@ -142,11 +142,14 @@ def check_signature(fn, function: str, args: tuple, options: dict) -> None:
 
 
 def _checked(fn, function):
-    def call(x, t, reduction="mean", **options):
-        check_signature(fn, function, (x, t, reduction), options)
+    # Positional arguments as they come: (input, target, reduction), or a loss's several
+    # inputs first (linear_cross_entropy: hidden, classifier; see Loss.custom).
+    def call(*args, **options):
+        check_signature(fn, function, args, options)
         with _quiet():
-            return fn(x, t, reduction, **options)
+            return fn(*args, **options)
 
+    call.__wrapped__ = fn  # its signature is the user's (Loss.custom reads it)
     return call
 
 

@@ -60,7 +60,11 @@ MULTICLASS_DISTRIBUTIONS = ("ties", "dominant", "target_min")
 # Losses taking logits only: ±inf logits. For probability inputs (bce) σ(±inf) is exactly
 # 0 or 1, which large scales already produce.
 LOGIT_DISTRIBUTIONS = ("nonfinite",)
-DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
+# Losses of hidden states times a classifier (linear_cross_entropy) only; they take these and
+# HIDDEN_APPLIES of the others (their inputs: losses/linear_cross_entropy_ref.py).
+HIDDEN_DISTRIBUTIONS = ("offset",)
+HIDDEN_APPLIES = ("normal", "uniform", "confident_correct", "confident_wrong", "ties", "offset")
+DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + HIDDEN_DISTRIBUTIONS
 # What `generate` accepts for binary losses (bce: see `applies`, nonfinite does not apply).
 BINARY_DISTRIBUTIONS = COMMON_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS
 DESCRIPTIONS = {
@@ -76,6 +80,8 @@ DESCRIPTIONS = {
     "(loss scale + log1p((C−1)·e^−scale))",
     "target_min": "multi-class: target logit −scale, others N(0, 1); the target is the row "
     "minimum (min(−scale, the others' minimum) where an N(0, 1) draw is below −scale)",
+    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a shared hidden "
+    "direction), on logits of spread 1",
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
@@ -91,6 +97,8 @@ def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if input_kind == "hidden" or distribution in HIDDEN_DISTRIBUTIONS:
+        return input_kind == "hidden" and distribution in HIDDEN_APPLIES
     if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:
         return False
     return not (distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits")

@@ -128,6 +128,8 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         row = {}
         for i in config.impls_for(name):
             local = loss.implementations[i] if i in loss.implementations else loaded.get(i)
+            if i in loaded:  # called as the loss calls its implementations (several inputs: packed)
+                local = Impl(i, local.kind, loss.custom(local.fn), local.summary)
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
@@ -226,7 +228,10 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     dtype = FORMATS[case.dtype].torch_dtype
     device = torch.device(case.device)
     rows = rows_of(case)
-    if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
+    options: dict = {}
+    if loss.make_point is not None:  # several inputs (hidden states, classifier): the loss's own
+        inp, labels, options = loss.make_point(case, seed, dtype, device)
+    elif loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
         for block, x, t in inputs.generate_blocks(
@@ -241,7 +246,6 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
-    options: dict = {}
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
     if "pos_weight" in values:
@@ -250,6 +254,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
+    if dict(case.options).get("chunks"):
+        options["chunks"] = int(dict(case.options)["chunks"])
     if "soft" in values:
         target = R.round_to(values["soft"], dtype)
     else:
@@ -275,6 +281,12 @@ def estimate_bytes(case: Case) -> int:
     elements = rows_of(case) * (case.classes or 1)
     copies = INPUT_COPIES + (1 if dict(case.options).get("targets") == "soft" else 0)
     cached = 8 * elements if elements <= inputs.GENERATE_CHUNK else 0
+    count = LOSSES[case.loss].input_elements
+    if count is not None:
+        # Hidden states and classifier: the logits (elements) as the input above, for the
+        # implementations that materialise them, plus the packed input and the reference's
+        # float64 copies of it and of its gradient (no cached input).
+        return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + 24 * count(case)
     return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + cached
 
 
@@ -331,6 +343,8 @@ def run_case(
         if r["memory"] and built:
             # The peak while the inputs and the reference were made (shared by the implementations).
             r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
+        if r["memory"] and loss.logits_bytes is not None:
+            r["memory"]["logits_bytes"] = loss.logits_bytes(case)  # what a fused loss never holds
     if config.timing.applies(case.distribution, case.scale):
         ok = {
             impl.name: impl.fn
@@ -345,6 +359,8 @@ def run_case(
                 if isinstance(result, Exception):
                     r["status"], r["message"] = "error", f"while timing: {_one_line(result)}"
                     r["forward"] = r["backward"] = None
+                    for name in loss.inputs[1:]:
+                        r.pop(f"backward_{name}", None)
                 elif result is not None:
                     r["timing"] = result
     return out
@@ -404,13 +420,13 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
             outputs, record["memory"] = impl.fn.evaluate(
                 data, case.device, case.reduction, shape, torch.get_num_threads()
             )
-            _audit(outputs, ref, threshold, record)
+            _audit(outputs, ref, threshold, record, loss, data.target)
         else:
             with peak, deadline(config.timeout, f"{impl.name} (evaluation)"):
                 outputs = worker.produce(
                     impl.fn, data, case.device, case.reduction, shape, trusted=impl.kind in BUILT_IN_KINDS
                 )
-                _audit(outputs, ref, threshold, record)
+                _audit(outputs, ref, threshold, record, loss, data.target)
             record["memory"] = peak.result()
         if ref.undefined:
             record["undefined"] = ref.undefined
@@ -420,6 +436,8 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
         record["status"] = "error"
         record["message"] = failure_message(e)
         record["forward"] = record["backward"] = None
+        for name in loss.inputs[1:]:
+            record.pop(f"backward_{name}", None)
         memory.release(case.device)
         if not isinstance(impl.fn, worker.RemoteFn):
             record["memory"] = peak.result()
@@ -431,9 +449,10 @@ def evaluate(config: Config, case: Case, loss: Loss, impl, data: PointData, ref:
 BUILT_IN_KINDS = ("naive", "stable", "framework")
 
 
-def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict) -> None:
+def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict, loss: Loss, target) -> None:
     """The record's forward and backward from an implementation's outputs (`worker.produce`),
-    against the reference, on the reference's device."""
+    against the reference, on the reference's device; a loss of several inputs gets
+    `backward_<input>` for each one after the first."""
     dev = ref.loss.device
     fwd = ErrorStats(threshold)
     fwd.add(o.elements.to(dev), ref.loss)
@@ -443,6 +462,8 @@ def _audit(o: worker.Outputs, ref: Reference, threshold: float, record: dict) ->
     if o.note:
         record["message"] = o.note
     if o.grad is not None:
-        bwd = ErrorStats(threshold)
-        bwd.add(o.grad.to(dev), ref.grad)
-        record["backward"] = bwd.as_dict()
+        mine, exact = loss.split(o.grad.to(dev), target), loss.split(ref.grad, target)
+        for i, name in enumerate(loss.inputs):
+            bwd = ErrorStats(threshold)
+            bwd.add(mine[i], exact[i])
+            record["backward" if i == 0 else f"backward_{name}"] = bwd.as_dict()

@@ -383,7 +383,7 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         try:
             if kind in ("evaluate", "calibrate"):
                 loss, inp, target, options, device, reduction, threads = args[:7]
-                fn = loaded.fn if loaded is not None else LOSSES[loss].implementations[name].fn
+                fn = LOSSES[loss].custom(loaded.fn) if loaded is not None else LOSSES[loss].implementations[name].fn
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)
