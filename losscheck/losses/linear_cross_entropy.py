@@ -27,7 +27,7 @@ rescaled when m grows — so that the loss is (m − z_t) + log1p(s), two non-ne
 (nothing cancels on confident rows). The backward recomputes each chunk's logits and forms
 its gradient dL/dz exactly as cross_entropy's stable does (p_t − 1 = −(1 + s − e_t)/(1 + s),
 without cancellation); dL/dhidden is accumulated over the chunks in the compute dtype and
-rounded once, and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
+rounded once (each chunk's GEMM in float32 for float32 inputs, see the backward), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
 tokens (one GEMM in the compute dtype, rounded once): chunking over the vocabulary needs no
 dL/dclassifier accumulator across chunks. Memory beyond the inputs and gradients: a few
 (N, V/chunks) blocks in the compute dtype and (N, H) in it; by default a chunk holds at most
@@ -186,6 +186,11 @@ class _StableLinear(torch.autograd.Function):
         h = hidden.to(c)
         total = 1 + s
         eps = label_smoothing
+        # dL/dh's GEMMs (one per chunk, over its V/chunks classes) in the input's float32 for
+        # float32 inputs, added up across chunks in float64: a float64 GEMM costs twice a float32
+        # one on CPUs, and torch sums all V classes in float32. dL/dW's sum over the N tokens
+        # stays in the compute dtype (Liger-Kernel #1391: its accumulation precision matters).
+        narrow = torch.float32 if hidden.dtype == torch.float32 and c == torch.float64 else c
         dh = torch.zeros_like(h)
         dw = torch.empty_like(classifier)
         db = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
@@ -205,7 +210,10 @@ class _StableLinear(torch.autograd.Function):
             gt = -rest / total + (eps - eps / v if eps else 0.0)
             g[rows[inside], safe[inside] - part.start] = gt[inside]
             g.mul_(u[:, None])
-            dh.addmm_(g, w)
+            if narrow == c:
+                dh.addmm_(g, w)
+            else:
+                dh += g.to(narrow) @ classifier[part].to(narrow)
             dw[part] = (g.T @ h).to(dw.dtype)
             if db is not None:
                 db[part] = g.sum(0).to(db.dtype)
