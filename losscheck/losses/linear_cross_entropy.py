@@ -20,15 +20,18 @@ the check for writes into the input) then handles a second differentiated input 
 knowing it; the implementations receive views of it.
 
 `stable` chunks over the vocabulary (`_StableLinear`): the forward computes each chunk's
-logits (N, V/chunks) in `compute_dtype` (float64 for float32 inputs: every product of two
-float32 values is exact there; float32 for half ones, exact products too) and keeps an
+logits (N, V/chunks) by a GEMM in float32 for float32 and half inputs (F.linear's precision for
+float32, exact products for half ones: `_gemm_dtype`; float64 GEMMs would cost twice on CPUs, over
+the 2× torch time target), takes them to `compute_dtype` (float64 for float32 inputs) and keeps an
 online logsumexp per row — the running maximum m, its index k and s = Σ_{j≠k} exp(z_j − m),
 rescaled when m grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms
 (nothing cancels on confident rows). The backward recomputes each chunk's logits and forms
 its gradient dL/dz exactly as cross_entropy's stable does (p_t − 1 = −(1 + s − e_t)/(1 + s),
 without cancellation); dL/dhidden is accumulated over the chunks in the compute dtype and
-rounded once (each chunk's GEMM in float32 for float32 inputs, see the backward), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
-tokens (one GEMM in the compute dtype, rounded once): chunking over the vocabulary needs no
+rounded once (each chunk's GEMM in float32, rows scaled by powers of two so that nothing
+underflows), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
+tokens (one GEMM in the compute dtype — float64 for float32 inputs, Liger-Kernel #1391 —
+rounded once): chunking over the vocabulary needs no
 dL/dclassifier accumulator across chunks. Memory beyond the inputs and gradients: a few
 (N, V/chunks) blocks in the compute dtype and (N, H) in it; by default a chunk holds at most
 CHUNK_ELEMENTS logits.
@@ -114,6 +117,20 @@ def framework(
     )
 
 
+def _gemm_dtype(dtype: torch.dtype, c: torch.dtype) -> torch.dtype:
+    """The GEMMs' dtype: float32 for float32 inputs (F.linear's: a float64 GEMM costs twice a
+    float32 one on CPUs, and the time target is 2× torch's), else the compute dtype (half
+    inputs in float32: their products are exact there)."""
+    return torch.float32 if dtype == torch.float32 and c == torch.float64 else c
+
+
+def _chunk_logits(hg, classifier, part, bias, c):
+    """One vocabulary chunk's logits, in the GEMM's dtype (the subtraction of the row maximum
+    then promotes them to `c` in the same pass), or in `c` with the bias added there."""
+    z = hg @ classifier[part].to(hg.dtype).T
+    return z if bias is None else z.to(c).add_(bias[part].to(c))
+
+
 def _chunk_slices(n: int, v: int, chunks: int | None):
     step = math.ceil(v / chunks) if chunks else max(1, CHUNK_ELEMENTS // max(1, n))
     return [slice(s, min(v, s + step)) for s in range(0, v, step)]
@@ -126,18 +143,19 @@ class _StableLinear(torch.autograd.Function):
         n, v = hidden.shape[0], classifier.shape[0]
         ignored = (target == ignore_index) if ignore_index is not None else None
         safe = target if ignored is None else torch.where(ignored, 0, target)
-        h = hidden.to(c)
+        hg = hidden.to(_gemm_dtype(hidden.dtype, c))
         m = torch.full((n,), -math.inf, dtype=c, device=hidden.device)
         s = torch.zeros(n, dtype=c, device=hidden.device)  # Σ_{j≠k} exp(z_j − m)
         k = torch.zeros(n, dtype=torch.int64, device=hidden.device)
         zt = torch.zeros(n, dtype=c, device=hidden.device)
         gaps = torch.zeros(n, dtype=c, device=hidden.device) if label_smoothing else None  # Σ_j (m − z_j)
         for part in _chunk_slices(n, v, chunks):
-            z = _logits(h, classifier[part].to(c), None if bias is None else bias[part].to(c))
+            z = _chunk_logits(hg, classifier, part, bias, c)
             inside = (safe >= part.start) & (safe < part.stop)
             local = (safe - part.start).clamp(0, part.stop - part.start - 1)
-            zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), zt)
+            zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1).to(c), zt)
             cm, ck = z.max(1)
+            cm = cm.to(c)
             moved = cm > m  # ties keep the earlier maximum
             new_m = torch.where(moved, cm, m)
             if gaps is not None:
@@ -190,15 +208,24 @@ class _StableLinear(torch.autograd.Function):
         # float32 inputs, added up across chunks in float64: a float64 GEMM costs twice a float32
         # one on CPUs, and torch sums all V classes in float32. dL/dW's sum over the N tokens
         # stays in the compute dtype (Liger-Kernel #1391: its accumulation precision matters).
-        narrow = torch.float32 if hidden.dtype == torch.float32 and c == torch.float64 else c
+        narrow = _gemm_dtype(hidden.dtype, c)
+        hg = h if narrow == c else hidden.to(narrow)
+        # Rows are scaled by a power of two before narrowing (exact), so that a confident row's
+        # gradient (entries near s = Σ e^{z_j − m}, e.g. e^-100) does not underflow in float32:
+        # its size is |u|·s when the target is the maximum, |u| otherwise.
+        # The scale goes into u (g·u·2**-shift) and back into h for dL/dW and onto dL/dh's rows:
+        # no pass over the (N, V/chunks) block for it.
+        size = u.abs() * torch.where(safe == k, torch.clamp(s, max=1.0), 1.0)
+        shift = torch.where((size > 0) & (narrow != c), torch.frexp(size)[1], 0).clamp(min=-900)[:, None]
+        u = torch.ldexp(u, -shift[:, 0])
+        h = torch.ldexp(h, shift)
         dh = torch.zeros_like(h)
         dw = torch.empty_like(classifier)
         db = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
         rows = torch.arange(n, device=hidden.device)
         for part in _chunk_slices(n, v, chunks):
-            w = classifier[part].to(c)
-            g = _logits(h, w, None if bias is None else bias[part].to(c))
-            g.sub_(m[:, None]).exp_()
+            g = _chunk_logits(hg, classifier, part, bias, c)
+            g = torch.sub(g, m[:, None]).exp_()  # promoted to the compute dtype
             et = g.gather(1, (safe - part.start).clamp(0, part.stop - part.start - 1)[:, None]).squeeze(1)
             g.div_(total[:, None])
             if eps:
@@ -211,13 +238,13 @@ class _StableLinear(torch.autograd.Function):
             g[rows[inside], safe[inside] - part.start] = gt[inside]
             g.mul_(u[:, None])
             if narrow == c:
-                dh.addmm_(g, w)
+                dh.addmm_(g, classifier[part].to(c))
             else:
-                dh += g.to(narrow) @ classifier[part].to(narrow)
+                dh += (g.to(narrow) @ classifier[part]).to(c)
             dw[part] = (g.T @ h).to(dw.dtype)
             if db is not None:
-                db[part] = g.sum(0).to(db.dtype)
-        return dh.to(hidden.dtype), dw, None, None, db, None, None, None
+                db[part] = (g.T @ torch.ldexp(torch.ones_like(u), shift[:, 0])).to(db.dtype)
+        return torch.ldexp(dh, shift).to(hidden.dtype), dw, None, None, db, None, None, None
 
 
 def stable(
