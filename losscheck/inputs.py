@@ -80,11 +80,11 @@ DESCRIPTIONS = {
     "(loss scale + log1p((C−1)·e^−scale))",
     "target_min": "multi-class: target logit −scale, others N(0, 1); the target is the row "
     "minimum (min(−scale, the others' minimum) where an N(0, 1) draw is below −scale)",
-    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a shared hidden "
-    "direction), on logits of spread 1",
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
+    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), "
+    "on logits of spread 1",
 }
 
 

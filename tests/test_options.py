@@ -638,6 +638,8 @@ CE_OPTION_SETS = [
 ]
 SEQ_OPTION_SETS = [{k: v for k, v in (("weight", w), ("label_smoothing", ls)) if v not in ("none", 0.0)}
                    for w in ("none", "random") for ls in (0.0, 0.1)]
+# Losses of one input; linear_cross_entropy (two) has the same checks in test_linear_cross_entropy.py.
+ONE_INPUT = [name for name, loss in LOSSES.items() if len(loss.inputs) == 1]
 OPTION_SETS = {"bce": BINARY_OPTION_SETS, "bce_with_logits": BINARY_OPTION_SETS,
                "cross_entropy": CE_OPTION_SETS, "sequence_cross_entropy": SEQ_OPTION_SETS}
 SCALES = (1.0, 100.0, 1e4)
@@ -731,7 +733,7 @@ STABLE_FORWARD_ULP, STABLE_REDUCED_ULP, STABLE_GRAD_ULP, STABLE_TERM_ULP = 4, 4,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("loss_name", ONE_INPUT)
 def test_stable_never_breaks(loss_name, dtype):
     loss = LOSSES[loss_name]
     impl = loss.implementations["stable"]
@@ -805,7 +807,7 @@ TORCH_ULP, TORCH_REDUCED_ULP = 32, 8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("loss_name", ONE_INPUT)
 def test_torch_matches_reference_semantics_on_benign_inputs(loss_name, dtype):
     # Weighting, denominators, smoothing and soft targets as torch defines them: a different
     # convention would be off by percents, i.e. millions of ULPs. The gradient's W·p_j − c_j

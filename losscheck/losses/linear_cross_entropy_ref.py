@@ -107,7 +107,14 @@ def make_point(case, seed: int, dtype: torch.dtype, device) -> tuple[torch.Tenso
         t = (picked + d.integers(1, max(2, v), (n,))) % v if v > 1 else picked
     if dist in ("confident_correct", "confident_wrong"):
         # The copied row: target (or wrong class) logit = scale (h·h·scale/|h|²).
-        w[picked] = R.round_to(h64 * (scale / (h64 * h64).sum(1, keepdim=True)), dtype)
+        # Where rows share a class (N > V) the last one's copy is kept, chosen explicitly (an
+        # indexed write with repeated indices keeps any, by thread); |h|² by cumsum: sequential
+        # along the row whatever the thread count (inputs.py).
+        rows = torch.arange(n, device=h64.device)
+        last = torch.full((v,), -1, dtype=torch.int64, device=h64.device).scatter_reduce_(0, picked, rows, "amax")
+        won = last[last >= 0]
+        hw = h64[won]
+        w[picked[won]] = R.round_to(hw * (scale / (hw * hw).cumsum(1)[:, -1:]), dtype)
     elif dist == "ties":
         w[1::2] = w[0 : v - 1 : 2]
     elif dist == "offset":
