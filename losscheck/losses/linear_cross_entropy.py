@@ -20,9 +20,8 @@ the check for writes into the input) then handles a second differentiated input 
 knowing it; the implementations receive views of it.
 
 `stable` chunks over the vocabulary (`_StableLinear`): the forward computes each chunk's
-logits (N, V/chunks) by a GEMM in float32 for float32 and half inputs (F.linear's precision for
-float32, exact products for half ones: `_gemm_dtype`; float64 GEMMs would cost twice on CPUs, over
-the 2× torch time target), takes them to `compute_dtype` (float64 for float32 inputs) and keeps an
+logits (N, V/chunks) by a GEMM in `compute_dtype` (float64 for float32 inputs: every product of
+two float32 values is exact there; float32 for half ones, exact products too) and keeps an
 online logsumexp per row — the running maximum m, its index k and s = Σ_{j≠k} exp(z_j − m),
 rescaled when m grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms
 (nothing cancels on confident rows). The backward recomputes each chunk's logits and forms
@@ -117,10 +116,9 @@ def framework(
     )
 
 
-def _gemm_dtype(dtype: torch.dtype, c: torch.dtype) -> torch.dtype:
-    """The GEMMs' dtype: float32 for float32 inputs (F.linear's: a float64 GEMM costs twice a
-    float32 one on CPUs, and the time target is 2× torch's), else the compute dtype (half
-    inputs in float32: their products are exact there)."""
+def _narrow_dtype(dtype: torch.dtype, c: torch.dtype) -> torch.dtype:
+    """dL/dh's GEMMs' dtype: float32 for float32 inputs (a float64 GEMM costs twice a float32
+    one on CPUs; torch sums all V classes in float32), else the compute dtype."""
     return torch.float32 if dtype == torch.float32 and c == torch.float64 else c
 
 
@@ -143,7 +141,7 @@ class _StableLinear(torch.autograd.Function):
         n, v = hidden.shape[0], classifier.shape[0]
         ignored = (target == ignore_index) if ignore_index is not None else None
         safe = target if ignored is None else torch.where(ignored, 0, target)
-        hg = hidden.to(_gemm_dtype(hidden.dtype, c))
+        hg = hidden.to(c)
         m = torch.full((n,), -math.inf, dtype=c, device=hidden.device)
         s = torch.zeros(n, dtype=c, device=hidden.device)  # Σ_{j≠k} exp(z_j − m)
         k = torch.zeros(n, dtype=torch.int64, device=hidden.device)
@@ -208,8 +206,8 @@ class _StableLinear(torch.autograd.Function):
         # float32 inputs, added up across chunks in float64: a float64 GEMM costs twice a float32
         # one on CPUs, and torch sums all V classes in float32. dL/dW's sum over the N tokens
         # stays in the compute dtype (Liger-Kernel #1391: its accumulation precision matters).
-        narrow = _gemm_dtype(hidden.dtype, c)
-        hg = h if narrow == c else hidden.to(narrow)
+        narrow = _narrow_dtype(hidden.dtype, c)
+        hg = h
         # Rows are scaled by a power of two before narrowing (exact), so that a confident row's
         # gradient (entries near s = Σ e^{z_j − m}, e.g. e^-100) does not underflow in float32:
         # its size is |u|·s when the target is the maximum, |u| otherwise.
