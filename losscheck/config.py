@@ -78,8 +78,8 @@ class Config:
     ignored: tuple[float, ...] = (0.0,)
     targets: tuple[str, ...] = ("hard",)
     sequence_lengths: tuple[int, ...] = (64,)
-    hidden_sizes: tuple[int, ...] = (OPTION_DEFAULTS["hidden"],)
-    chunks: tuple[int, ...] = (OPTION_DEFAULTS["chunks"],)
+    hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
+    chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0

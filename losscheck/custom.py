@@ -149,7 +149,7 @@ def _checked(fn, function):
         with _quiet():
             return fn(*args, **options)
 
-    call.__wrapped__ = fn  # its signature is the user's (Loss.custom reads it)
+    call.__wrapped__ = fn  # type: ignore[attr-defined]  # its signature is the user's (Loss.custom reads it)
     return call
 
 

@@ -83,8 +83,7 @@ DESCRIPTIONS = {
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
-    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), "
-    "on logits of spread 1",
+    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), on logits of spread 1",
 }
 
 

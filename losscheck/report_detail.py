@@ -341,8 +341,18 @@ def _memory(records: list[dict]) -> str:
         f"Largest peak per loss, dtype, size and implementation over its points: growth above the process's "
         f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
         + collapsible(
-            table(rows, ["loss", "device", "dtype", "rows", "classes", *(["logits"] if any(logits.values()) else []),
-                         *_heads(impls)]),
+            table(
+                rows,
+                [
+                    "loss",
+                    "device",
+                    "dtype",
+                    "rows",
+                    "classes",
+                    *(["logits"] if any(logits.values()) else []),
+                    *_heads(impls),
+                ],
+            ),
             len(rows),
         )
     )

@@ -128,7 +128,7 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         row = {}
         for i in config.impls_for(name):
             local = loss.implementations[i] if i in loss.implementations else loaded.get(i)
-            if i in loaded:  # called as the loss calls its implementations (several inputs: packed)
+            if local is not None and i in loaded:  # called as the loss calls them (several inputs: packed)
                 local = Impl(i, local.kind, loss.custom(local.fn), local.summary)
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..catalog import IGNORE_INDEX, LOSS_INFO
-from . import cross_entropy as ce
-from . import linear_cross_entropy_ref as ref
+from . import cross_entropy as ce, linear_cross_entropy_ref as ref
 from .base import Impl, Loss, compute_dtype, reduce_accurate
 
 # stable's default vocabulary chunk: at most this many logits (N × chunk) at once.
@@ -94,9 +93,7 @@ def _logits(hidden, classifier, bias):
     return z if bias is None else z + bias
 
 
-def naive(
-    hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None
-):
+def naive(hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None):
     """The logits materialised in the dtype, then cross_entropy's textbook formula."""
     return ce.naive(
         _logits(hidden, classifier, bias), target, reduction, label_smoothing=label_smoothing, ignore_index=ignore_index

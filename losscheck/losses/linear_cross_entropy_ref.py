@@ -45,9 +45,7 @@ import math
 
 import torch
 
-from .. import doubledouble as D
-from .. import inputs
-from .. import reference as R
+from .. import doubledouble as D, inputs, reference as R
 from . import cross_entropy as ce
 from .base import Reference
 
