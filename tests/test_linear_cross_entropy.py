@@ -133,9 +133,10 @@ def test_stable_is_accurate_in_any_chunking(dtype, dist, scale, chunks):
         assert [m["max_ulp"] for m in mine] <= [1, 2, 2], mine
     out_t, (th, tw) = _run(LOSS.implementations["torch"].fn, data)
     theirs = [_ulps(out_t.reshape(1), ref.reduced.reshape(1)), _ulps(th, rh), _ulps(tw, rw)]
-    # float32: the logits and dL/dh are float32 GEMMs as torch's, so the worst element is a
-    # matter of which rounding lands where: within 1.5 bits of torch's (1.04 worse at the
-    # confident_correct points with smoothing, a known near miss), and on average within 1 bit.
+    # float32: dL/dh's GEMMs are float32 as torch's (the logits and dL/dW float64), so dL/dh's
+    # worst element is a matter of which rounding lands where: within 1.5 bits of torch's (1.04
+    # worse at the confident_correct points with smoothing, a known near miss), and on average
+    # within 1 bit.
     for a, b in zip(mine, theirs):
         assert a["max_bits"] <= b["max_bits"] + 1.5, (mine, theirs)
         assert a["mean_bits"] <= b["mean_bits"] + 1, (mine, theirs)
