@@ -110,12 +110,12 @@ LOSS_INFO: dict[str, LossInfo] = {
             summary="fused linear cross entropy: hidden states (N, H) times a classifier (V = `classes`, H) "
             "without the N × V logits, gradients for both; label smoothing, ignore_index",
             formulas=Formulas(
-                loss=r"z = h W^\top,\ \ell(h, W, t) = -\log \frac{e^{z_t}}{\sum_j e^{z_j}}",
-                naive=r"z = h W^\top \text{ in the dtype},\ "
+                loss=r"z = h W^T,\ \ell(h, W, t) = -\log \frac{e^{z_t}}{\sum_j e^{z_j}}",
+                naive=r"z = h W^T \text{ in the dtype},\ "
                 r"\ell = -\log\left(e^{z_t} \big/ \textstyle\sum_j e^{z_j}\right)",
                 stable=r"\text{per vocabulary chunk: online } m, s = \textstyle\sum_{j \ne k} e^{z_j - m};\ "
                 r"\ell = (m - z_t) + \operatorname{log1p}(s)",
-                gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^\top h",
+                gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^T h",
             ),
             options=("label_smoothing", "ignored", "hidden", "chunks"),
         ),
