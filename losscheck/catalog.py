@@ -31,6 +31,10 @@ OPTION_DEFAULTS = {
     "label_smoothing": 0.0,
     "ignored": 0.0,
     "targets": "hard",
+    # linear_cross_entropy: the hidden size H, and the vocabulary chunks of chunked
+    # implementations (0: their own choice).
+    "hidden": 256,
+    "chunks": 0,
     "precision": "native",
     "spatial": "none",
     "dim": -1,
@@ -151,6 +155,20 @@ LOSS_INFO: dict[str, LossInfo] = {
                 gradient=_CE_FORMULAS.gradient,
             ),
             options=("weight", "label_smoothing"),
+        ),
+        LossInfo(
+            name="linear_cross_entropy",
+            summary="fused linear cross entropy: hidden states (N, H) times a classifier (V = `classes`, H) "
+            "without the N × V logits, gradients for both; label smoothing, ignore_index",
+            formulas=Formulas(
+                loss=r"z = h W^T,\ \ell(h, W, t) = -\log \frac{e^{z_t}}{\sum_j e^{z_j}}",
+                naive=r"z = h W^T \text{ in the dtype},\ "
+                r"\ell = -\log\left(e^{z_t} \big/ \textstyle\sum_j e^{z_j}\right)",
+                stable=r"\text{per vocabulary chunk: online } m, s = \textstyle\sum_{j \ne k} e^{z_j - m};\ "
+                r"\ell = (m - z_t) + \operatorname{log1p}(s)",
+                gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^T h",
+            ),
+            options=("label_smoothing", "ignored", "hidden", "chunks"),
         ),
     )
 }

@@ -55,6 +55,8 @@ OPTION_AXES = {
     "precision": "precision",
     "spatial": "spatial",
     "dim": "dims",
+    "hidden": "hidden_sizes",
+    "chunks": "chunks",
 }
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
@@ -94,6 +96,8 @@ class Config:
     grad_outputs: tuple[str, ...] = ("ones",)
     spatial: tuple[str, ...] = ("none",)
     dims: tuple[int, ...] = (-1,)
+    hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
+    chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -169,6 +173,8 @@ class Config:
             "grad_outputs": list(self.grad_outputs),
             "spatial": [spatial_dims(s) for s in self.spatial],
             "dims": list(self.dims),
+            "hidden_sizes": list(self.hidden_sizes),
+            "chunks": list(self.chunks),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -257,6 +263,9 @@ KEYS = {
     "grad_outputs": f"list of {', '.join(GRAD_OUTPUTS)}: upstream gradients of reduction none points",
     "spatial": "list of lists of positive integers: the d1, d2, … of (N, C, d1, d2, …) inputs ([] for (N, C))",
     "dims": "list of -1, 0: the dimension of log_softmax (-1: (N, C) rows; 0: the same rows as columns of (C, N))",
+    "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
+    "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
+    "0: their own choice)",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -340,6 +349,8 @@ def _build(data: dict, source: str) -> Config:
         grad_outputs=v.choices(data, "grad_outputs", GRAD_OUTPUTS, ("ones",)),
         spatial=v.spatial(data),
         dims=v.dims(data),
+        hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
+        chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),

@@ -172,18 +172,22 @@ class _Adapter:
 
     def __init__(self, fn, function: str, api: str, loss: str | None = None):
         self.fn, self.function, self.api, self.loss = fn, function, api, loss
+        self.__wrapped__ = fn  # its signature is the user's (inspect.signature; Loss.custom reads it)
         self.extra: dict[str, object] = {"loss_name": loss} if loss is not None and _accepts(fn, "loss_name") else {}
         self.needs_grad = _accepts(fn, "need_grad")
 
     def bound(self, loss: str) -> _Adapter:
         return _Adapter(self.fn, self.function, self.api, loss)
 
-    def __call__(self, x, t, reduction="mean", **options):
+    def __call__(self, *args, **options):
+        # (input, target, reduction), or a loss's several inputs first (linear_cross_entropy:
+        # hidden, classifier, target, reduction; see Loss.custom).
         if self.api == "numpy":
-            return self._numpy(x, t, reduction, options)
-        check_signature(self.fn, self.function, (x, t, reduction), {**options, **self.extra})
+            return self._numpy(args, options)
+        x, reduction = args[0], (args[-1] if len(args) > 2 else options.get("reduction", "mean"))
+        check_signature(self.fn, self.function, args, {**options, **self.extra})
         with _quiet():
-            out = self.fn(x, t, reduction, **options, **self.extra)
+            out = self.fn(*args, **options, **self.extra)
         if isinstance(out, torch.Tensor):
             if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad and out.is_floating_point():
                 raise ImplementationError(
@@ -197,7 +201,8 @@ class _Adapter:
             )
         return out
 
-    def _numpy(self, x, t, reduction, options):
+    def _numpy(self, args: tuple, options: dict):
+        x, t, reduction = args[0], args[1], (args[2] if len(args) > 2 else "mean")
         dtype = numpy_dtype(x.dtype)  # Unsupported (the point skipped) where numpy cannot hold it
         if x.device.type != "cpu":
             raise Unsupported(f"api: numpy runs on the CPU only; use api: torch for code that runs on {x.device.type}")

@@ -65,7 +65,14 @@ LOGIT_DISTRIBUTIONS = ("nonfinite",)
 # the dtype under test (`out_of_domain`): what each implementation does with them is recorded,
 # not scored (METRICS.md, "Out-of-domain inputs").
 OUT_OF_DOMAIN = "out_of_domain"
-DISTRIBUTIONS = COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
+
+# Losses of hidden states times a classifier (linear_cross_entropy) only; they take these and
+# HIDDEN_APPLIES of the others (their inputs: losses/linear_cross_entropy_ref.py).
+HIDDEN_DISTRIBUTIONS = ("offset",)
+HIDDEN_APPLIES = ("normal", "uniform", "confident_correct", "confident_wrong", "ties", "offset")
+DISTRIBUTIONS = (
+    COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + HIDDEN_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
+)
 # What `generate` accepts for binary losses (bce: see `applies`, nonfinite does not apply).
 BINARY_DISTRIBUTIONS = COMMON_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
 DESCRIPTIONS = {
@@ -94,6 +101,7 @@ DESCRIPTIONS = {
     OUT_OF_DOMAIN: "N(0, 1)·scale logits, then by element (row) index mod 4 in the dtype: "
     "probability inputs 0: 1 + ulp(1) (just above 1), 1: −ulp(1)/2 (just below 0), 2: NaN; "
     "logit inputs 2: NaN (multi-class: the row's first logit); recorded, not scored",
+    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), on logits of spread 1",
 }
 
 
@@ -129,6 +137,8 @@ def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if input_kind == "hidden" or distribution in HIDDEN_DISTRIBUTIONS:
+        return input_kind == "hidden" and distribution in HIDDEN_APPLIES
     if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:
         return False
     return not (distribution in LOGIT_DISTRIBUTIONS and input_kind != "logits")

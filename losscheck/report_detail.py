@@ -35,7 +35,13 @@ def _heads(impls: list[str]) -> list[str]:
 
 def sections(records: list[dict], level: int = 2) -> list[str]:
     """Every detail section of `records` (all of one loss, or all of the run), in reading order."""
-    parts = [_undefined(records), _nonfinite_inputs(records), _out_of_domain(records), _versus(records)]
+    parts = [
+        _undefined(records),
+        _nonfinite_inputs(records),
+        _out_of_domain(records),
+        _versus(records),
+        _input_gradients(records),
+    ]
     parts += [loss_section(loss, [r for r in records if r["loss"] == loss], level) for loss in losses_of(records)]
     parts += [_timing(records), _memory(records), problems(records)]
     return [p for p in parts if p]
@@ -87,6 +93,25 @@ def _out_of_domain(records: list[dict]) -> str:
 
 
 _OUTCOMES = (("raised", "raised"), ("nan", "NaN"), ("number", "number"))
+
+
+def _input_gradients(records: list[dict]) -> str:
+    """Losses of two differentiated inputs (linear_cross_entropy): the gradient errors for
+    each input apart — a kernel can be right for the hidden states and wrong for the weight."""
+    recs = [r for r in records if r["status"] == "ok" and r.get("backward_classifier") and r.get("backward")]
+    if not recs:
+        return ""
+
+    def cell(rs, dtype):
+        worst = [max(r[part]["max_bits"] for r in rs) for part in ("backward", "backward_classifier")]
+        broken = [sum(r[p]["max_bits"] >= r["threshold_bits"] for r in rs) for p in ("backward", "backward_classifier")]
+        return f"{worst[0]:.1f} · {worst[1]:.1f} ({broken[0]} · {broken[1]} of {len(rs)} broken)"
+
+    return (
+        "## Gradient errors per input\n\n"
+        "For losses of hidden states h and a classifier W: the worst bits lost over the points in "
+        "∂L/∂h · ∂L/∂W, and the points broken in each.\n\n" + _per_impl_table(recs, cell)
+    )
 
 
 def _per_impl_table(recs: list[dict], cell) -> str:
@@ -335,9 +360,11 @@ def _memory(records: list[dict]) -> str:
         if extra > groups[key].get(r["impl"], (-1,))[0]:
             groups[key][r["impl"]] = (extra, m["peak_bytes"], r)
     impls = impls_of(recs)
+    # Fused losses record the bytes the N × V logits would take (memory.logits_bytes).
+    logits = {k: max(v[2]["memory"].get("logits_bytes", 0) for v in g.values()) for k, g in groups.items()}
     rows = []
     for key in sorted(groups, key=lambda k: (*row_order(*k[:3]), k[3], str(k[4]))):
-        row = list(key)
+        row = list(key) + ([format_bytes(logits[key]) if logits[key] else "—"] if any(logits.values()) else [])
         for impl in impls:
             v = groups[key].get(impl)
             row.append("" if v is None else f"+{format_bytes(v[0])} (peak {format_bytes(v[1])})")
@@ -347,7 +374,21 @@ def _memory(records: list[dict]) -> str:
         "## Peak memory\n\n"
         f"Largest peak per loss, dtype, size and implementation over its points: growth above the process's "
         f"memory when the point started (+), and the peak itself. Measured as: {'; '.join(measures)}.\n\n"
-        + collapsible(table(rows, ["loss", "device", "dtype", "rows", "classes", *_heads(impls)]), len(rows))
+        + collapsible(
+            table(
+                rows,
+                [
+                    "loss",
+                    "device",
+                    "dtype",
+                    "rows",
+                    "classes",
+                    *(["logits"] if any(logits.values()) else []),
+                    *_heads(impls),
+                ],
+            ),
+            len(rows),
+        )
     )
 
 

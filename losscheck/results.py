@@ -49,6 +49,11 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       the mean/sum is NaN; null for reduction "none"). Its `forward`/`backward` score the
       other elements only, and `forward.reduced_ulp` is null. Records of soft binary targets
       and of zero or negative `pos_weight` use the existing `options` (`targets: soft`).
+      Losses of several differentiated inputs (linear_cross_entropy: hidden states and
+      classifier, issue 19) add `backward_classifier` beside `backward` (dL/dhidden): the
+      same metric object, null or absent where not measured; `memory.logits_bytes` (the bytes
+      the N × V logits take in the dtype); `options` may hold `hidden` (the hidden size,
+      absent: 256) and `chunks` (stable's vocabulary chunks, absent: its own choice).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -96,6 +101,8 @@ KEY_FIELDS = (
     "time",
 )
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
+# Metric sections only some records have (schema 3: a loss's second differentiated input).
+OPTIONAL_SECTIONS = ("backward_classifier",)
 RECORD_KEYS = (*KEY_FIELDS[:2], "kind", *KEY_FIELDS[2:], "status", "message", *NUMERIC_SECTIONS)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -289,7 +296,7 @@ def load(path: str | Path) -> dict:
         missing = [k for k in RECORD_KEYS if k not in rec]
         if missing:
             raise ResultsError(f"{path}: records[{i}] lacks key '{missing[0]}'")
-        for section in NUMERIC_SECTIONS:
+        for section in (*NUMERIC_SECTIONS, *OPTIONAL_SECTIONS):
             values = rec.get(section)
             if isinstance(values, dict):
                 rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
@@ -381,10 +388,10 @@ def _record_problem(rec: dict) -> str | None:
         return None
     if not _is_finite(rec.get("threshold_bits")):
         return "key 'threshold_bits' missing or not a number"
-    for section in ("forward", "backward"):
-        values = rec[section]
-        if section == "backward" and values is None:
-            continue  # not measured: a numpy implementation that returned no gradient
+    for section in ("forward", "backward", *OPTIONAL_SECTIONS):
+        values = rec.get(section)
+        if section != "forward" and values is None:
+            continue  # not measured: a numpy implementation without gradient; a one-input loss
         if not isinstance(values, dict):
             return f"'{section}' must be an object for status ok"
         for key in METRIC_KEYS:

@@ -144,6 +144,8 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
         for i in config.impls_for(name):
             local = implementation(loss, i) if families.get(i) else loaded.get(i)
             local = custom.for_loss(local, name) if local is not None else None  # loss_name= (custom.py)
+            if local is not None and i in loaded:  # called as the loss calls them (several inputs: packed)
+                local = Impl(i, local.kind, loss.custom(local.fn), local.summary)
             if i in workers:
                 kind, summary = (local.kind, local.summary) if local else ("custom", custom.summary(specs[i]))
                 row[i] = Impl(i, kind, worker.RemoteFn(workers[i], name), summary)
@@ -257,7 +259,10 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     dtype = FORMATS[case.dtype].torch_dtype
     device = torch.device(case.device)
     rows = rows_of(case)
-    if loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
+    options: dict = {}
+    if loss.make_point is not None:  # several inputs (hidden states, classifier): the loss's own
+        inp, labels, options = loss.make_point(case, seed, dtype, device)
+    elif loss.multiclass and case.classes is not None and rows * case.classes > inputs.GENERATE_CHUNK:
         inp = torch.empty((rows, case.classes), dtype=dtype, device=device)
         labels = torch.empty(rows, dtype=torch.int64, device=device)
         offsets = inputs.row_offsets(case.distribution, case.dtype, rows, device)
@@ -276,7 +281,6 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
-    options: dict = {}
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
     if "pos_weight" in values:
@@ -285,6 +289,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
+    if dict(case.options).get("chunks"):
+        options["chunks"] = int(dict(case.options)["chunks"])
     if "soft" in values:
         if case.distribution in inputs.MASKED_SOFT:
             values["soft"] = inputs.zero_masked(values["soft"], inp)
@@ -330,6 +336,12 @@ def estimate_bytes(case: Case) -> int:
     elements = rows_of(case) * (case.classes or 1)
     copies = INPUT_COPIES + (1 if dict(case.options).get("targets") == "soft" else 0)
     cached = 8 * elements if elements <= inputs.GENERATE_CHUNK else 0
+    count = LOSSES[case.loss].input_elements
+    if count is not None:
+        # Hidden states and classifier: the logits (elements) as the input above, for the
+        # implementations that materialise them, plus the packed input and the reference's
+        # float64 copies of it and of its gradient (no cached input).
+        return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + 24 * count(case)
     return elements * FORMATS[case.dtype].torch_dtype.itemsize * copies + cached
 
 
@@ -400,6 +412,8 @@ def run_case(
         if r["memory"] and built:
             # The peak while the inputs and the reference were made (shared by the implementations).
             r["memory"]["setup_peak_bytes"] = built["peak_bytes"]
+        if r["memory"] and loss.logits_bytes is not None:
+            r["memory"]["logits_bytes"] = loss.logits_bytes(case)  # what a fused loss never holds
     if config.timing.applies(case.distribution, case.scale):
         ok = {
             impl.name: precision.wrap(impl.fn, case.policy, case.device)
@@ -417,6 +431,8 @@ def run_case(
                 if isinstance(result, Exception):
                     r["status"], r["message"] = "error", f"while timing: {_one_line(result)}"
                     r["forward"] = r["backward"] = None
+                    for name in loss.inputs[1:]:
+                        r.pop(f"backward_{name}", None)
                 elif result is not None:
                     r["timing"] = result
     for impl, r in zip(chosen, out, strict=True):
@@ -513,7 +529,7 @@ def evaluate(
     the reference rounded to a wider dtype, for outputs a precision policy widened."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
-    audit = _Audit(ref, threshold, case, ref_in)
+    audit = _Audit(ref, threshold, case, ref_in, loss, data.target)
     if _large(case):
         memory.trim()
     peak = memory.PeakMemory(case.device)
@@ -556,6 +572,8 @@ def evaluate(
         record["status"] = "error"
         record["message"] = failure_message(e)
         record["forward"] = record["backward"] = None
+        for name in loss.inputs[1:]:
+            record.pop(f"backward_{name}", None)
         memory.release(case.device)
         if not isinstance(impl.fn, worker.RemoteFn):
             record["memory"] = peak.result()
@@ -607,6 +625,8 @@ class _Audit:
     threshold: float
     case: Case
     ref_in: Callable[[torch.dtype], Reference] | None = None
+    loss: Loss | None = None  # a loss of several inputs: `backward_<input>` for each after the first
+    target: torch.Tensor | None = None
 
     def __call__(self, o: worker.Outputs, record: dict) -> None:
         case, ref, threshold = self.case, self.ref, self.threshold
@@ -635,9 +655,16 @@ class _Audit:
         if any(notes):
             record["message"] = "; ".join(n for n in notes if n)
         if o.grad is not None:
-            bwd = ErrorStats(self.threshold)
-            bwd.add(*_kept(o.grad.to(dev), self.ref.grad, keep))
-            record["backward"] = bwd.as_dict()
+            mine, exact = o.grad.to(dev), self.ref.grad
+            names: tuple[str, ...] = ("input",)
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = [(mine, exact)]
+            if self.loss is not None and self.target is not None and len(self.loss.inputs) > 1:
+                names = self.loss.inputs
+                parts = list(zip(self.loss.split(mine, self.target), self.loss.split(exact, self.target), strict=True))
+            for i, (m, e) in enumerate(parts):
+                bwd = ErrorStats(self.threshold)
+                bwd.add(*_kept(m, e, keep))
+                record["backward" if i == 0 else f"backward_{names[i]}"] = bwd.as_dict()
         if keep is not None:
             record["out_of_domain"] = _outcome(self.ref, o)
 

@@ -415,7 +415,11 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         try:
             if kind in ("evaluate", "calibrate"):
                 loss, inp, target, options, device, reduction, threads, policy = args[:8]
-                fn = custom.for_loss(loaded, loss).fn if loaded is not None else implementation(LOSSES[loss], name).fn
+                fn = (
+                    LOSSES[loss].custom(custom.for_loss(loaded, loss).fn)
+                    if loaded is not None
+                    else implementation(LOSSES[loss], name).fn
+                )
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)

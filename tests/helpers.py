@@ -4,8 +4,11 @@ from __future__ import annotations
 from losscheck.losses import LOSSES
 
 # Losses of one value per (N,) or (N, C) row; sequence losses (B, T, V) are tested in test_options.py,
-# tensor outputs (log_softmax, one value per element) in test_nll_log_softmax.py.
-FLAT_LOSSES = {name: loss for name, loss in LOSSES.items() if not loss.sequence and not loss.elementwise}
+# tensor outputs (log_softmax, one value per element) in test_nll_log_softmax.py, losses of several
+# inputs (linear_cross_entropy: hidden states and classifier) in their own test file.
+FLAT_LOSSES = {
+    name: loss for name, loss in LOSSES.items() if not loss.sequence and not loss.elementwise and len(loss.inputs) == 1
+}
 
 
 def assert_one_error_line(result, *fragments):

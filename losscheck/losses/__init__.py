@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from .. import families
-from . import bce, bce_with_logits, cross_entropy, log_softmax, nll_loss, sequence_cross_entropy, sigmoid_bce
+from . import (
+    bce,
+    bce_with_logits,
+    cross_entropy,
+    linear_cross_entropy,
+    log_softmax,
+    nll_loss,
+    sequence_cross_entropy,
+    sigmoid_bce,
+)
 from .base import IGNORE_INDEX, OPTION_DEFAULTS, Impl, Loss, Reference, reference
 
 LOSSES: dict[str, Loss] = {
@@ -16,6 +25,7 @@ LOSSES: dict[str, Loss] = {
         nll_loss,
         log_softmax,
         sequence_cross_entropy,
+        linear_cross_entropy,
     )
 }
 

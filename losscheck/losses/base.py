@@ -73,7 +73,7 @@ class Loss:
     name: str
     summary: str
     multiclass: bool
-    input_kind: str  # "logits", "probabilities" or "log_probabilities" (rows of log_softmax)
+    input_kind: str  # "logits", "probabilities", "log_probabilities" (rows of log_softmax) or "hidden"
     implementations: dict[str, Impl]
     reference_chunk: R.ChunkFunction  # numpy arrays or tensors in, the same kind out
     formulas: Formulas
@@ -87,6 +87,33 @@ class Loss:
     # reference takes the upstream gradient itself (`grad_output=`), as a row's gradient is
     # then no multiple of that of its sum (METRICS.md "Tensor outputs").
     elementwise: bool = False
+    # The differentiated inputs, in the implementations' argument order. A loss of several
+    # (linear_cross_entropy: hidden, classifier) gets them packed into one tensor through the
+    # sweep, and supplies the hooks below; `backward` audits the gradient of the first and
+    # `backward_<name>` that of each other one.
+    inputs: tuple[str, ...] = ("input",)
+    # packed input, target -> the inputs' views, in `inputs` order.
+    unpack: Callable[..., tuple] | None = None
+    # fn(input_1, input_2, ..., target, reduction, **options) -> fn(packed, target, reduction,
+    # **options): how a custom implementation is called (built-ins are adapted already).
+    adapt: Callable[[Callable], Callable] | None = None
+    # (case, seed, dtype, device) -> (packed input in dtype, int64 targets, options the value
+    # set needs, e.g. a bias): the point's input, instead of `make_input` of generated logits.
+    make_point: Callable[..., tuple] | None = None
+    # reference(loss, inp, target, options, reduction) -> Reference, instead of the generic
+    # row-chunked one (a loss whose gradient sums over rows).
+    reference_fn: Callable[..., Any] | None = None
+    # case -> values of the packed input; case -> bytes the logits would take (recorded).
+    input_elements: Callable[..., int] | None = None
+    logits_bytes: Callable[..., int] | None = None
+
+    def split(self, values: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A packed input or gradient as one tensor per differentiated input."""
+        return (values,) if self.unpack is None else tuple(self.unpack(values, target))
+
+    def custom(self, fn: Callable) -> Callable:
+        """A custom implementation as the sweep calls it."""
+        return fn if self.adapt is None else self.adapt(fn)
 
     def make_input(self, logits, dtype: torch.dtype) -> torch.Tensor:
         """The input under test from float64 logits (a tensor, on its device, or numpy
@@ -244,6 +271,8 @@ def reference(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+    if loss.reference_fn is not None:
+        return loss.reference_fn(loss, inp, target, options, reduction)
     dtype = inp.dtype
     how = R.path(dtype, inp.device)
     if how == "dd" and getattr(loss.reference_chunk, "dd", None) is not None:

@@ -1,0 +1,280 @@
+"""Fused linear cross entropy: hidden states (N, H) and a classifier weight (V, H) in, the
+loss of the logits z = hidden @ classifier.T (+ bias) out, differentiated with respect to
+both the hidden states and the classifier — what language-model trainers compute without
+ever holding the N × V logits (Liger-Kernel, Cut Cross-Entropy, torch's chunked loss).
+
+An implementation is called as
+
+    fn(hidden, classifier, target, reduction="mean", bias=None, **options)
+
+with ``target`` int64 class indices (N,), ``ignore_index`` marking ignored tokens,
+``label_smoothing`` a float, ``bias`` an optional (V,) tensor (not differentiated by the
+audit) and ``chunks`` the number of vocabulary chunks a chunked implementation uses (passed
+to a custom implementation only when its signature names it). The audit differentiates the
+result with respect to ``hidden`` (the record's ``backward``) and ``classifier``
+(``backward_classifier``).
+
+Inside the sweep both inputs travel as one packed tensor, ``cat([hidden, classifier])``
+of shape (N + V, H) (`pack`, `unpack`): the generic code (the worker processes, the timing,
+the check for writes into the input) then handles a second differentiated input without
+knowing it; the implementations receive views of it.
+
+`stable` chunks over the vocabulary (`_StableLinear`): the forward computes each chunk's
+logits (N, V/chunks) by a GEMM in `compute_dtype` (float64 for float32 inputs: every product of
+two float32 values is exact there; float32 for half ones, exact products too) and keeps an
+online logsumexp per row — the running maximum m, its index k and s = Σ_{j≠k} exp(z_j − m),
+rescaled when m grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms
+(nothing cancels on confident rows). The backward recomputes each chunk's logits and forms
+its gradient dL/dz exactly as cross_entropy's stable does (p_t − 1 = −(1 + s − e_t)/(1 + s),
+without cancellation); dL/dhidden is accumulated over the chunks in the compute dtype and
+rounded once (each chunk's GEMM in float32, rows scaled by powers of two so that nothing
+underflows), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
+tokens (one GEMM in the compute dtype — float64 for float32 inputs, Liger-Kernel #1391 —
+rounded once): chunking over the vocabulary needs no
+dL/dclassifier accumulator across chunks. Memory beyond the inputs and gradients: a few
+(N, V/chunks) blocks in the compute dtype and (N, H) in it; by default a chunk holds at most
+CHUNK_ELEMENTS logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..catalog import IGNORE_INDEX, LOSS_INFO
+from . import cross_entropy as ce, linear_cross_entropy_ref as ref
+from .base import Impl, Loss, compute_dtype, reduce_accurate
+
+# stable's default vocabulary chunk: at most this many logits (N × chunk) at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def unpack(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, classifier) views of the packed input: the first N = len(target) rows are
+    the hidden states."""
+    n = target.shape[0]
+    return x[:n], x[n:]
+
+
+def pack(hidden: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    return torch.cat([hidden, classifier])
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # a C function: let the call tell
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def adapt(fn):
+    """`fn(hidden, classifier, target, reduction, **options)` as the sweep calls an
+    implementation, `f(packed, target, reduction, **options)`; `chunks` is dropped for a
+    function that does not take it (it only tells chunked implementations how to chunk)."""
+    takes_chunks = _takes(fn, "chunks")
+
+    def packed(x, t, reduction="mean", **options):
+        if not takes_chunks:
+            options.pop("chunks", None)
+        h, w = unpack(x, t)
+        return fn(h, w, t, reduction, **options)
+
+    packed.__name__ = packed.__qualname__ = getattr(fn, "__name__", "linear_cross_entropy")
+    packed.__doc__ = fn.__doc__
+    return packed
+
+
+def _logits(hidden, classifier, bias):
+    z = hidden @ classifier.T
+    return z if bias is None else z + bias
+
+
+def naive(hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None):
+    """The logits materialised in the dtype, then cross_entropy's textbook formula."""
+    return ce.naive(
+        _logits(hidden, classifier, bias), target, reduction, label_smoothing=label_smoothing, ignore_index=ignore_index
+    )
+
+
+def framework(
+    hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None
+):
+    """torch.nn.functional.cross_entropy(F.linear(hidden, classifier, bias), target)."""
+    return F.cross_entropy(
+        F.linear(hidden, classifier, bias),
+        target,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index,
+    )
+
+
+def _narrow_dtype(dtype: torch.dtype, c: torch.dtype) -> torch.dtype:
+    """dL/dh's GEMMs' dtype: float32 for float32 inputs (a float64 GEMM costs twice a float32
+    one on CPUs; torch sums all V classes in float32), else the compute dtype."""
+    return torch.float32 if dtype == torch.float32 and c == torch.float64 else c
+
+
+def _chunk_logits(hg, classifier, part, bias, c):
+    """One vocabulary chunk's logits, in the GEMM's dtype (the subtraction of the row maximum
+    then promotes them to `c` in the same pass), or in `c` with the bias added there."""
+    z = hg @ classifier[part].to(hg.dtype).T
+    return z if bias is None else z.to(c).add_(bias[part].to(c))
+
+
+def _chunk_slices(n: int, v: int, chunks: int | None):
+    step = math.ceil(v / chunks) if chunks else max(1, CHUNK_ELEMENTS // max(1, n))
+    return [slice(s, min(v, s + step)) for s in range(0, v, step)]
+
+
+class _StableLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks):
+        c = compute_dtype(hidden.dtype, hidden.device)
+        n, v = hidden.shape[0], classifier.shape[0]
+        ignored = (target == ignore_index) if ignore_index is not None else None
+        safe = target if ignored is None else torch.where(ignored, 0, target)
+        hg = hidden.to(c)
+        m = torch.full((n,), -math.inf, dtype=c, device=hidden.device)
+        s = torch.zeros(n, dtype=c, device=hidden.device)  # Σ_{j≠k} exp(z_j − m)
+        k = torch.zeros(n, dtype=torch.int64, device=hidden.device)
+        zt = torch.zeros(n, dtype=c, device=hidden.device)
+        gaps = torch.zeros(n, dtype=c, device=hidden.device) if label_smoothing else None  # Σ_j (m − z_j)
+        for part in _chunk_slices(n, v, chunks):
+            z = _chunk_logits(hg, classifier, part, bias, c)
+            inside = (safe >= part.start) & (safe < part.stop)
+            local = (safe - part.start).clamp(0, part.stop - part.start - 1)
+            zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1).to(c), zt)
+            cm, ck = z.max(1)
+            cm = cm.to(c)
+            moved = cm > m  # ties keep the earlier maximum
+            new_m = torch.where(moved, cm, m)
+            if gaps is not None:
+                # All terms m − z_j >= 0: the old ones grow by (new m − old m) each.
+                seen = float(part.start)
+                grow = torch.where(m == -math.inf, 0.0, (new_m - m) * seen)
+                gaps = gaps + grow + (new_m[:, None] - z).sum(1)
+            e = torch.sub(z, new_m[:, None]).exp_()
+            del z
+            rows = torch.arange(n, device=hidden.device)
+            e[rows[moved], ck[moved]] = 0.0  # the new maximum is the 1 outside s
+            # The old maximum (1) and the old s, rescaled to the new maximum.
+            s = torch.where(moved, (s + 1) * torch.exp(m - cm), s) + e.sum(1)
+            k = torch.where(moved, ck + part.start, k)
+            m = new_m
+        # A target on the maximum is the k of the gradient's formula (s is the same either way).
+        k = torch.where(zt == m, safe, k)
+        lse = torch.log1p(s)
+        loss = (m - zt) + lse
+        if label_smoothing:
+            eps = label_smoothing
+            loss = (1 - eps) * loss + eps / v * gaps + eps * lse
+        denominator = None
+        if ignored is not None:
+            loss = torch.where(ignored, 0.0, loss)
+            denominator = (~ignored).sum().to(torch.float64)
+        ctx.save_for_backward(hidden, classifier, target, bias, m, s, k, denominator)
+        ctx.meta = (reduction, label_smoothing, ignore_index, chunks)
+        return reduce_accurate(loss, reduction, hidden.dtype, None, denominator)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, classifier, target, bias, m, s, k, denominator = ctx.saved_tensors
+        reduction, label_smoothing, ignore_index, chunks = ctx.meta
+        c = compute_dtype(hidden.dtype, hidden.device)
+        n, v = hidden.shape[0], classifier.shape[0]
+        ignored = (target == ignore_index) if ignore_index is not None else None
+        safe = target if ignored is None else torch.where(ignored, 0, target)
+        # Each row's factor: the upstream gradient, divided by the mean's denominator.
+        u = grad_output.to(c).expand(n) if grad_output.dim() == 0 else grad_output.to(c)
+        if reduction == "mean":
+            d = float(n) if denominator is None else max(float(denominator), 1.0)
+            u = u / d
+        if ignored is not None:
+            u = torch.where(ignored, 0.0, u)
+        h = hidden.to(c)
+        total = 1 + s
+        eps = label_smoothing
+        # dL/dh's GEMMs (one per chunk, over its V/chunks classes) in the input's float32 for
+        # float32 inputs, added up across chunks in float64: a float64 GEMM costs twice a float32
+        # one on CPUs, and torch sums all V classes in float32. dL/dW's sum over the N tokens
+        # stays in the compute dtype (Liger-Kernel #1391: its accumulation precision matters).
+        narrow = _narrow_dtype(hidden.dtype, c)
+        hg = h
+        # Rows are scaled by a power of two before narrowing (exact), so that a confident row's
+        # gradient (entries near s = Σ e^{z_j − m}, e.g. e^-100) does not underflow in float32:
+        # its size is |u|·s when the target is the maximum, |u| otherwise.
+        # The scale goes into u (g·u·2**-shift) and back into h for dL/dW and onto dL/dh's rows:
+        # no pass over the (N, V/chunks) block for it.
+        size = u.abs() * torch.where(safe == k, torch.clamp(s, max=1.0), 1.0)
+        shift = torch.where((size > 0) & (narrow != c), torch.frexp(size)[1], 0).clamp(min=-900)[:, None]
+        u = torch.ldexp(u, -shift[:, 0])
+        h = torch.ldexp(h, shift)
+        dh = torch.zeros_like(h)
+        dw = torch.empty_like(classifier)
+        db = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
+        rows = torch.arange(n, device=hidden.device)
+        for part in _chunk_slices(n, v, chunks):
+            g = _chunk_logits(hg, classifier, part, bias, c)
+            g = torch.sub(g, m[:, None]).exp_()  # promoted to the compute dtype
+            et = g.gather(1, (safe - part.start).clamp(0, part.stop - part.start - 1)[:, None]).squeeze(1)
+            g.div_(total[:, None])
+            if eps:
+                g.sub_(eps / v)
+            # p_t − 1 = −(1 + s − e_t)/(1 + s) (= −s/(1 + s) when t is the maximum), plus
+            # smoothing's ε − ε/V: no cancellation on confident rows.
+            inside = (safe >= part.start) & (safe < part.stop)
+            rest = torch.where(safe == k, s, total - et)
+            gt = -rest / total + (eps - eps / v if eps else 0.0)
+            g[rows[inside], safe[inside] - part.start] = gt[inside]
+            g.mul_(u[:, None])
+            if narrow == c:
+                dh.addmm_(g, classifier[part].to(c))
+            else:
+                dh += (g.to(narrow) @ classifier[part]).to(c)
+            dw[part] = (g.T @ h).to(dw.dtype)
+            if db is not None:
+                db[part] = (g.T @ torch.ldexp(torch.ones_like(u), shift[:, 0])).to(db.dtype)
+        return torch.ldexp(dh, shift).to(hidden.dtype), dw, None, None, db, None, None, None
+
+
+def stable(
+    hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None
+):
+    """Chunked over the vocabulary with an online logsumexp, in the compute dtype, never the N × V logits."""
+    return _StableLinear.apply(hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks)
+
+
+INFO = LOSS_INFO["linear_cross_entropy"]  # summary, formulas, options: catalog.py
+
+LOSS = Loss(
+    name="linear_cross_entropy",
+    summary=INFO.summary,
+    multiclass=True,
+    input_kind="hidden",
+    implementations={
+        "naive": Impl("naive", "naive", adapt(naive), "logits = h @ W.T in the dtype, then −log(e^{z_t}/Σ e^{z_j})"),
+        "stable": Impl(
+            "stable",
+            "stable",
+            adapt(stable),
+            "vocabulary chunks, online logsumexp, (m − z_t) + log1p(s), one precision up, rounded once",
+        ),
+        "torch": Impl("torch", "framework", adapt(framework), "F.cross_entropy(F.linear(h, W, b), t)"),
+    },
+    reference_chunk=ce.reference_chunk,  # the logits' cross entropy; the whole reference is `ref.reference`
+    formulas=INFO.formulas,
+    options=INFO.options,
+    denominators=ce.denominators,
+    inputs=("hidden", "classifier"),
+    unpack=unpack,
+    adapt=adapt,
+    make_point=ref.make_point,
+    reference_fn=ref.reference_fn,
+    input_elements=ref.input_elements,
+    logits_bytes=ref.logits_bytes,
+)
