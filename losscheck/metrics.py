@@ -66,6 +66,10 @@ class _Bits:
         return self._mask ^ ((1 << (self.f.significand_bits - 1)) - 1)
 
     @property
+    def floats(self) -> torch.Tensor:
+        return self.ints.view(self.f.torch_dtype)
+
+    @property
     def negative(self) -> torch.Tensor:
         return self.ints < 0
 
@@ -258,6 +262,8 @@ class _Accumulator:
         if not self.on_host:
             self._finish(pair, pair.finite_distance(), special=True, zeros=True)
             return
+        if self._same_signs(pair):
+            return
         # A read-back per chunk says which rules can apply at all. Most chunks have no
         # non-finite value and no sign change: their distance is then the patterns'
         # difference, and the rules for NaN, ±inf and signs cost nothing.
@@ -279,6 +285,44 @@ class _Accumulator:
             self._finite(pair, zeros, signs_differ)
         else:
             self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
+
+    def _same_signs(self, pair: _Pair) -> bool:
+        """The common chunk, in fewer passes than the rules below need: every value and
+        reference finite, each value of its reference's sign. Then the distance is
+        |bits(v) − bits(r)| (the sign bit cancels), exact in the format's width, and every
+        number comes from it as in `_finite`. False (nothing added) for any other chunk.
+
+        The signs need no pass of their own: with finite magnitudes (below inf_bits =
+        2**(w−1) − 2**(p−1) in a w-bit format of precision p), a value and a reference of
+        opposite signs have a pattern difference W, wrapped to w bits, with |W| > 2**(p−1)
+        or W = −2**(w−1). So every |W| below 2**(p−1) proves every sign equal; beyond it
+        (bfloat16's 2**7 is soon reached) the signs are compared.
+        """
+        v, r = pair.v, pair.r
+        lo_v, hi_v, lo_r, hi_r = torch.stack([*torch.aminmax(v.floats), *torch.aminmax(r.floats)]).tolist()
+        if not all(map(math.isfinite, (lo_v, hi_v, lo_r, hi_r))):
+            return False  # NaN (propagated by aminmax) or ±inf: the rules of `_finish`
+        w = torch.sub(v.ints, r.ints)
+        wmin, wmax = torch.stack(torch.aminmax(w)).tolist()
+        half = 1 << (self.p - 1)
+        # Strictly positive or strictly negative throughout (no zero of either sign): one sign.
+        one_sign = (lo_v > 0 and lo_r > 0) or (hi_v < 0 and hi_r < 0)
+        if not (one_sign or -half < wmin <= wmax < half) and bool(torch.bitwise_xor(v.ints, r.ints).amin() < 0):
+            return False  # a sign differs (or may: the test above passes over large errors)
+        largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
+        d = w.abs_()
+        # (count_nonzero on the floats counts ±0 as zero: one pass, no temporary.)
+        zeros = lo_v <= 0 <= hi_v and int(torch.count_nonzero(v.floats)) < v.ints.numel()
+        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        if largest > self.ulp_threshold:
+            self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
+        if zeros:
+            # A zero value against a reference of its sign: its distance is the reference's
+            # magnitude, non-zero exactly where the reference is (underflow).
+            self.counts["underflow"].append(torch.count_nonzero(torch.eq(v.floats, 0).logical_and_(d != 0)))
+        if largest:
+            self.bits_sum += self._bits(d, largest).sum()
+        return True
 
     def _finite(self, pair: _Pair, zeros: bool, signs_differ: bool) -> None:
         """A chunk of finite values in a format of 32 bits or fewer: every number comes from
