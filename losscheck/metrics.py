@@ -184,6 +184,25 @@ def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return _distance(_Bits.of(value), _Bits.of(reference))
 
 
+def _scalar_distance(vi: int, ri: int, f: FloatFormat) -> float:
+    """`ulp_distance` of one value against one reference, from their bit patterns (signed
+    integers of the format's width): `_Pair.finite_distance` and `apply_rules` in Python."""
+    mask = (1 << (f.total_bits - 1)) - 1
+    inf_bits = mask ^ ((1 << (f.significand_bits - 1)) - 1)
+    vm, rm = vi & mask, ri & mask
+    vnan, rnan = vm > inf_bits, rm > inf_bits
+    if vnan and rnan:
+        return 0.0
+    signs_differ = (vi ^ ri) < 0
+    clamped = rm == inf_bits and vm < inf_bits and not (vm == inf_bits - 1 and not signs_differ)
+    if vnan != rnan or (vm == inf_bits and vi != ri) or clamped:
+        return math.inf
+    if not signs_differ:
+        return float(abs(vi - ri))
+    # Opposite signs: the sum of the magnitudes; in float64 each rounded first (as there).
+    return float(vm) + float(rm) if f.total_bits == 64 else float(vm + rm)
+
+
 def _precision(dtype: torch.dtype | str | FloatFormat) -> int:
     return (dtype if isinstance(dtype, FloatFormat) else fmt(dtype)).significand_bits
 
@@ -254,8 +273,9 @@ class _Accumulator:
         self.on_host = device.type in _SUMMARY_ON_HOST
         self.ulp_threshold = ulp_threshold(stats.threshold_bits)
         self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
-        self.maxima: list[torch.Tensor] = []
-        self.counts: dict[str, list[torch.Tensor]] = {c: [] for c in self.COUNTERS}
+        # Tensors, or numbers where the host has them already (read back by `flush`).
+        self.maxima: list[torch.Tensor | float] = []
+        self.counts: dict[str, list[torch.Tensor | int]] = {c: [] for c in self.COUNTERS}
 
     def add(self, v: _Bits, r: _Bits) -> None:
         pair = _Pair(v, r)
@@ -313,7 +333,7 @@ class _Accumulator:
         d = w.abs_()
         # (count_nonzero on the floats counts ±0 as zero: one pass, no temporary.)
         zeros = lo_v <= 0 <= hi_v and int(torch.count_nonzero(v.floats)) < v.ints.numel()
-        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        self.maxima.append(float(largest))  # on the host (see `flush`)
         if largest > self.ulp_threshold:
             self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
         if zeros:
@@ -335,7 +355,7 @@ class _Accumulator:
         else:
             d = (pair.v.ints - pair.r.ints).abs_()
         largest = int(d.amax())
-        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        self.maxima.append(float(largest))
         if largest > self.ulp_threshold:
             # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
             self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
@@ -371,8 +391,8 @@ class _Accumulator:
         if special:
             pair.apply_rules(d)
         largest = d.amax()
-        self.maxima.append(largest)
         largest_on_host = float(largest) if self.on_host else math.inf
+        self.maxima.append(largest_on_host if self.on_host else largest)
         if largest_on_host > self.ulp_threshold:
             # Finite values above the threshold: silent saturation (clamped ones included).
             above = d > self.ulp_threshold
@@ -400,12 +420,19 @@ class _Accumulator:
     def flush(self) -> None:
         """Bring the scalars to the host (one transfer) and add them to the stats."""
         s = self.stats
-        zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
-        parts = [self.bits_sum, torch.stack(self.maxima).amax()]
-        for c in self.COUNTERS:
-            # Counts are exact in float64 (below 2**53): one float64 vector carries all.
-            parts.append(torch.stack(self.counts[c]).sum().double() if self.counts[c] else zero)
-        bits_sum, largest, *counts = torch.stack(parts).tolist()
+        if self.on_host:
+            # A few scalars per chunk, on the host already: read one by one (stacking them
+            # costs more, and a small point's metrics are mostly such fixed costs).
+            bits_sum = float(self.bits_sum)
+            largest = max(float(m) for m in self.maxima)
+            counts = [sum(int(k) for k in self.counts[c]) for c in self.COUNTERS]
+        else:
+            zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
+            parts = [self.bits_sum, torch.stack(self.maxima).amax()]
+            for c in self.COUNTERS:
+                # Counts are exact in float64 (below 2**53): one float64 vector carries all.
+                parts.append(torch.stack(self.counts[c]).sum().double() if self.counts[c] else zero)
+            bits_sum, largest, *counts = torch.stack(parts).tolist()
         s._bits_sum = bits_sum
         s.max_ulp = max(s.max_ulp, largest)
         for c, k in zip(self.COUNTERS, counts, strict=True):
@@ -476,7 +503,14 @@ class ErrorStats:
         # ulp_distance applies the same rules: a finite mean against an infinite reduced
         # reference is inf (clamped), the largest finite value 1 ULP.
         self._format = self._format or fmt(value.dtype)
-        self.reduced_ulp = float(ulp_distance(value.reshape(1), reference.reshape(1))[0])
+        if value.dtype == reference.dtype and value.device.type == "cpu" == reference.device.type:
+            # One number: its two bit patterns in Python, rather than a dozen tensor
+            # operations on one element (a third of a small point's metrics).
+            f = fmt(value.dtype)
+            vi, ri = (int(t.detach().reshape(1).view(f.int_dtype)[0]) for t in (value, reference))
+            self.reduced_ulp = _scalar_distance(vi, ri, f)
+        else:
+            self.reduced_ulp = float(ulp_distance(value.reshape(1), reference.reshape(1))[0])
         self.reduced_value = float(value)
         self.reduced_reference = float(reference)
 

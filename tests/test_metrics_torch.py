@@ -223,6 +223,29 @@ def test_same_signs_fast_path_at_its_bounds(monkeypatch, name, path):
     assert not any(taken)
 
 
+@pytest.mark.parametrize("name", DTYPES)
+def test_the_reduced_distance_of_one_pair_is_ulp_distance(name):
+    """set_reduced's Python path (metrics._scalar_distance) against the tensor rules: every
+    pair of special values, and random patterns of the whole format (both signs, huge
+    distances, float64's past int64)."""
+    f = FORMATS[name]
+    specials = from_patterns(special_patterns(name), name)
+    v = specials.repeat_interleave(specials.numel())
+    r = specials.repeat(specials.numel())
+    rng = np.random.default_rng(f.total_bits)
+    w = f.total_bits
+    pats = rng.integers(0, 1 << w, (2, 3000), dtype=np.uint64).astype(f"uint{w}").view(f"int{w}")
+    v = torch.cat([v, torch.from_numpy(pats[0].copy()).view(f.torch_dtype)])
+    r = torch.cat([r, torch.from_numpy(pats[1].copy()).view(f.torch_dtype)])
+    want = ulp_distance(v, r).tolist()
+    got = []
+    for a, b in zip(v, r):
+        s = ErrorStats(1.0)
+        s.set_reduced(a, b)
+        got.append(s.reduced_ulp)
+    assert got == want
+
+
 # ---- chunks and streaming -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 8])
