@@ -119,13 +119,13 @@ _CALIBRATION_FRACTION = 0.25
 def _calibrate(timer: benchmark.Timer, block_s: float) -> tuple[int, float]:
     """(runs per block, seconds per run) so that a round's block lasts about `block_s`.
 
-    One warm-up call, then batches of 1, 4, 16, ... runs until one lasts a quarter of a
-    block: about a third of a block in all. (torch's `blocked_autorange` grows its block
-    tenfold until it passes the whole block time, and the rounds then kept that block:
-    up to ten times the configured `min_run_time`, most of a sweep's timing time.) A block
-    of at least `block_s` keeps the timer's own overhead (microseconds per block) below a
-    thousandth of it at the configs' block times; the per-run time is that of the last
-    batch, warm (stats.stall compares the rounds with it).
+    One warm-up call, then batches of 1, 2, 4, ... runs until one lasts a quarter of a
+    block: under a block in all, about half a block typically. (torch's `blocked_autorange`
+    grows its block tenfold until it passes the whole block time, and the rounds then kept
+    that block: up to ten times the configured `min_run_time`, most of a sweep's timing
+    time.) The timed region's own overhead, a microsecond or so per block, stays about a
+    thousandth of the configs' blocks (0.9 ms and more); the per-run time is that of the
+    last batch, warm (stats.stall compares the rounds with it).
     """
     timer.timeit(1)  # warm-up: first-call allocations and lazy initialisation
     number = 1
@@ -133,7 +133,7 @@ def _calibrate(timer: benchmark.Timer, block_s: float) -> tuple[int, float]:
         per_run = max(timer.timeit(number).median, 1e-9)
         if per_run * number >= _CALIBRATION_FRACTION * block_s or number >= 1 << 24:
             break
-        number *= 4
+        number *= 2
     return max(1, round(block_s / per_run)), per_run
 
 
