@@ -1,8 +1,8 @@
 """Timing with torch.utils.benchmark: measurement only, no printing.
 
-`Timer.blocked_autorange` runs warm-up and picks a block size so that timer overhead is
-negligible; `Timer.timeit` then measures blocks (synchronising CUDA), and the per-run times
-(block time / block size) give the median and the interquartile range.
+`_calibrate` warms up and picks a block size so that a round's block lasts about
+min_run_time / rounds; `Timer.timeit` then measures blocks (synchronising CUDA), and the
+per-run times (block time / block size) give the median and the interquartile range.
 """
 
 from __future__ import annotations
