@@ -239,7 +239,7 @@ def test_the_reduced_distance_of_one_pair_is_ulp_distance(name):
     r = torch.cat([r, torch.from_numpy(pats[1].copy()).view(f.torch_dtype)])
     want = ulp_distance(v, r).tolist()
     got = []
-    for a, b in zip(v, r):
+    for a, b in zip(v, r, strict=True):
         s = ErrorStats(1.0)
         s.set_reduced(a, b)
         got.append(s.reduced_ulp)

@@ -522,7 +522,7 @@ def test_round_to_in_pieces_is_one_rounding_of_the_whole(monkeypatch, name):
     pieces = R.round_to(x, dt)
     assert pieces.shape == whole.shape and pieces.dtype == dt
     assert torch.equal(pieces.view(torch.int16), whole.view(torch.int16))
-    for a, b in zip(x.reshape(-1).tolist(), pieces.reshape(-1).double().tolist()):
+    for a, b in zip(x.reshape(-1).tolist(), pieces.reshape(-1).double().tolist(), strict=True):
         if math.isnan(a):
             assert math.isnan(b)
         else:
