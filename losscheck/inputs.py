@@ -162,7 +162,12 @@ class _Draws:
         """Uniform on the odd multiples of 2**-53 in (−1, 1) (torch's float64 `rand` gives
         multiples of 2**-53 in [0, 1)): every step exact, symmetric, never ±1."""
         u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g)
-        return u.mul_(2).sub_(1 - 2.0**-53)
+        # 2u − (1 − 2**-53) in one pass (2u is exact: one rounding either way, none in fact).
+        return torch.add(self._half_odd, u, alpha=2, out=u)
+
+    @property
+    def _half_odd(self) -> torch.Tensor:
+        return torch.tensor(-(1 - 2.0**-53), dtype=torch.float64, device=self.device)
 
     def uniform(self, lo: float, hi: float, shape) -> torch.Tensor:
         return torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)

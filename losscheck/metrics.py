@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import cast
 
 import torch
 
@@ -64,6 +65,10 @@ class _Bits:
     def _inf_bits(self) -> int:
         # All exponent bits set, fraction zero.
         return self._mask ^ ((1 << (self.f.significand_bits - 1)) - 1)
+
+    @property
+    def floats(self) -> torch.Tensor:
+        return self.ints.view(self.f.torch_dtype)
 
     @property
     def negative(self) -> torch.Tensor:
@@ -180,6 +185,25 @@ def ulp_distance(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return _distance(_Bits.of(value), _Bits.of(reference))
 
 
+def _scalar_distance(vi: int, ri: int, f: FloatFormat) -> float:
+    """`ulp_distance` of one value against one reference, from their bit patterns (signed
+    integers of the format's width): `_Pair.finite_distance` and `apply_rules` in Python."""
+    mask = (1 << (f.total_bits - 1)) - 1
+    inf_bits = mask ^ ((1 << (f.significand_bits - 1)) - 1)
+    vm, rm = vi & mask, ri & mask
+    vnan, rnan = vm > inf_bits, rm > inf_bits
+    if vnan and rnan:
+        return 0.0
+    signs_differ = (vi ^ ri) < 0
+    clamped = rm == inf_bits and vm < inf_bits and not (vm == inf_bits - 1 and not signs_differ)
+    if vnan != rnan or (vm == inf_bits and vi != ri) or clamped:
+        return math.inf
+    if not signs_differ:
+        return float(abs(vi - ri))
+    # Opposite signs: the sum of the magnitudes; in float64 each rounded first (as there).
+    return float(vm) + float(rm) if f.total_bits == 64 else float(vm + rm)
+
+
 def _precision(dtype: torch.dtype | str | FloatFormat) -> int:
     return (dtype if isinstance(dtype, FloatFormat) else fmt(dtype)).significand_bits
 
@@ -250,13 +274,16 @@ class _Accumulator:
         self.on_host = device.type in _SUMMARY_ON_HOST
         self.ulp_threshold = ulp_threshold(stats.threshold_bits)
         self.bits_sum = torch.tensor(stats._bits_sum, dtype=torch.float64, device=device)
-        self.maxima: list[torch.Tensor] = []
-        self.counts: dict[str, list[torch.Tensor]] = {c: [] for c in self.COUNTERS}
+        # Tensors, or numbers where the host has them already (read back by `flush`).
+        self.maxima: list[torch.Tensor | float] = []
+        self.counts: dict[str, list[torch.Tensor | int]] = {c: [] for c in self.COUNTERS}
 
     def add(self, v: _Bits, r: _Bits) -> None:
         pair = _Pair(v, r)
         if not self.on_host:
             self._finish(pair, pair.finite_distance(), special=True, zeros=True)
+            return
+        if self._same_signs(pair):
             return
         # A read-back per chunk says which rules can apply at all. Most chunks have no
         # non-finite value and no sign change: their distance is then the patterns'
@@ -280,6 +307,44 @@ class _Accumulator:
         else:
             self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
 
+    def _same_signs(self, pair: _Pair) -> bool:
+        """The common chunk, in fewer passes than the rules below need: every value and
+        reference finite, each value of its reference's sign. Then the distance is
+        |bits(v) − bits(r)| (the sign bit cancels), exact in the format's width, and every
+        number comes from it as in `_finite`. False (nothing added) for any other chunk.
+
+        The signs need no pass of their own: with finite magnitudes (below inf_bits =
+        2**(w−1) − 2**(p−1) in a w-bit format of precision p), a value and a reference of
+        opposite signs have a pattern difference W, wrapped to w bits, with |W| > 2**(p−1)
+        or W = −2**(w−1). So every |W| below 2**(p−1) proves every sign equal; beyond it
+        (bfloat16's 2**7 is soon reached) the signs are compared.
+        """
+        v, r = pair.v, pair.r
+        lo_v, hi_v, lo_r, hi_r = torch.stack([*torch.aminmax(v.floats), *torch.aminmax(r.floats)]).tolist()
+        if not all(map(math.isfinite, (lo_v, hi_v, lo_r, hi_r))):
+            return False  # NaN (propagated by aminmax) or ±inf: the rules of `_finish`
+        w = torch.sub(v.ints, r.ints)
+        wmin, wmax = torch.stack(torch.aminmax(w)).tolist()
+        half = 1 << (self.p - 1)
+        # Strictly positive or strictly negative throughout (no zero of either sign): one sign.
+        one_sign = (lo_v > 0 and lo_r > 0) or (hi_v < 0 and hi_r < 0)
+        if not (one_sign or -half < wmin <= wmax < half) and bool(torch.bitwise_xor(v.ints, r.ints).amin() < 0):
+            return False  # a sign differs (or may: the test above passes over large errors)
+        largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
+        d = w.abs_()
+        # (count_nonzero on the floats counts ±0 as zero: one pass, no temporary.)
+        zeros = lo_v <= 0 <= hi_v and int(torch.count_nonzero(v.floats)) < v.ints.numel()
+        self.maxima.append(float(largest))  # on the host (see `flush`)
+        if largest > self.ulp_threshold:
+            self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
+        if zeros:
+            # A zero value against a reference of its sign: its distance is the reference's
+            # magnitude, non-zero exactly where the reference is (underflow).
+            self.counts["underflow"].append(torch.count_nonzero(torch.eq(v.floats, 0).logical_and_(d != 0)))
+        if largest:
+            self.bits_sum += self._bits(d, largest).sum()
+        return True
+
     def _finite(self, pair: _Pair, zeros: bool, signs_differ: bool) -> None:
         """A chunk of finite values in a format of 32 bits or fewer: every number comes from
         the integer distance, without float64. With the signs of their references it is
@@ -291,7 +356,7 @@ class _Accumulator:
         else:
             d = (pair.v.ints - pair.r.ints).abs_()
         largest = int(d.amax())
-        self.maxima.append(torch.tensor(float(largest), dtype=torch.float64, device=d.device))
+        self.maxima.append(float(largest))
         if largest > self.ulp_threshold:
             # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
             self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
@@ -327,8 +392,8 @@ class _Accumulator:
         if special:
             pair.apply_rules(d)
         largest = d.amax()
-        self.maxima.append(largest)
         largest_on_host = float(largest) if self.on_host else math.inf
+        self.maxima.append(largest_on_host if self.on_host else largest)
         if largest_on_host > self.ulp_threshold:
             # Finite values above the threshold: silent saturation (clamped ones included).
             above = d > self.ulp_threshold
@@ -356,12 +421,21 @@ class _Accumulator:
     def flush(self) -> None:
         """Bring the scalars to the host (one transfer) and add them to the stats."""
         s = self.stats
-        zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
-        parts = [self.bits_sum, torch.stack(self.maxima).amax()]
-        for c in self.COUNTERS:
-            # Counts are exact in float64 (below 2**53): one float64 vector carries all.
-            parts.append(torch.stack(self.counts[c]).sum().double() if self.counts[c] else zero)
-        bits_sum, largest, *counts = torch.stack(parts).tolist()
+        if self.on_host:
+            # A few scalars per chunk, on the host already: read one by one (stacking them
+            # costs more, and a small point's metrics are mostly such fixed costs).
+            bits_sum = float(self.bits_sum)
+            largest = max(float(m) for m in self.maxima)
+            counts = [sum(int(k) for k in self.counts[c]) for c in self.COUNTERS]
+        else:
+            zero = torch.zeros((), dtype=torch.float64, device=self.bits_sum.device)
+            # Off the host every per-chunk scalar is a tensor (plain numbers only on the host path).
+            parts = [self.bits_sum, torch.stack(cast(list[torch.Tensor], self.maxima)).amax()]
+            for c in self.COUNTERS:
+                # Counts are exact in float64 (below 2**53): one float64 vector carries all.
+                counts_c = cast(list[torch.Tensor], self.counts[c])
+                parts.append(torch.stack(counts_c).sum().double() if counts_c else zero)
+            bits_sum, largest, *counts = torch.stack(parts).tolist()
         s._bits_sum = bits_sum
         s.max_ulp = max(s.max_ulp, largest)
         for c, k in zip(self.COUNTERS, counts, strict=True):
@@ -432,7 +506,14 @@ class ErrorStats:
         # ulp_distance applies the same rules: a finite mean against an infinite reduced
         # reference is inf (clamped), the largest finite value 1 ULP.
         self._format = self._format or fmt(value.dtype)
-        self.reduced_ulp = float(ulp_distance(value.reshape(1), reference.reshape(1))[0])
+        if value.dtype == reference.dtype and value.device.type == "cpu" == reference.device.type:
+            # One number: its two bit patterns in Python, rather than a dozen tensor
+            # operations on one element (a third of a small point's metrics).
+            f = fmt(value.dtype)
+            vi, ri = (int(t.detach().reshape(1).view(f.int_dtype)[0]) for t in (value, reference))
+            self.reduced_ulp = _scalar_distance(vi, ri, f)
+        else:
+            self.reduced_ulp = float(ulp_distance(value.reshape(1), reference.reshape(1))[0])
         self.reduced_value = float(value)
         self.reduced_reference = float(reference)
 

@@ -23,9 +23,9 @@ from functools import lru_cache
 # give spreads of 20-60% on sub-millisecond blocks.)
 UNSTABLE_SPREAD = 1.0
 # Blocks timed in rounds whose median is this many times the per-run time measured while
-# `blocked_autorange` calibrated the same callable: a stall hit the rounds (a uniform stall
+# `timing._calibrate` calibrated the same callable: a stall hit the rounds (a uniform stall
 # looks like low noise to the spread test, see issue 12). Rounds faster than the
-# calibration are normal: the calibration includes the first, cold calls.
+# calibration are normal: a calibration batch can still be warming up.
 UNSTABLE_DRIFT = 3.0
 MIN_SAMPLES = 5
 

@@ -1,8 +1,8 @@
 """Timing with torch.utils.benchmark: measurement only, no printing.
 
-`Timer.blocked_autorange` runs warm-up and picks a block size so that timer overhead is
-negligible; `Timer.timeit` then measures blocks (synchronising CUDA), and the per-run times
-(block time / block size) give the median and the interquartile range.
+`_calibrate` warms up and picks a block size so that a round's block lasts about
+min_run_time / rounds; `Timer.timeit` then measures blocks (synchronising CUDA), and the
+per-run times (block time / block size) give the median and the interquartile range.
 """
 
 from __future__ import annotations
@@ -108,13 +108,33 @@ def timers_for(impl: Callable, x, target, reduction, options, threads, min_run_t
         ("backward", _backward(impl, x, target, reduction, options)),
     ):
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-        # blocked_autorange warms up and sizes a block so that timer overhead is
-        # negligible; we then make each round's block last about min_run_time / ROUNDS.
-        m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
-        per_run = max(m.median, 1e-9)
-        number = max(m.number_per_run, int(min_run_time / rounds / per_run))
-        out[part] = (timer, number, float(m.median))
+        out[part] = (timer, *_calibrate(timer, min_run_time / rounds))
     return out
+
+
+# A calibration batch long enough to trust its per-run time: this fraction of a round's block.
+_CALIBRATION_FRACTION = 0.25
+
+
+def _calibrate(timer: benchmark.Timer, block_s: float) -> tuple[int, float]:
+    """(runs per block, seconds per run) so that a round's block lasts about `block_s`.
+
+    One warm-up call, then batches of 1, 2, 4, ... runs until one lasts a quarter of a
+    block: under a block in all, about half a block typically. (torch's `blocked_autorange`
+    grows its block tenfold until it passes the whole block time, and the rounds then kept
+    that block: up to ten times the configured `min_run_time`, most of a sweep's timing
+    time.) The timed region's own overhead, a microsecond or so per block, stays about a
+    thousandth of the configs' blocks (0.9 ms and more); the per-run time is that of the
+    last batch, warm (stats.stall compares the rounds with it).
+    """
+    timer.timeit(1)  # warm-up: first-call allocations and lazy initialisation
+    number = 1
+    while True:
+        per_run = max(timer.timeit(number).median, 1e-9)
+        if per_run * number >= _CALIBRATION_FRACTION * block_s or number >= 1 << 24:
+            break
+        number *= 2
+    return max(1, round(block_s / per_run)), per_run
 
 
 def _forward(impl, x, target, reduction, options):

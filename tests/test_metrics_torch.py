@@ -172,6 +172,80 @@ def test_opposite_signs_in_float64_past_the_int64_range():
     assert float(ulp_distance(big, -big)[0]) == 2.0 * float(0x7FEFFFFFFFFFFFFF)
 
 
+# ---- the same-sign fast path (metrics._Accumulator._same_signs) ---------------------------------
+
+def _spy_fast_path(monkeypatch) -> list[bool]:
+    """The fast path's answers (True: the chunk was taken there), recorded."""
+    taken: list[bool] = []
+    real = metrics._Accumulator._same_signs
+
+    def spy(self, pair):
+        taken.append(real(self, pair))
+        return taken[-1]
+
+    monkeypatch.setattr(metrics._Accumulator, "_same_signs", spy)
+    return taken
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_same_signs_fast_path_at_its_bounds(monkeypatch, name, path):
+    """Mixed-sign values (a gradient's) whose distance to their reference reaches the
+    2**(p-1) bound from both sides, zeros of both signs against zeros and non-zero
+    references (underflow), and one sign flip per chunk that the bound alone must not let
+    through (+0 against -0 is W = -2**(w-1); a tiny value against its negation): the
+    numbers of the numpy original, and the fast path taken exactly where no sign differs."""
+    f = FORMATS[name]
+    half = 1 << (f.significand_bits - 1)
+    gen = torch.Generator().manual_seed(f.total_bits)
+    taken = _spy_fast_path(monkeypatch)
+    ref = (torch.randn(4000, generator=gen, dtype=torch.float64) * 3).to(f.torch_dtype)
+    ints = ref.view(f.int_dtype).to(torch.int64)
+    sign = torch.where(ints < 0, -1, 1)
+    for steps in (half - 1, half, half + 1, 3):
+        # Away from zero by `steps` ULPs on either side (never across zero, never to ±inf:
+        # |ref| <= ~30 keeps far from the top of the range).
+        moved = (ints + sign * torch.randint(0, steps + 1, ref.shape, generator=gen)).to(f.int_dtype).view(ref.dtype)
+        # A zero of the reference's sign against a non-zero reference: underflow.
+        moved[::97] = torch.copysign(torch.zeros(()), ref[::97].float()).to(ref.dtype)
+        ref2 = ref.clone()
+        ref2[2::97] = -0.0  # zero against zero, of the same sign
+        moved[2::97] = -0.0
+        assert_unchanged(moved, ref2, threshold=3.0)
+    assert taken == ([True] * 4 if path == "summary_on_host" else [])
+    taken.clear()
+    v = ref.clone()
+    v[ref.abs().argmin()] *= -1  # the value nearest zero flipped
+    w = ref.clone()
+    w[5] = 0.0 if ref[5] < 0 else -0.0  # a zero of the other sign
+    z = torch.zeros(8, dtype=f.torch_dtype)
+    for value, reference in ((v, ref), (w, ref), (z, -z), (-z, z)):
+        assert_unchanged(value, reference)
+    assert not any(taken)
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_the_reduced_distance_of_one_pair_is_ulp_distance(name):
+    """set_reduced's Python path (metrics._scalar_distance) against the tensor rules: every
+    pair of special values, and random patterns of the whole format (both signs, huge
+    distances, float64's past int64)."""
+    f = FORMATS[name]
+    specials = from_patterns(special_patterns(name), name)
+    v = specials.repeat_interleave(specials.numel())
+    r = specials.repeat(specials.numel())
+    rng = np.random.default_rng(f.total_bits)
+    w = f.total_bits
+    pats = rng.integers(0, 1 << w, (2, 3000), dtype=np.uint64).astype(f"uint{w}").view(f"int{w}")
+    v = torch.cat([v, torch.from_numpy(pats[0].copy()).view(f.torch_dtype)])
+    r = torch.cat([r, torch.from_numpy(pats[1].copy()).view(f.torch_dtype)])
+    want = ulp_distance(v, r).tolist()
+    got = []
+    for a, b in zip(v, r, strict=True):
+        s = ErrorStats(1.0)
+        s.set_reduced(a, b)
+        got.append(s.reduced_ulp)
+    assert got == want
+
+
 # ---- chunks and streaming -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 8])

@@ -512,6 +512,33 @@ def test_round_to_exact_halfway_ties_to_even(name):
 
 
 @pytest.mark.parametrize("name", HALF)
+def test_round_to_in_pieces_is_one_rounding_of_the_whole(monkeypatch, name):
+    """Large tensors are rounded piece by piece (cache-sized temporaries): the same bits as
+    one call on the whole, ties, values just off them, ±0, subnormals, overflow and NaN
+    among them, each piece boundary in the middle of the (3, 67) shape's rows, the values
+    checked against the exact rounding by mpmath."""
+    p = FORMATS[name].significand_bits
+    dt = FORMATS[name].torch_dtype
+    u = 2.0 ** -(p - 1)
+    special = [1 + u / 2, 1 + u / 2 + 2.0**-40, -(1 + 3 * u / 2), 0.0, -0.0, 2.0**-140, 1e300, -1e300,
+               math.inf, math.nan, float(torch.finfo(dt).max) * (1 + u / 4)]
+    gen = torch.Generator().manual_seed(p)
+    x = torch.randn(3 * 67, dtype=torch.float64, generator=gen).mul_(1e3)
+    x[:: 201 // len(special)][: len(special)] = torch.tensor(special, dtype=torch.float64)
+    x = x.reshape(3, 67)
+    whole = R.round_to(x, dt)
+    monkeypatch.setattr(R, "_ROUND_PIECE", 10)
+    pieces = R.round_to(x, dt)
+    assert pieces.shape == whole.shape and pieces.dtype == dt
+    assert torch.equal(pieces.view(torch.int16), whole.view(torch.int16))
+    for a, b in zip(x.reshape(-1).tolist(), pieces.reshape(-1).double().tolist(), strict=True):
+        if math.isnan(a):
+            assert math.isnan(b)
+        else:
+            assert round_exact(MP.mpf(a), name).nearest == b or (math.isinf(b) and abs(a) > torch.finfo(dt).max)
+
+
+@pytest.mark.parametrize("name", HALF)
 def test_round_to_just_off_halfway_avoids_double_rounding(name):
     # 1 + u/2 ± 2**-40 is not a tie, but float64 -> float32 rounds it to one (1 + u/2),
     # and float32 -> half then ties to even: the wrong neighbour half of the time.
