@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("measurement", {"losscheck.isolation", "losscheck.precision", "losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
-    ("evaluation", {"losscheck.sweep", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
+    ("evaluation", {"losscheck.sweep", "losscheck.points", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
                    "losscheck.explain_live", "losscheck.explain_text"}),
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
