@@ -42,12 +42,15 @@ quick: env
 	$(BIN)/losscheck bench configs/quick.yaml --out reports
 
 # Regenerate the committed reports in reports/ from fresh runs (default, quick, reduction,
-# options, sequence, custom; about 15 minutes on 2 cores).
+# options, sequence, custom, frameworks, training, linear).
 reports: bench quick
 	$(BIN)/losscheck bench configs/reduction.yaml --out reports
 	$(BIN)/losscheck bench configs/options.yaml --out reports
 	$(BIN)/losscheck bench configs/sequence.yaml --out reports
 	$(BIN)/losscheck bench examples/custom.yaml --out reports
+	$(BIN)/losscheck bench configs/frameworks.yaml --out reports
+	$(BIN)/losscheck bench configs/training.yaml --out reports
+	$(BIN)/losscheck bench configs/linear.yaml --out reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

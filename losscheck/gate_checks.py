@@ -108,7 +108,8 @@ class ToleranceCheck:
 
     def compare(self, b: dict, c: dict, t: Thresholds, k: tuple, versus: str | None = None) -> Verdict | None:
         # A gradient not measured (a numpy implementation without one) has nothing to compare.
-        vb, vc = (b[self.section] or {}).get(self.field), (c[self.section] or {}).get(self.field)
+        # An optional section (backward_classifier: losses of two inputs) absent on a side likewise.
+        vb, vc = (b.get(self.section) or {}).get(self.field), (c.get(self.section) or {}).get(self.field)
         tolerance = getattr(t, self.reads[0])
         if vb is None or vc is None or vb == vc or (math.isnan(vb) and math.isnan(vc)):
             return None
@@ -137,13 +138,18 @@ class ToleranceCheck:
         return self.subject, f"{self.measure} up by more than {tolerance:g}{unit}"
 
 
+# The sections a record's values are in: the loss, the gradient and, for a loss of two inputs
+# (linear_cross_entropy), the second input's gradient (dL/dclassifier).
+SECTIONS = ("forward", "backward", "backward_classifier")
+
+
 def _nonfinite(r: dict) -> int:
-    return A.nonfinite(r["forward"]) + A.nonfinite(r["backward"]) + int(A.reduced_nonfinite(r))
+    return sum(A.nonfinite(r.get(s)) for s in SECTIONS) + int(A.reduced_nonfinite(r))
 
 
 def _underflows(r: dict) -> int | None:
-    """Results flushed to zero (forward and gradient); None where the file does not count them."""
-    counts = [s.get("underflow") for s in (r["forward"], r["backward"]) if s]
+    """Results flushed to zero (forward and gradients); None where the file does not count them."""
+    counts = [sec.get("underflow") for sec in (r.get(s) for s in SECTIONS) if sec]
     return None if any(c is None for c in counts) else sum(counts)
 
 
@@ -162,6 +168,17 @@ VALUE_CHECKS = (
     CountCheck("accuracy", _underflows, "more result(s) flushed to zero than the {other}", None, 1.0, "flush to zero"),
     ToleranceCheck("forward max bits", "forward", "max_bits", "bits", "forward", "max bits", ("bits",)),
     ToleranceCheck("gradient max bits", "backward", "max_bits", "bits", "gradient", "max bits", ("bits",)),
+    # dL/dclassifier of linear_cross_entropy: a fused kernel can be right for the hidden states
+    # and wrong for the weight (Liger-Kernel #1391, TransformerEngine #3193).
+    ToleranceCheck(
+        "classifier gradient max bits",
+        "backward_classifier",
+        "max_bits",
+        "bits",
+        "classifier gradient",
+        "max bits",
+        ("bits",),
+    ),
     ToleranceCheck("mean-loss ULPs", "forward", "reduced_ulp", "ULP", "mean-loss", "error", ("ulp",)),
 )
 
@@ -178,7 +195,8 @@ def compare_point(b: dict, c: dict, t: Thresholds, k: tuple, versus: str | None 
 
 def describe_checks(t: Thresholds) -> str:
     """What a regression of a point is under `t`, from the checks' descriptions: "a new
-    non-finite value or flush to zero; forward or gradient max bits up by more than 1; ..."."""
+    non-finite value or flush to zero; forward or gradient or classifier gradient max bits up by
+    more than 1; ..."."""
     phrases: list[tuple[list[str], str]] = []
     for subject, condition in (check.describe(t) for check in (*VALUE_CHECKS, STATUS)):
         if phrases and phrases[-1][1] == condition:

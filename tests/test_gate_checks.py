@@ -16,11 +16,14 @@ from losscheck.gate_policy import BY_NAME, GATE_KEYS, SETTINGS, Thresholds
 KEY = ("bce", "naive", "float32", "cpu", 8, None, 1.0, "normal", "mean", (), None)
 
 
-def _point(max_bits=1.0, grad_bits=1.0, reduced_ulp=0.0, nan=0, underflow=0, status="ok") -> dict:
+def _point(max_bits=1.0, grad_bits=1.0, reduced_ulp=0.0, nan=0, underflow=0, status="ok", cls_bits=None) -> dict:
     side = {"max_bits": max_bits, "reduced_ulp": reduced_ulp, "nan": nan, "posinf": 0, "neginf": 0, "inf": 0,
             "underflow": underflow, "value": 0.5, "reference_value": 0.5}
-    return {"status": status, "message": "boom" if status == "error" else None, "forward": side,
-            "backward": {**side, "max_bits": grad_bits, "reduced_ulp": None, "nan": 0, "underflow": 0}}
+    grad = {**side, "max_bits": grad_bits, "reduced_ulp": None, "nan": 0, "underflow": 0}
+    point = {"status": status, "message": "boom" if status == "error" else None, "forward": side, "backward": grad}
+    if cls_bits is not None:  # linear_cross_entropy: dL/dclassifier
+        point["backward_classifier"] = {**grad, "max_bits": cls_bits}
+    return point
 
 
 def test_every_setting_is_read_by_a_check_or_the_new_implementation_rule():
@@ -39,15 +42,16 @@ def test_the_thresholds_text_says_every_setting(name):
 
 def test_the_thresholds_text_joins_checks_of_one_condition():
     text = G.describe_policy(Thresholds(bits=64, ulp=1e12))
-    assert text.startswith("A regression: a new non-finite value or flush to zero; forward or gradient max bits "
-                           "up by more than 64; mean-loss error up by more than 1e+12 ULP; an implementation that "
+    assert text.startswith("A regression: a new non-finite value or flush to zero; forward or gradient or "
+                           "classifier gradient max bits up by more than 64; mean-loss error up by more than 1e+12 ULP; an implementation that "
                            "now errors. ")
 
 
 @pytest.mark.parametrize("check", [c for c in G.VALUE_CHECKS if isinstance(c, G.ToleranceCheck)],
                          ids=lambda c: c.label)
 def test_a_tolerance_check_allows_exactly_its_threshold(check):
-    field = {"forward max bits": "max_bits", "gradient max bits": "grad_bits", "mean-loss ULPs": "reduced_ulp"}
+    field = {"forward max bits": "max_bits", "gradient max bits": "grad_bits", "mean-loss ULPs": "reduced_ulp",
+             "classifier gradient max bits": "cls_bits"}
     t = Thresholds(bits=0.5, ulp=2.0)
     tolerance = getattr(t, check.reads[0])
     base = _point(**{field[check.label]: 1.0})
@@ -82,3 +86,18 @@ def test_the_flags_are_the_flagged_settings_with_their_bounds():
     low = BY_NAME["time_factor"].low
     result = CliRunner().invoke(main, ["compare", "a.json", "b.json", "--time-factor", str(low - 0.5)])
     assert result.exit_code == 2 and "--time-factor" in result.output
+
+
+def test_the_classifier_gradient_is_judged_only_where_both_sides_measured_it():
+    """Cut Cross-Entropy's relative criterion on dL/dclassifier: a kernel right for the hidden
+    states and 3 bits (8x) worse than torch for the weight fails at bits 2; a loss without the
+    section (every other loss) is not judged on it."""
+    (check,) = [c for c in G.VALUE_CHECKS if getattr(c, "label", "") == "classifier gradient max bits"]
+    t = Thresholds(bits=2.0)
+    torch_point, kernel = _point(cls_bits=1.0), _point(cls_bits=4.0)
+    verdicts = G.compare_point(torch_point, kernel, t, KEY, versus="torch")
+    assert [v.why for v in verdicts] == ["classifier gradient max bits up by 3 bits (tolerance 2) (vs torch)"]
+    assert check.compare(_point(), _point(cls_bits=24.0), t, KEY) is None
+    nan = _point(cls_bits=1.0)
+    nan["backward_classifier"]["nan"] = 5
+    assert [v.gate for v in G.compare_point(torch_point, nan, t, KEY)] == ["overflow"]
