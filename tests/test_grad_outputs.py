@@ -131,45 +131,36 @@ def test_sweep_audits_correct_implementations_with_every_upstream_gradient():
         assert r["backward"]["max_ulp"] <= 4, r
 
 
-def _liger_records(tmp_path, grad_outputs: str):
-    (tmp_path / "liger.py").write_text(textwrap.dedent(LIGER))
+def _custom_records(tmp_path, name: str, source: str, function: str, grad_outputs: str) -> list[dict]:
+    """The records of one custom implementation (in its worker process) over cross entropy with
+    reduction none and these upstream gradients."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     text = CONFIG.replace("[cross_entropy, bce_with_logits]", "[cross_entropy]").replace(
         "[ones, random, onehot, zeros]", grad_outputs
     )
-    text += f"custom:\n  - name: liger\n    function: {tmp_path / 'liger.py'}:liger_ce\n"
+    text += f"custom:\n  - name: {name}\n    function: {tmp_path / f'{name}.py'}:{function}\n"
     config = _config(text.replace("reductions: [none, mean]", "reductions: [none]"))
     impls = sweep.resolve(config)
     try:
-        return [r for r in sweep.run(config, 1, impls=impls) if r["impl"] == "liger"]
+        return [r for r in sweep.run(config, 1, impls=impls) if r["impl"] == name]
     finally:
         for row in impls.values():
             for impl in row.values():
                 stop = getattr(getattr(impl.fn, "worker", None), "stop", None)
                 if stop:
                     stop()
+
+
+def _liger_records(tmp_path, grad_outputs: str):
+    return _custom_records(tmp_path, "liger", LIGER, "liger_ce", grad_outputs)
 
 
 def test_a_correct_isolated_implementation_gets_the_upstream_gradient_in_its_worker(tmp_path):
     """The worker back-propagates the point's g, not ones: a correct custom implementation
     (in its worker process) passes with random and one-hot upstream gradients."""
-    (tmp_path / "right.py").write_text(
-        "import torch.nn.functional as F\n\n\ndef ce(x, t, reduction='mean'):\n"
-        "    return F.cross_entropy(x, t, reduction=reduction)\n"
-    )
-    text = CONFIG.replace("[cross_entropy, bce_with_logits]", "[cross_entropy]").replace(
-        "reductions: [none, mean]", "reductions: [none]"
-    )
-    text += f"custom:\n  - name: right\n    function: {tmp_path / 'right.py'}:ce\n"
-    config = _config(text)
-    impls = sweep.resolve(config)
-    try:
-        mine = [r for r in sweep.run(config, 1, impls=impls) if r["impl"] == "right"]
-    finally:
-        for row in impls.values():
-            for impl in row.values():
-                stop = getattr(getattr(impl.fn, "worker", None), "stop", None)
-                if stop:
-                    stop()
+    right = "import torch.nn.functional as F\n\n\ndef ce(x, t, reduction='mean'):\n" \
+            "    return F.cross_entropy(x, t, reduction=reduction)\n"
+    mine = _custom_records(tmp_path, "right", right, "ce", "[ones, random, onehot, zeros]")
     assert {r["options"].get("grad_output") for r in mine} == {None, "random", "onehot", "zeros"}
     for r in mine:
         assert r["status"] == "ok" and r["backward"]["max_ulp"] <= 4, r
