@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from losscheck import results
 from losscheck.cli import main
-from losscheck.config import (BUILTIN_IMPLS, CUSTOM_APIS, GATE_KEYS, KEYS, TARGET_KINDS, TIMING_KEYS, WEIGHT_KINDS,
+from losscheck.config import (BUILTIN_IMPLS, CUSTOM_APIS, DEFAULT_IMPLS, GATE_KEYS, KEYS, TARGET_KINDS, TIMING_KEYS, WEIGHT_KINDS,
                               Config, as_input, config_from_dict, default_config_text, load_config, parse_config,
                               to_yaml)
 from losscheck.dtypes import FORMATS
@@ -310,7 +310,7 @@ def valid_configs(draw) -> dict:
         custom.append({"name": name, **entry})
     if custom or draw(st.booleans()):
         data["custom"] = custom
-    impls = list(data.get("implementations", BUILTIN_IMPLS)) + [c["name"] for c in custom]
+    impls = list(data.get("implementations", DEFAULT_IMPLS)) + [c["name"] for c in custom]
     if draw(st.booleans()):
         gate = draw(_thresholds(impls, with_versus=True))
         per_loss = {}
