@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..catalog import IGNORE_INDEX, LOSS_INFO
 from . import cross_entropy as ce, linear_cross_entropy_ref as ref
-from .base import Impl, Loss, compute_dtype, reduce_accurate
+from .base import Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate
 
 # stable's default vocabulary chunk: at most this many logits (N × chunk) at once.
 CHUNK_ELEMENTS = 1 << 22
@@ -214,7 +214,13 @@ class _StableLinear(torch.autograd.Function):
         shift = torch.where((size > 0) & (narrow != c), torch.frexp(size)[1], 0).clamp(min=-900)[:, None]
         u = torch.ldexp(u, -shift[:, 0])
         h = torch.ldexp(h, shift)
-        dh = torch.zeros_like(h)
+        # Half inputs (compute dtype float32) accumulate dL/dh in float64 (accumulate_dtype): an
+        # entry can cancel to 2**-40 of its terms (two classifier rows nearly equal in a coordinate
+        # on a confident wrong row), which float32 accumulation flushed to 0 where torch was 22 ULP
+        # off (bfloat16, confident_wrong, scale 50; 13 ULP now). float32 inputs keep float32 GEMMs
+        # for time (a float64 dL/dh measured 3.67x torch's time at 2048 x 512 x 128000).
+        acc = accumulate_dtype(hidden.device) if narrow == c else c
+        dh = torch.zeros(h.shape, dtype=acc, device=h.device)
         dw = torch.empty_like(classifier)
         db = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
         rows = torch.arange(n, device=hidden.device)
@@ -233,7 +239,7 @@ class _StableLinear(torch.autograd.Function):
             g[rows[inside], safe[inside] - part.start] = gt[inside]
             g.mul_(u[:, None])
             if narrow == c:
-                dh.addmm_(g, classifier[part].to(c))
+                dh.addmm_(g.to(acc), classifier[part].to(acc))
             else:
                 dh += (g.to(narrow) @ classifier[part]).to(c)
             dw[part] = (g.T @ h).to(dw.dtype)
