@@ -98,10 +98,10 @@ DESCRIPTIONS = {
     "nonfinite": "logit losses: ±inf logits among N(0, 1)·scale ones; binary: every "
     "(±inf, y) combination; multi-class: rows with −inf (masked) non-targets, a −inf target, "
     "a +inf target, a +inf non-target (at most one +inf per row)",
+    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), on logits of spread 1",
     OUT_OF_DOMAIN: "N(0, 1)·scale logits, then by element (row) index mod 4 in the dtype: "
     "probability inputs 0: 1 + ulp(1) (just above 1), 1: −ulp(1)/2 (just below 0), 2: NaN; "
     "logit inputs 2: NaN (multi-class: the row's first logit); recorded, not scored",
-    "offset": "linear_cross_entropy: a common offset of +scale in every logit (a bias of scale), on logits of spread 1",
 }
 
 

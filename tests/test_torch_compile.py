@@ -16,6 +16,15 @@ POINTS = {"name": "tc", "losses": ["bce_with_logits"], "scales": [1, 30], "batch
           "timing": {"min_run_time": 0.002, "scales": [1]}}
 
 
+@pytest.fixture(autouse=True)
+def _cold_compiler():
+    """Each test starts with nothing compiled in this process: the probe's and other tests'
+    compiled graphs (the family keeps them for the process) would serve these points."""
+    TC._COMPILED.clear()
+    torch._dynamo.reset()
+    yield
+
+
 def _run(impls, **over):
     cfg = C.Config.from_mapping({**POINTS, "implementations": impls, **over}, "tc.yaml")
     return sweep.run(cfg, 1)

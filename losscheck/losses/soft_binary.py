@@ -39,10 +39,12 @@ def _factors(y: torch.Tensor, pos_weight):
     that a subnormal product keeps its error term; TwoSum)."""
     one = torch.ones_like(y)
     b = D.two_sum(one, -y)
-    zero = torch.zeros_like(y, dtype=torch.int64)
+    my, ey = torch.frexp(y)
     if pos_weight is None:
-        return D.dd(y), zero, b
-    (mp, ep), (my, ey) = torch.frexp(_pos_weight(pos_weight, y)), torch.frexp(y)
+        # y's significand too (exact): a subnormal y times −log p would round in the subnormal
+        # range (found: p = y = 2.2e-313 in float64, 3e-11 relative off).
+        return D.dd(my), ey.to(torch.int64), b
+    mp, ep = torch.frexp(_pos_weight(pos_weight, y))
     return D.two_prod(mp, my), (ep + ey).to(torch.int64), b
 
 
