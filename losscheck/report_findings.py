@@ -256,7 +256,14 @@ def policy_survival(records: list[dict], findings: list[dict]) -> str:
     }
     if not swept:
         return ""
-    found = {(f["loss"], f["variant"], f["impl"], f["dtype"], f["device"], f["kind"]) for f in findings}
+    # Each policy's findings under the variant they would have as given (its `precision=` part
+    # taken out, as for `swept`): the variant's own order (T first, reduction last) is kept.
+    under = {
+        (f["loss"], _without(f["variant"], f"precision={p}"), f["impl"], f["dtype"], f["device"], f["kind"], p)
+        for f in findings
+        for p in POLICIES
+        if f"precision={p}" in f["variant"].split(", ")
+    }
     rows = []
     for f in findings:
         native = f["impl_kind"] == "framework" and "precision=" not in f["variant"]
@@ -264,12 +271,9 @@ def policy_survival(records: list[dict], findings: list[dict]) -> str:
             continue
         cells = []
         for p in POLICIES:
-            key = (f["loss"], f["variant"], f["dtype"], f["device"], p)
-            under = ", ".join(x for x in (f["variant"], f"precision={p}") if x)
-            under = ", ".join(sorted(under.split(", ")))
-            if key not in swept:
+            if (f["loss"], f["variant"], f["dtype"], f["device"], p) not in swept:
                 cells.append("not swept")
-            elif (f["loss"], under, f["impl"], f["dtype"], f["device"], f["kind"]) in found:
+            elif (f["loss"], f["variant"], f["impl"], f["dtype"], f["device"], f["kind"], p) in under:
                 cells.append("survives")
             else:
                 cells.append("gone")

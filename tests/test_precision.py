@@ -178,3 +178,26 @@ def test_the_report_says_which_half_precision_findings_survive_autocast(records)
     assert "| bce | torch | bfloat16 | saturation | survives | survives |" in text
     assert RF.policy_survival([r for r in records if not r["options"]], FD.findings(
         [r for r in records if not r["options"]])) == ""
+
+
+def test_survival_matches_variants_whose_options_sort_after_precision():
+    """`precision=` sits among the sorted options, before `spatial`/`targets` and not after the
+    reduction: a finding of cross_entropy [spatial=4x8, targets=soft, reduction=none] under
+    autocast is the same finding (it once read "gone" from a re-sorted variant)."""
+    from losscheck import report_findings as RF
+
+    def finding(variant):
+        return {"loss": "cross_entropy", "variant": variant, "impl": "torch", "impl_kind": "framework",
+                "dtype": "bfloat16", "device": "cpu", "kind": "saturation"}
+
+    def record(options):
+        return {"loss": "cross_entropy", "options": options, "reduction": "none", "time": None,
+                "dtype": "bfloat16", "device": "cpu"}
+
+    native = {"spatial": "4x8", "targets": "soft"}
+    records = [record(native), record({**native, "precision": "autocast"})]
+    found = [finding("spatial=4x8, targets=soft, reduction=none"),
+             finding("precision=autocast, spatial=4x8, targets=soft, reduction=none")]
+    text = RF.policy_survival(records, found)
+    assert "| saturation | survives | not swept |" in text
+    assert "| saturation | gone |" in RF.policy_survival(records, found[:1])
