@@ -363,7 +363,7 @@ def evaluate(
     the reference rounded to a wider dtype, for outputs a precision policy widened."""
     threshold = config.threshold_bits(case.dtype)
     record = _record(config, case, impl, "ok")
-    audit = _Audit(ref, threshold, case, ref_in, loss, data.target)
+    audit = _Audit(ref, threshold, case, loss, data.target, ref_in)
     if _large(case):
         memory.trim()
     peak = memory.PeakMemory(case.device)
@@ -458,9 +458,9 @@ class _Audit:
     ref: Reference
     threshold: float
     case: Case
-    ref_in: Callable[[torch.dtype], Reference] | None = None
-    loss: Loss | None = None  # a loss of several inputs: `backward_<input>` for each after the first
-    target: torch.Tensor | None = None
+    loss: Loss  # a loss of several inputs: `backward_<input>` for each after the first
+    target: torch.Tensor
+    ref_in: Callable[[torch.dtype], Reference] | None = None  # evaluate()'s: None where not given
 
     def __call__(self, o: worker.Outputs, record: dict) -> None:
         case, ref, threshold = self.case, self.ref, self.threshold
@@ -490,15 +490,11 @@ class _Audit:
             record["message"] = "; ".join(n for n in notes if n)
         if o.grad is not None:
             mine, exact = o.grad.to(dev), self.ref.grad
-            names: tuple[str, ...] = ("input",)
-            parts: list[tuple[torch.Tensor, torch.Tensor]] = [(mine, exact)]
-            if self.loss is not None and self.target is not None and len(self.loss.inputs) > 1:
-                names = self.loss.inputs
-                parts = list(zip(self.loss.split(mine, self.target), self.loss.split(exact, self.target), strict=True))
+            parts = zip(self.loss.split(mine, self.target), self.loss.split(exact, self.target), strict=True)
             for i, (m, e) in enumerate(parts):
                 bwd = ErrorStats(self.threshold)
                 bwd.add(*_kept(m, e, keep))
-                record["backward" if i == 0 else f"backward_{names[i]}"] = bwd.as_dict()
+                record["backward" if i == 0 else f"backward_{self.loss.inputs[i]}"] = bwd.as_dict()
         if keep is not None:
             record["out_of_domain"] = _outcome(self.ref, o)
 

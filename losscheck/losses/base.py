@@ -388,7 +388,9 @@ def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
     if loss.elementwise:
         # A function with one output per input (log_softmax): a NaN input makes its row's
         # outputs NaN along whichever dimension it normalises, which the reference shows.
-        rows = ref.loss.isnan() if bool(outside_domain(inp, loss.input_kind).any()) else ref.loss.isnan() & False
+        if not bool(outside_domain(inp, loss.input_kind).any()):
+            return ref
+        rows = ref.loss.isnan()
     elif loss.multiclass:
         # Rows in blocks: a bool copy of a 2**32-value input would be 4 GiB.
         flat = inp.reshape(-1, inp.shape[-1])
