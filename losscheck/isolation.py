@@ -7,6 +7,15 @@ Implementations in a worker process (crashes, hangs in C code): see worker.py.
 SIGALRM handler raises `PointTimeout` in the main thread. On leaving the block, normally or by
 an exception, the timer is cancelled and the previous SIGALRM handler and timer are restored.
 
+The kernel sends the timer's SIGALRM to the process, and may hand it to any thread that does
+not block it: with other threads present (JAX's and XLA's pools, a BLAS pool), it sometimes
+lands on one of them, and the main thread, asleep or in a blocking call, is not woken, so the
+timeout fired only when the block's call returned on its own (measured: 1 in 15 nested
+deadlines late by the full 5 s sleep once jax was imported). A backstop thread therefore sends
+SIGALRM to the main thread itself (``signal.pthread_kill``) shortly after the deadline, and
+again every `_NUDGE_EVERY_S` while the deadline is still armed; a deadline that fired, or whose
+block ended, ignores them.
+
 Limitations:
 
 * The alarm interrupts Python code: loops, ``time.sleep``, Python-level waits. A single C or
@@ -40,6 +49,55 @@ from typing import Any
 
 # Re-arm delay for an outer timer whose time ran out while an inner deadline held the timer.
 _EXPIRED_DELAY_S = 1e-4
+# The backstop's first signal, after the deadline, and its repeats while still armed.
+_NUDGE_AFTER_S = 0.02
+_NUDGE_EVERY_S = 0.05
+
+
+class _Backstop:
+    """One daemon thread that signals the main thread for every armed deadline that is due, and
+    again every `_NUDGE_EVERY_S` until that deadline is disarmed: the kernel's own SIGALRM may have
+    gone to another thread (see the module's docstring). One long-lived thread rather than one
+    per deadline: a thread object's collection runs weakref callbacks in the main thread, and a
+    PointTimeout raised inside one of them is printed and dropped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, list[bool]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, seconds: float, armed: list[bool]) -> int:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="losscheck-deadline", daemon=True)
+                self._thread.start()
+            key = id(armed)
+            self._due[key] = (time.monotonic() + seconds + _NUDGE_AFTER_S, armed)
+            self._cond.notify()
+            return key
+
+    def disarm(self, key: int, armed: list[bool]) -> None:
+        """Clear `armed` where no signal can be sent for it any more."""
+        with self._cond:
+            armed[0] = False
+            self._due.pop(key, None)
+
+    def _run(self) -> None:
+        main = threading.main_thread().ident
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for key, (due, armed) in list(self._due.items()):
+                    if not armed[0]:
+                        del self._due[key]
+                    elif due <= now and main is not None:
+                        signal.pthread_kill(main, signal.SIGALRM)
+                        self._due[key] = (now + _NUDGE_EVERY_S, armed)
+                wake = min((due for due, _ in self._due.values()), default=None)
+                self._cond.wait(None if wake is None else max(wake - time.monotonic(), 0.0))
+
+
+_BACKSTOP = _Backstop()
 
 
 class PointTimeout(Exception):
@@ -91,11 +149,16 @@ def deadline(seconds: float | None, what: str = "") -> Iterator[None]:
         yield
         return
     start = time.monotonic()
+    key = None
     try:
         signal.setitimer(signal.ITIMER_REAL, seconds)
+        key = _BACKSTOP.add(seconds, armed)
         yield
     finally:
-        armed[0] = False
+        if key is None:
+            armed[0] = False
+        else:
+            _BACKSTOP.disarm(key, armed)
         signal.setitimer(signal.ITIMER_REAL, 0)
         # None: the previous handler was not installed from Python; the default is the best
         # that can be restored.

@@ -153,3 +153,51 @@ def test_outer_deadline_that_ran_out_inside_inner_fires_right_after_it():
                     time.sleep(0.4)  # past the outer deadline; nothing armed meanwhile
             time.sleep(5)  # the outer alarm fires at once (before or during this sleep)
     assert 0.4 <= time.monotonic() - start < 4
+
+
+def _kernel_alarm_lost(monkeypatch):
+    """The interval timer arms nothing: as when the kernel hands SIGALRM to another thread
+    (JAX's, a BLAS pool's) and the sleeping main thread is never woken by it."""
+    import losscheck.isolation as isolation
+
+    real = signal.setitimer
+
+    def setitimer(which, seconds, interval=0.0):
+        return real(which, 0) if seconds else real(which, seconds, interval)
+
+    monkeypatch.setattr(isolation.signal, "setitimer", setitimer)
+
+
+def test_timeout_fires_when_the_kernel_alarm_goes_to_another_thread(monkeypatch):
+    _kernel_alarm_lost(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(PointTimeout, match="^lost "):
+        with deadline(0.2, "lost"):
+            time.sleep(5)
+    assert time.monotonic() - start < 4
+
+
+def test_outer_deadline_fires_after_inner_when_the_kernel_alarm_goes_elsewhere(monkeypatch):
+    # The failure CI saw once jax's threads were in the process: the outer timeout, re-armed as
+    # the inner block ended, went to another thread and fired only after a 5 s sleep.
+    _kernel_alarm_lost(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(PointTimeout, match="^outer "):
+        with deadline(0.3, "outer"):
+            with deadline(0.1, "inner"):
+                try:
+                    time.sleep(5)
+                except PointTimeout:
+                    time.sleep(0.4)
+            time.sleep(5)
+    assert 0.4 <= time.monotonic() - start < 4
+
+
+def test_backstop_sends_nothing_after_the_block(monkeypatch):
+    # A fast block's backstop entry is gone when it ends: no SIGALRM reaches the default
+    # handler (which would end the process) afterwards.
+    _kernel_alarm_lost(monkeypatch)
+    with deadline(0.05, "fast"):
+        pass
+    time.sleep(0.3)
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
