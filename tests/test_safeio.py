@@ -48,7 +48,9 @@ def test_yaml_bombs_are_refused_at_once_in_one_short_line(text):
         C.parse_config(text, "bomb.yaml")
     elapsed = time.perf_counter() - start
     message = str(e.value)
-    assert elapsed < 1.0, elapsed
+    # Refused before expanding: well under the minutes (and GiBs) an expansion would take, with
+    # room for a loaded CI runner (no tight timing in unit tests).
+    assert elapsed < 10.0, elapsed
     assert len(message) < 300 and "\n" not in message, message
     assert message.startswith("bomb.yaml: refused: YAML aliases expand to more than")
 
