@@ -185,6 +185,7 @@ def test_probe_log_softmax_dim_and_rows_agree():
     rows = api.probe("log_softmax", np.array(x).T.tolist(), None, reduction="none", dtype="float32")
     assert torch.equal(cols.ref.loss, rows.ref.loss.T)
     assert cols.reference["limits"]["count"] == 2  # column [3, +inf]: its two elements
+    assert any("element [0, 2] (dim 0: 1 logit +inf): limit -inf" in n for n in cols.notes), cols.notes
     assert rows.reference["limits"]["count"] == 2
 
 

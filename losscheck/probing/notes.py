@@ -151,7 +151,7 @@ def _describe_row(
     if loss.elementwise:  # log_softmax: `i` is an element (in the input's layout) of a row along `dim`
         dim = class_dim(loss, inp, options)
         idx = _unravel(i, tuple(inp.shape))
-        row = inp[(*idx[:dim], slice(None), *idx[dim + 1 :])]
+        row = inp.movedim(dim, -1)[tuple(idx[:dim]) + tuple(idx[dim + 1 :])]  # the row along `dim`
         return f"element {where} (dim {dim}: {_row_infinities(row) or 'finite logits'})"
     if not loss.multiclass:
         kind = "p" if loss.input_kind == "probabilities" else "input"
