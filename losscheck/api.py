@@ -223,6 +223,8 @@ def probe(
     impls=(),
     numpy_impls=(),
     grad_output=None,
+    dim=None,
+    precision: str = "native",
 ):
     """Audit `loss` on these exact tensors (or arrays, lists, or file specs as `losscheck probe`
     takes them), as bench measures a point; returns a `probing.ProbeResult` (`.render()`,
@@ -243,4 +245,6 @@ def probe(
         impls=impls,
         numpy_impls=numpy_impls,
         grad_output=grad_output,
+        dim=dim,
+        precision=precision,
     )

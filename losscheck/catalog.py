@@ -38,6 +38,8 @@ OPTION_DEFAULTS = {
     "precision": "native",
     "spatial": "none",
     "dim": -1,
+    # Binary losses: labels per row of an (N, C) multi-label input (1: the flat (N,) input).
+    "labels": 1,
 }
 # How a loss is run on half-precision inputs (precision.py); every loss has the axis.
 PRECISIONS = ("native", "autocast", "upcast")
@@ -77,14 +79,14 @@ LOSS_INFO: dict[str, LossInfo] = {
         LossInfo(
             name="bce",
             summary="binary cross entropy on probabilities p = σ(logit) rounded to the dtype, hard 0/1 or soft "
-            "targets, per-element weight, pos_weight",
+            "targets, per-element weight, pos_weight (one or one per label), (N, C) multi-label inputs",
             formulas=Formulas(
                 loss=r"\ell(p, y) = -\left[y \log p + (1-y)\log(1-p)\right]",
                 naive=r"\ell = -\left[y\log p + (1-y)\log(1-p)\right]",
                 stable=r"\ell = -\left[\operatorname{xlogy}(y, p) + \operatorname{xlog1py}(1-y, -p)\right]",
                 gradient=r"\partial\ell/\partial p = \frac{p - y}{p(1-p)}",
             ),
-            options=("weight", "pos_weight", "targets"),
+            options=("weight", "pos_weight", "targets", "labels"),
         ),
         LossInfo(
             name="bce_with_logits",
@@ -95,7 +97,7 @@ LOSS_INFO: dict[str, LossInfo] = {
                 stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
                 gradient=r"\partial\ell/\partial x = \sigma(x) - y",
             ),
-            options=("weight", "pos_weight", "targets"),
+            options=("weight", "pos_weight", "targets", "labels"),
         ),
         LossInfo(
             name="sigmoid_bce",
@@ -108,7 +110,7 @@ LOSS_INFO: dict[str, LossInfo] = {
                 stable=r"\ell = \max(x,0) - x y + \operatorname{log1p}(e^{-|x|})",
                 gradient=r"\partial\ell/\partial x = \sigma(x) - y",
             ),
-            options=("weight", "pos_weight", "targets"),
+            options=("weight", "pos_weight", "targets", "labels"),
         ),
         LossInfo(
             name="cross_entropy",

@@ -55,6 +55,7 @@ OPTION_AXES = {
     "precision": "precision",
     "spatial": "spatial",
     "dim": "dims",
+    "labels": "labels",
     "hidden": "hidden_sizes",
     "chunks": "chunks",
 }
@@ -85,7 +86,9 @@ class Config:
     # Option axes (each loss sweeps those it supports, see `option_sets`).
     reductions: tuple[str, ...] = ("mean",)
     weights: tuple[str, ...] = ("none",)
-    pos_weights: tuple[float, ...] = (1.0,)
+    # A number, or a per-label vector as its option value "(0.5, 2, -1)" (`pos_weight_vector`).
+    pos_weights: tuple[float | str, ...] = (1.0,)
+    labels: tuple[int, ...] = (1,)  # binary losses: (N, C) multi-label inputs for C > 1
     label_smoothing: tuple[float, ...] = (0.0,)
     ignored: tuple[float, ...] = (0.0,)
     targets: tuple[str, ...] = ("hard",)
@@ -129,6 +132,9 @@ class Config:
             opts = {o: v for o, v in zip(names, values, strict=True) if v != OPTION_DEFAULTS[o]}
             if opts.get("targets") == "soft" and opts.get("ignored"):
                 continue
+            pw = opts.get("pos_weight")
+            if isinstance(pw, str) and len(pos_weight_vector(pw)) != opts.get("labels", 1):
+                continue  # a per-label vector goes with inputs of as many labels only
             out.append(opts)
         return out
 
@@ -164,7 +170,8 @@ class Config:
             "gate": _gate_as_input(self.gate, self.all_impls()),
             "reductions": list(self.reductions),
             "weights": list(self.weights),
-            "pos_weights": list(self.pos_weights),
+            "pos_weights": [pos_weight_vector(p) if isinstance(p, str) else p for p in self.pos_weights],
+            "labels": list(self.labels),
             "label_smoothing": list(self.label_smoothing),
             "ignored": list(self.ignored),
             "targets": list(self.targets),
@@ -181,6 +188,17 @@ class Config:
             "timeout": self.timeout,
             "isolation": self.isolation,
         }
+
+
+def pos_weight_vector(value: str) -> list[float]:
+    """A per-label pos_weight's option value "(0.5, 2, -1)" as the list of its numbers."""
+    return [float(v) for v in value.strip("()").split(",")]
+
+
+def _vector_value(values) -> str:
+    """The option value of a per-label pos_weight: a string, as records need hashable values that
+    survive JSON (a list would not), each number written so that it reads back exactly."""
+    return "(" + ", ".join(f"{v:g}" if float(f"{v:g}") == v else repr(v) for v in values) + ")"
 
 
 def spatial_dims(value: str) -> list[int]:
@@ -252,7 +270,10 @@ KEYS = {
     "gate": key_help(),
     "reductions": "list of none, mean, sum",
     "weights": "list of none, random (per-element weights for binary losses, per-class for cross entropy)",
-    "pos_weights": "list of finite numbers, zero and negative ones too (binary losses; 1 means unset)",
+    "pos_weights": "list of finite numbers, zero and negative ones too, or of lists of them: one per label of "
+    "(N, C) multi-label inputs, as long as a `labels` value (binary losses; 1 means unset)",
+    "labels": "list of positive integers: labels per row of (N, C) multi-label binary inputs (1: the flat (N,) "
+    "input; N is the batch size)",
     "label_smoothing": "list of numbers in [0, 1] (cross entropy)",
     "ignored": "list of fractions in [0, 1]: share of targets set to ignore_index (cross_entropy)",
     "targets": "list of hard, soft (cross_entropy: class indices or class probabilities; "
@@ -340,7 +361,8 @@ def _build(data: dict, source: str) -> Config:
         weights=v.choices(data, "weights", WEIGHT_KINDS, ("none",)),
         # Zero and negative too: torch takes any finite pos_weight (a zero one removes the
         # positive term; a negative one makes it a reward).
-        pos_weights=v.numbers(data, "pos_weights", signed=True, default=(1.0,)),
+        pos_weights=v.pos_weights(data),
+        labels=v.ints(data, "labels", minimum=1, default=(1,)),
         label_smoothing=v.numbers(data, "label_smoothing", default=(0.0,), maximum=1.0),
         ignored=v.numbers(data, "ignored", default=(0.0,), maximum=1.0),
         targets=v.choices(data, "targets", TARGET_KINDS, ("hard",)),
@@ -356,6 +378,14 @@ def _build(data: dict, source: str) -> Config:
         isolation=v.isolation(data),
         source=source,
     )
+    for p in cfg.pos_weights:
+        if isinstance(p, str) and len(pos_weight_vector(p)) not in cfg.labels:
+            v.fail(
+                "pos_weights",
+                f"the vector {p} has {len(pos_weight_vector(p))} values, which is no `labels` value "
+                f"({', '.join(map(str, cfg.labels))})",
+                "one value per label: a list as long as a `labels` value",
+            )
     # The gate last: `versus` must name one of the run's implementations, custom ones included.
     return replace(cfg, gate=v.gate(data, cfg))
 
@@ -428,6 +458,24 @@ class _Validator(SectionChecks):
         if len(set(out)) != len(out):
             self.fail(key, f"duplicate values in {data[key]!r}", "each value at most once")
         return tuple(sorted(out))
+
+    def pos_weights(self, data):
+        """Numbers (as `numbers`), and per-label vectors of at least two finite numbers."""
+        if not any(isinstance(p, (list, tuple)) for p in self._list(data, "pos_weights", ())):
+            return self.numbers(data, "pos_weights", signed=True, default=(1.0,))
+        vectors, numbers = [], []
+        for value in data["pos_weights"]:
+            if not isinstance(value, (list, tuple)):
+                numbers.append(value)
+                continue
+            parsed = [_as_number(x) for x in value]
+            if len(parsed) < 2 or any(x is None or not math.isfinite(x) for x in parsed):
+                self.fail("pos_weights", f"bad vector {value!r}", "a list of two or more finite numbers")
+            vectors.append(_vector_value(parsed))
+        if len(set(vectors)) != len(vectors):
+            self.fail("pos_weights", f"duplicate values in {data['pos_weights']!r}", "each value at most once")
+        scalars = self.numbers({"pos_weights": numbers}, "pos_weights", signed=True) if numbers else ()
+        return (*scalars, *vectors)
 
     def ints(self, data, key, minimum, default=None):
         values = self._list(data, key, default)

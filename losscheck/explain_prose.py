@@ -120,6 +120,53 @@ PROSE: dict[str, Prose] = {
         limit_columns=("log_max", "exp_overflow", "sigmoid_one", "sigmoid_estimate"),
         probes=_BINARY_LOGIT_PROBES,
     ),
+    "sigmoid_bce": Prose(
+        loss="ℓ(x, y) = −[y·log σ(x) + (1−y)·log(1−σ(x))] = log(1 + e^x) − x·y on logits x: the same loss as "
+        "bce_with_logits, written as training code often writes it, F.binary_cross_entropy(x.sigmoid(), y). "
+        "The gradient audited is with respect to the logits x.  The mean loss is (1/N)·Σᵢ ℓ(xᵢ, yᵢ).",
+        inputs="logits x; the chain rounds p = σ(x) to the dtype before the loss sees it",
+        targets="hard 0/1 labels y (soft labels in [0, 1] with `targets: soft`)",
+        naive="p = sigmoid(x) in the dtype;  ℓ = −[y·log p + (1−y)·log(1−p)];  mean = (Σᵢ ℓᵢ)/N in the dtype.",
+        source="Threads pytorch#103316, keras#9664, Flux.jl#914 and OneFlow#7476 report this chain: "
+        "F.binary_cross_entropy(x.sigmoid(), 1) at x = −50 gives dL/dx = −2.41e-11 where the truth is "
+        "−1/N; float32 x = 17, y = 0 gives loss 100 and gradient 0 (true 17.00000004 and 0.99999996); "
+        "float16 x = 9, y = 0 a NaN gradient. torch's own error under autocast says the same: "
+        "“Many models use a sigmoid layer right before the binary cross entropy layer. In this case, "
+        "combine the two layers using binary_cross_entropy_with_logits” (pytorch#61098).",
+        mechanism=(
+            "σ(x) is rounded to the dtype before the loss: from the column “σ = 1 from” on it is exactly "
+            "1, and 1 − σ(x) = 0. With y = 0 the true loss is ≈ x, but log(1 − p) = log 0: naive returns "
+            "+inf, torch's BCE clamps each log at −100 and returns 100 for every x beyond that column "
+            "(silent saturation: 100 at x = 17 in float32 where the truth is 17.00000004).",
+            "Before σ is exactly 1, 1 − σ(x) keeps only the bits of e^−x that σ kept: the loss of a "
+            "confident wrong prediction drifts off by many bits while still finite.",
+            "The gradient is the chain's: dℓ/dp·σ′(x) = (p − y)/(p(1 − p))·p(1 − p). torch's backward "
+            "of BCE guards p(1 − p) with an ε, and σ′(x) = p(1 − p) is formed from the rounded p: at "
+            "p = 1 it is 0 (gradient 0 where the truth is ≈ 1, float32 x = 17), and in float16, where "
+            "the ε (1e-12) itself rounds to 0, 1/0 = inf times σ′ = 0 is NaN (x = 9). For very negative "
+            "x with y = 1, (p − 1)/max(p(1 − p), ε) times the tiny σ′ gives −2.41e-11 at x = −50 where "
+            "the truth is −1/N (−0.125 for the thread's N = 8; pytorch#103316): all bits lost, silently.",
+            "Under torch.autocast on CUDA, torch refuses binary_cross_entropy outright (“unsafe to "
+            "autocast”); on the CPU it runs it in float32 — losscheck records both (precision: autocast).",
+        ),
+        stable="the with-logits form:  ℓ = max(x, 0) − x·y + log1p(e^−|x|)   (never forms σ(x))",
+        stable_why=(
+            "It is the same loss with σ never rounded: e^−|x| ≤ 1 cannot overflow and log1p keeps a tiny "
+            "e^−|x| to its last bit, so the loss of a confident wrong prediction is ≈ |x| to full "
+            "precision and a confident correct one keeps its tiny loss.",
+            "losscheck's `stable` for sigmoid_bce is bce_with_logits' stable implementation, so the report "
+            "sets the chain (torch: x.sigmoid() then BCE) beside the with-logits form per dtype: the "
+            "advice “use the with-logits form” measured, not asserted.",
+        ),
+        gradient="∂ℓ/∂x = σ(x) − y   (for the mean loss: (σ(xᵢ) − yᵢ)/N)",
+        gradient_how="As bce_with_logits: σ(x) − y formed as (1 − y) − σ(−|x|) for x ≥ 0 and σ(−|x|) − y for "
+        "x < 0, with σ(−|x|) = e/(1 + e), e = exp(−|x|) — no 1 − σ(x) that cancels, no division by "
+        "p(1 − p) that the chain's backward needs.",
+        gradient_source="pytorch#103316: the chain's gradient at x = −50, y = 1 is −2.41e-11; the exact "
+        "σ(−50) − 1 = −(1 − 1.9e-22) per element (divided by N for the mean).",
+        limit_columns=("sigmoid_one", "sigmoid_estimate", "log_max", "exp_underflow"),
+        probes=_BINARY_LOGIT_PROBES,
+    ),
     "bce": Prose(
         loss="ℓ(p, y) = −[y·log p + (1−y)·log(1−p)] on a probability p ∈ [0, 1].  The mean loss is (1/N)·Σᵢ ℓ(pᵢ, yᵢ).",
         inputs="probabilities p = σ(logit), computed in high precision and rounded once to the dtype — "

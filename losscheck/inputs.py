@@ -450,8 +450,11 @@ def option_values(
         d = generator_for(seed, loss, "weight", rows, classes, device=device)
         size = classes if multiclass else rows
         out["weight"] = pieces(torch.exp, d.uniform(math.log(WEIGHT_RANGE[0]), math.log(WEIGHT_RANGE[1]), (size,)))
-    if float(options.get("pos_weight", 1.0)) != 1.0:
-        out["pos_weight"] = float(options["pos_weight"])
+    pw = options.get("pos_weight", 1.0)
+    if isinstance(pw, str):  # one per label (config.pos_weight_vector)
+        out["pos_weight"] = tuple(float(v) for v in pw.strip("()").split(","))
+    elif float(pw) != 1.0:
+        out["pos_weight"] = float(pw)
     if float(options.get("label_smoothing", 0.0)):
         out["label_smoothing"] = float(options["label_smoothing"])
     fraction = float(options.get("ignored", 0.0))

@@ -55,7 +55,7 @@ class _InputCache:
                 self.value = x, t
             else:
                 self.value = inputs.generate(
-                    case.loss, False, case.batch, None, case.scale, case.distribution, self.seed, case.device
+                    case.loss, False, rows_of(case), None, case.scale, case.distribution, self.seed, case.device
                 )
             self.key = key
         return self.value
@@ -88,10 +88,16 @@ def spatial_of(case: Case) -> tuple[int, ...]:
     return tuple(spatial_dims(dict(case.options).get("spatial", "none")))
 
 
+def labels_of(case: Case) -> int:
+    """The C of an (N, C) multi-label binary point; 1 for the flat (N,) input."""
+    return int(dict(case.options).get("labels", 1))
+
+
 def _times(case: Case) -> int | None:
     """Rows per batch entry, for the generator: the sequence length, or the positions of an
-    (N, C, d…) input (its rows are those of N·d1·d2·… independent (1, C) rows)."""
-    positions = math.prod(spatial_of(case))
+    (N, C, d…) input (its rows are those of N·d1·d2·… independent (1, C) rows), or the labels
+    of an (N, C) multi-label binary input (N·C independent elements)."""
+    positions = math.prod(spatial_of(case)) * labels_of(case)
     return case.time if positions == 1 else (case.time or 1) * positions
 
 
@@ -130,9 +136,10 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     )
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
-    if "pos_weight" in values:
+    if "pos_weight" in values:  # one number, or one per label (broadcast over the rows as torch does)
+        pw = values["pos_weight"]
         options["pos_weight"] = R.round_to(
-            torch.full((1,), values["pos_weight"], dtype=torch.float64, device=device), dtype
+            torch.tensor(pw if isinstance(pw, tuple) else (pw,), dtype=torch.float64, device=device), dtype
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
@@ -164,6 +171,10 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
             target = target.reshape(case.batch, *dims, -1).movedim(-1, 1).contiguous()
         else:
             target = target.reshape(case.batch, *dims)
+    if labels_of(case) > 1:  # (N, C) multi-label: the N·C elements as rows of C labels
+        inp, target = inp.reshape(case.batch, -1), target.reshape(case.batch, -1)
+        if "weight" in options:
+            options["weight"] = options["weight"].reshape(case.batch, -1)
     dim = int(dict(case.options).get("dim", -1))
     if dim != -1:
         # log_softmax along dimension 0: the value set's rows as the columns of (C, N).

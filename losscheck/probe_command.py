@@ -24,10 +24,11 @@ from . import api
 @click.option(
     "--target",
     "target_spec",
-    required=True,
+    default=None,
     metavar="LIST|FILE",
     help="The target, inline or from a file: labels in [0, 1] (binary losses, the input's shape: hard 0/1 or "
-    "soft), class indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets).",
+    "soft), class indices (N,) or (B, T), or class probabilities of the input's shape (cross_entropy soft targets). "
+    "Required, except for log_softmax (it takes none).",
 )
 @click.option(
     "--dtype",
@@ -80,6 +81,20 @@ from . import api
     help="With --reduction none: the upstream gradient, shaped like the per-element loss (inline or a "
     "file), or ones, random, onehot, zeros (drawn as bench does); the audited gradient is that of Σ g·loss.",
 )
+@click.option(
+    "--dim",
+    default=None,
+    metavar="INT",
+    help="log_softmax: the dimension it normalises along, any of the input's (default -1).",
+)
+@click.option(
+    "--precision",
+    default="native",
+    show_default=True,
+    metavar="native|autocast|upcast",
+    help="float16/bfloat16 inputs: run the implementations as given, under torch.autocast for the device, "
+    "or on a float32 upcast (bench's precision axis); a wider output is audited in its own dtype.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
 def probe_command(
     loss_name,
@@ -95,6 +110,8 @@ def probe_command(
     impls,
     numpy_impls,
     grad_output,
+    dim,
+    precision,
     as_json,
 ) -> None:
     """Audit LOSS on the exact inputs that broke your training.
@@ -110,6 +127,7 @@ def probe_command(
     losscheck probe bce_with_logits --input '[inf, 1.0]' --target '[1, 0]' --dtype float32
     losscheck probe cross_entropy --input logits.pt --target labels.pt --dtype bfloat16 --ignore-index -100
     losscheck probe bce --input probs.npy --target y.npy --reduction sum --json
+    losscheck probe log_softmax --input x.pt --dim 2 --dtype float16 --reduction none
     """
     result = api.probe(
         loss_name,
@@ -125,5 +143,7 @@ def probe_command(
         impls=impls,
         numpy_impls=numpy_impls,
         grad_output=grad_output,
+        dim=dim,
+        precision=precision,
     )
     click.echo(result.to_json() if as_json else result.render(), nl=False)

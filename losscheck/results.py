@@ -33,7 +33,9 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       `dtype` and `threshold_bits` (its ULPs are of that dtype: formats.counted_in).
       Issue 15: `options` may hold `grad_output` (the upstream gradient of a `reduction: none`
       point: "random", "onehot", "zeros"; absent for ones, so earlier files keep their keys),
-      `spatial` ("100x1025": an (N, C, d…) input) and `dim` (log_softmax); the losses
+      `spatial` ("100x1025": an (N, C, d…) input), `dim` (log_softmax), `labels` (C of an
+      (N, C) multi-label binary input) and a per-label `pos_weight` as the string
+      "(0.5, 2, -1)" (options stay strings and numbers); the losses
       `nll_loss` and `log_softmax` (whose `forward` counts every output element).
       Records of the `torch_compile` family carry an optional `compile` object: `seconds`
       (compilation at this point, 0 where earlier points compiled its graphs; kept out of

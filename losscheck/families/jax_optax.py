@@ -206,7 +206,13 @@ def _no_probabilities(*args, **kwargs):
     raise Unsupported("optax has no binary cross entropy on probabilities (sigmoid_binary_cross_entropy takes logits)")
 
 
+def _no_tensor_output(*args, **kwargs):
+    raise Unsupported("optax has no log_softmax loss (jax.nn.log_softmax is a function, not an optax loss)")
+
+
 def provide(loss):
+    if loss.elementwise:  # log_softmax: OptaxLoss would compute a cross entropy in its place
+        return _no_tensor_output
     if loss.input_kind != "logits":
         return _no_probabilities
     return OptaxLoss(loss.multiclass)

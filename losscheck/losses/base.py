@@ -435,6 +435,8 @@ def _binary_options(loss: Loss, inp: torch.Tensor, options: dict | None) -> dict
     pw = opts.get("pos_weight")
     if not loss.multiclass and isinstance(pw, torch.Tensor) and pw.numel() > 1:
         opts["pos_weight"] = torch.broadcast_to(pw, inp.shape).reshape(-1)
+    if not loss.multiclass and isinstance(opts.get("weight"), torch.Tensor):  # (N, C) multi-label: as the rows
+        opts["weight"] = opts["weight"].reshape(-1)
     return opts
 
 

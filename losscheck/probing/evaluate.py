@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import custom, families, inputs, memory, reference as R, sweep
+from .. import custom, families, inputs, memory, precision as P, reference as R, sweep
 from ..analysis import SCALE_FREE
-from ..catalog import IGNORE_INDEX, REDUCTIONS
+from ..catalog import IGNORE_INDEX, PRECISIONS, REDUCTIONS
 from ..config import DEVICE_RE, Config, custom_spec
 from ..dtypes import FORMATS
 from ..environment import device_problem
@@ -24,7 +24,7 @@ from .convert import Conversion, convert
 from .load import ProbeError, _as_loaded
 from .notes import _notes
 from .text import _bits, _one_line, _plural, _shape, _unravel
-from .validate import _input_stats, _layout, _target, _weight
+from .validate import _dim_of, _input_stats, _layout, _target, _weight
 
 # Loss option (`Loss.options`) -> the flag that sets it.
 OPTION_FLAGS = {
@@ -33,6 +33,7 @@ OPTION_FLAGS = {
     "label_smoothing": "--label-smoothing",
     "ignored": "--ignore-index",
     "targets": "soft targets",
+    "dim": "--dim",
 }
 DISTRIBUTION = "normal"  # any valid value set: the Case only names the point
 
@@ -138,12 +139,17 @@ def run_probe(
     impls=(),
     numpy_impls=(),
     grad_output=None,
+    dim=None,
+    precision: str = "native",
 ) -> ProbeResult:
     """Evaluate every implementation of `loss_name` on the given input and target, exactly as
     bench evaluates a sweep point. `input`, `target` and `weight` are specs (inline list or
     file), `Loaded`, tensors or numpy arrays; `impls`/`numpy_impls` are 'module:function' specs.
     `grad_output` (reduction "none"): the upstream gradient, a spec like `input`'s or one of
-    inputs.GRAD_OUTPUTS (drawn from seed 0 as bench draws them)."""
+    inputs.GRAD_OUTPUTS (drawn from seed 0 as bench draws them). `dim` (log_softmax): the
+    dimension its rows lie along, any of the input's (default -1); log_softmax takes no target
+    (None). `precision`: the policy the implementations run under (precision.py; float16 and
+    bfloat16 inputs), as bench's `precision:` axis."""
     if loss_name not in LOSSES:
         raise ProbeError("LOSS", f"unknown loss {loss_name!r}", ", ".join(LOSSES))
     loss = LOSSES[loss_name]
@@ -172,6 +178,13 @@ def run_probe(
         label_smoothing = _number(label_smoothing, "--label-smoothing", "a number in [0, 1]", lambda x: 0 <= x <= 1)
     if ignore_index is not None:
         ignore_index = _integer(ignore_index, "--ignore-index")
+    if dim is not None:
+        _check_option(loss, "dim", "--dim")
+        dim = _integer(dim, "--dim")
+    if precision not in PRECISIONS:
+        raise ProbeError("--precision", f"unknown value {precision!r}", ", ".join(PRECISIONS))
+    if target is None and not loss.elementwise:
+        raise ProbeError("--target", "missing", f"the target {loss.name} compares the input with")
     if grad_output is not None and reduction != "none":
         raise ProbeError(
             "--grad-output", f"applies to --reduction none, not {reduction}", "--reduction none, or no --grad-output"
@@ -181,11 +194,17 @@ def run_probe(
     customs = _custom_impls(impls, numpy_impls)
 
     src_in = _as_loaded(input, "--input")
-    src_t = _as_loaded(target, "--target")
+    src_t = None if loss.elementwise else _as_loaded(target, "--target")  # log_softmax: no target
     if dtype is None:
         dtype = (src_in.format_name if src_in.origin != "inline" else None) or "float32"
+    if not P.applies(precision, dtype):
+        raise ProbeError(
+            "--precision", f"{precision} applies to float16 and bfloat16 inputs, not {dtype}", "native, or --dtype"
+        )
     tdtype = FORMATS[dtype].torch_dtype
-    shape = _layout(loss, src_in, src_t)
+    if loss.elementwise:
+        dim = _dim_of(-1 if dim is None else dim, src_in.shape)
+    shape = _layout(loss, src_in, src_t, -1 if dim is None else dim)
     soft = shape["soft"]
     if soft:
         _check_option(loss, "targets", "--target")
@@ -196,7 +215,7 @@ def run_probe(
                 "a target of class indices (N,), or no --ignore-index",
             )
     layout: tuple[tuple[str, str], ...] = (("targets", "soft"),) if soft else ()
-    if len(shape["shape"]) > 2 and not loss.sequence:  # (N, C, d1, d2, …)
+    if len(shape["shape"]) > 2 and not loss.sequence and not loss.elementwise:  # (N, C, d1, d2, …)
         layout += (("spatial", "x".join(map(str, shape["shape"][2:]))),)
     _check_memory(_case(loss_name, device, dtype, shape, reduction, tuple(sorted(layout))))
 
@@ -205,13 +224,18 @@ def run_probe(
     del src_in  # an .npz member or old-format .pt file is in memory: keep only the converted copy
     if not loss.multiclass:
         inp = inp.reshape(-1)
-    stats = _input_stats(loss, inp)
+    layout_opts = {} if dim is None or dim == inp.dim() - 1 else {"dim": dim}  # log_softmax's rows
+    stats = _input_stats(loss, inp, layout_opts)
     # Probabilities outside [0, 1] (and NaN inputs) are measured, not refused: the reference marks
     # them out of domain and each implementation's outcome is recorded (raised, NaN or a number).
     conversions = [in_conv]
-    tgt, target_info = _target(loss, src_t, tdtype, soft, shape, ignore_index, conversions)
+    if src_t is None:  # an elementwise function: no target (its reference reads none)
+        tgt = torch.zeros(shape["rows"], dtype=torch.int64)
+        target_info = {"source": "none", "shape": [], "from_dtype": "-", "kind": "none"}
+    else:
+        tgt, target_info = _target(loss, src_t, tdtype, soft, shape, ignore_index, conversions)
     del src_t
-    options: dict = {}
+    options: dict = dict(layout_opts)
     if weight is not None:
         options["weight"] = _weight(loss, _as_loaded(weight, "--weight"), tdtype, in_shape, shape, conversions)
     pw_record = None  # a per-class pos_weight as the record names it (the options hold it per element)
@@ -238,6 +262,10 @@ def run_probe(
     case_options = dict(_case_options(options, soft, target_info, pw_record)) | dict(layout)
     if up_name:
         case_options["grad_output"] = up_name
+    if precision != "native":
+        case_options["precision"] = precision
+    if "dim" in options:
+        case_options["dim"] = options["dim"]
     case = _case(loss_name, device, dtype, shape, reduction, tuple(sorted(case_options.items())))
 
     config = _config(loss_name, dtype, device, reduction, shape)
@@ -252,10 +280,18 @@ def run_probe(
         raise
     all_impls = [implementation(loss, i) for i in probed_families()]
     all_impls += [custom.for_loss(c, loss_name) for c in customs]
-    records = [sweep.evaluate(config, case, loss, impl, data, ref) for impl in all_impls]
-    outputs = _elementwise(all_impls, records, data, device)
+    ref_in = _widened(loss, data, reduction, ref)
+    records = [sweep.evaluate(config, case, loss, impl, data, ref, ref_in) for impl in all_impls]
+    outputs = _elementwise(all_impls, records, data, device, case.policy)
     results = [
-        _result(impl, rec, outputs.get(impl.name), ref, dtype, shape)
+        _result(
+            impl,
+            rec,
+            outputs.get(impl.name),
+            ref_in(outputs[impl.name].dtype) if impl.name in outputs else ref,
+            dtype,
+            shape,
+        )
         for impl, rec in zip(all_impls, records, strict=True)
     ]
     ref_info = _reference_info(ref, stats, shape, loss)
@@ -279,6 +315,24 @@ def run_probe(
         data,
         _findings(records, bool(stats["inf_rows"].any())),
     )
+
+
+def _widened(loss: Loss, data: sweep.PointData, reduction: str, ref: Reference):
+    """The reference rounded to a wider output's dtype (a precision policy's float32 for a
+    bfloat16 input), as bench computes it: the same exact values, the inputs widened exactly."""
+    refs = {ref.loss.dtype: ref}
+
+    def ref_in(dtype: torch.dtype) -> Reference:
+        if dtype not in refs:
+            wide = {
+                k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.options.items()
+            }
+            t = data.target.to(dtype) if data.target.is_floating_point() else data.target
+            up = None if data.grad_output is None else data.grad_output.to(dtype)
+            refs[dtype] = reference(loss, data.inp.to(dtype), t, wide, reduction, up)
+        return refs[dtype]
+
+    return ref_in
 
 
 def _upstream(spec, loss: Loss, loss_name: str, inp, tgt, tdtype, device: str, conversions: list):
@@ -425,8 +479,9 @@ def _config(loss_name: str, dtype: str, device: str, reduction: str, shape: dict
     return Config.from_mapping(mapping, "<probe>")
 
 
-def _elementwise(impls: list[Impl], records: list[dict], data: sweep.PointData, device: str) -> dict:
-    """Each implementation's "none" output on the CPU (per row: small), for the worst element."""
+def _elementwise(impls: list[Impl], records: list[dict], data: sweep.PointData, device: str, policy: str) -> dict:
+    """Each implementation's "none" output on the CPU (per row: small), for the worst element,
+    called under the precision policy as `sweep.evaluate` called it."""
     out = {}
     x, t, opts = data.on(device)
     for impl, rec in zip(impls, records, strict=True):
@@ -434,7 +489,7 @@ def _elementwise(impls: list[Impl], records: list[dict], data: sweep.PointData, 
             continue
         try:
             with torch.no_grad():
-                y = impl.fn(x, t, "none", **opts)
+                y = P.wrap(impl.fn, policy, device)(x, t, "none", **opts)
             out[impl.name] = y.detach().cpu()
         except Exception:  # evaluate() succeeded with the same call; a flaky implementation is not ours to judge
             continue
@@ -532,4 +587,6 @@ def _options_info(options: dict, soft: bool, dtype: str, pw_record=None) -> dict
         out["label_smoothing"] = options["label_smoothing"]
     if "ignore_index" in options:
         out["ignore_index"] = options["ignore_index"]
+    if "dim" in options:
+        out["dim"] = options["dim"]
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..losses import Loss, Reference
-from ..losses.base import rows_of
+from ..losses.base import class_dim, rows_of
 from ..metrics import int_or_inf, ulp_distance
 from .text import _fmt, _index, _num, _plural, _shape, _signed, _unravel
 
@@ -80,12 +80,12 @@ def _notes(
         idx = np.flatnonzero(limit_rows)
         has_limit = idx[~ref_nan[idx]]
         first = int(idx[0])
-        example = _describe_row(loss, inp, tgt, first, rows_shape, dtype)
+        example = _describe_row(loss, inp, tgt, first, rows_shape, dtype, options)
         lim = ref_flat[first]
         what = (
             "the limit does not exist (NaN)" if math.isnan(float(lim)) else f"limit {_signed(_fmt(float(lim), dtype))}"
         )
-        noun = ("row" if loss.multiclass else "element") + ("s" if len(idx) > 1 else "")
+        noun = ("row" if loss.multiclass and not loss.elementwise else "element") + ("s" if len(idx) > 1 else "")
         s = f"{len(idx)} {noun} with ±inf logits: the true loss there is a limit, not a number (e.g. {example}: {what})"
         if len(has_limit):
             there = (
@@ -101,7 +101,7 @@ def _notes(
     if undefined_rows.any():
         idx = np.flatnonzero(undefined_rows)
         first = int(idx[0])
-        example = _describe_row(loss, inp, tgt, first, rows_shape, dtype)
+        example = _describe_row(loss, inp, tgt, first, rows_shape, dtype, options)
         notes.append(
             f"{len(idx)} {'rows have' if len(idx) > 1 else 'row has'} no limit (reference NaN: several "
             f"+inf logits with the target among them, or every logit -inf; e.g. {example})"
@@ -122,7 +122,7 @@ def _notes(
         first = int(idx[0])
         notes.append(
             f"the reference is +inf at {inf_ref} element{'s' if inf_ref > 1 else ''} "
-            f"(e.g. {_describe_row(loss, inp, tgt, first, rows_shape, dtype)}): the true loss there is "
+            f"(e.g. {_describe_row(loss, inp, tgt, first, rows_shape, dtype, options)}): the true loss there is "
             f"infinite or beyond {dtype}'s range, so +inf is exact and a finite value is silent "
             "saturation. " + _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, "the reference")
         )
@@ -144,8 +144,15 @@ def _notes(
     return notes
 
 
-def _describe_row(loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows_shape, dtype: str) -> str:
+def _describe_row(
+    loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows_shape, dtype: str, options: dict | None = None
+) -> str:
     where = _index(_unravel(i, rows_shape))
+    if loss.elementwise:  # log_softmax: `i` is an element (in the input's layout) of a row along `dim`
+        dim = class_dim(loss, inp, options)
+        idx = _unravel(i, tuple(inp.shape))
+        row = inp.movedim(dim, -1)[tuple(idx[:dim]) + tuple(idx[dim + 1 :])]  # the row along `dim`
+        return f"element {where} (dim {dim}: {_row_infinities(row) or 'finite logits'})"
     if not loss.multiclass:
         kind = "p" if loss.input_kind == "probabilities" else "input"
         return (
@@ -153,20 +160,21 @@ def _describe_row(loss: Loss, inp: torch.Tensor, tgt: torch.Tensor, i: int, rows
             f"target {_num(float(tgt.reshape(-1)[i]))}"
         )
     row = rows_of(loss, inp, inp)[0][i]  # (N, C, d…) inputs: classes in dimension 1
-    pos = int((row == math.inf).sum())
-    neg = int((row == -math.inf).sum())
-    parts = []
-    if pos:
-        parts.append(f"{pos} logit{'s' if pos > 1 else ''} +inf")
-    if neg:
-        parts.append(f"{neg} logit{'s' if neg > 1 else ''} -inf")
+    described = _row_infinities(row)
     if tgt.is_floating_point():
-        return f"row {where}: {', '.join(parts) or 'finite logits'}, soft target"
+        return f"row {where}: {described or 'finite logits'}, soft target"
     t = int(tgt.reshape(-1)[i])
     return (
-        f"row {where}: {', '.join(parts) or 'finite logits'}, target {t} "
+        f"row {where}: {described or 'finite logits'}, target {t} "
         f"(logit {_signed(_fmt(float(row[t]), dtype)) if 0 <= t < row.shape[0] else 'ignored'})"
     )
+
+
+def _row_infinities(row: torch.Tensor) -> str:
+    """How many logits of a row are +inf and -inf ("" if none)."""
+    pos, neg = int((row == math.inf).sum()), int((row == -math.inf).sum())
+    parts = [f"{k} logit{'s' if k > 1 else ''} {sign}inf" for k, sign in ((pos, "+"), (neg, "-")) if k]
+    return ", ".join(parts)
 
 
 def _what_each_did(records, outputs, ref_flat, idx, rows_shape, dtype, word: str = "the limit") -> str:

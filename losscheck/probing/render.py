@@ -71,8 +71,12 @@ def render_table(result: ProbeResult) -> str:
     head = [
         f"{result.loss}, {result.dtype} on {result.device}, reduction {result.reduction}",
         f"input:  {_where_from(inp.source)} {_shape(inp.shape)} {inp.from_dtype} -> {result.dtype} ({conv})",
-        f"target: {_where_from(result.target['source'])} {_shape(result.target['shape'])} "
-        f"{result.target['from_dtype']}" + (" (soft targets)" if result.target["kind"] == "soft" else ""),
+        (
+            f"target: none ({result.loss} takes none)"
+            if result.target["kind"] == "none"
+            else f"target: {_where_from(result.target['source'])} {_shape(result.target['shape'])} "
+            f"{result.target['from_dtype']}" + (" (soft targets)" if result.target["kind"] == "soft" else "")
+        ),
     ]
     opts = {k: v for k, v in result.options.items() if k != "targets"}
     if opts:
@@ -80,6 +84,8 @@ def render_table(result: ProbeResult) -> str:
             "options: " + ", ".join(f"{k} {v if k != 'weight' else _shape(v['shape'])}" for k, v in opts.items())
         )
     ref = result.reference
+    if result.case.policy != "native":  # precision.py: what the implementations ran under
+        head.append(f"precision: {result.case.policy} (a wider output is audited in its own dtype)")
     upstream = dict(result.case.options).get("grad_output")
     if upstream:  # the audited gradient is that of Σ g·loss (METRICS.md "Upstream gradients")
         head.append(f"upstream gradient: {upstream} (the gradient audited is that of Σ g·loss)")

@@ -12,14 +12,22 @@ import torch
 
 from ..dtypes import fmt
 from ..losses import Loss
-from ..losses.base import rows_of
+from ..losses.base import class_dim, rows_of
 from .convert import convert
 from .load import BLOCK, Loaded, ProbeError
 from .text import _index, _num, _shape, _unravel
 
 
-def _layout(loss: Loss, x: Loaded, t: Loaded) -> dict:
-    """Validate the shapes; batch, classes, time as a sweep Case has them, and soft targets."""
+def _layout(loss: Loss, x: Loaded, t: Loaded | None, dim: int = -1) -> dict:
+    """Validate the shapes; batch, classes, time as a sweep Case has them, and soft targets.
+    An elementwise function (log_softmax) takes an input of any shape and no target: its rows
+    are the slices along `dim` (already checked against the input's dimensions)."""
+    if loss.elementwise:
+        xs = x.shape
+        classes = xs[dim] if xs else 1
+        rows = math.prod(xs) // max(1, classes)
+        return {"batch": max(1, rows), "classes": classes, "time": None, "soft": False, "shape": xs, "rows": rows}
+    assert t is not None, "run_probe refuses a missing target for every loss but an elementwise function"
     xs, ts = x.shape, t.shape
     if not loss.multiclass:
         if ts != xs:
@@ -76,9 +84,30 @@ def _layout(loss: Loss, x: Loaded, t: Loaded) -> dict:
     return {"batch": xs[0], "classes": xs[1], "time": None, "soft": soft, "shape": xs, "rows": rows}
 
 
-def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
-    """NaN/±inf counts of the converted input, rows holding ±inf, and (bce) values outside [0, 1]."""
-    rows = rows_of(loss, inp, inp)[0] if loss.multiclass else inp.reshape(-1, 1)
+def _dim_of(dim: int, shape: tuple) -> int:
+    """`--dim` as a dimension of the input, in [0, ndim) (negative ones count from the last)."""
+    n = len(shape)
+    if not -n <= dim < n:
+        raise ProbeError("--dim", f"{dim} is not a dimension of the input of shape {_shape(shape)}", f"-{n}..{n - 1}")
+    return dim % n
+
+
+def _input_stats(loss: Loss, inp: torch.Tensor, options: dict | None = None) -> dict:
+    """NaN/±inf counts of the converted input, rows holding ±inf, and (bce) values outside [0, 1].
+    For an elementwise function (log_softmax) the row flags are spread over the row's elements,
+    in the input's layout, as its reference (a tensor shaped like the input) is read."""
+    rows = rows_of(loss, inp, inp, options)[0] if loss.multiclass else inp.reshape(-1, 1)
+    stats = _row_stats(rows, loss.input_kind == "probabilities")
+    if loss.elementwise:
+        dim = class_dim(loss, inp, options)
+        last = inp.movedim(dim, -1).shape
+        for key in ("inf_rows", "nan_rows"):
+            flags = torch.from_numpy(stats[key]).reshape(*last[:-1], 1).expand(last)
+            stats[key] = flags.movedim(-1, dim).reshape(-1).numpy().copy()
+    return stats
+
+
+def _row_stats(rows: torch.Tensor, probabilities: bool) -> dict:
     n = rows.shape[0]
     step = max(1, BLOCK // max(1, rows.shape[1]))
     stats: dict[str, Any] = {
@@ -98,7 +127,7 @@ def _input_stats(loss: Loss, inp: torch.Tensor) -> dict:
         stats["neginf"] += int(ninf.sum())
         stats["inf_rows"][start : start + step] = (pinf | ninf).any(1).numpy()
         stats["nan_rows"][start : start + step] = nan.any(1).numpy()
-        if loss.input_kind == "probabilities":
+        if probabilities:
             outside = (block < 0) | (block > 1)
             k = int(outside.sum())
             if k and stats["outside_example"] is None:
