@@ -357,9 +357,12 @@ class RemoteFn:
             )
 
     def take_record(self) -> dict | None:
-        # Not from a worker that died since (its successor knows nothing of this point): asking
-        # would only start a new one.
-        if "take_record" not in self.worker.hooks.get(self.loss, ()) or not self.worker.alive():
+        # Asked too while the hooks are not known yet (the point's evaluation failed or was
+        # skipped, e.g. torch.compile fell back to eager: that is in the record, and the state
+        # must not pass to the next point). Not from a worker that died since (its successor
+        # knows nothing of this point): asking would only start a new one.
+        hooks = self.worker.hooks.get(self.loss)
+        if (hooks is not None and "take_record" not in hooks) or not self.worker.alive():
             return None
         return self.worker.request(("take_record", self.loss), "while reporting")
 
@@ -487,7 +490,8 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
                     fn.prepare(x, t, reduction, opts)
                 reply = ("ok", None)
             elif kind == "take_record":
-                reply = ("ok", lookup(args[0]).take_record())
+                take = getattr(lookup(args[0]), "take_record", None)
+                reply = ("ok", take() if callable(take) else None)
             elif kind == "block":
                 part, number = args
                 reply = ("ok", list(timers[part][0].timeit(number=number).times))

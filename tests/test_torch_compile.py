@@ -157,6 +157,22 @@ def test_the_compile_record_comes_back_from_a_worker_process():
     assert later["compile"]["graphs"] == 0 and later["compile"]["seconds"] == 0
 
 
+def test_a_worker_is_asked_for_its_record_before_its_hooks_are_known():
+    """A point whose evaluation was skipped (a fallback to eager) taught the parent nothing: the
+    worker is asked all the same, so that the fallback is recorded and its state reset."""
+    from losscheck import worker
+
+    w = worker.Worker("torch_compile")
+    try:
+        w.ready()
+        fn = worker.RemoteFn(w, "bce_with_logits")
+        assert fn.take_record()["compile"] == {"seconds": 0.0, "graphs": 0, "graph_breaks": 0, "fallback": None}
+        w.hooks["bce_with_logits"] = ()  # learnt from an evaluation: nothing to ask
+        assert fn.take_record() is None
+    finally:
+        w.stop()
+
+
 def test_a_worker_that_died_is_not_started_again_to_report():
     from losscheck import worker
 
