@@ -107,6 +107,8 @@ class Config:
     # Where implementations run: "auto" (custom ones in a worker process, built-ins in this
     # one), "process" (all in workers) or "none" (all here); see worker.py.
     isolation: str = "auto"
+    # Further grids of the run (`extra:`): per grid, the fields it replaces (see `sweeps`).
+    extra: tuple[dict, ...] = ()
     source: str = "<config>"
 
     @classmethod
@@ -136,6 +138,16 @@ class Config:
             if isinstance(pw, str) and len(pos_weight_vector(pw)) != opts.get("labels", 1):
                 continue  # a per-label vector goes with inputs of as many labels only
             out.append(opts)
+        return out
+
+    def sweeps(self) -> list[Config]:
+        """The grids the run sweeps: this config's, then one per `extra` mapping (its keys
+        replaced). An extra grid keeps to the run's losses, so that `bench --loss` limits it too."""
+        out = [self]
+        for over in self.extra:
+            losses = tuple(name for name in over.get("losses", self.losses) if name in self.losses)
+            if losses:
+                out.append(replace(self, **{**over, "losses": losses, "extra": ()}))
         return out
 
     def all_impls(self) -> tuple[str, ...]:
@@ -187,7 +199,12 @@ class Config:
             ],
             "timeout": self.timeout,
             "isolation": self.isolation,
+            "extra": [self._extra_as_input(over) for over in self.extra],
         }
+
+    def _extra_as_input(self, over: dict) -> dict:
+        grid = replace(self, **over, extra=()).as_dict()
+        return {k: grid[k] for k in over}
 
 
 def pos_weight_vector(value: str) -> list[float]:
@@ -290,7 +307,16 @@ KEYS = {
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
+    "extra": "list of mappings, each a further grid of the run: grid keys replacing the config's "
+    "(e.g. one large vocabulary at a small batch)",
 }
+# The keys an `extra` grid may set: the axes of the points. Implementations, seed, timing,
+# thresholds and the gate are the run's, shared by its grids.
+EXTRA_KEYS = (
+    "losses", "scales", "batch_sizes", "classes", "dtypes", "devices", "distributions", "reductions", "weights",
+    "pos_weights", "label_smoothing", "ignored", "targets", "precision", "sequence_lengths", "grad_outputs",
+    "spatial", "dims", "hidden_sizes", "chunks",
+)  # fmt: skip
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": DEFAULT_IMPLS}
 
 
@@ -387,7 +413,34 @@ def _build(data: dict, source: str) -> Config:
                 "one value per label: a list as long as a `labels` value",
             )
     # The gate last: `versus` must name one of the run's implementations, custom ones included.
-    return replace(cfg, gate=v.gate(data, cfg))
+    cfg = replace(cfg, gate=v.gate(data, cfg))
+    return replace(cfg, extra=_extra(data, cfg)) if "extra" in data else cfg
+
+
+def _extra(data: dict, cfg: Config) -> tuple[dict, ...]:
+    """`extra:` validated: each mapping is checked as the config with its keys replaced."""
+    items, source = data["extra"], cfg.source
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(source, "extra", f"expected a list of mappings, got {_typename(items)}", KEYS["extra"])
+    out = []
+    for i, item in enumerate(items):
+        where = f"extra[{i}]"
+        if not isinstance(item, dict) or not item:
+            raise ConfigError(source, where, f"expected a non-empty mapping, got {item!r}", ", ".join(EXTRA_KEYS))
+        bad = [k for k in item if k not in EXTRA_KEYS]
+        if bad:
+            problem = "not a grid key" + _suggest(str(bad[0]), EXTRA_KEYS)
+            raise ConfigError(source, f"{where}.{bad[0]}", problem, ", ".join(EXTRA_KEYS))
+        try:
+            grid = _build({**{k: v for k, v in data.items() if k != "extra"}, **item}, source)
+        except ConfigError as e:
+            raise ConfigError(source, f"{where}.{e.key}" if e.key else where, e.problem, e.allowed) from None
+        outside = [name for name in grid.losses if name not in cfg.losses]
+        if outside:
+            raise ConfigError(source, f"{where}.losses", f"{outside[0]!r} is not one of the run's losses",
+                              ", ".join(cfg.losses))  # fmt: skip
+        out.append({k: getattr(grid, k) for k in item})
+    return tuple(out)
 
 
 class _Validator(SectionChecks):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from . import analysis as A, findings as FD, report_detail as D, report_findings as RF
+from . import analysis as A, findings as FD, report_detail as D, report_families as RFam, report_findings as RF
 from .catalog import loss_registry
 from .formats import FORMATS
 from .report_format import (
@@ -127,6 +127,7 @@ def _main(results, all_records, records, found, plots, links: dict[str, str] | N
         _breakdown(records, cfg, links is not None),
         _findings(records, found, links),
         RF.policy_survival(records, found),
+        RFam.section(records),
         _plots(plots),
         D.problems(records),
     ]

@@ -73,22 +73,25 @@ class Case:
 def cases(config: Config) -> Iterator[Case]:
     # Devices and dtypes vary fastest, then reductions and options: they share one float64
     # input (see `run`).
+    # The config's grid, then its `extra` grids (Config.sweeps), without their points
+    # already swept: a point is one record per implementation.
     index = 0
-    for loss_name in config.losses:
+    seen: set[tuple] = set()
+    for grid, loss_name in ((g, name) for g in config.sweeps() for name in g.losses):
         loss = LOSSES[loss_name]
-        classes = config.classes if loss.multiclass else (None,)
-        times = config.sequence_lengths if loss.sequence else (None,)
-        option_sets = [tuple(sorted(o.items())) for o in config.option_sets(loss_name)]
+        classes = grid.classes if loss.multiclass else (None,)
+        times = grid.sequence_lengths if loss.sequence else (None,)
+        option_sets = [tuple(sorted(o.items())) for o in grid.option_sets(loss_name)]
         for batch, c, time, dist, scale, opts, reduction, device, dtype in itertools.product(
-            config.batch_sizes,
+            grid.batch_sizes,
             classes,
             times,
-            config.distributions,
-            config.scales,
+            grid.distributions,
+            grid.scales,
             option_sets,
-            config.reductions,
-            config.devices,
-            config.dtypes,
+            grid.reductions,
+            grid.devices,
+            grid.dtypes,
         ):
             # A distribution that does not apply to this loss (ties for a binary loss,
             # infinite logits for probabilities) yields no points for it.
@@ -98,8 +101,13 @@ def cases(config: Config) -> Iterator[Case]:
                 continue
             # Upstream gradients are an axis of `reduction: none` points only: a reduced loss
             # has one upstream number, which scales its gradient exactly (METRICS.md).
-            for up in config.grad_outputs if reduction == "none" else ("ones",):
+            for up in grid.grad_outputs if reduction == "none" else ("ones",):
                 o = opts if up == "ones" else tuple(sorted((*opts, ("grad_output", up))))
+                if config.extra:
+                    point = (loss_name, device, dtype, batch, c, dist, scale, reduction, o, time)
+                    if point in seen:
+                        continue
+                    seen.add(point)
                 yield Case(index, loss_name, device, dtype, batch, c, dist, scale, reduction, o, time)
                 index += 1
 

@@ -169,6 +169,8 @@ class Worker:
         self._conn: Connection | None = None
         self._finalizer: weakref.finalize | None = None
         self.starts = 0
+        # loss -> the family hooks its implementation has in the worker ("prepare", "take_record").
+        self.hooks: dict[str, tuple[str, ...]] = {}
 
     def start(self) -> None:
         if self._proc is not None:
@@ -226,6 +228,9 @@ class Worker:
         if reply[0] == "skipped":
             raise Unsupported(reply[1])
         return reply[1]
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
 
     def _pipe(self) -> Connection:
         # Called after start(): the process and its pipe are set together.
@@ -313,7 +318,7 @@ class RemoteFn:
 
     def evaluate(self, data, device: str, reduction: str, shape: tuple, threads: int) -> tuple[Outputs, dict | None]:
         """`produce` in the worker: (outputs on the CPU, the worker's peak memory)."""
-        return self.worker.request(
+        outputs, peak, hooks = self.worker.request(
             (
                 "evaluate",
                 self.loss,
@@ -329,18 +334,46 @@ class RemoteFn:
             ),
             "during evaluation",
         )
+        self.worker.hooks[self.loss] = hooks
+        return outputs, peak
+
+    # A family's hooks (families/__init__.py: `prepare`, `take_record`), called in the worker on
+    # the implementation that evaluated the point there: torch_compile compiles before timing and
+    # reports its `compile` field from the worker, as it does in process.
+
+    def prepare(self, x, target, reduction, options) -> None:
+        if "prepare" in self.worker.hooks.get(self.loss, ()):
+            self.worker.request(
+                (
+                    "prepare",
+                    self.loss,
+                    *_to_cpu(x, target, options),
+                    str(x.device),
+                    reduction,
+                    torch.get_num_threads(),
+                    self.policy,
+                ),
+                "while preparing",
+            )
+
+    def take_record(self) -> dict | None:
+        # Asked too while the hooks are not known yet (the point's evaluation failed or was
+        # skipped, e.g. torch.compile fell back to eager: that is in the record, and the state
+        # must not pass to the next point). Not from a worker that died since (its successor
+        # knows nothing of this point): asking would only start a new one.
+        hooks = self.worker.hooks.get(self.loss)
+        if (hooks is not None and "take_record" not in hooks) or not self.worker.alive():
+            return None
+        return self.worker.request(("take_record", self.loss), "while reporting")
 
     def timers(self, x, target, reduction, options, threads, min_run_time, rounds) -> dict:
         """timing.timers_for in the worker; each block is measured there on request."""
         device = str(x.device)
-        cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
         made = self.worker.request(
             (
                 "calibrate",
                 self.loss,
-                x.detach().cpu(),
-                target.cpu(),
-                cpu,
+                *_to_cpu(x, target, options),
                 device,
                 reduction,
                 threads,
@@ -353,6 +386,15 @@ class RemoteFn:
         return {
             part: (_RemoteTimer(self.worker, part), number, calibration) for part, (number, calibration) in made.items()
         }
+
+
+def _to_cpu(x, target, options) -> tuple:
+    """A point's tensors as they travel to a worker (on the CPU: CUDA memory is never shared)."""
+    return (
+        x.detach().cpu(),
+        target.cpu(),
+        {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()},
+    )
 
 
 class _RemoteTimer:
@@ -402,6 +444,14 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
     except ConfigError as e:
         conn.send(("config_error", e.source, e.key, e.problem, e.allowed))
         return
+
+    def lookup(loss: str):
+        # The same object at every request: a family's implementation keeps its state (compiled
+        # graphs, the point's compile record) across them.
+        if loaded is not None:
+            return LOSSES[loss].custom(custom.for_loss(loaded, loss).fn)
+        return implementation(LOSSES[loss], name).fn
+
     state = GlobalState.capture()
     conn.send(("ready",))
     timers: dict = {}
@@ -413,13 +463,9 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
         kind, args = message[0], message[1:]
         device = "cpu"
         try:
-            if kind in ("evaluate", "calibrate"):
+            if kind in ("evaluate", "calibrate", "prepare"):
                 loss, inp, target, options, device, reduction, threads, policy = args[:8]
-                fn = (
-                    LOSSES[loss].custom(custom.for_loss(loaded, loss).fn)
-                    if loaded is not None
-                    else implementation(LOSSES[loss], name).fn
-                )
+                fn = lookup(loss)
                 timers.clear()
                 torch.set_num_threads(threads)
                 state = GlobalState(state.cwd, state.default_dtype, threads, state.grad_enabled)
@@ -430,13 +476,22 @@ def _serve(conn, name: str, spec, source: str, timeout: float | None) -> None:
                 with peak, deadline(timeout, f"{name} (evaluation)"):
                     data.grad_output = args[9]  # the point's upstream gradient (None: ones)
                     outputs = produce(fn, data, device, reduction, args[8], state, policy=policy).cpu()
-                reply: tuple[str, Any] = ("ok", (outputs, peak.result()))
+                hooks = tuple(h for h in ("prepare", "take_record") if callable(getattr(fn, h, None)))
+                reply: tuple[str, Any] = ("ok", (outputs, peak.result(), hooks))
                 del outputs
             elif kind == "calibrate":
                 x, t, opts = data.on(device)
                 fn = precision.wrap(fn, policy, device)
                 timers.update(timing.timers_for(fn, x, t, reduction, opts, threads, *args[8:]))
                 reply = ("ok", {part: (number, calibration) for part, (_, number, calibration) in timers.items()})
+            elif kind == "prepare":  # as the sweep's _prepare: the bare implementation, untimed
+                x, t, opts = data.on(device)
+                with deadline(timeout, f"{name} (preparation)"):
+                    fn.prepare(x, t, reduction, opts)
+                reply = ("ok", None)
+            elif kind == "take_record":
+                take = getattr(lookup(args[0]), "take_record", None)
+                reply = ("ok", take() if callable(take) else None)
             elif kind == "block":
                 part, number = args
                 reply = ("ok", list(timers[part][0].timeit(number=number).times))

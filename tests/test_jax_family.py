@@ -262,3 +262,25 @@ def test_a_read_only_jax_result_becomes_a_tensor_without_a_warning():
     loss, data, _ = _point("cross_entropy", "normal", "bfloat16", 8, 5, 1.0)
     out = implementation(loss, "jax").fn(data.inp, data.target, "none")
     assert out.dtype == torch.bfloat16 and out.shape == (8,) and np.isfinite(out.float().numpy()).all()
+
+
+def test_losses_optax_has_no_function_for_are_skipped_by_name():
+    """Chosen by loss, not by input kind: log_softmax (logits in, a tensor out) used to get
+    optax's cross entropy, and nll_loss the message about probabilities."""
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for name, loss in LOSSES.items():
+        fn = implementation(loss, "jax").fn
+        if name in ("bce_with_logits", "cross_entropy", "sequence_cross_entropy"):
+            assert isinstance(fn, jax_optax.OptaxLoss)
+            continue
+        with pytest.raises(families.Unsupported) as e:
+            fn(x, t, "mean")
+        assert "optax" in str(e.value)
+    assert "log_softmax is not an optax loss" in _reason("log_softmax")
+    assert "negative log-likelihood" in _reason("nll_loss")
+
+
+def _reason(name: str) -> str:
+    with pytest.raises(families.Unsupported) as e:
+        implementation(LOSSES[name], "jax").fn(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "mean")
+    return str(e.value)

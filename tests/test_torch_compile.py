@@ -140,3 +140,43 @@ def test_graph_breaks_are_counted_and_said():
     rec = c.take_record()
     assert rec["compile"]["graph_breaks"] >= 1 and rec["compile"]["fallback"] is None
     assert rec["message"].startswith("partly eager: ") and "skip" not in rec
+
+
+@needs_compiler
+def test_the_compile_record_comes_back_from_a_worker_process():
+    """`isolation: process`: compiled in the worker before timing, its `compile` field carried
+    back (it was lost: the parent's RemoteFn had neither prepare nor take_record)."""
+    records = _run(["torch_compile"], dtypes=["float32"], isolation="process")
+    assert [r["status"] for r in records] == ["ok", "ok"], [r["message"] for r in records]
+    first, later = records
+    c = first["compile"]
+    assert c["graphs"] == 3 and c["seconds"] > 0.05 and c["graph_breaks"] == 0 and c["fallback"] is None
+    assert "compiled_while_timed" not in c
+    # Prepared (compiled) in the worker before timing: the timed blocks are of the compiled code.
+    assert max(first["timing"]["backward_times_s"]) < c["seconds"] / 5
+    assert later["compile"]["graphs"] == 0 and later["compile"]["seconds"] == 0
+
+
+def test_a_worker_is_asked_for_its_record_before_its_hooks_are_known():
+    """A point whose evaluation was skipped (a fallback to eager) taught the parent nothing: the
+    worker is asked all the same, so that the fallback is recorded and its state reset."""
+    from losscheck import worker
+
+    w = worker.Worker("torch_compile")
+    try:
+        w.ready()
+        fn = worker.RemoteFn(w, "bce_with_logits")
+        assert fn.take_record()["compile"] == {"seconds": 0.0, "graphs": 0, "graph_breaks": 0, "fallback": None}
+        w.hooks["bce_with_logits"] = ()  # learnt from an evaluation: nothing to ask
+        assert fn.take_record() is None
+    finally:
+        w.stop()
+
+
+def test_a_worker_that_died_is_not_started_again_to_report():
+    from losscheck import worker
+
+    w = worker.Worker("torch_compile")
+    fn = worker.RemoteFn(w, "bce_with_logits")
+    w.hooks["bce_with_logits"] = ("prepare", "take_record")  # as learnt from an evaluation
+    assert fn.take_record() is None and w.starts == 0

@@ -202,25 +202,39 @@ class OptaxLoss:
             self(x, target, reduction, **options)
 
 
-def _no_probabilities(*args, **kwargs):
-    raise Unsupported("optax has no binary cross entropy on probabilities (sigmoid_binary_cross_entropy takes logits)")
+class _Skipped:
+    """A loss optax has no function for: its points are skipped, saying so."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, *args, **kwargs):
+        raise Unsupported(self.reason)
 
 
-def _no_tensor_output(*args, **kwargs):
-    raise Unsupported("optax has no log_softmax loss (jax.nn.log_softmax is a function, not an optax loss)")
+# The losses a JAX user computes with optax, by name: a loss added to losscheck later is not
+# silently given optax's cross entropy because its input happens to be logits (log_softmax's
+# output is a tensor of log-probabilities, not a loss).
+_OPTAX = {"bce_with_logits": False, "cross_entropy": True, "sequence_cross_entropy": True}
+_NONE = {
+    "bce": "optax has no binary cross entropy on probabilities (sigmoid_binary_cross_entropy takes logits)",
+    "sigmoid_bce": "optax has no binary cross entropy on probabilities: the sigmoid→BCE chain cannot be "
+    "written with it (its with-logits form is bce_with_logits)",
+    "nll_loss": "optax has no negative log-likelihood on log-probabilities",
+    "log_softmax": "log_softmax is not an optax loss (jax.nn.log_softmax is not audited by this family)",
+    "linear_cross_entropy": "optax has no fused linear cross entropy",
+}
 
 
 def provide(loss):
-    if loss.elementwise:  # log_softmax: OptaxLoss would compute a cross entropy in its place
-        return _no_tensor_output
-    if loss.input_kind != "logits":
-        return _no_probabilities
-    return OptaxLoss(loss.multiclass)
+    if loss.name in _OPTAX:
+        return OptaxLoss(_OPTAX[loss.name])
+    return _Skipped(_NONE.get(loss.name, f"the jax family has no optax function for {loss.name}"))
 
 
 def describe(loss) -> str:
-    if loss.input_kind != "logits":
-        return "optax: none (no BCE on probabilities)"
+    if loss.name not in _OPTAX:
+        return "optax: none"
     if not loss.multiclass:
         return "optax.sigmoid_binary_cross_entropy, jitted, weights as a JAX user multiplies them"
     return "optax.softmax_cross_entropy(_with_integer_labels), jitted; smoothing, weights, ignore_index by hand"
