@@ -180,7 +180,8 @@ LOSS_INFO: dict[str, LossInfo] = {
                 naive=r"m = \max_r \max_{j \in V_r} x_j,\ S = \sum_r \sum_{j \in V_r} e^{x_j - m},\ "
                 r"\ell = \log S - \sum_r [t \in V_r](x_t - m)",
                 stable=r"m_r, s_r = \textstyle\sum_{j \in V_r, j \ne k_r} e^{x_j - m_r};\ "
-                r"\ell = (m - x_t) + \operatorname{log1p}\big(s_{r^*} + \textstyle\sum_{r \ne r^*} (1 + s_r) e^{m_r - m}\big)",
+                r"\ell = (m - x_t) + \operatorname{log1p}\big(s_{r^*} + "
+                r"\textstyle\sum_{r \ne r^*} (1 + s_r) e^{m_r - m}\big)",
                 gradient=_CE_FORMULAS.gradient,
             ),
             options=("label_smoothing", "ignored", "masked_vocab", "smoothing_convention", "shards", "shard_mistake"),

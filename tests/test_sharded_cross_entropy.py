@@ -15,8 +15,7 @@ from test_reference import MP, round_exact
 
 from losscheck import families, results
 from losscheck.cli import main
-from losscheck.losses import LOSSES, reference
-from losscheck.losses import sharded_cross_entropy as sce
+from losscheck.losses import LOSSES, reference, sharded_cross_entropy as sce
 
 LOSS = LOSSES["sharded_cross_entropy"]
 
@@ -186,7 +185,8 @@ timing: false
 def test_sweep(tmp_path):
     (tmp_path / "s.yaml").write_text(SWEEP)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["bench", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress", "--no-plots"])
+    args = ["bench", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress", "--no-plots"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code in (0, 1), result.output + result.stderr
     data = results.load(out / "shard.json")
     recs = data["records"]

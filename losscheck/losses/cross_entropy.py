@@ -480,7 +480,9 @@ reference_chunk = R.chunk_function(
     lm.reference(_reference_tensors), lm.reference(_reference_extended), lm.reference_dd(cross_entropy_dd.reference_dd)
 )
 naive_lm, stable_lm, framework_lm = lm.naive(naive), lm.stable(stable), lm.framework(framework)
-denominators = R.chunk_function(*(lm.ignoring(f) for f in (_denominators_tensors, _denominators_extended, _denominators_tensors)))
+denominators = R.chunk_function(
+    *(lm.ignoring(f) for f in (_denominators_tensors, _denominators_extended, _denominators_tensors))
+)
 
 
 INFO = LOSS_INFO["cross_entropy"]  # summary, formulas, options: catalog.py

@@ -286,8 +286,6 @@ def mask_vocab(inp: torch.Tensor, labels, masked: float):
     return inp, lab if isinstance(labels, torch.Tensor) else lab.cpu().numpy()
 
 
-
-
 def ignoring(inner, names=LM_OPTIONS + ("shards", "shard_mistake")):
     """`inner(t_or_x, ...)` called without the options `names` (the mean's denominators do
     not depend on them; a sharded loss's reference is the unsharded one)."""

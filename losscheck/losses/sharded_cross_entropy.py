@@ -65,7 +65,9 @@ def _convention(conv: str, mistake: str) -> str:
 
 def _no_mistake(name: str, mistake: str) -> None:
     if mistake != "none":
-        raise families.Unsupported(f"shard_mistake {mistake} is a mistake of the naive transcription; {name} makes none")
+        raise families.Unsupported(
+            f"shard_mistake {mistake} is a mistake of the naive transcription; {name} makes none"
+        )
 
 
 def _ignored(t, ignore_index):
