@@ -184,7 +184,7 @@ LOSS_INFO: dict[str, LossInfo] = {
                 r"\textstyle\sum_{r \ne r^*} (1 + s_r) e^{m_r - m}\big)",
                 gradient=_CE_FORMULAS.gradient,
             ),
-            options=("label_smoothing", "ignored", "masked_vocab", "smoothing_convention", "shards", "shard_mistake"),
+            options=("label_smoothing", "ignored", "smoothing_convention", "shards", "shard_mistake"),
         ),
         LossInfo(
             name="linear_cross_entropy",

@@ -315,7 +315,7 @@ shard_mistakes: [none, log_shards]
     sets = cfg.option_sets("cross_entropy")
     assert len(sets) == 2 * 2 * 3 * 2 and {"z_loss": 0.0001, "softcap": 30.0} in sets
     assert all("shards" not in s for s in sets)
-    assert len(cfg.option_sets("sharded_cross_entropy")) == 3 * 2 * 2 * 2
+    assert len(cfg.option_sets("sharded_cross_entropy")) == 2 * 2 * 2
     again = type(cfg).from_mapping(cfg.as_dict())
     for key in ("z_loss", "softcap", "masked_vocab", "smoothing_conventions", "shards", "shard_mistakes"):
         assert getattr(again, key) == getattr(cfg, key)
