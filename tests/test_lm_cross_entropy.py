@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from test_reference import MP, needs_longdouble, round_exact
 
-from losscheck import results, sweep
+from losscheck import families, results, sweep
 from losscheck.cli import main
 from losscheck.config import parse_config
 from losscheck.errors import ConfigError
@@ -135,6 +135,22 @@ def test_stable_is_the_rounded_reference(opts):
     out, grad, ref = _impl_error("stable", x.to(torch.float32), t, opts)
     assert out == ref.reduced
     assert (grad - ref.grad).abs().max() <= 2 * torch.finfo(torch.float32).eps * ref.grad.abs().max()
+
+
+def test_jax_family_takes_the_options():
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    fn = families.get("jax").provide(CE)
+    x, t = _rows(seed=11, n=5, v=9, scale=4.0)
+    x32 = x.to(torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for opts in CASES:
+        xx = x32.clone().requires_grad_()
+        out = fn(xx, t, "sum", **opts)
+        out.backward()
+        ref = reference(CE, x32, t, dict(opts), "sum")
+        assert abs(float(out.detach()) - float(ref.reduced)) <= 16 * eps * abs(float(ref.reduced)), opts
+        assert (xx.grad - ref.grad).abs().max() <= 16 * eps * ref.grad.abs().max(), opts
 
 
 def test_options_off_call_the_plain_implementations():

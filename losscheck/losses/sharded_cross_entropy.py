@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .. import families, reference as R
 from ..catalog import IGNORE_INDEX, LOSS_INFO
 from . import cross_entropy as ce
-from .base import Impl, Loss, accumulate_dtype, reduce_accurate, reduce_naive, scale_grad
+from .base import Impl, Loss, accumulate_dtype, reduce_accurate, reduce_naive, scale_grad, two_sum
 from .cross_entropy_lm import ignoring, smoothing
 
 
@@ -130,11 +130,14 @@ class _Stable(torch.autograd.Function):
         n, classes = x.shape
         rows = torch.arange(n, device=x.device)
         ignored, safe = _ignored(t, ignore_index)
+        # float64 inputs are computed in float64 itself: exp(x − m) then carries the rounding
+        # error of x − m (cross_entropy's `_shifted_exp`, TwoSum), as cross entropy's stable does.
+        native = c == x.dtype
         stats = []  # per shard: max, global index of its argmax, Σ_{j≠argmax} exp(x_j − max)
         for a, b in parts:
             xr = xc[:, a:b]
             mr, kr = xr.max(1)
-            e = torch.exp(xr - torch.where(mr.isfinite(), mr, 0.0)[:, None])
+            e = ce._shifted_exp(xr, torch.where(mr.isfinite(), mr, 0.0)[:, None], native)
             e[rows, kr] = 0.0
             stats.append((mr, kr + a, e.sum(1)))
         maxima = torch.stack([s[0] for s in stats])
@@ -143,21 +146,33 @@ class _Stable(torch.autograd.Function):
         total = torch.zeros_like(m)
         for r, (mr, _, sr) in enumerate(stats):
             # A shard entirely −inf (masked padding) adds nothing (not exp(−inf + inf)).
-            other = torch.where(mr == -math.inf, 0.0, (1 + sr) * torch.exp(mr - m))
+            scale = ce._shifted_exp(mr[:, None], m[:, None], native).squeeze(1)
+            other = torch.where(mr == -math.inf, 0.0, (1 + sr) * scale)
             total = total + torch.where(star == r, sr, other)
         xt = xc[rows, safe]
         lse = torch.log1p(total)
-        loss = torch.where(xt == m, lse, (m - xt) + lse)
+        gap, gap_low = two_sum(m, -xt)
+        summed, summed_low = two_sum(gap, lse)
+        loss = torch.where(xt == m, lse, summed)
+        low = torch.where(xt == m, 0.0, gap_low + summed_low)  # the additions' rounding errors
         if eps:
             # Σ_j −log p_j = Σ_j (m − x_j) + V·log1p(S), every term ≥ 0.
             gaps = sum(((m[:, None] - xc[:, a:b]).sum(1) for a, b in parts), torch.zeros_like(m))
             loss = (1 - eps) * loss + eps / classes * (gaps + classes * lse)
+            low = (1 - eps) * low
+        special = ~m.isfinite()
+        if special.any():
+            # Rows whose maximum is +inf or NaN (or every logit −inf): the limits, as cross
+            # entropy's stable takes them; where the limit exists sharding cannot change it.
+            loss[special] = ce.stable(x[special], t[special], "none", None, eps, ignore_index).to(c)
+            low[special] = 0.0
         if ignored is not None:
             loss = torch.where(ignored, 0.0, loss)
+            low = torch.where(ignored, 0.0, low)
         denominator = _denominator(ignored, c)
         ctx.save_for_backward(x, t, m, total, k, denominator)
         ctx.meta = (reduction, parts, eps, ignore_index)
-        return reduce_accurate(loss, reduction, x.dtype, None, denominator)
+        return reduce_accurate(loss, reduction, x.dtype, low, denominator)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -169,15 +184,22 @@ class _Stable(torch.autograd.Function):
         ignored, safe = _ignored(t, ignore_index)
         one = 1 + total
         p = torch.zeros(x.shape, dtype=c, device=x.device)
+        native = c == x.dtype
         for a, b in parts:  # each shard's softmax, exp(x_j − m)/(1 + S)
-            p[:, a:b] = torch.exp(x[:, a:b].to(c) - m[:, None]) / one[:, None]
+            p[:, a:b] = ce._shifted_exp(x[:, a:b].to(c), m[:, None], native) / one[:, None]
         p[rows, k] = 1 / one
-        e_t = torch.exp(x[rows, safe].to(c) - m)
+        e_t = ce._shifted_exp(x[rows, safe].to(c)[:, None], m[:, None], native).squeeze(1)
         rest = torch.where(safe == k, total, one - e_t)  # 1 − p_t without cancellation
         g = p.clone()
         g[rows, safe] = -rest / one
         if eps:
             g = (1 - eps) * g + eps * (p - 1.0 / classes)
+        special = ~m.isfinite()
+        if special.any():  # the limits, as in the forward
+            with torch.enable_grad():
+                sub = x[special].detach().requires_grad_()
+                ce.stable(sub, t[special], "sum", None, eps, ignore_index).backward()
+            g[special] = sub.grad.to(c)
         if ignored is not None:
             g = torch.where(ignored[:, None], 0.0, g)
         return scale_grad(g, grad_output, reduction, denominator if denominator is not None else n).to(x.dtype), *(
