@@ -160,6 +160,17 @@ def test_options_off_call_the_plain_implementations():
         assert torch.equal(CE.implementations[name].fn(x32, t, "mean"), fn(x32, t, "mean"))
 
 
+def test_z_loss_mean_over_positions_of_image_shaped_inputs():
+    # (N, C, d1, d2): the z-loss mean is over the N·d1·d2 positions, as cross entropy's.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64).to(torch.float32)
+    t = torch.randint(0, 5, (2, 3, 4), generator=g)
+    ref = reference(CE, x.movedim(1, -1).reshape(-1, 5), t.reshape(-1), {"z_loss": 0.1}, "mean")
+    for name, impl in CE.implementations.items():
+        out = impl.fn(x, t, "mean", z_loss=0.1)
+        assert abs(float(out) - float(ref.reduced)) <= 4 * torch.finfo(torch.float32).eps * float(ref.reduced), name
+
+
 def test_smoothing_conventions_exactly():
     # α = 0.1, V = 5: torch's target mass 1 − α + α/V = 0.92; Megatron's 1 − α = 0.9 and α/(V−1) elsewhere.
     assert lm.smoothing(0.1, "alpha_over_k", 5) == 0.1

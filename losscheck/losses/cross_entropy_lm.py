@@ -117,7 +117,8 @@ def _add_z(loss, z_rows, t, reduction, weight, ignore_index):
         return loss + z_rows
     total = z_rows.sum()
     if reduction == "mean":
-        total = total / _mean_denominator(t, weight, ignore_index, t.shape[0], z_rows.dtype)
+        # z_rows: one per position ((N,) rows, or (N, d1, …) of an image-shaped input)
+        total = total / _mean_denominator(t, weight, ignore_index, z_rows.numel(), z_rows.dtype)
     return loss + total
 
 
@@ -142,7 +143,7 @@ def naive(inner):
 def _naive_reduce(rows, z_rows, t, reduction, options):
     keep = _kept_rows(t, options.get("ignore_index"))
     total = rows + (z_rows if keep is None else torch.where(keep, z_rows, 0.0))
-    denominator = _mean_denominator(t, options.get("weight"), options.get("ignore_index"), t.shape[0], rows.dtype)
+    denominator = _mean_denominator(t, options.get("weight"), options.get("ignore_index"), rows.numel(), rows.dtype)
     return reduce_naive(total, reduction, denominator)
 
 
