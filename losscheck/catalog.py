@@ -40,7 +40,21 @@ OPTION_DEFAULTS = {
     "dim": -1,
     # Binary losses: labels per row of an (N, C) multi-label input (1: the flat (N,) input).
     "labels": 1,
+    # Language-model training (issue 18; losses/cross_entropy_lm.py, losses/sharded_cross_entropy.py):
+    # z-loss λ, tanh softcap (0: none), −inf vocabulary entries (a share < 1 or a count), the
+    # label-smoothing convention, vocabulary shards, and a known mistake of sharded code.
+    "z_loss": 0.0,
+    "softcap": 0.0,
+    "masked_vocab": 0.0,
+    "smoothing_convention": "alpha_over_k",
+    "shards": 1,
+    "shard_mistake": "none",
 }
+SMOOTHING_CONVENTIONS = ("alpha_over_k", "alpha_v_over_v_minus_1")
+# Mistakes of vocabulary-parallel cross entropy, run by `naive` when a point names one (never by
+# default): Megatron-LM #737, the +log(shards) path, #1754, Liger-Kernel #1260.
+SHARD_MISTAKES = ("none", "local_smoothing", "log_shards", "uneven_split", "smoothing_formula")
+LM_CE_OPTIONS = ("z_loss", "softcap", "masked_vocab", "smoothing_convention")
 # How a loss is run on half-precision inputs (precision.py); every loss has the axis.
 PRECISIONS = ("native", "autocast", "upcast")
 EVERY_LOSS_OPTIONS = ("precision",)
@@ -117,7 +131,7 @@ LOSS_INFO: dict[str, LossInfo] = {
             summary="softmax cross entropy over `classes`: class-index or soft targets, per-class weight, "
             "label smoothing, ignore_index",
             formulas=_CE_FORMULAS,
-            options=("weight", "label_smoothing", "ignored", "targets", "spatial"),
+            options=("weight", "label_smoothing", "ignored", "targets", "spatial") + LM_CE_OPTIONS,
         ),
         LossInfo(
             name="nll_loss",
@@ -156,7 +170,23 @@ LOSS_INFO: dict[str, LossInfo] = {
                 stable=_CE_FORMULAS.stable,
                 gradient=_CE_FORMULAS.gradient,
             ),
-            options=("weight", "label_smoothing"),
+            options=("weight", "label_smoothing") + LM_CE_OPTIONS,
+        ),
+        LossInfo(
+            name="sharded_cross_entropy",
+            summary="vocabulary-parallel (tensor-parallel) cross entropy: the vocabulary split into `shards` "
+            "(uneven when they do not divide it), per-shard max, sum of exp, target logit and smoothing term "
+            "combined, against the unsharded reference; label smoothing in either convention, ignore_index",
+            formulas=Formulas(
+                loss=r"\ell = -\log \frac{e^{x_t}}{\sum_{r} \sum_{j \in V_r} e^{x_j}}",
+                naive=r"m = \max_r \max_{j \in V_r} x_j,\ S = \sum_r \sum_{j \in V_r} e^{x_j - m},\ "
+                r"\ell = \log S - \sum_r [t \in V_r](x_t - m)",
+                stable=r"m_r, s_r = \textstyle\sum_{j \in V_r, j \ne k_r} e^{x_j - m_r};\ "
+                r"\ell = (m - x_t) + \operatorname{log1p}\big(s_{r^*} + "
+                r"\textstyle\sum_{r \ne r^*} (1 + s_r) e^{m_r - m}\big)",
+                gradient=_CE_FORMULAS.gradient,
+            ),
+            options=("label_smoothing", "ignored", "smoothing_convention", "shards", "shard_mistake"),
         ),
         LossInfo(
             name="linear_cross_entropy",

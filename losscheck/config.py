@@ -24,6 +24,8 @@ from .catalog import (  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its user
     OPTION_DEFAULTS,
     PRECISIONS,
     REDUCTIONS,
+    SHARD_MISTAKES,
+    SMOOTHING_CONVENTIONS,
     loss_registry,
 )
 from .config_sections import (  # noqa: F401  (CUSTOM_APIS, TIMING_KEYS, ...: config.<name> for their users)
@@ -58,6 +60,12 @@ OPTION_AXES = {
     "labels": "labels",
     "hidden": "hidden_sizes",
     "chunks": "chunks",
+    "z_loss": "z_loss",
+    "softcap": "softcap",
+    "masked_vocab": "masked_vocab",
+    "smoothing_convention": "smoothing_conventions",
+    "shards": "shards",
+    "shard_mistake": "shard_mistakes",
 }
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
@@ -101,6 +109,13 @@ class Config:
     dims: tuple[int, ...] = (-1,)
     hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
     chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
+    # Language-model cross-entropy options (issue 18): see OPTION_DEFAULTS and KEYS.
+    z_loss: tuple[float, ...] = (0.0,)
+    softcap: tuple[float, ...] = (0.0,)
+    masked_vocab: tuple[float, ...] = (0.0,)
+    smoothing_conventions: tuple[str, ...] = ("alpha_over_k",)
+    shards: tuple[int, ...] = (1,)
+    shard_mistakes: tuple[str, ...] = ("none",)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -194,6 +209,12 @@ class Config:
             "dims": list(self.dims),
             "hidden_sizes": list(self.hidden_sizes),
             "chunks": list(self.chunks),
+            "z_loss": list(self.z_loss),
+            "softcap": list(self.softcap),
+            "masked_vocab": list(self.masked_vocab),
+            "smoothing_conventions": list(self.smoothing_conventions),
+            "shards": list(self.shards),
+            "shard_mistakes": list(self.shard_mistakes),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -304,6 +325,15 @@ KEYS = {
     "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
     "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
     "0: their own choice)",
+    "z_loss": "list of numbers >= 0 (cross entropy: λ of the z-loss λ·logsumexp², 0: none)",
+    "softcap": "list of numbers >= 0 (cross entropy: the cap c of c·tanh(x/c) on finite logits, 0: none)",
+    "masked_vocab": "list of numbers >= 0 (cross entropy: vocabulary entries set to -inf, a share < 1 or "
+    "a whole count >= 1 below every `classes`)",
+    "smoothing_conventions": "list of alpha_over_k, alpha_v_over_v_minus_1 (label smoothing: torch's α/V, "
+    "or the target 1 − α and α/(V − 1) elsewhere)",
+    "shards": "list of positive integers (sharded_cross_entropy: vocabulary shards, any count)",
+    "shard_mistakes": f"list of {', '.join(SHARD_MISTAKES)} (sharded_cross_entropy: a known mistake "
+    "the naive implementation makes, none by default)",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -399,6 +429,12 @@ def _build(data: dict, source: str) -> Config:
         dims=v.dims(data),
         hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
         chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
+        z_loss=v.numbers(data, "z_loss", default=(0.0,)),
+        softcap=v.numbers(data, "softcap", default=(0.0,)),
+        masked_vocab=v.masked_vocab(data),
+        smoothing_conventions=v.choices(data, "smoothing_conventions", SMOOTHING_CONVENTIONS, ("alpha_over_k",)),
+        shards=v.ints(data, "shards", minimum=1, default=(1,)),
+        shard_mistakes=v.choices(data, "shard_mistakes", SHARD_MISTAKES, ("none",)),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -538,6 +574,15 @@ class _Validator(SectionChecks):
         if len(set(values)) != len(values):
             self.fail(key, f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
+
+    def masked_vocab(self, data):
+        """Shares < 1 or whole counts >= 1, each below every vocabulary size (`classes`)."""
+        out = self.numbers(data, "masked_vocab", default=(0.0,))
+        smallest = min(self.ints(data, "classes", minimum=2, default=DEFAULTS["classes"]))
+        for value in out:
+            if value >= 1 and (value != int(value) or value >= smallest):
+                self.fail("masked_vocab", f"bad value {value!r}", f"a share < 1, or a whole count below {smallest}")
+        return out
 
     def spatial(self, data):
         allowed = KEYS["spatial"]

@@ -15,6 +15,10 @@ from .config import spatial_dims
 from .dtypes import FORMATS
 from .losses import IGNORE_INDEX, LOSSES, Loss
 from .losses.base import element_shape
+from .losses.cross_entropy_lm import mask_vocab
+
+# Options of language-model training passed to the implementations as the point sets them.
+LM_POINT_OPTIONS = ("z_loss", "softcap", "smoothing_convention", "shards", "shard_mistake")
 
 if TYPE_CHECKING:
     from .sweep import Case
@@ -131,6 +135,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         inp = loss.make_input(logits if offsets is None else logits + offsets, dtype)
     if case.distribution == inputs.OUT_OF_DOMAIN:
         inp = inputs.out_of_domain(inp, loss.input_kind, loss.multiclass)
+    if float(dict(case.options).get("masked_vocab", 0.0)):  # −inf vocabulary padding (issue 18)
+        inp, labels = mask_vocab(inp, labels, float(dict(case.options)["masked_vocab"]))
     values = inputs.option_values(
         case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
     )
@@ -143,10 +149,13 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
+    for key in LM_POINT_OPTIONS:  # numbers and names the implementations take as they are
+        if key in dict(case.options):
+            options[key] = dict(case.options)[key]
     if dict(case.options).get("chunks"):
         options["chunks"] = int(dict(case.options)["chunks"])
     if "soft" in values:
-        if case.distribution in inputs.MASKED_SOFT:
+        if case.distribution in inputs.MASKED_SOFT or "masked_vocab" in dict(case.options):
             values["soft"] = inputs.zero_masked(values["soft"], inp)
         target = R.round_to(values["soft"], dtype)
     else:

@@ -56,6 +56,10 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       same metric object, null or absent where not measured; `memory.logits_bytes` (the bytes
       the N × V logits take in the dtype); `options` may hold `hidden` (the hidden size,
       absent: 256) and `chunks` (stable's vocabulary chunks, absent: its own choice).
+      Issue 18 (language-model cross entropy): `options` may hold `z_loss`, `softcap`,
+      `masked_vocab` (numbers), `smoothing_convention` (`alpha_v_over_v_minus_1`; absent:
+      `alpha_over_k`), and for `sharded_cross_entropy` `shards` and `shard_mistake`; absent
+      means the default (OPTION_DEFAULTS). No new record field.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

@@ -32,7 +32,7 @@ from test_reference import LONGDOUBLE_OK, needs_longdouble, round_exact, to_mp
 
 from losscheck import config as C, inputs, reference as R, sweep
 from losscheck.dtypes import FORMATS
-from losscheck.losses import IGNORE_INDEX, LOSSES, cross_entropy as ce_module, reference
+from losscheck.losses import IGNORE_INDEX, LOSSES, OPTION_DEFAULTS, cross_entropy as ce_module, reference
 from losscheck.metrics import ulp_distance
 
 MP = mpmath.MPContext()
@@ -616,7 +616,7 @@ def test_weighted_mean_denominator_is_torchs():
 
 CONFIG = C.parse_config("""\
 name: options-tests
-losses: [bce, bce_with_logits, cross_entropy, sequence_cross_entropy]
+losses: [bce, bce_with_logits, cross_entropy, sequence_cross_entropy, sharded_cross_entropy]
 scales: [1]
 batch_sizes: [8]
 dtypes: [float32]
@@ -638,12 +638,16 @@ SEQ_OPTION_SETS = [{k: v for k, v in (("weight", w), ("label_smoothing", ls)) if
                    for w in ("none", "random") for ls in (0.0, 0.1)]
 NLL_OPTION_SETS = [{k: v for k, v in (("weight", w), ("ignored", ig)) if v not in ("none", 0.0)}
                    for w in ("none", "random") for ig in (0.0, 0.25, 1.0)]
+SHARDED_OPTION_SETS = [
+    {k: v for k, v in (("label_smoothing", ls), ("ignored", ig), ("shards", n)) if v != OPTION_DEFAULTS[k]}
+    for ls in (0.0, 0.1) for ig in (0.0, 0.25, 1.0) for n in (1, 3)
+]
 # Losses of one input; linear_cross_entropy (two) has the same checks in test_linear_cross_entropy.py.
 ONE_INPUT = [name for name, loss in LOSSES.items() if len(loss.inputs) == 1]
 OPTION_SETS = {"bce": BINARY_OPTION_SETS, "bce_with_logits": BINARY_OPTION_SETS,
                "sigmoid_bce": BINARY_OPTION_SETS,
                "cross_entropy": CE_OPTION_SETS, "nll_loss": NLL_OPTION_SETS, "log_softmax": [{}],
-               "sequence_cross_entropy": SEQ_OPTION_SETS}
+               "sequence_cross_entropy": SEQ_OPTION_SETS, "sharded_cross_entropy": SHARDED_OPTION_SETS}
 SCALES = (1.0, 100.0, 1e4)
 
 
@@ -651,7 +655,7 @@ def test_option_sets_are_the_sweeps():
     # The option sets swept here are the ones a config with every option value produces.
     cfg = C.parse_config("""\
 name: all-options
-losses: [bce, bce_with_logits, cross_entropy, sequence_cross_entropy]
+losses: [bce, bce_with_logits, cross_entropy, sequence_cross_entropy, sharded_cross_entropy]
 scales: [1]
 batch_sizes: [8]
 dtypes: [float32]
@@ -661,6 +665,7 @@ pos_weights: [1, 1000]
 label_smoothing: [0, 0.1]
 ignored: [0, 0.25, 1]
 targets: [hard, soft]
+shards: [1, 3]
 """)
     for name, sets in OPTION_SETS.items():
         key = sorted(tuple(sorted(o.items())) for o in cfg.option_sets(name))

@@ -84,6 +84,7 @@ def test_applies_per_kind_of_loss():
         "bce_with_logits": {"nonfinite"},
         "sigmoid_bce": {"nonfinite"},
         "cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
+        "sharded_cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
         "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
     }
     new = set(NEW_MULTICLASS) | {"nonfinite"}

@@ -91,9 +91,41 @@ def _bce_with_logits(jnp, optax, x, y, reduction, weight=None):
     return _reduce(jnp, loss, reduction)
 
 
-def _cross_entropy(jnp, optax, x, t, reduction, weight=None, label_smoothing=0.0, ignore_index=None):
+def _cross_entropy(
+    jnp,
+    optax,
+    x,
+    t,
+    reduction,
+    weight=None,
+    label_smoothing=0.0,
+    ignore_index=None,
+    z_loss=0.0,
+    softcap=0.0,
+    smoothing_convention="alpha_over_k",
+):
     import jax
 
+    # Language-model options as JAX training code writes them (issue 18): Gemma's
+    # `cap * jnp.tanh(x / cap)` on every logit, `z_loss * logsumexp(x) ** 2` per kept row
+    # (ε = α·V/(V − 1) for the Megatron convention: losses/cross_entropy_lm.py).
+    if smoothing_convention != "alpha_over_k" and label_smoothing:
+        label_smoothing = label_smoothing * x.shape[-1] / (x.shape[-1] - 1)
+    if softcap:
+        x = softcap * jnp.tanh(x / softcap)
+    if z_loss:
+        plain = _cross_entropy(jnp, optax, x, t, "none", weight, label_smoothing, ignore_index)
+        z = z_loss * jax.nn.logsumexp(x, axis=-1) ** 2
+        soft = jnp.issubdtype(t.dtype, jnp.floating)
+        keep = None if soft or ignore_index is None else t != ignore_index
+        if weight is None or soft:
+            share = jnp.ones(z.shape, x.dtype)
+        else:
+            share = weight[t if keep is None else jnp.where(keep, t, 0)]
+        if keep is not None:
+            z, share = jnp.where(keep, z, 0), jnp.where(keep, share, 0)
+        denominator = None if (keep is None and (weight is None or soft)) else jnp.sum(share)
+        return _reduce(jnp, plain + z, reduction, denominator)
     if jnp.issubdtype(t.dtype, jnp.floating):  # soft targets: the mean is over rows
         q = optax.smooth_labels(t, label_smoothing) if label_smoothing else t
         return _reduce(jnp, optax.softmax_cross_entropy(x, q if weight is None else q * weight), reduction)
@@ -182,7 +214,11 @@ class OptaxLoss:
         jax, jnp, _ = _modules()
         dtype = arrays.numpy_dtype(x.dtype)
         with_grad = x.requires_grad and torch.is_grad_enabled()
-        statics = tuple(sorted((k, v) for k, v in options.items() if k in ("label_smoothing", "ignore_index")))
+        if options.get("shard_mistake", "none") != "none":
+            raise Unsupported("shard_mistake is a mistake of the naive transcription; optax makes none")
+        # `shards`: optax's loss of the gathered logits, which are the input itself.
+        kept = ("label_smoothing", "ignore_index", "z_loss", "softcap", "smoothing_convention")
+        statics = tuple(sorted((k, v) for k, v in options.items() if k in kept))
         with jax.enable_x64(x.dtype == torch.float64):
             weight = options.get("weight")
             args = [self.arrays.get(jnp, v) for v in (x, target)]

@@ -11,6 +11,7 @@ from . import (
     log_softmax,
     nll_loss,
     sequence_cross_entropy,
+    sharded_cross_entropy,
     sigmoid_bce,
 )
 from .base import IGNORE_INDEX, OPTION_DEFAULTS, Impl, Loss, Reference, reference
@@ -25,6 +26,7 @@ LOSSES: dict[str, Loss] = {
         nll_loss,
         log_softmax,
         sequence_cross_entropy,
+        sharded_cross_entropy,
         linear_cross_entropy,
     )
 }

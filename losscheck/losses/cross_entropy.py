@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .. import reference as R
 from ..catalog import IGNORE_INDEX, LOSS_INFO
-from . import cross_entropy_dd
+from . import cross_entropy_dd, cross_entropy_lm as lm
 from .base import (
     Impl,
     Loss,
@@ -475,8 +475,14 @@ def _limits(x, t):
     return loss, grad
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, cross_entropy_dd.reference_dd)
-denominators = R.chunk_function(_denominators_tensors, _denominators_extended, _denominators_tensors)
+# With the LM options (z_loss, softcap, smoothing_convention: cross_entropy_lm.py) around them.
+reference_chunk = R.chunk_function(
+    lm.reference(_reference_tensors), lm.reference(_reference_extended), lm.reference_dd(cross_entropy_dd.reference_dd)
+)
+naive_lm, stable_lm, framework_lm = lm.naive(naive), lm.stable(stable), lm.framework(framework)
+denominators = R.chunk_function(
+    *(lm.ignoring(f) for f in (_denominators_tensors, _denominators_extended, _denominators_tensors))
+)
 
 
 INFO = LOSS_INFO["cross_entropy"]  # summary, formulas, options: catalog.py
@@ -487,14 +493,14 @@ LOSS = Loss(
     multiclass=True,
     input_kind="logits",
     implementations={
-        "naive": Impl("naive", "naive", class_dim_last(naive), "−log(exp(x_t) / Σ_j exp(x_j))"),
+        "naive": Impl("naive", "naive", class_dim_last(naive_lm), "−log(exp(x_t) / Σ_j exp(x_j))"),
         "stable": Impl(
             "stable",
             "stable",
-            class_dim_last(stable),
+            class_dim_last(stable_lm),
             "(m − x_t) + log1p(Σ_{j≠argmax} e^{x_j−m}), gradient without cancellation, limits at ±inf",
         ),
-        "torch": Impl("torch", "framework", framework, "torch.nn.functional.cross_entropy"),
+        "torch": Impl("torch", "framework", framework_lm, "torch.nn.functional.cross_entropy"),
     },
     reference_chunk=reference_chunk,
     formulas=INFO.formulas,

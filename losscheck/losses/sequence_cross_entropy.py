@@ -27,7 +27,7 @@ def _tokens(fn):
     return impl
 
 
-naive, stable, framework = _tokens(ce.naive), _tokens(ce.stable), _tokens(ce.framework)
+naive, stable, framework = _tokens(ce.naive_lm), _tokens(ce.stable_lm), _tokens(ce.framework_lm)
 
 INFO = LOSS_INFO["sequence_cross_entropy"]  # summary, formulas, options: catalog.py
 
