@@ -57,7 +57,11 @@ OPTION_AXES = {
     "dim": "dims",
     "hidden": "hidden_sizes",
     "chunks": "chunks",
+    "direction": "directions",
+    "log_target": "log_target",
+    "temperature": "temperatures",
 }
+KL_DIRECTIONS = ("forward", "reverse")  # kl_div: KL(teacher ‖ student), KL(student ‖ teacher)
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
@@ -98,6 +102,10 @@ class Config:
     dims: tuple[int, ...] = (-1,)
     hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
     chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
+    # kl_div/js_div (losses/kl_div.py): OPTION_DEFAULTS["direction"], ["log_target"], ["temperature"].
+    directions: tuple[str, ...] = ("forward",)
+    log_target: tuple[bool, ...] = (False,)
+    temperatures: tuple[float, ...] = (1.0,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -175,6 +183,9 @@ class Config:
             "dims": list(self.dims),
             "hidden_sizes": list(self.hidden_sizes),
             "chunks": list(self.chunks),
+            "directions": list(self.directions),
+            "log_target": list(self.log_target),
+            "temperatures": list(self.temperatures),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -266,6 +277,9 @@ KEYS = {
     "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
     "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
     "0: their own choice)",
+    "directions": "list of forward, reverse (kl_div: KL(teacher ‖ student), KL(student ‖ teacher))",
+    "log_target": "list of false, true (kl_div: the torch implementation gets the target as log-probabilities)",
+    "temperatures": "list of positive finite numbers (kl_div, js_div: softmax(logits / T); default [1])",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -351,6 +365,9 @@ def _build(data: dict, source: str) -> Config:
         dims=v.dims(data),
         hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
         chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
+        directions=v.choices(data, "directions", KL_DIRECTIONS, ("forward",)),
+        log_target=v.booleans(data, "log_target", (False,)),
+        temperatures=v.numbers(data, "temperatures", positive=True, default=(1.0,)),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -394,6 +411,15 @@ class _Validator(SectionChecks):
         if minimum is not None and value < minimum:
             self.fail(key, f"{value} is below the minimum {minimum}")
         return value
+
+    def booleans(self, data, key, default):
+        values = self._list(data, key, default)
+        for value in values:
+            if not isinstance(value, bool):  # 1 == True: an int is no answer to a yes/no key
+                self.fail(key, f"bad value {value!r}", "false, true")
+        if len(set(values)) != len(values):
+            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
+        return tuple(values)
 
     def choices(self, data, key, allowed, default=None):
         values = self._list(data, key, default)

@@ -54,6 +54,13 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       same metric object, null or absent where not measured; `memory.logits_bytes` (the bytes
       the N × V logits take in the dtype); `options` may hold `hidden` (the hidden size,
       absent: 256) and `chunks` (stable's vocabulary chunks, absent: its own choice).
+      Issue 18 (token_logprobs, entropy, kl_div, js_div: losses valued in nats): `forward` gains
+      `abs_nats` {`max`, `mean`: over the elements, `reduced`: of the mean/sum, absent for
+      reduction none}, the absolute error in nats against the exact values (docs/METRICS.md
+      "Absolute error in nats"; inf where a result is NaN or infinite and the value is not);
+      kl_div and js_div (a student's and a teacher's logits) add `backward_teacher` beside
+      `backward` (d/dstudent), like `backward_classifier`; `options` may hold `direction`
+      ("reverse"; absent: forward), `log_target` (true) and `temperature` (absent: 1).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -102,7 +109,7 @@ KEY_FIELDS = (
 )
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
 # Metric sections only some records have (schema 3: a loss's second differentiated input).
-OPTIONAL_SECTIONS = ("backward_classifier",)
+OPTIONAL_SECTIONS = ("backward_classifier", "backward_teacher")
 RECORD_KEYS = (*KEY_FIELDS[:2], "kind", *KEY_FIELDS[2:], "status", "message", *NUMERIC_SECTIONS)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -300,6 +307,9 @@ def load(path: str | Path) -> dict:
             values = rec.get(section)
             if isinstance(values, dict):
                 rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
+                nats = rec[section].get("abs_nats")
+                if isinstance(nats, dict):  # forward.abs_nats: {max, mean, reduced}, inf where NaN/±inf
+                    rec[section]["abs_nats"] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in nats.items()}
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
