@@ -381,9 +381,9 @@ def _record_problem(rec: dict) -> str | None:
     if rec["reduction"] not in REDUCTIONS:
         return f"'reduction' must be one of {', '.join(REDUCTIONS)}"
     if not isinstance(rec["options"], dict) or not all(
-        isinstance(k, str) and (isinstance(v, str) or _is_finite(v)) for k, v in rec["options"].items()
+        isinstance(k, str) and (isinstance(v, (str, bool)) or _is_finite(v)) for k, v in rec["options"].items()
     ):
-        return "'options' must be an object of option -> string or number"
+        return "'options' must be an object of option -> string, number or boolean (log_target)"
     if not (rec["time"] is None or (type(rec["time"]) is int and rec["time"] > 0)):
         return "'time' must be a positive integer or null"
     mem = rec.get("memory")

@@ -123,33 +123,50 @@ def _coefficients(o: _Ops, series):
 
 
 def _pair_parts(a, b, temperature: float):
+    """(ops, P, Q, log P, δ = log P − log Q, both finite, δ + const) of rows of logits a, b at T.
+
+    δ_j = c_j − Δ with c_j = ((a_j − a_r) − (b_j − b_r))/T (r: a's first maximum; differences
+    of the inputs) and Δ = log(S_a/S_b), S = Σ_k e^{(x_k − x_r)/T}, as log1p(Σ_k e^{β_k}
+    expm1(c_k) / S_b): where P ≈ Q, log P − log Q would cancel two values near −log V (its
+    error 2**-53·log V absolute, 1e−13 relative at δ ≈ 1e−6), this form only the inputs'
+    differences. Rows where b's logits exceed b_r by 700/T (no such P ≈ Q) keep log P − log Q."""
     o = _Ops(a)
-    ctx = np.errstate(all="ignore") if not o.torch else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
+    with np.errstate(all="ignore"):
         _, _, p, lp = _softmax_parts(o, a / temperature)
         _, _, q, lq = _softmax_parts(o, b / temperature)
         # Log-probabilities stay finite where the probabilities underflow (a gap of 104 nats in
         # float32, 745 in float64): δ from them, and a class is masked only at a −inf logit.
         both = (lp > -math.inf) & (lq > -math.inf)
-        delta = o.where(both, lp - lq, 0.0)
-        return o, p, q, lp, delta, both
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+        r = o.first_max(a)
+        alpha = (a - o.rsum(o.where(r, a, 0.0))) / temperature
+        beta = (b - o.rsum(o.where(r, b, 0.0))) / temperature
+        c = ((a - o.rsum(o.where(r, a, 0.0))) - (b - o.rsum(o.where(r, b, 0.0)))) / temperature
+        eb = o.xp.exp(beta)
+        moved = o.where(o.xp.isfinite(c), eb * o.xp.expm1(c), o.xp.exp(alpha) - eb)
+        ratio = o.rsum(moved) / o.rsum(eb)  # S_a/S_b − 1
+        # log1p near 0 (P ≈ Q); beyond, log S_a − log S_b (log1p of ≈ −1 would lose S_a/S_b).
+        shift = o.where(abs(ratio) < 0.5, o.xp.log1p(ratio), o.xp.log(o.rsum(o.xp.exp(alpha))) - o.xp.log(o.rsum(eb)))
+        ok = (o.amax(beta) < 700) & o.xp.isfinite(shift)
+        exact_c = ok & o.xp.isfinite(c)
+        delta = o.where(both, o.where(exact_c, c - shift, lp - lq), 0.0)
+        # δ up to a constant per row, for the softmax's chain rule (which ignores constants):
+        # c itself where it is exact, so that its entry at r is exactly 0.
+        return o, p, q, lp, delta, both, o.where(exact_c, c, delta)
 
 
 def kl_rows(a, b, temperature: float = 1.0):
     """(KL(P‖Q) (r,), dKL/da, dKL/db) with P = softmax(a/T), Q = softmax(b/T), rows of logits."""
-    o, p, q, lp, d, both = _pair_parts(a, b, temperature)
+    o, p, q, lp, d, both, dc = _pair_parts(a, b, temperature)
     small = abs(d) < 0.5
     phi = d * d * _horner(o, -d, _coefficients(o, _phi_series))
     with np.errstate(all="ignore"):
         term = o.where(small, p * phi, p * (d - 1) + q)
         term = o.where(both, term, o.where(lp == -math.inf, q, math.inf))
         kl = o.rsum(term)
-        ga = o.where(p == 0, 0.0, p * (d - kl)) / temperature
+        # δ_j − KL = (δ_j − δ_r) − Σ P_k (δ_k − δ_r), r a's first maximum (P's largest class):
+        # on a confident row the dominant class's entry then does not cancel (δ_r − KL did:
+        # 27 bits at T = 0.05).
+        ga = _centered(o, p, dc, a) / temperature
         gb = o.where(both, o.where(small, p * o.xp.expm1(-d), q - p), q - p) / temperature
     return kl[..., 0], ga, gb
 
@@ -160,7 +177,7 @@ def _softplus(o: _Ops, z):
 
 def js_rows(a, b, temperature: float = 1.0):
     """(JS(P, Q) (r,), dJS/da, dJS/db), P = softmax(a/T), Q = softmax(b/T), rows of logits."""
-    o, p, q, lp, d, both = _pair_parts(a, b, temperature)
+    o, p, q, lp, d, both, dc = _pair_parts(a, b, temperature)
     xp = o.xp
     with np.errstate(all="ignore"):
         y = o.where(both, xp.tanh(d / 2), o.where(lp == -math.inf, -1.0, 1.0))
@@ -171,17 +188,39 @@ def js_rows(a, b, temperature: float = 1.0):
         g = o.where(abs(y) < 0.5, series, direct)
         term = o.where(both, (p + q) / 2 * g, o.where(lp == -math.inf, q, p) * (o.ln2 / 2))
         js = o.rsum(term)
-        # c = ½ log(2σ) and ½ log(2(1 − σ)): log1p(±y) near σ = ½, log 2 − softplus(∓δ) beyond
-        # (where y rounds to ±1 and log1p(∓y) would be −inf for a finite value).
-        near = abs(y) < 0.5
-        # A class masked in one distribution only: the other's c is ½ log 2 (σ = 0 or 1).
-        lp2 = o.where(both, o.where(near, xp.log1p(y), o.ln2 - _softplus(o, -d)), o.ln2)
-        lq2 = o.where(both, o.where(near, xp.log1p(-y), o.ln2 - _softplus(o, d)), o.ln2)
-        cp = o.where(p == 0, 0.0, p * lp2 / 2)
-        cq = o.where(q == 0, 0.0, q * lq2 / 2)
-        ga = (cp - p * o.rsum(cp)) / temperature
-        gb = (cq - q * o.rsum(cq)) / temperature
+        # dJS/dP_j = c_j = ½ log(2σ_j), dJS/dQ_j = ½ log(2(1 − σ_j)); the chain rule needs only
+        # c_j − c_r (r: the distribution's first maximum, `_centered`).
+        ga = _centered(o, p, _log_sigma_gaps(o, d, y, both, a, 1.0), a) / temperature
+        gb = _centered(o, q, _log_sigma_gaps(o, d, y, both, b, -1.0), b) / temperature
     return js[..., 0], ga, gb
+
+
+def _at(o: _Ops, x, r):
+    """Each row's value of x at its position r (a one-hot mask)."""
+    return o.rsum(o.where(r, x, 0.0))
+
+
+def _log_sigma_gaps(o: _Ops, d, y, both, logits, sign: float):
+    """½ (log σ_j − log σ_r) for σ = sigmoid(sign·δ) (sign −1: 1 − σ), r the first maximum of
+    `logits`: from log1p(sign·y) (= log 2σ) where both classes have |y| < 1/2, else from
+    −softplus(−sign·δ) (= log σ), which keeps e^−65 next to a value near 0 where log 2 + log σ
+    would round it away (a confident class beside another). A class masked in one distribution
+    only (y = ±1 exactly, δ set to 0): its σ is 1 or 0, log σ 0 or −inf."""
+    r = o.first_max(logits)
+    near = abs(y) < 0.5
+    close = o.xp.log1p(sign * y)
+    far = o.where(both, -_softplus(o, -sign * d), o.xp.log((1 + sign * y) / 2))
+    both_near = near & (_at(o, near * 1.0, r) > 0)
+    return o.where(both_near, close - _at(o, close, r), far - _at(o, far, r)) / 2
+
+
+def _centered(o: _Ops, w, c, logits):
+    """w_j (c_j − Σ_k w_k c_k), the softmax's chain rule, as w_j ((c_j − c_r) − Σ_k w_k (c_k − c_r))
+    with r the first maximum of `logits`: on a confident row (w_r ≈ 1) the dominant entry is then
+    −Σ_{k≠r} w_k (c_k − c_r), where c_r − Σ w c would cancel."""
+    r = o.first_max(logits)
+    dc = o.where(w == 0, 0.0, c - _at(o, c, r))
+    return o.where(w == 0, 0.0, w * (dc - o.rsum(w * dc)))
 
 
 # ---- a loss of two logit tensors (student, teacher) -------------------------------------------
@@ -327,16 +366,19 @@ def with_exact(rows_fn):
 
 
 def widen(x: torch.Tensor):
-    """x in the precision `stable` computes in: compute_dtype (float64 for float32, float32 for
-    the halves), and numpy long double for float64 on the CPU where that is extended precision
-    (float64 has no wider torch type; computed natively a gradient entry p_j (a_j − ā) kept
-    only ~44 of 53 bits). Elsewhere (float64 on an accelerator) float64 itself."""
+    """x in the precision `stable` computes in: float64 for float32 and the halves too (not
+    compute_dtype's float32: these gradients are products of probabilities, which reach float32's
+    subnormals exactly where bfloat16's, of the same exponent range, still hold them), numpy long
+    double for float64 on the CPU where that is extended precision (float64 has no wider torch
+    type; computed natively a gradient entry p_j (a_j − ā) kept only ~44 of 53 bits). Float64
+    on an accelerator: float64 itself; MPS (no float64): compute_dtype."""
     from .base import compute_dtype
 
-    c = compute_dtype(x.dtype, x.device)
-    if c == torch.float64 and x.dtype == torch.float64 and x.device.type == "cpu" and R.path(x.dtype, "cpu") == "extended":
+    if x.device.type == "mps":
+        return x.detach().to(compute_dtype(x.dtype, x.device))
+    if x.dtype == torch.float64 and x.device.type == "cpu" and R.path(x.dtype, "cpu") == "extended":
         return R.to_work(x.detach(), np.longdouble)
-    return x.detach().to(c)
+    return x.detach().to(torch.float64)
 
 
 def narrow(values, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
