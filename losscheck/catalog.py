@@ -182,7 +182,8 @@ LOSS_INFO: dict[str, LossInfo] = {
             formulas=Formulas(
                 loss=r"\ell(x, t) = \log \frac{e^{x_t}}{\sum_j e^{x_j}}",
                 naive=r"\ell = \log\left(\operatorname{softmax}(x)\right)_t \text{ in the dtype}",
-                stable=r"m = \max_j x_j,\ \ell = (x_t - m) - \operatorname{log1p}\Big(\textstyle\sum_{j \ne k} e^{x_j - m}\Big)",
+                stable=r"m = \max_j x_j,\ \ell = (x_t - m) - "
+                r"\operatorname{log1p}\Big(\textstyle\sum_{j \ne k} e^{x_j - m}\Big)",
                 gradient=r"\partial\ell/\partial x_j = [j = t] - \operatorname{softmax}(x)_j",
             ),
         ),
@@ -203,7 +204,8 @@ LOSS_INFO: dict[str, LossInfo] = {
             "gradients for both",
             formulas=Formulas(
                 loss=r"\mathrm{KL}(P \| Q) = \textstyle\sum_j P_j (\log P_j - \log Q_j),\ "
-                r"P = \operatorname{softmax}(x^{\mathrm{teacher}}/T),\ Q = \operatorname{softmax}(x^{\mathrm{student}}/T)",
+                r"P = \operatorname{softmax}(x^{\mathrm{teacher}}/T),\ "
+                r"Q = \operatorname{softmax}(x^{\mathrm{student}}/T)",
                 naive=r"\textstyle\sum_j p_j (\log p_j - \log q_j) \text{ in the dtype}",
                 stable=r"\delta = \log P - \log Q,\ \mathrm{KL} = \textstyle\sum_j P_j (\delta_j - 1 + e^{-\delta_j})",
                 gradient=r"\partial/\partial x^{\mathrm{student}}_j = (Q_j - P_j)/T,\ "

@@ -309,7 +309,9 @@ def load(path: str | Path) -> dict:
                 rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
                 nats = rec[section].get("abs_nats")
                 if isinstance(nats, dict):  # forward.abs_nats: {max, mean, reduced}, inf where NaN/±inf
-                    rec[section]["abs_nats"] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in nats.items()}
+                    rec[section]["abs_nats"] = {
+                        k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in nats.items()
+                    }
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")

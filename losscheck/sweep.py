@@ -485,7 +485,9 @@ class _Audit:
             fwd.set_reduced(o.out.to(dev), ref.reduced)
         record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
         if ref.exact is not None and keep is None:  # a loss valued in nats (METRICS.md)
-            record["forward"]["abs_nats"] = abs_nats(o.elements, ref.exact, o.out if ref.reduced is not None else None, ref.value)
+            record["forward"]["abs_nats"] = abs_nats(
+                o.elements, ref.exact, o.out if ref.reduced is not None else None, ref.value
+            )
         if ref is not self.ref:  # counted in the wider dtype (formats.counted_in)
             record["forward"].update(dtype=record["output_dtype"], threshold_bits=threshold)
         if any(notes):

@@ -21,8 +21,7 @@ from losscheck import results, sweep
 from losscheck.cli import main
 from losscheck.config import parse_config
 from losscheck.errors import ConfigError
-from losscheck.losses import LOSSES, reference
-from losscheck.losses import divergence as dv
+from losscheck.losses import LOSSES, divergence as dv, reference
 
 KL = LOSSES["kl_div"]
 JS = LOSSES["js_div"]
@@ -45,23 +44,27 @@ def exact_kl(a, b, temperature=1.0):
     """KL(P‖Q), P = softmax(a/T), Q = softmax(b/T), and its gradients w.r.t. a and b, in mpmath."""
     p, lp = _dist(a, temperature)
     q, lq = _dist(b, temperature)
-    d = [x - y for x, y in zip(lp, lq)]
-    kl = MP.fsum(pj * dj for pj, dj in zip(p, d))
+    d = [x - y for x, y in zip(lp, lq, strict=True)]
+    kl = MP.fsum(pj * dj for pj, dj in zip(p, d, strict=True))
     t = MP.mpf(temperature)
-    return kl, [pj * (dj - kl) / t for pj, dj in zip(p, d)], [(qj - pj) / t for pj, qj in zip(p, q)]
+    ga = [pj * (dj - kl) / t for pj, dj in zip(p, d, strict=True)]
+    return kl, ga, [(qj - pj) / t for pj, qj in zip(p, q, strict=True)]
 
 
 def exact_js(a, b, temperature=1.0):
     """JS(P, Q) and its gradients w.r.t. a (P's logits) and b, in mpmath."""
     p, lp = _dist(a, temperature)
     q, lq = _dist(b, temperature)
-    lm = [MP.log((pj + qj) / 2) for pj, qj in zip(p, q)]
-    js = (MP.fsum(pj * (x - y) for pj, x, y in zip(p, lp, lm)) + MP.fsum(qj * (x - y) for qj, x, y in zip(q, lq, lm))) / 2
+    lm = [MP.log((pj + qj) / 2) for pj, qj in zip(p, q, strict=True)]
+    kl_pm = MP.fsum(pj * (x - y) for pj, x, y in zip(p, lp, lm, strict=True))
+    kl_qm = MP.fsum(qj * (x - y) for qj, x, y in zip(q, lq, lm, strict=True))
+    js = (kl_pm + kl_qm) / 2
     t = MP.mpf(temperature)
-    cp = [(x - y) / 2 for x, y in zip(lp, lm)]  # dJS/dP_j = ½ log(P_j/M_j)
-    cq = [(x - y) / 2 for x, y in zip(lq, lm)]
-    sp, sq = MP.fsum(pj * c for pj, c in zip(p, cp)), MP.fsum(qj * c for qj, c in zip(q, cq))
-    return js, [pj * (c - sp) / t for pj, c in zip(p, cp)], [qj * (c - sq) / t for qj, c in zip(q, cq)]
+    cp = [(x - y) / 2 for x, y in zip(lp, lm, strict=True)]  # dJS/dP_j = ½ log(P_j/M_j)
+    cq = [(x - y) / 2 for x, y in zip(lq, lm, strict=True)]
+    sp, sq = MP.fsum(pj * c for pj, c in zip(p, cp, strict=True)), MP.fsum(qj * c for qj, c in zip(q, cq, strict=True))
+    ga = [pj * (c - sp) / t for pj, c in zip(p, cp, strict=True)]
+    return js, ga, [qj * (c - sq) / t for qj, c in zip(q, cq, strict=True)]
 
 
 def exact_pair(kind, student, teacher, direction="forward", temperature=1.0):
@@ -127,7 +130,8 @@ def test_stable_matches_the_reference_and_torch_agrees_on_benign_rows():
             x = data.inp.clone().requires_grad_()
             out = loss.implementations[impl].fn(x, data.target, "mean", **data.options)
             out.backward()
-            assert abs(float(out.detach()) - float(ref.reduced)) <= 4 * torch.finfo(torch.float32).eps * float(ref.reduced)
+            eps = torch.finfo(torch.float32).eps
+            assert abs(float(out.detach()) - float(ref.reduced)) <= 4 * eps * float(ref.reduced)
             assert torch.allclose(x.grad, ref.grad, rtol=1e-5, atol=1e-9), impl
 
 
@@ -205,7 +209,8 @@ def test_soup_719_reverse_kl_and_js_finite_loss_nan_gradients(tmp_path, impls):
     # kl_div's target-side derivative log(target) + 1 − input is −inf there, times the softmax's
     # zero derivative: NaN. The loss stays finite (xlogy(0, 0) = 0). The reference's gradients
     # are finite; stable's too, and so are torch's kl_div with log_target (the log-space fix).
-    data = _bench(tmp_path, _config("kl_div", "directions: [reverse]\ntemperatures: [0.05]\nlog_target: [false, true]\n"),
+    axes = "directions: [reverse]\ntemperatures: [0.05]\nlog_target: [false, true]\n"
+    data = _bench(tmp_path, _config("kl_div", axes),
                   "--impl", f"kl_div={impls}:soup_reverse_kl")
     by = {(r["impl"], r["options"].get("log_target", False)): r for r in _records(data)}
     soup = next(r for (impl, lt), r in by.items() if impl.startswith("soup_reverse_kl") and not lt)
@@ -231,7 +236,8 @@ def test_soup_719_the_exact_gradient_is_finite():
     assert all(MP.isfinite(g) for g in gs + gt) and MP.isfinite(loss)
     s = torch.tensor([student], requires_grad=True)
     q = torch.softmax(s / 0.05, -1)
-    torch.nn.functional.kl_div(torch.log_softmax(torch.tensor([teacher]) / 0.05, -1), q, reduction="batchmean").backward()
+    log_p = torch.log_softmax(torch.tensor([teacher]) / 0.05, -1)
+    torch.nn.functional.kl_div(log_p, q, reduction="batchmean").backward()
     assert torch.isnan(s.grad).any()  # the thread's failure, on the same row
     ref = reference(KL, torch.tensor([student, teacher]), torch.zeros(1, dtype=torch.int64),
                     {"direction": "reverse", "temperature": 0.05}, "mean")
@@ -257,7 +263,7 @@ def test_teacher_free_kd_41_mean_is_v_times_smaller_than_batchmean(tmp_path, imp
     # element mean is it divided by V.
     data = _point(KL, "float32", "normal", 1.0, batch=4, classes=1000)
     student, teacher = (t.double().tolist() for t in dv.unpack(data.inp, data.target))
-    batchmean = MP.fsum(exact_pair("kl", s, t)[0] for s, t in zip(student, teacher)) / 4
+    batchmean = MP.fsum(exact_pair("kl", s, t)[0] for s, t in zip(student, teacher, strict=True)) / 4
     # What nn.KLDivLoss()'s default "mean" computes (written out: torch warns when it is called).
     log_q, p = torch.log_softmax(torch.tensor(student), 1), torch.softmax(torch.tensor(teacher), 1)
     tfkd = torch.nn.functional.kl_div(log_q, p, reduction="sum") / log_q.numel()

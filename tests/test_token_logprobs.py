@@ -19,8 +19,7 @@ from test_reference import DTYPES, MP, round_exact
 
 from losscheck import results, sweep
 from losscheck.cli import main
-from losscheck.losses import LOSSES, reference
-from losscheck.losses import token_logprobs as tl
+from losscheck.losses import LOSSES, reference, token_logprobs as tl
 
 TOKEN = LOSSES["token_logprobs"]
 ENTROPY = LOSSES["entropy"]
@@ -50,8 +49,8 @@ def exact_entropy(row):
     row = [MP.mpf(float(x)) for x in row]
     p, lse = _softmax(row)
     logp = [x - lse for x in row]
-    h = -MP.fsum(pj * lj for pj, lj in zip(p, logp))
-    return h, [-pj * (lj + h) for pj, lj in zip(p, logp)]
+    h = -MP.fsum(pj * lj for pj, lj in zip(p, logp, strict=True))
+    return h, [-pj * (lj + h) for pj, lj in zip(p, logp, strict=True)]
 
 
 def _assert_rounded(got, exact, dtype, what):
@@ -91,7 +90,8 @@ def _bench(tmp_path, config: str, *args) -> dict:
 
 def _config(losses, dtypes, dists, scales, classes=1000, extra="", batch=8):
     return (f"name: c\nlosses: {losses}\nimplementations: [stable, torch]\nscales: {scales}\nbatch_sizes: [{batch}]\n"
-            f"classes: [{classes}]\ndtypes: {dtypes}\ndistributions: {dists}\nreductions: [none]\ntiming: false\n{extra}")
+            f"classes: [{classes}]\ndtypes: {dtypes}\ndistributions: {dists}\nreductions: [none]\n"
+            f"timing: false\n{extra}")
 
 
 def _by(data):
@@ -237,7 +237,7 @@ def test_nats_field_is_the_distance_to_the_exact_value():
     from losscheck.metrics import abs_nats
 
     out = abs_nats(ref.loss, ref.exact)
-    exact = [exact_logprob(r, int(t))[0] for r, t in zip(data.inp.double().tolist(), data.target.tolist())]
+    exact = [exact_logprob(r, int(t))[0] for r, t in zip(data.inp.double().tolist(), data.target.tolist(), strict=True)]
     want = max(abs(float(ref.loss[i]) - float(e)) for i, e in enumerate(exact))
     assert out["max"] == pytest.approx(want, rel=1e-2)
     nan = abs_nats(torch.tensor([math.nan, 1.0]), torch.tensor([0.5, 1.0], dtype=torch.float64))

@@ -3,27 +3,33 @@ the two divergences (written once, for torch tensors of any float dtype and for 
 double), the plumbing of a loss of two logit tensors (student, teacher), and the exact
 per-row values behind the "absolute error in nats" (docs/METRICS.md).
 
-**The formulas** (rows of logits x, working precision; every sum is of non-negative terms):
+**The formulas** (rows of logits x, working precision; every sum over the vocabulary is of
+non-negative terms, or of terms centred at the row's dominant class):
 
 * softmax parts: m = max x, z = x − m <= 0, s = Σ_{j≠k} e^{z_j} (k the first maximum),
   log p = z − log1p(s).
 * entropy: H = log1p(s) + Σ p_j a_j with a = −z >= 0; dH/dx_j = p_j (a_j − ā), ā = Σ p a.
-* KL(P‖Q), δ = log P − log Q: KL = Σ P_j φ(δ_j) with φ(δ) = δ − 1 + e^{−δ} >= 0 — the sum of
-  Σ P δ and Σ (Q − P) = 0 — each term non-negative, so no cancellation across the vocabulary
-  (Σ P δ alone cancels when P ≈ Q). φ by its series where |δ| < 1/2, else as
-  P (δ − 1) + Q. dKL/da_j = P_j (δ_j − KL)/T, dKL/db_j = (Q_j − P_j)/T = P_j expm1(−δ_j)/T.
+* KL(P‖Q), δ = log P − log Q, computed as c_j − Δ from the logits' differences
+  c_j = ((a_j − a_r) − (b_j − b_r))/T (r: a's first maximum) and Δ = log(S_a/S_b) by log1p
+  (`_pair_parts`): log P − log Q would cancel two values near −log V where P ≈ Q.
+  KL = Σ P_j φ(δ_j), φ(δ) = δ − 1 + e^{−δ} >= 0 — Σ P δ plus Σ (Q − P) = 0, each term
+  non-negative — φ by its series where |δ| < 1/2, else as P (δ − 1) + Q.
+  dKL/da_j = P_j (δ_j − KL)/T, formed as P_j ((c_j − c_r) − Σ P_k (c_k − c_r))/T (`_centered`:
+  the dominant class's entry does not cancel); dKL/db_j = (Q_j − P_j)/T = P_j expm1(−δ_j)/T.
 * JS(P, Q) = ½ KL(P‖M) + ½ KL(Q‖M), M = (P + Q)/2: per class ½ (P + Q)(log 2 − H_b(σ)) with
   σ = P/(P + Q), y = 2σ − 1 = tanh(δ/2) — non-negative (log-sum inequality); log 2 − H_b by
   its series Σ y^{2n}/(2n(2n − 1)) where |y| < 1/2. dJS/da_j = P_j (c_j − Σ P c)/T with
-  c = ½ log1p(y) (= ½ log(2P/(P + Q))), likewise for b with Q and ½ log1p(−y).
+  c = ½ log(2σ), centred as above, its gaps from log1p(y) near σ = ½ and from −softplus(−δ)
+  beyond (`_log_sigma_gaps`); likewise for b with Q and 1 − σ.
 
-Where a probability is exactly 0 (a −inf logit; in float64, a class 745 nats below the
-maximum) its terms are their limits (0 · log 0 = 0); a +inf logit makes its row the limit
-(the +inf classes share the mass). Accuracy: float64 keeps 2**-53 relative per operation,
-so the divergences and their gradients are within 1/64 ULP of float32 except (a) where a
-gradient entry cancels (δ_j ≈ KL, a_j ≈ ā: its absolute error stays ~2**-52 times the
-larger term) and (b) KL or JS below ~2**-20 of |δ|'s inputs (the logits' differences then
-cancel in δ itself); long double (float64 points) gives 11 more bits.
+Where a probability is exactly 0 (a −inf logit) its terms are their limits (0 · log 0 = 0);
+a +inf logit makes its row the limit (the +inf classes share the mass; the entropy of several
+is undefined, NaN). Accuracy: float64 keeps 2**-53 relative per operation, so the references
+are within 1/64 ULP of float32 except where the inputs themselves cancel (a gradient entry with
+δ_j ≈ KL relative to the other classes, a_j ≈ ā; δ_j ≈ Δ); long double (float64 points) gives
+11 more bits: faithful, and correctly rounded but at such cancellations (tests/test_divergences.py,
+tests/test_token_logprobs.py). The divergences' value sets have finite logits only
+(inputs.PAIR_APPLIES): −inf entries are handled, no limit with +inf ones is certified.
 """
 
 from __future__ import annotations
@@ -58,9 +64,9 @@ class _Ops:
 
     def first_max(self, x):
         """True at each row's first maximum."""
-        idx = x.argmax(-1, keepdim=True) if self.torch else np.argmax(x, -1)[..., None]
-        cols = torch.arange(x.shape[-1], device=x.device) if self.torch else np.arange(x.shape[-1])
-        return cols == idx
+        if self.torch:
+            return torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, x.argmax(-1, keepdim=True), True)
+        return np.arange(x.shape[-1]) == np.argmax(x, -1)[..., None]
 
     def where(self, c, a, b):
         return self.xp.where(c, a, b)
@@ -101,6 +107,15 @@ def _horner(o: _Ops, u, coefficients):
     out = o.full(u, coefficients[-1])
     for c in reversed(coefficients[:-1]):
         out = out * u + c
+    return out
+
+
+def _series_where(o: _Ops, mask, u, coefficients):
+    """The series in u where `mask` holds (0 elsewhere), evaluated on those entries only: on a
+    152k vocabulary most entries are beyond the series' range, and its 20-36 steps would be
+    most of the reference's time."""
+    out = o.xp.zeros_like(u)
+    out[mask] = _horner(o, u[mask], coefficients)
     return out
 
 
@@ -158,7 +173,7 @@ def kl_rows(a, b, temperature: float = 1.0):
     """(KL(P‖Q) (r,), dKL/da, dKL/db) with P = softmax(a/T), Q = softmax(b/T), rows of logits."""
     o, p, q, lp, d, both, dc = _pair_parts(a, b, temperature)
     small = abs(d) < 0.5
-    phi = d * d * _horner(o, -d, _coefficients(o, _phi_series))
+    phi = d * d * _series_where(o, small, -d, _coefficients(o, _phi_series))
     with np.errstate(all="ignore"):
         term = o.where(small, p * phi, p * (d - 1) + q)
         term = o.where(both, term, o.where(lp == -math.inf, q, math.inf))
@@ -182,7 +197,7 @@ def js_rows(a, b, temperature: float = 1.0):
     with np.errstate(all="ignore"):
         y = o.where(both, xp.tanh(d / 2), o.where(lp == -math.inf, -1.0, 1.0))
         w = y * y
-        series = w * _horner(o, w, _coefficients(o, _js_series))
+        series = w * _series_where(o, abs(y) < 0.5, w, _coefficients(o, _js_series))
         sigma = (1 + y) / 2
         direct = o.ln2 - sigma * _softplus(o, -d) - (1 - sigma) * _softplus(o, d)
         g = o.where(abs(y) < 0.5, series, direct)
@@ -248,15 +263,19 @@ def adapt(fn):
 
 
 # Options a pair point passes to its implementations: record key -> (keyword, default).
-PAIR_OPTIONS = {"direction": ("direction", "forward"), "log_target": ("log_target", False), "temperature": ("temperature", 1.0)}
+PAIR_OPTIONS = {
+    "direction": ("direction", "forward"),
+    "log_target": ("log_target", False),
+    "temperature": ("temperature", 1.0),
+}
 
 
 def make_point(case, seed: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(packed (2N, V) logits in `dtype`: the student's rows then the teacher's, each an
     independent draw of the case's value set and scale; int64 labels (the student's, unused
     by the divergences); the options of the case: direction, log_target, temperature)."""
-    from . import LOSSES
     from .. import inputs
+    from . import LOSSES
 
     loss = LOSSES[case.loss]
     n, v = case.batch, int(case.classes)

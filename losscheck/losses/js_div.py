@@ -25,7 +25,9 @@ def naive(student, teacher, target=None, reduction="mean", temperature=1.0):
     p = torch.softmax(teacher / temperature, -1)
     q = torch.softmax(student / temperature, -1)
     m = (p + q) / 2
-    return reduce_naive(((p * (torch.log(p) - torch.log(m)) + q * (torch.log(q) - torch.log(m))) / 2).sum(-1), reduction)
+    return reduce_naive(
+        ((p * (torch.log(p) - torch.log(m)) + q * (torch.log(q) - torch.log(m))) / 2).sum(-1), reduction
+    )
 
 
 def stable(student, teacher, target=None, reduction="mean", temperature=1.0):
