@@ -49,6 +49,11 @@ OPTION_DEFAULTS = {
     "smoothing_convention": "alpha_over_k",
     "shards": 1,
     "shard_mistake": "none",
+    # kl_div, js_div (losses/kl_div.py): KL's direction, the teacher passed as log-probabilities
+    # to the framework's kl_div, the softmax temperature of both distributions.
+    "direction": "forward",
+    "log_target": False,
+    "temperature": 1.0,
 }
 SMOOTHING_CONVENTIONS = ("alpha_over_k", "alpha_v_over_v_minus_1")
 # Mistakes of vocabulary-parallel cross entropy, run by `naive` when a point names one (never by
@@ -201,6 +206,57 @@ LOSS_INFO: dict[str, LossInfo] = {
                 gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^T h",
             ),
             options=("label_smoothing", "ignored", "hidden", "chunks"),
+        ),
+        LossInfo(
+            name="token_logprobs",
+            summary="token log-probabilities log softmax(x)_t of (N, V = `classes`) logits at the target token, "
+            "in nats (DPO/GRPO/PPO); the reference is −cross_entropy's",
+            formulas=Formulas(
+                loss=r"\ell(x, t) = \log \frac{e^{x_t}}{\sum_j e^{x_j}}",
+                naive=r"\ell = \log\left(\operatorname{softmax}(x)\right)_t \text{ in the dtype}",
+                stable=r"m = \max_j x_j,\ \ell = (x_t - m) - "
+                r"\operatorname{log1p}\Big(\textstyle\sum_{j \ne k} e^{x_j - m}\Big)",
+                gradient=r"\partial\ell/\partial x_j = [j = t] - \operatorname{softmax}(x)_j",
+            ),
+        ),
+        LossInfo(
+            name="entropy",
+            summary="entropy of softmax(x) per row of (N, V = `classes`) logits, in nats (the target is unused)",
+            formulas=Formulas(
+                loss=r"H(x) = -\textstyle\sum_j p_j \log p_j,\ p = \operatorname{softmax}(x)",
+                naive=r"p = \operatorname{softmax}(x),\ H = -\textstyle\sum_j p_j \log p_j \text{ in the dtype}",
+                stable=r"m = \max_j x_j,\ H = \operatorname{log1p}(s) + \textstyle\sum_j p_j (m - x_j)",
+                gradient=r"\partial H/\partial x_j = p_j \big((m - x_j) - \textstyle\sum_k p_k (m - x_k)\big)",
+            ),
+        ),
+        LossInfo(
+            name="kl_div",
+            summary="KL divergence of the softmax distributions of a student's and a teacher's logits "
+            "(N, V = `classes`), forward or reverse, temperature, log_target; mean over rows (batchmean); "
+            "gradients for both",
+            formulas=Formulas(
+                loss=r"\mathrm{KL}(P \| Q) = \textstyle\sum_j P_j (\log P_j - \log Q_j),\ "
+                r"P = \operatorname{softmax}(x^{\mathrm{teacher}}/T),\ "
+                r"Q = \operatorname{softmax}(x^{\mathrm{student}}/T)",
+                naive=r"\textstyle\sum_j p_j (\log p_j - \log q_j) \text{ in the dtype}",
+                stable=r"\delta = \log P - \log Q,\ \mathrm{KL} = \textstyle\sum_j P_j (\delta_j - 1 + e^{-\delta_j})",
+                gradient=r"\partial/\partial x^{\mathrm{student}}_j = (Q_j - P_j)/T,\ "
+                r"\partial/\partial x^{\mathrm{teacher}}_j = P_j (\delta_j - \mathrm{KL})/T",
+            ),
+            options=("direction", "log_target", "temperature"),
+        ),
+        LossInfo(
+            name="js_div",
+            summary="Jensen-Shannon divergence of the softmax distributions of a student's and a teacher's "
+            "logits (N, V = `classes`), temperature; mean over rows; gradients for both",
+            formulas=Formulas(
+                loss=r"\mathrm{JS} = \tfrac12 \mathrm{KL}(P \| M) + \tfrac12 \mathrm{KL}(Q \| M),\ M = (P + Q)/2",
+                naive=r"\tfrac12 \textstyle\sum_j [p_j \log(p_j/m_j) + q_j \log(q_j/m_j)] \text{ in the dtype}",
+                stable=r"\tfrac12 \textstyle\sum_j (P_j + Q_j)(\log 2 - H_b(P_j/(P_j + Q_j)))",
+                gradient=r"\partial/\partial x^{\mathrm{teacher}}_j = P_j (c_j - \textstyle\sum_k P_k c_k)/T,\ "
+                r"c = \tfrac12 \log(2P/(P + Q))",
+            ),
+            options=("temperature",),
         ),
     )
 }

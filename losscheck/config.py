@@ -66,7 +66,11 @@ OPTION_AXES = {
     "smoothing_convention": "smoothing_conventions",
     "shards": "shards",
     "shard_mistake": "shard_mistakes",
+    "direction": "directions",
+    "log_target": "log_target",
+    "temperature": "temperatures",
 }
+KL_DIRECTIONS = ("forward", "reverse")  # kl_div: KL(teacher ‖ student), KL(student ‖ teacher)
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
@@ -116,6 +120,10 @@ class Config:
     smoothing_conventions: tuple[str, ...] = ("alpha_over_k",)
     shards: tuple[int, ...] = (1,)
     shard_mistakes: tuple[str, ...] = ("none",)
+    # kl_div/js_div (losses/kl_div.py): OPTION_DEFAULTS["direction"], ["log_target"], ["temperature"].
+    directions: tuple[str, ...] = ("forward",)
+    log_target: tuple[bool, ...] = (False,)
+    temperatures: tuple[float, ...] = (1.0,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -215,6 +223,9 @@ class Config:
             "smoothing_conventions": list(self.smoothing_conventions),
             "shards": list(self.shards),
             "shard_mistakes": list(self.shard_mistakes),
+            "directions": list(self.directions),
+            "log_target": list(self.log_target),
+            "temperatures": list(self.temperatures),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -334,6 +345,9 @@ KEYS = {
     "shards": "list of positive integers (sharded_cross_entropy: vocabulary shards, any count)",
     "shard_mistakes": f"list of {', '.join(SHARD_MISTAKES)} (sharded_cross_entropy: a known mistake "
     "the naive implementation makes, none by default)",
+    "directions": "list of forward, reverse (kl_div: KL(teacher ‖ student), KL(student ‖ teacher))",
+    "log_target": "list of false, true (kl_div: the torch implementation gets the target as log-probabilities)",
+    "temperatures": "list of positive finite numbers (kl_div, js_div: softmax(logits / T); default [1])",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -435,6 +449,9 @@ def _build(data: dict, source: str) -> Config:
         smoothing_conventions=v.choices(data, "smoothing_conventions", SMOOTHING_CONVENTIONS, ("alpha_over_k",)),
         shards=v.ints(data, "shards", minimum=1, default=(1,)),
         shard_mistakes=v.choices(data, "shard_mistakes", SHARD_MISTAKES, ("none",)),
+        directions=v.choices(data, "directions", KL_DIRECTIONS, ("forward",)),
+        log_target=v.booleans(data, "log_target", (False,)),
+        temperatures=v.numbers(data, "temperatures", positive=True, default=(1.0,)),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -513,6 +530,15 @@ class _Validator(SectionChecks):
         if minimum is not None and value < minimum:
             self.fail(key, f"{value} is below the minimum {minimum}")
         return value
+
+    def booleans(self, data, key, default):
+        values = self._list(data, key, default)
+        for value in values:
+            if not isinstance(value, bool):  # 1 == True: an int is no answer to a yes/no key
+                self.fail(key, f"bad value {value!r}", "false, true")
+        if len(set(values)) != len(values):
+            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
+        return tuple(values)
 
     def choices(self, data, key, allowed, default=None):
         values = self._list(data, key, default)

@@ -139,8 +139,8 @@ class ToleranceCheck:
 
 
 # The sections a record's values are in: the loss, the gradient and, for a loss of two inputs
-# (linear_cross_entropy), the second input's gradient (dL/dclassifier).
-SECTIONS = ("forward", "backward", "backward_classifier")
+# (linear_cross_entropy, kl_div, js_div), the second input's gradient (dL/dclassifier, dL/dteacher).
+SECTIONS = ("forward", "backward", "backward_classifier", "backward_teacher")
 
 
 def _nonfinite(r: dict) -> int:
@@ -176,6 +176,15 @@ VALUE_CHECKS = (
         "max_bits",
         "bits",
         "classifier gradient",
+        "max bits",
+        ("bits",),
+    ),
+    ToleranceCheck(
+        "teacher gradient max bits",
+        "backward_teacher",
+        "max_bits",
+        "bits",
+        "teacher gradient",
         "max bits",
         ("bits",),
     ),

@@ -70,6 +70,9 @@ OUT_OF_DOMAIN = "out_of_domain"
 # HIDDEN_APPLIES of the others (their inputs: losses/linear_cross_entropy_ref.py).
 HIDDEN_DISTRIBUTIONS = ("offset",)
 HIDDEN_APPLIES = ("normal", "uniform", "confident_correct", "confident_wrong", "ties", "offset")
+# Those of a student's and a teacher's logits (kl_div, js_div: losses/divergence.py), each
+# drawn from the value set independently: finite logits only (no NaN, no masked classes).
+PAIR_APPLIES = ("normal", "uniform", "extreme", "confident_correct", "confident_wrong", "ties", "dominant")
 DISTRIBUTIONS = (
     COMMON_DISTRIBUTIONS + MULTICLASS_DISTRIBUTIONS + LOGIT_DISTRIBUTIONS + HIDDEN_DISTRIBUTIONS + (OUT_OF_DOMAIN,)
 )
@@ -137,6 +140,8 @@ def applies(distribution: str, multiclass: bool, input_kind: str) -> bool:
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if input_kind == "logit_pairs":
+        return distribution in PAIR_APPLIES
     if input_kind == "hidden" or distribution in HIDDEN_DISTRIBUTIONS:
         return input_kind == "hidden" and distribution in HIDDEN_APPLIES
     if distribution in MULTICLASS_DISTRIBUTIONS and not multiclass:

@@ -549,3 +549,28 @@ def _round(x: float | None) -> float | None:
     if x is None or not math.isfinite(x):
         return x
     return round(x, 4)
+
+
+def abs_nats(values: torch.Tensor, exact: torch.Tensor, reduced: torch.Tensor | None = None, value=None) -> dict:
+    """The absolute error in nats (METRICS.md "Absolute error in nats") of a loss valued in nats:
+    max and mean over the elements of |value − exact| against the unrounded exact values
+    (float64), and the reduced value's against the exact mean/sum. An element that is NaN or
+    infinite where the exact value is finite (or another infinity) counts as inf; the same
+    infinity as 0."""
+    v = values.detach().reshape(-1).to(device=exact.device, dtype=torch.float64)
+    e = exact.reshape(-1)
+    keep = ~e.isnan()
+    v, e = v[keep], e[keep]
+    same = (v == e) | (v.isinf() & e.isinf() & (v.sign() == e.sign()))
+    d = torch.where(same, 0.0, (v - e).abs())
+    d = torch.where(d.isnan(), math.inf, d)
+    out: dict = {"max": float(d.max()) if d.numel() else None, "mean": float(d.mean()) if d.numel() else None}
+    if reduced is not None and value is not None and not math.isnan(value):
+        r = float(reduced)
+        out["reduced"] = 0.0 if r == value else (math.inf if math.isnan(r) else abs(r - value))
+    return {k: (None if x is None else _round_nats(x)) for k, x in out.items()}
+
+
+def _round_nats(x: float) -> float:
+    # Three significant digits: 0.126 nats, 2.4e-07 nats.
+    return x if not math.isfinite(x) or x == 0 else float(f"{x:.3g}")

@@ -41,6 +41,10 @@ def sections(records: list[dict], level: int = 2) -> list[str]:
         _out_of_domain(records),
         _versus(records),
         _input_gradients(records),
+        _input_gradients(
+            records, "backward_teacher", "a student's and a teacher's logits", "∂L/∂student · ∂L/∂teacher"
+        ),
+        _nats(records),
     ]
     parts += [loss_section(loss, [r for r in records if r["loss"] == loss], level) for loss in losses_of(records)]
     parts += [_timing(records), _memory(records), problems(records)]
@@ -95,22 +99,56 @@ def _out_of_domain(records: list[dict]) -> str:
 _OUTCOMES = (("raised", "raised"), ("nan", "NaN"), ("number", "number"))
 
 
-def _input_gradients(records: list[dict]) -> str:
-    """Losses of two differentiated inputs (linear_cross_entropy): the gradient errors for
-    each input apart — a kernel can be right for the hidden states and wrong for the weight."""
-    recs = [r for r in records if r["status"] == "ok" and r.get("backward_classifier") and r.get("backward")]
+def _input_gradients(
+    records: list[dict],
+    second: str = "backward_classifier",
+    inputs: str = "hidden states h and a classifier W",
+    parts: str = "∂L/∂h · ∂L/∂W",
+) -> str:
+    """Losses of two differentiated inputs (linear_cross_entropy; kl_div, js_div: `second` is
+    backward_teacher): the gradient errors for each input apart — a kernel can be right for the
+    hidden states and wrong for the weight."""
+    recs = [r for r in records if r["status"] == "ok" and r.get(second) and r.get("backward")]
     if not recs:
         return ""
 
     def cell(rs, dtype):
-        worst = [max(r[part]["max_bits"] for r in rs) for part in ("backward", "backward_classifier")]
-        broken = [sum(r[p]["max_bits"] >= r["threshold_bits"] for r in rs) for p in ("backward", "backward_classifier")]
+        worst = [max(r[part]["max_bits"] for r in rs) for part in ("backward", second)]
+        broken = [sum(r[p]["max_bits"] >= r["threshold_bits"] for r in rs) for p in ("backward", second)]
         return f"{worst[0]:.1f} · {worst[1]:.1f} ({broken[0]} · {broken[1]} of {len(rs)} broken)"
 
+    title = "## Gradient errors per input" + ("" if second == "backward_classifier" else " (student, teacher)")
     return (
-        "## Gradient errors per input\n\n"
-        "For losses of hidden states h and a classifier W: the worst bits lost over the points in "
-        "∂L/∂h · ∂L/∂W, and the points broken in each.\n\n" + _per_impl_table(recs, cell)
+        f"{title}\n\n"
+        f"For losses of {inputs}: the worst bits lost over the points in "
+        f"{parts}, and the points broken in each.\n\n" + _per_impl_table(recs, cell)
+    )
+
+
+def _nats(records: list[dict]) -> str:
+    """Losses valued in nats (token_logprobs, entropy, kl_div, js_div): the worst absolute error
+    in nats beside the bits (docs/METRICS.md "Absolute error in nats")."""
+    recs = [r for r in records if r["status"] == "ok" and (r.get("forward") or {}).get("abs_nats")]
+    if not recs:
+        return ""
+
+    def worst(rs, key):
+        values = [r["forward"]["abs_nats"].get(key) for r in rs]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    def cell(rs, dtype):
+        per_element, reduced = worst(rs, "max"), worst(rs, "reduced")
+        bits = max(r["forward"]["max_bits"] for r in rs)
+        text = f"{fmt_num(per_element)} · {fmt_num(reduced) if reduced is not None else '—'} nats"
+        return f"{text} ({bits:.1f} bits)"
+
+    return (
+        "## Absolute error in nats\n\n"
+        "For losses valued in nats (log-probabilities, entropies, divergences): the worst |value − exact| "
+        "over the points, per element · of the mean or sum, and the worst forward bits lost. A correctly "
+        "rounded result is half an ULP of the value off: 0.125 nats for a bfloat16 log-probability near −40 "
+        "(docs/METRICS.md).\n\n" + _per_impl_table(recs, cell)
     )
 
 

@@ -59,7 +59,14 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       Issue 18 (language-model cross entropy): `options` may hold `z_loss`, `softcap`,
       `masked_vocab` (numbers), `smoothing_convention` (`alpha_v_over_v_minus_1`; absent:
       `alpha_over_k`), and for `sharded_cross_entropy` `shards` and `shard_mistake`; absent
-      means the default (OPTION_DEFAULTS). No new record field.
+      means the default (OPTION_DEFAULTS).
+      Issue 18 (token_logprobs, entropy, kl_div, js_div: losses valued in nats): `forward` gains
+      `abs_nats` {`max`, `mean`: over the elements, `reduced`: of the mean/sum, absent for
+      reduction none}, the absolute error in nats against the exact values (docs/METRICS.md
+      "Absolute error in nats"; inf where a result is NaN or infinite and the value is not);
+      kl_div and js_div (a student's and a teacher's logits) add `backward_teacher` beside
+      `backward` (d/dstudent), like `backward_classifier`; `options` may hold `direction`
+      ("reverse"; absent: forward), `log_target` (true) and `temperature` (absent: 1).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -108,7 +115,7 @@ KEY_FIELDS = (
 )
 NUMERIC_SECTIONS = ("forward", "backward", "timing")
 # Metric sections only some records have (schema 3: a loss's second differentiated input).
-OPTIONAL_SECTIONS = ("backward_classifier",)
+OPTIONAL_SECTIONS = ("backward_classifier", "backward_teacher")
 RECORD_KEYS = (*KEY_FIELDS[:2], "kind", *KEY_FIELDS[2:], "status", "message", *NUMERIC_SECTIONS)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -306,6 +313,11 @@ def load(path: str | Path) -> dict:
             values = rec.get(section)
             if isinstance(values, dict):
                 rec[section] = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
+                nats = rec[section].get("abs_nats")
+                if isinstance(nats, dict):  # forward.abs_nats: {max, mean, reduced}, inf where NaN/±inf
+                    rec[section]["abs_nats"] = {
+                        k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in nats.items()
+                    }
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
@@ -377,9 +389,9 @@ def _record_problem(rec: dict) -> str | None:
     if rec["reduction"] not in REDUCTIONS:
         return f"'reduction' must be one of {', '.join(REDUCTIONS)}"
     if not isinstance(rec["options"], dict) or not all(
-        isinstance(k, str) and (isinstance(v, str) or _is_finite(v)) for k, v in rec["options"].items()
+        isinstance(k, str) and (isinstance(v, (str, bool)) or _is_finite(v)) for k, v in rec["options"].items()
     ):
-        return "'options' must be an object of option -> string or number"
+        return "'options' must be an object of option -> string, number or boolean (log_target)"
     if not (rec["time"] is None or (type(rec["time"]) is int and rec["time"] > 0)):
         return "'time' must be a positive integer or null"
     mem = rec.get("memory")

@@ -20,7 +20,7 @@ from .errors import ConfigError, LosscheckError, ReferenceUnavailable
 from .formats import widened_threshold
 from .isolation import deadline, failure_message, one_line as _one_line
 from .losses import LOSSES, Impl, Loss, Reference, implementation, reference
-from .metrics import ErrorStats
+from .metrics import ErrorStats, abs_nats
 from .points import (  # noqa: F401  (re-exported: sweep.<name> for its users)
     INPUT_COPIES,
     PointData,
@@ -492,6 +492,10 @@ class _Audit:
         if ref.reduced is not None and keep is None:
             fwd.set_reduced(o.out.to(dev), ref.reduced)
         record["forward"] = {**fwd.as_dict(), "reference_value": ref.value}
+        if ref.exact is not None and keep is None:  # a loss valued in nats (METRICS.md)
+            record["forward"]["abs_nats"] = abs_nats(
+                o.elements, ref.exact, o.out if ref.reduced is not None else None, ref.value
+            )
         if ref is not self.ref:  # counted in the wider dtype (formats.counted_in)
             record["forward"].update(dtype=record["output_dtype"], threshold_bits=threshold)
         if any(notes):

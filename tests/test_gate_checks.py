@@ -16,13 +16,16 @@ from losscheck.gate_policy import BY_NAME, GATE_KEYS, SETTINGS, Thresholds
 KEY = ("bce", "naive", "float32", "cpu", 8, None, 1.0, "normal", "mean", (), None)
 
 
-def _point(max_bits=1.0, grad_bits=1.0, reduced_ulp=0.0, nan=0, underflow=0, status="ok", cls_bits=None) -> dict:
+def _point(max_bits=1.0, grad_bits=1.0, reduced_ulp=0.0, nan=0, underflow=0, status="ok", cls_bits=None,
+           teacher_bits=None) -> dict:
     side = {"max_bits": max_bits, "reduced_ulp": reduced_ulp, "nan": nan, "posinf": 0, "neginf": 0, "inf": 0,
             "underflow": underflow, "value": 0.5, "reference_value": 0.5}
     grad = {**side, "max_bits": grad_bits, "reduced_ulp": None, "nan": 0, "underflow": 0}
     point = {"status": status, "message": "boom" if status == "error" else None, "forward": side, "backward": grad}
     if cls_bits is not None:  # linear_cross_entropy: dL/dclassifier
         point["backward_classifier"] = {**grad, "max_bits": cls_bits}
+    if teacher_bits is not None:  # kl_div, js_div: d/dteacher
+        point["backward_teacher"] = {**grad, "max_bits": teacher_bits}
     return point
 
 
@@ -43,7 +46,7 @@ def test_the_thresholds_text_says_every_setting(name):
 def test_the_thresholds_text_joins_checks_of_one_condition():
     text = G.describe_policy(Thresholds(bits=64, ulp=1e12))
     assert text.startswith("A regression: a new non-finite value or flush to zero; forward or gradient or "
-                           "classifier gradient max bits up by more than 64; mean-loss error up by more than 1e+12 ULP; an implementation that "
+                           "classifier gradient or teacher gradient max bits up by more than 64; mean-loss error up by more than 1e+12 ULP; an implementation that "
                            "now errors. ")
 
 
@@ -51,7 +54,7 @@ def test_the_thresholds_text_joins_checks_of_one_condition():
                          ids=lambda c: c.label)
 def test_a_tolerance_check_allows_exactly_its_threshold(check):
     field = {"forward max bits": "max_bits", "gradient max bits": "grad_bits", "mean-loss ULPs": "reduced_ulp",
-             "classifier gradient max bits": "cls_bits"}
+             "classifier gradient max bits": "cls_bits", "teacher gradient max bits": "teacher_bits"}
     t = Thresholds(bits=0.5, ulp=2.0)
     tolerance = getattr(t, check.reads[0])
     base = _point(**{field[check.label]: 1.0})

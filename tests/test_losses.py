@@ -74,6 +74,11 @@ BOUNDS = {  # impl: (forward per element, mean, backward), in ULPs
 }
 
 
+# The entropy's gradient −p_j (log p_j + H) cancels wherever log p_j ≈ −H, on benign rows too:
+# autograd through −Σ p log p (naive, torch) is thousands of ULPs off there (stable is not).
+GRADIENT_CANCELS = {"entropy"}
+
+
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("impl", list(BOUNDS))
 @pytest.mark.parametrize("loss_name", list(FLAT_LOSSES))
@@ -83,7 +88,8 @@ def test_benign_inputs_are_accurate(loss_name, impl, dtype_name):
     assert pt.fwd.nonfinite == 0 and pt.bwd.nonfinite == 0, pt.summary()
     assert pt.fwd.max_ulp <= fwd_bound, pt.summary()
     assert pt.fwd.reduced_ulp <= mean_bound, pt.summary()
-    assert pt.bwd.max_ulp <= bwd_bound, pt.summary()
+    if not (loss_name in GRADIENT_CANCELS and impl != "stable"):
+        assert pt.bwd.max_ulp <= bwd_bound, pt.summary()
     if impl == "stable":
         assert pt.fwd.saturated == 0 and pt.bwd.saturated == 0
 

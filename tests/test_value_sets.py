@@ -86,6 +86,8 @@ def test_applies_per_kind_of_loss():
         "cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
         "sharded_cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
         "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
+        "token_logprobs": {"ties", "dominant", "target_min", "nonfinite"},
+        "entropy": {"ties", "dominant", "target_min", "nonfinite"},
     }
     new = set(NEW_MULTICLASS) | {"nonfinite"}
     for name, loss in FLAT_LOSSES.items():

@@ -7,12 +7,16 @@ from . import (
     bce,
     bce_with_logits,
     cross_entropy,
+    entropy,
+    js_div,
+    kl_div,
     linear_cross_entropy,
     log_softmax,
     nll_loss,
     sequence_cross_entropy,
     sharded_cross_entropy,
     sigmoid_bce,
+    token_logprobs,
 )
 from .base import IGNORE_INDEX, OPTION_DEFAULTS, Impl, Loss, Reference, reference
 
@@ -28,6 +32,10 @@ LOSSES: dict[str, Loss] = {
         sequence_cross_entropy,
         sharded_cross_entropy,
         linear_cross_entropy,
+        token_logprobs,
+        entropy,
+        kl_div,
+        js_div,
     )
 }
 

@@ -180,6 +180,9 @@ class Reference:
     # there: the reference is NaN, and implementations are recorded, not scored (METRICS.md).
     outside: torch.Tensor | None = None
     out_of_domain: str | None = None
+    # The exact per-element values in float64 (losses valued in nats: token_logprobs, entropy,
+    # kl_div, js_div), for the absolute error in nats (METRICS.md); None for the others.
+    exact: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor | None:
