@@ -57,6 +57,8 @@ OPTION_AXES = {
     "dim": "dims",
     "hidden": "hidden_sizes",
     "chunks": "chunks",
+    "gamma": "gammas",
+    "alpha": "alphas",
 }
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
@@ -98,6 +100,9 @@ class Config:
     dims: tuple[int, ...] = (-1,)
     hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
     chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
+    # Focal losses: γ values, and α values (−1: no α-weighting); OPTION_DEFAULTS["gamma"/"alpha"].
+    gammas: tuple[float, ...] = (2.0,)
+    alphas: tuple[float, ...] = (-1.0,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -175,6 +180,8 @@ class Config:
             "dims": list(self.dims),
             "hidden_sizes": list(self.hidden_sizes),
             "chunks": list(self.chunks),
+            "gammas": list(self.gammas),
+            "alphas": list(self.alphas),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -266,6 +273,8 @@ KEYS = {
     "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
     "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
     "0: their own choice)",
+    "gammas": "list of numbers >= 0 (focal losses: the focusing exponent γ; default [2])",
+    "alphas": "list of numbers in [0, 1], or -1 for no α-weighting (focal losses; default [-1])",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -351,6 +360,8 @@ def _build(data: dict, source: str) -> Config:
         dims=v.dims(data),
         hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
         chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
+        gammas=v.numbers(data, "gammas", default=(OPTION_DEFAULTS["gamma"],)),
+        alphas=v.alphas(data),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -457,6 +468,13 @@ class _Validator(SectionChecks):
         if len(set(values)) != len(values):
             self.fail("dims", f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
+
+    def alphas(self, data):
+        values = self.numbers(data, "alphas", signed=True, default=(OPTION_DEFAULTS["alpha"],))
+        for value in values:
+            if value != -1 and not 0 <= value <= 1:
+                self.fail("alphas", f"bad value {value!r}", KEYS["alphas"])
+        return values
 
     def devices(self, data):
         values = self._list(data, "devices", DEFAULTS["devices"])

@@ -136,6 +136,9 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
+    for name in ("gamma", "alpha"):  # focal losses: plain numbers
+        if name in dict(case.options):
+            options[name] = float(dict(case.options)[name])
     if dict(case.options).get("chunks"):
         options["chunks"] = int(dict(case.options)["chunks"])
     if "soft" in values:

@@ -85,6 +85,8 @@ def test_applies_per_kind_of_loss():
         "sigmoid_bce": {"nonfinite"},
         "cross_entropy": {"ties", "dominant", "target_min", "nonfinite"},
         "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
+        "focal_loss": {"nonfinite"},
+        "softmax_focal_loss": {"ties", "dominant", "target_min", "nonfinite"},
     }
     new = set(NEW_MULTICLASS) | {"nonfinite"}
     for name, loss in FLAT_LOSSES.items():

@@ -8,6 +8,8 @@
   ``optax.smooth_labels(targets, ε)`` times the class weights (torch's definition,
   (1 − ε)·q + ε/C weighted per class); ``ignore_index`` as a mask; the mean divides by the
   total weight of the targets kept, as torch does;
+* ``focal_loss``: ``optax.sigmoid_focal_loss`` (``alpha=None`` where the point sets none);
+  ``softmax_focal_loss``: optax has none (skipped);
 * ``bce``: optax has no binary cross entropy on probabilities: its points are skipped.
 
 How it runs: arrays enter JAX in the point's exact dtype (bfloat16 through ml_dtypes, never
@@ -112,11 +114,20 @@ def _cross_entropy(jnp, optax, x, t, reduction, weight=None, label_smoothing=0.0
     return _reduce(jnp, loss, reduction, None if keep is None and weight is None else jnp.sum(share))
 
 
+def _focal(jnp, optax, x, y, reduction, weight=None, gamma=2.0, alpha=-1.0):
+    return _reduce(jnp, optax.sigmoid_focal_loss(x, y, alpha=None if alpha < 0 else alpha, gamma=gamma), reduction)
+
+
+_STATICS = ("label_smoothing", "ignore_index", "gamma", "alpha")  # options that are numbers: compiled in
+
+
 @functools.cache
-def _compiled(multiclass: bool, reduction: str, statics: tuple, with_grad: bool):
+def _compiled(multiclass: bool | None, reduction: str, statics: tuple, with_grad: bool):
     """The jitted loss (with_grad: loss and its vjp in one program) for these static options."""
     jax, jnp, optax = _modules()
     body = _cross_entropy if multiclass else _bce_with_logits
+    if multiclass is None:  # focal_loss (see provide)
+        body = _focal
 
     def loss(x, t, weight):
         return body(jnp, optax, x, t, reduction, weight, **dict(statics))
@@ -165,7 +176,7 @@ class _Arrays:
 class OptaxLoss:
     """One loss of the family, called as losses/base.py's implementations are."""
 
-    def __init__(self, multiclass: bool):
+    def __init__(self, multiclass: bool | None):
         self.multiclass = multiclass
         self.arrays = _Arrays()
 
@@ -182,7 +193,7 @@ class OptaxLoss:
         jax, jnp, _ = _modules()
         dtype = arrays.numpy_dtype(x.dtype)
         with_grad = x.requires_grad and torch.is_grad_enabled()
-        statics = tuple(sorted((k, v) for k, v in options.items() if k in ("label_smoothing", "ignore_index")))
+        statics = tuple(sorted((k, v) for k, v in options.items() if k in _STATICS))
         with jax.enable_x64(x.dtype == torch.float64):
             weight = options.get("weight")
             args = [self.arrays.get(jnp, v) for v in (x, target)]
@@ -209,12 +220,18 @@ def _no_probabilities(*args, **kwargs):
 def provide(loss):
     if loss.input_kind != "logits":
         return _no_probabilities
-    return OptaxLoss(loss.multiclass)
+    if loss.name == "softmax_focal_loss":
+        return None  # optax has no multi-class focal loss
+    return OptaxLoss(None if loss.name == "focal_loss" else loss.multiclass)
 
 
 def describe(loss) -> str:
     if loss.input_kind != "logits":
         return "optax: none (no BCE on probabilities)"
+    if loss.name == "focal_loss":
+        return "optax.sigmoid_focal_loss, jitted"
+    if loss.name == "softmax_focal_loss":
+        return "optax: none (no multi-class focal loss)"
     if not loss.multiclass:
         return "optax.sigmoid_binary_cross_entropy, jitted, weights as a JAX user multiplies them"
     return "optax.softmax_cross_entropy(_with_integer_labels), jitted; smoothing, weights, ignore_index by hand"

@@ -7,6 +7,7 @@ from . import (
     bce,
     bce_with_logits,
     cross_entropy,
+    focal_loss,
     linear_cross_entropy,
     log_softmax,
     nll_loss,
@@ -26,8 +27,11 @@ LOSSES: dict[str, Loss] = {
         log_softmax,
         sequence_cross_entropy,
         linear_cross_entropy,
+        focal_loss,
     )
 }
+# focal_loss.py holds both focal losses (one reference module): its multi-class one follows.
+LOSSES[focal_loss.MULTICLASS.name] = focal_loss.MULTICLASS
 
 
 def _skipping(reason: str):
