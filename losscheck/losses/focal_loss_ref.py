@@ -94,6 +94,8 @@ def binary_soft(x, y, gamma: float, alpha: float):
 def binary(x, y, gamma: float = 2.0, alpha: float = -1.0):
     """Binary focal loss and gradient, hard and soft targets mixed (soft ones: module docstring)."""
     xp = _xp(x)
+    if xp is np:
+        y = y.astype(x.dtype)  # float64 targets with long double logits: every product in long double
     loss, grad = binary_hard(x, y, gamma, alpha)
     soft = (y != 0) & (y != 1)
     if bool(soft.any()):
