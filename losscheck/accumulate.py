@@ -30,8 +30,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from . import inputs
-from . import reference as R
+from . import inputs, reference as R
 from .catalog import IGNORE_INDEX
 from .dtypes import FORMATS
 from .errors import LosscheckError
@@ -58,11 +57,17 @@ class Spec:
 
 def check(spec: Spec) -> Spec:
     """`spec`, or a LosscheckError naming the flag, the bad value and what is allowed."""
+
     def bad(flag: str, value, allowed: str):
         raise LosscheckError(f"accumulate: {flag} {value!r} is not allowed; allowed: {allowed}")
 
-    for flag, value, lo in (("--batch", spec.batch, 1), ("--time", spec.time, 1), ("--vocab", spec.vocab, 2),
-                            ("--micro-batches", spec.micro_batches, 1), ("--seed", spec.seed, 0)):
+    for flag, value, lo in (
+        ("--batch", spec.batch, 1),
+        ("--time", spec.time, 1),
+        ("--vocab", spec.vocab, 2),
+        ("--micro-batches", spec.micro_batches, 1),
+        ("--seed", spec.seed, 0),
+    ):
         if value < lo:
             bad(flag, value, f"integers >= {lo}")
     if spec.micro_batches > spec.batch:
@@ -154,8 +159,10 @@ def run(spec: Spec) -> dict:
     ce = LOSSES["cross_entropy"]
     options = {"ignore_index": IGNORE_INDEX}
     full = reference(ce, batch.logits.reshape(-1, v), flat_t, options, "mean")
-    sums = [reference(ce, batch.logits[g].reshape(-1, v), batch.targets[g].reshape(-1), options, "sum").value or 0.0
-            for g in batch.groups]
+    sums = [
+        reference(ce, batch.logits[g].reshape(-1, v), batch.targets[g].reshape(-1), options, "sum").value or 0.0
+        for g in batch.groups
+    ]
     assert full.reduced is not None and full.value is not None
     fmt = FORMATS[spec.dtype]
     outcomes = []
@@ -164,22 +171,22 @@ def run(spec: Spec) -> dict:
         stats = ErrorStats(fmt.default_threshold_bits)
         stats.add(grad.reshape(-1, v), full.grad)
         w = _weights(convention, counts, total)
-        kept = [(wk, n) for wk, n in zip(w, counts, strict=True) if n]
+        kept = [wk for wk, n in zip(w, counts, strict=True) if n]
+        grad_bias = None if None in kept else float(max(abs(wk * total - 1) for wk in kept if wk is not None))
         # Relative bias Σ_k (w_k·N − 1)·S_k / Σ_k S_k: the rational factors exact, the token sums
         # S_k from the reference, so that global_tokens' (w_k·N = 1) is exactly 0.
-        bias = None
-        if None not in w:
-            scaled = sum((wk * total - 1) * Fraction(sk) for wk, sk in zip(w, sums, strict=True))
-            bias = float(abs(scaled / sum(Fraction(sk) for sk in sums))) if any(sums) else 0.0
-        outcomes.append(Outcome(
-            convention=convention,
-            loss=float(loss),
-            reference=full.value,
-            loss_bits=float(bits(float(ulp_distance(loss.reshape(1), full.reduced.reshape(1))[0]), fmt)),
-            loss_bias=bias,
-            grad=stats.as_dict(),
-            grad_bias=None if any(wk is None for wk, _ in kept) else float(max(abs(wk * total - 1) for wk, _ in kept)),
-        ))
+        bias = _bias([wk for wk in w if wk is not None], sums, total) if None not in w else None
+        outcomes.append(
+            Outcome(
+                convention=convention,
+                loss=float(loss),
+                reference=full.value,
+                loss_bits=_bits(loss, full.reduced, fmt),
+                loss_bias=bias,
+                grad=stats.as_dict(),
+                grad_bias=grad_bias,
+            )
+        )
     return {"spec": asdict(spec), "tokens": counts, "outcomes": [asdict(o) for o in outcomes]}
 
 
@@ -203,9 +210,22 @@ def render(result: dict) -> str:
             f"| {o['convention']} | {o['loss']:.7g} | {o['loss_bits']:.1f} | {_pct(o['loss_bias'])} "
             f"| {g['max_bits']:.1f} | {g['nan']} | {_pct(o['grad_bias'])} |"
         )
-    lines += ["", f"Full batch: {result['outcomes'][0]['reference']:.10g} per token. A bias is the convention's "
-              "own error in exact arithmetic (0/0: an all-padding micro-batch); bits lost add rounding to it."]
+    lines += [
+        "",
+        f"Full batch: {result['outcomes'][0]['reference']:.10g} per token. A bias is the convention's "
+        "own error in exact arithmetic (0/0: an all-padding micro-batch); bits lost add rounding to it.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _bias(w: list[Fraction], sums: list[float], total: int) -> float:
+    scaled = sum(((wk * total - 1) * Fraction(sk) for wk, sk in zip(w, sums, strict=True)), Fraction(0))
+    whole = sum((Fraction(sk) for sk in sums), Fraction(0))
+    return float(abs(scaled / whole)) if whole else 0.0
+
+
+def _bits(value: torch.Tensor, reference: torch.Tensor, fmt) -> float:
+    return float(bits(float(ulp_distance(value.reshape(1), reference.reshape(1))[0]), fmt))
 
 
 def _pct(x: float | None) -> str:

@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "accumulate": (
         "losscheck.accumulate_command",
         "accumulate_command",
-        "Gradient-accumulation normalisation against the full batch, in bits.",
+        "Gradient accumulation: micro-batch means vs the full batch.",
     ),
 }
 

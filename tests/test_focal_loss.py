@@ -15,8 +15,7 @@ import torch
 from click.testing import CliRunner
 from test_reference import MP, Checker, _logits, exact_focal, exact_softmax_focal, needs_longdouble, round_exact
 
-from losscheck import reference as R
-from losscheck import results, sweep
+from losscheck import reference as R, results, sweep
 from losscheck.cli import main
 from losscheck.config import parse_config
 from losscheck.dtypes import FORMATS
@@ -148,7 +147,7 @@ def test_optax_1346_hessian_at_logit_100_for_gamma_below_2():
             continue
         (h,) = torch.autograd.grad(g.sum(), x)
         assert h.isnan().all()
-        exact_h = MP.diff(lambda v: exact_focal(v, y0, gamma)[1], MP.mpf(x0))
+        exact_h = MP.diff(lambda v, gamma=gamma: exact_focal(v, y0, gamma)[1], MP.mpf(x0))
         assert exact_h > 0 and MP.isfinite(exact_h)
     # The gradient at γ = 0.5, where the buggy form NaNs: the reference is the correctly rounded one.
     exact = _sigmoid_focal_exact_grad(x0, y0, 0.5)

@@ -66,9 +66,9 @@ class _Stable(torch.autograd.Function):
         fn = FR.multiclass if multiclass else FR.binary
         if c == x.dtype == torch.float64 and x.device.type == "cpu" and R.extended(c):
             # float64 has no wider torch type: numpy long double where it is wider (x86).
-            ld = [FR.long_double(v) for v in (x, target)]
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-                loss, grad = (R.round_to(v, c) for v in fn(*ld, gamma, alpha))
+                out = fn(FR.long_double(x), FR.long_double(target), gamma, alpha)
+            loss, grad = (R.round_to(v, c) for v in out)
         else:
             loss, grad = fn(x.to(c), target if multiclass else target.to(c), gamma, alpha)
         ctx.save_for_backward(grad)
