@@ -54,6 +54,8 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       same metric object, null or absent where not measured; `memory.logits_bytes` (the bytes
       the N × V logits take in the dtype); `options` may hold `hidden` (the hidden size,
       absent: 256) and `chunks` (stable's vocabulary chunks, absent: its own choice).
+      Issue 18: losses `focal_loss` and `softmax_focal_loss`; `options` may hold `gamma`
+      (absent: 2) and `alpha` (absent: −1, no α-weighting).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
