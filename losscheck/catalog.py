@@ -54,6 +54,9 @@ OPTION_DEFAULTS = {
     "direction": "forward",
     "log_target": False,
     "temperature": 1.0,
+    # Focal losses: γ (torchvision's default 2) and α (< 0: no α-weighting, torchvision's convention).
+    "gamma": 2.0,
+    "alpha": -1.0,
 }
 SMOOTHING_CONVENTIONS = ("alpha_over_k", "alpha_v_over_v_minus_1")
 # Mistakes of vocabulary-parallel cross entropy, run by `naive` when a point names one (never by
@@ -257,6 +260,34 @@ LOSS_INFO: dict[str, LossInfo] = {
                 r"c = \tfrac12 \log(2P/(P + Q))",
             ),
             options=("temperature",),
+        ),
+        LossInfo(
+            name="focal_loss",
+            summary="binary focal loss from logits as torchvision.ops.sigmoid_focal_loss defines it, hard 0/1 "
+            "or soft targets; gamma (γ ≥ 0, 0 and < 1 included), alpha (α-weighting, −1: none)",
+            formulas=Formulas(
+                loss=r"\ell = -\alpha_t (1-p_t)^\gamma \log p_t,\ p_t = \sigma(x) y + (1-\sigma(x))(1-y)",
+                naive=r"p = \frac{1}{1+e^{-x}},\ \ell = -\alpha_t (1-p_t)^\gamma\,"
+                r"[y\log p + (1-y)\log(1-p)]",
+                stable=r"z = \pm x,\ \ell = \alpha_t\, \sigma(z)^\gamma \operatorname{softplus}(z)",
+                gradient=r"\partial\ell/\partial z = \alpha_t \sigma(z)^\gamma\,"
+                r"(\gamma\,\sigma(-z)\operatorname{softplus}(z) + \sigma(z))",
+            ),
+            options=("targets", "gamma", "alpha"),
+        ),
+        LossInfo(
+            name="softmax_focal_loss",
+            summary="multi-class focal loss over `classes` from logits and class indices, "
+            "−α·(1 − p_t)^γ·log p_t; gamma (γ ≥ 0), alpha (a scalar factor, −1: none)",
+            formulas=Formulas(
+                loss=r"\ell = -\alpha (1-p_t)^\gamma \log p_t,\ p_t = \operatorname{softmax}(x)_t",
+                naive=r"p_t = e^{x_t} \big/ \textstyle\sum_j e^{x_j},\ \ell = -\alpha (1-p_t)^\gamma \log p_t",
+                stable=r"z = \log\textstyle\sum_{j \ne t} e^{x_j} - x_t,\ "
+                r"\ell = \alpha\, \sigma(z)^\gamma \operatorname{softplus}(z)",
+                gradient=r"\partial\ell/\partial x_t = -f'(z),\ \partial\ell/\partial x_j = f'(z)\,"
+                r"\frac{e^{x_j}}{\sum_{k \ne t} e^{x_k}}",
+            ),
+            options=("gamma", "alpha"),
         ),
     )
 }

@@ -42,6 +42,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Why LOSS breaks: formulas, limits and a live breakdown sweep.",
     ),
     "probe": ("losscheck.probe_command", "probe_command", "Audit LOSS on the exact inputs that broke your training."),
+    "accumulate": (
+        "losscheck.accumulate_command",
+        "accumulate_command",
+        "Gradient accumulation: micro-batch means vs the full batch.",
+    ),
 }
 
 

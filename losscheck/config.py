@@ -69,6 +69,8 @@ OPTION_AXES = {
     "direction": "directions",
     "log_target": "log_target",
     "temperature": "temperatures",
+    "gamma": "gammas",
+    "alpha": "alphas",
 }
 KL_DIRECTIONS = ("forward", "reverse")  # kl_div: KL(teacher ‖ student), KL(student ‖ teacher)
 DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
@@ -124,6 +126,9 @@ class Config:
     directions: tuple[str, ...] = ("forward",)
     log_target: tuple[bool, ...] = (False,)
     temperatures: tuple[float, ...] = (1.0,)
+    # Focal losses: γ values, and α values (−1: no α-weighting); OPTION_DEFAULTS["gamma"/"alpha"].
+    gammas: tuple[float, ...] = (2.0,)
+    alphas: tuple[float, ...] = (-1.0,)
     custom: tuple[CustomSpec, ...] = ()
     # Seconds one implementation may take to be evaluated at one point (not its timing); None: no limit.
     timeout: float | None = 300.0
@@ -226,6 +231,8 @@ class Config:
             "directions": list(self.directions),
             "log_target": list(self.log_target),
             "temperatures": list(self.temperatures),
+            "gammas": list(self.gammas),
+            "alphas": list(self.alphas),
             "custom": [
                 {"name": c.name, "function": c.function, "losses": list(c.losses), "api": c.api} for c in self.custom
             ],
@@ -348,6 +355,8 @@ KEYS = {
     "directions": "list of forward, reverse (kl_div: KL(teacher ‖ student), KL(student ‖ teacher))",
     "log_target": "list of false, true (kl_div: the torch implementation gets the target as log-probabilities)",
     "temperatures": "list of positive finite numbers (kl_div, js_div: softmax(logits / T); default [1])",
+    "gammas": "list of numbers >= 0 (focal losses: the focusing exponent γ; default [2])",
+    "alphas": "list of numbers in [0, 1], or -1 for no α-weighting (focal losses; default [-1])",
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
@@ -452,6 +461,8 @@ def _build(data: dict, source: str) -> Config:
         directions=v.choices(data, "directions", KL_DIRECTIONS, ("forward",)),
         log_target=v.booleans(data, "log_target", (False,)),
         temperatures=v.numbers(data, "temperatures", positive=True, default=(1.0,)),
+        gammas=v.numbers(data, "gammas", default=(OPTION_DEFAULTS["gamma"],)),
+        alphas=v.alphas(data),
         custom=v.custom(data),
         timeout=v.timeout(data),
         isolation=v.isolation(data),
@@ -629,6 +640,13 @@ class _Validator(SectionChecks):
         if len(set(values)) != len(values):
             self.fail("dims", f"duplicate values in {values!r}", "each value at most once")
         return tuple(values)
+
+    def alphas(self, data):
+        values = self.numbers(data, "alphas", signed=True, default=(OPTION_DEFAULTS["alpha"],))
+        for value in values:
+            if value != -1 and not 0 <= value <= 1:
+                self.fail("alphas", f"bad value {value!r}", KEYS["alphas"])
+        return values
 
     def devices(self, data):
         values = self._list(data, "devices", DEFAULTS["devices"])

@@ -152,6 +152,9 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     for key in LM_POINT_OPTIONS:  # numbers and names the implementations take as they are
         if key in dict(case.options):
             options[key] = dict(case.options)[key]
+    for name in ("gamma", "alpha"):  # focal losses: plain numbers
+        if name in dict(case.options):
+            options[name] = float(dict(case.options)[name])
     if dict(case.options).get("chunks"):
         options["chunks"] = int(dict(case.options)["chunks"])
     if "soft" in values:

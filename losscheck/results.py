@@ -67,6 +67,8 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       kl_div and js_div (a student's and a teacher's logits) add `backward_teacher` beside
       `backward` (d/dstudent), like `backward_classifier`; `options` may hold `direction`
       ("reverse"; absent: forward), `log_target` (true) and `temperature` (absent: 1).
+      Issue 18: losses `focal_loss` and `softmax_focal_loss`; `options` may hold `gamma`
+      (absent: 2) and `alpha` (absent: −1, no α-weighting).
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats

@@ -29,12 +29,12 @@ LAYERS: list[tuple[str, set[str]]] = [
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
     ("evaluation", {"losscheck.sweep", "losscheck.points", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
-                   "losscheck.explain_live", "losscheck.explain_text"}),
+                   "losscheck.explain_live", "losscheck.explain_text", "losscheck.accumulate"}),
     ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings", "losscheck.report_families",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
     ("api", {"losscheck.api", "losscheck.bench_run"}),
-    ("commands", {"losscheck.commands", "losscheck.info_commands", "losscheck.probe_command", "losscheck.summaries", "losscheck.verbosity"}),
+    ("commands", {"losscheck.commands", "losscheck.info_commands", "losscheck.probe_command", "losscheck.accumulate_command", "losscheck.summaries", "losscheck.verbosity"}),
     ("cli", {"losscheck.cli", "losscheck.__main__"}),
 ]
 

@@ -647,7 +647,12 @@ ONE_INPUT = [name for name, loss in LOSSES.items() if len(loss.inputs) == 1]
 OPTION_SETS = {"bce": BINARY_OPTION_SETS, "bce_with_logits": BINARY_OPTION_SETS,
                "sigmoid_bce": BINARY_OPTION_SETS,
                "cross_entropy": CE_OPTION_SETS, "nll_loss": NLL_OPTION_SETS, "log_softmax": [{}],
-               "sequence_cross_entropy": SEQ_OPTION_SETS, "sharded_cross_entropy": SHARDED_OPTION_SETS}
+               "sequence_cross_entropy": SEQ_OPTION_SETS, "sharded_cross_entropy": SHARDED_OPTION_SETS,
+               # focal losses (issue 18): γ = 0, γ < 1 with α. Soft binary targets are left to
+               # tests/test_focal_loss.py: torchvision's 1 − p_t cancels there (39 ULP at scale 1),
+               # a measured finding, not the convention difference this file's torch check is for.
+               "focal_loss": [{}, {"gamma": 0.0}, {"gamma": 0.5, "alpha": 0.25}],
+               "softmax_focal_loss": [{}, {"gamma": 0.0}, {"gamma": 0.5, "alpha": 0.25}]}
 SCALES = (1.0, 100.0, 1e4)
 
 
@@ -668,6 +673,8 @@ targets: [hard, soft]
 shards: [1, 3]
 """)
     for name, sets in OPTION_SETS.items():
+        if name in ("focal_loss", "softmax_focal_loss"):
+            continue  # a chosen few of their γ × α product (the full product: tests/test_focal_loss.py)
         key = sorted(tuple(sorted(o.items())) for o in cfg.option_sets(name))
         assert key == sorted(tuple(sorted(o.items())) for o in sets), name
 

@@ -150,7 +150,7 @@ def exact_bce_with_logits(x: float, y: float):
 def exact_cross_entropy(row, t: int):
     if all(math.isfinite(v) for v in row):
         return _exact_cross_entropy(row, t)
-    return _exact_cross_entropy_limit(row, t)
+    return _exact_limit(_exact_cross_entropy, row, t)
 
 
 # ±inf logits: the loss and gradient are limits. They are found here without any case
@@ -165,8 +165,7 @@ HUGE = MP.ldexp(1, 1200)  # ≈ 1e361: above every finite logit's loss, below BI
 NEGLIGIBLE = MP.ldexp(1, -3 * 10**399)  # ≈ 10**−9e398: above e^−BIG, below e^−3.6e308
 
 
-def _exact_cross_entropy_limit(row, t: int, exact=None):
-    exact = exact or _exact_cross_entropy
+def _exact_limit(exact, row, t: int):
     c = len(row)
     paths = [[1] * c, [1 + j for j in range(c)], [c - j for j in range(c)]]
     results = []
@@ -209,36 +208,58 @@ def exact_nll_loss(row, t: int):
     return -MP.mpf(row[t]), [MP.mpf(-1 if j == t else 0) for j in range(len(row))]
 
 
-def exact_token_logprobs(row, t: int):
-    """log softmax(row)_t = −cross entropy, gradient e_t − softmax."""
-    loss, grad = exact_cross_entropy(row, t)
-    return -loss, [-g for g in grad]
+def exact_focal(x: float, y: float, gamma=2.0, alpha=-1.0):
+    """torchvision's sigmoid focal loss α_t·(1 − p_t)^γ·BCE(x, y) and its derivative, by the
+    chain rule on p = σ(x) (hard or soft y); ±inf logits: the limits."""
+    X, Y, G = MP.mpf(x), MP.mpf(y), MP.mpf(gamma)
+    a = 1 if alpha < 0 else alpha * Y + (1 - alpha) * (1 - Y)
+    if MP.isinf(X):  # σ(±∞) ∈ {0, 1}: the cross entropy is +∞ unless y sits on the logit's side
+        p = 1 if X > 0 else 0
+        m = Y * (1 - p) + (1 - Y) * p  # 1 − p_t
+        right = (p == 1 and y == 1) or (p == 0 and y == 0)
+        # d/dx: (1 − p_t)^γ·(p − y) (the γ-term's σ'·ce decays like |x|e^−|x|); 0 where m = 0, γ > 0.
+        grad = (MP.power(m, G) if m else (1 if gamma == 0 else 0)) * (p - Y)
+        return (MP.mpf(0) if right else MP.inf), a * grad
+    # σ(x), σ(−x) and their logs each from its own formula: 1 − σ(x) cancels at 60 digits too.
+    p, pn = 1 / (1 + MP.exp(-X)), 1 / (1 + MP.exp(X))
+    log_p, log_q = -MP.log1p(MP.exp(-X)), -MP.log1p(MP.exp(X))
+    ce = -(Y * log_p + (1 - Y) * log_q)
+    m = Y * pn + (1 - Y) * p
+    dm = (1 - 2 * Y) * p * pn
+    loss = a * MP.power(m, G) * ce
+    # d[m^γ·ce] = γ·m^(γ−1)·m'·ce + m^γ·(p − y): exact at 60 digits, m > 0 for finite x.
+    return loss, a * (G * MP.power(m, G - 1) * dm * ce + MP.power(m, G) * ((1 - Y) * p - Y * pn))
 
 
-def _exact_entropy(row, t=None):
+def _exact_softmax_focal(row, t: int, gamma=2.0, alpha=-1.0):
     X = [MP.mpf(v) for v in row]
     k = max(range(len(X)), key=lambda j: X[j])
-    e = [MP.exp(MP.fsub(xj, X[k], exact=True)) for xj in X]
-    s = MP.fsum(e[j] for j in range(len(X)) if j != k)  # log1p(s), not log(1 + s): s may be 1e−300
-    p = [ej / (1 + s) for ej in e]
-    a = [MP.fsub(X[k], xj, exact=True) + MP.log1p(s) for xj in X]  # −log p_j >= 0
-    h = MP.fsum(pj * aj for pj, aj in zip(p, a))
-    # −p_j (log p_j + H) = p_j (a_j − H) = p_j Σ_k p_k (x_k − x_j): exact differences, where
-    # a_j − H would cancel beyond 60 digits (ties at the maximum: 1e−85 next to log 3).
-    return h, [pj * MP.fsum(pk * MP.fsub(xk, xj, exact=True) for pk, xk in zip(p, X)) for pj, xj in zip(p, X)]
+    e = [MP.exp(MP.fsub(xj, X[k], exact=True)) for xj in X]  # e[k] == 1
+    rest = MP.fsum(e[j] for j in range(len(X)) if j != k)
+    s = [ej / (1 + rest) for ej in e]
+    q = MP.fsum(s[j] for j in range(len(X)) if j != t)  # 1 − p_t without cancellation
+    p, log_p = s[t], -(MP.fsub(X[k], X[t], exact=True) + MP.log1p(rest))
+    G, a = MP.mpf(gamma), (1 if alpha < 0 else alpha)
+    loss = -a * MP.power(q, G) * log_p
+    # dℓ/dp = γ(1−p)^(γ−1)·log p − (1−p)^γ/p, dp/dx_j = p·([j = t] − s_j)
+    dldp = G * MP.power(q, G - 1) * log_p - MP.power(q, G) / p
+    grad = [a * dldp * p * ((1 if j == t else 0) - s[j]) for j in range(len(X))]
+    grad[t] = a * dldp * p * q
+    return loss, grad
 
 
-def exact_entropy(row, t: int):
-    """H(softmax(row)), gradient −p_j (log p_j + H); ±inf logits as limits."""
-    if all(math.isfinite(v) for v in row):
-        return _exact_entropy(row)
-    return _exact_cross_entropy_limit(row, t, _exact_entropy)
+def exact_softmax_focal(row, t: int, gamma=2.0, alpha=-1.0):
+    def exact(r, k):
+        return _exact_softmax_focal(r, k, gamma, alpha)
+
+    return exact(row, t) if all(math.isfinite(v) for v in row) else _exact_limit(exact, row, t)
 
 
 EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits, "sigmoid_bce": exact_bce_with_logits,
          "cross_entropy": exact_cross_entropy, "nll_loss": exact_nll_loss,
          "sharded_cross_entropy": exact_cross_entropy,  # its reference is the unsharded one
          "token_logprobs": exact_token_logprobs, "entropy": exact_entropy}
+         "focal_loss": exact_focal, "softmax_focal_loss": exact_softmax_focal}
 
 
 # ---- certification --------------------------------------------------------------------------

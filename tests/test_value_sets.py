@@ -88,6 +88,8 @@ def test_applies_per_kind_of_loss():
         "nll_loss": {"ties", "dominant", "target_min"},  # log-probabilities: no ±inf logits
         "token_logprobs": {"ties", "dominant", "target_min", "nonfinite"},
         "entropy": {"ties", "dominant", "target_min", "nonfinite"},
+        "focal_loss": {"nonfinite"},
+        "softmax_focal_loss": {"ties", "dominant", "target_min", "nonfinite"},
     }
     new = set(NEW_MULTICLASS) | {"nonfinite"}
     for name, loss in FLAT_LOSSES.items():

@@ -8,6 +8,8 @@
   ``optax.smooth_labels(targets, ε)`` times the class weights (torch's definition,
   (1 − ε)·q + ε/C weighted per class); ``ignore_index`` as a mask; the mean divides by the
   total weight of the targets kept, as torch does;
+* ``focal_loss``: ``optax.sigmoid_focal_loss`` (``alpha=None`` where the point sets none);
+  ``softmax_focal_loss``: optax has none (skipped);
 * ``bce``: optax has no binary cross entropy on probabilities: its points are skipped.
 
 How it runs: arrays enter JAX in the point's exact dtype (bfloat16 through ml_dtypes, never
@@ -144,11 +146,20 @@ def _cross_entropy(
     return _reduce(jnp, loss, reduction, None if keep is None and weight is None else jnp.sum(share))
 
 
+def _focal(jnp, optax, x, y, reduction, weight=None, gamma=2.0, alpha=-1.0):
+    return _reduce(jnp, optax.sigmoid_focal_loss(x, y, alpha=None if alpha < 0 else alpha, gamma=gamma), reduction)
+
+
+_STATICS = ("label_smoothing", "ignore_index", "gamma", "alpha")  # options that are numbers: compiled in
+
+
 @functools.cache
-def _compiled(multiclass: bool, reduction: str, statics: tuple, with_grad: bool):
+def _compiled(multiclass: bool | None, reduction: str, statics: tuple, with_grad: bool):
     """The jitted loss (with_grad: loss and its vjp in one program) for these static options."""
     jax, jnp, optax = _modules()
     body = _cross_entropy if multiclass else _bce_with_logits
+    if multiclass is None:  # focal_loss (see provide)
+        body = _focal
 
     def loss(x, t, weight):
         return body(jnp, optax, x, t, reduction, weight, **dict(statics))
@@ -197,7 +208,7 @@ class _Arrays:
 class OptaxLoss:
     """One loss of the family, called as losses/base.py's implementations are."""
 
-    def __init__(self, multiclass: bool):
+    def __init__(self, multiclass: bool | None):
         self.multiclass = multiclass
         self.arrays = _Arrays()
 
@@ -217,7 +228,7 @@ class OptaxLoss:
         if options.get("shard_mistake", "none") != "none":
             raise Unsupported("shard_mistake is a mistake of the naive transcription; optax makes none")
         # `shards`: optax's loss of the gathered logits, which are the input itself.
-        kept = ("label_smoothing", "ignore_index", "z_loss", "softcap", "smoothing_convention")
+        kept = (*_STATICS, "z_loss", "softcap", "smoothing_convention")
         statics = tuple(sorted((k, v) for k, v in options.items() if k in kept))
         with jax.enable_x64(x.dtype == torch.float64):
             weight = options.get("weight")
@@ -251,7 +262,13 @@ class _Skipped:
 # The losses a JAX user computes with optax, by name: a loss added to losscheck later is not
 # silently given optax's cross entropy because its input happens to be logits (log_softmax's
 # output is a tensor of log-probabilities, not a loss).
-_OPTAX = {"bce_with_logits": False, "cross_entropy": True, "sequence_cross_entropy": True}
+_OPTAX = {
+    "bce_with_logits": False,
+    "cross_entropy": True,
+    "sequence_cross_entropy": True,
+    "sharded_cross_entropy": True,  # optax's loss of the gathered logits, which are the input itself
+    "focal_loss": None,  # optax.sigmoid_focal_loss
+}
 _NONE = {
     "bce": "optax has no binary cross entropy on probabilities (sigmoid_binary_cross_entropy takes logits)",
     "sigmoid_bce": "optax has no binary cross entropy on probabilities: the sigmoid→BCE chain cannot be "
@@ -259,6 +276,7 @@ _NONE = {
     "nll_loss": "optax has no negative log-likelihood on log-probabilities",
     "log_softmax": "log_softmax is not an optax loss (jax.nn.log_softmax is not audited by this family)",
     "linear_cross_entropy": "optax has no fused linear cross entropy",
+    "softmax_focal_loss": "optax has no multi-class focal loss",
 }
 
 
@@ -270,7 +288,9 @@ def provide(loss):
 
 def describe(loss) -> str:
     if loss.name not in _OPTAX:
-        return "optax: none"
+        return f"optax: none ({_NONE[loss.name]})" if loss.name in _NONE else "optax: none"
+    if loss.name == "focal_loss":
+        return "optax.sigmoid_focal_loss, jitted"
     if not loss.multiclass:
         return "optax.sigmoid_binary_cross_entropy, jitted, weights as a JAX user multiplies them"
     return "optax.softmax_cross_entropy(_with_integer_labels), jitted; smoothing, weights, ignore_index by hand"

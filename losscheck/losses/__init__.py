@@ -10,6 +10,7 @@ from . import (
     entropy,
     js_div,
     kl_div,
+    focal_loss,
     linear_cross_entropy,
     log_softmax,
     nll_loss,
@@ -36,8 +37,11 @@ LOSSES: dict[str, Loss] = {
         entropy,
         kl_div,
         js_div,
+        focal_loss,
     )
 }
+# focal_loss.py holds both focal losses (one reference module): its multi-class one follows.
+LOSSES[focal_loss.MULTICLASS.name] = focal_loss.MULTICLASS
 
 
 def _skipping(reason: str):
