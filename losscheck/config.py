@@ -9,7 +9,6 @@ report shows "as run" can be run again.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -28,15 +27,20 @@ from .catalog import (  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its user
     SMOOTHING_CONVENTIONS,
     loss_registry,
 )
+from .config_axes import (  # noqa: F401  (DIMS, pos_weight_vector, spatial_dims: config.<name> for their users)
+    DEVICE_RE,
+    DIMS,
+    ListChecks,
+    pos_weight_vector,
+    spatial_dims,
+)
 from .config_sections import (  # noqa: F401  (CUSTOM_APIS, TIMING_KEYS, ...: config.<name> for their users)
     CUSTOM_APIS,
     CUSTOM_KEYS,
     ISOLATION_MODES,
     TIMING_KEYS,
     CustomSpec,
-    SectionChecks,
     TimingConfig,
-    _as_number,
     _suggest,
     _typename,
     custom_spec,
@@ -73,10 +77,8 @@ OPTION_AXES = {
     "alpha": "alphas",
 }
 KL_DIRECTIONS = ("forward", "reverse")  # kl_div: KL(teacher ‖ student), KL(student ‖ teacher)
-DIMS = (-1, 0)  # log_softmax's dimension: see losses/log_softmax.py
 WEIGHT_KINDS = ("none", "random")
 TARGET_KINDS = ("hard", "soft")
-DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -246,22 +248,6 @@ class Config:
         return {k: grid[k] for k in over}
 
 
-def pos_weight_vector(value: str) -> list[float]:
-    """A per-label pos_weight's option value "(0.5, 2, -1)" as the list of its numbers."""
-    return [float(v) for v in value.strip("()").split(",")]
-
-
-def _vector_value(values) -> str:
-    """The option value of a per-label pos_weight: a string, as records need hashable values that
-    survive JSON (a list would not), each number written so that it reads back exactly."""
-    return "(" + ", ".join(f"{v:g}" if float(f"{v:g}") == v else repr(v) for v in values) + ")"
-
-
-def spatial_dims(value: str) -> list[int]:
-    """An option value of `spatial` ("none", "4x4") as the list of dimensions it names."""
-    return [] if value == "none" else [int(d) for d in value.split("x")]
-
-
 def _gate_as_input(policy: GatePolicy, impls: tuple[str, ...]) -> dict:
     """`gate:` as written in a config: every threshold at top level, and under `losses` only
     what each loss overrides (an override equal to the default is kept as an empty mapping)."""
@@ -428,7 +414,7 @@ def _build(data: dict, source: str) -> Config:
         batch_sizes=v.ints(data, "batch_sizes", minimum=1),
         classes=v.ints(data, "classes", minimum=2, default=DEFAULTS["classes"]),
         dtypes=v.choices(data, "dtypes", tuple(FORMATS)),
-        devices=v.devices(data),
+        devices=v.devices(data, DEFAULTS["devices"]),
         distributions=v.choices(data, "distributions", DISTRIBUTIONS),
         # minimum 0: numpy's seeding rejects negative seeds, which used to crash the sweep
         # with a traceback in inputs.rng_for instead of failing here (found by tests/test_config.py).
@@ -507,8 +493,11 @@ def _extra(data: dict, cfg: Config) -> tuple[dict, ...]:
     return tuple(out)
 
 
-class _Validator(SectionChecks):
-    """The checks of every top-level key (the sections' in config_sections.SectionChecks)."""
+class _Validator(ListChecks):
+    """The checks of every top-level key (lists in config_axes.ListChecks, the sections' in
+    config_sections.SectionChecks)."""
+
+    keys = KEYS
 
     def __init__(self, source: str):
         self.source = source
@@ -517,14 +506,6 @@ class _Validator(SectionChecks):
         # Fall back to the key's description so that every message says what is allowed
         # (the module's contract); `string`/`integer` failures used to omit it.
         raise ConfigError(self.source, key, problem, allowed or KEYS.get(key))
-
-    def _list(self, data, key, default=None):
-        if key not in data:
-            return default
-        value = data[key]
-        if not isinstance(value, (list, tuple)) or not value:
-            self.fail(key, f"expected a non-empty list, got {_typename(value)} {value!r}", KEYS[key])
-        return value
 
     def string(self, data, key, default=None):
         value = data.get(key, default)
@@ -541,76 +522,6 @@ class _Validator(SectionChecks):
         if minimum is not None and value < minimum:
             self.fail(key, f"{value} is below the minimum {minimum}")
         return value
-
-    def booleans(self, data, key, default):
-        values = self._list(data, key, default)
-        for value in values:
-            if not isinstance(value, bool):  # 1 == True: an int is no answer to a yes/no key
-                self.fail(key, f"bad value {value!r}", "false, true")
-        if len(set(values)) != len(values):
-            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
-        return tuple(values)
-
-    def choices(self, data, key, allowed, default=None):
-        values = self._list(data, key, default)
-        for value in values:
-            if value not in allowed:
-                self.fail(key, f"unknown value {value!r}{_suggest(value, allowed)}", ", ".join(allowed))
-        if len(set(values)) != len(values):
-            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
-        return tuple(values)
-
-    def numbers(self, data, key, positive=False, default=None, maximum=None, signed=False):
-        if key not in data and default is not None:
-            return default
-        out = []
-        if positive:
-            allowed = "positive finite numbers (e.g. 10, 1e4)"
-        elif signed:
-            allowed = "finite numbers (zero and negative ones too)"
-        else:
-            allowed = f"numbers in [0, {maximum:g}]" if maximum is not None else "finite numbers >= 0"
-        for value in self._list(data, key):
-            number = _as_number(value)
-            if (
-                number is None
-                or not math.isfinite(number)
-                or (positive and number <= 0)
-                or (number < 0 and not signed)
-                or (maximum is not None and number > maximum)
-            ):
-                self.fail(key, f"bad value {value!r}", allowed)
-            out.append(number)
-        if len(set(out)) != len(out):
-            self.fail(key, f"duplicate values in {data[key]!r}", "each value at most once")
-        return tuple(sorted(out))
-
-    def pos_weights(self, data):
-        """Numbers (as `numbers`), and per-label vectors of at least two finite numbers."""
-        if not any(isinstance(p, (list, tuple)) for p in self._list(data, "pos_weights", ())):
-            return self.numbers(data, "pos_weights", signed=True, default=(1.0,))
-        vectors, numbers = [], []
-        for value in data["pos_weights"]:
-            if not isinstance(value, (list, tuple)):
-                numbers.append(value)
-                continue
-            parsed = [_as_number(x) for x in value]
-            if len(parsed) < 2 or any(x is None or not math.isfinite(x) for x in parsed):
-                self.fail("pos_weights", f"bad vector {value!r}", "a list of two or more finite numbers")
-            vectors.append(_vector_value(parsed))
-        if len(set(vectors)) != len(vectors):
-            self.fail("pos_weights", f"duplicate values in {data['pos_weights']!r}", "each value at most once")
-        scalars = self.numbers({"pos_weights": numbers}, "pos_weights", signed=True) if numbers else ()
-        return (*scalars, *vectors)
-
-    def ints(self, data, key, minimum, default=None):
-        values = self._list(data, key, default)
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                self.fail(key, f"bad value {value!r}", f"integers >= {minimum}")
-        if len(set(values)) != len(values):
-            self.fail(key, f"duplicate values in {values!r}", "each value at most once")
-        return tuple(values)
 
     def masked_vocab(self, data):
         """Shares < 1 or whole counts >= 1, each below every vocabulary size (`classes`)."""
@@ -632,28 +543,9 @@ class _Validator(SectionChecks):
             self.fail("spatial", f"duplicate values in {data['spatial']!r}", "each value at most once")
         return tuple(out)
 
-    def dims(self, data):
-        values = self._list(data, "dims", (-1,))
-        for value in values:
-            if type(value) is not int or value not in DIMS:
-                self.fail("dims", f"bad value {value!r}", ", ".join(map(str, DIMS)))
-        if len(set(values)) != len(values):
-            self.fail("dims", f"duplicate values in {values!r}", "each value at most once")
-        return tuple(values)
-
     def alphas(self, data):
         values = self.numbers(data, "alphas", signed=True, default=(OPTION_DEFAULTS["alpha"],))
         for value in values:
             if value != -1 and not 0 <= value <= 1:
                 self.fail("alphas", f"bad value {value!r}", KEYS["alphas"])
         return values
-
-    def devices(self, data):
-        values = self._list(data, "devices", DEFAULTS["devices"])
-        for value in values:
-            if not isinstance(value, str) or not DEVICE_RE.match(value):
-                self.fail("devices", f"unknown device {value!r}", "cpu, cuda, cuda:N, mps")
-        # Duplicates were accepted here (unlike every other list) and ran each point twice.
-        if len(set(values)) != len(values):
-            self.fail("devices", f"duplicate values in {values!r}", "each value at most once")
-        return tuple(values)

@@ -20,8 +20,6 @@ from losscheck.losses import LOSSES
 from helpers import FLAT_LOSSES
 
 ROOT = Path(__file__).resolve().parent.parent
-# The flat losses the default and quick configs run; the LLM-training ones (issue 18) are configs/llm.yaml's.
-DEFAULT_LOSSES = set(FLAT_LOSSES) - {"focal_loss", "softmax_focal_loss"}
 SOURCE = "my-sweep.yaml"
 
 BASE = {
@@ -218,7 +216,7 @@ def test_devices_accept_cuda_index_and_mps():
 
 
 # The losses of LM training (issue 18): configs/llm.yaml, not the default and quick configs.
-LLM_LOSSES = {"token_logprobs", "entropy", "sharded_cross_entropy"}
+LLM_LOSSES = {"token_logprobs", "entropy", "sharded_cross_entropy", "focal_loss", "softmax_focal_loss"}
 
 
 def test_embedded_default_loads():

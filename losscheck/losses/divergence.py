@@ -65,7 +65,8 @@ class _Ops:
     def first_max(self, x):
         """True at each row's first maximum."""
         if self.torch:
-            return torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, x.argmax(-1, keepdim=True), True)
+            first = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+            return first.scatter_(-1, x.argmax(-1, keepdim=True), True)
         return np.arange(x.shape[-1]) == np.argmax(x, -1)[..., None]
 
     def where(self, c, a, b):
