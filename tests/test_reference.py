@@ -208,6 +208,32 @@ def exact_nll_loss(row, t: int):
     return -MP.mpf(row[t]), [MP.mpf(-1 if j == t else 0) for j in range(len(row))]
 
 
+def exact_token_logprobs(row, t: int):
+    """log softmax(row)_t = −cross entropy, gradient e_t − softmax."""
+    loss, grad = exact_cross_entropy(row, t)
+    return -loss, [-g for g in grad]
+
+
+def _exact_entropy(row, t=None):
+    X = [MP.mpf(v) for v in row]
+    k = max(range(len(X)), key=lambda j: X[j])
+    e = [MP.exp(MP.fsub(xj, X[k], exact=True)) for xj in X]
+    s = MP.fsum(e[j] for j in range(len(X)) if j != k)  # log1p(s), not log(1 + s): s may be 1e−300
+    p = [ej / (1 + s) for ej in e]
+    a = [MP.fsub(X[k], xj, exact=True) + MP.log1p(s) for xj in X]  # −log p_j >= 0
+    h = MP.fsum(pj * aj for pj, aj in zip(p, a))
+    # −p_j (log p_j + H) = p_j (a_j − H) = p_j Σ_k p_k (x_k − x_j): exact differences, where
+    # a_j − H would cancel beyond 60 digits (ties at the maximum: 1e−85 next to log 3).
+    return h, [pj * MP.fsum(pk * MP.fsub(xk, xj, exact=True) for pk, xk in zip(p, X)) for pj, xj in zip(p, X)]
+
+
+def exact_entropy(row, t: int):
+    """H(softmax(row)), gradient −p_j (log p_j + H); ±inf logits as limits."""
+    if all(math.isfinite(v) for v in row):
+        return _exact_entropy(row)
+    return _exact_limit(_exact_entropy, row, t)
+
+
 def exact_focal(x: float, y: float, gamma=2.0, alpha=-1.0):
     """torchvision's sigmoid focal loss α_t·(1 − p_t)^γ·BCE(x, y) and its derivative, by the
     chain rule on p = σ(x) (hard or soft y); ±inf logits: the limits."""
@@ -258,7 +284,7 @@ def exact_softmax_focal(row, t: int, gamma=2.0, alpha=-1.0):
 EXACT = {"bce": exact_bce, "bce_with_logits": exact_bce_with_logits, "sigmoid_bce": exact_bce_with_logits,
          "cross_entropy": exact_cross_entropy, "nll_loss": exact_nll_loss,
          "sharded_cross_entropy": exact_cross_entropy,  # its reference is the unsharded one
-         "token_logprobs": exact_token_logprobs, "entropy": exact_entropy}
+         "token_logprobs": exact_token_logprobs, "entropy": exact_entropy,
          "focal_loss": exact_focal, "softmax_focal_loss": exact_softmax_focal}
 
 
@@ -510,7 +536,7 @@ def test_cross_entropy_reference_random(name, width, data):
 @given(data=st.data())
 def test_cross_entropy_reference_random_with_infinities(name, width, data):
     # ±inf logits in any number and place: the limits (and NaN where there is none) of
-    # `reference_chunk` against the path oracle of `_exact_cross_entropy_limit`.
+    # `reference_chunk` against the path oracle of `_exact_limit`.
     c = data.draw(st.integers(1, 5), label="classes")
     n = data.draw(st.integers(1, 4), label="rows")
     elem = st.one_of(st.sampled_from([math.inf, -math.inf]),

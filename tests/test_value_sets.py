@@ -8,7 +8,7 @@
   forward and backward, where `naive` and torch return NaN (measured behaviour, asserted).
 
 The reference's limits are also certified against mpmath in tests/test_reference.py
-(`_exact_cross_entropy_limit`: a path oracle with no case analysis).
+(`_exact_limit`: a path oracle with no case analysis).
 """
 from __future__ import annotations
 
