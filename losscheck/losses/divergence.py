@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from .. import reference as R
-from .base import Reference
+from ..catalog import LOSS_INFO
+from .base import Impl, Loss, Reference
 
 LN2 = math.log(2.0)
 # Terms of the series of φ and of log 2 − H_b: |δ|, |y| < 1/2 make the next term < 2**-70.
@@ -442,3 +443,25 @@ class _StablePair(torch.autograd.Function):
 
 def stable_pair(kind, student, teacher, reduction, direction="forward", temperature=1.0):
     return _StablePair.apply(student, teacher, kind, reduction, direction, float(temperature))
+
+
+def pair_loss(name: str, implementations: dict[str, Impl], kind: str) -> Loss:
+    """The `Loss` of a divergence of a student's and a teacher's logits (kl_div, js_div): their
+    packed inputs, value sets and reference (`pair_reference(kind)`) are this module's."""
+    info = LOSS_INFO[name]  # summary, formulas, options: catalog.py
+    return Loss(
+        name=name,
+        summary=info.summary,
+        multiclass=True,
+        input_kind="logit_pairs",
+        implementations=implementations,
+        reference_chunk=None,  # type: ignore[arg-type]  # the whole reference is `reference_fn`
+        formulas=info.formulas,
+        options=info.options,
+        inputs=PAIR_INPUTS,
+        unpack=unpack,
+        adapt=adapt,
+        make_point=make_point,
+        reference_fn=pair_reference(kind),
+        input_elements=input_elements,
+    )

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..catalog import LOSS_INFO
 from . import divergence as dv
-from .base import Impl, Loss, reduce_naive
+from .base import Impl, reduce_naive
 
 
 def naive(student, teacher, target=None, reduction="mean", temperature=1.0):
@@ -45,25 +44,12 @@ def framework(student, teacher, target=None, reduction="mean", temperature=1.0):
     return out.sum(-1) if reduction == "none" else out
 
 
-INFO = LOSS_INFO["js_div"]  # summary, formulas, options: catalog.py
-
-LOSS = Loss(
-    name="js_div",
-    summary=INFO.summary,
-    multiclass=True,
-    input_kind="logit_pairs",
-    implementations={
+LOSS = dv.pair_loss(
+    "js_div",
+    {
         "naive": Impl("naive", "naive", dv.adapt(naive), "softmax in the dtype, ½ Σ [p log(p/m) + q log(q/m)]"),
         "stable": Impl("stable", "stable", dv.adapt(stable), "½ Σ (P + Q)(log 2 − H_b), one precision up"),
         "torch": Impl("torch", "framework", dv.adapt(framework), "½ (F.kl_div(log m, p) + F.kl_div(log m, q))"),
     },
-    reference_chunk=None,  # type: ignore[arg-type]  # the whole reference is `reference_fn`
-    formulas=INFO.formulas,
-    options=INFO.options,
-    inputs=dv.PAIR_INPUTS,
-    unpack=dv.unpack,
-    adapt=dv.adapt,
-    make_point=dv.make_point,
-    reference_fn=dv.pair_reference("js"),
-    input_elements=dv.input_elements,
+    "js",
 )

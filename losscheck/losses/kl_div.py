@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..catalog import LOSS_INFO
 from . import divergence as dv
-from .base import Impl, Loss, reduce_naive
+from .base import Impl, reduce_naive
 
 
 def naive(student, teacher, target=None, reduction="mean", direction="forward", log_target=False, temperature=1.0):
@@ -56,25 +55,12 @@ def framework(student, teacher, target=None, reduction="mean", direction="forwar
     return out.sum(-1) if reduction == "none" else out
 
 
-INFO = LOSS_INFO["kl_div"]  # summary, formulas, options: catalog.py
-
-LOSS = Loss(
-    name="kl_div",
-    summary=INFO.summary,
-    multiclass=True,
-    input_kind="logit_pairs",
-    implementations={
+LOSS = dv.pair_loss(
+    "kl_div",
+    {
         "naive": Impl("naive", "naive", dv.adapt(naive), "softmax in the dtype, Σ p (log p − log q)"),
         "stable": Impl("stable", "stable", dv.adapt(stable), "Σ P φ(δ), φ >= 0, one precision up, rounded once"),
         "torch": Impl("torch", "framework", dv.adapt(framework), "F.kl_div(log_softmax(s/T), softmax(t/T), batchmean)"),
     },
-    reference_chunk=None,  # type: ignore[arg-type]  # the whole reference is `reference_fn`
-    formulas=INFO.formulas,
-    options=INFO.options,
-    inputs=dv.PAIR_INPUTS,
-    unpack=dv.unpack,
-    adapt=dv.adapt,
-    make_point=dv.make_point,
-    reference_fn=dv.pair_reference("kl"),
-    input_elements=dv.input_elements,
+    "kl",
 )
