@@ -35,7 +35,7 @@ format: env
 
 # The whole test suite, after the lint.
 test: env lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 # The CI-sized sweep (about 10 s).
 quick: env

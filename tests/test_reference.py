@@ -372,7 +372,11 @@ def certify(loss_name: str, inp: torch.Tensor, target: torch.Tensor) -> Checker:
     chk.rounded_(float(ref.mean), total / n, "mean")
     chk.rounded_(float(reference(loss, inp, target, reduction="sum").reduced), total, "sum")
     if math.isfinite(ref.mean_value) and abs(total / n) > 1e-300:
-        assert abs(MP.mpf(ref.mean_value) - total / n) <= abs(total / n) * MP.mpf(2) ** -50
+        # The float64 mean of a float32/half point comes from float64 tensors, where x_j − m is
+        # not exact once the exponents differ by more than 29 bits: hypothesis found a row
+        # [17.0, 5.050428825148501e-11] whose mean is 2**-49.7 off (4.8 ULP of float64). 2**-48
+        # is still 2**24 times finer than the float32 value it backs (certified above).
+        assert abs(MP.mpf(ref.mean_value) - total / n) <= abs(total / n) * MP.mpf(2) ** -48
     chk.done()
     return chk
 
