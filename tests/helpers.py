@@ -1,6 +1,10 @@
 """Assertions shared by the CLI tests."""
 from __future__ import annotations
 
+from click.testing import CliRunner
+
+from losscheck import results
+from losscheck.cli import main
 from losscheck.losses import LOSSES
 
 # Losses of one value per (N,) or (N, C) row; sequence losses (B, T, V) are tested in test_options.py,
@@ -21,3 +25,15 @@ def assert_one_error_line(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in result.stdout + result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def bench_results(tmp_path, config: str, *args) -> dict:
+    """`losscheck bench` of the config text (written to tmp_path/c.yaml) with *args: the results
+    file, after checking the exit code is 0 or 1 (gate verdicts), never an error."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots", *args])
+    assert result.exit_code in (0, 1), result.output + result.stderr
+    return results.load(out / f"{cfg.stem}.json")
+

@@ -14,11 +14,10 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import bench_results
 from test_reference import DTYPES, MP, round_exact
 
-from losscheck import results, sweep
-from losscheck.cli import main
+from losscheck import sweep
 from losscheck.config import parse_config
 from losscheck.errors import ConfigError
 from losscheck.losses import LOSSES, divergence as dv, reference
@@ -137,15 +136,6 @@ def test_stable_matches_the_reference_and_torch_agrees_on_benign_rows():
 
 # ---- the threads, through `losscheck bench` --------------------------------------------------
 
-def _bench(tmp_path, config: str, *args) -> dict:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(config)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots", *args])
-    assert result.exit_code in (0, 1), result.output + result.stderr
-    return results.load(out / f"{cfg.stem}.json")
-
-
 IMPLS = '''
 import warnings
 
@@ -210,7 +200,7 @@ def test_soup_719_reverse_kl_and_js_finite_loss_nan_gradients(tmp_path, impls):
     # zero derivative: NaN. The loss stays finite (xlogy(0, 0) = 0). The reference's gradients
     # are finite; stable's too, and so are torch's kl_div with log_target (the log-space fix).
     axes = "directions: [reverse]\ntemperatures: [0.05]\nlog_target: [false, true]\n"
-    data = _bench(tmp_path, _config("kl_div", axes),
+    data = bench_results(tmp_path, _config("kl_div", axes),
                   "--impl", f"kl_div={impls}:soup_reverse_kl")
     by = {(r["impl"], r["options"].get("log_target", False)): r for r in _records(data)}
     soup = next(r for (impl, lt), r in by.items() if impl.startswith("soup_reverse_kl") and not lt)
@@ -220,7 +210,7 @@ def test_soup_719_reverse_kl_and_js_finite_loss_nan_gradients(tmp_path, impls):
     for key in (("stable", False), ("torch", True)):
         assert _nonfinite(by[key]["backward"]) == 0 and _nonfinite(by[key]["backward_teacher"]) == 0, key
     assert by[("stable", False)]["backward"]["max_ulp"] <= 1
-    data = _bench(tmp_path, _config("js_div", "temperatures: [0.05]\n"), "--impl", f"js_div={impls}:soup_js")
+    data = bench_results(tmp_path, _config("js_div", "temperatures: [0.05]\n"), "--impl", f"js_div={impls}:soup_js")
     recs = _records(data)
     soup = next(r for r in recs if r["impl"].startswith("soup_js"))
     assert math.isfinite(soup["forward"]["value"]) and _nonfinite(soup["backward"]) > 0
@@ -248,7 +238,7 @@ def test_soup_719_the_exact_gradient_is_finite():
 def test_teacher_free_kd_41_mean_is_v_times_smaller_than_batchmean(tmp_path, impls):
     # losscheck's kl_div `mean` is the mean over rows (torch's batchmean). nn.KLDivLoss()'s
     # default divides by N·V: its value, and its gradients, are V = 1000 times too small.
-    data = _bench(tmp_path, _config("kl_div", "temperatures: [1, 4]\n"), "--impl", f"kl_div={impls}:tfkd_kl")
+    data = bench_results(tmp_path, _config("kl_div", "temperatures: [1, 4]\n"), "--impl", f"kl_div={impls}:tfkd_kl")
     recs = _records(data)
     for r in recs:
         if r["impl"].startswith("tfkd_kl"):

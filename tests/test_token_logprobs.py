@@ -14,11 +14,10 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import bench_results
 from test_reference import DTYPES, MP, round_exact
 
-from losscheck import results, sweep
-from losscheck.cli import main
+from losscheck import sweep
 from losscheck.losses import LOSSES, reference, token_logprobs as tl
 
 TOKEN = LOSSES["token_logprobs"]
@@ -79,15 +78,6 @@ def test_reference_is_correctly_rounded(name, dtype, dist, scale):
     _assert_rounded(float(ref.reduced), total / len(rows), dtype, "mean")
 
 
-def _bench(tmp_path, config: str, *args) -> dict:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(config)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["bench", str(cfg), "--out", str(out), "--no-progress", "--no-plots", *args])
-    assert result.exit_code in (0, 1), result.output + result.stderr
-    return results.load(out / f"{cfg.stem}.json")
-
-
 def _config(losses, dtypes, dists, scales, classes=1000, extra="", batch=8):
     return (f"name: c\nlosses: {losses}\nimplementations: [stable, torch]\nscales: {scales}\nbatch_sizes: [{batch}]\n"
             f"classes: [{classes}]\ndtypes: {dtypes}\ndistributions: {dists}\nreductions: [none]\n"
@@ -141,7 +131,7 @@ def test_trl_2799_gather_minus_logsumexp_cancels_in_bfloat16(tmp_path, impls):
     # its relative precision is gone, although the absolute error stays below an ULP of the
     # logits. In float32 the same form is within a few ULPs on ordinary rows (why TRL keeps it
     # there and loops over rows with log_softmax for bfloat16).
-    data = _bench(tmp_path, _config("[token_logprobs]", "[float32, bfloat16]", "[normal, confident_correct]",
+    data = bench_results(tmp_path, _config("[token_logprobs]", "[float32, bfloat16]", "[normal, confident_correct]",
                                     "[1, 10, 20]"), "--impl", f"token_logprobs={impls}:gather_lse")
     by = _by(data)
     mine = _custom(by, "gather_lse")
@@ -165,7 +155,7 @@ def test_genlm_66_bfloat16_tail_logprobs_are_a_tenth_of_a_nat_off(tmp_path):
     # bfloat16 log-probability has an ULP of 0.25 in [−64, −32), so even the correctly rounded one
     # is up to 0.125 nats off — genlm's 0.126 in its deep bin. The float32 output (`precision:
     # upcast`, genlm's fix) is within 1e−5 nats.
-    data = _bench(tmp_path, _config("[token_logprobs]", "[bfloat16]", "[normal]", "[8]", batch=64,
+    data = bench_results(tmp_path, _config("[token_logprobs]", "[bfloat16]", "[normal]", "[8]", batch=64,
                                     extra="precision: [native, upcast]\n"))
     by = _by(data)
     for impl in ("stable", "torch"):
@@ -184,7 +174,7 @@ def test_open_instruct_1387_trainer_log_softmax_in_float16_is_nats_off(tmp_path,
     # The trainer's log(softmax(x)) in float16 flushes tail probabilities below 6e−8 (log p < −16.6)
     # to subnormals or zero: its log-probabilities are whole nats (or infinitely many) away from
     # the exact ones, which inference's float32 log_softmax (here: stable) gets to 0.008 nats.
-    data = _bench(tmp_path, _config("[token_logprobs]", "[float16]", "[confident_wrong]", "[20]"),
+    data = bench_results(tmp_path, _config("[token_logprobs]", "[float16]", "[confident_wrong]", "[20]"),
                   "--impl", f"token_logprobs={impls}:trainer_logprobs")
     by = _by(data)
     trainer = _custom(by, "trainer_logprobs")[("float16", "confident_wrong", 20.0, "native")]["forward"]
@@ -203,7 +193,7 @@ def test_trl_7084_kernel_without_the_float32_upcast(tmp_path, impls):
     # that keeps bfloat16: bfloat16's ULP is 8 at that size, so the sequence log-prob that DPO
     # compares with cached reference scores is nats off; the upcast path (`precision: upcast`:
     # float32 throughout) is within a thousandth of a nat.
-    data = _bench(tmp_path, _config("[token_logprobs]", "[bfloat16]", "[normal]", "[8]", batch=64,
+    data = bench_results(tmp_path, _config("[token_logprobs]", "[bfloat16]", "[normal]", "[8]", batch=64,
                                     extra="precision: [native, upcast]\n").replace("[none]", "[sum]"),
                   "--impl", f"token_logprobs={impls}:kernel_no_upcast")
     by = _by(data)
@@ -220,7 +210,7 @@ def test_trl_7084_kernel_without_the_float32_upcast(tmp_path, impls):
 def test_entropy_naive_is_nan_where_a_probability_underflows_and_stable_is_not(tmp_path):
     # 0·log 0: softmax underflows to 0 on a confident row (scale 200: e^−200 is below float32's
     # subnormals), the naive −Σ p log p is NaN; the exact entropy is tiny and positive.
-    data = _bench(tmp_path, _config("[entropy]", "[float32]", "[confident_correct]", "[200]").replace(
+    data = bench_results(tmp_path, _config("[entropy]", "[float32]", "[confident_correct]", "[200]").replace(
         "[stable, torch]", "[naive, stable, torch]"))
     by = _by(data)
     assert by[("naive", "float32", "confident_correct", 200.0, "native")]["forward"]["nan"] > 0
