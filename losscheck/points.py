@@ -116,6 +116,7 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     dtype = FORMATS[case.dtype].torch_dtype
     device = torch.device(case.device)
     rows = rows_of(case)
+    opts = dict(case.options)  # the point's option values, by name
     options: dict = {}
     if loss.make_point is not None:  # several inputs (hidden states, classifier): the loss's own
         inp, labels, options = loss.make_point(case, seed, dtype, device)
@@ -135,11 +136,9 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         inp = loss.make_input(logits if offsets is None else logits + offsets, dtype)
     if case.distribution == inputs.OUT_OF_DOMAIN:
         inp = inputs.out_of_domain(inp, loss.input_kind, loss.multiclass)
-    if float(dict(case.options).get("masked_vocab", 0.0)):  # −inf vocabulary padding (issue 18)
-        inp, labels = mask_vocab(inp, labels, float(dict(case.options)["masked_vocab"]))
-    values = inputs.option_values(
-        case.loss, loss.multiclass, dict(case.options), rows, case.classes, labels, seed, device
-    )
+    if float(opts.get("masked_vocab", 0.0)):  # −inf vocabulary padding (issue 18)
+        inp, labels = mask_vocab(inp, labels, float(opts["masked_vocab"]))
+    values = inputs.option_values(case.loss, loss.multiclass, opts, rows, case.classes, labels, seed, device)
     if "weight" in values:
         options["weight"] = R.round_to(values["weight"], dtype)
     if "pos_weight" in values:  # one number, or one per label (broadcast over the rows as torch does)
@@ -150,15 +149,15 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
     for key in LM_POINT_OPTIONS:  # numbers and names the implementations take as they are
-        if key in dict(case.options):
-            options[key] = dict(case.options)[key]
+        if key in opts:
+            options[key] = opts[key]
     for name in ("gamma", "alpha"):  # focal losses: plain numbers
-        if name in dict(case.options):
-            options[name] = float(dict(case.options)[name])
-    if dict(case.options).get("chunks"):
-        options["chunks"] = int(dict(case.options)["chunks"])
+        if name in opts:
+            options[name] = float(opts[name])
+    if opts.get("chunks"):
+        options["chunks"] = int(opts["chunks"])
     if "soft" in values:
-        if case.distribution in inputs.MASKED_SOFT or "masked_vocab" in dict(case.options):
+        if case.distribution in inputs.MASKED_SOFT or "masked_vocab" in opts:
             values["soft"] = inputs.zero_masked(values["soft"], inp)
         target = R.round_to(values["soft"], dtype)
     else:
@@ -187,13 +186,13 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         inp, target = inp.reshape(case.batch, -1), target.reshape(case.batch, -1)
         if "weight" in options:
             options["weight"] = options["weight"].reshape(case.batch, -1)
-    dim = int(dict(case.options).get("dim", -1))
+    dim = int(opts.get("dim", -1))
     if dim != -1:
         # log_softmax along dimension 0: the value set's rows as the columns of (C, N).
         inp = inp.T.contiguous()
         options["dim"] = dim
     grad_output = None
-    kind = dict(case.options).get("grad_output")
+    kind = opts.get("grad_output")
     if kind is not None:
         shape = element_shape(loss, inp, target)
         grad_output = R.round_to(inputs.grad_output_values(kind, case.loss, shape, seed, device), dtype)
