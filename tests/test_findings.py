@@ -110,6 +110,9 @@ def test_a_temperature_makes_the_scale_effective_so_no_formula_at_scale_one():
     assert ev["scales"] == [20.0, 400.0] and ev["first_scale"] == 20.0 and ev["temperature"] == 0.05
     assert "from effective scale 20 (2 points, effective scales 20, 400: the logit scale over temperature 0.05)" in (
         f["message"])  # fmt: skip
+    from losscheck.report_findings import where
+
+    assert "from scale/T (T = 0.05) 20 (" in where(f)
     # The same breakdown with temperature 1 at scale 1 is still a formula error (nothing to explain it).
     assert kinds([rec(loss="js_div", scale=s, bwd=nan) for s in (1.0, 20.0)]) == {("torch", "formula")}
     # A temperature above 1 shrinks the scale: wrong at effective scale 0.5 is a formula error.
