@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn
 
-from . import families, safeio
+from . import accumulate_section, families, safeio
 from .catalog import (  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its users)
     BUILTIN_IMPLS,
     DEFAULT_IMPLS,
@@ -139,6 +139,8 @@ class Config:
     isolation: str = "auto"
     # Further grids of the run (`extra:`): per grid, the fields it replaces (see `sweeps`).
     extra: tuple[dict, ...] = ()
+    # Gradient accumulation run after the sweep (accumulate_section.validate: every key), or None.
+    accumulate: dict | None = None
     source: str = "<config>"
 
     @classmethod
@@ -257,6 +259,7 @@ class Config:
             "timeout": self.timeout,
             "isolation": self.isolation,
             "extra": [self._extra_as_input(over) for over in self.extra],
+            "accumulate": None if self.accumulate is None else dict(self.accumulate),
         }
 
     def _extra_as_input(self, over: dict) -> dict:
@@ -362,6 +365,7 @@ KEYS = {
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
+    "accumulate": accumulate_section.HELP,
     "extra": "list of mappings, each a further grid of the run: grid keys replacing the config's "
     "(e.g. one large vocabulary at a small batch, or other losses: the run's losses are every grid's)",
 }
@@ -482,6 +486,8 @@ def _build(data: dict, source: str) -> Config:
             )
     # The gate last: `versus` must name one of the run's implementations, custom ones included.
     cfg = replace(cfg, gate=v.gate(data, cfg))
+    if data.get("accumulate") is not None:  # null: none (what as_dict writes for none)
+        cfg = replace(cfg, accumulate=accumulate_section.validate(data["accumulate"], source, cfg.dtypes, cfg.seed))
     return replace(cfg, extra=_extra(data, cfg)) if "extra" in data else cfg
 
 

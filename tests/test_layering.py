@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                     "losscheck.timing", "losscheck.environment", "losscheck.catalog", "losscheck.families*", "losscheck.arrays",
                     "losscheck.gate_policy", "losscheck.config_yaml", "losscheck.inputs", "losscheck.dtypes",
                     "losscheck.safeio", "losscheck.progress"}),
-    ("config", {"losscheck.config", "losscheck.config_sections", "losscheck.config_axes"}),
+    ("config", {"losscheck.config", "losscheck.config_sections", "losscheck.config_axes", "losscheck.accumulate_section"}),
     # isolation: its error messages ask memory whether an exception is an out-of-memory one.
     ("measurement", {"losscheck.isolation", "losscheck.precision", "losscheck.reference", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),

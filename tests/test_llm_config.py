@@ -4,6 +4,8 @@ round trip of such a config through the results file, shards of it, and configs/
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,74 @@ def test_shards_of_a_union_merge_into_the_whole_run(tmp_path):
 
     assert sorted(map(key, merged["records"])) == sorted(map(key, whole["records"]))
     assert {r["loss"] for r in whole["records"]} == {"kl_div", "cross_entropy"}
+
+
+# ---- the `accumulate:` section ------------------------------------------------------------------
+
+ACC = {"batch": 4, "time": 6, "vocab": 11, "micro_batches": 2, "masked": 1}
+
+
+@pytest.mark.parametrize("section,key,fragment", [
+    ({"vocab": 1}, "accumulate.vocab", "bad value 1; allowed: integers >= 2"),
+    ({"micro_batches": 5, "batch": 4}, "accumulate.micro_batches", "at most the batch (4)"),
+    ({"masked": 2, "micro_batches": 2}, "accumulate.masked", "0 to 1"),
+    ({"scale": 0}, "accumulate.scale", "positive finite"),
+    ({"dtypes": ["float8"]}, "accumulate.dtypes", "bad value 'float8'"),
+    ({"vocabs": 3}, "accumulate.vocabs", "unknown key"),
+    ([1], "accumulate", "expected a mapping"),
+])  # fmt: skip
+def test_a_bad_accumulate_section_is_a_one_line_error(tmp_path, section, key, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**UNION, "accumulate": section}))
+    result = CliRunner().invoke(main, ["bench", str(path), "--out", str(tmp_path)])
+    assert_one_error_line(result, str(path), f"key '{key}'", fragment)
+
+
+def test_the_accumulate_section_runs_after_the_sweep_into_results_and_report(tmp_path):
+    from losscheck import accumulate
+
+    data = {**UNION, "losses": ["bce"], "extra": [], "dtypes": ["float32", "bfloat16"], "accumulate": ACC}
+    cfg = C.Config.from_mapping(data)
+    assert cfg.accumulate == {**ACC, "scale": 1.0, "dtypes": ["float32", "bfloat16"]}  # the config's dtypes
+    assert C.config_from_dict(cfg.as_dict(), cfg.source) == cfg
+    assert C.Config.from_mapping(UNION).as_dict()["accumulate"] is None
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", str(path), "--out", str(out), "--no-progress", "--no-plots"])
+    assert result.exit_code in (0, 1), result.output
+    stored = results.load(out / "u.json")["accumulate"]
+    # The same numbers as the command computes for these flags (same seed, same tokens).
+    direct = [accumulate.run(accumulate.Spec(4, 6, 11, 2, 1, d, 1.0, 0)) for d in ("float32", "bfloat16")]
+    assert json.dumps(stored, sort_keys=True) == json.dumps(direct, sort_keys=True)  # NaN included
+    by = {o["convention"]: o for o in stored[0]["outcomes"]}
+    assert by["global_tokens"]["loss_bias"] == 0 and by["microbatch_mean"]["loss_bias"] is None  # 0/0
+    assert math.isnan(by["microbatch_mean"]["loss"])  # a float again after loading
+    report = (out / "u.md").read_text()
+    assert "## Gradient accumulation" in report and "Unbiased and finite here: `global_tokens`;" in report
+    assert report.count("| microbatch_mean_guarded |") == 2
+    # Shards: the first runs it, merge keeps it.
+    for shard in ("1/2", "2/2"):
+        CliRunner().invoke(main, ["bench", str(path), "--out", str(out), "--no-progress", "--no-plots",
+                                  "--shard", shard])  # fmt: skip
+    parts = [out / "u.shard-1-of-2.json", out / "u.shard-2-of-2.json"]
+    assert "accumulate" not in results.load(parts[1])
+    assert results.merge([(str(p), results.load(p)) for p in parts])["accumulate"] == stored
+
+
+def test_llm_yaml_covers_every_loss_of_issue_18_at_real_vocabularies():
+    cfg = C.load_config(LLM)
+    assert set(cfg.run_losses) == {"cross_entropy", "sharded_cross_entropy", "token_logprobs", "entropy", "kl_div",
+                                   "js_div", "focal_loss", "softmax_focal_loss"}  # fmt: skip
+    cases = list(sweep.cases(cfg))
+    vocab = {c.loss: set() for c in cases}
+    for c in cases:
+        vocab[c.loss].add(c.classes)
+        assert c.dtype in ("float32", "bfloat16")
+    for loss in ("cross_entropy", "sharded_cross_entropy", "token_logprobs", "entropy", "kl_div", "js_div"):
+        assert vocab[loss] == {32000, 128256, 152064}, loss
+    options = {k for c in cases for k, _ in c.options}
+    assert {"z_loss", "softcap", "masked_vocab", "smoothing_convention", "shards", "shard_mistake", "direction",
+            "log_target", "temperature", "gamma", "alpha"} <= options  # fmt: skip
+    assert max(sweep.estimate_bytes(c) for c in cases) < 64 << 20  # a few MiB a point
+    assert cfg.accumulate is not None and cfg.accumulate["masked"] >= 1 and cfg.accumulate["vocab"] == 32000
