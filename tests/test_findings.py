@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losscheck import config as C
-from losscheck import environment, findings, results, sweep
+from losscheck import config as C, environment, findings, results, sweep
 from losscheck.findings import KINDS, findings as find
 from losscheck.metrics import ErrorStats
 
