@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
     ("evaluation", {"losscheck.sweep", "losscheck.points", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",
                    "losscheck.explain_live", "losscheck.explain_text", "losscheck.accumulate"}),
-    ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings", "losscheck.report_families",
+    ("report", {"losscheck.report", "losscheck.report_format", "losscheck.report_detail", "losscheck.report_findings", "losscheck.report_families", "losscheck.report_lm",
                 "losscheck.compare_report", "losscheck.plots", "losscheck.ci",
                 "losscheck.explain", "losscheck.probing*"}),
     ("api", {"losscheck.api", "losscheck.bench_run"}),
