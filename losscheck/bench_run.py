@@ -185,9 +185,8 @@ def _accumulate(config, shard) -> list[dict]:
     from . import accumulate
 
     a = config.accumulate
-    keys = ("batch", "time", "vocab", "micro_batches", "masked")
-    specs = [accumulate.Spec(*(a[k] for k in keys), dtype=d, scale=a["scale"], seed=config.seed) for d in a["dtypes"]]
-    return [accumulate.run(s) for s in specs]
+    sizes = {k: a[k] for k in ("batch", "time", "vocab", "micro_batches", "masked")}
+    return [accumulate.run(accumulate.Spec(**sizes, dtype=d, scale=a["scale"], seed=config.seed)) for d in a["dtypes"]]
 
 
 def _results(config, env, records, command, complete, shard) -> dict:
