@@ -365,9 +365,9 @@ KEYS = {
     "custom": "list of mappings {name, function: 'module:function' or 'file.py:function', losses, api: torch|numpy}",
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
-    "accumulate": accumulate_section.HELP,
     "extra": "list of mappings, each a further grid of the run: grid keys replacing the config's "
     "(e.g. one large vocabulary at a small batch, or other losses: the run's losses are every grid's)",
+    "accumulate": accumulate_section.HELP,
 }
 # The keys an `extra` grid may set: the axes of the points. Implementations, seed, timing,
 # thresholds and the gate are the run's, shared by its grids.
