@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from helpers import bench_results
 
-from losscheck import report_lm
+from losscheck import analysis as A, report_lm
 
 CONFIG = """name: c
 losses: [kl_div, token_logprobs]
@@ -30,6 +30,8 @@ custom:
 def test_the_section_names_the_formulation_the_records_favour(tmp_path):
     data = bench_results(tmp_path, CONFIG)
     text = report_lm.section(data["records"])
+    # The report passes its labelled records ("gather_logsumexp (custom)", "kl_div [direction=…]").
+    assert report_lm.section(A.labelled(data["records"])) == text
     lines = text.splitlines()
     kl = [line for line in lines if line.startswith("- Reverse KL")]
     # Soup #719: the student's probabilities as kl_div's target give NaN gradients at T = 0.05;
