@@ -101,7 +101,9 @@ def _judge(r: dict) -> tuple[int, float]:
 def _matches(r: dict, side: Side) -> bool:
     opts = r.get("options") or {}
     # The report's records are analysis.labelled: a custom implementation's name says "(custom)".
-    return r["impl"].removesuffix(" (custom)") == side.impl and all(opts.get(k, OPTION_DEFAULTS.get(k)) == v for k, v in side.options)
+    return r["impl"].removesuffix(" (custom)") == side.impl and all(
+        opts.get(k, OPTION_DEFAULTS.get(k)) == v for k, v in side.options
+    )
 
 
 def _point(r: dict, side: Side) -> tuple:
