@@ -42,7 +42,7 @@ quick: env
 	$(BIN)/losscheck bench configs/quick.yaml --out reports
 
 # Regenerate the committed reports in reports/ from fresh runs (default, quick, reduction,
-# options, sequence, custom, frameworks, training, linear, the three llm configs and accumulate).
+# options, sequence, custom, frameworks, training, linear, llm).
 reports: bench quick
 	$(BIN)/losscheck bench configs/reduction.yaml --out reports
 	$(BIN)/losscheck bench configs/options.yaml --out reports
@@ -51,11 +51,7 @@ reports: bench quick
 	$(BIN)/losscheck bench configs/frameworks.yaml --out reports
 	$(BIN)/losscheck bench configs/training.yaml --out reports
 	$(BIN)/losscheck bench configs/linear.yaml --out reports
-	$(BIN)/losscheck bench configs/llm-ce.yaml --out reports
-	$(BIN)/losscheck bench configs/llm-div.yaml --out reports
-	$(BIN)/losscheck bench configs/llm-focal.yaml --out reports
-	$(BIN)/losscheck accumulate --batch 8 --time 128 --vocab 32000 --micro-batches 4 --masked 1 \
-		--dtype float32 --dtype bfloat16 > reports/llm-accumulate.md
+	$(BIN)/losscheck bench configs/llm.yaml --out reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,6 @@ bias of the gradient is exact: a token of micro-batch k is scaled by w_k·N inst
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import inputs, reference as R
+from .accumulate_section import problem, render  # noqa: F401  (render: accumulate.render for its users)
 from .catalog import IGNORE_INDEX
 from .dtypes import FORMATS
 from .errors import LosscheckError
@@ -57,27 +57,10 @@ class Spec:
 
 def check(spec: Spec) -> Spec:
     """`spec`, or a LosscheckError naming the flag, the bad value and what is allowed."""
-
-    def bad(flag: str, value, allowed: str):
-        raise LosscheckError(f"accumulate: {flag} {value!r} is not allowed; allowed: {allowed}")
-
-    for flag, value, lo in (
-        ("--batch", spec.batch, 1),
-        ("--time", spec.time, 1),
-        ("--vocab", spec.vocab, 2),
-        ("--micro-batches", spec.micro_batches, 1),
-        ("--seed", spec.seed, 0),
-    ):
-        if value < lo:
-            bad(flag, value, f"integers >= {lo}")
-    if spec.micro_batches > spec.batch:
-        bad("--micro-batches", spec.micro_batches, f"at most --batch ({spec.batch}): each holds a sequence")
-    if not 0 <= spec.masked < spec.micro_batches:
-        bad("--masked", spec.masked, f"0 to {spec.micro_batches - 1} (--micro-batches − 1: some tokens must count)")
-    if spec.dtype not in FORMATS:
-        bad("--dtype", spec.dtype, ", ".join(FORMATS))
-    if not (math.isfinite(spec.scale) and spec.scale > 0):
-        bad("--scale", spec.scale, "a positive finite number")
+    found = problem(asdict(spec))
+    if found:
+        name, value, allowed = found
+        raise LosscheckError(f"accumulate: --{name.replace('_', '-')} {value!r} is not allowed; allowed: {allowed}")
     return spec
 
 
@@ -190,34 +173,6 @@ def run(spec: Spec) -> dict:
     return {"spec": asdict(spec), "tokens": counts, "outcomes": [asdict(o) for o in outcomes]}
 
 
-def render(result: dict) -> str:
-    """The Markdown table of `run`'s result."""
-    s = result["spec"]
-    p = FORMATS[s["dtype"]].significand_bits
-    lines = [
-        f"Gradient accumulation: {s['batch']} sequences (lengths 1..{s['time']}, vocab {s['vocab']}, "
-        f"{s['dtype']}) as {s['micro_batches']} micro-batches of {result['tokens']} tokens"
-        + (f", the last {s['masked']} all padding" if s["masked"] else "")
-        + f"; against the full batch's per-token mean; bits of {p}.",
-        "",
-        "| convention | loss | loss bits lost | loss bias (exact) | gradient max bits | gradient NaN "
-        "| gradient bias (exact) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for o in result["outcomes"]:
-        g = o["grad"]
-        lines.append(
-            f"| {o['convention']} | {o['loss']:.7g} | {o['loss_bits']:.1f} | {_pct(o['loss_bias'])} "
-            f"| {g['max_bits']:.1f} | {g['nan']} | {_pct(o['grad_bias'])} |"
-        )
-    lines += [
-        "",
-        f"Full batch: {result['outcomes'][0]['reference']:.10g} per token. A bias is the convention's "
-        "own error in exact arithmetic (0/0: an all-padding micro-batch); bits lost add rounding to it.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def _bias(w: list[Fraction], sums: list[float], total: int) -> float:
     scaled = sum(((wk * total - 1) * Fraction(sk) for wk, sk in zip(w, sums, strict=True)), Fraction(0))
     whole = sum((Fraction(sk) for sk in sums), Fraction(0))
@@ -226,7 +181,3 @@ def _bias(w: list[Fraction], sums: list[float], total: int) -> float:
 
 def _bits(value: torch.Tensor, reference: torch.Tensor, fmt) -> float:
     return float(bits(float(ulp_distance(value.reshape(1), reference.reshape(1))[0]), fmt))
-
-
-def _pct(x: float | None) -> str:
-    return "0/0 (NaN)" if x is None else ("0" if x == 0 else f"{100 * x:.3g} %")

@@ -141,8 +141,13 @@ def _run(
     total = sweep.count_points(config, shard, done)
     env = environment.capture(threads)
 
+    accumulated: list[dict] = []  # the `accumulate:` section's tables, once the sweep is done
+
     def make(complete: bool) -> dict:
-        return _results(config, env, records, command, complete, shard)
+        data = _results(config, env, records, command, complete, shard)
+        if accumulated:
+            data["accumulate"] = accumulated
+        return data
 
     saver = _Incremental(make, json_path) if json_path is not None else None
     complete = False
@@ -158,6 +163,7 @@ def _run(
     with progress(total) if progress else _NoProgress() as bar:
         try:
             sweep.run(config, threads, shard=shard, done=done, impls=impls, on_record=record)
+            accumulated += _accumulate(config, shard)
             complete = True
         except KeyboardInterrupt:
             if on_interrupt is None:
@@ -169,6 +175,18 @@ def _run(
                 if on_saved:
                     on_saved(json_path)
     return Outcome(records, complete, make)
+
+
+def _accumulate(config, shard) -> list[dict]:
+    """The `accumulate:` section's experiments, one per dtype (in the first shard only: merge
+    keeps them from there)."""
+    if config.accumulate is None or (shard and shard[0] != 1):
+        return []
+    from . import accumulate
+
+    a = config.accumulate
+    sizes = {k: a[k] for k in ("batch", "time", "vocab", "micro_batches", "masked")}
+    return [accumulate.run(accumulate.Spec(**sizes, dtype=d, scale=a["scale"], seed=config.seed)) for d in a["dtypes"]]
 
 
 def _results(config, env, records, command, complete, shard) -> dict:

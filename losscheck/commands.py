@@ -443,10 +443,11 @@ def baseline_cmd(results_path: str, output: str) -> None:
 def _with_flags(config, impls, numpy_impls, only_losses):
     """The config with bench's --loss, --impl and --numpy-impl applied."""
     if only_losses:
-        missing = [x for x in only_losses if x not in config.losses]
+        # Every grid's losses (`extra:` grids may have their own); each grid keeps only these.
+        missing = [x for x in only_losses if x not in config.run_losses]
         if missing:
-            raise LosscheckError(f"--loss {missing[0]}: not among the config's losses ({', '.join(config.losses)})")
-        config = dataclasses.replace(config, losses=tuple(x for x in config.losses if x in only_losses))
+            raise LosscheckError(f"--loss {missing[0]}: not among the config's losses ({', '.join(config.run_losses)})")
+        config = config.only(only_losses)
     specs = [parse_impl_flag(i, "torch", "--impl") for i in impls] + [
         parse_impl_flag(i, "numpy", "--numpy-impl") for i in numpy_impls
     ]

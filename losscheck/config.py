@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NoReturn
 
-from . import families, safeio
+from . import accumulate_section, families, safeio
 from .catalog import (  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its users)
     BUILTIN_IMPLS,
     DEFAULT_IMPLS,
@@ -139,6 +139,8 @@ class Config:
     isolation: str = "auto"
     # Further grids of the run (`extra:`): per grid, the fields it replaces (see `sweeps`).
     extra: tuple[dict, ...] = ()
+    # Gradient accumulation run after the sweep (accumulate_section.validate: every key), or None.
+    accumulate: dict | None = None
     source: str = "<config>"
 
     @classmethod
@@ -172,13 +174,29 @@ class Config:
 
     def sweeps(self) -> list[Config]:
         """The grids the run sweeps: this config's, then one per `extra` mapping (its keys
-        replaced). An extra grid keeps to the run's losses, so that `bench --loss` limits it too."""
-        out = [self]
-        for over in self.extra:
-            losses = tuple(name for name in over.get("losses", self.losses) if name in self.losses)
-            if losses:
-                out.append(replace(self, **{**over, "losses": losses, "extra": ()}))
-        return out
+        replaced). An extra grid may name any loss (`run_losses`: the union)."""
+        return [self] + [replace(self, **over, extra=()) for over in self.extra]
+
+    @property
+    def run_losses(self) -> tuple[str, ...]:
+        """The losses of the run: every grid's, in order of first appearance. Whatever is per
+        loss (implementations, reports, the gate) is over these, not only the main grid's."""
+        return tuple(dict.fromkeys(name for grid in self.sweeps() for name in grid.losses))
+
+    def only(self, losses) -> Config:
+        """The run restricted to `losses` in every grid (`bench --loss`), grids left without
+        one dropped. When the main grid is, the first kept extra grid becomes the main one, and
+        the later ones state the keys it changed (an unset key of an extra grid is the main
+        grid's): the result is a valid config, as the results file stores it."""
+        kept = []
+        for over in ({}, *self.extra):
+            names = tuple(name for name in over.get("losses", self.losses) if name in losses)
+            if names:
+                kept.append({**over, "losses": names})
+        if not kept:
+            raise ValueError(f"none of {list(losses)} is among the run's losses")
+        head, rest = kept[0], kept[1:]
+        return replace(self, **head, extra=tuple({**{k: getattr(self, k) for k in head}, **o} for o in rest))
 
     def all_impls(self) -> tuple[str, ...]:
         """Every implementation of the run: the built-in ones, then every custom one."""
@@ -241,6 +259,7 @@ class Config:
             "timeout": self.timeout,
             "isolation": self.isolation,
             "extra": [self._extra_as_input(over) for over in self.extra],
+            "accumulate": None if self.accumulate is None else dict(self.accumulate),
         }
 
     def _extra_as_input(self, over: dict) -> dict:
@@ -347,14 +366,17 @@ KEYS = {
     "timeout": "seconds one implementation may take at one point, or null for no limit",
     "isolation": "auto (custom implementations in a worker process), process (all), none (all in this process)",
     "extra": "list of mappings, each a further grid of the run: grid keys replacing the config's "
-    "(e.g. one large vocabulary at a small batch)",
+    "(e.g. one large vocabulary at a small batch, or other losses: the run's losses are every grid's)",
+    "accumulate": accumulate_section.HELP,
 }
 # The keys an `extra` grid may set: the axes of the points. Implementations, seed, timing,
 # thresholds and the gate are the run's, shared by its grids.
 EXTRA_KEYS = (
     "losses", "scales", "batch_sizes", "classes", "dtypes", "devices", "distributions", "reductions", "weights",
-    "pos_weights", "label_smoothing", "ignored", "targets", "precision", "sequence_lengths", "grad_outputs",
-    "spatial", "dims", "hidden_sizes", "chunks",
+    "pos_weights", "labels", "label_smoothing", "ignored", "targets", "precision", "sequence_lengths",
+    "grad_outputs", "spatial", "dims", "hidden_sizes", "chunks", "z_loss", "softcap", "masked_vocab",
+    "smoothing_conventions", "shards", "shard_mistakes", "directions", "log_target", "temperatures", "gammas",
+    "alphas",
 )  # fmt: skip
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": DEFAULT_IMPLS}
 
@@ -464,6 +486,8 @@ def _build(data: dict, source: str) -> Config:
             )
     # The gate last: `versus` must name one of the run's implementations, custom ones included.
     cfg = replace(cfg, gate=v.gate(data, cfg))
+    if data.get("accumulate") is not None:  # null: none (what as_dict writes for none)
+        cfg = replace(cfg, accumulate=accumulate_section.validate(data["accumulate"], source, cfg.dtypes, cfg.seed))
     return replace(cfg, extra=_extra(data, cfg)) if "extra" in data else cfg
 
 
@@ -485,10 +509,6 @@ def _extra(data: dict, cfg: Config) -> tuple[dict, ...]:
             grid = _build({**{k: v for k, v in data.items() if k != "extra"}, **item}, source)
         except ConfigError as e:
             raise ConfigError(source, f"{where}.{e.key}" if e.key else where, e.problem, e.allowed) from None
-        outside = [name for name in grid.losses if name not in cfg.losses]
-        if outside:
-            raise ConfigError(source, f"{where}.losses", f"{outside[0]!r} is not one of the run's losses",
-                              ", ".join(cfg.losses))  # fmt: skip
         out.append({k: getattr(grid, k) for k in item})
     return tuple(out)
 

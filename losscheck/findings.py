@@ -25,6 +25,10 @@ Only `ok` records count. Per record, with T the record's threshold in ULPs
 
 The kinds, from those facts:
 
+Scales here are effective ones (`effective_scale`): the swept scale over the point's
+`temperature` option where it has one (softmax(x / T) sees logits T times larger), in the
+evidence (`scales`, `first_scale`, `smallest_scale`, with `temperature`) and the messages.
+
 * `formula` — wrong on well-conditioned inputs (value sets `normal`, `uniform`): the
   smallest swept scale of those value sets is <= 1, and at every swept scale <= 1 *every*
   point of those value sets (each batch size, reduction, value set) has forward or gradient
@@ -82,6 +86,14 @@ FINDING_KEYS = ("loss", "variant", "impl", "impl_kind", "dtype", "device", "kind
 # Kinds a wrong formula makes meaningless in its group (see the module docstring).
 PRE_EMPTED_BY_FORMULA = ("overflow", "saturation", "underflow", "reduction")
 FORMULA_MAX_SCALE = 1.0
+
+
+def effective_scale(r: dict) -> float:
+    """The logits' scale as the loss sees it. A temperature T divides them (kl_div, js_div:
+    softmax(x / T)), so the swept scale 1 at T = 0.05 is scale 20 to the loss: a breakdown there
+    is an instability at scale 20, not a formula error at scale 1 (issue 18, Soup #719)."""
+    t = (r.get("options") or {}).get("temperature", 1.0)
+    return float(r["scale"]) / t if isinstance(t, (int, float)) and t > 0 else float(r["scale"])
 
 
 # ---- bits ------------------------------------------------------------------------------------
@@ -245,7 +257,7 @@ def _classify(rec: dict, acc: dict[str, _Acc]) -> None:
 
 def _formula_tested(recs: list[dict]) -> bool:
     """Whether the group has well-conditioned points at a scale <= 1 (formula can be judged)."""
-    return any(r["distribution"] in WELL_CONDITIONED and r["scale"] <= FORMULA_MAX_SCALE for r in recs)
+    return any(r["distribution"] in WELL_CONDITIONED and effective_scale(r) <= FORMULA_MAX_SCALE for r in recs)
 
 
 def _formula(recs: list[dict]) -> _Acc | None:
@@ -253,7 +265,7 @@ def _formula(recs: list[dict]) -> _Acc | None:
     wc = [r for r in recs if r["distribution"] in WELL_CONDITIONED]
     if not wc:
         return None
-    small = sorted({r["scale"] for r in wc if r["scale"] <= FORMULA_MAX_SCALE})
+    small = sorted({effective_scale(r) for r in wc if effective_scale(r) <= FORMULA_MAX_SCALE})
     if not small:  # the sweep starts above scale 1: nothing says the formula is wrong
         return None
 
@@ -267,10 +279,10 @@ def _formula(recs: list[dict]) -> _Acc | None:
     # tail of a large sample already at scale 1 (|x| ≈ 5 among 2^18 normal draws, where
     # torch's float16 BCE-with-logits loses 8 bits) while the smaller samples stay exact;
     # a wrong formula is wrong at every point (every batch holds both targets).
-    if not all(off(r) for r in wc if r["scale"] <= FORMULA_MAX_SCALE):
+    if not all(off(r) for r in wc if effective_scale(r) <= FORMULA_MAX_SCALE):
         return None
     wrong = [r for r in wc if off(r)]
-    wrong_scales = {r["scale"] for r in wrong}
+    wrong_scales = {effective_scale(r) for r in wrong}
     acc = _Acc()
     for r in wrong:
         b = None if r.get("undefined") else r.get("backward")
@@ -281,7 +293,7 @@ def _formula(recs: list[dict]) -> _Acc | None:
             _total(f, b),
             _worst_element_bits(r, f, b),
         )
-    acc.every_scale = wrong_scales == {r["scale"] for r in wc}
+    acc.every_scale = wrong_scales == {effective_scale(r) for r in wc}
     acc.smallest = small[0]
     return acc
 
@@ -303,7 +315,8 @@ def _plural(n: int, noun: str) -> str:
 
 def _evidence(kind: str, a: _Acc) -> dict:
     recs = a.recs
-    scales = sorted({float(r["scale"]) for r in recs})
+    scales = sorted({effective_scale(r) for r in recs})  # the swept scale over the temperature, if any
+    temperatures = {(r.get("options") or {}).get("temperature", 1.0) for r in recs}
     ev = {
         "points": len(recs),
         "scales": scales,
@@ -313,6 +326,8 @@ def _evidence(kind: str, a: _Acc) -> dict:
         "reductions": sorted({r.get("reduction", "mean") for r in recs}),
         "threshold_bits": max(float(r["threshold_bits"]) for r in recs),
     }
+    if temperatures != {1.0}:  # one per group (it is part of the variant)
+        ev["temperature"] = float(min(temperatures))
     if kind != "reduction":
         ev["elements"] = a.elements
         ev["of_elements"] = a.total
@@ -335,14 +350,19 @@ def _evidence(kind: str, a: _Acc) -> dict:
 
 def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
     # "nan" as values print (and never "NaN" or "Infinity": the literals strict JSON forbids).
-    first = _fmt_scale(ev["first_scale"])
-    at = f"{_plural(ev['points'], 'point')}, scale{'s' if len(ev['scales']) > 1 else ''} {_scale_list(ev['scales'])}"
+    # With a temperature the scales are effective ones (`effective_scale`), and say so.
+    word, over_t = ("scale", "")
+    if "temperature" in ev:
+        word, over_t = ("effective scale", f": the logit scale over temperature {ev['temperature']:g}")
+    first = f"{word} {_fmt_scale(ev['first_scale'])}"
+    plural = "s" if len(ev["scales"]) > 1 else ""
+    at = f"{_plural(ev['points'], 'point')}, {word}{plural} {_scale_list(ev['scales'])}{over_t}"
     worst = f", up to {bits_text(ev['worst_bits'], dtype)}" if "worst_bits" in ev else ""
     red = "/".join(ev["reductions"])
     if kind == "formula":
         return (
             f"{subject} is wrong elementwise on well-conditioned inputs ({', '.join(ev['distributions'])}) "
-            f"already at scale {_fmt_scale(ev['smallest_scale'])}"
+            f"already at {word} {_fmt_scale(ev['smallest_scale'])}"
             f"{' and at every swept scale' if ev['every_scale'] else ''} "
             f"({_plural(ev['elements'], 'element')} off{worst}"
             f"{'' if ev['widest_dtype'] == dtype else ', and in ' + ev['widest_dtype'] + ' too'}): "
@@ -358,25 +378,22 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
     if kind == "overflow":
         return (
             f"{subject} returns nan or ±inf {counted or 'at some elements'} where the reference is "
-            f"finite (or, for nan, infinite), from scale {first} ({at})."
+            f"finite (or, for nan, infinite), from {first} ({at})."
         )
     if kind == "saturation":
         clamped = f", {ev['clamped']} clamped against an infinite reference" if ev["clamped"] else ""
         return (
             f"{subject} returns finite values more than {ev['threshold_bits']:g} bits off at "
-            f"{_plural(ev['elements'], 'element')}{clamped}{worst}, from scale {first} ({at}): "
+            f"{_plural(ev['elements'], 'element')}{clamped}{worst}, from {first} ({at}): "
             "silent saturation."
         )
     if kind == "underflow":
-        return (
-            f"{subject} flushes {_plural(ev['elements'], 'non-zero reference value')} to zero, "
-            f"from scale {first} ({at})."
-        )
+        return f"{subject} flushes {_plural(ev['elements'], 'non-zero reference value')} to zero, from {first} ({at})."
     if kind == "reduction":
         return (
             f"{subject} has every element within tolerance but a wrong {red} "
             f"(returned {', '.join(ev['returned'])}{worst}) at batch {', '.join(map(str, ev['batches']))}, "
-            f"from scale {first} ({at}): the reduction overflows or accumulates error, not the formula."
+            f"from {first} ({at}): the reduction overflows or accumulates error, not the formula."
         )
     if kind == "limit":
         return (
@@ -395,7 +412,7 @@ def _message(kind: str, subject: str, ev: dict, dtype: str) -> str:
 
 
 # Where in a sweep (", from scale 30 (3 points, scales 30, 100)"), dropped for a probe.
-_SWEEP_CLAUSE = re.compile(r",? from scale [^ ]+ \(\d+ points?, scales? [^)]*\)")
+_SWEEP_CLAUSE = re.compile(r",? from (?:effective )?scale [^ ]+ \(\d+ points?, (?:effective )?scales? [^)]*\)")
 
 
 def _rank(key: tuple) -> tuple:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from . import analysis as A, findings as FD, report_detail as D, report_families as RFam, report_findings as RF
+from . import (
+    analysis as A,
+    findings as FD,
+    report_detail as D,
+    report_families as RFam,
+    report_findings as RF,
+    report_lm,
+)
+from .accumulate_section import section as accumulate_section
 from .catalog import loss_registry
 from .formats import FORMATS
 from .report_format import (
@@ -128,6 +136,8 @@ def _main(results, all_records, records, found, plots, links: dict[str, str] | N
         _findings(records, found, links),
         RF.policy_survival(records, found),
         RFam.section(records),
+        report_lm.section(records),
+        accumulate_section(results.get("accumulate") or []),
         _plots(plots),
         D.problems(records),
     ]

@@ -52,13 +52,15 @@ def where(f: dict) -> str:
     ev, d = f["evidence"], label_dtype(f["dtype"], f["device"])
     points = plural(ev.get("points", 0), "point")
     bits = f", {FD.bits_text(ev['worst_bits'], f['dtype'])}" if isinstance(ev.get("worst_bits"), (int, float)) else ""
-    first = f" from scale {fmt_scale(ev['first_scale'])}" if isinstance(ev.get("first_scale"), (int, float)) else ""
+    # With a temperature, the scales are the logits' over it (findings.effective_scale).
+    word = "scale" if "temperature" not in ev else f"scale/T (T = {fmt_scale(ev['temperature'])})"
+    first = f" from {word} {fmt_scale(ev['first_scale'])}" if isinstance(ev.get("first_scale"), (int, float)) else ""
     elements = f"{ev.get('elements', 0)} elements, " if "elements" in ev else ""
     returned = f"returned {', '.join(map(str, ev.get('returned', [])))}"
     kind = f["kind"]
     if kind == "formula":
         every = ", at every swept scale" if ev.get("every_scale") else ""
-        return f"{d} at scale {fmt_scale(ev.get('smallest_scale'))}{every} ({elements}{points}{bits})"
+        return f"{d} at {word} {fmt_scale(ev.get('smallest_scale'))}{every} ({elements}{points}{bits})"
     if kind == "saturation" and ev.get("clamped"):
         elements += f"{ev['clamped']} clamped, "
     if kind == "reduction":

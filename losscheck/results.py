@@ -68,7 +68,13 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       `backward` (d/dstudent), like `backward_classifier`; `options` may hold `direction`
       ("reverse"; absent: forward), `log_target` (true) and `temperature` (absent: 1).
       Issue 18: losses `focal_loss` and `softmax_focal_loss`; `options` may hold `gamma`
-      (absent: 2) and `alpha` (absent: −1, no α-weighting).
+      (absent: 2) and `alpha` (absent: −1, no α-weighting). An optional top-level
+      `accumulate` list: the config's `accumulate:` section run after the sweep, one object
+      per dtype as `losscheck accumulate --json` prints it ({spec, tokens, outcomes}: see
+      losscheck/accumulate.py); a merge keeps the first shard's. `config` may hold
+      `accumulate` (null: none) and `extra` grids with losses of their own (the run's losses
+      are every grid's). Findings of points with a `temperature` give effective scales
+      (scale / T) and `evidence.temperature`.
 
 Non-finite numbers (an overflowing loss, an infinite ULP distance) are not valid JSON;
 they are written as the strings "inf", "-inf" and "nan" and turned back into floats
@@ -323,6 +329,8 @@ def load(path: str | Path) -> dict:
         problem = _record_problem(rec)
         if problem:
             raise ResultsError(f"{path}: records[{i}]: {problem}")
+    if "accumulate" in data:
+        data["accumulate"] = _accumulate_loaded(path, data["accumulate"])
     if "findings" in data:
         if not isinstance(data["findings"], list):
             raise ResultsError(f"{path}: key 'findings' must be a list")
@@ -467,6 +475,23 @@ def same_config(a: dict, b: dict) -> bool:
         return json.dumps(_encode(a), sort_keys=True) == json.dumps(_encode(b), sort_keys=True)
 
 
+def _accumulate_loaded(path, value) -> list[dict]:
+    """The `accumulate` list with its non-finite numbers back as floats (a NaN loss is what an
+    all-padding micro-batch gives); its shape checked as far as the report reads it."""
+
+    def restore(d: dict) -> dict:
+        return {k: _NONFINITE.get(v, v) if isinstance(v, str) and k != "convention" else v for k, v in d.items()}
+
+    ok = isinstance(value, list) and all(
+        isinstance(r, dict) and isinstance(r.get("spec"), dict) and isinstance(r.get("outcomes"), list)
+        and all(isinstance(o, dict) and isinstance(o.get("grad"), dict) for o in r["outcomes"])
+        for r in value
+    )  # fmt: skip
+    if not ok:
+        raise ResultsError(f"{path}: key 'accumulate' must be a list of {{spec, tokens, outcomes}} objects")
+    return [{**r, "outcomes": [{**restore(o), "grad": restore(o["grad"])} for o in r["outcomes"]]} for r in value]
+
+
 def merge(parts: list[tuple[str, dict]]) -> dict:
     """Merge the results of shards (or of resumed pieces) of one config into one file.
 
@@ -519,4 +544,7 @@ def merge(parts: list[tuple[str, dict]]) -> dict:
         merged["missing_shards"] = missing
         merged["complete"] = merged["complete"] and not missing
     merged["environments"] = [d["environment"] for _, d in parts]
+    accumulated = [d["accumulate"] for _, d in parts if d.get("accumulate")]
+    if accumulated:  # run by the first shard only (bench_run._accumulate)
+        merged["accumulate"] = accumulated[0]
     return merged

@@ -145,7 +145,7 @@ def resolve(config: Config) -> dict[str, dict[str, Impl]]:
             raise LosscheckError(f"{w.name}: its worker process failed {e} (its error is above)") from None
     loaded = {spec.name: custom.load(spec, config.source) for spec in config.custom if spec.name not in workers}
     out = {}
-    for name in config.losses:
+    for name in config.run_losses:  # every grid's (config.Config.run_losses)
         loss = LOSSES[name]
         row = {}
         for i in config.impls_for(name):

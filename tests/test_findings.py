@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losscheck import config as C
-from losscheck import environment, findings, results, sweep
+from losscheck import config as C, environment, findings, results, sweep
 from losscheck.findings import KINDS, findings as find
 from losscheck.metrics import ErrorStats
 
@@ -95,6 +94,33 @@ def test_formula_needs_every_well_conditioned_point_at_small_scales():
     assert kinds([rec(scale=0.5, fwd=tail), rec(scale=1.0), rec(scale=100, fwd=tail)]) == {("torch", "saturation")}
     # Other value sets do not count: wrong at scale 1 only on `extreme` is not a formula error.
     assert kinds([rec(), rec(dist="extreme", fwd=tail)]) == {("torch", "saturation")}
+
+
+def test_a_temperature_makes_the_scale_effective_so_no_formula_at_scale_one():
+    # Soup #719: js_div at temperature 0.05 breaks from the smallest swept scale 1, which is
+    # scale 20 to softmax(x / T). An instability at effective scale 20, not a formula error.
+    nan = {"nan": 4, "max_ulp": math.inf}
+    t = {"temperature": 0.05}
+    recs = [rec(loss="js_div", scale=s, options=t, bwd=nan) for s in (1.0, 20.0)]
+    recs += [rec(loss="js_div", scale=s) for s in (1.0, 20.0)]  # temperature 1: exact
+    [f] = find(recs)
+    assert (f["kind"], f["variant"]) == ("overflow", "temperature=0.05")
+    ev = f["evidence"]
+    assert ev["scales"] == [20.0, 400.0] and ev["first_scale"] == 20.0 and ev["temperature"] == 0.05
+    assert "from effective scale 20 (2 points, effective scales 20, 400: the logit scale over temperature 0.05)" in (
+        f["message"])  # fmt: skip
+    from losscheck.report_findings import where
+
+    assert "from scale/T (T = 0.05) 20 (" in where(f)
+    # The same breakdown with temperature 1 at scale 1 is still a formula error (nothing to explain it).
+    assert kinds([rec(loss="js_div", scale=s, bwd=nan) for s in (1.0, 20.0)]) == {("torch", "formula")}
+    # A temperature above 1 shrinks the scale: wrong at effective scale 0.5 is a formula error.
+    hot = [rec(loss="js_div", scale=s, options={"temperature": 2.0}, bwd=nan) for s in (1.0, 20.0)]
+    [g] = find(hot)
+    assert g["kind"] == "formula" and g["evidence"]["smallest_scale"] == 0.5
+    assert "already at effective scale 0.5" in g["message"]
+    # A probe drops the sweep clause, effective or not.
+    assert "effective" not in find(recs, sweep=False)[0]["message"]
 
 
 def test_formula_must_hold_in_the_widest_dtype_too():

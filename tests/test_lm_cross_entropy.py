@@ -263,36 +263,56 @@ def test_unsloth_10616_softcap_turns_padding_into_minus_cap():
     assert float(stable) == round_exact(exact, "float32").nearest
 
 
-def test_z_loss_fused_kernel_without_its_gradient():
-    """TransformerEngine #2707 / Liger-Kernel #239: z-loss added to a fused kernel whose
-    backward still writes softmax − onehot (the 2λ·lse·p term left out). With λ = 1e-4 the
-    gradient error is 2λ·lse relative: invisible in bfloat16, tens of ULPs in float32 at
-    lse ≈ 40."""
+class _FusedZ(torch.autograd.Function):
+    """A fused cross entropy with z-loss as TransformerEngine #2707 ("Add z_loss_weight to
+    parallel_cross_entropy", NVIDIA/TransformerEngine pull request, 2026-02-26) describes it:
+    lse = m + log(d) from the online softmax's running max m and sum d, the per-token loss
+    lse − x_t + λ·lse², and a backward that scales the softmax gradient by (1 + 2λ·lse).
+    `scaled=False` is the kernel with the z-loss added to the forward only, its backward
+    still softmax − onehot (the term Liger-Kernel #239 derives: 2λ·lse·softmax)."""
 
-    class Fused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, t, lam):
-            lse = torch.logsumexp(x, 1)
-            ctx.save_for_backward(x, t)
-            return (F.cross_entropy(x, t, reduction="none") + lam * lse**2).sum()
+    @staticmethod
+    def forward(ctx, x, t, lam, scaled):
+        m = x.max(1, keepdim=True).values
+        d = torch.exp(x - m).sum(1, keepdim=True)
+        lse = (m + torch.log(d)).squeeze(1)
+        ctx.save_for_backward(x, t, lse)
+        ctx.lam, ctx.scaled = lam, scaled
+        return (lse - x.gather(1, t[:, None]).squeeze(1) + lam * lse**2).sum()
 
-        @staticmethod
-        def backward(ctx, g):
-            x, t = ctx.saved_tensors
-            return g * (torch.softmax(x, 1) - F.one_hot(t, x.shape[1])), None, None
+    @staticmethod
+    def backward(ctx, g):
+        x, t, lse = ctx.saved_tensors
+        p = torch.softmax(x, 1)
+        if ctx.scaled:
+            p = p * (1 + 2 * ctx.lam * lse)[:, None]
+        return g * (p - F.one_hot(t, x.shape[1])), None, None, None
 
+
+def test_te_2707_z_loss_in_the_fused_kernel():
+    """TransformerEngine #2707 / Liger-Kernel #239: the kernel's (1 + 2λ·lse) scaling is the exact
+    gradient (within a few ULPs of float32, against mpmath); the same kernel with the z-loss in
+    the forward only is 2λ·lse relative off — at λ = 1e-4 and lse ≈ 40 (logits around 40, as
+    z-loss is meant to prevent) tens of ULPs in float32, invisible in bfloat16."""
     x, t = _rows(seed=8, n=4, v=9, scale=3.0)
     x = (x + 40.0).to(torch.float32).to(torch.float64)
-    x32 = x.to(torch.float32).requires_grad_()
-    Fused.apply(x32, t, 1e-4).backward()
     rows = _exact_rows(x, t, {"z_loss": 1e-4})
-    ref = reference(CE, x32.detach(), t, {"z_loss": 1e-4}, "sum")
+    ref = reference(CE, x.to(torch.float32), t, {"z_loss": 1e-4}, "sum")
     for i, (_, g) in enumerate(rows):
         for j, gj in enumerate(g):
             assert float(ref.grad[i, j]) == round_exact(gj, "float32").nearest
     ulp = torch.finfo(torch.float32).eps * ref.grad.abs()
-    assert ((x32.grad - ref.grad).abs() / ulp).max() > 16
-    out, grad, _ = _impl_error("stable", x32.detach(), t, {"z_loss": 1e-4})
+    errors = {}
+    for scaled in (True, False):
+        x32 = x.to(torch.float32).requires_grad_()
+        loss = _FusedZ.apply(x32, t, 1e-4, scaled)
+        loss.backward()
+        errors[scaled] = float(((x32.grad - ref.grad).abs() / ulp).max())
+        exact_loss = MP.fsum(r[0] for r in rows)
+        assert abs(float(loss.detach()) - float(exact_loss)) <= 4 * 2**-24 * float(exact_loss)  # forward right
+    assert errors[True] <= 8  # the PR's backward: a few ULPs
+    assert errors[False] > 16  # without the 2λ·lse·p term
+    out, grad, _ = _impl_error("stable", x.to(torch.float32), t, {"z_loss": 1e-4})
     assert ((grad - ref.grad).abs() <= ulp).all()
 
 

@@ -5,8 +5,9 @@ like the code of the thread, and the correct value from mpmath:
 
 * TRL #2799 / OpenRLHF #718: the memory-saving x_t − logsumexp(x) in bfloat16 cancels;
 * genlm-backend #66: bfloat16 log-probabilities of tail tokens are 0.126 nats off (storage);
-* open-instruct #1387: a trainer's log(softmax(x)) in float16 is nats away from inference's;
-* TRL #7084: a kernel path that skips the float32 upcast.
+* open-instruct #1387: the LM head's logits rounded to bfloat16 move log-probabilities by nats
+  over a sequence; a float32 head does not;
+* TRL #7084: a kernel path that skips the float32 upcast (a review finding on the PR).
 """
 from __future__ import annotations
 
@@ -105,14 +106,10 @@ def gather_lse(x, t, reduction="mean"):
     out = x.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
     return out if reduction == "none" else out.mean()
 
-def trainer_logprobs(x, t, reduction="mean"):
-    # open-instruct #1387's trainer side: log(softmax(x)) in the model's half precision.
-    out = torch.log(torch.softmax(x, -1)).gather(-1, t[:, None]).squeeze(-1)
-    return out if reduction == "none" else out.mean()
-
 def kernel_no_upcast(x, t, reduction="mean"):
-    # TRL #7084: the selective log-softmax kernel on the bfloat16 logits, its log-probabilities
-    # and the sequence's sum in bfloat16 (the chunked path upcasts with .float() first).
+    # TRL #7084: liger_selective_log_softmax called on the bfloat16 logits (the CUDA path of
+    # `_selective_log_softmax`), its log-probabilities and the sequence's sum in bfloat16, where
+    # chunk_forward and the CPU fallback upcast with .float() before log_softmax.
     out = F.log_softmax(x, -1).gather(-1, t[:, None]).squeeze(-1)
     return out if reduction == "none" else out.sum() if reduction == "sum" else out.mean()
 '''
@@ -170,25 +167,43 @@ def test_genlm_66_bfloat16_tail_logprobs_are_a_tenth_of_a_nat_off(tmp_path):
     assert abs(round_exact(exact, "bfloat16").nearest - float(exact)) == pytest.approx(0.0625, rel=1e-9)
 
 
-def test_open_instruct_1387_trainer_log_softmax_in_float16_is_nats_off(tmp_path, impls):
-    # The trainer's log(softmax(x)) in float16 flushes tail probabilities below 6e−8 (log p < −16.6)
-    # to subnormals or zero: its log-probabilities are whole nats (or infinitely many) away from
-    # the exact ones, which inference's float32 log_softmax (here: stable) gets to 0.008 nats.
-    data = bench_results(tmp_path, _config("[token_logprobs]", "[float16]", "[confident_wrong]", "[20]"),
-                  "--impl", f"token_logprobs={impls}:trainer_logprobs")
-    by = _by(data)
-    trainer = _custom(by, "trainer_logprobs")[("float16", "confident_wrong", 20.0, "native")]["forward"]
-    assert trainer["abs_nats"]["max"] >= 2
-    stable = by[("stable", "float16", "confident_wrong", 20.0, "native")]["forward"]
-    assert stable["abs_nats"]["max"] <= 2**-7
-    # mpmath: log p = −20 exactly where the others are 20 below: float16's log(softmax) is off by > 2 nats.
-    x = torch.tensor([[20.0, 0.0, 0.0]], dtype=torch.float16)
-    exact, _ = exact_logprob(x[0].tolist(), 1)
-    naive = float(torch.log(torch.softmax(x, -1))[0, 1])
-    assert abs(naive - float(exact)) > 2 or math.isinf(naive)
+def test_open_instruct_1387_bf16_lm_head_moves_log_probs():
+    # open-instruct #1387 ("Add fp32 LM head option for GRPO", allenai/open-instruct pull request,
+    # 2026-01-19): vLLM's and the trainer's log-probs of the same sequences "can diverge by 2-24+
+    # nats" through "bf16 precision loss in the LM head projection (hidden @ lm_head.T -> logits
+    # -> softmax -> logprobs)"; the fix runs the head in fp32. Here the head alone, on one
+    # 2048-token sequence (hidden size 256, vocabulary 4096, logits to about ±20): the exact
+    # log-probabilities come from losscheck's token_logprobs reference on the float64 logits
+    # (every bf16 × bf16 product is exact in float64), checked against mpmath on the worst token.
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 2048, 256, 4096
+    hidden = torch.randn(n, h, generator=g).to(torch.bfloat16)
+    head = (torch.randn(v, h, generator=g) * 4 / h**0.5).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    z64 = hidden.double() @ head.double().T
+    exact = reference(TOKEN, z64, t, {}, "none").exact
+
+    def logprobs(z):  # the sampler's and the trainer's float32 log_softmax of the logits
+        return torch.log_softmax(z.float(), -1).gather(1, t[:, None]).squeeze(1).double()
+
+    bf16_head = logprobs(hidden @ head.T) - exact  # the logits rounded to bfloat16 first
+    fp32_head = logprobs(hidden.float() @ head.float().T) - exact
+    assert bf16_head.abs().max() > 0.03 and abs(float(bf16_head.sum())) > 0.3  # nats, one token / the sequence
+    assert 2 <= float(bf16_head.abs().sum()) <= 24  # Σ|error| over the sequence: the thread's range
+    assert fp32_head.abs().max() < 1e-5 and abs(float(fp32_head.sum())) < 1e-3
+    i = int(bf16_head.abs().argmax())
+    row = [math.fsum(float(a) * float(b) for a, b in zip(hidden[i].tolist(), head[j].tolist(), strict=True))
+           for j in range(v)]  # fmt: skip
+    value, _ = exact_logprob(row, int(t[i]))
+    assert abs(float(exact[i]) - float(value)) <= 1e-12 * abs(float(value))
 
 
 def test_trl_7084_kernel_without_the_float32_upcast(tmp_path, impls):
+    # TRL #7084 ("Support precomputed reference log-probs with fused DPO", huggingface/trl pull
+    # request; cursor[bot]'s review of trl/losses/fused_linear_preference.py, 2026-09-06,
+    # "Selective log-softmax skips FP32 upcast"): the new CUDA path runs the selective
+    # log-softmax on the original BF16/FP16 logits, so policy log-probs disagree with the
+    # chunked fused loss and with cached reference scores, which upcast first.
     # A sequence's log-probability (the sum over its 64 tokens, about −1900 here) from a kernel
     # that keeps bfloat16: bfloat16's ULP is 8 at that size, so the sequence log-prob that DPO
     # compares with cached reference scores is nats off; the upcast path (`precision: upcast`:
