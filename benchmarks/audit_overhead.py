@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import losscheck  # noqa: F401  (before torch: its OpenMP wait policy, as the CLI runs, losscheck/__init__.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (loss, batch, classes, sequence length) at the sizes of the issue.
@@ -137,7 +140,8 @@ def main() -> int:
     help_s = wall([exe, "--help"])
     click_s = wall([sys.executable, "-c", "import click"])
     out.update({"help_s": help_s, "import_click_s": click_s})
-    print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads)")
+    print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
     print(tabulate(rows, headers=["loss", "size", "dtype", "torch fwd+bwd ms", "inputs ms", "reference ms",
                                   "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd",
                                   "3 built-ins ms", "overhead per impl / fwd+bwd"],
