@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import assert_one_error_line
+from helpers import assert_one_error_line, bench_results
 
 from losscheck import config as C, results, sweep
 from losscheck.cli import main
@@ -190,7 +190,9 @@ def test_llm_yaml_covers_every_loss_of_issue_18_at_real_vocabularies():
     vocab = {c.loss: set() for c in cases}
     for c in cases:
         vocab[c.loss].add(c.classes)
-        assert c.dtype in ("float32", "bfloat16")
+        # float64 only where it tells a formula error from a cancelling element (findings.py).
+        assert c.dtype in ("float32", "bfloat16") or (c.dtype == "float64" and c.classes == 32000 and c.scale == 1)
+    assert {c.loss for c in cases if c.dtype == "float64"} == {"token_logprobs", "entropy", "kl_div", "js_div"}
     for loss in ("cross_entropy", "sharded_cross_entropy", "token_logprobs", "entropy", "kl_div", "js_div"):
         assert vocab[loss] == {32000, 128256, 152064}, loss
     options = {k for c in cases for k, _ in c.options}
@@ -198,3 +200,32 @@ def test_llm_yaml_covers_every_loss_of_issue_18_at_real_vocabularies():
             "log_target", "temperature", "gamma", "alpha"} <= options  # fmt: skip
     assert max(sweep.estimate_bytes(c) for c in cases) < 64 << 20  # a few MiB a point
     assert cfg.accumulate is not None and cfg.accumulate["masked"] >= 1 and cfg.accumulate["vocab"] == 32000
+
+
+_JS_ENTROPY = """
+name: c
+losses: [js_div, entropy]
+implementations: [torch]
+scales: [1]
+batch_sizes: [2]
+classes: [32000]
+dtypes: [float32]
+distributions: [normal]
+timing: false
+seed: 0
+"""
+
+
+def test_float64_grid_keeps_cancelling_gradients_of_js_and_entropy_from_being_called_formula_errors(tmp_path):
+    """torch's JS and entropy gradients cancel at scale 1 (c_j ≈ Σ P c, log p_j ≈ -H): float32 loses
+    over 12 bits at some elements. With float32 the widest dtype swept, the findings can only call
+    that a formula error; llm.yaml's float64 grid shows the formula right, so it is a saturation."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alone = bench_results(tmp_path / "a", _JS_ENTROPY)
+    kinds = {(f["loss"], f["kind"]) for f in alone["findings"] if f["dtype"] == "float32"}
+    assert {("js_div", "formula"), ("entropy", "formula")} <= kinds
+    wide = bench_results(tmp_path / "b", _JS_ENTROPY + "extra:\n  - dtypes: [float64]\n")
+    kinds = {(f["loss"], f["kind"]) for f in wide["findings"] if f["dtype"] == "float32"}
+    assert ("js_div", "formula") not in kinds and ("entropy", "formula") not in kinds
+    assert {("js_div", "saturation"), ("entropy", "saturation")} <= kinds
