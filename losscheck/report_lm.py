@@ -69,7 +69,8 @@ class _Worst:
     points: int = 0
     nonfinite: int = 0
     bits: float = 0.0
-    nats: float | None = None
+    nats: float | None = None  # the largest finite error in nats
+    nats_nonfinite: int = 0  # points whose error in nats is NaN or infinite (a NaN/inf value)
 
     def add(self, r: dict) -> None:
         self.points += 1
@@ -78,10 +79,21 @@ class _Worst:
         self.bits = max(self.bits, bits)
         nats = (r.get("forward") or {}).get("abs_nats") or {}
         if isinstance(nats.get("max"), (int, float)):
-            self.nats = max(self.nats or 0.0, float(nats["max"]))
+            if math.isfinite(nats["max"]):
+                self.nats = max(self.nats or 0.0, float(nats["max"]))
+            else:
+                self.nats_nonfinite += 1
+
+    def nats_text(self) -> str:
+        """'up to X nats' over the finite errors, and how many points had none (a NaN/inf value):
+        'up to inf nats' would hide the finite points' error behind the broken ones."""
+        parts = [] if self.nats is None else [f"up to {self.nats:.3g} nats"]
+        if self.nats_nonfinite:
+            parts.append(f"NaN/inf at {self.nats_nonfinite} of {self.points} points")
+        return ", ".join(parts)
 
     def text(self) -> str:
-        nats = "" if self.nats is None else f", up to {self.nats:.3g} nats"
+        nats = f", {self.nats_text()}" if self.nats is not None or self.nats_nonfinite else ""
         bad = f"{self.nonfinite} NaN/inf elements, " if self.nonfinite else ""
         return f"{bad}worst {self.bits:.1f} bits lost{nats} ({self.points} points)"
 
@@ -163,9 +175,9 @@ def lines(records: list[dict]) -> list[str]:
         per_dtype: dict[tuple, _Worst] = {}
         for r in _side(records, loss, Side("torch")).values():
             per_dtype.setdefault((r["dtype"], r["device"]), _Worst()).add(r)
-        measured = {k: w for k, w in per_dtype.items() if w.nats is not None}
+        measured = {k: w for k, w in per_dtype.items() if w.nats is not None or w.nats_nonfinite}
         if len(measured) > 1:
-            parts = [f"{label_dtype(*k)} up to {w.nats:.3g} nats" for k, w in sorted(
+            parts = [f"{label_dtype(*k)} {w.nats_text()}" for k, w in sorted(
                 measured.items(), key=lambda kv: dtype_rank(kv[0][0]))]  # fmt: skip
             out.append(f"- Dtype, `torch` {loss} over every option swept: " + "; ".join(parts) + ".")
     return out

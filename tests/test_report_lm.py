@@ -4,6 +4,8 @@ gather − logsumexp in bfloat16) and on synthetic records for the verdict's rul
 
 from __future__ import annotations
 
+import math
+
 from helpers import bench_results
 
 from losscheck import analysis as A, report_lm
@@ -72,3 +74,16 @@ def test_the_verdict_needs_a_difference_the_records_show():
     assert report_lm.lines([_rec("torch", cap)]) == []
     assert report_lm.lines([_rec("torch", {"softcap": 10.0}), _rec("stable", {"softcap": 10.0})]) == []
     assert report_lm.section([]) == ""
+
+
+def test_the_dtype_line_gives_the_finite_error_in_nats_and_counts_the_broken_points():
+    """A NaN/inf value has an infinite error in nats: 'up to inf nats' would hide the error of
+    every finite point, so the line gives the finite maximum and how many points had none."""
+    recs = [
+        {**_rec("torch", {}, nats=2e-8), "loss": "js_div"},
+        {**_rec("torch", {}, nats=math.inf, scale=20.0), "loss": "js_div"},
+        {**_rec("torch", {}, dtype="bfloat16", nats=1.7e-3), "loss": "js_div"},
+    ]
+    [line] = [x for x in report_lm.lines(recs) if x.startswith("- Dtype")]
+    assert "float32 up to 2e-08 nats, NaN/inf at 1 of 2 points" in line and "bfloat16 up to 0.0017 nats" in line
+    assert "inf nats" not in line
