@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import losscheck  # noqa: F401  (before torch: its OpenMP wait policy, as the CLI runs, losscheck/__init__.py)
+import losscheck.cli  # noqa: F401  (before torch: the OpenMP wait policy the command line runs with)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (loss, batch, classes, sequence length) at the sizes of the issue.

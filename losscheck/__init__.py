@@ -6,17 +6,7 @@ input. Each name is imported on first use, so that `import losscheck` (and `loss
 imports neither torch nor any command module.
 """
 
-import os
-
 __version__ = "0.1.0"
-
-# OpenMP's worker threads sleep as soon as a parallel region ends instead of spinning for it
-# (libgomp reads this once, when torch loads it: hence here, before any module imports torch).
-# On a shared CPU a spinning worker takes the time slices of the thread that issues the
-# audit's next operation: on this 2-core machine with other jobs running, small operations took
-# 15 ms instead of 7 µs and a 4096 × 1000 float32 point 8-16 times as long (issue 13). Set
-# OMP_WAIT_POLICY=ACTIVE to keep libgomp's spinning.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> the module that defines it.
 _EXPORTS = {

@@ -11,11 +11,23 @@ probe_command.py), and lists the commands from the summaries kept here, so that 
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
 from . import __version__, verbosity
 from .errors import LosscheckError
+
+# OpenMP's worker threads sleep as soon as a parallel region ends instead of spinning for up to
+# ~3 ms (libgomp reads this once, when torch loads it: hence here, before a command imports
+# torch; the worker processes inherit it). On a shared CPU a spinning worker takes the time
+# slices of the thread that issues the audit's next operation. benchmarks/audit_overhead.py
+# --quick, side by side on the 2-core dev machine (ms per bench point, CE 1024 x 1000 /
+# BCE-with-logits 2^18 float32): idle, libgomp's default 17.4 / 18.2, PASSIVE 23-39 / 31-33;
+# with one core busy (`yes`, the CI runner's neighbour), default 207 / 295, PASSIVE 27 / 30.
+# The command line only: `import losscheck` leaves the policy of a user's process alone. Set
+# OMP_WAIT_POLICY (or GOMP_SPINCOUNT) to choose otherwise; results record it (environment).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> (module, attribute, summary). The summary is the first paragraph of the command's
 # docstring, as `--help` lists it (tests/test_cli_startup.py checks that they agree). Each fits

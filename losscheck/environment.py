@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def capture(threads: int) -> dict:
         "torch_git": getattr(torch.version, "git_version", None),
         "cpu_count": _cpu_count(),
         "threads": threads,
+        # OpenMP's wait policy as this process set it (cli.py), null where unset: it moves timings.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "devices": devices,
         "cuda": torch.version.cuda,
         "git_revision": git_revision(),
