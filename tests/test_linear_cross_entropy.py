@@ -338,3 +338,17 @@ def test_stable_never_loses_more_than_a_bit_more_than_torch(tmp_path):
     assert not worse, worse
     # The test can fail: stable is not better than torch everywhere by a mile.
     assert max(margin) > -1, max(margin)
+
+
+def test_logits_precisions_axis_and_errors():
+    cfg = parse_config(CONFIG)  # float32 and float64
+    sets = cfg.option_sets(LOSS.name)
+    assert {s.get("logits_precision", "float32") for s in sets} == {"float32", "float64"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(CONFIG.replace("[float32, float64]", "[float16]"), "lin.yaml")
+    assert info.value.key == "logits_precisions" and "float16" in str(info.value)
+    data = _point(logits_precision="float64")
+    assert data.options["logits_precision"] == "float64"
+    assert "logits_precision" not in _point().options  # the default is not passed
+    with pytest.raises(ValueError, match="logits_precision 'half'"):
+        lce.stable(*LOSS.split(data.inp, data.target), data.target, logits_precision="half")

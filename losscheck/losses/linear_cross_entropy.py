@@ -127,11 +127,34 @@ def framework(
     )
 
 
-def _chunk_logits(hg, classifier, part, bias, c):
-    """One vocabulary chunk's logits, in the GEMM's dtype (the subtraction of the row maximum
-    then promotes them to `c` in the same pass), or in `c` with the bias added there."""
-    z = hg @ classifier[part].to(hg.dtype).T
-    return z if bias is None else z.to(c).add_(bias[part].to(c))
+class _Blocks:
+    """Two (N, chunk) buffers reused by every chunk: the logits in the GEMM's dtype and
+    exp(z − m) in the compute dtype `c` (one buffer where the two dtypes agree). A fresh block
+    per chunk (32 MiB in float64) costs a page fault per page on first touch, and a subtraction
+    of mixed dtypes a hidden copy."""
+
+    def __init__(self, n: int, parts: list[slice], lg: torch.dtype, c: torch.dtype, device):
+        size = n * max(p.stop - p.start for p in parts)
+        self.n, self.c = n, c
+        self.z = torch.empty(size, dtype=lg, device=device)
+        self.e = torch.empty(size, dtype=c, device=device) if c != lg else self.z
+
+    def _view(self, buf: torch.Tensor, part: slice) -> torch.Tensor:
+        width = part.stop - part.start
+        return buf[: self.n * width].view(self.n, width)
+
+    def logits(self, hg, classifier, part, bias):
+        """The chunk's logits: in the GEMM's dtype, or in `c` with the bias added there."""
+        z = torch.mm(hg, classifier[part].to(hg.dtype).T, out=self._view(self.z, part))
+        if bias is None:
+            return z
+        e = self._view(self.e, part)
+        return (e if e is z else e.copy_(z)).add_(bias[part].to(self.c))
+
+    def exp_shifted(self, z, m, part):
+        """exp(z − m) in `c` (z of `logits`; overwritten where it has the dtype `c`)."""
+        e = self._view(self.e, part)
+        return (e if e.data_ptr() == z.data_ptr() else e.copy_(z)).sub_(m[:, None]).exp_()
 
 
 def _dtypes(dtype: torch.dtype, device, logits_precision: str) -> tuple[torch.dtype, torch.dtype]:
@@ -168,8 +191,10 @@ class _StableLinear(torch.autograd.Function):
         k = torch.zeros(n, dtype=torch.int64, device=hidden.device)
         zt = torch.zeros(n, dtype=c, device=hidden.device)
         gaps = torch.zeros(n, dtype=c, device=hidden.device) if label_smoothing else None  # Σ_j (m − z_j)
-        for part in _chunk_slices(n, v, chunks):
-            z = _chunk_logits(hg, classifier, part, bias, c)
+        parts = _chunk_slices(n, v, chunks)
+        blocks = _Blocks(n, parts, lg, c, hidden.device)
+        for part in parts:
+            z = blocks.logits(hg, classifier, part, bias)
             inside = (safe >= part.start) & (safe < part.stop)
             local = (safe - part.start).clamp(0, part.stop - part.start - 1)
             zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1).to(c), zt)
@@ -182,7 +207,7 @@ class _StableLinear(torch.autograd.Function):
                 seen = float(part.start)
                 grow = torch.where(m == -math.inf, 0.0, (new_m - m) * seen)
                 gaps = gaps + grow + (new_m[:, None] - z).sum(1)
-            e = torch.sub(z, new_m[:, None]).exp_()
+            e = blocks.exp_shifted(z, new_m, part)
             del z
             rows = torch.arange(n, device=hidden.device)
             e[rows[moved], ck[moved]] = 0.0  # the new maximum is the 1 outside s
@@ -242,9 +267,10 @@ class _StableLinear(torch.autograd.Function):
         rows = torch.arange(n, device=hidden.device)
         # p_j = e_j·(1/(1 + s)): one pass over the chunk for the division.
         factor = (1 / total)[:, None]
-        for part in _chunk_slices(n, v, chunks):
-            g = _chunk_logits(hg, classifier, part, bias, c)
-            g = torch.sub(g, m[:, None]).exp_()  # promoted to the compute dtype
+        parts = _chunk_slices(n, v, chunks)
+        blocks = _Blocks(n, parts, lg, c, hidden.device)
+        for part in parts:
+            g = blocks.exp_shifted(blocks.logits(hg, classifier, part, bias), m, part)
             et = g.gather(1, (safe - part.start).clamp(0, part.stop - part.start - 1)[:, None]).squeeze(1)
             g.mul_(factor)
             if eps:
