@@ -37,16 +37,21 @@ dtype and (N, H) in it; by default a chunk holds at most CHUNK_ELEMENTS logits.
 
 ``logits_precision`` (an option of stable only, swept by the config key `logits_precisions`):
 
-* ``float32`` (the default): the logits' GEMMs in float32 (float64 inputs: float64), as torch
+* ``float32`` (the default): the logits' GEMMs in float32 (float64 for float64 inputs), as torch
   forms them. Each logit then carries the GEMM's rounding, about 2**-24·Σ_k|h_k·W_jk|, and so
-  does every p_j: dL/dclassifier loses about as many bits as torch's on confident rows (and
-  at most 1 more anywhere: tests/test_linear_cross_entropy.py); the loss and dL/dhidden stay
-  ahead of torch's. Time at 2048 × 512 × 128000 float32: see benchmarks/linear_ce_memory.py
-  (within 2× torch's; figures in docs/METRICS.md).
+  does every p_j: dL/dclassifier loses about as many bits as torch's on confident rows (18.7
+  against torch's 24 at confident_correct, scale 50, V 1000; at most 1 more than torch at any
+  point of configs/linear.yaml's value sets: tests/test_linear_cross_entropy.py); the loss and
+  dL/dhidden stay ahead of torch's. 2.67× torch's time at 2048 × 512 × 128000 float32 on the
+  loaded 2-core machine (benchmarks/linear_ce_memory.py; docs/METRICS.md).
 * ``float64``: the logits' GEMMs and the softmax work in float64 (every product of float32 or
   half values exact there, sums within γ_H): dL/dclassifier correctly rounded but for a bit,
-  at every point; the two logit GEMMs in float64 cost twice the float32 ones, about 2.3×
-  torch's time at that point.
+  at every point; the two logit GEMMs in float64 cost twice the float32 ones: 3.22× torch's
+  time at that point.
+
+Both sum dL/dhidden and dL/dclassifier in float64 GEMMs (see `_StableLinear.backward`): two
+float32 and two float64 GEMMs per chunk against torch's three float32 ones, which is why the
+issue's 2× time is not met.
 """
 
 from __future__ import annotations
