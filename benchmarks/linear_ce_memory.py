@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from losscheck import memory
-from losscheck.losses import LOSSES, reference
-from losscheck.losses import linear_cross_entropy as lce
+from losscheck.losses import LOSSES, linear_cross_entropy as lce, reference
 from losscheck.metrics import ErrorStats
 from losscheck.sweep import Case, point_data
 
