@@ -31,10 +31,11 @@ OPTION_DEFAULTS = {
     "label_smoothing": 0.0,
     "ignored": 0.0,
     "targets": "hard",
-    # linear_cross_entropy: the hidden size H, and the vocabulary chunks of chunked
-    # implementations (0: their own choice).
+    # linear_cross_entropy: the hidden size H, the vocabulary chunks of chunked
+    # implementations (0: their own choice), and the dtype of stable's logit GEMMs.
     "hidden": 256,
     "chunks": 0,
+    "logits_precision": "float32",
     "precision": "native",
     "spatial": "none",
     "dim": -1,
@@ -59,6 +60,8 @@ OPTION_DEFAULTS = {
     "alpha": -1.0,
 }
 SMOOTHING_CONVENTIONS = ("alpha_over_k", "alpha_v_over_v_minus_1")
+# linear_cross_entropy's stable: its logit GEMMs as torch's (float32) or exact products summed in float64.
+LOGITS_PRECISIONS = ("float32", "float64")
 # Mistakes of vocabulary-parallel cross entropy, run by `naive` when a point names one (never by
 # default): Megatron-LM #737, the +log(shards) path, #1754, Liger-Kernel #1260.
 SHARD_MISTAKES = ("none", "local_smoothing", "log_shards", "uneven_split", "smoothing_formula")
@@ -208,7 +211,7 @@ LOSS_INFO: dict[str, LossInfo] = {
                 r"\ell = (m - z_t) + \operatorname{log1p}(s)",
                 gradient=r"\partial\ell/\partial h = (p - e_t) W,\ \partial\ell/\partial W = (p - e_t)^T h",
             ),
-            options=("label_smoothing", "ignored", "hidden", "chunks"),
+            options=("label_smoothing", "ignored", "hidden", "chunks", "logits_precision"),
         ),
         LossInfo(
             name="token_logprobs",

@@ -20,6 +20,7 @@ from .catalog import (  # noqa: F401  (BUILTIN_IMPLS: config.<name> for its user
     BUILTIN_IMPLS,
     DEFAULT_IMPLS,
     EVERY_LOSS_OPTIONS,
+    LOGITS_PRECISIONS,
     OPTION_DEFAULTS,
     PRECISIONS,
     REDUCTIONS,
@@ -64,6 +65,7 @@ OPTION_AXES = {
     "labels": "labels",
     "hidden": "hidden_sizes",
     "chunks": "chunks",
+    "logits_precision": "logits_precisions",
     "z_loss": "z_loss",
     "softcap": "softcap",
     "masked_vocab": "masked_vocab",
@@ -117,6 +119,7 @@ class Config:
     dims: tuple[int, ...] = (-1,)
     hidden_sizes: tuple[int, ...] = (256,)  # OPTION_DEFAULTS["hidden"]
     chunks: tuple[int, ...] = (0,)  # OPTION_DEFAULTS["chunks"]: the implementation's own choice
+    logits_precisions: tuple[str, ...] = ("float32",)  # OPTION_DEFAULTS["logits_precision"]
     # Language-model cross-entropy options (issue 18): see OPTION_DEFAULTS and KEYS.
     z_loss: tuple[float, ...] = (0.0,)
     softcap: tuple[float, ...] = (0.0,)
@@ -242,6 +245,7 @@ class Config:
             "dims": list(self.dims),
             "hidden_sizes": list(self.hidden_sizes),
             "chunks": list(self.chunks),
+            "logits_precisions": list(self.logits_precisions),
             "z_loss": list(self.z_loss),
             "softcap": list(self.softcap),
             "masked_vocab": list(self.masked_vocab),
@@ -348,6 +352,8 @@ KEYS = {
     "hidden_sizes": "list of positive integers (linear_cross_entropy: hidden size H; default [256])",
     "chunks": "list of integers >= 0 (linear_cross_entropy: vocabulary chunks of chunked implementations; "
     "0: their own choice)",
+    "logits_precisions": "list of float32, float64 (linear_cross_entropy: the dtype of stable's logit GEMMs; "
+    "default [float32])",
     "z_loss": "list of numbers >= 0 (cross entropy: λ of the z-loss λ·logsumexp², 0: none)",
     "softcap": "list of numbers >= 0 (cross entropy: the cap c of c·tanh(x/c) on finite logits, 0: none)",
     "masked_vocab": "list of numbers >= 0 (cross entropy: vocabulary entries set to -inf, a share < 1 or "
@@ -374,9 +380,9 @@ KEYS = {
 EXTRA_KEYS = (
     "losses", "scales", "batch_sizes", "classes", "dtypes", "devices", "distributions", "reductions", "weights",
     "pos_weights", "labels", "label_smoothing", "ignored", "targets", "precision", "sequence_lengths",
-    "grad_outputs", "spatial", "dims", "hidden_sizes", "chunks", "z_loss", "softcap", "masked_vocab",
-    "smoothing_conventions", "shards", "shard_mistakes", "directions", "log_target", "temperatures", "gammas",
-    "alphas",
+    "grad_outputs", "spatial", "dims", "hidden_sizes", "chunks", "logits_precisions", "z_loss", "softcap",
+    "masked_vocab", "smoothing_conventions", "shards", "shard_mistakes", "directions", "log_target",
+    "temperatures", "gammas", "alphas",
 )  # fmt: skip
 DEFAULTS = {"classes": (10,), "devices": ("cpu",), "seed": 0, "implementations": DEFAULT_IMPLS}
 
@@ -460,6 +466,9 @@ def _build(data: dict, source: str) -> Config:
         dims=v.dims(data),
         hidden_sizes=v.ints(data, "hidden_sizes", minimum=1, default=(OPTION_DEFAULTS["hidden"],)),
         chunks=v.ints(data, "chunks", minimum=0, default=(OPTION_DEFAULTS["chunks"],)),
+        logits_precisions=v.choices(
+            data, "logits_precisions", LOGITS_PRECISIONS, (OPTION_DEFAULTS["logits_precision"],)
+        ),
         z_loss=v.numbers(data, "z_loss", default=(0.0,)),
         softcap=v.numbers(data, "softcap", default=(0.0,)),
         masked_vocab=v.masked_vocab(data),

@@ -156,6 +156,8 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
             options[name] = float(opts[name])
     if opts.get("chunks"):
         options["chunks"] = int(opts["chunks"])
+    if "logits_precision" in opts:
+        options["logits_precision"] = opts["logits_precision"]
     if "soft" in values:
         if case.distribution in inputs.MASKED_SOFT or "masked_vocab" in opts:
             values["soft"] = inputs.zero_masked(values["soft"], inp)

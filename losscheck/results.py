@@ -57,7 +57,8 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       classifier, issue 19) add `backward_classifier` beside `backward` (dL/dhidden): the
       same metric object, null or absent where not measured; `memory.logits_bytes` (the bytes
       the N × V logits take in the dtype); `options` may hold `hidden` (the hidden size,
-      absent: 256) and `chunks` (stable's vocabulary chunks, absent: its own choice).
+      absent: 256), `chunks` (stable's vocabulary chunks, absent: its own choice) and
+      `logits_precision` (`float64`: stable's logit GEMMs in float64; absent: `float32`).
       Issue 18 (language-model cross entropy): `options` may hold `z_loss`, `softcap`,
       `masked_vocab` (numbers), `smoothing_convention` (`alpha_v_over_v_minus_1`; absent:
       `alpha_over_k`), and for `sharded_cross_entropy` `shards` and `shard_mistake`; absent

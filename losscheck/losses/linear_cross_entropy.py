@@ -20,20 +20,37 @@ the check for writes into the input) then handles a second differentiated input 
 knowing it; the implementations receive views of it.
 
 `stable` chunks over the vocabulary (`_StableLinear`): the forward computes each chunk's
-logits (N, V/chunks) by a GEMM in `compute_dtype` (float64 for float32 inputs: every product of
-two float32 values is exact there; float32 for half ones, exact products too) and keeps an
-online logsumexp per row — the running maximum m, its index k and s = Σ_{j≠k} exp(z_j − m),
-rescaled when m grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms
-(nothing cancels on confident rows). The backward recomputes each chunk's logits and forms
+logits (N, V/chunks) by a GEMM in the dtype `logits_precision` names (see below) and keeps an
+online logsumexp per row, in the compute dtype (float64 for float32 inputs, float32 for half
+ones) — the running maximum m, its index k and s = Σ_{j≠k} exp(z_j − m), rescaled when m
+grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms (nothing cancels on
+confident rows). The backward recomputes each chunk's logits by the same GEMM (bit for bit:
+m and s must come from the logits the gradient's p is formed of, or Σp = 1 breaks) and forms
 its gradient dL/dz exactly as cross_entropy's stable does (p_t − 1 = −(1 + s − e_t)/(1 + s),
 without cancellation); dL/dhidden is accumulated over the chunks in the compute dtype and
 rounded once (each chunk's GEMM in float32, rows scaled by powers of two so that nothing
 underflows), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
 tokens (one GEMM in the compute dtype — float64 for float32 inputs, Liger-Kernel #1391 —
-rounded once): chunking over the vocabulary needs no
-dL/dclassifier accumulator across chunks. Memory beyond the inputs and gradients: a few
-(N, V/chunks) blocks in the compute dtype and (N, H) in it; by default a chunk holds at most
-CHUNK_ELEMENTS logits.
+rounded once): chunking over the vocabulary needs no dL/dclassifier accumulator across
+chunks. Memory beyond the inputs and gradients: a few (N, V/chunks) blocks in the compute
+dtype and (N, H) in it; by default a chunk holds at most CHUNK_ELEMENTS logits.
+
+``logits_precision`` (an option of stable only, swept by the config key `logits_precisions`):
+
+* ``float32`` (the default): the logits' GEMMs in float32 (float64 for float64 inputs), as torch
+  forms them. Each logit then carries the GEMM's rounding, about 2**-24·Σ_k|h_k·W_jk|, and so
+  does every p_j: dL/dclassifier loses about as many bits as torch's on confident rows (18.7
+  against torch's 24 at confident_correct, scale 50, V 1000; at most 1 more than torch at any
+  point of configs/linear.yaml's value sets: tests/test_linear_cross_entropy.py); the loss and
+  dL/dhidden stay ahead of torch's. 1.05× torch's time at 2048 × 512 × 128000 float32 on the
+  loaded 2-core machine (benchmarks/linear_ce_memory.py, min of 2; 2.48× at V 16000, where torch
+  does not pay for 1 GB blocks; docs/METRICS.md).
+* ``float64``: the logits' GEMMs and the softmax work in float64 (every product of float32 or
+  half values exact there, sums within γ_H): dL/dclassifier correctly rounded but for a bit,
+  at every point; the logit GEMMs in float64 (twice a float32 one's work) but no float32 to
+  float64 copy of each block: 0.95× torch's time at that point, 2.74× at V 16000.
+
+Both sum dL/dhidden and dL/dclassifier in float64 GEMMs (see `_StableLinear.backward`).
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..catalog import IGNORE_INDEX, LOSS_INFO
+from ..catalog import IGNORE_INDEX, LOGITS_PRECISIONS, LOSS_INFO
 from . import cross_entropy as ce, linear_cross_entropy_ref as ref
 from .base import Impl, Loss, accumulate_dtype, compute_dtype, reduce_accurate
 
@@ -73,13 +90,14 @@ def _takes(fn, name: str) -> bool:
 
 def adapt(fn):
     """`fn(hidden, classifier, target, reduction, **options)` as the sweep calls an
-    implementation, `f(packed, target, reduction, **options)`; `chunks` is dropped for a
-    function that does not take it (it only tells chunked implementations how to chunk)."""
-    takes_chunks = _takes(fn, "chunks")
+    implementation, `f(packed, target, reduction, **options)`; `chunks` and
+    `logits_precision` are dropped for a function that does not take them (they only tell
+    chunked implementations how to chunk and in what precision to form the logits)."""
+    dropped = [name for name in ref.HOW_OPTIONS if not _takes(fn, name)]
 
     def packed(x, t, reduction="mean", **options):
-        if not takes_chunks:
-            options.pop("chunks", None)
+        for name in dropped:
+            options.pop(name, None)
         h, w = unpack(x, t)
         return fn(h, w, t, reduction, **options)
 
@@ -113,17 +131,50 @@ def framework(
     )
 
 
-def _narrow_dtype(dtype: torch.dtype, c: torch.dtype) -> torch.dtype:
-    """dL/dh's GEMMs' dtype: float32 for float32 inputs (a float64 GEMM costs twice a float32
-    one on CPUs; torch sums all V classes in float32), else the compute dtype."""
-    return torch.float32 if dtype == torch.float32 and c == torch.float64 else c
+class _Blocks:
+    """Two (N, chunk) buffers reused by every chunk: the logits in the GEMM's dtype and
+    exp(z − m) in the compute dtype `c` (one buffer where the two dtypes agree). A fresh block
+    per chunk (32 MiB in float64) costs a page fault per page on first touch, and a subtraction
+    of mixed dtypes a hidden copy."""
+
+    def __init__(self, n: int, parts: list[slice], lg: torch.dtype, c: torch.dtype, device):
+        size = n * max(p.stop - p.start for p in parts)
+        self.n, self.c = n, c
+        self.z = torch.empty(size, dtype=lg, device=device)
+        self.e = torch.empty(size, dtype=c, device=device) if c != lg else self.z
+
+    def _view(self, buf: torch.Tensor, part: slice) -> torch.Tensor:
+        width = part.stop - part.start
+        return buf[: self.n * width].view(self.n, width)
+
+    def logits(self, hg, classifier, part, bias):
+        """The chunk's logits: in the GEMM's dtype, or in `c` with the bias added there."""
+        z = torch.mm(hg, classifier[part].to(hg.dtype).T, out=self._view(self.z, part))
+        if bias is None:
+            return z
+        e = self._view(self.e, part)
+        return (e if e is z else e.copy_(z)).add_(bias[part].to(self.c))
+
+    def exp_shifted(self, z, m, part):
+        """exp(z − m) in `c` (z of `logits`; overwritten where it has the dtype `c`)."""
+        e = self._view(self.e, part)
+        return (e if e.data_ptr() == z.data_ptr() else e.copy_(z)).sub_(m[:, None]).exp_()
 
 
-def _chunk_logits(hg, classifier, part, bias, c):
-    """One vocabulary chunk's logits, in the GEMM's dtype (the subtraction of the row maximum
-    then promotes them to `c` in the same pass), or in `c` with the bias added there."""
-    z = hg @ classifier[part].to(hg.dtype).T
-    return z if bias is None else z.to(c).add_(bias[part].to(c))
+def _dtypes(dtype: torch.dtype, device, logits_precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(the logits' GEMM dtype, the softmax work's dtype) of stable for inputs of `dtype`.
+
+    "float32": the logits' GEMMs in float32 (float64 for float64 inputs), as torch computes
+    them; the softmax work, dL/dW's GEMM and the sums in the compute dtype. "float64": the
+    logits' GEMMs and the softmax work in float64 (the products of float32 or half inputs are
+    exact there): about twice the time of the float32 GEMMs on CPUs."""
+    if logits_precision not in LOGITS_PRECISIONS:
+        raise ValueError(f"logits_precision {logits_precision!r}: expected one of {', '.join(LOGITS_PRECISIONS)}")
+    c = compute_dtype(dtype, device)
+    if logits_precision == "float64":
+        c = torch.promote_types(c, accumulate_dtype(device))
+        return c, c
+    return torch.promote_types(dtype, torch.float32), c
 
 
 def _chunk_slices(n: int, v: int, chunks: int | None):
@@ -133,19 +184,21 @@ def _chunk_slices(n: int, v: int, chunks: int | None):
 
 class _StableLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks):
-        c = compute_dtype(hidden.dtype, hidden.device)
+    def forward(ctx, hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks, precision):
+        lg, c = _dtypes(hidden.dtype, hidden.device, precision)
         n, v = hidden.shape[0], classifier.shape[0]
         ignored = (target == ignore_index) if ignore_index is not None else None
         safe = target if ignored is None else torch.where(ignored, 0, target)
-        hg = hidden.to(c)
+        hg = hidden.to(lg)
         m = torch.full((n,), -math.inf, dtype=c, device=hidden.device)
         s = torch.zeros(n, dtype=c, device=hidden.device)  # Σ_{j≠k} exp(z_j − m)
         k = torch.zeros(n, dtype=torch.int64, device=hidden.device)
         zt = torch.zeros(n, dtype=c, device=hidden.device)
         gaps = torch.zeros(n, dtype=c, device=hidden.device) if label_smoothing else None  # Σ_j (m − z_j)
-        for part in _chunk_slices(n, v, chunks):
-            z = _chunk_logits(hg, classifier, part, bias, c)
+        parts = _chunk_slices(n, v, chunks)
+        blocks = _Blocks(n, parts, lg, c, hidden.device)
+        for part in parts:
+            z = blocks.logits(hg, classifier, part, bias)
             inside = (safe >= part.start) & (safe < part.stop)
             local = (safe - part.start).clamp(0, part.stop - part.start - 1)
             zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1).to(c), zt)
@@ -158,7 +211,7 @@ class _StableLinear(torch.autograd.Function):
                 seen = float(part.start)
                 grow = torch.where(m == -math.inf, 0.0, (new_m - m) * seen)
                 gaps = gaps + grow + (new_m[:, None] - z).sum(1)
-            e = torch.sub(z, new_m[:, None]).exp_()
+            e = blocks.exp_shifted(z, new_m, part)
             del z
             rows = torch.arange(n, device=hidden.device)
             e[rows[moved], ck[moved]] = 0.0  # the new maximum is the 1 outside s
@@ -178,14 +231,14 @@ class _StableLinear(torch.autograd.Function):
             loss = torch.where(ignored, 0.0, loss)
             denominator = (~ignored).sum().to(torch.float64)
         ctx.save_for_backward(hidden, classifier, target, bias, m, s, k, denominator)
-        ctx.meta = (reduction, label_smoothing, ignore_index, chunks)
+        ctx.meta = (reduction, label_smoothing, ignore_index, chunks, precision)
         return reduce_accurate(loss, reduction, hidden.dtype, None, denominator)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, classifier, target, bias, m, s, k, denominator = ctx.saved_tensors
-        reduction, label_smoothing, ignore_index, chunks = ctx.meta
-        c = compute_dtype(hidden.dtype, hidden.device)
+        reduction, label_smoothing, ignore_index, chunks, precision = ctx.meta
+        lg, c = _dtypes(hidden.dtype, hidden.device, precision)
         n, v = hidden.shape[0], classifier.shape[0]
         ignored = (target == ignore_index) if ignore_index is not None else None
         safe = target if ignored is None else torch.where(ignored, 0, target)
@@ -196,39 +249,34 @@ class _StableLinear(torch.autograd.Function):
             u = u / d
         if ignored is not None:
             u = torch.where(ignored, 0.0, u)
-        h = hidden.to(c)
         total = 1 + s
         eps = label_smoothing
-        # dL/dh's GEMMs (one per chunk, over its V/chunks classes) in the input's float32 for
-        # float32 inputs, added up across chunks in float64: a float64 GEMM costs twice a float32
-        # one on CPUs, and torch sums all V classes in float32. dL/dW's sum over the N tokens
-        # stays in the compute dtype (Liger-Kernel #1391: its accumulation precision matters).
-        narrow = _narrow_dtype(hidden.dtype, c)
-        hg = h
-        # Rows are scaled by a power of two before narrowing (exact), so that a confident row's
-        # gradient (entries near s = Σ e^{z_j − m}, e.g. e^-100) does not underflow in float32:
-        # its size is |u|·s when the target is the maximum, |u| otherwise.
-        # The scale goes into u (g·u·2**-shift) and back into h for dL/dW and onto dL/dh's rows:
-        # no pass over the (N, V/chunks) block for it.
-        size = u.abs() * torch.where(safe == k, torch.clamp(s, max=1.0), 1.0)
-        shift = torch.where((size > 0) & (narrow != c), torch.frexp(size)[1], 0).clamp(min=-900)[:, None]
-        u = torch.ldexp(u, -shift[:, 0])
-        h = torch.ldexp(h, shift)
-        # Half inputs (compute dtype float32) accumulate dL/dh in float64 (accumulate_dtype): an
-        # entry can cancel to 2**-40 of its terms (two classifier rows nearly equal in a coordinate
-        # on a confident wrong row), which float32 accumulation flushed to 0 where torch was 22 ULP
-        # off (bfloat16, confident_wrong, scale 50; 13 ULP now). float32 inputs keep float32 GEMMs
-        # for time (a float64 dL/dh measured 3.67x torch's time at 2048 x 512 x 128000).
-        acc = accumulate_dtype(hidden.device) if narrow == c else c
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device)
+        hg = hidden.to(lg)  # the forward's logits, bit for bit: m and s are theirs
+        # dL/dh = Σ_chunks g·W and dL/dW = gᵀ·(u·h), with g = p − e_t of the chunk and u each
+        # row's factor, in float64 (accumulate_dtype) whatever the input: the sum over the
+        # vocabulary cancels (on a confident wrong row dL/dh is about W_k − W_t, down to 2**-20
+        # of the terms; on spread rows many terms cancel), and g narrowed to float32 with float32
+        # GEMMs (as torch does) lost up to 2 bits more than torch's own float32 roundings, by the
+        # luck of which rounding lands where (float32: 12.1 vs 10.2 bits at offset, scale 50,
+        # V 1000; 18.0 vs 12.4 at confident_wrong, scale 50, N 512, V 65537, ignored 0.25). Both
+        # GEMMs then take g as computed, unrounded; float64 GEMMs cost twice float32 ones on CPUs
+        # (see the module's figures). u stays out of g: it multiplies dL/dh's rows once at the
+        # end and h's rows for dL/dW.
+        acc = accumulate_dtype(hidden.device)
+        wide = torch.promote_types(c, acc)
+        hu = hidden.to(wide) * u.to(wide)[:, None]
+        dh = torch.zeros(hidden.shape, dtype=wide, device=hidden.device)
         dw = torch.empty_like(classifier)
         db = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
         rows = torch.arange(n, device=hidden.device)
-        for part in _chunk_slices(n, v, chunks):
-            g = _chunk_logits(hg, classifier, part, bias, c)
-            g = torch.sub(g, m[:, None]).exp_()  # promoted to the compute dtype
+        # p_j = e_j·(1/(1 + s)): one pass over the chunk for the division.
+        factor = (1 / total)[:, None]
+        parts = _chunk_slices(n, v, chunks)
+        blocks = _Blocks(n, parts, lg, c, hidden.device)
+        for part in parts:
+            g = blocks.exp_shifted(blocks.logits(hg, classifier, part, bias), m, part)
             et = g.gather(1, (safe - part.start).clamp(0, part.stop - part.start - 1)[:, None]).squeeze(1)
-            g.div_(total[:, None])
+            g.mul_(factor)
             if eps:
                 g.sub_(eps / v)
             # p_t − 1 = −(1 + s − e_t)/(1 + s) (= −s/(1 + s) when t is the maximum), plus
@@ -237,22 +285,32 @@ class _StableLinear(torch.autograd.Function):
             rest = torch.where(safe == k, s, total - et)
             gt = -rest / total + (eps - eps / v if eps else 0.0)
             g[rows[inside], safe[inside] - part.start] = gt[inside]
-            g.mul_(u[:, None])
-            if narrow == c:
-                dh.addmm_(g.to(acc), classifier[part].to(acc))
-            else:
-                dh += (g.to(narrow) @ classifier[part]).to(c)
-            dw[part] = (g.T @ h).to(dw.dtype)
+            g = g.to(wide)
+            dh.addmm_(g, classifier[part].to(wide))
+            dw[part] = (g.T @ hu).to(dw.dtype)
             if db is not None:
-                db[part] = (g.T @ torch.ldexp(torch.ones_like(u), shift[:, 0])).to(db.dtype)
-        return torch.ldexp(dh, shift).to(hidden.dtype), dw, None, None, db, None, None, None
+                db[part] = (g.T @ u.to(wide)).to(db.dtype)
+            del g
+        return dh.mul_(u.to(wide)[:, None]).to(hidden.dtype), dw, None, None, db, None, None, None, None
 
 
 def stable(
-    hidden, classifier, target, reduction="mean", bias=None, label_smoothing=0.0, ignore_index=None, chunks=None
+    hidden,
+    classifier,
+    target,
+    reduction="mean",
+    bias=None,
+    label_smoothing=0.0,
+    ignore_index=None,
+    chunks=None,
+    logits_precision="float32",
 ):
-    """Chunked over the vocabulary with an online logsumexp, in the compute dtype, never the N × V logits."""
-    return _StableLinear.apply(hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks)
+    """Chunked over the vocabulary with an online logsumexp, in the compute dtype, never the N × V logits;
+    the logits' GEMMs in `logits_precision` (see `_dtypes`)."""
+    _dtypes(hidden.dtype, hidden.device, logits_precision)  # a bad value fails here, before any work
+    return _StableLinear.apply(
+        hidden, classifier, target, reduction, bias, label_smoothing, ignore_index, chunks, logits_precision
+    )
 
 
 INFO = LOSS_INFO["linear_cross_entropy"]  # summary, formulas, options: catalog.py

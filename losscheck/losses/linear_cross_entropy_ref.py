@@ -58,6 +58,12 @@ DD_BLOCK = 1 << 19
 REF_CHUNK = 1 << 23
 
 
+# Options that tell an implementation how to compute, not what (stable's vocabulary chunks and
+# the dtype of its logit GEMMs): the reference ignores them, and `adapt` passes them only to a
+# function whose signature names them (or takes **options).
+HOW_OPTIONS = ("chunks", "logits_precision")
+
+
 def hidden_size(options) -> int:
     return int(dict(options).get("hidden", DEFAULT_HIDDEN))
 
@@ -138,7 +144,8 @@ def reference_fn(loss, inp: torch.Tensor, target: torch.Tensor, options: dict | 
     """`losses.reference` for linear_cross_entropy: the packed input's loss and gradient
     (dL/dh rows first, then dL/dW), rounded once to the input's dtype."""
     opts = dict(options or {})
-    opts.pop("chunks", None)  # how an implementation chunks: no bearing on the value
+    for how in HOW_OPTIONS:  # how an implementation computes: no bearing on the value
+        opts.pop(how, None)
     n = target.shape[0]
     ignore_index = opts.get("ignore_index")
     kept = float(n if ignore_index is None else int((target != ignore_index).sum()))
