@@ -27,12 +27,11 @@ grows — so that the loss is (m − z_t) + log1p(s), two non-negative terms (no
 confident rows). The backward recomputes each chunk's logits by the same GEMM (bit for bit:
 m and s must come from the logits the gradient's p is formed of, or Σp = 1 breaks) and forms
 its gradient dL/dz exactly as cross_entropy's stable does (p_t − 1 = −(1 + s − e_t)/(1 + s),
-without cancellation); dL/dhidden is accumulated over the chunks in the compute dtype and
-rounded once (each chunk's GEMM in float32, rows scaled by powers of two so that nothing
-underflows), and dL/dclassifier of a chunk is that chunk's rows' complete sum over the N
-tokens (one GEMM in the compute dtype — float64 for float32 inputs, Liger-Kernel #1391 —
-rounded once): chunking over the vocabulary needs no dL/dclassifier accumulator across
-chunks. Memory beyond the inputs and gradients: a few (N, V/chunks) blocks in the compute
+without cancellation); dL/dhidden is accumulated over the chunks by float64 GEMMs of the
+unrounded dL/dz and rounded once, and dL/dclassifier of a chunk is that chunk's rows'
+complete sum over the N tokens (one float64 GEMM, whatever the input's dtype — Liger-Kernel
+#1391 — rounded once): chunking over the vocabulary needs no dL/dclassifier accumulator
+across chunks. Memory beyond the inputs and gradients: a few (N, V/chunks) blocks in the compute
 dtype and (N, H) in it; by default a chunk holds at most CHUNK_ELEMENTS logits.
 
 ``logits_precision`` (an option of stable only, swept by the config key `logits_precisions`):
