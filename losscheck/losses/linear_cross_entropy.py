@@ -41,13 +41,13 @@ dtype and (N, H) in it; by default a chunk holds at most CHUNK_ELEMENTS logits.
   does every p_j: dL/dclassifier loses about as many bits as torch's on confident rows (18.7
   against torch's 24 at confident_correct, scale 50, V 1000; at most 1 more than torch at any
   point of configs/linear.yaml's value sets: tests/test_linear_cross_entropy.py); the loss and
-  dL/dhidden stay ahead of torch's. 1.05× torch's time at 2048 × 512 × 128000 float32 on the
-  loaded 2-core machine (benchmarks/linear_ce_memory.py, min of 2; 2.48× at V 16000, where torch
-  does not pay for 1 GB blocks; docs/METRICS.md).
+  dL/dhidden stay ahead of torch's. 1.67× torch's time at 2048 × 512 × 128000 float32 on the
+  quiet 2-core dev machine (benchmarks/linear_ce_memory.py, fastest of 3; 1.68× at V 16000;
+  docs/METRICS.md).
 * ``float64``: the logits' GEMMs and the softmax work in float64 (every product of float32 or
   half values exact there, sums within γ_H): dL/dclassifier correctly rounded but for a bit,
   at every point; the logit GEMMs in float64 (twice a float32 one's work) but no float32 to
-  float64 copy of each block: 0.95× torch's time at that point, 2.74× at V 16000.
+  float64 copy of each block: 2.07× torch's time at that point, 2.03× at V 16000.
 
 Both sum dL/dhidden and dL/dclassifier in float64 GEMMs (see `_StableLinear.backward`).
 """
