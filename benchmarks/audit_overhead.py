@@ -141,7 +141,7 @@ def main() -> int:
     click_s = wall([sys.executable, "-c", "import click"])
     out.update({"help_s": help_s, "import_click_s": click_s})
     print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')})")
     print(tabulate(rows, headers=["loss", "size", "dtype", "torch fwd+bwd ms", "inputs ms", "reference ms",
                                   "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd",
                                   "3 built-ins ms", "overhead per impl / fwd+bwd"],

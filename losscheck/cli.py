@@ -18,19 +18,21 @@ import click
 from . import __version__, verbosity
 from .errors import LosscheckError
 
-# OpenMP's worker threads sleep as soon as a parallel region ends instead of spinning for up to
-# ~3 ms (libgomp reads this once, when torch loads it: hence here, before a command imports
-# torch; the worker processes inherit it). On a shared CPU a spinning worker takes the time
-# slices of the thread that issues the audit's next operation. benchmarks/audit_overhead.py
-# --quick, side by side on the 2-core dev machine (ms per bench point, CE 1024 x 1000 /
-# BCE-with-logits 2^18 float32): idle, libgomp's default 17.4 / 18.2, PASSIVE 23-39 / 31-33;
-# with one core busy (`yes`, the CI runner's neighbour), default 207 / 295, PASSIVE 27 / 30.
-# Whole runs: configs/quick.yaml idle 6.5 s default, 7.2 s PASSIVE; one core busy 17.1 s
-# default, 6.6 s PASSIVE; the embedded default config idle 105 s default, 127 s PASSIVE. The
-# bounded worst case wins over the idle machine's 10-20 %.
-# The command line only: `import losscheck` leaves the policy of a user's process alone. Set
-# OMP_WAIT_POLICY (or GOMP_SPINCOUNT) to choose otherwise; results record it (environment).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's worker threads spin for about 0.1 ms (GOMP_SPINCOUNT 10000) after a parallel region
+# ends, then sleep, instead of libgomp's ~3 ms (300000). libgomp reads this once, when torch
+# loads it: hence here, before a command imports torch; the worker processes inherit it. On a
+# shared CPU a spinning worker takes the time slices of the thread that issues the audit's next
+# operation. Measured side by side on the 2-core dev machine, whole runs, idle / one core busy
+# (`yes`, a CI runner's neighbour):
+#   configs/quick.yaml        libgomp default 6.5 / 17.1 s, spin 10000 6.9 / 8.2-9.3 s,
+#                             spin 2000 7.3 / 6.9 s, OMP_WAIT_POLICY=PASSIVE 7.2 / 6.3-6.7 s;
+#   the default config, idle  default 105 s, spin 10000 106 s, spin 2000 116 s, PASSIVE 127 s
+# (benchmarks/audit_overhead.py: PASSIVE made an idle 4096 x 1000 float32 point 14-31 % slower).
+# 10000 keeps the idle machine's speed and takes about 2/3 of what PASSIVE saves with a busy
+# neighbour. The command line only: `import losscheck` leaves a user's process alone; a user's
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Results record both (environment).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # name -> (module, attribute, summary). The summary is the first paragraph of the command's
 # docstring, as `--help` lists it (tests/test_cli_startup.py checks that they agree). Each fits

@@ -98,8 +98,9 @@ def capture(threads: int) -> dict:
         "torch_git": getattr(torch.version, "git_version", None),
         "cpu_count": _cpu_count(),
         "threads": threads,
-        # OpenMP's wait policy as this process set it (cli.py), null where unset: it moves timings.
+        # OpenMP's waiting as this process set it (cli.py), null where unset: it moves timings.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "devices": devices,
         "cuda": torch.version.cuda,
         "git_revision": git_revision(),

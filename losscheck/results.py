@@ -23,8 +23,9 @@ Format history (bump SCHEMA_VERSION and describe the change here):
       derived on load. From version 3 `config` is stored in the input format (valid YAML
       input for `losscheck bench`); version 1-2 files hold the former dataclass dump (`gate:
       {default, per_loss}`), which `config.as_input` turns into the input format.
-      `environment.omp_wait_policy`: OMP_WAIT_POLICY as the run had it (the command line
-      sets PASSIVE where unset; null: unset); it moves timings, not values.
+      `environment.omp_wait_policy`, `environment.gomp_spincount`: OMP_WAIT_POLICY and
+      GOMP_SPINCOUNT as the run had them (the command line sets GOMP_SPINCOUNT 10000 where
+      neither is set; null: unset); they move timings, not values.
       `environment.inputs` names the generator that drew the points' inputs ("torch-1":
       torch.Generator on the point's device, see losscheck/inputs.py); absent: the former
       numpy generator ("numpy"). Files of different generators hold other input values at
