@@ -182,11 +182,11 @@ def _accumulate(config, shard) -> list[dict]:
     keeps them from there)."""
     if config.accumulate is None or (shard and shard[0] != 1):
         return []
-    from . import accumulate
+    from . import accumulate, accumulate_section
 
     a = config.accumulate
-    sizes = {k: a[k] for k in ("batch", "time", "vocab", "micro_batches", "masked")}
-    return [accumulate.run(accumulate.Spec(**sizes, dtype=d, scale=a["scale"], seed=config.seed)) for d in a["dtypes"]]
+    spec = {k: a[k] for k in accumulate_section.KEYS if k != "dtypes"}  # the section's keys, one dtype each
+    return [accumulate.run(accumulate.Spec(**spec, dtype=d, seed=config.seed)) for d in a["dtypes"]]
 
 
 def _results(config, env, records, command, complete, shard) -> dict:
