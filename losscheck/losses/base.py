@@ -339,9 +339,10 @@ def reference(
     divide = reduction == "mean" and not undefined
     loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
-    total = new_sum()
-    for rows in R.row_chunks(n, row_elems, chunk):
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+
+    def evaluate(rows: slice):
+        """One chunk's rounded loss and gradient, stored; its losses in working precision."""
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # per thread
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
             lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows), **extra)
@@ -359,6 +360,12 @@ def reference(
                     grad_out[rows] = gw
             else:
                 grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
+        return lw
+
+    total = new_sum()
+    # Long double chunks on the run's threads (numpy has one per ufunc; torch's float64 tensors
+    # use them already), summed in order: the same sum as one chunk after another.
+    for lw in R.map_chunks(evaluate, R.row_chunks(n, row_elems, chunk), threaded=ext):
         total.add(lw)
     value = None
     if reduction != "none":
