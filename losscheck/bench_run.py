@@ -200,10 +200,13 @@ def _results(config, env, records, command, complete, shard) -> dict:
 
 class _Incremental:
     """Writes the results file atomically as the sweep goes (at most every `every` seconds,
-    and never more than about 5% of the time: a big file takes a while to write), so that a
-    kill leaves a valid file of all but the last seconds' points."""
+    and never more than about 2% of the time: a big file takes a while to write), so that a
+    kill leaves a valid file of all but the last seconds' points. Files written before the
+    sweep is complete are compact JSON (`results.dumps`); the complete one is indented."""
 
-    DUTY = 20  # wait at least this many times the last write's duration
+    # Wait at least this many times the last write's duration. With compact writes (0.36 s for
+    # 17,136 records) the wait between writes is what 20 gave indented ones (0.85 s): 17 s.
+    DUTY = 50
 
     def __init__(self, make, path: Path, every: float = 2.0):
         self.make, self.path, self.every = make, path, every
@@ -216,7 +219,7 @@ class _Incremental:
 
     def save(self, complete: bool) -> None:
         start = time.monotonic()
-        results.save(self.make(complete), self.path)
+        results.save(self.make(complete), self.path, compact=not complete)
         self.last = time.monotonic()
         self.wait = max(self.every, self.DUTY * (self.last - start))
 

@@ -391,8 +391,8 @@ def test_incremental_writes_are_valid_files_during_the_run(runner, tmp_path, mon
     real_save = results.save
     seen = []
 
-    def spy(data, path):
-        real_save(data, path)
+    def spy(data, path, compact=False):
+        real_save(data, path, compact)
         loaded = results.load(path)  # each write, read back at once, is a valid results file
         seen.append((len(loaded["records"]), loaded["complete"], sorted(_keys(loaded["records"]))))
 
@@ -414,7 +414,7 @@ def test_incremental_saves_at_most_every_interval(tmp_path, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(bench_run.time, "monotonic", lambda: clock[0])
     saves = []
-    monkeypatch.setattr(results, "save", lambda data, path: saves.append(data))
+    monkeypatch.setattr(results, "save", lambda data, path, compact=False: saves.append((data, compact)))
     inc = bench_run._Incremental(lambda complete: {"complete": complete}, tmp_path / "r.json", every=2.0)
     inc.tick()
     clock[0] += 1.9
@@ -423,9 +423,9 @@ def test_incremental_saves_at_most_every_interval(tmp_path, monkeypatch):
     clock[0] += 0.2
     inc.tick()
     inc.tick()
-    assert saves == [{"complete": False}]
+    assert saves == [({"complete": False}, True)]  # a partial file: compact
     inc.save(True)
-    assert saves[-1] == {"complete": True}
+    assert saves[-1] == ({"complete": True}, False)  # the complete one: indented
 
 
 # ---- 6. fuzzed results files ------------------------------------------------------------------
@@ -628,12 +628,12 @@ def test_merge_of_a_file_whose_environment_is_not_an_object(runner, tmp_path, sh
 
 
 def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatch):
-    # A write taking 0.5 s pushes the next one 20 x 0.5 = 10 s away (about 5% of the time).
+    # A write taking 0.5 s pushes the next one DUTY (50) x 0.5 = 25 s away (about 2% of the time).
     clock = [100.0]
     monkeypatch.setattr(bench_run.time, "monotonic", lambda: clock[0])
     saves = []
 
-    def slow_save(data, path):
+    def slow_save(data, path, compact=False):
         clock[0] += 0.5
         saves.append(data)
 
@@ -642,12 +642,21 @@ def test_incremental_saves_wait_longer_when_a_write_is_slow(tmp_path, monkeypatc
     clock[0] += 2.0
     inc.tick()
     assert len(saves) == 1
-    clock[0] += 9.0
+    clock[0] += 24.0
     inc.tick()
     assert len(saves) == 1
     clock[0] += 1.1
     inc.tick()
     assert len(saves) == 2
+
+
+def test_partial_results_files_are_compact_and_read_back_as_the_indented_ones(tmp_path):
+    data = {"records": [{"a": 1.5, "b": float("inf")}], "complete": False}
+    results.save(data, tmp_path / "c.json", compact=True)
+    results.save(data, tmp_path / "i.json")
+    compact, indented = (tmp_path / "c.json").read_text(), (tmp_path / "i.json").read_text()
+    assert "\n" not in compact.rstrip("\n") and "\n" in indented.rstrip("\n")
+    assert json.loads(compact) == json.loads(indented) == {"records": [{"a": 1.5, "b": "inf"}], "complete": False}
 
 
 def test_a_gradient_that_was_not_measured_is_no_crash_anywhere(tmp_path, fuzz_base):
