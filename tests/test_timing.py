@@ -43,3 +43,21 @@ def test_timers_for_gives_each_part_its_block_and_per_run_time():
     assert set(made) == {"forward", "backward"}
     for _, number, per_run in made.values():
         assert number >= 1 and 0 < per_run < 0.1
+
+
+@pytest.mark.parametrize("number", [1, 3, 250])
+def test_a_block_is_one_warm_up_call_and_its_runs(number):
+    """torch's Timer.timeit warms up with max(number // 100, 2) calls before each block: for a
+    large point (number 1) two thirds of its timing. BlockTimer: one call, then the block."""
+    calls = []
+    timer = timing.BlockTimer(stmt="fn()", globals={"fn": lambda: calls.append(1)}, num_threads=1)
+    m = timer.timeit(number)
+    assert len(calls) == 1 + number
+    assert len(m.times) == 1 and m.times[0] > 0 and m.number_per_run == number
+
+
+def test_a_block_runs_on_the_timers_threads():
+    seen = []
+    before = torch.get_num_threads()
+    timing.BlockTimer(stmt="fn()", globals={"fn": lambda: seen.append(torch.get_num_threads())}, num_threads=1).timeit(2)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
