@@ -8,7 +8,8 @@ forward and backward numbers must be identical — bit for bit, not within the g
 tolerance — so that the new inputs are the only reason a regenerated report differs.
 
 Usage: python benchmarks/old_inputs_check.py OLD_RESULTS.json [--loss NAME ...] [--threads N]
-  e.g. python benchmarks/old_inputs_check.py reports/baseline.json   (configs/ci.yaml's points)
+  e.g. git show 51e542e^:reports/baseline.json > old.json   (the CI baseline of the numpy inputs)
+       python benchmarks/old_inputs_check.py old.json          (configs/ci.yaml's points)
 Exit 0 when every point is unchanged, 1 otherwise (the changed points are listed).
 """
 from __future__ import annotations
