@@ -151,6 +151,81 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+# Points of at most this many values have their chunk results kept (`ChunkMemo`): with the
+# entries kept, at most ~16 MiB (keys and results in long double).
+MEMO_ELEMENTS = 1 << 14
+
+
+class ChunkMemo:
+    """A loss's chunk results (working precision, before rounding) by the chunk's content:
+    the reductions of a point (mean, sum, none) share them — they differ only after the chunk
+    (division, rounding) — and a config sweeping reductions or upstream gradients would
+    otherwise evaluate each chunk three times over (options.yaml: 12,960 points of 2,560
+    values, where a soft-target binary reference in double-double costs ~25 ms a chunk).
+    Small CPU points only (`MEMO_ELEMENTS`); the last `size` chunks (a sweep's reductions of a
+    point are a device-and-dtype group apart: 8 points); copies in and out, so
+    that no caller can change what another gets. Keys are the values' bytes, exactly."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, *parts) -> tuple | None:
+        """A key from tensors, arrays, numbers, strings and containers of them; None where
+        something else (or a tensor off the CPU) is among them: not kept."""
+        try:
+            return tuple(_fingerprint(p) for p in parts)
+        except _NotKept:
+            return None
+
+    def get(self, key: tuple):
+        with self._lock:
+            got = self._items.get(key)
+            if got is None:
+                return None
+            self._items.move_to_end(key)
+        return _copied(got)
+
+    def put(self, key: tuple, value) -> None:
+        with self._lock:
+            self._items[key] = _copied(value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class _NotKept(Exception):
+    pass
+
+
+def _fingerprint(v):
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            raise _NotKept
+        t = v.detach().contiguous()
+        return ("t", str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(v, np.ndarray):
+        return ("n", v.dtype.str, v.shape, np.ascontiguousarray(v).tobytes())
+    if v is None or isinstance(v, (bool, int, float, str, np.generic)):
+        return ("v", type(v).__name__, repr(v))
+    if isinstance(v, (tuple, list)):
+        return ("l", tuple(_fingerprint(x) for x in v))
+    if isinstance(v, dict):
+        return ("d", tuple((k, _fingerprint(x)) for k, x in sorted(v.items())))
+    raise _NotKept
+
+
+def _copied(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, np.ndarray):
+        return v.copy()
+    if isinstance(v, tuple):
+        return tuple(_copied(x) for x in v)
+    return v
+
+
 def to_work(t: torch.Tensor, work: type) -> np.ndarray:
     """A tensor's values, exactly, in working precision (bfloat16 goes through float32)."""
     t = t.detach().cpu()

@@ -339,13 +339,14 @@ def reference(
     divide = reduction == "mean" and not undefined
     loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
+    small = x_rows.numel() <= R.MEMO_ELEMENTS and device.type == "cpu"
 
     def evaluate(rows: slice):
         """One chunk's rounded loss and gradient, stored; its losses in working precision."""
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # per thread
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
-            lw, gw = loss.reference_chunk(read(x_rows[rows]), read(t_rows[rows]), **chunk_options(rows), **extra)
+            lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
@@ -389,6 +390,21 @@ def reference(
             undefined=undefined,
         ),
     )
+
+
+_MEMO = R.ChunkMemo()
+
+
+def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool):
+    """loss.reference_chunk(x, t, **options, **extra), kept for the point's other reductions
+    where the point is `small` (reference.ChunkMemo)."""
+    key = _MEMO.key(loss.name, x, t, options, extra) if small else None
+    got = None if key is None else _MEMO.get(key)
+    if got is None:
+        got = loss.reference_chunk(x, t, **options, **extra)
+        if key is not None:
+            _MEMO.put(key, got)
+    return got
 
 
 def _mark_domain(loss: Loss, inp: torch.Tensor, ref: Reference) -> Reference:
