@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -108,47 +107,6 @@ def row_chunks(rows: int, row_elements: int, chunk: int | None = None) -> Iterat
     step = max(1, (chunk or CHUNK_ELEMENTS) // max(1, row_elements))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
-
-
-def map_chunks(fn: Callable, chunks: Iterable, threaded: bool) -> Iterator:
-    """fn(chunk) for each chunk, in order. `threaded` (the extended path: numpy long double,
-    one thread per ufunc, which releases the GIL): on up to torch.get_num_threads() threads,
-    the `threads` the run was given, at most that many chunks plus one in flight, so that
-    memory stays bounded by the chunk size. Each chunk's numbers are computed by the same
-    operations either way; callers combine the results in order (the compensated sums).
-    Measured: 8 chunks of a float64 cross entropy (2**18 logits each), 260 ms in one thread,
-    155 ms in two, the same bits."""
-    workers = torch.get_num_threads() if threaded else 1
-    if workers <= 1:
-        yield from map(fn, chunks)
-        return
-    pool = _pool(workers)
-    pending: collections.deque[Future] = collections.deque()
-    try:
-        for chunk in chunks:
-            pending.append(pool.submit(fn, chunk))
-            if len(pending) > workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:  # a chunk that raised (or a caller that stopped): none left running behind it
-        for f in pending:
-            f.cancel()
-        for f in pending:
-            if not f.cancelled():
-                f.exception()
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="losscheck-reference")
-        return pool
 
 
 # Points of at most this many values have their chunk results kept (`ChunkMemo`): with the

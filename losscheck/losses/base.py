@@ -343,7 +343,7 @@ def reference(
 
     def evaluate(rows: slice):
         """One chunk's rounded loss and gradient, stored; its losses in working precision."""
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # per thread
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
             lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small)
@@ -364,10 +364,8 @@ def reference(
         return lw
 
     total = new_sum()
-    # Long double chunks on the run's threads (numpy has one per ufunc; torch's float64 tensors
-    # use them already), summed in order: the same sum as one chunk after another.
-    for lw in R.map_chunks(evaluate, R.row_chunks(n, row_elems, chunk), threaded=ext):
-        total.add(lw)
+    for rows in R.row_chunks(n, row_elems, chunk):
+        total.add(evaluate(rows))
     value = None
     if reduction != "none":
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
