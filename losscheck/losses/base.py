@@ -397,6 +397,8 @@ def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool):
     """loss.reference_chunk(x, t, **options, **extra), kept for the point's other reductions
     where the point is `small` (reference.ChunkMemo)."""
     key = _MEMO.key(loss.name, x, t, options, extra) if small else None
+    if key is not None:
+        key = (loss.reference_chunk, key)  # the function itself: a loss replaced under its name
     got = None if key is None else _MEMO.get(key)
     if got is None:
         got = loss.reference_chunk(x, t, **options, **extra)
