@@ -18,7 +18,9 @@ from .losses.base import element_shape
 from .losses.cross_entropy_lm import mask_vocab
 
 # Options of language-model training passed to the implementations as the point sets them.
-LM_POINT_OPTIONS = ("z_loss", "softcap", "smoothing_convention", "shards", "shard_mistake")
+# Point options the implementations take as they are (numbers and names): the language-model
+# cross-entropy options and linear_cross_entropy's logits_precision.
+AS_IS_OPTIONS = ("z_loss", "softcap", "smoothing_convention", "shards", "shard_mistake", "logits_precision")
 
 if TYPE_CHECKING:
     from .sweep import Case
@@ -148,7 +150,7 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
         )
     if "label_smoothing" in values:
         options["label_smoothing"] = values["label_smoothing"]
-    for key in LM_POINT_OPTIONS:  # numbers and names the implementations take as they are
+    for key in AS_IS_OPTIONS:
         if key in opts:
             options[key] = opts[key]
     for name in ("gamma", "alpha"):  # focal losses: plain numbers
@@ -156,8 +158,6 @@ def point_data(loss: Loss, case: Case, seed: int, cache: _InputCache | None = No
             options[name] = float(opts[name])
     if opts.get("chunks"):
         options["chunks"] = int(opts["chunks"])
-    if "logits_precision" in opts:
-        options["logits_precision"] = opts["logits_precision"]
     if "soft" in values:
         if case.distribution in inputs.MASKED_SOFT or "masked_vocab" in opts:
             values["soft"] = inputs.zero_masked(values["soft"], inp)

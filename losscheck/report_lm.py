@@ -86,14 +86,16 @@ class _Worst:
 
     def nats_text(self) -> str:
         """'up to X nats' over the finite errors, and how many points had none (a NaN/inf value):
-        'up to inf nats' would hide the finite points' error behind the broken ones."""
+        'up to inf nats' would hide the finite points' error behind the broken ones. Empty where
+        no point measured nats."""
         parts = [] if self.nats is None else [f"up to {self.nats:.3g} nats"]
         if self.nats_nonfinite:
             parts.append(f"NaN/inf at {self.nats_nonfinite} of {self.points} points")
         return ", ".join(parts)
 
     def text(self) -> str:
-        nats = f", {self.nats_text()}" if self.nats is not None or self.nats_nonfinite else ""
+        nats = self.nats_text()
+        nats = f", {nats}" if nats else ""
         bad = f"{self.nonfinite} NaN/inf elements, " if self.nonfinite else ""
         return f"{bad}worst {self.bits:.1f} bits lost{nats} ({self.points} points)"
 
@@ -175,7 +177,7 @@ def lines(records: list[dict]) -> list[str]:
         per_dtype: dict[tuple, _Worst] = {}
         for r in _side(records, loss, Side("torch")).values():
             per_dtype.setdefault((r["dtype"], r["device"]), _Worst()).add(r)
-        measured = {k: w for k, w in per_dtype.items() if w.nats is not None or w.nats_nonfinite}
+        measured = {k: w for k, w in per_dtype.items() if w.nats_text()}
         if len(measured) > 1:
             parts = [f"{label_dtype(*k)} {w.nats_text()}" for k, w in sorted(
                 measured.items(), key=lambda kv: dtype_rank(kv[0][0]))]  # fmt: skip

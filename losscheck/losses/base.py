@@ -340,9 +340,8 @@ def reference(
     loss_out = torch.empty(x_rows.shape if loss.elementwise else n, dtype=dtype, device=device)
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
     small = x_rows.numel() <= R.MEMO_ELEMENTS and device.type == "cpu"
-
-    def evaluate(rows: slice):
-        """One chunk's rounded loss and gradient, stored; its losses in working precision."""
+    total = new_sum()
+    for rows in R.row_chunks(n, row_elems, chunk):
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
@@ -361,11 +360,7 @@ def reference(
                     grad_out[rows] = gw
             else:
                 grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
-        return lw
-
-    total = new_sum()
-    for rows in R.row_chunks(n, row_elems, chunk):
-        total.add(evaluate(rows))
+        total.add(lw)
     value = None
     if reduction != "none":
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
