@@ -506,14 +506,20 @@ class ChunkFunction(Protocol):
     on_tensors: Callable
     extended: Callable
     dd: Callable | None
+    rowwise: Callable | None
 
     def __call__(self, x: Any, *args: Any, **options: Any) -> Any: ...
 
 
-def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None = None) -> ChunkFunction:
+def chunk_function(
+    on_tensors: Callable, extended: Callable, dd: Callable | None = None, rowwise: Callable | None = None
+) -> ChunkFunction:
     """A loss's `reference_chunk` (or `denominators`) from its two formulations: `on_tensors`
     (torch float64 tensors, any device: float32/float16/bfloat16 targets) and `extended`
     (numpy long double arrays: float64 targets, until issue 13's double-double replaces it).
+    `rowwise(x, t)`: whether `extended` computes each row from that row alone with numpy
+    only, on these arrays — then its chunks may be split into row blocks computed on threads
+    (`extended_rows`); None: never.
 
     The first argument chooses: a tensor goes to `on_tensors`, long double to `extended`;
     numpy float64 arrays (the tests' mpmath certification, explain) are run through
@@ -530,8 +536,13 @@ def chunk_function(on_tensors: Callable, extended: Callable, dd: Callable | None
 
     chunk.__doc__ = on_tensors.__doc__
     out = cast(ChunkFunction, chunk)  # a function with attributes: the checker cannot see them set
-    out.on_tensors, out.extended, out.dd = on_tensors, extended, dd
+    out.on_tensors, out.extended, out.dd, out.rowwise = on_tensors, extended, dd, rowwise
     return out
+
+
+def always(*_args) -> bool:
+    """`chunk_function`'s `rowwise` of an extended formulation that is row-wise numpy on any rows."""
+    return True
 
 
 def _tensor(v):

@@ -38,14 +38,14 @@ rounds once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import reference as R
+from .. import extended_rows, reference as R
 from ..catalog import IGNORE_INDEX, OPTION_DEFAULTS, REDUCTIONS, Formulas  # noqa: F401  (re-exported)
 from ..inputs import outside_domain, pieces
 from .shared import (  # noqa: F401  (re-exported: base.<name> for the loss modules)
@@ -345,7 +345,7 @@ def reference(
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
-            lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small)
+            lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small, per_row)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
@@ -388,15 +388,17 @@ def reference(
 _MEMO = R.ChunkMemo()
 
 
-def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool):
-    """loss.reference_chunk(x, t, **options, **extra), kept for the point's other reductions
-    where the point is `small` (reference.ChunkMemo)."""
+def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool, per_row: Collection[str] = ()):
+    """loss.reference_chunk(x, t, **options, **extra) — long double chunks in row blocks on
+    the run's threads where the loss allows it (`extended_rows`; `per_row`: the options
+    sliced with the rows) — kept for the point's other reductions where the point is `small`
+    (reference.ChunkMemo)."""
     key = _MEMO.key(loss.name, x, t, options, extra) if small else None
     if key is not None:
         key = (loss.reference_chunk, key)  # the function itself: a loss replaced under its name
     got = None if key is None else _MEMO.get(key)
     if got is None:
-        got = loss.reference_chunk(x, t, **options, **extra)
+        got = extended_rows.call(loss.reference_chunk, x, t, options, per_row, extra, torch.get_num_threads())
         if key is not None:
             _MEMO.put(key, got)
     return got

@@ -137,7 +137,8 @@ def _reference_dd(p: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
     return soft_binary.on_dd(soft_binary.probabilities_dd, p, y, loss, grad, weight, pos_weight)
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd)
+# Soft targets go through torch (soft_binary): row blocks on threads for hard ones only.
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd, rowwise=soft_binary.hard)
 
 
 INFO = LOSS_INFO["bce"]  # summary, formulas, options: catalog.py

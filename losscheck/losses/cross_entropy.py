@@ -477,7 +477,10 @@ def _limits(x, t):
 
 # With the LM options (z_loss, softcap, smoothing_convention: cross_entropy_lm.py) around them.
 reference_chunk = R.chunk_function(
-    lm.reference(_reference_tensors), lm.reference(_reference_extended), lm.reference_dd(cross_entropy_dd.reference_dd)
+    lm.reference(_reference_tensors),
+    lm.reference(_reference_extended),
+    lm.reference_dd(cross_entropy_dd.reference_dd),
+    rowwise=R.always,
 )
 naive_lm, stable_lm, framework_lm = lm.naive(naive), lm.stable(stable), lm.framework(framework)
 denominators = R.chunk_function(

@@ -101,7 +101,7 @@ def _denominators(t, weight=None, ignore_index: int | None = None):
     return ce.denominators(t, weight, 0.0, ignore_index)
 
 
-reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd)
+reference_chunk = R.chunk_function(_reference_tensors, _reference_extended, _reference_dd, rowwise=R.always)
 
 INFO = LOSS_INFO["nll_loss"]  # summary, formulas, options: catalog.py
 

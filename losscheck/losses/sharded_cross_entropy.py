@@ -251,6 +251,7 @@ reference_chunk = R.chunk_function(
     ignoring(ce.reference_chunk.on_tensors, _SHARD_OPTIONS),
     ignoring(ce.reference_chunk.extended, _SHARD_OPTIONS),
     ignoring(ce.reference_chunk.dd, _SHARD_OPTIONS),
+    rowwise=ce.reference_chunk.rowwise,
 )
 
 INFO = LOSS_INFO["sharded_cross_entropy"]  # summary, formulas, options: catalog.py

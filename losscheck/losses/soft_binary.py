@@ -34,6 +34,12 @@ def soft_mask(y):
     return (y != 0) & (y != 1) & (y == y)
 
 
+def hard(x, y) -> bool:
+    """Whether every target is hard (0, 1 or NaN): `on_extended` then stays in numpy (the
+    binary losses' `rowwise`, reference.chunk_function)."""
+    return not bool(soft_mask(y).any())
+
+
 def _factors(y: torch.Tensor, pos_weight):
     """(a, k, b): a·2**k = pos_weight·y and b = 1 − y, exact (TwoProd of the significands, so
     that a subnormal product keeps its error term; TwoSum)."""

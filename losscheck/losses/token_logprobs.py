@@ -66,7 +66,9 @@ def _negated_dd(fn):
 
 
 _ce = ce.reference_chunk
-reference_chunk = R.chunk_function(_negated(_ce.on_tensors), _negated(_ce.extended), _negated_dd(_ce.dd))
+reference_chunk = R.chunk_function(
+    _negated(_ce.on_tensors), _negated(_ce.extended), _negated_dd(_ce.dd), rowwise=_ce.rowwise
+)
 
 
 def _rows(x, t):

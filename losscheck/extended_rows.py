@@ -1,0 +1,95 @@
+"""Long double reference chunks computed in row blocks on threads (issue 13).
+
+The extended path (numpy x86 long double: float64 targets on a CPU) has no SIMD: a few
+million values a second on a core, the dearest part of a float64 audit (a 2048 × 1000
+float64 cross entropy spent 19 ms a chunk in it). numpy releases the GIL in its loops, and
+the losses' extended formulations are row-wise — each row's loss and gradient come from
+that row alone — so the rows of a chunk are split into blocks computed at once on the
+run's threads: the same operations on the same rows, so the same bits, whatever the number
+of threads (tests/test_extended_rows.py compares them).
+
+Only formulations that run numpy alone come here: `chunk_function(..., rowwise=...)` says
+for which rows that holds (the binary losses' soft targets go through torch's
+double-double). torch called from a pool thread starts an OpenMP team of its own, whose
+threads then slowed the main thread's torch work by half (metrics of a 2048 × 1000
+gradient: 4.6 ms, 7.0 ms after one such reference); numpy-only work on the pool left it
+as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import reference as R
+
+# Chunks of fewer values are computed on the calling thread: a block handed to another
+# thread costs ~50 µs, the work of a few thousand long double values.
+PARALLEL_ELEMENTS = 1 << 15
+
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its number of threads
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least `workers` threads (made on first use, grown when asked for more)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[1] < workers:
+            if _pool is not None:
+                _pool[0].shutdown(wait=False)
+            _pool = (ThreadPoolExecutor(workers, thread_name_prefix="losscheck-extended"), workers)
+        return _pool[0]
+
+
+def applies(fn: Callable, x, t, threads: int) -> bool:
+    """Whether `fn(x, t, ...)` (a loss's `reference_chunk`) is computed in row blocks."""
+    rowwise = getattr(fn, "rowwise", None)
+    return (
+        threads > 1
+        and rowwise is not None
+        and isinstance(x, np.ndarray)
+        and x.dtype == np.longdouble
+        and x.shape[0] > 1
+        and x.size >= PARALLEL_ELEMENTS
+        and bool(rowwise(x, t))
+    )
+
+
+def call(fn: Callable, x, t, options: dict, per_row: Collection[str], extra: dict, threads: int):
+    """fn(x, t, **options, **extra): in row blocks on `threads` threads where `applies`, the
+    blocks' outputs (a tuple of row-first arrays) joined in row order; else on this thread.
+
+    `per_row`: the options holding one value per row (sliced with the rows); `extra` holds
+    only such values (an elementwise function's upstream gradient)."""
+    if not applies(fn, x, t, threads):
+        return fn(x, t, **options, **extra)
+    bounds = np.linspace(0, x.shape[0], min(threads, x.shape[0]) + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def args(rows: slice) -> tuple:
+        opts = {k: (v[rows] if k in per_row else v) for k, v in options.items()}
+        return x[rows], None if t is None else t[rows], {**opts, **{k: v[rows] for k, v in extra.items()}}
+
+    errors = dict(np.geterr())  # the caller's errstate: numpy keeps it per thread
+    pending = [_executor(len(blocks) - 1).submit(_block, fn, errors, *args(b)) for b in blocks[1:]]
+    x0, t0, o0 = args(blocks[0])
+    parts = [fn(x0, t0, **o0)]
+    for rows, future in zip(blocks[1:], pending, strict=True):
+        got = future.result()
+        if got is None:  # that thread's x87 unit rounds to 53 bits: computed here instead
+            xb, tb, ob = args(rows)
+            got = fn(xb, tb, **ob)
+        parts.append(got)
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def _block(fn: Callable, errors: dict, x, t, options: dict):
+    # The x87 precision control is per thread, and a native library may have set this one's.
+    if not R._extended_now():
+        return None
+    with np.errstate(**errors):
+        return fn(x, t, **options)
