@@ -27,7 +27,7 @@ F64 = torch.float64
 _SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
 # a·SPLITTER overflows beyond this: such operands are split scaled down by 2**-28 (exact).
 _SPLIT_MAX = 2.0**995
-# ln 2 in three float64 parts (mpmath, 300 bits): k·ln2 for |k| < 2**11 to ~2**-150.
+# ln 2 in three float64 parts (mpmath, 300 bits): n·ln2/256 for |n| < 2**20 to ~2**-150.
 _LN2 = (0.6931471805599453, 2.3190468138462996e-17, 5.707708438416212e-34)
 # Taylor coefficients 1/n! of expm1 as dd (exact fractions rounded twice).
 _INV_FACT = []
@@ -35,9 +35,10 @@ for _n in range(2, 12):
     _f = Fraction(1, math.factorial(_n))
     _h = float(_f)
     _INV_FACT.append((_h, float(_f - Fraction(_h))))
-# exp's argument is reduced to |r| <= ln2/2, then divided by 2**_HALVINGS; the Taylor series
-# of expm1 to degree _DEGREE then has a truncation error below 2**-110 relative.
-_HALVINGS = 8
+# exp's argument is reduced to r = a − (k + j/2**_TABLE_BITS)·ln2, |r| <= ~ln2/2**(_TABLE_BITS + 1)
+# = 0.0014 (Tang's method: 2**(j/2**_TABLE_BITS) from a table, `_table`); the Taylor series of
+# expm1(r) to degree _DEGREE then has a truncation error below 2**-110 relative.
+_TABLE_BITS = 8
 _DEGREE = 9
 # Arguments are clamped here (exp underflows to 0 / overflows to inf far inside).
 _EXP_CLAMP = 2000.0
@@ -226,48 +227,76 @@ def to_float64(a):
 # ---- elementary functions ------------------------------------------------------------------------
 
 
-def _expm1_reduced(r):
-    """expm1(r) as dd for |r| <= ~0.35: Taylor on r/2**_HALVINGS, then
-    expm1(2x) = expm1(x)·(2 + expm1(x)) _HALVINGS times (no cancellation, unlike squaring exp)."""
-    x = (
-        ldexp(r[0], torch.full_like(r[0], -_HALVINGS, dtype=torch.int64)),
-        ldexp(r[1], torch.full_like(r[1], -_HALVINGS, dtype=torch.int64)),
-    )
-    # Terms of degree >= 5 are below 2**-40 relative: their sum in float64 is exact enough
-    # (2**-93); the leading ones in dd.
+def _pow2_fractions() -> list[tuple[float, float]]:
+    """2**(j/2**_TABLE_BITS) for j in [−2**(_TABLE_BITS−1), 2**(_TABLE_BITS−1)) as dds (hi, lo):
+    from decimal's correctly rounded exp at 60 digits (2**-199), each part then rounded once
+    (exact fractions): within 2**-106 relative of the true power."""
+    from decimal import Decimal, localcontext
+
+    half = 1 << (_TABLE_BITS - 1)
+    out = []
+    with localcontext() as ctx:
+        ctx.prec = 60
+        ln2 = Decimal(2).ln()
+        for j in range(-half, half):
+            exact = Fraction((Decimal(j) / (2 * half) * ln2).exp())
+            hi = float(exact)
+            out.append((hi, float(exact - Fraction(hi))))
+    return out
+
+
+_TABLES: dict = {}  # device -> (hi, lo) of `_pow2_fractions` as float64 tensors
+
+
+def _table(j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2**(j/2**_TABLE_BITS) as a dd, for integer tensors j in [−2**(_TABLE_BITS−1), 2**(_TABLE_BITS−1))."""
+    if j.device not in _TABLES:
+        values = torch.tensor(_pow2_fractions(), dtype=F64)
+        _TABLES[j.device] = (values[:, 0].contiguous().to(j.device), values[:, 1].contiguous().to(j.device))
+    hi, lo = _TABLES[j.device]
+    idx = (j + (1 << (_TABLE_BITS - 1))).reshape(-1)
+    return hi[idx].reshape(j.shape), lo[idx].reshape(j.shape)
+
+
+def _expm1_taylor(x):
+    """expm1(x) as dd for |x| <= ~0.0014 (a reduced argument): Taylor to degree _DEGREE."""
+    # Terms of degree >= 5 are below 2**-54 relative: their sum in float64 is exact enough
+    # (2**-107); the leading ones in dd.
     tail = torch.full_like(x[0], _INV_FACT[_DEGREE - 2][0])
     for n in range(_DEGREE - 1, 4, -1):
         tail = tail * x[0] + _INV_FACT[n - 2][0]
     s = dd(tail, torch.zeros_like(tail))
     for n in range(4, 1, -1):
         s = _add(_mul(s, x), (torch.full_like(x[0], _INV_FACT[n - 2][0]), torch.full_like(x[0], _INV_FACT[n - 2][1])))
-    s = _mul(_add(_mul(s, x), dd(torch.ones_like(x[0]))), x)
-    two = dd(torch.full_like(x[0], 2.0))
-    for _ in range(_HALVINGS):
-        s = _mul(s, _add(s, two))
-    return s
+    return _mul(_add(_mul(s, x), dd(torch.ones_like(x[0]))), x)
 
 
 def _reduce(a):
-    """a = k·ln2 + r with |r| <= ln2/2 (r as dd, k as int64 and as float64)."""
+    """a = (k + j/2**_TABLE_BITS)·ln2 + r with |r| <= ~ln2/2**(_TABLE_BITS + 1): r as dd, k and
+    j (in [−2**(_TABLE_BITS−1), 2**(_TABLE_BITS−1))) as int64; NaN arguments give k = j = 0."""
     hi = a[0].clamp(-_EXP_CLAMP, _EXP_CLAMP)
     lo = torch.where(hi == a[0], a[1], 0.0)
-    kf = torch.round(hi / _LN2[0])
-    p, e = two_prod(kf, torch.full_like(kf, _LN2[0]))
-    r = _add((hi - p, lo), (-e, -kf * _LN2[2]))  # hi − p: exact (Sterbenz)
-    r = _add(r, neg(two_prod(kf, torch.full_like(kf, _LN2[1]))))
-    nan = hi.isnan()
-    kf = torch.where(nan, 0.0, kf)
-    return r, kf.to(torch.int64)
+    steps = 1 << _TABLE_BITS
+    n = torch.round(hi * (steps / _LN2[0]))
+    n = torch.where(hi.isnan(), 0.0, n)
+    # n·ln2/steps in three parts: each ln2 part divided by a power of two exactly.
+    p, e = two_prod(n, torch.full_like(n, _LN2[0] / steps))
+    r = _add((hi - p, lo), (-e, -n * (_LN2[2] / steps)))  # hi − p: exact (Sterbenz)
+    r = _add(r, neg(two_prod(n, torch.full_like(n, _LN2[1] / steps))))
+    ni = n.to(torch.int64)
+    j = ((ni + steps // 2) & (steps - 1)) - steps // 2
+    return r, (ni - j) >> _TABLE_BITS, j
 
 
 def exp_scaled(a):
     """exp(a) of a dd as (hi, lo, k): (hi + lo)·2**k, hi + lo in [0.7, 1.42]; exact limits
-    (+inf → inf, −inf → 0 through the scale), NaN → NaN. Round with `round_scaled`."""
-    r, k = _reduce(a)
-    s = _expm1_reduced(r)
-    hi, lo = fast_two_sum(torch.ones_like(s[0]), s[0])
-    hi, lo = fast_two_sum(hi, lo + s[1])
+    (+inf → inf, −inf → 0 through the scale), NaN → NaN. Round with `round_scaled`.
+
+    Tang's method: exp(a) = 2**k·T·(1 + expm1(r)) with T = 2**(j/2**_TABLE_BITS) from a table,
+    T + T·expm1(r) in dd (~2**-104 relative)."""
+    r, k, j = _reduce(a)
+    t = _table(j)
+    hi, lo = _add(t, _mul(t, _expm1_taylor(r)))
     inf = a[0] == math.inf
     return hi.masked_fill(inf, math.inf), lo.masked_fill(inf, 0.0), k
 
@@ -281,10 +310,15 @@ def exp(a):
 def expm1(a):
     """expm1(a) of a dd."""
     small = a[0].abs() < 0.34
-    # Below 2**-900, expm1(a) = a·(1 + a/2 + …) is a to 2**-900 (and a/2**8 would lose bits).
+    # Below 2**-900, expm1(a) = a·(1 + a/2 + …) is a to 2**-900 (and its Taylor terms would
+    # lose bits as subnormals).
     tiny = a[0].abs() < 2.0**-900
-    r = (torch.where(small & ~tiny, a[0], 0.0), torch.where(small & ~tiny, a[1], 0.0))
-    s = _expm1_reduced(r)
+    r, _, j = _reduce((torch.where(small & ~tiny, a[0], 0.0), torch.where(small & ~tiny, a[1], 0.0)))
+    # |a| < 0.34: k = 0, and expm1(a) = (T − 1) + T·expm1(r), T − 1 exact (Sterbenz: T in
+    # [0.7, 1.42]). The two terms cancel by a factor of 2 at most (|T − 1| is about twice
+    # |T·expm1(r)| or more), but at j = 0, where T − 1 = 0 and the sum is expm1(r) itself.
+    t = _table(j)
+    s = _add(fast_two_sum(t[0] - 1.0, t[1]), _mul(t, _expm1_taylor(r)))
     s = torch.where(tiny, a[0], s[0]), torch.where(tiny, a[1], s[1])
     big = add(exp(a), dd(torch.full_like(a[0], -1.0)))
     return torch.where(small, s[0], big[0]), torch.where(small, s[1], big[1])

@@ -184,6 +184,35 @@ def test_add_mul_div_within_2_pow_minus_100(pairs):
                 mpmath.mpf(2) ** -1074, (op.__name__, pairs[i])
 
 
+def test_exp_table_is_2_pow_j_over_256_to_2_pow_minus_106():
+    """Tang's table (doubledouble._pow2_fractions, from decimal): every entry against mpmath."""
+    table = D._pow2_fractions()
+    assert len(table) == 1 << D._TABLE_BITS
+    half = 1 << (D._TABLE_BITS - 1)
+    for j, (hi, lo) in zip(range(-half, half), table, strict=True):
+        want = mpmath.mpf(2) ** (mpmath.mpf(j) / (2 * half))
+        assert abs(lo) <= math.ulp(hi) / 2
+        assert abs(mpmath.mpf(hi) + mpmath.mpf(lo) - want) <= want * mpmath.mpf(2) ** -106, j
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.one_of(st.floats(-740, 705), st.floats(-0.34, 0.34)), st.floats(-1, 1)),
+                min_size=1, max_size=12))
+def test_exp_and_expm1_within_2_pow_minus_98(args):
+    """Far tighter than the 1/64 ULP the reference needs: a wrong table entry or reduction
+    constant shows here (dd arguments with a low part, as two_sum(x, −m) gives)."""
+    hi = torch.tensor([a for a, _ in args], dtype=F)
+    a = D.two_sum(hi, hi * torch.tensor([f for _, f in args], dtype=F) * 2.0 ** -60)
+    e, m = D.exp_scaled(a), D.expm1(a)
+    for i in range(len(args)):
+        x = _value((a[0][i], a[1][i]))
+        want = mpmath.exp(x)
+        assert abs(_value((e[0][i], e[1][i], e[2][i])) - want) <= want * mpmath.mpf(2) ** -98, args[i]
+        want = mpmath.expm1(x)
+        if abs(x) < 0.34 and x != 0 and abs(x) > mpmath.mpf(2) ** -900:
+            assert abs(_value((m[0][i], m[1][i])) - want) <= abs(want) * mpmath.mpf(2) ** -98, args[i]
+
+
 def test_two_prod_of_operands_beyond_the_split_range_is_exact():
     a = torch.tensor([1.7976931348623157e308, 1.7976931214684583e308, 3.0], dtype=F)
     b = torch.tensor([0.5, 1.0, 1e300], dtype=F)

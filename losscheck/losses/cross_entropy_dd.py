@@ -43,9 +43,11 @@ def _softmax(x, k, masked):
     return m.squeeze(1), (eh, el, ek), big, ks, s, total, l1p
 
 
-def _probabilities(e, total):
-    """p_j = e_j/(1 + s), scaled as e_j."""
-    q = D.div((e[0], e[1]), (total[0][:, None].expand_as(e[0]), total[1][:, None].expand_as(e[0])))
+def _probabilities(e, inverse):
+    """p_j = e_j·(1/(1 + s)), scaled as e_j, from each row's `inverse` 1/(1 + s) (a dd): one
+    division per row and a product per entry, ~2**-103 relative (a division per entry, three
+    quotient digits, cost a third of the chunk's time)."""
+    q = D.mul((e[0], e[1]), (inverse[0][:, None].expand_as(e[0]), inverse[1][:, None].expand_as(e[0])))
     return q[0], q[1], e[2]
 
 
@@ -67,9 +69,8 @@ def _finite(x, t, masked=None):
     off = (*D.add(gap, D.ldexp_dd(l1p[:2], l1p[2] - sh)), sh.expand_as(m))
     loss = D.where_scaled(t == k, l1p, off)
     loss = D.where_scaled(xt == -math.inf, D.exact_scaled(math.inf, m), loss)
-    grad = _probabilities(e, total)
     one = D.div(D.dd(torch.ones_like(m)), total)
-    grad = _set(grad, k, (*one, _zeros_k(m)))
+    grad = _set(_probabilities(e, one), k, (*one, _zeros_k(m)))
     et = D.ldexp_dd((e[0][rows, t], e[1][rows, t]), e[2][rows, t])
     rest_off = D.sub(total, et)
     q_off = D.div(D.neg(rest_off), total)
@@ -121,7 +122,8 @@ def _nll_and_probabilities(x):
     unmasked = torch.where(masked, -math.inf, xf)
     k = unmasked.argmax(1)
     m, e, _, _, _, total, l1p = _softmax(xf, k, masked)
-    p = _set(_probabilities(e, total), k, (*D.div(D.dd(torch.ones_like(m)), total), _zeros_k(m)))
+    one = D.div(D.dd(torch.ones_like(m)), total)
+    p = _set(_probabilities(e, one), k, (*one, _zeros_k(m)))
     xs = torch.where(masked, m[:, None], xf)
     sh = _shift(x)
     lse = D.ldexp_dd(l1p[:2], l1p[2] - sh)
