@@ -307,6 +307,29 @@ def test_dd_matches_long_double_or_mpmath_binary(scale, monkeypatch):
     assert checked < 12 * n * 5 // 100  # differences are rare (of 12·n values)
 
 
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "bce_with_logits"])
+@pytest.mark.parametrize("rows", [64, 48])
+def test_dd_mean_is_the_sum_divided(loss_name, rows, monkeypatch):
+    """The dd path's mean: over a power-of-two count (64 rows, 2048 elements) its gradient
+    moves the scale (no division), else (48, 1536) it divides in dd. Either way it is the
+    sum's gradient over the count: bit for bit where dividing the float64 gradient by a power
+    of two is exact (no subnormal entry here), within 1 ULP otherwise."""
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    g = torch.Generator().manual_seed(3)
+    multiclass = loss_name == "cross_entropy"
+    x = torch.randn((rows, 30) if multiclass else (rows * 32,), dtype=F, generator=g) * 20
+    t = torch.randint(0, 30, (rows,), generator=g) if multiclass else (torch.rand(rows * 32, generator=g) > 0.5).to(F)
+    loss = LOSSES[loss_name]
+    mean, total = reference(loss, x, t, {}, "mean"), reference(loss, x, t, {}, "sum")
+    count = rows if multiclass else rows * 32
+    if count & (count - 1) == 0:
+        assert torch.equal(mean.grad, total.grad / count)
+    else:
+        ulp = torch.finfo(F).eps * mean.grad.abs()
+        assert bool(((mean.grad - total.grad / count).abs() <= ulp).all())
+    assert mean.value == pytest.approx(total.value / count, rel=1e-15)
+
+
 @pytest.mark.skipif(not LONGDOUBLE_OK, reason="needs x86 long double to compare with")
 @pytest.mark.parametrize("scale", [1.0, 10.0, 800.0])
 def test_dd_matches_long_double_cross_entropy(scale, monkeypatch):
