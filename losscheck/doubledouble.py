@@ -309,19 +309,54 @@ def exp(a):
 
 def expm1(a):
     """expm1(a) of a dd."""
-    small = a[0].abs() < 0.34
+    return _select(a[0].abs() < 0.34, _expm1_small, _expm1_big, a)
+
+
+def _expm1_small(a):
     # Below 2**-900, expm1(a) = a·(1 + a/2 + …) is a to 2**-900 (and its Taylor terms would
     # lose bits as subnormals).
     tiny = a[0].abs() < 2.0**-900
-    r, _, j = _reduce((torch.where(small & ~tiny, a[0], 0.0), torch.where(small & ~tiny, a[1], 0.0)))
+    r, _, j = _reduce((torch.where(tiny, 0.0, a[0]), torch.where(tiny, 0.0, a[1])))
     # |a| < 0.34: k = 0, and expm1(a) = (T − 1) + T·expm1(r), T − 1 exact (Sterbenz: T in
     # [0.7, 1.42]). The two terms cancel by a factor of 2 at most (|T − 1| is about twice
     # |T·expm1(r)| or more), but at j = 0, where T − 1 = 0 and the sum is expm1(r) itself.
     t = _table(j)
     s = _add(fast_two_sum(t[0] - 1.0, t[1]), _mul(t, _expm1_taylor(r)))
-    s = torch.where(tiny, a[0], s[0]), torch.where(tiny, a[1], s[1])
-    big = add(exp(a), dd(torch.full_like(a[0], -1.0)))
-    return torch.where(small, s[0], big[0]), torch.where(small, s[1], big[1])
+    return torch.where(tiny, a[0], s[0]), torch.where(tiny, a[1], s[1])
+
+
+def _expm1_big(a):
+    return add(exp(a), dd(torch.full_like(a[0], -1.0)))
+
+
+# Functions with two formulations by argument range compute each only on its own elements
+# (`_select`) on the CPU, in tensors of at least this many values: there every formulation
+# is dozens of passes over memory, and a gather and a scatter cost two. On accelerators (and
+# small tensors) both run everywhere and torch.where picks: no host read, no index kernels.
+_SELECT_ELEMENTS = 1 << 12
+
+
+def _select(cond, when_true, when_false, a):
+    """when_true(a) where `cond`, when_false(a) elsewhere, for elementwise functions of a dd
+    (each element's result depends on that element alone: the same bits either way)."""
+    if cond.device.type != "cpu" or cond.numel() < _SELECT_ELEMENTS:
+        t, f = when_true(a), when_false(a)
+        return torch.where(cond, t[0], f[0]), torch.where(cond, t[1], f[1])
+    flat = cond.reshape(-1)
+    count = int(flat.sum())
+    if count == flat.numel():
+        return when_true(a)
+    if count == 0:
+        return when_false(a)
+    parts = [(idx, fn((a[0].reshape(-1)[idx], a[1].reshape(-1)[idx])))
+             for idx, fn in ((flat.nonzero().squeeze(1), when_true), ((~flat).nonzero().squeeze(1), when_false))]
+    out = []
+    for k in range(2):
+        o = torch.empty(flat.numel(), dtype=F64, device=cond.device)
+        for idx, got in parts:
+            o[idx] = got[k]
+        out.append(o.reshape(cond.shape))
+    return out[0], out[1]
 
 
 def _log_newton(a):
@@ -344,30 +379,33 @@ def _log_newton(a):
 
 def log1p(u):
     """log1p(u) of a dd u >= −1 (−1 → −inf, below → NaN, +inf → inf)."""
-    small = u[0].abs() < 0.25
-    us = (torch.where(small, u[0], 0.0), torch.where(small, u[1], 0.0))
-    y0 = torch.log1p(us[0])
+    return _select(u[0].abs() < 0.25, _log1p_small, _log1p_far, u)
+
+
+def _log1p_small(u):
+    y0 = torch.log1p(u[0])
     # y = y0 + (u − expm1(y0))·exp(−y0), exp(−y0) = 1/(1 + u) to float64 accuracy is enough:
     # the correction is itself ~2**-53·|u|.
-    c = sub(us, expm1(dd(y0)))
-    near = add(dd(y0), mul_d(c, 1.0 / (1.0 + us[0])))
+    c = sub(u, expm1(dd(y0)))
+    near = add(dd(y0), mul_d(c, 1.0 / (1.0 + u[0])))
     # Below 2**-900, log1p(u) = u·(1 − u/2 + …) is u to 2**-900.
-    tiny = us[0].abs() < 2.0**-900
-    near = torch.where(tiny, us[0], near[0]), torch.where(tiny, us[1], near[1])
-    far = _log_newton(add(dd(torch.ones_like(u[0])), u))
-    return torch.where(small, near[0], far[0]), torch.where(small, near[1], far[1])
+    tiny = u[0].abs() < 2.0**-900
+    return torch.where(tiny, u[0], near[0]), torch.where(tiny, u[1], near[1])
+
+
+def _log1p_far(u):
+    return _log_newton(add(dd(torch.ones_like(u[0])), u))
 
 
 def log(a):
     """log(a) of a dd a >= 0 (0 → −inf, negative → NaN, +inf → inf)."""
-    near = (a[0] > 0.75) & (a[0] < 1.5)
-    one = torch.ones_like(a[0])
     # Near 1, log(a) = log1p(a − 1) with a − 1 exact: log(a) is small there and a·exp(−y0) − 1
     # would leave an absolute, not a relative, error.
-    u = add((torch.where(near, a[0], 2.0), torch.where(near, a[1], 0.0)), dd(-one))
-    n = log1p(u)
-    f = _log_newton(a)
-    return torch.where(near, n[0], f[0]), torch.where(near, n[1], f[1])
+    return _select((a[0] > 0.75) & (a[0] < 1.5), _log_near_one, _log_newton, a)
+
+
+def _log_near_one(a):
+    return log1p(add(a, dd(torch.full_like(a[0], -1.0))))
 
 
 def softplus_scaled(z):

@@ -213,6 +213,25 @@ def test_exp_and_expm1_within_2_pow_minus_98(args):
             assert abs(_value((m[0][i], m[1][i])) - want) <= abs(want) * mpmath.mpf(2) ** -98, args[i]
 
 
+@pytest.mark.parametrize("fn", ["expm1", "log1p", "log", "softplus_scaled", "sigmoid_scaled", "exp_scaled"])
+def test_formulations_on_their_own_elements_give_the_same_bits(fn, monkeypatch):
+    """`_select` computes each of a function's formulations only where it applies (CPU,
+    large tensors) or both everywhere: the same bits, mixed and special arguments included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(3000, dtype=F, generator=g) * s for s in (1e-3, 0.3, 3.0, 300.0)])
+    x[:12] = torch.tensor([0.0, -0.0, 5e-324, -1.0, 1.0, 0.25, -0.25, 0.34, math.inf, -math.inf, math.nan, 1e-310])
+    if fn in ("log", "log1p"):
+        x = x.abs() - (1.0 if fn == "log1p" else 0.0)
+    scaled = fn in ("softplus_scaled", "sigmoid_scaled")
+    arg = x if scaled else D.dd(x)
+    outs = []
+    for limit in (1 << 40, 1):
+        monkeypatch.setattr(D, "_SELECT_ELEMENTS", limit)
+        outs.append(getattr(D, fn)(arg))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
 def test_two_prod_of_operands_beyond_the_split_range_is_exact():
     a = torch.tensor([1.7976931348623157e308, 1.7976931214684583e308, 3.0], dtype=F)
     b = torch.tensor([0.5, 1.0, 1e300], dtype=F)
