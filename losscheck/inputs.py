@@ -28,6 +28,7 @@ Box–Muller); tails reach ±8.3 σ.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import TYPE_CHECKING
@@ -178,8 +179,10 @@ class _Draws:
         return torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.g).mul_(hi - lo).add_(lo)
 
     def normal(self, shape, scale: float = 1.0) -> torch.Tensor:
-        # erfinv's vectorised CPU kernel is its scalar one mapped: no split-dependent bits.
-        return self.symmetric(shape).erfinv_().mul_(math.sqrt(2) * scale)
+        v = self.symmetric(shape)
+        with _one_thread(v):
+            v.erfinv_()
+        return v.mul_(math.sqrt(2) * scale)
 
     def exponential(self, shape) -> torch.Tensor:
         """Exp(1) draws: −log(1 − u), 1 − u in (0, 1] exactly."""
@@ -207,6 +210,27 @@ def pieces(fn, x: torch.Tensor) -> torch.Tensor:
         return fn(x)
     flat = x.reshape(-1)
     return torch.cat([fn(p) for p in flat.split(_PIECE)]).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def _one_thread(t: torch.Tensor):
+    """torch on one CPU thread for the block (a CPU tensor `t`'s operation; others as they are).
+
+    torch's CPU erfinv is not reproducible across threads: on a loaded machine, 6 runs of 50
+    gave the second thread's half of a 64 × 300 float64 draw values off by ~1e-9 relative
+    (one path without erfinv's full Newton refinement, it seems), while one thread gave the
+    correct, mpmath-checked values every time — which are also what two threads give
+    when they agree. So erfinv runs on one thread: the inputs every earlier run drew, every
+    time (tests/test_inputs.py)."""
+    if t.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pick(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:
