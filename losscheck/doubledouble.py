@@ -348,8 +348,10 @@ def _select(cond, when_true, when_false, a):
         return when_true(a)
     if count == 0:
         return when_false(a)
-    parts = [(idx, fn((a[0].reshape(-1)[idx], a[1].reshape(-1)[idx])))
-             for idx, fn in ((flat.nonzero().squeeze(1), when_true), ((~flat).nonzero().squeeze(1), when_false))]
+    parts = [
+        (idx, fn((a[0].reshape(-1)[idx], a[1].reshape(-1)[idx])))
+        for idx, fn in ((flat.nonzero().squeeze(1), when_true), ((~flat).nonzero().squeeze(1), when_false))
+    ]
     out = []
     for k in range(2):
         o = torch.empty(flat.numel(), dtype=F64, device=cond.device)
