@@ -9,8 +9,9 @@ point's inputs never exist on the host. What holds (INPUTS_GENERATOR names this 
 results files; files without the field were made by the former numpy generator):
 
 * same seed, same config, same torch version and device type -> bit-identical inputs on the
-  CPU, whatever the thread count (every step is either a serial draw of the generator or an
-  elementwise operation with one implementation: tests/test_inputs.py);
+  CPU, whatever the thread count and the machine's load (every step is either a serial draw
+  of the generator, an elementwise operation with one implementation, or erfinv, which is
+  not that and runs on one thread: `_one_thread`, tests/test_inputs.py);
 * the CPU and CUDA generators are different algorithms (mt19937, Philox), so a
   `devices: [cpu, cuda]` sweep gives each device its own draws of the same distributions:
   a device's records are comparable with that device's, in distribution with the other's,
@@ -219,9 +220,9 @@ def _one_thread(t: torch.Tensor):
     torch's CPU erfinv is not reproducible across threads: on a loaded machine, 6 runs of 50
     gave the second thread's half of a 64 × 300 float64 draw values off by ~1e-9 relative
     (one path without erfinv's full Newton refinement, it seems), while one thread gave the
-    correct, mpmath-checked values every time — which are also what two threads give
-    when they agree. So erfinv runs on one thread: the inputs every earlier run drew, every
-    time (tests/test_inputs.py)."""
+    correct, mpmath-checked values every time, the values two threads give when they
+    agree. So erfinv runs on one thread: the inputs earlier runs drew when their threads
+    agreed, every time (tests/test_inputs.py, benchmarks/input_reproducibility.py)."""
     if t.device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
