@@ -213,7 +213,6 @@ def pieces(fn, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(p) for p in flat.split(_PIECE)]).reshape(x.shape)
 
 
-@contextlib.contextmanager
 def _one_thread(t: torch.Tensor):
     """torch on one CPU thread for the block (a CPU tensor `t`'s operation; others as they are).
 
@@ -223,15 +222,11 @@ def _one_thread(t: torch.Tensor):
     correct, mpmath-checked values every time, the values two threads give when they
     agree. So erfinv runs on one thread: the inputs earlier runs drew when their threads
     agreed, every time (tests/test_inputs.py, benchmarks/input_reproducibility.py)."""
-    if t.device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    if t.device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.utils.benchmark.utils import common  # its thread-count context, as timing.py uses
+
+    return common.set_torch_threads(1)
 
 
 def _pick(cond: torch.Tensor, a: float, b: float) -> torch.Tensor:

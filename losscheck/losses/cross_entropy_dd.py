@@ -43,12 +43,13 @@ def _softmax(x, k, masked):
     return m.squeeze(1), (eh, el, ek), big, ks, s, total, l1p
 
 
-def _probabilities(e, inverse):
-    """p_j = e_j·(1/(1 + s)), scaled as e_j, from each row's `inverse` 1/(1 + s) (a dd): one
-    division per row and a product per entry, ~2**-103 relative (a division per entry, three
-    quotient digits, cost a third of the chunk's time)."""
+def _probabilities(e, total, k):
+    """p_j = e_j·(1/(1 + s)), scaled as e_j, and p_k = 1/(1 + s) at each row's column k (whose
+    e_k is 0): one division per row and a product per entry, ~2**-103 relative (a division per
+    entry, three quotient digits, cost a third of the chunk's time)."""
+    inverse = D.div(D.dd(torch.ones_like(total[0])), total)
     q = D.mul((e[0], e[1]), (inverse[0][:, None].expand_as(e[0]), inverse[1][:, None].expand_as(e[0])))
-    return q[0], q[1], e[2]
+    return _set((q[0], q[1], e[2]), k, (*inverse, _zeros_k(total[0])))
 
 
 def _set(a, idx, v):
@@ -69,8 +70,7 @@ def _finite(x, t, masked=None):
     off = (*D.add(gap, D.ldexp_dd(l1p[:2], l1p[2] - sh)), sh.expand_as(m))
     loss = D.where_scaled(t == k, l1p, off)
     loss = D.where_scaled(xt == -math.inf, D.exact_scaled(math.inf, m), loss)
-    one = D.div(D.dd(torch.ones_like(m)), total)
-    grad = _set(_probabilities(e, one), k, (*one, _zeros_k(m)))
+    grad = _probabilities(e, total, k)
     et = D.ldexp_dd((e[0][rows, t], e[1][rows, t]), e[2][rows, t])
     rest_off = D.sub(total, et)
     q_off = D.div(D.neg(rest_off), total)
@@ -122,8 +122,7 @@ def _nll_and_probabilities(x):
     unmasked = torch.where(masked, -math.inf, xf)
     k = unmasked.argmax(1)
     m, e, _, _, _, total, l1p = _softmax(xf, k, masked)
-    one = D.div(D.dd(torch.ones_like(m)), total)
-    p = _set(_probabilities(e, one), k, (*one, _zeros_k(m)))
+    p = _probabilities(e, total, k)
     xs = torch.where(masked, m[:, None], xf)
     sh = _shift(x)
     lse = D.ldexp_dd(l1p[:2], l1p[2] - sh)
