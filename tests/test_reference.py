@@ -611,9 +611,9 @@ def test_round_to_in_pieces_is_one_rounding_of_the_whole(monkeypatch, name):
     x = torch.randn(3 * 67, dtype=torch.float64, generator=gen).mul_(1e3)
     x[:: 201 // len(special)][: len(special)] = torch.tensor(special, dtype=torch.float64)
     x = x.reshape(3, 67)
-    whole = R.round_to(x, dt)
+    whole = R._round_half(x, dt)
     monkeypatch.setattr(R, "_ROUND_PIECE", 10)
-    pieces = R.round_to(x, dt)
+    pieces = R._round_half_pieces(x, dt)
     assert pieces.shape == whole.shape and pieces.dtype == dt
     assert torch.equal(pieces.view(torch.int16), whole.view(torch.int16))
     for a, b in zip(x.reshape(-1).tolist(), pieces.reshape(-1).double().tolist(), strict=True):
@@ -621,6 +621,76 @@ def test_round_to_in_pieces_is_one_rounding_of_the_whole(monkeypatch, name):
             assert math.isnan(b)
         else:
             assert round_exact(MP.mpf(a), name).nearest == b or (math.isinf(b) and abs(a) > torch.finfo(dt).max)
+
+
+def _near_midpoints(name, gen, n):
+    """n float64 values at, and a few float64 ULPs either side of, midpoints of the half
+    format `name`: normal ones, subnormal ones and the overflow threshold, both signs."""
+    p = FORMATS[name].significand_bits
+    finfo = torch.finfo(FORMATS[name].torch_dtype)
+    tiny = float(finfo.smallest_normal) * 2.0 ** -(p - 1)  # the smallest subnormal
+    ks = torch.randint(1, 2 ** (p - 1), (n,), generator=gen, dtype=torch.float64)
+    exps = torch.randint(-10, 10, (n,), generator=gen, dtype=torch.float64)
+    normal = (1 + (ks + 0.5) * 2.0 ** -(p - 1)) * torch.pow(2.0, exps)
+    sub = (torch.randint(0, 2 ** (p - 1), (n,), generator=gen, dtype=torch.float64) + 0.5) * tiny
+    top = torch.full((n,), float(finfo.max) * (1 + 2.0**-p / (1 - 2.0**-p)), dtype=torch.float64)
+    which = torch.randint(0, 3, (n,), generator=gen)
+    mid = torch.where(which == 0, normal, torch.where(which == 1, sub, top))
+    nudge = torch.randint(-2, 3, (n,), generator=gen)  # float64 ULPs off the midpoint
+    out = mid.clone()
+    for step in (1, 2):
+        out = torch.where(nudge >= step, torch.nextafter(out, torch.tensor(math.inf, dtype=torch.float64)), out)
+        out = torch.where(nudge <= -step, torch.nextafter(out, torch.tensor(-math.inf, dtype=torch.float64)), out)
+    sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    return out * sign
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
+    """On the CPU, round_to keeps torch's two casts but where the float32 value may be a
+    midpoint of the half format (`_round_half_screened`): the same bits as round to odd on
+    every value, on random values with values at and just off midpoints (normal, subnormal,
+    the overflow threshold), ±0, ±inf, NaN and values beyond float32's range among them; the
+    specials checked against mpmath. Without the correction (the plain casts) the midpoints
+    double-round: the test is not vacuous."""
+    dt = FORMATS[name].torch_dtype
+    gen = torch.Generator().manual_seed(FORMATS[name].significand_bits)
+    x = torch.randn(40_000, dtype=torch.float64, generator=gen) * torch.pow(
+        10.0, torch.randint(-8, 8, (40_000,), generator=gen, dtype=torch.float64))
+    special = torch.cat([_near_midpoints(name, gen, 2000), torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, math.nan, 1e300, -1e300, 2.0**-140, 1e-45], dtype=torch.float64)])
+    where = torch.randperm(x.numel(), generator=gen)[: special.numel()]
+    x[where] = special
+    x = x.reshape(200, 200)
+
+    def no_fallback(*args):
+        raise AssertionError("few suspects: the screened path, not round to odd everywhere")
+    with monkeypatch.context() as m:
+        m.setattr(R, "_round_half_pieces", no_fallback)
+        got = R.round_to(x, dt)
+    everywhere = R._round_half_pieces(x, dt)
+    assert got.shape == x.shape and got.dtype == dt
+    assert torch.equal(got.view(torch.int16), everywhere.view(torch.int16))
+    assert not torch.equal(_naive(x.numpy(), dt).view(torch.int16), everywhere.view(torch.int16))
+    for a, b in zip(special.tolist(), got.reshape(-1)[where].double().tolist(), strict=True):
+        if math.isnan(a):
+            assert math.isnan(b)
+        else:
+            assert round_exact(MP.mpf(a), name).nearest == b or (math.isinf(b) and abs(a) > torch.finfo(dt).max)
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_round_to_mostly_exact_values_at_once(monkeypatch, name):
+    """Mostly exact values (zeros, small integers: every one a suspect of the screen) are
+    rounded to odd everywhere, at once: the same bits either way."""
+    dt = FORMATS[name].torch_dtype
+    x = torch.zeros(1000, dtype=torch.float64)
+    x[::7] = torch.arange(143, dtype=torch.float64) * 0.37
+    calls = []
+    real = R._round_half_pieces
+    monkeypatch.setattr(R, "_round_half_pieces", lambda *a: calls.append(1) or real(*a))
+    got = R.round_to(x, dt)
+    assert calls and torch.equal(got.view(torch.int16), R._round_half(x, dt).view(torch.int16))
 
 
 @pytest.mark.parametrize("name", HALF)
