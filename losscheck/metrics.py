@@ -283,7 +283,7 @@ class _Accumulator:
         if not self.on_host:
             self._finish(pair, pair.finite_distance(), special=True, zeros=True)
             return
-        if self._same_signs(pair):
+        if self._finite_chunk(pair):
             return
         # A read-back per chunk says which rules can apply at all. Most chunks have no
         # non-finite value and no sign change: their distance is then the patterns'
@@ -307,11 +307,13 @@ class _Accumulator:
         else:
             self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
 
-    def _same_signs(self, pair: _Pair) -> bool:
-        """The common chunk, in fewer passes than the rules below need: every value and
-        reference finite, each value of its reference's sign. Then the distance is
-        |bits(v) − bits(r)| (the sign bit cancels), exact in the format's width, and every
-        number comes from it as in `_finite`. False (nothing added) for any other chunk.
+    def _finite_chunk(self, pair: _Pair) -> str:
+        """The common chunks, in fewer passes than the rules below need: every value and
+        reference finite. Each value of its reference's sign ("same_signs"): the distance
+        is |bits(v) − bits(r)| (the sign bit cancels), exact in the format's width, and
+        every number comes from it as in `_finite`. Some signs differing ("mixed_signs"):
+        `_finite` (or `_finish`) with what is known already. "" (nothing added) for a chunk
+        with a non-finite value or reference.
 
         The signs need no pass of their own: with finite magnitudes (below inf_bits =
         2**(w−1) − 2**(p−1) in a w-bit format of precision p), a value and a reference of
@@ -322,18 +324,24 @@ class _Accumulator:
         v, r = pair.v, pair.r
         lo_v, hi_v, lo_r, hi_r = torch.stack([*torch.aminmax(v.floats), *torch.aminmax(r.floats)]).tolist()
         if not all(map(math.isfinite, (lo_v, hi_v, lo_r, hi_r))):
-            return False  # NaN (propagated by aminmax) or ±inf: the rules of `_finish`
+            return ""  # NaN (propagated by aminmax) or ±inf: the rules of `_finish`
         w = torch.sub(v.ints, r.ints)
         wmin, wmax = torch.stack(torch.aminmax(w)).tolist()
         half = 1 << (self.p - 1)
         # Strictly positive or strictly negative throughout (no zero of either sign): one sign.
         one_sign = (lo_v > 0 and lo_r > 0) or (hi_v < 0 and hi_r < 0)
-        if not (one_sign or -half < wmin <= wmax < half) and bool(torch.bitwise_xor(v.ints, r.ints).amin() < 0):
-            return False  # a sign differs (or may: the test above passes over large errors)
-        largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
-        d = w.abs_()
         # (count_nonzero on the floats counts ±0 as zero: one pass, no temporary.)
         zeros = lo_v <= 0 <= hi_v and int(torch.count_nonzero(v.floats)) < v.ints.numel()
+        if not (one_sign or -half < wmin <= wmax < half) and bool(torch.bitwise_xor(v.ints, r.ints).amin() < 0):
+            # A sign differs (a gradient's entry flushed to 0 of the other sign, say): every
+            # value is finite, as `add` would find again, so the chunk goes on from here.
+            if v.f.total_bits <= 32:
+                self._finite(pair, zeros, signs_differ=True)
+            else:
+                self._finish(pair, pair.finite_distance(), special=False, zeros=zeros)
+            return "mixed_signs"
+        largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
+        d = w.abs_()
         self.maxima.append(float(largest))  # on the host (see `flush`)
         if largest > self.ulp_threshold:
             self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
@@ -343,16 +351,20 @@ class _Accumulator:
             self.counts["underflow"].append(torch.count_nonzero(torch.eq(v.floats, 0).logical_and_(d != 0)))
         if largest:
             self.bits_sum += self._bits(d, largest).sum()
-        return True
+        return "same_signs"
 
     def _finite(self, pair: _Pair, zeros: bool, signs_differ: bool) -> None:
         """A chunk of finite values in a format of 32 bits or fewer: every number comes from
         the integer distance, without float64. With the signs of their references it is
         |bits(v) - bits(r)|, exact in the format's width (below 2**31); where signs may
-        differ (a gradient's entries), |ordinal(v) - ordinal(r)| in int64, the sum of the
+        differ (a gradient's entries), |ordinal(v) - ordinal(r)| in int64 (int32 for a 16-bit
+        format), the sum of the
         magnitudes across zero (below 2**33) — `finite_distance`'s float64 numbers exactly."""
         if signs_differ:
-            d = pair.v.ordinal.to(torch.int64).sub_(pair.r.ordinal).abs_()
+            # Ordinals of a w-bit format differ by less than 2**w: int32 holds a 16-bit
+            # format's (half the memory traffic of int64, and _lookup's index type as it is).
+            wide = torch.int32 if pair.v.f.total_bits <= 16 else torch.int64
+            d = pair.v.ordinal.to(wide).sub_(pair.r.ordinal).abs_()
         else:
             d = (pair.v.ints - pair.r.ints).abs_()
         largest = int(d.amax())

@@ -172,18 +172,18 @@ def test_opposite_signs_in_float64_past_the_int64_range():
     assert float(ulp_distance(big, -big)[0]) == 2.0 * float(0x7FEFFFFFFFFFFFFF)
 
 
-# ---- the same-sign fast path (metrics._Accumulator._same_signs) ---------------------------------
+# ---- the finite fast paths (metrics._Accumulator._finite_chunk) ---------------------------------
 
-def _spy_fast_path(monkeypatch) -> list[bool]:
-    """The fast path's answers (True: the chunk was taken there), recorded."""
-    taken: list[bool] = []
-    real = metrics._Accumulator._same_signs
+def _spy_fast_path(monkeypatch) -> list[str]:
+    """The fast paths' answers ("same_signs", "mixed_signs", "": not taken), recorded."""
+    taken: list[str] = []
+    real = metrics._Accumulator._finite_chunk
 
     def spy(self, pair):
         taken.append(real(self, pair))
         return taken[-1]
 
-    monkeypatch.setattr(metrics._Accumulator, "_same_signs", spy)
+    monkeypatch.setattr(metrics._Accumulator, "_finite_chunk", spy)
     return taken
 
 
@@ -193,7 +193,8 @@ def test_same_signs_fast_path_at_its_bounds(monkeypatch, name, path):
     2**(p-1) bound from both sides, zeros of both signs against zeros and non-zero
     references (underflow), and one sign flip per chunk that the bound alone must not let
     through (+0 against -0 is W = -2**(w-1); a tiny value against its negation): the
-    numbers of the numpy original, and the fast path taken exactly where no sign differs."""
+    numbers of the numpy original, and the same-sign path taken exactly where no sign
+    differs (the mixed-sign one where one does)."""
     f = FORMATS[name]
     half = 1 << (f.significand_bits - 1)
     gen = torch.Generator().manual_seed(f.total_bits)
@@ -211,7 +212,7 @@ def test_same_signs_fast_path_at_its_bounds(monkeypatch, name, path):
         ref2[2::97] = -0.0  # zero against zero, of the same sign
         moved[2::97] = -0.0
         assert_unchanged(moved, ref2, threshold=3.0)
-    assert taken == ([True] * 4 if path == "summary_on_host" else [])
+    assert taken == (["same_signs"] * 4 if path == "summary_on_host" else [])
     taken.clear()
     v = ref.clone()
     v[ref.abs().argmin()] *= -1  # the value nearest zero flipped
@@ -220,7 +221,7 @@ def test_same_signs_fast_path_at_its_bounds(monkeypatch, name, path):
     z = torch.zeros(8, dtype=f.torch_dtype)
     for value, reference in ((v, ref), (w, ref), (z, -z), (-z, z)):
         assert_unchanged(value, reference)
-    assert not any(taken)
+    assert taken == (["mixed_signs"] * 4 if path == "summary_on_host" else [])
 
 
 @pytest.mark.parametrize("name", DTYPES)
