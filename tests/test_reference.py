@@ -586,6 +586,17 @@ def _naive(values, dt):
     return torch.from_numpy(np.asarray(values, dtype=np.float64)).float().to(dt)
 
 
+def screened(values, dt) -> list[float]:
+    """`values` rounded by round_to's screened path (`_round_half_screened`, which large
+    tensors take), among 16 times as many values that are no midpoint suspects (π): the
+    correction of the suspects among them runs, not the fallback of mostly exact values."""
+    values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    x = torch.full((17 * values.numel() + 16,), math.pi, dtype=torch.float64)
+    x[1::17][: values.numel()] = values
+    assert int(R._midpoint_mask(x.float()).count_nonzero()) * 16 <= x.numel()
+    return R._round_half_screened(x, dt)[1::17][: values.numel()].double().tolist()
+
+
 @pytest.mark.parametrize("name", HALF)
 def test_round_to_exact_halfway_ties_to_even(name):
     p = FORMATS[name].significand_bits
@@ -655,13 +666,14 @@ def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
     double-round: the test is not vacuous."""
     dt = FORMATS[name].torch_dtype
     gen = torch.Generator().manual_seed(FORMATS[name].significand_bits)
-    x = torch.randn(40_000, dtype=torch.float64, generator=gen) * torch.pow(
-        10.0, torch.randint(-8, 8, (40_000,), generator=gen, dtype=torch.float64))
-    special = torch.cat([_near_midpoints(name, gen, 2000), torch.tensor(
+    n = 2 * R._SCREEN_MIN
+    x = torch.randn(n, dtype=torch.float64, generator=gen) * torch.pow(
+        10.0, torch.randint(-8, 8, (n,), generator=gen, dtype=torch.float64))
+    special = torch.cat([_near_midpoints(name, gen, n // 40), torch.tensor(
         [0.0, -0.0, math.inf, -math.inf, math.nan, 1e300, -1e300, 2.0**-140, 1e-45], dtype=torch.float64)])
     where = torch.randperm(x.numel(), generator=gen)[: special.numel()]
     x[where] = special
-    x = x.reshape(200, 200)
+    x = x.reshape(256, -1)
 
     def no_fallback(*args):
         raise AssertionError("few suspects: the screened path, not round to odd everywhere")
@@ -682,13 +694,20 @@ def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
 @pytest.mark.parametrize("name", HALF)
 def test_round_to_mostly_exact_values_at_once(monkeypatch, name):
     """Mostly exact values (zeros, small integers: every one a suspect of the screen) are
-    rounded to odd everywhere, at once: the same bits either way."""
+    rounded to odd everywhere, at once, whether the sample or the whole count finds them:
+    the same bits either way."""
     dt = FORMATS[name].torch_dtype
-    x = torch.zeros(1000, dtype=torch.float64)
-    x[::7] = torch.arange(143, dtype=torch.float64) * 0.37
+    x = torch.zeros(R._SCREEN_MIN + 7, dtype=torch.float64)
+    x[::7] = torch.arange(x[::7].numel(), dtype=torch.float64) * 0.37
     calls = []
     real = R._round_half_pieces
     monkeypatch.setattr(R, "_round_half_pieces", lambda *a: calls.append(1) or real(*a))
+    got = R.round_to(x, dt)
+    assert calls and torch.equal(got.view(torch.int16), R._round_half(x, dt).view(torch.int16))
+    # Exact values everywhere but where the sample looks: the screen's own count falls back.
+    calls.clear()
+    x = torch.zeros(R._SCREEN_MIN + 7, dtype=torch.float64)
+    x[:: R._SAMPLE_STRIDE] = torch.randn(x[:: R._SAMPLE_STRIDE].shape, dtype=torch.float64)
     got = R.round_to(x, dt)
     assert calls and torch.equal(got.view(torch.int16), R._round_half(x, dt).view(torch.int16))
 
@@ -707,6 +726,7 @@ def test_round_to_just_off_halfway_avoids_double_rounding(name):
     for v, e in zip(values, expected):
         assert round_exact(MP.mpf(float(v)), name).nearest == e
     assert R.round_to(values, dt).double().tolist() == expected
+    assert screened(values, dt) == expected
     # the naive path really is wrong on the first four: the test is not vacuous
     naive = _naive(values, dt).double().tolist()
     assert naive[:4] != expected[:4]
@@ -722,6 +742,7 @@ def test_round_to_subnormal_halfway(name):
     expected = [0.0, smallest, 2 * smallest, smallest, -smallest, 0.0]
     got = R.round_to(values, dt).double().tolist()
     assert got == expected
+    assert screened(values, dt) == expected
     assert _naive(values[[1, 3, 4]], dt).double().tolist() != [smallest, smallest, -smallest]
 
 
@@ -735,6 +756,7 @@ def test_round_to_overflows_to_inf(name):
                        1e39, -1e300, math.inf, -math.inf])
     expected = [big, big, math.inf, math.inf, -math.inf, math.inf, -math.inf, math.inf, -math.inf]
     assert R.round_to(values, dt).double().tolist() == expected
+    assert screened(values, dt) == expected
     assert math.isnan(float(R.round_to(np.array([math.nan]), dt)[0]))
 
 
@@ -758,6 +780,7 @@ def test_round_to_is_correct_rounding(name, data):
             if data.draw(st.booleans()) else v
     got = float(R.round_to(np.array([v]), dt)[0])
     assert got == round_exact(MP.mpf(v), name).nearest, v
+    assert screened([v], dt) == [got], v
 
 
 @needs_longdouble

@@ -31,7 +31,7 @@ from losscheck import reference as R
 from losscheck.dtypes import FORMATS
 from losscheck.losses import LOSSES, reference
 from losscheck.losses import bce, bce_with_logits, cross_entropy as ce
-from test_reference import round_exact
+from test_reference import round_exact, screened
 
 MP = mpmath.MPContext()
 MP.dps = 60
@@ -94,6 +94,7 @@ def test_round_to_tensor_is_correct_rounding(name, data):
     got = R.round_to(torch.tensor(values, dtype=torch.float64), dt)
     assert got.dtype == dt
     assert got.double().tolist() == [round_exact(MP.mpf(v), name).nearest for v in values], values
+    assert screened(values, dt) == got.double().tolist(), values  # the path of large tensors
 
 
 def test_round_to_tensor_keeps_nan_and_infinities():
