@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                     "losscheck.safeio", "losscheck.progress"}),
     ("config", {"losscheck.config", "losscheck.config_sections", "losscheck.config_axes", "losscheck.accumulate_section"}),
     # isolation: its error messages ask memory whether an exception is an out-of-memory one.
-    ("measurement", {"losscheck.isolation", "losscheck.precision", "losscheck.reference", "losscheck.extended_rows", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
+    ("measurement", {"losscheck.isolation", "losscheck.precision", "losscheck.reference", "losscheck.rounding", "losscheck.extended_rows", "losscheck.doubledouble", "losscheck.metrics", "losscheck.memory", "losscheck.custom",
                      "losscheck.losses*"}),
     ("analysis", {"losscheck.analysis", "losscheck.findings", "losscheck.results"}),
     ("evaluation", {"losscheck.sweep", "losscheck.points", "losscheck.worker", "losscheck.gate", "losscheck.gate_checks", "losscheck.explain_limits", "losscheck.explain_prose",

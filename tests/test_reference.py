@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from losscheck import inputs
 from losscheck import reference as R
+from losscheck import rounding
 from losscheck.dtypes import FORMATS
 from losscheck.losses import LOSSES, reference
 from helpers import FLAT_LOSSES
@@ -593,8 +594,8 @@ def screened(values, dt) -> list[float]:
     values = torch.as_tensor(np.asarray(values, dtype=np.float64))
     x = torch.full((17 * values.numel() + 16,), math.pi, dtype=torch.float64)
     x[1::17][: values.numel()] = values
-    assert int(R._midpoint_mask(x.float()).count_nonzero()) * 16 <= x.numel()
-    return R._round_half_screened(x, dt)[1::17][: values.numel()].double().tolist()
+    assert int(rounding._midpoint_mask(x.float()).count_nonzero()) * 16 <= x.numel()
+    return rounding._round_half_screened(x, dt)[1::17][: values.numel()].double().tolist()
 
 
 @pytest.mark.parametrize("name", HALF)
@@ -622,9 +623,9 @@ def test_round_to_in_pieces_is_one_rounding_of_the_whole(monkeypatch, name):
     x = torch.randn(3 * 67, dtype=torch.float64, generator=gen).mul_(1e3)
     x[:: 201 // len(special)][: len(special)] = torch.tensor(special, dtype=torch.float64)
     x = x.reshape(3, 67)
-    whole = R._round_half(x, dt)
-    monkeypatch.setattr(R, "_ROUND_PIECE", 10)
-    pieces = R._round_half_pieces(x, dt)
+    whole = rounding._round_half(x, dt)
+    monkeypatch.setattr(rounding, "_ROUND_PIECE", 10)
+    pieces = rounding._round_half_pieces(x, dt)
     assert pieces.shape == whole.shape and pieces.dtype == dt
     assert torch.equal(pieces.view(torch.int16), whole.view(torch.int16))
     for a, b in zip(x.reshape(-1).tolist(), pieces.reshape(-1).double().tolist(), strict=True):
@@ -666,7 +667,7 @@ def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
     double-round: the test is not vacuous."""
     dt = FORMATS[name].torch_dtype
     gen = torch.Generator().manual_seed(FORMATS[name].significand_bits)
-    n = 2 * R._SCREEN_MIN
+    n = 2 * rounding._SCREEN_MIN
     x = torch.randn(n, dtype=torch.float64, generator=gen) * torch.pow(
         10.0, torch.randint(-8, 8, (n,), generator=gen, dtype=torch.float64))
     special = torch.cat([_near_midpoints(name, gen, n // 40), torch.tensor(
@@ -678,9 +679,9 @@ def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
     def no_fallback(*args):
         raise AssertionError("few suspects: the screened path, not round to odd everywhere")
     with monkeypatch.context() as m:
-        m.setattr(R, "_round_half_pieces", no_fallback)
+        m.setattr(rounding, "_round_half_pieces", no_fallback)
         got = R.round_to(x, dt)
-    everywhere = R._round_half_pieces(x, dt)
+    everywhere = rounding._round_half_pieces(x, dt)
     assert got.shape == x.shape and got.dtype == dt
     assert torch.equal(got.view(torch.int16), everywhere.view(torch.int16))
     assert not torch.equal(_naive(x.numpy(), dt).view(torch.int16), everywhere.view(torch.int16))
@@ -697,19 +698,19 @@ def test_round_to_mostly_exact_values_at_once(monkeypatch, name):
     rounded to odd everywhere, at once, whether the sample or the whole count finds them:
     the same bits either way."""
     dt = FORMATS[name].torch_dtype
-    x = torch.zeros(R._SCREEN_MIN + 7, dtype=torch.float64)
+    x = torch.zeros(rounding._SCREEN_MIN + 7, dtype=torch.float64)
     x[::7] = torch.arange(x[::7].numel(), dtype=torch.float64) * 0.37
     calls = []
-    real = R._round_half_pieces
-    monkeypatch.setattr(R, "_round_half_pieces", lambda *a: calls.append(1) or real(*a))
+    real = rounding._round_half_pieces
+    monkeypatch.setattr(rounding, "_round_half_pieces", lambda *a: calls.append(1) or real(*a))
     got = R.round_to(x, dt)
-    assert calls and torch.equal(got.view(torch.int16), R._round_half(x, dt).view(torch.int16))
+    assert calls and torch.equal(got.view(torch.int16), rounding._round_half(x, dt).view(torch.int16))
     # Exact values everywhere but where the sample looks: the screen's own count falls back.
     calls.clear()
-    x = torch.zeros(R._SCREEN_MIN + 7, dtype=torch.float64)
-    x[:: R._SAMPLE_STRIDE] = torch.randn(x[:: R._SAMPLE_STRIDE].shape, dtype=torch.float64)
+    x = torch.zeros(rounding._SCREEN_MIN + 7, dtype=torch.float64)
+    x[:: rounding._SAMPLE_STRIDE] = torch.randn(x[:: rounding._SAMPLE_STRIDE].shape, dtype=torch.float64)
     got = R.round_to(x, dt)
-    assert calls and torch.equal(got.view(torch.int16), R._round_half(x, dt).view(torch.int16))
+    assert calls and torch.equal(got.view(torch.int16), rounding._round_half(x, dt).view(torch.int16))
 
 
 @pytest.mark.parametrize("name", HALF)
