@@ -164,30 +164,64 @@ def test_a_thread_whose_x87_rounds_leaves_its_block_here(monkeypatch):
     assert _identical(got, fn(x, t))
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits"])
-def test_float64_references_do_not_depend_on_the_thread_count(loss, monkeypatch):
-    """End to end (losses.reference of a float64 point of several chunks): 1 and 2 threads."""
+def _point(case: str):
+    """(loss, logits, targets, options, grad_output) of a float64 point of several chunks."""
     g = torch.Generator().manual_seed(0)
-    if loss == "cross_entropy":
-        x = torch.randn(700, 1000, generator=g, dtype=torch.float64) * 50
-        x[3, 5] = math.inf
-        t = torch.randint(0, 1000, (700,), generator=g)
-    else:
+    if case in ("bce_with_logits", "bce_with_logits options"):
         x = torch.randn(600_000, generator=g, dtype=torch.float64) * 50
         t = torch.randint(0, 2, (600_000,), generator=g).to(torch.float64)
-    blocks = []
-    block = X._block
+        opts = {}
+        if case.endswith("options"):
+            opts = {"weight": torch.rand(600_000, generator=g, dtype=torch.float64) * 4, "pos_weight": torch.tensor([3.0], dtype=torch.float64)}
+            opts["weight"][::7] = 0
+        return "bce_with_logits", x, t, opts, None
+    x = torch.randn(700, 1000, generator=g, dtype=torch.float64) * 50
+    x[3, 5] = math.inf
+    t = torch.randint(0, 1000, (700,), generator=g)
+    opts, upstream = {}, None
+    if case.endswith("options"):  # weights (one zero), ignored rows, smoothing: a weighted mean
+        weight = torch.rand(1000, generator=g, dtype=torch.float64) * 4
+        weight[t[0]] = 0
+        t[1::5] = -100
+        opts = {"weight": weight, "ignore_index": -100}
+        if case.startswith("cross_entropy"):
+            opts["label_smoothing"] = 0.1
+    if case.endswith("ignored"):  # every row ignored: the mean is undefined, its gradient 0
+        t[:] = -100
+        opts = {"ignore_index": -100}
+    if case.endswith("upstream"):  # reduction none with an upstream gradient (a zero among it)
+        upstream = torch.randn(700, generator=g, dtype=torch.float64)
+        upstream[9] = 0
+    return case.split()[0], x, t, opts, upstream
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "cross_entropy options", "cross_entropy ignored",
+                                  "cross_entropy upstream", "nll_loss options", "bce_with_logits",
+                                  "bce_with_logits options"])
+def test_float64_references_do_not_depend_on_the_thread_count(case, monkeypatch):
+    """End to end (losses.reference of a float64 point of several chunks): 1 and 2 threads,
+    the latter in row blocks that also round (`extended_rows.rounded`): the same bits, with
+    weights, ignored rows, smoothing, an undefined mean and upstream gradients."""
+    name, x, t, opts, upstream = _point(case)
+    blocks, rounded = [], []
+    block, rounding = X._block, X.rounded
     monkeypatch.setattr(X, "_block", lambda *a: blocks.append(1) or block(*a))
+    monkeypatch.setattr(X, "rounded", lambda *a: rounded.append(rounding(*a)) or rounded[-1])
+    reductions = ("none",) if upstream is not None else ("mean", "sum", "none")
     before = torch.get_num_threads()
     try:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = [reference(LOSSES[loss], x, t, {}, r) for r in ("mean", "none")]
+            out[threads] = [reference(LOSSES[name], x, t, opts, r, upstream) for r in reductions]
             assert bool(blocks) == (threads == 2)  # on the pool with 2 threads only
+            assert any(r is not None for r in rounded) == (threads == 2)
     finally:
         torch.set_num_threads(before)
     for one, two in zip(out[1], out[2], strict=True):
-        assert torch.equal(one.loss, two.loss)
+        assert torch.equal(one.loss.nan_to_num(), two.loss.nan_to_num())
         assert torch.equal(one.grad.nan_to_num(), two.grad.nan_to_num())
-        assert one.value == two.value
+        assert one.value == two.value or (math.isnan(one.value) and math.isnan(two.value))
+        assert one.undefined == two.undefined
+    if case.endswith("ignored"):
+        assert out[2][0].undefined and not bool(out[2][0].grad.any())

@@ -341,10 +341,35 @@ def reference(
     grad_out = torch.empty(x_rows.shape, dtype=dtype, device=device)
     small = x_rows.numel() <= R.MEMO_ELEMENTS and device.type == "cpu"
     total = new_sum()
+
+    def finish(gw, rows):
+        """A long double chunk's gradient as it is rounded: upstream weights, the mean's division."""
+        if undefined:
+            gw = np.zeros_like(gw)
+        if g_rows is not None and not loss.elementwise:
+            gw = _weigh_rows(gw, g_rows[rows])
+        return gw / denominator if divide else gw
+
     for rows in R.row_chunks(n, row_elems, chunk):
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
+            if ext and not small:  # in row blocks on the run's threads, rounding included
+                lw = extended_rows.rounded(
+                    loss.reference_chunk,
+                    x_rows[rows].detach().cpu().numpy(),
+                    read(t_rows[rows]),
+                    chunk_options(rows),
+                    per_row,
+                    extra,
+                    torch.get_num_threads(),
+                    lambda gw, b, r=rows: finish(gw, slice(r.start + b.start, r.start + b.stop)),
+                    loss_out[rows].numpy(),
+                    grad_out[rows].numpy(),
+                )
+                if lw is not None:
+                    total.add(lw)
+                    continue
             lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small, per_row)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
