@@ -354,11 +354,12 @@ def reference(
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             # An elementwise function's reference takes the upstream gradient: its own VJP.
             extra = {"grad_output": g_rows[rows]} if loss.elementwise and g_rows is not None else {}
+            t_chunk = read(t_rows[rows])
             if ext and not small:  # in row blocks on the run's threads, rounding included
                 lw = extended_rows.rounded(
                     loss.reference_chunk,
                     x_rows[rows].detach().cpu().numpy(),
-                    read(t_rows[rows]),
+                    t_chunk,
                     chunk_options(rows),
                     per_row,
                     extra,
@@ -370,7 +371,7 @@ def reference(
                 if lw is not None:
                     total.add(lw)
                     continue
-            lw, gw = _chunk(loss, read(x_rows[rows]), read(t_rows[rows]), chunk_options(rows), extra, small, per_row)
+            lw, gw = _chunk(loss, read(x_rows[rows]), t_chunk, chunk_options(rows), extra, small, per_row)
             loss_out[rows] = R.round_to(lw, dtype)
             if undefined:
                 gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
