@@ -37,9 +37,22 @@ def round_to(a, dtype: torch.dtype) -> torch.Tensor:
         return a64.to(torch.float32)  # IEEE conversion: one rounding, ±inf beyond the range
     if a64.device.type != "cpu":
         return _round_half(a64, dtype)  # elementwise kernels: cheap on accelerators
-    if a64.numel() < _SCREEN_MIN:
+    return _round_half_cpu(a64, dtype)
+
+
+def _round_half_cpu(a64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = a64.numel()
+    if n < _SCREEN_MIN:
         return _round_half(a64, dtype)  # a few kernel calls: fewer than the screen's
-    if _suspects(a64.reshape(-1)[::_SAMPLE_STRIDE]) * 16 > -(-a64.numel() // _SAMPLE_STRIDE):
+    if n > _SCREEN_PIECE:
+        # In pieces: the screen's temporaries (float32, int32 and bool copies) stay a few MiB
+        # whatever the size (a 512 × 128k soft target is 67 M values).
+        out = torch.empty(a64.shape, dtype=dtype)
+        flat, dst = a64.reshape(-1), out.view(-1)
+        for start in range(0, n, _SCREEN_PIECE):
+            dst[start : start + _SCREEN_PIECE] = _round_half_cpu(flat[start : start + _SCREEN_PIECE], dtype)
+        return out
+    if _suspects(a64.reshape(-1)[::_SAMPLE_STRIDE]) * 16 > -(-n // _SAMPLE_STRIDE):
         return _round_half_pieces(a64, dtype)  # mostly exact values (zeros, integers): at once
     return _round_half_screened(a64, dtype)
 
@@ -57,6 +70,8 @@ _SCREEN_MIN = 1 << 16
 # midpoint (exact values: zeros, integers, ±scale), every value is rounded to odd at once.
 # A prime: no period of the rows' layout.
 _SAMPLE_STRIDE = 61
+# Values screened at once: larger tensors go piece by piece.
+_SCREEN_PIECE = 1 << 20
 
 
 def _midpoint_mask(f: torch.Tensor) -> torch.Tensor:

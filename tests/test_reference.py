@@ -657,14 +657,18 @@ def _near_midpoints(name, gen, n):
     return out * sign
 
 
+@pytest.mark.parametrize("piece", [None, 70_000])
 @pytest.mark.parametrize("name", HALF)
-def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name):
+def test_round_to_screened_is_round_to_odd_everywhere(monkeypatch, name, piece):
     """On the CPU, round_to keeps torch's two casts but where the float32 value may be a
     midpoint of the half format (`_round_half_screened`): the same bits as round to odd on
     every value, on random values with values at and just off midpoints (normal, subnormal,
     the overflow threshold), ±0, ±inf, NaN and values beyond float32's range among them; the
     specials checked against mpmath. Without the correction (the plain casts) the midpoints
-    double-round: the test is not vacuous."""
+    double-round: the test is not vacuous. `piece`: the tensor screened in pieces (as one
+    larger than `_SCREEN_PIECE` is), the last one small enough to be rounded to odd."""
+    if piece:
+        monkeypatch.setattr(rounding, "_SCREEN_PIECE", piece)
     dt = FORMATS[name].torch_dtype
     gen = torch.Generator().manual_seed(FORMATS[name].significand_bits)
     n = 2 * rounding._SCREEN_MIN
