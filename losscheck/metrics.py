@@ -358,8 +358,8 @@ class _Accumulator:
         the integer distance, without float64. With the signs of their references it is
         |bits(v) - bits(r)|, exact in the format's width (below 2**31); where signs may
         differ (a gradient's entries), |ordinal(v) - ordinal(r)| in int64 (int32 for a 16-bit
-        format), the sum of the
-        magnitudes across zero (below 2**33) — `finite_distance`'s float64 numbers exactly."""
+        format), the sum of the magnitudes across zero (below 2**33) — `finite_distance`'s
+        float64 numbers exactly."""
         if signs_differ:
             # Ordinals of a w-bit format differ by less than 2**w: int32 holds a 16-bit
             # format's (half the memory traffic of int64, and _lookup's index type as it is).

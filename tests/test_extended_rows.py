@@ -134,6 +134,22 @@ def test_only_numpy_runs_on_the_pool(case, torch_calls):
     assert torch_calls.seen == []
 
 
+@pytest.mark.parametrize("case", ["cross_entropy options", "cross_entropy upstream", "bce_with_logits options"])
+def test_only_numpy_runs_on_the_pool_end_to_end(case, torch_calls):
+    """losses.reference of a float64 point on 2 threads: the blocks that also convert and
+    round (`rounded`, with the caller's upstream weights and division) call no torch."""
+    name, x, t, opts, upstream = _point(case)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for r in ("none",) if upstream is not None else ("mean", "none"):
+            reference(LOSSES[name], x, t, opts, r, upstream)
+    finally:
+        torch.set_num_threads(before)
+    assert X._pool is not None, "the blocks ran on the pool"
+    assert torch_calls.seen == []
+
+
 def test_the_torch_detector_sees_torch(torch_calls):
     """The check above can fail: log_softmax's extended formulation (torch double-double),
     declared row-wise for the test, is seen calling torch on the pool."""
