@@ -8,7 +8,8 @@ that row alone — so the rows of a chunk are split into blocks computed at once
 run's threads: the same operations on the same rows, so the same bits, whatever the number
 of threads (tests/test_extended_rows.py compares them).
 
-Only formulations that run numpy alone come here: `chunk_function(..., rowwise=...)` says
+Only formulations that run numpy alone come here (`rounded`, which also converts the
+float64 rows to long double and rounds the results): `chunk_function(..., rowwise=...)` says
 for which rows that holds (the binary losses' soft targets go through torch's
 double-double). torch called from a pool thread starts an OpenMP team of its own, whose
 threads then slowed the main thread's torch work by half (metrics of a 2048 × 1000
@@ -46,12 +47,10 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool[0]
 
 
-def applies(fn: Callable, x, t, threads: int) -> bool:
-    """Whether `fn(x, t, ...)` (a loss's `reference_chunk`) is computed in row blocks."""
-    return isinstance(x, np.ndarray) and x.dtype == np.longdouble and _blocks_pay(fn, x, t, threads)
-
-
-def _blocks_pay(fn: Callable, x: np.ndarray, t, threads: int) -> bool:
+def applies(fn: Callable, x: np.ndarray, t, threads: int) -> bool:
+    """Whether `rounded` computes `fn` (a loss's `reference_chunk`) on the chunk `x` (its
+    rows, float64 or long double) and targets `t` in row blocks: several threads, a chunk
+    large enough to pay for them, and `fn` row-wise numpy on these arrays."""
     rowwise = getattr(fn, "rowwise", None)
     return (
         threads > 1 and rowwise is not None and x.shape[0] > 1 and x.size >= PARALLEL_ELEMENTS and bool(rowwise(x, t))
@@ -87,28 +86,6 @@ def _block(work: Callable[[slice], Any], errors: dict, rows: slice):
         return work(rows)
 
 
-def _arguments(x, t, options: dict, per_row: Collection[str], extra: dict, rows: slice) -> tuple:
-    opts = {k: (v[rows] if k in per_row else v) for k, v in options.items()}
-    return x[rows], None if t is None else t[rows], {**opts, **{k: v[rows] for k, v in extra.items()}}
-
-
-def call(fn: Callable, x, t, options: dict, per_row: Collection[str], extra: dict, threads: int):
-    """fn(x, t, **options, **extra): in row blocks on `threads` threads where `applies`, the
-    blocks' outputs (a tuple of row-first arrays) joined in row order; else on this thread.
-
-    `per_row`: the options holding one value per row (sliced with the rows); `extra` holds
-    only such values (an elementwise function's upstream gradient)."""
-    if not applies(fn, x, t, threads):
-        return fn(x, t, **options, **extra)
-
-    def work(rows: slice):
-        xb, tb, ob = _arguments(x, t, options, per_row, extra, rows)
-        return fn(xb, tb, **ob)
-
-    parts = _each_block(_blocks(x.shape[0], threads), work)
-    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
-
-
 def rounded(
     fn: Callable,
     x64: np.ndarray,
@@ -122,21 +99,24 @@ def rounded(
     grad_out: np.ndarray,
 ) -> np.ndarray | None:
     """A float64 target's chunk from its float64 logits `x64`, in row blocks where they pay
-    (`applies` of the long double chunk): each block converts its rows to long double, runs
-    fn, and stores its loss and `finish(gradient, rows)` (the caller's upstream weights and
-    division by the mean's count, in long double) rounded to float64 into `loss_out` and
-    `grad_out` (float64 arrays of the chunk's rows). So the conversions on either side of
-    the formulation run on the threads too: a fifth of a 4096 × 1000 chunk's time, serial
-    before. The same operations per element as on one thread, so the same bits. Returns the
-    chunk's long double losses (for the caller's sum), or None (nothing done) where blocks
-    do not pay."""
-    if not (t is None or isinstance(t, np.ndarray)) or not _blocks_pay(fn, x64, t, threads):
+    (`applies`): each block converts its rows to long double, runs fn, and stores its loss
+    and `finish(gradient, rows)` (the caller's upstream weights and division by the mean's
+    count, in long double) rounded to float64 into `loss_out` and `grad_out` (float64
+    arrays of the chunk's rows). `per_row`: the options holding one value per row (sliced
+    with the rows); `extra` holds only such values (an elementwise function's upstream
+    gradient). So the conversions on either side of the formulation run on the threads too:
+    a fifth of a 4096 × 1000 chunk's time, serial before. The same operations per element
+    as on one thread, so the same bits. Returns the chunk's long double losses (for the
+    caller's sum), or None (nothing done) where blocks do not pay: the caller computes the
+    chunk on its own thread then."""
+    if not applies(fn, x64, t, threads):
         return None
     blocks = _blocks(x64.shape[0], threads)
 
     def work(rows: slice):
-        xb, tb, ob = _arguments(x64, t, options, per_row, extra, rows)
-        lw, gw = fn(xb.astype(np.longdouble), tb, **ob)
+        opts = {k: (v[rows] if k in per_row else v) for k, v in options.items()}
+        block_t = None if t is None else t[rows]
+        lw, gw = fn(x64[rows].astype(np.longdouble), block_t, **opts, **{k: v[rows] for k, v in extra.items()})
         # numpy's long double -> float64 cast: round_to's rounding of a long double array.
         np.copyto(loss_out[rows], lw, casting="unsafe")
         np.copyto(grad_out[rows], finish(gw, rows), casting="unsafe")

@@ -65,6 +65,25 @@ def _identical(a, b) -> bool:
     return all(np.array_equal(p, q, equal_nan=True) and p.dtype == q.dtype for p, q in zip(a, b, strict=True))
 
 
+def _in_blocks(fn, x, t, options: dict, per_row, threads: int, alone):
+    """fn(x, t, **options) through `X.rounded` on `threads` threads (from x's float64 values,
+    which it holds exactly): the long double loss and gradient as the blocks computed them
+    (the gradient caught by `finish`), and the float64 outputs the blocks rounded. `alone`:
+    fn's result on this thread, for the outputs' shapes."""
+    x64 = x.astype(np.float64)
+    assert np.array_equal(x64.astype(LD), x, equal_nan=True)
+    loss64, grad64 = np.empty(alone[0].shape), np.empty(alone[1].shape)
+    grad = np.empty_like(alone[1])
+
+    def finish(gw, rows):
+        grad[rows] = gw
+        return gw
+
+    loss = X.rounded(fn, x64, t, options, per_row, {}, threads, finish, loss64, grad64)
+    assert loss is not None, "computed in row blocks"
+    return (loss, grad), (loss64, grad64)
+
+
 @pytest.mark.parametrize("case", range(len(_cases())))
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_row_blocks_give_the_same_bits(case, threads):
@@ -73,8 +92,9 @@ def test_row_blocks_give_the_same_bits(case, threads):
     assert X.applies(fn, x, t, threads)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         alone = fn(x, t, **options)
-        blocks = X.call(fn, x, t, options, per_row, {}, threads)
-    assert _identical(alone, blocks)
+        blocks, rounded = _in_blocks(fn, x, t, options, per_row, threads, alone)
+        assert _identical(alone, blocks)
+        assert _identical([a.astype(np.float64) for a in alone], rounded)
 
 
 def test_what_stays_on_this_thread():
@@ -82,7 +102,7 @@ def test_what_stays_on_this_thread():
     x, t = _logits(0), np.zeros(ROWS, dtype=int)
     assert not X.applies(ce, x, t, 1)  # one thread
     assert not X.applies(ce, x[:40], t[:40], 2)  # a small chunk (16,000 values)
-    assert not X.applies(ce, x.astype(np.float64), t, 2)  # float64 arrays: the tensors path
+    assert X.applies(ce, x.astype(np.float64), t, 2)  # the float64 rows `rounded` takes: the same answer
     # log_softmax's extended formulation is double-double in torch: never on the pool.
     assert LOSSES["log_softmax"].reference_chunk.rowwise is None
     # Soft binary targets go through torch too.
@@ -128,8 +148,9 @@ def torch_calls(monkeypatch):
 @pytest.mark.parametrize("case", range(len(_cases())))
 def test_only_numpy_runs_on_the_pool(case, torch_calls):
     name, x, t, options, per_row = _cases()[case]
+    fn = LOSSES[name].reference_chunk
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        X.call(LOSSES[name].reference_chunk, x, t, options, per_row, {}, 2)
+        _in_blocks(fn, x, t, options, per_row, 2, fn(x, t, **options))
     assert X._pool is not None, "the blocks ran on the pool"
     assert torch_calls.seen == []
 
@@ -155,8 +176,9 @@ def test_the_torch_detector_sees_torch(torch_calls):
     declared row-wise for the test, is seen calling torch on the pool."""
     inner = LOSSES["log_softmax"].reference_chunk
     fn = R.chunk_function(inner.on_tensors, inner.extended, inner.dd, rowwise=R.always)
+    x = _logits(0)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        X.call(fn, _logits(0), None, {}, (), {}, 2)
+        _in_blocks(fn, x, None, {}, (), 2, fn(x, None))
     assert torch_calls.seen
 
 
@@ -175,9 +197,11 @@ def test_a_thread_whose_x87_rounds_leaves_its_block_here(monkeypatch):
 
     counting.rowwise = fn.rowwise  # type: ignore[attr-defined]
     x, t = _logits(0), np.arange(ROWS) % CLASSES
-    got = X.call(counting, x, t, {}, (), {}, 3)
+    alone = fn(x, t)
+    got, rounded = _in_blocks(counting, x, t, {}, (), 3, alone)
     assert ran_here == [True, True, True]
-    assert _identical(got, fn(x, t))
+    assert _identical(got, alone)
+    assert _identical([a.astype(np.float64) for a in alone], rounded)
 
 
 def _point(case: str):

@@ -38,7 +38,7 @@ rounds once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -342,12 +342,17 @@ def reference(
     small = x_rows.numel() <= R.MEMO_ELEMENTS and device.type == "cpu"
     total = new_sum()
 
-    def finish(gw, rows):
-        """A long double chunk's gradient as it is rounded: upstream weights, the mean's division."""
+    def weighed(gw, rows):
+        """A chunk's gradient before its division: 0 for an undefined mean, the rows' upstream weights."""
         if undefined:
-            gw = np.zeros_like(gw)
+            gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
         if g_rows is not None and not loss.elementwise:
             gw = _weigh_rows(gw, g_rows[rows])
+        return gw
+
+    def finish(gw, rows):
+        """A long double gradient as it is rounded (a block's: `extended_rows.rounded`)."""
+        gw = weighed(gw, rows)
         return gw / denominator if divide else gw
 
     for rows in R.row_chunks(n, row_elems, chunk):
@@ -371,12 +376,9 @@ def reference(
                 if lw is not None:
                     total.add(lw)
                     continue
-            lw, gw = _chunk(loss, read(x_rows[rows]), t_chunk, chunk_options(rows), extra, small, per_row)
+            lw, gw = _chunk(loss, read(x_rows[rows]), t_chunk, chunk_options(rows), extra, small)
             loss_out[rows] = R.round_to(lw, dtype)
-            if undefined:
-                gw = np.zeros_like(gw) if ext else torch.zeros_like(gw)
-            if g_rows is not None and not loss.elementwise:
-                gw = _weigh_rows(gw, g_rows[rows])
+            gw = weighed(gw, rows)
             if dtype == torch.float32 and not ext:
                 # Divided and rounded as it is stored (round_to's float32 rounding is the
                 # IEEE conversion the store does): no float64 temporary per chunk.
@@ -414,17 +416,15 @@ def reference(
 _MEMO = R.ChunkMemo()
 
 
-def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool, per_row: Collection[str] = ()):
-    """loss.reference_chunk(x, t, **options, **extra) — long double chunks in row blocks on
-    the run's threads where the loss allows it (`extended_rows`; `per_row`: the options
-    sliced with the rows) — kept for the point's other reductions where the point is `small`
-    (reference.ChunkMemo)."""
+def _chunk(loss: Loss, x, t, options: dict, extra: dict, small: bool):
+    """loss.reference_chunk(x, t, **options, **extra), kept for the point's other reductions
+    where the point is `small` (reference.ChunkMemo)."""
     key = _MEMO.key(loss.name, x, t, options, extra) if small else None
     if key is not None:
         key = (loss.reference_chunk, key)  # the function itself: a loss replaced under its name
     got = None if key is None else _MEMO.get(key)
     if got is None:
-        got = extended_rows.call(loss.reference_chunk, x, t, options, per_row, extra, torch.get_num_threads())
+        got = loss.reference_chunk(x, t, **options, **extra)
         if key is not None:
             _MEMO.put(key, got)
     return got
