@@ -291,6 +291,40 @@ def test_reference_on_cuda_is_the_cpu_reference(name, dtype, options):
     assert cpu.value == pytest.approx(cuda.value, rel=1e-15, nan_ok=True)
 
 
+# ---- elementwise helpers without torch.where ------------------------------------------------------
+
+def _awkward_float64(n: int) -> torch.Tensor:
+    """Specials (±0, ±inf, NaNs of both signs, subnormals, exp's and the sigmoid's edges)
+    among random values of every magnitude, `n` of them (odd sizes reach the vector loops' tails)."""
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 2.2e-308, -1e-310,
+                             745.2, -745.2, 709.8, -709.8, 36.7, -36.7, 1e308, -1e308, 1.0, -1.0],
+                            dtype=torch.float64)
+    neg_nan = torch.tensor([math.nan], dtype=torch.float64).view(torch.int64).bitwise_or(-(1 << 63)).view(torch.float64)
+    g = torch.Generator().manual_seed(11)
+    rand = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(torch.rand(n, generator=g, dtype=torch.float64) * 12 - 4)
+    x = torch.cat([specials, neg_nan, rand])[:n].clone()
+    return x[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 4099])
+def test_negate_where_is_where_of_the_negation_bit_for_bit(n):
+    x = _awkward_float64(n)
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+    got = R.negate_where(mask, x).view(torch.int64)
+    assert torch.equal(got, torch.where(mask, -x, x).view(torch.int64))
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 4099])
+def test_softplus_and_sigmoid_are_the_textbook_forms_bit_for_bit(n):
+    # The shared form against R.softplus and R.sigmoid (torch.where of 1/(1 + e) and e/(1 + e)).
+    # A NaN z gives NaN, its bits aside (the payload and sign that each form propagates).
+    z = _awkward_float64(n)
+    nan = z.isnan()
+    for got, expected in zip(R.softplus_and_sigmoid(z), (R.softplus(z), R.sigmoid(z)), strict=True):
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int64), expected[~nan].view(torch.int64))
+
+
 # ---- TensorCompensatedSum -------------------------------------------------------------------------
 
 def test_tensor_compensated_sum_recovers_every_rounding_error():

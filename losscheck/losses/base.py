@@ -303,7 +303,7 @@ def reference(
     options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
-    chunk = R.CHUNK_ELEMENTS if ext else R.chunk_elements(device)
+    chunk = R.CHUNK_ELEMENTS if ext else R.chunk_elements(device, R.HOST_FLOAT64_CHUNK_ELEMENTS)
 
     def read(t):
         """Values exactly in working precision: numpy long double, or float64 on the device."""
@@ -380,12 +380,10 @@ def reference(
             loss_out[rows] = R.round_to(lw, dtype)
             gw = weighed(gw, rows)
             if dtype == torch.float32 and not ext:
-                # Divided and rounded as it is stored (round_to's float32 rounding is the
-                # IEEE conversion the store does): no float64 temporary per chunk.
-                if divide:
-                    torch.div(gw, denominator, out=grad_out[rows])
-                else:
-                    grad_out[rows] = gw
+                # Rounded as it is stored (round_to's float32 rounding is the IEEE conversion
+                # the store does). (A division into the float32 output, without the float64
+                # quotient, is a slower mixed-dtype pass: 0.26 against 0.18 ms per 2**18.)
+                grad_out[rows] = gw / denominator if divide else gw
             else:
                 grad_out[rows] = R.round_to(gw / denominator if divide else gw, dtype)
         total.add(lw)

@@ -101,9 +101,9 @@ def _reference_tensors(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight
     # precision's rounding errors are all that remain; weights multiply both exactly
     # enough (one working-precision rounding).
     positive = y > 0.5
-    z = torch.where(positive, -x, x)
+    z = R.negate_where(positive, x)
     loss, sig = R.softplus_and_sigmoid(z)
-    grad = torch.where(positive, -sig, sig)
+    grad = R.negate_where(positive, sig)
     # A zero weight removes the element: 0 and gradient 0 where the loss is infinite too.
     loss, grad = R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
     return soft_binary.on_tensors(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
