@@ -378,9 +378,16 @@ def softplus(z):
         return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
-def softplus_and_sigmoid(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softplus(z)` and `sigmoid(z)` of a tensor, bit for bit (a NaN's bits aside: NaN for a
-    NaN z either way), sharing 1 + exp(−|z|)."""
+def softplus_and_sigmoid(z):
+    """`softplus(z)` and `sigmoid(z)`, bit for bit (a tensor's NaN's bits aside: NaN for a NaN
+    z either way), sharing exp(−|z|) and 1 + exp(−|z|): numpy (long double: half the
+    scalar expl calls, a sixth of a BCE-with-logits float64 reference) or torch."""
+    if not isinstance(z, torch.Tensor):
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(-np.abs(z))
+            one = z.dtype.type(1)
+            ope = one + e
+            return np.maximum(z, 0) + np.log1p(e), np.where(z >= 0, one / ope, e / ope)
     e = torch.exp(z.abs().neg_())
     ope = 1 + e
     sp = torch.log1p(e).add_(torch.maximum(z, z.new_zeros(())))

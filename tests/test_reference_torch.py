@@ -323,6 +323,15 @@ def test_softplus_and_sigmoid_are_the_textbook_forms_bit_for_bit(n):
     for got, expected in zip(R.softplus_and_sigmoid(z), (R.softplus(z), R.sigmoid(z)), strict=True):
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(got[~nan].view(torch.int64), expected[~nan].view(torch.int64))
+    # numpy, in float64 and long double (the extended references' working type): equal values
+    # (±0 told apart by their signs), NaN where z is NaN.
+    for work in (np.float64, np.longdouble):
+        zn = z.numpy().astype(work)
+        for got, expected in zip(R.softplus_and_sigmoid(zn), (R.softplus(zn), R.sigmoid(zn)), strict=True):
+            assert got.dtype == work
+            assert np.array_equal(np.isnan(got), nan.numpy())
+            assert np.array_equal(got, expected, equal_nan=True)
+            assert np.array_equal(np.signbit(got), np.signbit(expected))
 
 
 # ---- TensorCompensatedSum -------------------------------------------------------------------------

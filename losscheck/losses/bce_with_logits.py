@@ -114,7 +114,8 @@ def _reference_extended(x: np.ndarray, y: np.ndarray, weight=None, pos_weight=No
     positive = y > 0.5
     z = np.where(positive, -x, x)
     sign = np.where(positive, -1, 1).astype(x.dtype)
-    loss, grad = R.softplus(z), sign * R.sigmoid(z)
+    loss, sig = R.softplus_and_sigmoid(z)
+    grad = sign * sig
     loss, grad = R.weigh_binary(loss, grad, x, positive, weight, pos_weight)
     return soft_binary.on_extended(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
 
