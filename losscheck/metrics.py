@@ -384,10 +384,10 @@ class _Accumulator:
             self.bits_sum += self._bits(d, largest).sum()
 
     def _bits(self, d: torch.Tensor, largest: float) -> torch.Tensor:
-        """min(log2(1 + d), p) elementwise in float64 (`d` integral, float64 or integer; a
-        float64 `d` is consumed). Distances below the table's size are looked up in a table
-        made by the same torch.log2 (the same float64 numbers, without a log2 per element);
-        a chunk with a larger one gets a log2 per element."""
+        """min(log2(1 + d), p) elementwise in float64 (`d` integral-valued, of a float or
+        integer dtype; a float64 `d` is consumed). Distances below the table's size are
+        looked up in a table made by the same torch.log2 (the same float64 numbers, without
+        a log2 per element); a chunk with a larger one gets a log2 per element."""
         if largest < _LOG2_TABLE_SIZE:
             b = _lookup(d)
         else:
