@@ -3,7 +3,8 @@
 For each case, in one run: one torch forward+backward of the loss (the yardstick), the audit's
 own parts — inputs (generated and rounded), reference, metrics (forward elements and gradient)
 — and one whole `bench` point of the torch implementation alone (`sweep.run_case`, timing
-off), each the median of a few repeats; then the ratios. Also the point with the three
+off), each the median of a few repeats (the loss's own short runs: of at least STEADY_RUNS,
+after warm-up); then the ratios. Also the point with the three
 built-ins (naive, stable, torch: inputs and reference shared) and, per implementation, what
 it costs beyond the implementations' own runs, over one torch forward+backward (issue 13's
 "amortised overhead per implementation"). Also the wall time of
@@ -31,6 +32,11 @@ CASES = [("cross_entropy", 4096, 1000, None), ("cross_entropy", 512, 32000, None
          ("bce_with_logits", 1 << 20, None, None), ("sequence_cross_entropy", 4, 32000, 128)]
 QUICK_CASES = [("cross_entropy", 1024, 1000, None), ("bce_with_logits", 1 << 18, None, None)]
 DTYPES = ("float32", "bfloat16", "float64")
+# The loss's own runs (the yardstick, and each built-in's run subtracted from the three-built-ins
+# point) are short, and their first runs after other work pay for the threads' wake-up: 3 runs
+# measured CE 4096 x 1000 float32 forward+backward at 9-13.5 ms where 21 gave 6.7-9.3 ms (same
+# process, 0.2 s idle before each). So they get 3 warm-up runs and the median of at least this many.
+STEADY_RUNS = 21
 
 
 def median_time(fn, repeat: int) -> float:
@@ -40,6 +46,13 @@ def median_time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def steady_time(fn, repeat: int) -> float:
+    """The median of a short run in steady state: 3 warm-up runs, then max(STEADY_RUNS, repeat)."""
+    for _ in range(3):
+        fn()
+    return median_time(fn, max(STEADY_RUNS, repeat))
 
 
 def wall(cmd: list[str], repeat: int = 5) -> float:
@@ -69,8 +82,7 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
     def forward_backward():
         xg = x.detach().requires_grad_(True)
         torch_fn(xg, t, "mean", **opts).backward()
-    forward_backward()  # warm-up
-    yardstick = median_time(forward_backward, repeat)
+    yardstick = steady_time(forward_backward, repeat)
     inputs_s = median_time(lambda: sweep.point_data(loss, case, config.seed), repeat)
     ref = reference(loss, data.inp, data.target, data.options, case.reduction)
     reference_s = median_time(lambda: reference(loss, data.inp, data.target, data.options, case.reduction), repeat)
@@ -100,8 +112,7 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
                 fn(x, t, "none", **opts)
             xg = x.detach().requires_grad_(True)
             fn(xg, t, "mean", **opts).backward()
-        run()
-        return median_time(run, repeat)
+        return steady_time(run, repeat)
     own_s = sum(own_run(i.fn) for i in three_impls.values())
     per_impl = (three_s - own_s) / len(three_impls)
     audit = inputs_s + reference_s + metrics_s
