@@ -306,7 +306,12 @@ class _Accumulator:
             )
             zeros, v_special, r_special, signs_differ = flags.tolist()
             special = v_special or r_special
-        if not special and v.f.total_bits <= 32:
+        self._distances(pair, zeros, signs_differ, special)
+
+    def _distances(self, pair: _Pair, zeros: bool, signs_differ: bool, special: bool) -> None:
+        """Every number of a chunk whose flags are known: from the integer distance where
+        every value is finite in a format of 32 bits or fewer, else by the rules."""
+        if not special and pair.v.f.total_bits <= 32:
             self._finite(pair, zeros, signs_differ)
         else:
             self._finish(pair, pair.finite_distance(signs_differ or special), special=special, zeros=zeros)
@@ -339,10 +344,7 @@ class _Accumulator:
         if not (one_sign or -half < wmin <= wmax < half) and bool(torch.bitwise_xor(v.ints, r.ints).amin() < 0):
             # A sign differs (a gradient's entry flushed to 0 of the other sign, say): every
             # value is finite, as `add` would find again, so the chunk goes on from here.
-            if v.f.total_bits <= 32:
-                self._finite(pair, zeros, signs_differ=True)
-            else:
-                self._finish(pair, pair.finite_distance(), special=False, zeros=zeros)
+            self._distances(pair, zeros, signs_differ=True, special=False)
             return "mixed_signs"
         largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
         d = w.abs_()

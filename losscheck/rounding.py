@@ -47,12 +47,8 @@ def _round_half_cpu(a64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if n > _SCREEN_PIECE:
         # In pieces: the screen's temporaries (float32, int32 and bool copies) stay a few MiB
         # whatever the size (a 512 × 128k soft target is 67 M values).
-        out = torch.empty(a64.shape, dtype=dtype)
-        flat, dst = a64.reshape(-1), out.view(-1)
-        for start in range(0, n, _SCREEN_PIECE):
-            dst[start : start + _SCREEN_PIECE] = _round_half_cpu(flat[start : start + _SCREEN_PIECE], dtype)
-        return out
-    if _suspects(a64.reshape(-1)[::_SAMPLE_STRIDE]) * 16 > -(-n // _SAMPLE_STRIDE):
+        return _in_pieces(_round_half_cpu, a64, dtype, _SCREEN_PIECE)
+    if _mostly_suspects(_suspects(a64.reshape(-1)[::_SAMPLE_STRIDE]), -(-n // _SAMPLE_STRIDE)):
         return _round_half_pieces(a64, dtype)  # mostly exact values (zeros, integers): at once
     return _round_half_screened(a64, dtype)
 
@@ -66,10 +62,11 @@ _MIDPOINT_ZERO_BITS = 0xFFF
 # Fewer values than this are rounded to odd everywhere: the screen costs more kernel calls
 # than it saves passes (2,560 values: 0.09 ms screened, 0.04 ms everywhere; even at 2**16).
 _SCREEN_MIN = 1 << 16
-# Every this-many-th value is screened first: where more than 1 in 16 of those may be a
-# midpoint (exact values: zeros, integers, ±scale), every value is rounded to odd at once.
-# A prime: no period of the rows' layout.
+# Every this-many-th value is screened first: where more than 1 in _SUSPECT_SHARE of those
+# may be a midpoint (exact values: zeros, integers, ±scale), every value is rounded to odd at
+# once. A prime: no period of the rows' layout.
 _SAMPLE_STRIDE = 61
+_SUSPECT_SHARE = 16
 # Values screened at once: larger tensors go piece by piece.
 _SCREEN_PIECE = 1 << 20
 
@@ -81,6 +78,11 @@ def _midpoint_mask(f: torch.Tensor) -> torch.Tensor:
 
 def _suspects(a64: torch.Tensor) -> int:
     return int(torch.count_nonzero(_midpoint_mask(a64.to(torch.float32))))
+
+
+def _mostly_suspects(count: int, n: int) -> bool:
+    """Whether `count` suspects of `n` values make round to odd everywhere the cheaper way."""
+    return count * _SUSPECT_SHARE > n
 
 
 def _round_half_screened(a64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,7 +101,7 @@ def _round_half_screened(a64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = f.to(dtype)
     suspect = _midpoint_mask(f).view(-1)
     count = int(torch.count_nonzero(suspect))
-    if count * 16 > out.numel():
+    if _mostly_suspects(count, out.numel()):
         return _round_half_pieces(a64, dtype)  # the sample missed them: at once after all
     if count:
         where = suspect.nonzero().squeeze(1)
@@ -113,10 +115,15 @@ def _round_half_pieces(a64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     being whole-tensor allocations (fresh pages to fault in for every one)."""
     if a64.numel() <= _ROUND_PIECE:
         return _round_half(a64, dtype)
+    return _in_pieces(_round_half, a64, dtype, _ROUND_PIECE)
+
+
+def _in_pieces(fn, a64: torch.Tensor, dtype: torch.dtype, piece: int) -> torch.Tensor:
+    """fn(values, dtype) of `a64`'s values `piece` at a time, into one tensor of its shape."""
     out = torch.empty(a64.shape, dtype=dtype, device=a64.device)
     flat, dst = a64.reshape(-1), out.view(-1)
-    for start in range(0, flat.numel(), _ROUND_PIECE):
-        dst[start : start + _ROUND_PIECE] = _round_half(flat[start : start + _ROUND_PIECE], dtype)
+    for start in range(0, flat.numel(), piece):
+        dst[start : start + piece] = fn(flat[start : start + piece], dtype)
     return out
 
 

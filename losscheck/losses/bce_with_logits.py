@@ -126,10 +126,10 @@ def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
     from .. import doubledouble as D
 
     positive = y > 0.5
-    z = torch.where(positive, -x, x)
+    z = R.negate_where(positive, x)
     loss = D.softplus_scaled(z)
     sh, sl, sk = D.sigmoid_scaled(z)
-    grad = (torch.where(positive, -sh, sh), torch.where(positive, -sl, sl), sk)
+    grad = (R.negate_where(positive, sh), R.negate_where(positive, sl), sk)
     loss, grad = R.weigh_binary_dd(loss, grad, x, positive, weight, pos_weight)
     return soft_binary.on_dd(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)
 
