@@ -11,7 +11,10 @@ it costs beyond the implementations' own runs, over one torch forward+backward (
 `losscheck --help` against `python -c "import click"`. A report, not a test: it prints and
 (with --json) writes the figures, and exits 0 whatever they are (.ci/run shows it).
 
-Usage: python benchmarks/audit_overhead.py [--threads 2] [--repeat 3] [--quick] [--json FILE]
+On a GPU (--device cuda) every part runs on the device, timed to its end (synchronized), and the
+machine line also gives the GPU's F.cross_entropy 4096 × 1000 float32 forward.
+
+Usage: python benchmarks/audit_overhead.py [--threads 2] [--repeat 3] [--quick] [--device cpu|cuda] [--json FILE]
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ DTYPES = ("float32", "bfloat16", "float64")
 # measured CE 4096 x 1000 float32 forward+backward at 9-13.5 ms where 21 gave 6.7-9.3 ms (same
 # process, 0.2 s idle before each). So they get 3 warm-up runs and the median of at least this many.
 STEADY_RUNS = 21
+# What a timed run waits for at its end: the device's queued work (torch.cuda.synchronize on a GPU).
+_finish = lambda: None  # noqa: E731
 
 
 def median_time(fn, repeat: int) -> float:
@@ -44,6 +49,7 @@ def median_time(fn, repeat: int) -> float:
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        _finish()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -60,7 +66,7 @@ def wall(cmd: list[str], repeat: int = 5) -> float:
 
 
 def measure(loss_name: str, batch: int, classes: int | None, time_len: int | None, dtype: str,
-            threads: int, repeat: int) -> dict:
+            threads: int, repeat: int, device: str = "cpu") -> dict:
     import torch
 
     from losscheck import sweep
@@ -72,7 +78,7 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
     stored = {"name": "overhead", "losses": [loss_name], "implementations": ["torch"],
               "scales": [10], "batch_sizes": [batch], "classes": [classes or 10],
               "dtypes": [dtype], "distributions": ["normal"], "timing": False,
-              "sequence_lengths": [time_len or 64], "threads": threads}
+              "sequence_lengths": [time_len or 64], "threads": threads, "devices": [device]}
     config = config_from_dict(stored, "audit_overhead")
     case = next(sweep.cases(config))
     torch_fn = loss.implementations["torch"].fn
@@ -128,31 +134,44 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (CI)")
+    ap.add_argument("--device", default="cpu", help="where the points run: cpu (default), cuda, cuda:N")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
     from tabulate import tabulate
 
+    global _finish
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4096, 1000, generator=g), torch.randint(0, 1000, (4096,), generator=g)
     speed = median_time(lambda: F.cross_entropy(x, t), 31)
-    rows, out = [], {"threads": a.threads, "machine_speed_s": speed, "points": []}
+    rows, out = [], {"threads": a.threads, "device": a.device, "machine_speed_s": speed, "points": []}
+    device_line = ""
+    if a.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: CUDA is not available here")
+        _finish = lambda: torch.cuda.synchronize(a.device)  # noqa: E731
+        xd, td = x.to(a.device), t.to(a.device)
+        gpu_speed = steady_time(lambda: F.cross_entropy(xd, td), 31)
+        out.update({"device_name": torch.cuda.get_device_name(a.device), "device_speed_s": gpu_speed})
+        device_line = f"; on {a.device} ({out['device_name']}) {gpu_speed * 1e3:.3f} ms"
     for loss_name, batch, classes, time_len in (QUICK_CASES if a.quick else CASES):
         for dtype in DTYPES:
-            r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat)
+            r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat, a.device)
             out["points"].append(r)
             rows.append([r["loss"], r["size"], dtype, f"{r['torch_fwd_bwd_s'] * 1e3:.1f}",
                          f"{r['inputs_s'] * 1e3:.1f}", f"{r['reference_s'] * 1e3:.1f}", f"{r['metrics_s'] * 1e3:.1f}",
                          f"{r['audit_ratio']:.1f}×", f"{r['point_s'] * 1e3:.1f}", f"{r['point_ratio']:.1f}×",
                          f"{r['three_builtins_s'] * 1e3:.1f}", f"{r['overhead_per_impl_ratio']:.1f}×"])
-    exe = str(Path(sys.executable).with_name("losscheck"))
-    help_s = wall([exe, "--help"])
+    exe = Path(sys.executable).with_name("losscheck")
+    # Where losscheck is not installed (a bare checkout on another machine): python -m losscheck.
+    help_s = wall([str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "losscheck", "--help"])
     click_s = wall([sys.executable, "-c", "import click"])
     out.update({"help_s": help_s, "import_click_s": click_s})
     print(f"machine: F.cross_entropy 4096 × 1000 float32 forward {speed * 1e3:.2f} ms ({a.threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')})")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')})"
+          f"{device_line}")
     print(tabulate(rows, headers=["loss", "size", "dtype", "torch fwd+bwd ms", "inputs ms", "reference ms",
                                   "metrics ms", "audit / fwd+bwd", "bench point ms", "point / fwd+bwd",
                                   "3 built-ins ms", "overhead per impl / fwd+bwd"],
