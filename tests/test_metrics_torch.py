@@ -29,8 +29,9 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.fixture(params=["summary_on_host", "every_rule_on_device"], autouse=True)
 def path(request, monkeypatch):
-    if request.param == "every_rule_on_device":
-        monkeypatch.setattr(metrics, "_SUMMARY_ON_HOST", frozenset())
+    # Both paths on every device: the CUDA test runs the host-summary path on the GPU too.
+    on_host = frozenset({"cpu", "cuda"}) if request.param == "summary_on_host" else frozenset()
+    monkeypatch.setattr(metrics, "_SUMMARY_ON_HOST", on_host)
     return request.param
 
 
@@ -337,7 +338,9 @@ def test_hypothesis_bit_patterns(name, data):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the CUDA path is compared where a GPU is present")
 @pytest.mark.parametrize("name", DTYPES)
-def test_cuda_gives_the_numbers_of_the_numpy_original(name):
+@pytest.mark.parametrize("device_chunk", [metrics.DEVICE_CHUNK, 1000], ids=["one_chunk", "chunks_of_1000"])
+def test_cuda_gives_the_numbers_of_the_numpy_original(name, device_chunk, monkeypatch):
+    monkeypatch.setattr(metrics, "DEVICE_CHUNK", device_chunk)
     f = FORMATS[name]
     gen = torch.Generator().manual_seed(19)
     ref = torch.randn(3 * 4096, generator=gen, dtype=torch.float64).to(f.torch_dtype)
@@ -352,8 +355,9 @@ def test_cuda_gives_the_numbers_of_the_numpy_original(name):
 
 
 def test_only_the_final_scalars_come_to_the_host(monkeypatch, path):
-    """Without a summary read back (an accelerator's path), one `add` of several chunks
-    transfers one vector of scalars; nothing is copied to the host or read through numpy."""
+    """Without a summary read back (every rule on the device: MPS, or `_SUMMARY_ON_HOST`
+    emptied), one `add` of several chunks transfers one vector of scalars; nothing is copied
+    to the host or read through numpy."""
     monkeypatch.setattr(metrics, "CHUNK", 1000)
     gen = torch.Generator().manual_seed(23)
     ref = torch.randn(4500, generator=gen)
