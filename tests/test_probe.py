@@ -523,6 +523,21 @@ def test_unavailable_device(runner):
     assert_one_error_line(result, "--device", "CUDA is not available")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the probe's CUDA run is untested")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_probe_on_cuda_has_the_cpu_reference(runner, dtype):
+    # The same tensor probed on each device: the reference is device-independent (the CUDA
+    # references are the CPU's, bit for bit: float64's double-double on the GPU against the
+    # CPU's long double); the built-ins run on the GPU.
+    args = ["cross_entropy", "--input", json.dumps([[1.0, 2.0, 30.0], [0.5, -1.0, 100.0], [-3.0, 7.0, 0.25]]),
+            "--target", "[0, 2, 1]", "--dtype", dtype]
+    cpu, cuda = probe_json(runner, *args), probe_json(runner, *args, "--device", "cuda")
+    assert cpu["device"] == "cpu" and cuda["device"] == "cuda"
+    assert cuda["reference"] == cpu["reference"]
+    assert {r["impl"] for r in cuda["results"]} == {r["impl"] for r in cpu["results"]}
+    assert all(r["status"] == "ok" for r in cuda["results"] if r["impl"] in ("naive", "stable", "torch"))
+
+
 def test_memory_refusal(runner, monkeypatch):
     monkeypatch.setenv("LOSSCHECK_MEMORY_LIMIT", "100")
     result = runner.invoke(main, ["probe", "cross_entropy", "--input", json.dumps([[0.5] * 10] * 4),
