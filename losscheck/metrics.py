@@ -353,16 +353,7 @@ class _Accumulator:
             self._distances(pair, zeros, signs_differ=True, special=False)
             return "mixed_signs"
         largest = max(-wmin, wmax)  # no overflow: |W| < inf_bits with equal signs
-        d = w.abs_()
-        self.maxima.append(float(largest))  # on the host (see `flush`)
-        if largest > self.ulp_threshold:
-            self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
-        if zeros:
-            # A zero value against a reference of its sign: its distance is the reference's
-            # magnitude, non-zero exactly where the reference is (underflow).
-            self.counts["underflow"].append(torch.count_nonzero(torch.eq(v.floats, 0).logical_and_(d != 0)))
-        if largest:
-            self.bits_sum += self._bits(d, largest).sum()
+        self._tally(pair, w.abs_(), largest, zeros)
         return "same_signs"
 
     def _finite(self, pair: _Pair, zeros: bool, signs_differ: bool) -> None:
@@ -380,13 +371,18 @@ class _Accumulator:
             d = pair.v.ordinal.to(wide).sub_(pair.r.ordinal.to(wide)).abs_()
         else:
             d = (pair.v.ints - pair.r.ints).abs_()
-        largest = int(d.amax())
-        self.maxima.append(float(largest))
+        self._tally(pair, d, int(d.amax()), zeros)
+
+    def _tally(self, pair: _Pair, d: torch.Tensor, largest: int, zeros: bool) -> None:
+        """A finite chunk's numbers from its distances `d` (integral-valued, consumed by
+        `_bits`) and their maximum `largest`, known on the host."""
+        self.maxima.append(float(largest))  # on the host (see `flush`)
         if largest > self.ulp_threshold:
             # d > t  <=>  d > floor(t) for an integer d (and floor(t) < largest fits the width).
             self.counts["saturated"].append(torch.count_nonzero(d > math.floor(self.ulp_threshold)))
         if zeros:
-            # A zero value's distance is its reference's magnitude (both paths above).
+            # A zero value's distance is its reference's magnitude, non-zero exactly where the
+            # reference is (underflow): with the signs of their references, or across zero.
             self.counts["underflow"].append(torch.count_nonzero(torch.eq(pair.v.floats, 0).logical_and_(d != 0)))
         if largest:
             self.bits_sum += self._bits(d, largest).sum()
