@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -137,10 +138,16 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the points run: cpu (default), cuda, cuda:N")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", a.device):
+        ap.error(f"--device {a.device}: unknown device; allowed: cpu, cuda, cuda:N")
     import torch
     import torch.nn.functional as F
     from tabulate import tabulate
 
+    if a.device != "cpu" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: CUDA is not available here")
+    if a.device != "cpu" and (torch.device(a.device).index or 0) >= torch.cuda.device_count():
+        ap.error(f"--device {a.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     global _finish
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
@@ -149,8 +156,6 @@ def main() -> int:
     rows, out = [], {"threads": a.threads, "device": a.device, "machine_speed_s": speed, "points": []}
     device_line = ""
     if a.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            ap.error(f"--device {a.device}: CUDA is not available here")
         _finish = lambda: torch.cuda.synchronize(a.device)  # noqa: E731
         xd, td = x.to(a.device), t.to(a.device)
         gpu_speed = steady_time(lambda: F.cross_entropy(xd, td), 31)
