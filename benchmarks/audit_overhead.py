@@ -7,7 +7,9 @@ off), each the median of a few repeats (the loss's own short runs: of at least S
 after warm-up); then the ratios. Also the point with the three
 built-ins (naive, stable, torch: inputs and reference shared) and, per implementation, what
 it costs beyond the implementations' own runs, over one torch forward+backward (issue 13's
-"amortised overhead per implementation"). Also the wall time of
+"amortised overhead per implementation"). float64 is measured on each reference path the
+device has: where the default is x86 long double (the CPU here), also in double-double, the
+portable path (aarch64 CPUs, GPUs), whose cost the issue asks for. Also the wall time of
 `losscheck --help` against `python -c "import click"`. A report, not a test: it prints and
 (with --json) writes the figures, and exits 0 whatever they are (.ci/run shows it).
 
@@ -36,6 +38,7 @@ CASES = [("cross_entropy", 4096, 1000, None), ("cross_entropy", 512, 32000, None
          ("bce_with_logits", 1 << 20, None, None), ("sequence_cross_entropy", 4, 32000, 128)]
 QUICK_CASES = [("cross_entropy", 1024, 1000, None), ("bce_with_logits", 1 << 18, None, None)]
 DTYPES = ("float32", "bfloat16", "float64")
+PATH_NAMES = {"extended": "long double", "dd": "double-double"}
 # The loss's own runs (the yardstick, and each built-in's run subtracted from the three-built-ins
 # point) are short, and their first runs after other work pay for the threads' wake-up: 3 runs
 # measured CE 4096 x 1000 float32 forward+backward at 9-13.5 ms where 21 gave 6.7-9.3 ms (same
@@ -66,8 +69,33 @@ def wall(cmd: list[str], repeat: int = 5) -> float:
     return median_time(lambda: subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT), repeat)
 
 
+def float64_paths(device: str) -> list[str]:
+    """The float64 reference paths to measure on `device`: its default, and double-double too
+    where the default is long double."""
+    import torch
+
+    from losscheck import reference
+
+    default = reference.path(torch.float64, device)
+    return [default] if default == "dd" else [default, "dd"]
+
+
 def measure(loss_name: str, batch: int, classes: int | None, time_len: int | None, dtype: str,
-            threads: int, repeat: int, device: str = "cpu") -> dict:
+            threads: int, repeat: int, device: str = "cpu", float64_path: str | None = None) -> dict:
+    """One case's figures; `float64_path` ("extended" or "dd") forces the float64 reference's path."""
+    from losscheck import reference as reference_module
+
+    default_path = reference_module.FLOAT64_PATH
+    if float64_path is not None:
+        reference_module.FLOAT64_PATH = float64_path
+    try:
+        return _measure(loss_name, batch, classes, time_len, dtype, threads, repeat, device)
+    finally:
+        reference_module.FLOAT64_PATH = default_path
+
+
+def _measure(loss_name: str, batch: int, classes: int | None, time_len: int | None, dtype: str,
+             threads: int, repeat: int, device: str) -> dict:
     import torch
 
     from losscheck import sweep
@@ -124,7 +152,10 @@ def measure(loss_name: str, batch: int, classes: int | None, time_len: int | Non
     per_impl = (three_s - own_s) / len(three_impls)
     audit = inputs_s + reference_s + metrics_s
     size = f"{batch}" + (f" × {time_len}" if time_len else "") + (f" × {classes}" if classes else "")
-    return {"loss": loss_name, "size": size, "dtype": dtype, "torch_fwd_bwd_s": yardstick, "inputs_s": inputs_s,
+    from losscheck.reference import path
+
+    return {"loss": loss_name, "size": size, "dtype": dtype, "reference_path": path(getattr(torch, dtype), device),
+            "torch_fwd_bwd_s": yardstick, "inputs_s": inputs_s,
             "reference_s": reference_s, "metrics_s": metrics_s, "audit_s": audit,
             "audit_ratio": audit / yardstick, "point_s": point_s, "point_ratio": point_s / yardstick,
             "three_builtins_s": three_s, "three_own_runs_s": own_s, "overhead_per_impl_ratio": per_impl / yardstick}
@@ -162,10 +193,11 @@ def main() -> int:
         out.update({"device_name": torch.cuda.get_device_name(a.device), "device_speed_s": gpu_speed})
         device_line = f"; on {a.device} ({out['device_name']}) {gpu_speed * 1e3:.3f} ms"
     for loss_name, batch, classes, time_len in (QUICK_CASES if a.quick else CASES):
-        for dtype in DTYPES:
-            r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat, a.device)
+        for dtype, f64_path in [(d, p) for d in DTYPES for p in (float64_paths(a.device) if d == "float64" else [None])]:
+            r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat, a.device, f64_path)
             out["points"].append(r)
-            rows.append([r["loss"], r["size"], dtype, f"{r['torch_fwd_bwd_s'] * 1e3:.1f}",
+            label = dtype if f64_path is None else f"{dtype} ({PATH_NAMES[r['reference_path']]})"
+            rows.append([r["loss"], r["size"], label, f"{r['torch_fwd_bwd_s'] * 1e3:.1f}",
                          f"{r['inputs_s'] * 1e3:.1f}", f"{r['reference_s'] * 1e3:.1f}", f"{r['metrics_s'] * 1e3:.1f}",
                          f"{r['audit_ratio']:.1f}×", f"{r['point_s'] * 1e3:.1f}", f"{r['point_ratio']:.1f}×",
                          f"{r['three_builtins_s'] * 1e3:.1f}", f"{r['overhead_per_impl_ratio']:.1f}×"])

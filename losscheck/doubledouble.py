@@ -410,13 +410,25 @@ def _log_near_one(a):
     return log1p(add(a, dd(torch.full_like(a[0], -1.0))))
 
 
-def softplus_scaled(z):
+def exp_neg_abs(z):
+    """exp(−|z|) of float64 z, scaled (`exp_scaled`): what softplus and sigmoid of z, and of
+    −z, are made of; callers that need several of the four compute it once and pass it."""
+    return exp_scaled(dd(-z.abs()))
+
+
+def log1p_scaled(e):
+    """log1p of a scaled dd e (`exp_neg_abs`'s), for `softplus_scaled`."""
+    return log1p((ldexp(e[0], e[2]), ldexp(e[1], e[2])))
+
+
+def softplus_scaled(z, e=None, l1=None):
     """log(1 + exp(z)) of float64 z as (hi, lo, k) (see `exp_scaled`), with
     e = exp(−|z|): max(z, 0) + log1p(e); for z < −650 the value is e itself to 2**-937
-    (log1p(e) = e − e²/2 + …), carried scaled so that subnormal results round correctly."""
-    eh, el, ek = exp_scaled(dd(-z.abs()))
-    e = ldexp(eh, ek), ldexp(el, ek)
-    l1 = log1p(e)
+    (log1p(e) = e − e²/2 + …), carried scaled so that subnormal results round correctly.
+    `e` and `l1` (`exp_neg_abs(z)`, `log1p_scaled(e)`), where given, are not computed again:
+    the same for z and −z."""
+    eh, el, ek = e = exp_neg_abs(z) if e is None else e
+    l1 = log1p_scaled(e) if l1 is None else l1
     pos = add(dd(torch.clamp(z, min=0.0)), l1)
     tiny = z < -650
     hi = torch.where(tiny, eh, pos[0])
@@ -426,10 +438,11 @@ def softplus_scaled(z):
     return hi, torch.where(z.isfinite(), lo, 0.0), torch.where(z.isfinite(), k, 0)
 
 
-def sigmoid_scaled(z):
+def sigmoid_scaled(z, e=None):
     """1/(1 + exp(−z)) of float64 z as (hi, lo, k): 1/(1 + e) for z >= 0, e/(1 + e) below,
-    e = exp(−|z|) scaled (subnormal results round correctly)."""
-    eh, el, ek = exp_scaled(dd(-z.abs()))
+    e = exp(−|z|) scaled (subnormal results round correctly; `exp_neg_abs(z)`, computed
+    here unless given)."""
+    eh, el, ek = exp_neg_abs(z) if e is None else e
     one = dd(torch.ones_like(z))
     denom = add(one, (ldexp(eh, ek), ldexp(el, ek)))
     num = (torch.where(z >= 0, 1.0, eh), torch.where(z >= 0, 0.0, el))

@@ -232,6 +232,22 @@ def test_formulations_on_their_own_elements_give_the_same_bits(fn, monkeypatch):
         assert torch.equal(a.view(torch.int64), b.view(torch.int64))
 
 
+def test_softplus_and_sigmoid_of_z_and_minus_z_share_one_exponential():
+    """BCE-with-logits and the soft-target binary losses compute exp(−|z|) (and its log1p)
+    once for softplus(±z) and σ(±z): the same bits as each function on its own, special
+    arguments and both signs included."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.cat([torch.randn(2000, dtype=F, generator=g) * s for s in (1e-3, 3.0, 300.0)])
+    z[:10] = torch.tensor([0.0, -0.0, 5e-324, -700.0, 700.0, -760.0, 760.0, math.inf, -math.inf, math.nan])
+    e = D.exp_neg_abs(z)
+    l1 = D.log1p_scaled(e)
+    for arg in (z, -z):
+        for shared, alone in ((D.softplus_scaled(arg, e, l1), D.softplus_scaled(arg)),
+                              (D.sigmoid_scaled(arg, e), D.sigmoid_scaled(arg))):
+            for a, b in zip(shared, alone, strict=True):
+                assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
 def test_two_prod_of_operands_beyond_the_split_range_is_exact():
     a = torch.tensor([1.7976931348623157e308, 1.7976931214684583e308, 3.0], dtype=F)
     b = torch.tensor([0.5, 1.0, 1e300], dtype=F)

@@ -127,8 +127,9 @@ def _reference_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None
 
     positive = y > 0.5
     z = R.negate_where(positive, x)
-    loss = D.softplus_scaled(z)
-    sh, sl, sk = D.sigmoid_scaled(z)
+    e = D.exp_neg_abs(z)  # one exponential for both
+    loss = D.softplus_scaled(z, e)
+    sh, sl, sk = D.sigmoid_scaled(z, e)
     grad = (R.negate_where(positive, sh), R.negate_where(positive, sl), sk)
     loss, grad = R.weigh_binary_dd(loss, grad, x, positive, weight, pos_weight)
     return soft_binary.on_dd(soft_binary.logits_dd, x, y, loss, grad, weight, pos_weight)

@@ -82,9 +82,14 @@ def logits_dd(x: torch.Tensor, y: torch.Tensor, weight=None, pos_weight=None):
     """Loss and gradient from logits (float64 tensors), as scaled dds (hi, lo, k)."""
     a, k, b = _factors(y, pos_weight)
     nan = x.isnan()
-    loss = _add_scaled(_shift(_weigh(D.softplus_scaled(-x), a, nan), k), _weigh(D.softplus_scaled(x), b, nan))
+    # softplus(±x) and σ(±x) share exp(−|x|), and both softpluses its log1p: computed once.
+    e = D.exp_neg_abs(x)
+    l1 = D.log1p_scaled(e)
+    loss = _add_scaled(
+        _shift(_weigh(D.softplus_scaled(-x, e, l1), a, nan), k), _weigh(D.softplus_scaled(x, e, l1), b, nan)
+    )
     neg_a = (-a[0], -a[1])
-    grad = _add_scaled(_weigh(D.sigmoid_scaled(x), b, nan), _shift(_weigh(D.sigmoid_scaled(-x), neg_a, nan), k))
+    grad = _add_scaled(_weigh(D.sigmoid_scaled(x, e), b, nan), _shift(_weigh(D.sigmoid_scaled(-x, e), neg_a, nan), k))
     return _weighted(loss, grad, weight, nan)
 
 
