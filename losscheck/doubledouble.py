@@ -83,6 +83,21 @@ def two_prod(a, b):
     return p, e / (sa * sb)
 
 
+def _two_prod_by(a, c: float):
+    """`two_prod(a, c)` for a number c and operands with |a|, |c| <= _SPLIT_MAX and products
+    below 2**1000 (no scaling): the same operations on c's split, made once in Python."""
+    ch, cl = _split_number(c)
+    p = a * c
+    ah, al = split(a)
+    return p, ((ah * ch - p) + ah * cl + al * ch) + al * cl
+
+
+def _split_number(c: float) -> tuple[float, float]:
+    t = c * _SPLITTER
+    hi = t - (t - c)
+    return hi, c - hi
+
+
 def _clean(hi, lo):
     """lo = 0 where hi is ±inf or NaN (the error terms there are NaN, meaningless)."""
     return hi, torch.where(hi.isfinite(), lo, 0.0)
@@ -199,6 +214,24 @@ def round_scaled(hi, lo, k=None):
     hi, lo = _clean(*fast_two_sum(*_clean(hi, lo)))
     if k is None:
         k = torch.zeros_like(hi, dtype=torch.int64)
+    if hi.device.type == "cpu" and hi.numel() >= _SELECT_ELEMENTS:
+        # Most results are normal. For those (and those that overflow) the full way's one
+        # rounding is that of hi·2**k, which one product makes where |k| <= 1022: the same
+        # bits, without its dozens of passes. lo matters at subnormal ties only. Subnormal
+        # and zero results of a nonzero hi, and larger scales, take the full way (on the CPU:
+        # on accelerators, and for small tensors, everything does, with no host read).
+        k = k.to(torch.int64)
+        h = hi * _pow2(k.clamp(-1022, 1023))
+        full = (k.abs() > 1022) | ((h.abs() < 2.0**-1022) & (hi != 0) & hi.isfinite())
+        if bool(full.any()):
+            h[full] = _round_normalised(hi[full], lo[full], k[full])
+    else:
+        h = _round_normalised(hi, lo, k)
+    return torch.where(signed_zero.isnan(), h, signed_zero)
+
+
+def _round_normalised(hi, lo, k):
+    """`round_scaled` of a normalised dd (hi = hi + lo rounded, lo = 0 at ±inf and NaN)."""
     # Normalise hi to [1/2, 1) (frexp: exact), so that every scaling below is exact but the last.
     m, e = torch.frexp(hi)
     e = torch.where(hi.isfinite() & (hi != 0), e.to(torch.int64), 0)
@@ -215,8 +248,7 @@ def round_scaled(hi, lo, k=None):
     d = m - back
     half = ldexp(torch.ones_like(m), (-1075 - kk).clamp(-1022, 1023))
     tie = (kk < -1021) & (d.abs() == half) & (lo * d > 0)
-    h = torch.where(tie, h + torch.sign(d) * 2.0**-1074, h)
-    return torch.where(signed_zero.isnan(), h, signed_zero)
+    return torch.where(tie, h + torch.sign(d) * 2.0**-1074, h)
 
 
 def to_float64(a):
@@ -280,9 +312,10 @@ def _reduce(a):
     n = torch.round(hi * (steps / _LN2[0]))
     n = torch.where(hi.isnan(), 0.0, n)
     # n·ln2/steps in three parts: each ln2 part divided by a power of two exactly.
-    p, e = two_prod(n, torch.full_like(n, _LN2[0] / steps))
+    # |n| <= 2000·2**8/ln2 < 2**20: `_two_prod_by` applies.
+    p, e = _two_prod_by(n, _LN2[0] / steps)
     r = _add((hi - p, lo), (-e, -n * (_LN2[2] / steps)))  # hi − p: exact (Sterbenz)
-    r = _add(r, neg(two_prod(n, torch.full_like(n, _LN2[1] / steps))))
+    r = _add(r, neg(_two_prod_by(n, _LN2[1] / steps)))
     ni = n.to(torch.int64)
     j = ((ni + steps // 2) & (steps - 1)) - steps // 2
     return r, (ni - j) >> _TABLE_BITS, j

@@ -232,6 +232,33 @@ def test_formulations_on_their_own_elements_give_the_same_bits(fn, monkeypatch):
         assert torch.equal(a.view(torch.int64), b.view(torch.int64))
 
 
+def test_round_scaled_of_normal_results_by_one_product_gives_the_same_bits(monkeypatch):
+    """`round_scaled` rounds normal results with one product on large CPU tensors and takes
+    the full way for the rest: the same bits as the full way everywhere, with normal,
+    subnormal (ties broken by lo either way), underflowing and overflowing results, scales
+    beyond ±1022 and special values mixed in one tensor."""
+    g = torch.Generator().manual_seed(7)
+    n = 6000
+    hi = torch.randn(n, dtype=F, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).to(F))
+    lo = hi * torch.randn(n, dtype=F, generator=g) * 2.0**-54
+    k = torch.randint(-1200, 1200, (n,), generator=g)
+    # Subnormal ties: (2j + 1)·2**-1075, lo breaking them up, down or not at all.
+    j = torch.randint(0, 1 << 40, (300,), generator=g).to(F)
+    hi[:300], k[:300] = 2 * j + 1, -1075
+    lo[:300] = torch.tensor([2.0**-30, -(2.0**-30), 0.0], dtype=F).repeat(100)
+    k[300:400] = torch.randint(-3000, 3000, (100,), generator=g)
+    hi[400:410] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0, 2.0**1023, 5e-324, 1.5], dtype=F)
+    lo[400:410] = torch.tensor([0.0, -0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0**969, 0.0, -(2.0**-54)], dtype=F)
+    k[400:410] = torch.tensor([5, -5, 3000, -3000, 0, 1023, -1074, 0, 1074, -1075])
+    outs = []
+    for limit in (1 << 40, 1):
+        monkeypatch.setattr(D, "_SELECT_ELEMENTS", limit)
+        outs.append(D.round_scaled(hi, lo, k))
+    subnormal = (outs[0] != 0) & (outs[0].abs() < 2.0**-1022)
+    assert int(subnormal.sum()) > 300 and bool(outs[0].isinf().any()) and bool(((outs[0] == 0) & (hi != 0)).any())
+    assert torch.equal(outs[0].view(torch.int64), outs[1].view(torch.int64))
+
+
 def test_softplus_and_sigmoid_of_z_and_minus_z_share_one_exponential():
     """BCE-with-logits and the soft-target binary losses compute exp(−|z|) (and its log1p)
     once for softplus(±z) and σ(±z): the same bits as each function on its own, special
