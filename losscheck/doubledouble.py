@@ -217,9 +217,9 @@ def round_scaled(hi, lo, k=None):
     if hi.device.type == "cpu" and hi.numel() >= _SELECT_ELEMENTS:
         # Most results are normal. For those (and those that overflow) the full way's one
         # rounding is that of hi·2**k, which one product makes where |k| <= 1022: the same
-        # bits, without its dozens of passes. lo matters at subnormal ties only. Subnormal
-        # and zero results of a nonzero hi, and larger scales, take the full way (on the CPU:
-        # on accelerators, and for small tensors, everything does, with no host read).
+        # bits, without its dozens of passes (lo matters at subnormal ties only). Subnormal
+        # and zero results of a nonzero hi, and larger scales, take the full way. Picking
+        # them reads the host (`any`): large CPU tensors only; elsewhere all take the full way.
         k = k.to(torch.int64)
         h = hi * _pow2(k.clamp(-1022, 1023))
         full = (k.abs() > 1022) | ((h.abs() < 2.0**-1022) & (hi != 0) & hi.isfinite())
