@@ -370,6 +370,30 @@ def test_dd_matches_long_double_or_mpmath_binary(scale, monkeypatch):
 
 
 @pytest.mark.parametrize("loss_name", ["cross_entropy", "bce_with_logits"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dd_reference_does_not_depend_on_the_chunk_size(loss_name, reduction, monkeypatch):
+    """The dd path's chunks (`HOST_DD_CHUNK_ELEMENTS` on the CPU) hold whole rows: elements,
+    gradient and reduced value are the same bits for chunks of a few rows or of the whole
+    input (exp's vector kernels and scalar tails, and `_select`'s subsets, meet other
+    elements then), and of rows that do not divide the chunk."""
+    monkeypatch.setattr(R, "FLOAT64_PATH", "dd")
+    g = torch.Generator().manual_seed(9)
+    shape = (300, 97) if loss_name == "cross_entropy" else (29_100,)
+    x = torch.randn(shape, dtype=F, generator=g) * torch.tensor([1.0, 30.0, 800.0], dtype=F).repeat(10_000)[
+        : math.prod(shape)
+    ].reshape(shape)
+    x.view(-1)[1000:1004] = torch.tensor([1.7e308, -1.7e308, math.inf, 5e-324], dtype=F)  # one chunk's `_shift`
+    t = torch.randint(0, 97, (300,), generator=g) if loss_name == "cross_entropy" else (torch.rand(shape, generator=g) > 0.5).to(F)
+    outs = []
+    for chunk in (1 << 20, 5_000, 1_000):
+        monkeypatch.setattr(R, "HOST_DD_CHUNK_ELEMENTS", chunk)
+        outs.append(reference(LOSSES[loss_name], x, t, {}, reduction))
+    for other in outs[1:]:
+        for a, b in ((outs[0].loss, other.loss), (outs[0].grad, other.grad), (outs[0].reduced, other.reduced)):
+            assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "bce_with_logits"])
 @pytest.mark.parametrize("rows", [64, 48])
 def test_dd_mean_is_the_sum_divided(loss_name, rows, monkeypatch):
     """The dd path's mean: over a power-of-two count (64 rows, 2048 elements) its gradient

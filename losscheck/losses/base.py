@@ -511,7 +511,7 @@ def _reference_dd(
     options = {k: v for k, v in (options or {}).items() if k != "dim"}
     n = x_rows.shape[0]
     row_elems = x_rows[0].numel() if n else 1
-    chunk = R.chunk_elements(device)
+    chunk = R.chunk_elements(device, R.HOST_DD_CHUNK_ELEMENTS)
     dd_chunk = loss.reference_chunk.dd
     assert dd_chunk is not None, "reference() takes this path only for a loss with a dd formulation"
     opts = {
