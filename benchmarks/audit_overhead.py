@@ -102,6 +102,7 @@ def _measure(loss_name: str, batch: int, classes: int | None, time_len: int | No
     from losscheck.config import config_from_dict
     from losscheck.losses import LOSSES, reference
     from losscheck.metrics import ErrorStats
+    from losscheck.reference import path
 
     loss = LOSSES[loss_name]
     stored = {"name": "overhead", "losses": [loss_name], "implementations": ["torch"],
@@ -152,8 +153,6 @@ def _measure(loss_name: str, batch: int, classes: int | None, time_len: int | No
     per_impl = (three_s - own_s) / len(three_impls)
     audit = inputs_s + reference_s + metrics_s
     size = f"{batch}" + (f" × {time_len}" if time_len else "") + (f" × {classes}" if classes else "")
-    from losscheck.reference import path
-
     return {"loss": loss_name, "size": size, "dtype": dtype, "reference_path": path(getattr(torch, dtype), device),
             "torch_fwd_bwd_s": yardstick, "inputs_s": inputs_s,
             "reference_s": reference_s, "metrics_s": metrics_s, "audit_s": audit,
@@ -192,8 +191,9 @@ def main() -> int:
         gpu_speed = steady_time(lambda: F.cross_entropy(xd, td), 31)
         out.update({"device_name": torch.cuda.get_device_name(a.device), "device_speed_s": gpu_speed})
         device_line = f"; on {a.device} ({out['device_name']}) {gpu_speed * 1e3:.3f} ms"
+    runs = [(d, p) for d in DTYPES for p in (float64_paths(a.device) if d == "float64" else [None])]
     for loss_name, batch, classes, time_len in (QUICK_CASES if a.quick else CASES):
-        for dtype, f64_path in [(d, p) for d in DTYPES for p in (float64_paths(a.device) if d == "float64" else [None])]:
+        for dtype, f64_path in runs:
             r = measure(loss_name, batch, classes, time_len, dtype, a.threads, a.repeat, a.device, f64_path)
             out["points"].append(r)
             label = dtype if f64_path is None else f"{dtype} ({PATH_NAMES[r['reference_path']]})"

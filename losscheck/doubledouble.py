@@ -61,10 +61,19 @@ def fast_two_sum(a, b):
 
 
 def split(a):
-    """a = hi + lo with hi, lo of 26 significand bits each (Veltkamp), for |a| <= _SPLIT_MAX."""
+    """a = hi + lo with hi, lo of 26 significand bits each (Veltkamp), for |a| <= _SPLIT_MAX
+    (a tensor, or a Python float: the same operations)."""
     t = a * _SPLITTER
     hi = t - (t - a)
     return hi, a - hi
+
+
+def _product_error(p, a, b):
+    """a·b − p exactly, for p = a·b rounded, from the operands' splits (Dekker): while neither
+    split overflows and the error does not underflow."""
+    ah, al = a
+    bh, bl = b
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
 def two_prod(a, b):
@@ -77,25 +86,14 @@ def two_prod(a, b):
     sb = torch.where(b.abs() > _SPLIT_MAX, 2.0**-28, 1.0)
     a2, b2 = a * sa, b * sb
     p2 = a2 * b2
-    ah, al = split(a2)
-    bh, bl = split(b2)
-    e = ((ah * bh - p2) + ah * bl + al * bh) + al * bl
-    return p, e / (sa * sb)
+    return p, _product_error(p2, split(a2), split(b2)) / (sa * sb)
 
 
 def _two_prod_by(a, c: float):
     """`two_prod(a, c)` for a number c and operands with |a|, |c| <= _SPLIT_MAX and products
     below 2**1000 (no scaling): the same operations on c's split, made once in Python."""
-    ch, cl = _split_number(c)
     p = a * c
-    ah, al = split(a)
-    return p, ((ah * ch - p) + ah * cl + al * ch) + al * cl
-
-
-def _split_number(c: float) -> tuple[float, float]:
-    t = c * _SPLITTER
-    hi = t - (t - c)
-    return hi, c - hi
+    return p, _product_error(p, split(a), split(c))
 
 
 def _clean(hi, lo):
@@ -142,9 +140,7 @@ def _add(a, b):
 def _mul(a, b):
     """`mul` for finite operands of moderate size (no inf/NaN handling, no split scaling)."""
     p = a[0] * b[0]
-    ah, al = split(a[0])
-    bh, bl = split(b[0])
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    e = _product_error(p, split(a[0]), split(b[0]))
     return fast_two_sum(p, e + (a[0] * b[1] + a[1] * b[0]))
 
 
